@@ -1,0 +1,1 @@
+//! The deterministic network simulator for crdt-rate-limiter (library and CLI).

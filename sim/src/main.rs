@@ -1,0 +1,3 @@
+//! The simulator CLI.
+
+fn main() {}

@@ -1,0 +1,39 @@
+//! A global rate limiter with zero network hops per request.
+//!
+//! Every instance of a service embeds a [`RateLimiter`] and decides locally, in O(1),
+//! from a grow-only per-node counter (a [`GCounter`]) kept per client per time window.
+//! On its own it is a fast in-memory limiter; as a cluster member its counters are
+//! replicated by gossip, at the price of a small, bounded over-admission.
+//!
+//! ```
+//! use crdt_rate_limiter::RateLimiter;
+//! use std::time::Duration;
+//! let rl = RateLimiter::new(100, Duration::from_secs(60))?;
+//! let now_ms = rl.now_ms();
+//! assert!(rl.allow("client-42", now_ms));
+//! let d = rl.check("client-42", now_ms)?;
+//! assert_eq!((d.allowed, d.limit, d.remaining), (true, 100, 98));
+//! # Ok::<(), crdt_rate_limiter::Error>(())
+//! ```
+//!
+//! See `docs/design.md` for the design, the strategies' guarantees and the limits.
+#![warn(missing_docs, unreachable_pub)]
+
+mod algorithm;
+mod clock;
+mod counter;
+mod error;
+mod key;
+mod limiter;
+mod quota;
+mod store;
+mod table;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use counter::{GCounter, ReplicaId};
+pub use error::Error;
+pub use limiter::{
+    Builder, Decision, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
+    MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
+};
+pub use quota::{Quota, Strategy};

@@ -1,0 +1,395 @@
+//! The public limiter: validation, hashing and the front door to the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use crate::algorithm::Verdict;
+use crate::clock::{Clock, SystemClock};
+use crate::key::KeyHasher;
+use crate::store::Store;
+use crate::{Error, Quota, Strategy};
+
+/// Default longest client id, in bytes.
+pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+/// Upper bound for [`Builder::max_key_len`], in bytes.
+pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
+/// Default replay tolerance: how far behind the limiter's clock a timestamp may be.
+///
+/// Keys are kept until no acceptable timestamp can reach their windows, so a larger
+/// tolerance keeps idle keys longer.
+pub const DEFAULT_MAX_TIMESTAMP_AGE: Duration = Duration::from_secs(5);
+/// Default clock-skew tolerance: how far ahead of the limiter's clock a timestamp may be.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
+/// Default cap on tracked keys. At about 50 bytes per key this is about 200 MiB.
+pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
+/// How many distinct window lengths [`RateLimiter::allow_with`] keeps counters for.
+pub const MAX_AD_HOC_WINDOWS: usize = 64;
+
+/// The outcome of one request, with what a client needs to back off politely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Decision {
+    /// Whether the request is admitted (and counted).
+    pub allowed: bool,
+    /// The quota's limit per window.
+    pub limit: u64,
+    /// Requests still admissible right after this one, if no other traffic arrives.
+    pub remaining: u64,
+    /// Time until the full quota is available again, if no other traffic arrives.
+    pub reset_after: Duration,
+    /// Set when denied: the earliest time from now at which a retry can succeed (if no
+    /// other traffic arrives; other replicas' traffic can only push it later).
+    pub retry_after: Option<Duration>,
+}
+
+impl Decision {
+    fn from_verdict(v: Verdict, limit: u64) -> Self {
+        Self {
+            allowed: v.allowed,
+            limit,
+            remaining: v.remaining,
+            reset_after: Duration::from_millis(v.reset_after_ms),
+            retry_after: v.retry_after_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+struct Inner {
+    store: Store,
+    hasher: KeyHasher,
+    clock: Arc<dyn Clock>,
+    strategy: Strategy,
+    max_key_len: usize,
+    max_age_ms: u64,
+    max_skew_ms: u64,
+    shards: usize,
+    max_keys: usize,
+    /// Stores for [`RateLimiter::allow_with`], one per window length.
+    ad_hoc: RwLock<Vec<(u64, Arc<Store>)>>,
+}
+
+/// A rate limiter: `limit` requests per client per window.
+///
+/// `Send + Sync`; every method takes `&self`; clones share one state. On its own it is
+/// an in-memory limiter; as a cluster member its counts are replicated G-Counters.
+///
+/// ```
+/// use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
+/// use std::time::Duration;
+/// let clock = ManualClock::new(1_700_000_000_000);
+/// let rl = RateLimiter::builder()
+///     .quota(Quota::new(2, Duration::from_secs(1))?)
+///     .strategy(Strategy::FixedWindow)
+///     .clock(clock.clone())
+///     .build()?;
+/// let now = 1_700_000_000_000;
+/// assert!(rl.allow("client-42", now));
+/// assert!(rl.allow("client-42", now));
+/// let d = rl.check("client-42", now)?;
+/// assert!(!d.allowed);
+/// assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
+/// assert!(rl.allow("client-42", now + 1_000)); // the next window
+/// # Ok::<(), crdt_rate_limiter::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RateLimiter {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("quota", &self.quota())
+            .field("strategy", &self.inner.strategy)
+            .field("keys", &self.inner.store.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// `limit` requests per `window` per client, sliding window, all defaults.
+    ///
+    /// # Errors
+    /// [`Error::ZeroLimit`], [`Error::ZeroWindow`] and the other [`Quota::new`] errors.
+    pub fn new(limit: u64, window: Duration) -> Result<Self, Error> {
+        Self::builder().quota(Quota::new(limit, window)?).build()
+    }
+
+    /// A builder for every setting.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Decides a request from `client` at `timestamp_ms` (Unix ms) and counts it if
+    /// admitted. Every invalid input yields `false` (fail closed); use
+    /// [`check`](Self::check) to see why.
+    #[inline]
+    pub fn allow(&self, client: &str, timestamp_ms: i64) -> bool {
+        match self.validate(client.as_bytes(), timestamp_ms) {
+            Ok((key, now)) => self.inner.store.admit(key, timestamp_ms, now, None).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// Like [`allow`](Self::allow), with the details of the decision.
+    ///
+    /// # Errors
+    /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::TimestampTooOld`],
+    /// [`Error::TimestampInFuture`], [`Error::KeyCapacity`].
+    pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
+        let (key, now) = self.validate(client.as_bytes(), timestamp_ms)?;
+        let quota = self.inner.store.quota();
+        let v = self.inner.store.decide(key, timestamp_ms, now, None)?;
+        Ok(Decision::from_verdict(v, quota.limit()))
+    }
+
+    /// Decides a request from `client` now, against `limit` per `window` given with the
+    /// call (the seed API `Allow(client_id, limit, window)`).
+    ///
+    /// Each distinct window length keeps its own counters, so a client has one counter
+    /// per window length it is limited by; the limit is applied at decision time. At
+    /// most [`MAX_AD_HOC_WINDOWS`] distinct lengths are kept. Invalid input yields `false`.
+    pub fn allow_with(&self, client: &str, limit: u64, window: Duration) -> bool {
+        self.check_with(client, limit, window).is_ok_and(|d| d.allowed)
+    }
+
+    /// Like [`allow_with`](Self::allow_with), with the details or the error.
+    ///
+    /// # Errors
+    /// The [`Quota::new`] errors, [`Error::TooManyWindows`] and those of [`check`](Self::check).
+    pub fn check_with(&self, client: &str, limit: u64, window: Duration) -> Result<Decision, Error> {
+        let quota = Quota::new(limit, window)?;
+        let now = self.inner.clock.now_ms();
+        let (key, now) = self.validate(client.as_bytes(), now)?;
+        let store = self.ad_hoc_store(quota)?;
+        let v = store.decide(key, now, now, Some(&quota))?;
+        Ok(Decision::from_verdict(v, quota.limit()))
+    }
+
+    fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
+        let w = quota.window_ms();
+        if let Some((_, s)) = self.inner.ad_hoc.read().iter().find(|(win, _)| *win == w) {
+            return Ok(s.clone());
+        }
+        let mut stores = self.inner.ad_hoc.write();
+        if let Some((_, s)) = stores.iter().find(|(win, _)| *win == w) {
+            return Ok(s.clone());
+        }
+        if stores.len() >= MAX_AD_HOC_WINDOWS {
+            return Err(Error::TooManyWindows { max: MAX_AD_HOC_WINDOWS });
+        }
+        let store = Arc::new(Store::new(self.inner.shards, self.inner.max_keys, self.inner.max_age_ms, quota, self.inner.strategy));
+        stores.push((w, store.clone()));
+        Ok(store)
+    }
+
+    #[inline]
+    /// Checks the id and the timestamp; returns the key hash and the clock's reading.
+    fn validate(&self, client: &[u8], timestamp_ms: i64) -> Result<(u64, i64), Error> {
+        let inner = &*self.inner;
+        if client.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if client.len() > inner.max_key_len {
+            return Err(Error::KeyTooLong { len: client.len(), max: inner.max_key_len });
+        }
+        let now_ms = inner.clock.now_ms();
+        let delta = i128::from(timestamp_ms) - i128::from(now_ms);
+        if delta < -i128::from(inner.max_age_ms) {
+            return Err(Error::TimestampTooOld { timestamp_ms, now_ms, max_age_ms: inner.max_age_ms });
+        }
+        if delta > i128::from(inner.max_skew_ms) {
+            return Err(Error::TimestampInFuture { timestamp_ms, now_ms, max_skew_ms: inner.max_skew_ms });
+        }
+        Ok((inner.hasher.hash(client), now_ms))
+    }
+
+    /// The quota in force.
+    pub fn quota(&self) -> Quota {
+        self.inner.store.quota()
+    }
+
+    /// The strategy in use.
+    pub fn strategy(&self) -> Strategy {
+        self.inner.strategy
+    }
+
+    /// Replaces the quota, effective from the next decision, without losing counts.
+    ///
+    /// A new limit applies to the counts already made. A new window re-buckets live
+    /// counts conservatively: the count of each key's current window becomes its count
+    /// for the new current window (so a client cannot get a fresh quota by a window
+    /// change), and the previous window maps to the previous one.
+    pub fn set_quota(&self, quota: Quota) {
+        self.inner.store.set_quota(quota, self.inner.clock.now_ms());
+    }
+
+    /// Number of keys currently tracked (memory is proportional to it).
+    pub fn active_keys(&self) -> usize {
+        self.inner.store.len()
+    }
+
+    /// Reclaims every key that can no longer influence a decision, one shard lock at a
+    /// time, and returns how many were dropped. Optional: the store also reclaims as it
+    /// grows; a service may call this from a background task to return memory sooner.
+    pub fn sweep(&self) -> usize {
+        let now = self.inner.clock.now_ms();
+        let mut n = self.inner.store.sweep(now);
+        for (_, s) in self.inner.ad_hoc.read().iter() {
+            n += s.sweep(now);
+        }
+        n
+    }
+
+    /// The limiter's clock reading (Unix ms).
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+}
+
+/// Configures a [`RateLimiter`]. Every setting has a documented default and range.
+#[derive(Clone)]
+pub struct Builder {
+    quota: Option<Quota>,
+    strategy: Strategy,
+    clock: Arc<dyn Clock>,
+    max_key_len: usize,
+    max_timestamp_age: Duration,
+    max_clock_skew: Duration,
+    max_keys: usize,
+    shards: Option<usize>,
+    hash_secret: Option<[u8; 16]>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder").field("quota", &self.quota).field("strategy", &self.strategy).finish_non_exhaustive()
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            quota: None,
+            strategy: Strategy::default(),
+            clock: Arc::new(SystemClock),
+            max_key_len: DEFAULT_MAX_KEY_LEN,
+            max_timestamp_age: DEFAULT_MAX_TIMESTAMP_AGE,
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+            max_keys: DEFAULT_MAX_KEYS,
+            shards: None,
+            hash_secret: None,
+        }
+    }
+}
+
+impl Builder {
+    /// The quota (required).
+    pub fn quota(mut self, quota: Quota) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// The strategy. Default: [`Strategy::SlidingWindow`].
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// The clock used to validate timestamps and reclaim windows. Default: [`SystemClock`].
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Longest accepted client id in bytes. Default 256; range `1..=65536`.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
+        self
+    }
+
+    /// Replay tolerance: a timestamp further behind the clock is refused with
+    /// [`Error::TimestampTooOld`]. Default 5 s; at most 1 day. Idle keys are kept until
+    /// no timestamp this late can reach their windows.
+    pub fn max_timestamp_age(mut self, age: Duration) -> Self {
+        self.max_timestamp_age = age;
+        self
+    }
+
+    /// Clock-skew tolerance: a timestamp further ahead of the clock is refused with
+    /// [`Error::TimestampInFuture`]. Default 2 s; at most 1 day.
+    pub fn max_clock_skew(mut self, skew: Duration) -> Self {
+        self.max_clock_skew = skew;
+        self
+    }
+
+    /// Cap on tracked keys; a new key past it gets [`Error::KeyCapacity`]. Default
+    /// 4,194,304 (about 200 MiB); at least 1.
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys;
+        self
+    }
+
+    /// Number of store shards: a power of two in `1..=4096`. Default: four per CPU,
+    /// rounded up to a power of two, between 16 and 256.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// The 128-bit secret client ids are hashed with. Every member of a cluster must
+    /// use the same one. Default: random per process.
+    pub fn hash_secret(mut self, secret: [u8; 16]) -> Self {
+        self.hash_secret = Some(secret);
+        self
+    }
+
+    /// Builds the limiter.
+    ///
+    /// # Errors
+    /// [`Error::MissingQuota`] without a quota; [`Error::InvalidConfig`] for a setting
+    /// out of range.
+    pub fn build(self) -> Result<RateLimiter, Error> {
+        let quota = self.quota.ok_or(Error::MissingQuota)?;
+        if !(1..=MAX_KEY_LEN_LIMIT).contains(&self.max_key_len) {
+            return Err(Error::InvalidConfig { field: "max_key_len", reason: "must be between 1 and 65536 bytes" });
+        }
+        let day = Duration::from_secs(86_400);
+        if self.max_timestamp_age > day {
+            return Err(Error::InvalidConfig { field: "max_timestamp_age", reason: "must be at most one day" });
+        }
+        if self.max_clock_skew > day {
+            return Err(Error::InvalidConfig { field: "max_clock_skew", reason: "must be at most one day" });
+        }
+        if self.max_keys == 0 {
+            return Err(Error::InvalidConfig { field: "max_keys", reason: "must be at least 1" });
+        }
+        let shards = match self.shards {
+            Some(s) if !(1..=4096).contains(&s) || !s.is_power_of_two() => {
+                return Err(Error::InvalidConfig { field: "shards", reason: "must be a power of two between 1 and 4096" });
+            }
+            Some(s) => s,
+            None => {
+                let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+                (cpus * 4).next_power_of_two().clamp(16, 256)
+            }
+        };
+        let secret = self.hash_secret.unwrap_or_else(KeyHasher::random_secret);
+        Ok(RateLimiter {
+            inner: Arc::new(Inner {
+                store: Store::new(shards, self.max_keys, self.max_timestamp_age.as_millis() as u64, quota, self.strategy),
+                hasher: KeyHasher::new(secret),
+                clock: self.clock,
+                strategy: self.strategy,
+                max_key_len: self.max_key_len,
+                max_age_ms: self.max_timestamp_age.as_millis() as u64,
+                max_skew_ms: self.max_clock_skew.as_millis() as u64,
+                shards,
+                max_keys: self.max_keys,
+                ad_hoc: RwLock::new(Vec::new()),
+            }),
+        })
+    }
+}

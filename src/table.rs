@@ -1,0 +1,302 @@
+//! The store's per-shard hash table: open addressing, linear probing, keys inline.
+//!
+//! Keys are 64-bit keyed hashes already, so a slot holds the key itself (no tag bytes,
+//! no separate control array): a lookup for a key costs one cache miss, not two. Slots
+//! are 24 bytes; the table grows at 80 % load to twice its size, so in steady growth it
+//! holds between 30 and 60 bytes per key. Keys are never removed one by one: expired
+//! keys are dropped by [`Table::rebuild`], which re-inserts the survivors into a table
+//! sized for them — so memory shrinks when clients go idle.
+
+/// One key's state. Key 0 marks an empty slot; callers map hash 0 to 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub key: u64,
+    /// Low 32 bits of the newest window index the key has seen.
+    pub window: u32,
+    /// The local replica's count in that window.
+    pub cur: u32,
+    /// The local replica's count in the window before.
+    pub prev: u32,
+    /// Index into the shard's side table of remote counts, or `NO_REMOTE`.
+    pub remote: u32,
+}
+
+const EMPTY: u64 = 0;
+const MIN_CAPACITY: usize = 16;
+
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    slots: Slots,
+    len: usize,
+}
+
+impl Table {
+    #[inline]
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether one more key would take the load past 80 %.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        (self.len + 1) * 5 > self.slots.len() * 4
+    }
+
+    #[inline]
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut Slot> {
+        debug_assert_ne!(key, EMPTY);
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = key as usize & mask;
+        loop {
+            let k = self.slots[i].key;
+            if k == key {
+                return Some(&mut self.slots[i]);
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, key: u64) -> Option<&Slot> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = key as usize & mask;
+        loop {
+            let k = self.slots[i].key;
+            if k == key {
+                return Some(&self.slots[i]);
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Inserts a key that is not present. The caller has made room ([`is_full`] is false).
+    pub(crate) fn insert_new(&mut self, slot: Slot) -> &mut Slot {
+        debug_assert!(!self.is_full() && slot.key != EMPTY);
+        self.len += 1;
+        let i = Self::place(&mut self.slots, slot);
+        &mut self.slots[i]
+    }
+
+    fn place(slots: &mut [Slot], slot: Slot) -> usize {
+        let mask = slots.len() - 1;
+        let mut i = slot.key as usize & mask;
+        while slots[i].key != EMPTY {
+            i = (i + 1) & mask;
+        }
+        slots[i] = slot;
+        i
+    }
+
+    /// Keeps the slots for which `keep` returns true (it may also change them) in a table
+    /// sized for them: at most half full, or doubled if that is what `grow` asks.
+    /// Returns how many slots were dropped.
+    pub(crate) fn rebuild(&mut self, mut keep: impl FnMut(&mut Slot) -> bool) -> usize {
+        let before = self.len;
+        let mut survivors = Vec::with_capacity(self.len);
+        for s in self.slots.iter_mut() {
+            if s.key != EMPTY && keep(s) {
+                survivors.push(*s);
+            }
+        }
+        let capacity = ((survivors.len() + 1) * 2).next_power_of_two().max(MIN_CAPACITY);
+        let mut slots = Slots::zeroed(capacity);
+        for s in &survivors {
+            Self::place(&mut slots, *s);
+        }
+        self.len = survivors.len();
+        self.slots = slots;
+        before - self.len
+    }
+}
+
+/// A zeroed array of slots. On Linux, arrays of 2 MiB or more are anonymous mappings
+/// aligned to 2 MiB and advised for transparent huge pages: a table of a million keys
+/// spans tens of MiB, and with 4 KiB pages nearly every lookup would also miss the TLB.
+/// Pages are only resident once touched, as with any allocation.
+pub(crate) struct Slots {
+    ptr: std::ptr::NonNull<Slot>,
+    len: usize,
+    mapped: bool,
+}
+
+// SAFETY: `Slots` owns its memory exclusively, like a `Box<[Slot]>`.
+unsafe impl Send for Slots {}
+// SAFETY: shared access only reads, like `&[Slot]`.
+unsafe impl Sync for Slots {}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+impl Slots {
+    fn zeroed(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<Slot>();
+        #[cfg(target_os = "linux")]
+        if bytes >= HUGE_PAGE {
+            if let Some(ptr) = map_huge(bytes) {
+                return Self { ptr: ptr.cast(), len, mapped: true };
+            }
+        }
+        let boxed: Box<[Slot]> = vec![Slot::default(); len].into_boxed_slice();
+        let ptr = std::ptr::NonNull::from(Box::leak(boxed)).cast();
+        Self { ptr, len, mapped: false }
+    }
+}
+
+/// Maps `bytes` of zeroed memory starting on a 2 MiB boundary and advises huge pages.
+#[cfg(target_os = "linux")]
+fn map_huge(bytes: usize) -> Option<std::ptr::NonNull<u8>> {
+    let bytes = bytes.next_multiple_of(4096);
+    let span = bytes + HUGE_PAGE;
+    // SAFETY: an anonymous private mapping with no address hint has no preconditions.
+    let base = unsafe {
+        libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    // SAFETY: both ranges lie inside the mapping just made and are not used again.
+    unsafe {
+        if start > base {
+            libc::munmap(base as *mut libc::c_void, start - base);
+        }
+        let end = start + bytes;
+        if base + span > end {
+            libc::munmap(end as *mut libc::c_void, base + span - end);
+        }
+        // Advice only: failure leaves ordinary pages, which is still correct.
+        libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
+    }
+    std::ptr::NonNull::new(start as *mut u8)
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        if self.mapped {
+            #[cfg(target_os = "linux")]
+            // SAFETY: the mapping was made by `map_huge` with this length, rounded as there.
+            unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), (self.len * std::mem::size_of::<Slot>()).next_multiple_of(4096));
+            }
+        } else {
+            // SAFETY: made from a leaked `Box<[Slot]>` of this length.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len)) });
+        }
+    }
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self { ptr: std::ptr::NonNull::dangling(), len: 0, mapped: false }
+    }
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slots({})", self.len)
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
+    fn deref(&self) -> &[Slot] {
+        // SAFETY: `ptr` points to `len` initialized (zeroed or written) slots we own.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [Slot] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+#[cfg(test)]
+impl Table {
+    fn iter_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slots.iter().map(|s| s.key).filter(|&k| k != EMPTY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(key: u64) -> Slot {
+        Slot { key, window: key as u32, ..Slot::default() }
+    }
+
+    #[test]
+    fn inserted_keys_are_found_and_absent_ones_are_not() {
+        let mut t = Table::default();
+        assert!(t.get_mut(5).is_none());
+        for k in 1..=1_000u64 {
+            if t.is_full() {
+                t.rebuild(|_| true);
+            }
+            // Keys sharing low bits collide on purpose.
+            t.insert_new(slot(k << 20 | 3));
+        }
+        assert_eq!(t.len(), 1_000);
+        for k in 1..=1_000u64 {
+            assert_eq!(t.get(k << 20 | 3).map(|s| s.window), Some((k << 20 | 3) as u32));
+        }
+        assert!(t.get(7).is_none());
+        assert!(t.len() * 5 <= t.capacity() * 4);
+    }
+
+    #[test]
+    fn tables_of_several_mib_take_the_mapped_path_and_behave_the_same() {
+        let mut t = Table::default();
+        for k in 1..=120_000u64 {
+            if t.is_full() {
+                t.rebuild(|_| true);
+            }
+            t.insert_new(slot(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        }
+        assert!(t.capacity() * std::mem::size_of::<Slot>() >= HUGE_PAGE);
+        assert!((1..=120_000u64).all(|k| t.get(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)).is_some()));
+        let removed = t.rebuild(|s| s.key % 2 == 0);
+        assert_eq!(removed + t.len(), 120_000);
+        assert!(t.iter_keys().all(|k| k % 2 == 0));
+    }
+
+    #[test]
+    fn rebuild_drops_what_is_not_kept_and_shrinks() {
+        let mut t = Table::default();
+        for k in 1..=10_000u64 {
+            if t.is_full() {
+                t.rebuild(|_| true);
+            }
+            t.insert_new(slot(k));
+        }
+        let big = t.capacity();
+        assert_eq!(t.rebuild(|s| s.key % 100 == 0), 9_900);
+        assert_eq!(t.len(), 100);
+        assert!(t.capacity() < big / 10);
+        assert!((1..=10_000u64).all(|k| t.get(k).is_some() == (k % 100 == 0)));
+    }
+}
