@@ -21,8 +21,10 @@
 
 mod algorithm;
 mod clock;
+mod codec;
 mod counter;
 mod error;
+mod gossip;
 mod key;
 mod limiter;
 mod quota;
@@ -31,9 +33,11 @@ mod table;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use counter::{GCounter, ReplicaId};
+pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
 pub use error::Error;
+pub use gossip::{GossipConfig, GossipNode, GossipStats, MessageError, PeerId, StateEntry, Transmit, MAX_REPLICAS};
 pub use limiter::{
-    Builder, Decision, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
+    Admission, Builder, Decision, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
     MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
 };
 pub use quota::{Quota, Strategy};

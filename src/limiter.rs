@@ -1,5 +1,6 @@
 //! The public limiter: validation, hashing and the front door to the store.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use parking_lot::RwLock;
 use crate::algorithm::Verdict;
 use crate::clock::{Clock, SystemClock};
 use crate::key::KeyHasher;
-use crate::store::Store;
+use crate::store::{Budget, Store};
 use crate::{Error, Quota, Strategy};
 
 /// Default longest client id, in bytes.
@@ -56,8 +57,37 @@ impl Decision {
     }
 }
 
+/// How a cluster member decides on a view of the global counts that lags the truth.
+///
+/// The over-admission bound of each policy is derived in `docs/design.md` and checked by
+/// the simulator. A limiter that is not a cluster member decides exactly either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Admission {
+    /// Admit while the local view of the global count is under the limit. Over-admits by
+    /// what the other nodes admit during one view lag; fails open in a partition (each
+    /// side admits up to the full limit).
+    Optimistic,
+    /// Between gossip rounds, spend only this node's share of what the view says
+    /// remains, shares following each node's observed demand. Over-admission is set by
+    /// the view's lag, not by the offered rate. The default.
+    #[default]
+    Bounded,
+}
+
+/// What the request path needs to know about the cluster; written by the gossip core.
+#[derive(Debug)]
+pub(crate) struct ClusterState {
+    pub(crate) attached: AtomicBool,
+    pub(crate) bounded: AtomicBool,
+    pub(crate) round_ms: AtomicU64,
+    pub(crate) live_replicas: AtomicU64,
+    pub(crate) salt: AtomicU64,
+}
+
 struct Inner {
     store: Store,
+    cluster: ClusterState,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
     strategy: Strategy,
@@ -66,6 +96,7 @@ struct Inner {
     max_skew_ms: u64,
     shards: usize,
     max_keys: usize,
+    admission: Admission,
     /// Stores for [`RateLimiter::allow_with`], one per window length.
     ad_hoc: RwLock<Vec<(u64, Arc<Store>)>>,
 }
@@ -128,9 +159,25 @@ impl RateLimiter {
     #[inline]
     pub fn allow(&self, client: &str, timestamp_ms: i64) -> bool {
         match self.validate(client.as_bytes(), timestamp_ms) {
-            Ok((key, now)) => self.inner.store.admit(key, timestamp_ms, now, None).unwrap_or(false),
+            Ok((key, now)) => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref()).unwrap_or(false),
             Err(_) => false,
         }
+    }
+
+    /// The bounded policy's round for a request at `ts_ms`, when it applies.
+    #[inline]
+    fn budget(&self, ts_ms: i64) -> Option<Budget> {
+        let c = &self.inner.cluster;
+        if !c.bounded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let round_ms = c.round_ms.load(Ordering::Relaxed).max(1) as i64;
+        Some(Budget {
+            round: ts_ms.div_euclid(round_ms) as u32,
+            round_left_ms: (round_ms - ts_ms.rem_euclid(round_ms)) as u64,
+            live_replicas: c.live_replicas.load(Ordering::Relaxed),
+            salt: c.salt.load(Ordering::Relaxed),
+        })
     }
 
     /// Like [`allow`](Self::allow), with the details of the decision.
@@ -141,7 +188,7 @@ impl RateLimiter {
     pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         let (key, now) = self.validate(client.as_bytes(), timestamp_ms)?;
         let quota = self.inner.store.quota();
-        let v = self.inner.store.decide(key, timestamp_ms, now, None)?;
+        let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref())?;
         Ok(Decision::from_verdict(v, quota.limit()))
     }
 
@@ -164,11 +211,11 @@ impl RateLimiter {
         let now = self.inner.clock.now_ms();
         let (key, now) = self.validate(client.as_bytes(), now)?;
         let store = self.ad_hoc_store(quota)?;
-        let v = store.decide(key, now, now, Some(&quota))?;
+        let v = store.decide(key, now, now, Some(&quota), self.budget(now).as_ref())?;
         Ok(Decision::from_verdict(v, quota.limit()))
     }
 
-    fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
+    pub(crate) fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
         let w = quota.window_ms();
         if let Some((_, s)) = self.inner.ad_hoc.read().iter().find(|(win, _)| *win == w) {
             return Ok(s.clone());
@@ -181,6 +228,9 @@ impl RateLimiter {
             return Err(Error::TooManyWindows { max: MAX_AD_HOC_WINDOWS });
         }
         let store = Arc::new(Store::new(self.inner.shards, self.inner.max_keys, self.inner.max_age_ms, quota, self.inner.strategy));
+        if self.inner.cluster.attached.load(Ordering::Relaxed) {
+            store.track_changes();
+        }
         stores.push((w, store.clone()));
         Ok(store)
     }
@@ -247,6 +297,40 @@ impl RateLimiter {
     pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()
     }
+
+    /// The admission policy used as a cluster member.
+    pub fn admission(&self) -> Admission {
+        self.inner.admission
+    }
+
+    pub(crate) fn cluster(&self) -> &ClusterState {
+        &self.inner.cluster
+    }
+
+    /// The 64-bit key the store and the wire use for `client` (a keyed hash; see
+    /// `docs/design.md`). Simulators and tests use it to match states to clients.
+    pub fn key_hash(&self, client: &str) -> u64 {
+        self.inner.hasher.hash(client.as_bytes())
+    }
+
+    /// Calls `f` with every store: the main one, then one per `allow_with` window length.
+    pub(crate) fn for_each_store(&self, mut f: impl FnMut(u64, &Store)) {
+        f(self.quota().window_ms(), &self.inner.store);
+        for (w, s) in self.inner.ad_hoc.read().iter() {
+            f(*w, s);
+        }
+    }
+
+    /// Calls `f` with the store for `window_ms`, creating an `allow_with` store if none
+    /// exists yet (within [`MAX_AD_HOC_WINDOWS`]).
+    pub(crate) fn with_store<T>(&self, window_ms: u64, f: impl FnOnce(&Store) -> T) -> Result<T, Error> {
+        if self.quota().window_ms() == window_ms {
+            return Ok(f(&self.inner.store));
+        }
+        let quota = Quota::new(1, Duration::from_millis(window_ms))?;
+        let store = self.ad_hoc_store(quota)?;
+        Ok(f(&store))
+    }
 }
 
 /// Configures a [`RateLimiter`]. Every setting has a documented default and range.
@@ -261,6 +345,7 @@ pub struct Builder {
     max_keys: usize,
     shards: Option<usize>,
     hash_secret: Option<[u8; 16]>,
+    admission: Admission,
 }
 
 impl std::fmt::Debug for Builder {
@@ -281,6 +366,7 @@ impl Default for Builder {
             max_keys: DEFAULT_MAX_KEYS,
             shards: None,
             hash_secret: None,
+            admission: Admission::default(),
         }
     }
 }
@@ -346,6 +432,12 @@ impl Builder {
         self
     }
 
+    /// The admission policy as a cluster member. Default: [`Admission::Bounded`].
+    pub fn admission(mut self, admission: Admission) -> Self {
+        self.admission = admission;
+        self
+    }
+
     /// Builds the limiter.
     ///
     /// # Errors
@@ -380,6 +472,14 @@ impl Builder {
         Ok(RateLimiter {
             inner: Arc::new(Inner {
                 store: Store::new(shards, self.max_keys, self.max_timestamp_age.as_millis() as u64, quota, self.strategy),
+                cluster: ClusterState {
+                    attached: AtomicBool::new(false),
+                    bounded: AtomicBool::new(false),
+                    round_ms: AtomicU64::new(1),
+                    live_replicas: AtomicU64::new(1),
+                    salt: AtomicU64::new(0),
+                },
+                admission: self.admission,
                 hasher: KeyHasher::new(secret),
                 clock: self.clock,
                 strategy: self.strategy,

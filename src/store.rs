@@ -22,8 +22,20 @@
 //! when it is about to grow, in the same pass that grows it, which amortizes to O(1) per
 //! new key and touches one shard only, (2) when the key cap is reached, and (3) by
 //! [`Store::sweep`], which locks one shard at a time.
+//!
+//! # Gossip hooks
+//! Once a gossip core is attached ([`Store::track_changes`]), every key whose local count
+//! changes is appended once to its shard's dirty list and flagged (two bits borrowed from
+//! the side-table index: current window changed, previous window changed). The core
+//! collects the list with [`Store::collect_changes`], holding each shard's lock only
+//! while it copies the changed counts. Remote counts arrive through [`Store::merge`].
+//!
+//! # Bounded admission
+//! With a [`Budget`], a key's first decision in each gossip round fixes its local budget
+//! for the round: this node's share of what the view says remains, in proportion to its
+//! own recent count against everyone's. See `docs/design.md`.
 
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -32,16 +44,34 @@ use crate::counter::GCounter;
 use crate::table::{Slot as Entry, Table};
 use crate::{Error, Quota, Strategy};
 
-const NO_REMOTE: u32 = u32::MAX;
+/// The low 30 bits of [`Entry::remote`] index the side table; this value means none.
+const NO_REMOTE: u32 = 0x3FFF_FFFF;
+/// The local count of the key's newest window changed since it was last collected.
+const DIRTY_CUR: u32 = 1 << 31;
+/// The local count of the window before changed since it was last collected.
+const DIRTY_PREV: u32 = 1 << 30;
+const DIRTY: u32 = DIRTY_CUR | DIRTY_PREV;
+/// The slot number [`Store::export`] gives the local replica's counts.
+pub(crate) const LOCAL_SLOT: u32 = u32::MAX;
 
-/// Counts other replicas contributed to one key, per window. Slots are replica indices
-/// interned by the caller of [`Store::merge`].
+#[inline]
+fn remote_of(e: &Entry) -> Option<usize> {
+    let i = e.remote & NO_REMOTE;
+    (i != NO_REMOTE).then_some(i as usize)
+}
+
+/// What a key knows beyond its local counts: other replicas' counts per window, and its
+/// bounded-admission budget for the current round.
 #[derive(Debug, Default)]
 struct Remote {
     cur: GCounter<u32>,
     prev: GCounter<u32>,
     cur_sum: u64,
     prev_sum: u64,
+    /// Round (low 32 bits) the budget below belongs to, if any.
+    round: Option<u32>,
+    budget: u64,
+    spent: u64,
 }
 
 impl Remote {
@@ -58,10 +88,25 @@ impl Remote {
     }
 }
 
+/// The bounded admission policy's view of one request: which gossip round it falls in
+/// and how many replicas share the quota.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    pub round: u32,
+    /// Time left in the round (the wait a budget refusal reports).
+    pub round_left_ms: u64,
+    /// Live replicas, this one included (at least 1).
+    pub live_replicas: u64,
+    /// Seeds the randomized rounding of shares (distinct per node).
+    pub salt: u64,
+}
+
 struct Shard {
     table: Table,
     remote: Vec<Remote>,
     free_remote: Vec<u32>,
+    /// Keys whose local counts changed since the last collection (see the module doc).
+    dirty: Vec<u64>,
     quota: Quota,
     strategy: Strategy,
 }
@@ -73,11 +118,26 @@ fn windows_since(entry: u32, now: u32) -> i64 {
 }
 
 impl Shard {
-    fn free(remote: &mut [Remote], free_remote: &mut Vec<u32>, idx: u32) {
-        if idx != NO_REMOTE {
-            remote[idx as usize] = Remote::default();
-            free_remote.push(idx);
+    fn free(remote: &mut [Remote], free_remote: &mut Vec<u32>, e: &Entry) {
+        if let Some(i) = remote_of(e) {
+            remote[i] = Remote::default();
+            free_remote.push(i as u32);
         }
+    }
+
+    fn ensure_remote(remote: &mut Vec<Remote>, free_remote: &mut Vec<u32>, e: &mut Entry) -> usize {
+        if let Some(i) = remote_of(e) {
+            return i;
+        }
+        let i = match free_remote.pop() {
+            Some(i) => i as usize,
+            None => {
+                remote.push(Remote::default());
+                remote.len() - 1
+            }
+        };
+        e.remote = (e.remote & DIRTY) | i as u32;
+        i
     }
 
     /// Drops keys whose newest window is older than `horizon - 1`, in a table sized for
@@ -87,13 +147,14 @@ impl Shard {
         self.table.rebuild(|e| {
             let keep = windows_since(e.window, horizon) < 2;
             if !keep {
-                Self::free(remote, free, e.remote);
+                Self::free(remote, free, e);
             }
             keep
         })
     }
 
-    /// Rolls `e` forward to `window` if that is newer; returns how far (0 if not newer).
+    /// Rolls `e` forward to `window` if that is newer; returns how far (negative if
+    /// `window` is older).
     #[inline]
     fn roll(e: &mut Entry, remote: &mut [Remote], window: u32) -> i64 {
         let by = windows_since(e.window, window);
@@ -101,52 +162,26 @@ impl Shard {
             e.prev = if by == 1 { e.cur } else { 0 };
             e.cur = 0;
             e.window = window;
-            if e.remote != NO_REMOTE {
-                remote[e.remote as usize].roll(by);
+            // An unsent current count becomes an unsent previous count; anything older
+            // can no longer influence a decision.
+            let dirty = if by == 1 && e.remote & DIRTY_CUR != 0 { DIRTY_PREV } else { 0 };
+            e.remote = (e.remote & NO_REMOTE) | dirty;
+            if let Some(i) = remote_of(e) {
+                remote[i].roll(by);
             }
         }
         by
     }
 }
 
-/// Rolls `e` to `window`, decides with `f` and counts the request if admitted.
-#[inline]
-fn apply<V: AllowedOf>(
-    e: &mut Entry,
-    remote: &mut [Remote],
-    strategy: Strategy,
-    quota: &Quota,
-    window: u32,
-    mut elapsed: u64,
-    f: fn(Strategy, &Quota, Counts, u64) -> V,
-) -> V {
-    if Shard::roll(e, remote, window) < 0 {
-        // A late request: charged to the key's newest window, at its start.
-        elapsed = 0;
-    }
-    let (mut cur, mut prev) = (u64::from(e.cur), u64::from(e.prev));
-    if e.remote != NO_REMOTE {
-        let r = &remote[e.remote as usize];
-        cur += r.cur_sum;
-        prev += r.prev_sum;
-    }
-    let v = f(strategy, quota, Counts { cur, prev }, elapsed);
-    if v.allowed() {
-        e.cur = e.cur.saturating_add(1);
-    }
-    v
-}
-
-/// What [`Store::snapshot`] reports for one key.
-#[cfg_attr(not(test), allow(dead_code))] // read by the gossip core and tests
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct KeyState {
-    /// The key's newest window index.
+/// One count exported by [`Store::export`] or [`Store::collect_changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Exported {
+    pub key: u64,
     pub window: i64,
-    pub local_cur: u64,
-    pub local_prev: u64,
-    pub remote_cur: GCounter<u32>,
-    pub remote_prev: GCounter<u32>,
+    /// A replica index, or [`LOCAL_SLOT`].
+    pub slot: u32,
+    pub count: u64,
 }
 
 #[repr(align(128))]
@@ -162,13 +197,23 @@ pub(crate) struct Store {
     max_age_ms: i64,
     /// Window index of the last full sweep triggered by the key cap.
     last_cap_sweep: AtomicI64,
+    track_changes: AtomicBool,
 }
 
 impl Store {
     pub(crate) fn new(shards: usize, max_keys: usize, max_age_ms: u64, quota: Quota, strategy: Strategy) -> Self {
         debug_assert!(shards.is_power_of_two());
         let shards: Box<[_]> = (0..shards)
-            .map(|_| Padded(Mutex::new(Shard { table: Table::default(), remote: Vec::new(), free_remote: Vec::new(), quota, strategy })))
+            .map(|_| {
+                Padded(Mutex::new(Shard {
+                    table: Table::default(),
+                    remote: Vec::new(),
+                    free_remote: Vec::new(),
+                    dirty: Vec::new(),
+                    quota,
+                    strategy,
+                }))
+            })
             .collect();
         let shard_mask = (shards.len() as u64).saturating_sub(1);
         Self {
@@ -178,6 +223,7 @@ impl Store {
             max_keys,
             max_age_ms: max_age_ms as i64,
             last_cap_sweep: AtomicI64::new(i64::MIN),
+            track_changes: AtomicBool::new(false),
         }
     }
 
@@ -186,19 +232,24 @@ impl Store {
         &self.shards[((key >> 40) & self.shard_mask) as usize].0
     }
 
+    /// From now on, remember which keys' local counts change, for gossip.
+    pub(crate) fn track_changes(&self) {
+        self.track_changes.store(true, Ordering::Relaxed);
+    }
+
     /// Decides one request for `key` at `ts_ms` and counts it if admitted. `now_ms` is
     /// the limiter clock's reading, used only to reclaim expired keys.
     ///
     /// `quota` overrides the store's quota (it must have the store's window).
     #[inline]
-    pub(crate) fn decide(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>) -> Result<Verdict, Error> {
-        self.decide_with(key, ts_ms, now_ms, quota, algorithm::evaluate)
+    pub(crate) fn decide(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<Verdict, Error> {
+        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate)
     }
 
     /// Like [`decide`](Self::decide) but computes only whether to admit.
     #[inline]
-    pub(crate) fn admit(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>) -> Result<bool, Error> {
-        self.decide_with(key, ts_ms, now_ms, quota, algorithm::admits)
+    pub(crate) fn admit(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<bool, Error> {
+        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::admits)
     }
 
     /// The oldest window a request accepted at `now_ms` can fall in: keys whose newest
@@ -208,29 +259,29 @@ impl Store {
     }
 
     #[inline]
-    fn decide_with<V: AllowedOf>(
+    fn decide_with<V: Outcome>(
         &self,
         key: u64,
         ts_ms: i64,
         now_ms: i64,
         quota: Option<&Quota>,
+        budget: Option<&Budget>,
         f: fn(Strategy, &Quota, Counts, u64) -> V,
     ) -> Result<V, Error> {
         let key = key.max(1);
+        let track = self.track_changes.load(Ordering::Relaxed);
         let mut guard = self.shard(key).lock();
         let shard = &mut *guard;
         let quota = *quota.unwrap_or(&shard.quota);
         let w = quota.window_ms() as i64;
-        let window = ts_ms.div_euclid(w);
+        let window = ts_ms.div_euclid(w) as u32;
         let elapsed = ts_ms.rem_euclid(w) as u64;
-        let Shard { table, remote, strategy, .. } = shard;
-        if let Some(e) = table.get_mut(key) {
-            return Ok(apply(e, remote, *strategy, &quota, window as u32, elapsed, f));
+        if shard.table.get(key).is_none() {
+            self.reserve_key(shard, self.horizon(now_ms, quota.window_ms()))?;
+            shard.table.insert_new(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE });
         }
-        self.reserve_key(shard, self.horizon(now_ms, quota.window_ms()))?;
-        let Shard { table, remote, strategy, .. } = shard;
-        let e = table.insert_new(Entry { key, window: window as u32, cur: 0, prev: 0, remote: NO_REMOTE });
-        Ok(apply(e, remote, *strategy, &quota, window as u32, elapsed, f))
+        let req = Request { quota: &quota, window, elapsed, budget, track };
+        Ok(apply(shard, key, &req, f))
     }
 
     /// Makes room for one more key in `shard` or refuses it.
@@ -251,21 +302,18 @@ impl Store {
         Ok(())
     }
 
-    /// The key cap is reached: other shards may hold expired keys.
+    /// The key cap is reached: other shards may hold expired keys. Sweeps them all, at
+    /// most once per window, one shard lock at a time (skipping busy shards, this one
+    /// included: its lock is held by the caller).
     #[cold]
-    fn sweep_all_for_room(&self, shard: &mut Shard, horizon: u32) -> Result<(), Error> {
-        // Full: other shards may hold expired keys. Sweep them all, at most once per
-        // window, one shard lock at a time (this shard's lock is held, so skip it).
+    fn sweep_all_for_room(&self, _held: &mut Shard, horizon: u32) -> Result<(), Error> {
         let last = self.last_cap_sweep.load(Ordering::Relaxed);
         let window = i64::from(horizon);
         if last != window && self.last_cap_sweep.compare_exchange(last, window, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            let own: *const Shard = shard;
             for s in self.shards.iter() {
                 if let Some(mut other) = s.0.try_lock() {
-                    if !std::ptr::eq(&*other, own) {
-                        let removed = other.sweep(horizon);
-                        self.keys.fetch_sub(removed, Ordering::Relaxed);
-                    }
+                    let removed = other.sweep(horizon);
+                    self.keys.fetch_sub(removed, Ordering::Relaxed);
                 }
             }
             if self.try_count_key() {
@@ -279,14 +327,13 @@ impl Store {
         self.keys.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_keys).then_some(n + 1)).is_ok()
     }
 
-    #[cfg_attr(not(test), allow(dead_code))] // called by the gossip core and tests
     /// Raises remote replica `slot`'s count of `key` in `window` to `count`.
     ///
     /// A window newer than the key's rolls the key forward; the previous window merges
     /// into the previous counts; anything older is ignored (it can no longer influence a
     /// decision). Returns whether the state changed.
     pub(crate) fn merge(&self, key: u64, window: i64, slot: u32, count: u64, now_ms: i64) -> Result<bool, Error> {
-        if count == 0 {
+        if count == 0 || slot == LOCAL_SLOT {
             return Ok(false);
         }
         let key = key.max(1);
@@ -307,16 +354,8 @@ impl Store {
         if age > 1 {
             return Ok(false);
         }
-        if e.remote == NO_REMOTE {
-            e.remote = match free_remote.pop() {
-                Some(i) => i,
-                None => {
-                    remote.push(Remote::default());
-                    (remote.len() - 1) as u32
-                }
-            };
-        }
-        let r = &mut remote[e.remote as usize];
+        let i = Shard::ensure_remote(remote, free_remote, e);
+        let r = &mut remote[i];
         let (counter, sum) = if age == 0 { (&mut r.cur, &mut r.cur_sum) } else { (&mut r.prev, &mut r.prev_sum) };
         let before = counter.get(slot);
         if counter.merge_slot(slot, count) {
@@ -326,18 +365,57 @@ impl Store {
         Ok(false)
     }
 
-    #[cfg_attr(not(test), allow(dead_code))] // called by the gossip core and tests
-    /// The state of one key, with window indices resolved relative to `now_window`.
-    pub(crate) fn snapshot(&self, key: u64, now_window: i64) -> Option<KeyState> {
-        let key = key.max(1);
-        let shard = self.shard(key).lock();
-        let e = shard.table.get(key)?;
-        let window = now_window - windows_since(e.window, now_window as u32);
-        let (remote_cur, remote_prev) = match e.remote {
-            NO_REMOTE => (GCounter::new(), GCounter::new()),
-            i => (shard.remote[i as usize].cur.clone(), shard.remote[i as usize].prev.clone()),
-        };
-        Some(KeyState { window, local_cur: u64::from(e.cur), local_prev: u64::from(e.prev), remote_cur, remote_prev })
+    /// Appends every local count changed since the last collection to `out` and clears
+    /// the marks. Window indices are resolved relative to `now_ms`.
+    pub(crate) fn collect_changes(&self, now_ms: i64, out: &mut Vec<Exported>) {
+        let mut keys = Vec::new();
+        for s in self.shards.iter() {
+            let mut guard = s.0.lock();
+            let shard = &mut *guard;
+            let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
+            std::mem::swap(&mut keys, &mut shard.dirty);
+            for &key in &keys {
+                let Some(e) = shard.table.get_mut(key) else { continue };
+                let window = now - windows_since(e.window, now as u32);
+                if e.remote & DIRTY_CUR != 0 && e.cur > 0 {
+                    out.push(Exported { key, window, slot: LOCAL_SLOT, count: u64::from(e.cur) });
+                }
+                if e.remote & DIRTY_PREV != 0 && e.prev > 0 {
+                    out.push(Exported { key, window: window - 1, slot: LOCAL_SLOT, count: u64::from(e.prev) });
+                }
+                e.remote &= !DIRTY;
+            }
+            keys.clear();
+            // Hand the emptied buffer back, so the request path reuses its capacity.
+            std::mem::swap(&mut keys, &mut shard.dirty);
+        }
+    }
+
+    /// Appends every non-zero count of the keys `select` accepts — local and remote, for
+    /// both retained windows — to `out`. Locks one shard at a time, while it copies.
+    pub(crate) fn export(&self, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
+        for s in self.shards.iter() {
+            let shard = s.0.lock();
+            let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
+            for e in shard.table.slots() {
+                if !select(e.key) {
+                    continue;
+                }
+                let window = now - windows_since(e.window, now as u32);
+                let (key, slot) = (e.key, LOCAL_SLOT);
+                if e.cur > 0 {
+                    out.push(Exported { key, window, slot, count: u64::from(e.cur) });
+                }
+                if e.prev > 0 {
+                    out.push(Exported { key, window: window - 1, slot, count: u64::from(e.prev) });
+                }
+                if let Some(i) = remote_of(e) {
+                    let r = &shard.remote[i];
+                    out.extend(r.cur.iter().map(|(slot, count)| Exported { key, window, slot, count }));
+                    out.extend(r.prev.iter().map(|(slot, count)| Exported { key, window: window - 1, slot, count }));
+                }
+            }
+        }
     }
 
     /// Drops every key that no request accepted at `now_ms` can reach; locks one shard
@@ -383,7 +461,7 @@ impl Store {
             let removed = shard.table.rebuild(|e| {
                 let age = windows_since(e.window, old_now).max(0);
                 if age >= 2 {
-                    Shard::free(remote, free, e.remote);
+                    Shard::free(remote, free, e);
                     return false;
                 }
                 e.window = new_now.wrapping_sub(age as u32);
@@ -394,22 +472,109 @@ impl Store {
     }
 }
 
-/// Lets [`Store::decide_with`] count an admission whatever the verdict type.
-pub(crate) trait AllowedOf: Copy {
-    fn allowed(&self) -> bool;
+/// One request as [`apply`] sees it.
+struct Request<'a> {
+    quota: &'a Quota,
+    window: u32,
+    elapsed: u64,
+    budget: Option<&'a Budget>,
+    track: bool,
 }
 
-impl AllowedOf for bool {
+/// Rolls `key` to the request's window, decides with `f`, applies the round budget if
+/// any, and counts the request if admitted. The key is present.
+#[inline]
+fn apply<V: Outcome>(shard: &mut Shard, key: u64, req: &Request<'_>, f: fn(Strategy, &Quota, Counts, u64) -> V) -> V {
+    let Shard { table, remote, free_remote, dirty, strategy, .. } = shard;
+    let Some(e) = table.get_mut(key) else { return f(*strategy, req.quota, Counts::default(), req.elapsed).refuse(0) };
+    let mut elapsed = req.elapsed;
+    if Shard::roll(e, remote, req.window) < 0 {
+        // A late request: charged to the key's newest window, at its start.
+        elapsed = 0;
+    }
+    let (mut cur, mut prev) = (u64::from(e.cur), u64::from(e.prev));
+    if let Some(i) = remote_of(e) {
+        cur += remote[i].cur_sum;
+        prev += remote[i].prev_sum;
+    }
+    let counts = Counts { cur, prev };
+    let mut v = f(*strategy, req.quota, counts, elapsed);
+    if v.allowed() {
+        if let Some(b) = req.budget {
+            let i = Shard::ensure_remote(remote, free_remote, e);
+            let r = &mut remote[i];
+            if r.round != Some(b.round) {
+                r.round = Some(b.round);
+                r.spent = 0;
+                r.budget = round_budget(*strategy, req.quota, counts, elapsed, (e.cur, e.prev), key, b);
+            }
+            if r.spent >= r.budget {
+                v = v.refuse(b.round_left_ms);
+            } else {
+                r.spent += 1;
+            }
+        }
+    }
+    if v.allowed() {
+        e.cur = e.cur.saturating_add(1);
+        if req.track && e.remote & DIRTY_CUR == 0 {
+            if e.remote & DIRTY == 0 {
+                dirty.push(key);
+            }
+            e.remote |= DIRTY_CUR;
+        }
+    }
+    v
+}
+
+/// This node's share, for one round, of what the view says remains: in proportion to
+/// its own count over the two windows (plus one, so an idle node can start) against
+/// everyone's (plus one per live replica). The fractional part is rounded up with that
+/// probability, seeded per (node, key, round), so shares add up to the remainder on
+/// average without any node knowing the others' rounding.
+fn round_budget(strategy: Strategy, quota: &Quota, counts: Counts, elapsed: u64, local: (u32, u32), key: u64, b: &Budget) -> u64 {
+    let v = algorithm::evaluate(strategy, quota, counts, elapsed);
+    let remaining = v.remaining + u64::from(v.allowed);
+    let own = u128::from(local.0) + u128::from(local.1) + 1;
+    let all = u128::from(counts.cur) + u128::from(counts.prev) + u128::from(b.live_replicas.max(1));
+    let scaled = u128::from(remaining) * own;
+    let (whole, frac) = ((scaled / all) as u64, scaled % all);
+    let draw = u128::from(splitmix64(key ^ b.salt ^ u64::from(b.round).rotate_left(32))) % all;
+    whole + u64::from(draw < frac)
+}
+
+/// SplitMix64: a well-mixed 64-bit function of its input.
+pub(crate) fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// What [`apply`] needs of a decision, whatever its detail.
+pub(crate) trait Outcome: Copy {
+    fn allowed(&self) -> bool;
+    /// This outcome turned into a refusal that can be retried after `retry_after_ms`.
+    fn refuse(self, retry_after_ms: u64) -> Self;
+}
+
+impl Outcome for bool {
     #[inline]
     fn allowed(&self) -> bool {
         *self
     }
+    fn refuse(self, _: u64) -> Self {
+        false
+    }
 }
 
-impl AllowedOf for Verdict {
+impl Outcome for Verdict {
     #[inline]
     fn allowed(&self) -> bool {
         self.allowed
+    }
+    fn refuse(self, retry_after_ms: u64) -> Self {
+        Verdict { allowed: false, remaining: 0, retry_after_ms: Some(retry_after_ms.max(1)), ..self }
     }
 }
 
@@ -419,60 +584,104 @@ mod tests {
     use std::time::Duration;
 
     const T0: i64 = 1_700_000_000_000;
+    const W0: i64 = T0 / 1000;
 
     fn store(limit: u64) -> Store {
         Store::new(4, 1_000, 5_000, Quota::new(limit, Duration::from_secs(1)).unwrap(), Strategy::FixedWindow)
     }
 
+    /// Every count of `key`, as (window, slot, count), sorted.
+    fn counts(s: &Store, key: u64, now_ms: i64) -> Vec<(i64, u32, u64)> {
+        let mut out = Vec::new();
+        s.export(now_ms, |k| k == key, &mut out);
+        let mut v: Vec<_> = out.into_iter().map(|e| (e.window, e.slot, e.count)).collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn remote_counts_join_the_local_view() {
         let s = store(5);
-        assert!(s.admit(1, T0, T0, None).unwrap());
-        assert!(s.merge(1, T0 / 1000, 7, 3, T0).unwrap());
-        assert!(s.admit(1, T0, T0, None).unwrap(), "1 local + 3 remote < 5");
-        assert!(!s.admit(1, T0, T0, None).unwrap(), "2 local + 3 remote = 5");
-        let st = s.snapshot(1, T0 / 1000).unwrap();
-        assert_eq!((st.window, st.local_cur, st.remote_cur.get(7)), (T0 / 1000, 2, 3));
+        assert!(s.admit(1, T0, T0, None, None).unwrap());
+        assert!(s.merge(1, W0, 7, 3, T0).unwrap());
+        assert!(s.admit(1, T0, T0, None, None).unwrap(), "1 local + 3 remote < 5");
+        assert!(!s.admit(1, T0, T0, None, None).unwrap(), "2 local + 3 remote = 5");
+        assert_eq!(counts(&s, 1, T0), vec![(W0, 7, 3), (W0, LOCAL_SLOT, 2)]);
     }
 
     #[test]
     fn merging_is_idempotent_and_keeps_the_maximum() {
         let s = store(100);
-        let w = T0 / 1000;
-        assert!(s.merge(1, w, 2, 10, T0).unwrap());
-        assert!(!s.merge(1, w, 2, 10, T0).unwrap(), "a duplicate changes nothing");
-        assert!(!s.merge(1, w, 2, 4, T0).unwrap(), "an older, lower count changes nothing");
-        assert!(s.merge(1, w, 2, 12, T0).unwrap());
-        assert!(s.merge(1, w, 3, 1, T0).unwrap());
-        let st = s.snapshot(1, w).unwrap();
-        assert_eq!(st.remote_cur.value(), 13);
+        assert!(s.merge(1, W0, 2, 10, T0).unwrap());
+        assert!(!s.merge(1, W0, 2, 10, T0).unwrap(), "a duplicate changes nothing");
+        assert!(!s.merge(1, W0, 2, 4, T0).unwrap(), "an older, lower count changes nothing");
+        assert!(s.merge(1, W0, 2, 12, T0).unwrap());
+        assert!(s.merge(1, W0, 3, 1, T0).unwrap());
+        assert_eq!(counts(&s, 1, T0), vec![(W0, 2, 12), (W0, 3, 1)]);
     }
 
     #[test]
     fn a_newer_remote_window_rolls_the_key_forward_and_older_ones_land_in_prev_or_nowhere() {
         let s = store(100);
-        let w = T0 / 1000;
-        assert!(s.admit(1, T0, T0, None).unwrap());
-        assert!(s.merge(1, w + 1, 2, 4, T0 + 1000).unwrap());
-        let st = s.snapshot(1, w + 1).unwrap();
-        assert_eq!((st.window, st.local_prev, st.local_cur, st.remote_cur.get(2)), (w + 1, 1, 0, 4));
-        assert!(s.merge(1, w, 2, 9, T0 + 1000).unwrap(), "the previous window still merges");
-        assert_eq!(s.snapshot(1, w + 1).unwrap().remote_prev.get(2), 9);
-        assert!(!s.merge(1, w - 1, 2, 9, T0 + 1000).unwrap(), "older windows can no longer matter");
+        let t1 = T0 + 1000;
+        assert!(s.admit(1, T0, T0, None, None).unwrap());
+        assert!(s.merge(1, W0 + 1, 2, 4, t1).unwrap());
+        assert_eq!(counts(&s, 1, t1), vec![(W0, LOCAL_SLOT, 1), (W0 + 1, 2, 4)]);
+        assert!(s.merge(1, W0, 2, 9, t1).unwrap(), "the previous window still merges");
+        assert!(!s.merge(1, W0 - 1, 2, 9, t1).unwrap(), "older windows can no longer matter");
+        assert_eq!(counts(&s, 1, t1), vec![(W0, 2, 9), (W0, LOCAL_SLOT, 1), (W0 + 1, 2, 4)]);
     }
 
     #[test]
     fn remote_slots_are_recycled_when_their_keys_expire() {
         let s = store(100);
-        for key in 0..50u64 {
-            s.merge(key << 40, T0 / 1000, 1, 1, T0).unwrap();
+        for key in 1..=50u64 {
+            s.merge(key << 40, W0, 1, 1, T0).unwrap();
         }
         let later = T0 + 10_000;
         assert_eq!(s.sweep(later), 50);
-        for key in 0..50u64 {
+        for key in 1..=50u64 {
             s.merge(key << 40, later / 1000, 1, 1, later).unwrap();
         }
         let remote_slots: usize = s.shards.iter().map(|sh| sh.0.lock().remote.len()).sum();
         assert_eq!(remote_slots, 50, "freed side-table slots are reused");
+    }
+
+    #[test]
+    fn changed_local_counts_are_collected_once_including_the_window_just_closed() {
+        let s = store(100);
+        s.track_changes();
+        for _ in 0..3 {
+            s.admit(1, T0 + 990, T0 + 990, None, None).unwrap();
+        }
+        s.admit(2, T0, T0, None, None).unwrap();
+        let mut out = Vec::new();
+        s.collect_changes(T0 + 990, &mut out);
+        out.sort();
+        assert_eq!(out.iter().map(|e| (e.key, e.window, e.count)).collect::<Vec<_>>(), vec![(1, W0, 3), (2, W0, 1)]);
+        out.clear();
+        s.collect_changes(T0 + 990, &mut out);
+        assert!(out.is_empty(), "nothing changed since");
+        // One more in the old window, then the key moves on before collection: both the
+        // closed window's final count and the new one are sent.
+        s.admit(1, T0 + 995, T0 + 995, None, None).unwrap();
+        s.admit(1, T0 + 1_005, T0 + 1_005, None, None).unwrap();
+        s.collect_changes(T0 + 1_005, &mut out);
+        out.sort();
+        assert_eq!(out.iter().map(|e| (e.key, e.window, e.count)).collect::<Vec<_>>(), vec![(1, W0, 4), (1, W0 + 1, 1)]);
+    }
+
+    #[test]
+    fn a_round_budget_caps_local_admissions_until_the_next_round() {
+        let s = store(100);
+        // Four live replicas, no history: each gets about a quarter of 100 per round.
+        let b = |round| Budget { round, round_left_ms: 7, live_replicas: 4, salt: 99 };
+        let first = (0..100).take_while(|_| s.admit(1, T0, T0, None, Some(&b(0))).unwrap()).count();
+        assert!((24..=26).contains(&first), "admitted {first} of a 25 share");
+        let d = s.decide(1, T0, T0, None, Some(&b(0))).unwrap();
+        assert_eq!((d.allowed, d.retry_after_ms), (false, Some(7)));
+        // Next round: the remainder is shared again, now weighted by this node's count.
+        let second = (0..100).take_while(|_| s.admit(1, T0, T0, None, Some(&b(1))).unwrap()).count();
+        assert!(second > 0 && first + second <= 100);
     }
 }

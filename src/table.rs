@@ -109,6 +109,11 @@ impl Table {
         i
     }
 
+    /// The occupied slots.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().filter(|s| s.key != EMPTY)
+    }
+
     /// Keeps the slots for which `keep` returns true (it may also change them) in a table
     /// sized for them: at most half full, or doubled if that is what `grow` asks.
     /// Returns how many slots were dropped.
@@ -235,13 +240,6 @@ impl std::ops::DerefMut for Slots {
 }
 
 #[cfg(test)]
-impl Table {
-    fn iter_keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.slots.iter().map(|s| s.key).filter(|&k| k != EMPTY)
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -281,7 +279,7 @@ mod tests {
         assert!((1..=120_000u64).all(|k| t.get(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)).is_some()));
         let removed = t.rebuild(|s| s.key % 2 == 0);
         assert_eq!(removed + t.len(), 120_000);
-        assert!(t.iter_keys().all(|k| k % 2 == 0));
+        assert!(t.slots().all(|s| s.key % 2 == 0));
     }
 
     #[test]

@@ -1,0 +1,236 @@
+//! The wire format: bincode 2 (standard configuration: little-endian, variable-length
+//! integers) behind this one module.
+//!
+//! Every message is an [`Envelope`]: a version byte, the sender's replica id and a body.
+//! Decoding refuses anything longer than [`MAX_DECODE_BYTES`], anything with trailing
+//! bytes, an unknown version, and any count of items past the limits below, before a
+//! single count is merged: a message is applied whole or not at all.
+//!
+//! # Size of a count on the wire
+//! A count travels as `(key, window offset, count)`: the key's 8-byte keyed hash (fixed
+//! width: hashes are uniformly distributed, so a varint would take 9), the window as an
+//! offset below its batch's base window (1 byte: almost always 0 or 1) and the count as
+//! a varint (1 byte below 251, 3 bytes below 65,536). So a changed count costs 10–12
+//! bytes, plus its share of a batch header (the replica id, the window length and the
+//! base window, ≈ 15–30 bytes per batch).
+
+use bincode::config::{self, Configuration};
+use serde::{Deserialize, Serialize};
+
+use crate::ReplicaId;
+
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+/// The largest message accepted.
+pub const MAX_DECODE_BYTES: usize = 1 << 20;
+/// The most batches in one message.
+pub(crate) const MAX_BATCHES: usize = 4096;
+/// The most digest rows in one message.
+pub(crate) const MAX_DIGEST_ROWS: usize = 4096;
+
+const CONFIG: Configuration<config::LittleEndian, config::Varint, config::Limit<MAX_DECODE_BYTES>> =
+    config::standard().with_limit::<MAX_DECODE_BYTES>();
+
+/// Anti-entropy fingerprints are kept per bucket of the key space (the top 3 bits).
+pub(crate) const DIGEST_BUCKETS: usize = 8;
+
+/// One message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Envelope {
+    pub version: u8,
+    pub from: ReplicaId,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Body {
+    /// Absolute counts, grouped by the replica that made them. Empty: a heartbeat.
+    Counts(Vec<Batch>),
+    /// Anti-entropy: fingerprints of what the sender holds per replica and key bucket,
+    /// over the windows `window - 1` and `window` of length `window_ms`.
+    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow> },
+    /// Asks for the counts of these (replica, bucket mask) pairs.
+    Repair { window_ms: u32, wanted: Vec<(ReplicaId, u8)> },
+    /// Asks for everything the receiver holds (sent on start).
+    SyncRequest,
+}
+
+/// Counts of one replica for one window length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Batch {
+    pub replica: ReplicaId,
+    pub window_ms: u32,
+    /// The newest window in the batch; entries give their window as an offset below it.
+    pub base_window: i64,
+    pub entries: Vec<WireEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct WireEntry {
+    pub key: [u8; 8],
+    pub window_offset: u32,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DigestRow {
+    pub replica: ReplicaId,
+    pub buckets: [u64; DIGEST_BUCKETS],
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Longer than [`MAX_DECODE_BYTES`].
+    #[error("message of {0} bytes exceeds the {MAX_DECODE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// Valid bincode, but bytes were left over.
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    /// A version this build does not speak.
+    #[error("unsupported wire version {0} (this build speaks {WIRE_VERSION})")]
+    Version(u8),
+    /// More items than the limits allow, or a value out of range.
+    #[error("message out of bounds: {0}")]
+    OutOfBounds(&'static str),
+}
+
+pub(crate) fn encode(msg: &Envelope) -> Vec<u8> {
+    // Encoding into a Vec cannot fail for these types.
+    bincode::serde::encode_to_vec(msg, CONFIG).unwrap_or_default()
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    if bytes.len() > MAX_DECODE_BYTES {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let (msg, used): (Envelope, usize) = bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(DecodeError::Trailing(bytes.len() - used));
+    }
+    if msg.version != WIRE_VERSION {
+        return Err(DecodeError::Version(msg.version));
+    }
+    match &msg.body {
+        Body::Counts(batches) => {
+            if batches.len() > MAX_BATCHES {
+                return Err(DecodeError::OutOfBounds("too many batches"));
+            }
+            for b in batches {
+                if b.window_ms == 0 {
+                    return Err(DecodeError::OutOfBounds("zero window"));
+                }
+                if b.entries.iter().any(|e| e.window_offset > 1 || e.count > u64::from(u32::MAX)) {
+                    return Err(DecodeError::OutOfBounds("entry window or count out of range"));
+                }
+            }
+        }
+        Body::Digest { window_ms, rows, .. } => {
+            if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS {
+                return Err(DecodeError::OutOfBounds("digest"));
+            }
+        }
+        Body::Repair { window_ms, wanted } => {
+            if *window_ms == 0 || wanted.len() > MAX_DIGEST_ROWS {
+                return Err(DecodeError::OutOfBounds("repair"));
+            }
+        }
+        Body::SyncRequest => {}
+    }
+    Ok(msg)
+}
+
+/// Bytes bincode's standard configuration uses for an unsigned integer.
+pub(crate) fn varint_len(v: u64) -> usize {
+    match v {
+        0..=250 => 1,
+        251..=0xFFFF => 3,
+        0x1_0000..=0xFFFF_FFFF => 5,
+        _ => 9,
+    }
+}
+
+/// Bytes for a signed integer (zig-zag encoded).
+pub(crate) fn signed_len(v: i64) -> usize {
+    varint_len(((v << 1) ^ (v >> 63)) as u64)
+}
+
+pub(crate) fn replica_len(r: &ReplicaId) -> usize {
+    varint_len(r.node) + varint_len(r.incarnation)
+}
+
+/// Bytes of an envelope holding a `Counts` body with no batches yet (the batch count
+/// is assumed to stay below 251).
+pub(crate) fn counts_header_len(from: &ReplicaId) -> usize {
+    1 + replica_len(from) + 1 + 1
+}
+
+/// Bytes of a batch header (entry count assumed below 65,536).
+pub(crate) fn batch_header_len(replica: &ReplicaId, window_ms: u32, base_window: i64, entries: usize) -> usize {
+    replica_len(replica) + varint_len(u64::from(window_ms)) + signed_len(base_window) + varint_len(entries as u64)
+}
+
+pub(crate) fn entry_len(e: &WireEntry) -> usize {
+    8 + varint_len(u64::from(e.window_offset)) + varint_len(e.count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        let r = ReplicaId { node: 3, incarnation: 1 };
+        let entries = (0..40u64)
+            .map(|i| WireEntry { key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes(), window_offset: (i % 2) as u32, count: i * 17 })
+            .collect();
+        Envelope { version: WIRE_VERSION, from: r, body: Body::Counts(vec![Batch { replica: r, window_ms: 1000, base_window: 1_700_000_000, entries }]) }
+    }
+
+    #[test]
+    fn messages_round_trip_and_the_size_arithmetic_is_exact() {
+        let msg = sample();
+        let bytes = encode(&msg);
+        assert_eq!(decode(&bytes).unwrap(), msg);
+        let Body::Counts(batches) = &msg.body else { unreachable!() };
+        let b = &batches[0];
+        let expected = counts_header_len(&msg.from)
+            + batch_header_len(&b.replica, b.window_ms, b.base_window, b.entries.len())
+            + b.entries.iter().map(entry_len).sum::<usize>();
+        assert_eq!(bytes.len(), expected);
+    }
+
+    #[test]
+    fn every_truncation_and_every_corrupted_byte_is_refused_or_decodes_whole() {
+        let bytes = encode(&sample());
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "truncated to {n}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), Err(DecodeError::Trailing(1)));
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0xFF;
+            // Either refused, or a well-formed message within bounds: never a panic.
+            if let Ok(m) = decode(&b) {
+                assert_eq!(m.version, WIRE_VERSION);
+            }
+        }
+    }
+
+    #[test]
+    fn other_versions_and_oversized_input_are_refused() {
+        let mut msg = sample();
+        msg.version = 2;
+        assert_eq!(decode(&encode(&msg)), Err(DecodeError::Version(2)));
+        assert_eq!(decode(&vec![0u8; MAX_DECODE_BYTES + 1]), Err(DecodeError::TooLarge(MAX_DECODE_BYTES + 1)));
+        // A length prefix claiming a huge vector does not allocate it.
+        let mut hostile = vec![WIRE_VERSION, 1, 1, 0];
+        hostile.extend_from_slice(&[253, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]);
+        assert!(decode(&hostile).is_err());
+    }
+}

@@ -1,0 +1,711 @@
+//! The gossip protocol core: a state machine with no sockets, no OS clock and no OS
+//! randomness.
+//!
+//! A [`GossipNode`] shares its [`RateLimiter`]'s store: the request path counts, the node
+//! collects what changed and exchanges absolute per-replica counts with its peers. It is
+//! driven in quinn-proto's vocabulary; a driver (the QUIC transport, or the simulator)
+//! calls, in any order and as often as it likes:
+//!
+//! 1. [`handle_message`](GossipNode::handle_message) with each message received,
+//! 2. [`handle_timeout`](GossipNode::handle_timeout) once the deadline from
+//!    [`poll_timeout`](GossipNode::poll_timeout) has passed,
+//! 3. [`poll_transmit`](GossipNode::poll_transmit) until it returns `None`, sending each
+//!    [`Transmit`] to its peer.
+//!
+//! Time is Unix milliseconds from the caller (the same clock the limiter's windows use);
+//! randomness comes from the seed given to [`GossipNode::new`]. The same inputs give the
+//! same outputs, byte for byte.
+//!
+//! # Protocol
+//! * **Deltas.** Every round (`interval_ms`) the node sends the counts that changed since
+//!   the last round — its own, and in fan-out mode the ones it learned — as absolute
+//!   values, so delivery is idempotent and order-insensitive. Messages are packed up to
+//!   `max_message_bytes`. A round with nothing to say sends a heartbeat.
+//! * **Targets.** Up to `full_mesh_max_peers` peers, every peer every round (full mesh:
+//!   each node hears every change first hand, one round after it happens). Beyond that,
+//!   `fanout` random live peers per round, and every node forwards what it learns once:
+//!   a change reaches all `N` nodes in about `log(N)/log(fanout + 1)` rounds.
+//! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
+//!   (heartbeats keep probing it) and no longer counts among the replicas that share the
+//!   quota. Its counts stay until their windows expire.
+//! * **Full sync.** A node asks its peers for everything on start; a peer that comes up,
+//!   or comes back with a new incarnation, is sent everything this node holds.
+//! * **Anti-entropy.** Every `anti_entropy_rounds` rounds a node sends one random live
+//!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
+//!   the current and previous windows. The receiver pushes its counts for every bucket
+//!   that differs and asks for the sender's, which repairs what loss dropped.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::Ordering;
+
+use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
+use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
+use crate::{Admission, Error, RateLimiter, ReplicaId};
+
+/// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
+/// verified certificate).
+pub type PeerId = u64;
+
+/// The most replicas (node incarnations) a node keeps counts for.
+pub const MAX_REPLICAS: usize = 65_536;
+
+/// Settings of a [`GossipNode`]. Every field has a documented default and range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GossipConfig {
+    /// This node's replica: its node id and incarnation. A node that restarts without
+    /// its counts must use a new, higher incarnation.
+    pub replica: ReplicaId,
+    /// Time between rounds. Default 20 ms; range `1..=60_000`.
+    pub interval_ms: u64,
+    /// Largest message. Default 1200 bytes (fits a QUIC datagram on any path);
+    /// range `256..=65_000`.
+    pub max_message_bytes: usize,
+    /// Rounds between anti-entropy digests. Default 10; at least 1.
+    pub anti_entropy_rounds: u64,
+    /// Up to this many peers, full mesh; beyond, random fan-out. Default 16.
+    pub full_mesh_max_peers: usize,
+    /// Peers per round in fan-out mode. Default 4; at least 1.
+    pub fanout: usize,
+    /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
+    /// and in fan-out mode four times the rounds a peer takes to pick this node.
+    pub suspect_after_ms: u64,
+}
+
+impl GossipConfig {
+    /// Defaults for `replica`.
+    pub fn new(replica: ReplicaId) -> Self {
+        Self {
+            replica,
+            interval_ms: 20,
+            max_message_bytes: 1200,
+            anti_entropy_rounds: 10,
+            full_mesh_max_peers: 16,
+            fanout: 4,
+            suspect_after_ms: 0,
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |field, reason| Err(Error::InvalidConfig { field, reason });
+        if !(1..=60_000).contains(&self.interval_ms) {
+            return bad("interval_ms", "must be between 1 and 60000");
+        }
+        if !(256..=65_000).contains(&self.max_message_bytes) {
+            return bad("max_message_bytes", "must be between 256 and 65000");
+        }
+        if self.anti_entropy_rounds == 0 {
+            return bad("anti_entropy_rounds", "must be at least 1");
+        }
+        if self.fanout == 0 {
+            return bad("fanout", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// One message for a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct Transmit {
+    /// The peer.
+    pub to: PeerId,
+    /// The encoded message (at most `max_message_bytes`).
+    pub bytes: Vec<u8>,
+    /// Part of a full sync or a repair: worth sending reliably (the QUIC driver uses a
+    /// stream); deltas and heartbeats are fine to lose (datagrams).
+    pub reliable: bool,
+}
+
+/// Why a message was dropped. Every drop is also counted in [`GossipStats`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// The sender is not a configured peer.
+    #[error("message from unknown peer {0}")]
+    UnknownPeer(PeerId),
+    /// The message names another node as its sender.
+    #[error("peer {peer} sent a message signed as node {claimed}")]
+    Spoofed {
+        /// Who sent it.
+        peer: PeerId,
+        /// Whom it claims to come from.
+        claimed: u64,
+    },
+    /// Not a valid message.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Valid, but it would exceed a limit (replicas, window lengths); nothing was merged.
+    #[error("message refused: {0}")]
+    Refused(Error),
+}
+
+/// Counters of what a node did. Monotone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GossipStats {
+    /// Rounds run.
+    pub rounds: u64,
+    /// Messages handed to the driver.
+    pub messages_sent: u64,
+    /// Bytes handed to the driver.
+    pub bytes_sent: u64,
+    /// Counts sent (one per key, window and replica).
+    pub entries_sent: u64,
+    /// Messages accepted.
+    pub messages_received: u64,
+    /// Bytes of accepted messages.
+    pub bytes_received: u64,
+    /// Counts that raised this node's view.
+    pub entries_merged: u64,
+    /// Malformed or oversized messages dropped.
+    pub decode_errors: u64,
+    /// Messages from unknown peers dropped.
+    pub unknown_peers: u64,
+    /// Messages whose claimed sender did not match the peer, dropped.
+    pub spoofed: u64,
+    /// Messages refused whole for exceeding a limit.
+    pub refused: u64,
+    /// Counts dropped because the key cap was reached.
+    pub dropped_at_capacity: u64,
+    /// Full syncs sent.
+    pub full_syncs_sent: u64,
+    /// Digests sent.
+    pub digests_sent: u64,
+    /// Buckets found different by a digest and repaired.
+    pub buckets_repaired: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Peer {
+    last_heard_ms: Option<i64>,
+    up: bool,
+    incarnation: Option<u64>,
+}
+
+/// One count with its replica resolved, as [`GossipNode::state`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StateEntry {
+    /// Window length of the store it belongs to.
+    pub window_ms: u64,
+    /// The key's 64-bit hash.
+    pub key: u64,
+    /// Window index (`unix_ms / window_ms`).
+    pub window: i64,
+    /// The replica that counted.
+    pub replica: ReplicaId,
+    /// Its count.
+    pub count: u64,
+}
+
+/// A count on its way out: (window length, replica, key, window, count).
+type Outgoing = (u64, ReplicaId, u64, i64, u64);
+
+/// The sans-IO gossip core of one cluster member. See the module documentation.
+#[derive(Debug)]
+pub struct GossipNode {
+    limiter: RateLimiter,
+    cfg: GossipConfig,
+    peers: BTreeMap<PeerId, Peer>,
+    replicas: Vec<ReplicaId>,
+    replica_index: BTreeMap<ReplicaId, u32>,
+    rng: u64,
+    next_round_ms: i64,
+    round: u64,
+    outbox: VecDeque<Transmit>,
+    /// Counts learned this round, forwarded next round in fan-out mode.
+    relay: Vec<Outgoing>,
+    stats: GossipStats,
+}
+
+impl GossipNode {
+    /// Makes `limiter` a cluster member, starting at `now_ms` with randomness from
+    /// `seed`. Asks `peers` for a full sync.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a setting out of range.
+    pub fn new(limiter: RateLimiter, cfg: GossipConfig, peers: impl IntoIterator<Item = PeerId>, seed: u64, now_ms: i64) -> Result<Self, Error> {
+        cfg.validate()?;
+        let cluster = limiter.cluster();
+        cluster.round_ms.store(cfg.interval_ms, Ordering::Relaxed);
+        cluster.salt.store(splitmix64(seed ^ cfg.replica.node), Ordering::Relaxed);
+        cluster.live_replicas.store(1, Ordering::Relaxed);
+        cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
+        cluster.attached.store(true, Ordering::Relaxed);
+        limiter.for_each_store(|_, s| s.track_changes());
+        let mut node = Self {
+            limiter,
+            cfg,
+            peers: BTreeMap::new(),
+            replicas: Vec::new(),
+            replica_index: BTreeMap::new(),
+            rng: splitmix64(seed),
+            next_round_ms: now_ms,
+            round: 0,
+            outbox: VecDeque::new(),
+            relay: Vec::new(),
+            stats: GossipStats::default(),
+        };
+        for p in peers {
+            node.add_peer(p);
+        }
+        let me = node.cfg.replica;
+        for p in node.sync_targets() {
+            node.send(p, &Envelope { version: WIRE_VERSION, from: me, body: Body::SyncRequest }, true);
+        }
+        Ok(node)
+    }
+
+    // ----- getters -----
+
+    /// The limiter this node replicates.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// This node's replica id.
+    pub fn replica(&self) -> ReplicaId {
+        self.cfg.replica
+    }
+
+    /// What this node has done so far.
+    pub fn stats(&self) -> &GossipStats {
+        &self.stats
+    }
+
+    /// Peers heard from within the suspicion timeout.
+    pub fn live_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| *id)
+    }
+
+    /// All configured peers.
+    pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Every count this node holds (local and remote, both retained windows, every
+    /// store), sorted. For convergence checks and debugging: O(keys).
+    pub fn state(&self, now_ms: i64) -> Vec<StateEntry> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        self.limiter.for_each_store(|window_ms, store| {
+            buf.clear();
+            store.export(now_ms, |_| true, &mut buf);
+            out.extend(buf.iter().map(|e| StateEntry { window_ms, key: e.key, window: e.window, replica: self.replica_of(e.slot), count: e.count }));
+        });
+        out.sort();
+        out
+    }
+
+    // ----- membership -----
+
+    /// Adds a peer (idempotent). It is down until heard from.
+    pub fn add_peer(&mut self, peer: PeerId) {
+        if peer != self.cfg.replica.node {
+            self.peers.entry(peer).or_default();
+        }
+    }
+
+    /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        self.peers.remove(&peer);
+        self.publish_live();
+    }
+
+    // ----- inputs -----
+
+    /// Handles one message from `from`. A message that cannot be decoded, comes from an
+    /// unknown peer or would exceed a limit is dropped whole, counted, and reported.
+    pub fn handle_message(&mut self, from: PeerId, bytes: &[u8], now_ms: i64) -> Result<(), MessageError> {
+        if !self.peers.contains_key(&from) {
+            self.stats.unknown_peers += 1;
+            return Err(MessageError::UnknownPeer(from));
+        }
+        let msg = match codec::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.decode_errors += 1;
+                return Err(e.into());
+            }
+        };
+        if msg.from.node != from {
+            self.stats.spoofed += 1;
+            return Err(MessageError::Spoofed { peer: from, claimed: msg.from.node });
+        }
+        if let Body::Counts(batches) = &msg.body {
+            if let Err(e) = self.admit_batches(batches) {
+                self.stats.refused += 1;
+                return Err(MessageError::Refused(e));
+            }
+        }
+        self.stats.messages_received += 1;
+        self.stats.bytes_received += bytes.len() as u64;
+        self.heard(from, msg.from.incarnation, now_ms);
+        match msg.body {
+            Body::Counts(batches) => self.merge_batches(&batches, now_ms),
+            Body::SyncRequest => self.send_everything(from, now_ms),
+            Body::Digest { window_ms, window, rows } => self.answer_digest(from, u64::from(window_ms), window, &rows, now_ms),
+            Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
+        }
+        Ok(())
+    }
+
+    /// Runs the round(s) due at `now_ms`.
+    pub fn handle_timeout(&mut self, now_ms: i64) {
+        if now_ms < self.next_round_ms {
+            return;
+        }
+        self.run_round(now_ms);
+        let interval = self.cfg.interval_ms as i64;
+        self.next_round_ms += interval;
+        if self.next_round_ms <= now_ms {
+            // Late (a paused process): skip the missed rounds rather than burst them.
+            self.next_round_ms = now_ms + interval;
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next message to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<i64> {
+        Some(self.next_round_ms)
+    }
+
+    // ----- internals -----
+
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        splitmix64(self.rng)
+    }
+
+    fn fan_out(&self) -> bool {
+        self.peers.len() > self.cfg.full_mesh_max_peers
+    }
+
+    fn suspect_after_ms(&self) -> i64 {
+        if self.cfg.suspect_after_ms > 0 {
+            return self.cfg.suspect_after_ms as i64;
+        }
+        let rounds = if self.fan_out() { (4 * self.peers.len()).div_ceil(self.cfg.fanout).max(5) } else { 5 };
+        (rounds as u64 * self.cfg.interval_ms) as i64
+    }
+
+    /// Peers to ask for a full sync on start: all of them in full mesh, else `fanout`.
+    fn sync_targets(&mut self) -> Vec<PeerId> {
+        let all: Vec<PeerId> = self.peers.keys().copied().collect();
+        if !self.fan_out() {
+            return all;
+        }
+        self.pick(&all, self.cfg.fanout)
+    }
+
+    /// `k` distinct random elements of `from` (all of them if it is shorter).
+    fn pick(&mut self, from: &[PeerId], k: usize) -> Vec<PeerId> {
+        let mut pool = from.to_vec();
+        let k = k.min(pool.len());
+        for i in 0..k {
+            let j = i + (self.next_random() % (pool.len() - i) as u64) as usize;
+            pool.swap(i, j);
+        }
+        pool.truncate(k);
+        pool
+    }
+
+    fn replica_of(&self, slot: u32) -> ReplicaId {
+        if slot == LOCAL_SLOT {
+            self.cfg.replica
+        } else {
+            self.replicas[slot as usize]
+        }
+    }
+
+    fn intern(&mut self, r: ReplicaId) -> u32 {
+        if let Some(&i) = self.replica_index.get(&r) {
+            return i;
+        }
+        let i = self.replicas.len() as u32;
+        self.replicas.push(r);
+        self.replica_index.insert(r, i);
+        i
+    }
+
+    fn heard(&mut self, from: PeerId, incarnation: u64, now_ms: i64) {
+        let Some(p) = self.peers.get_mut(&from) else { return };
+        let came_up = !p.up;
+        let new_incarnation = p.incarnation.is_some_and(|i| incarnation > i);
+        p.last_heard_ms = Some(now_ms);
+        p.up = true;
+        p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
+        if came_up || new_incarnation {
+            self.publish_live();
+            // A peer that joins, heals from a partition or restarts gets everything.
+            self.send_everything(from, now_ms);
+        }
+    }
+
+    fn publish_live(&self) {
+        let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
+        self.limiter.cluster().live_replicas.store(live, Ordering::Relaxed);
+    }
+
+    fn run_round(&mut self, now_ms: i64) {
+        self.stats.rounds += 1;
+        self.round += 1;
+        let suspect = self.suspect_after_ms();
+        let mut changed = false;
+        for p in self.peers.values_mut() {
+            let up = p.last_heard_ms.is_some_and(|t| now_ms - t <= suspect);
+            changed |= up != p.up;
+            p.up = up;
+        }
+        if changed {
+            self.publish_live();
+        }
+
+        // What changed: our own counts, plus in fan-out mode what we learned.
+        let me = self.cfg.replica;
+        let mut out: Vec<Outgoing> = Vec::new();
+        let mut buf = Vec::new();
+        self.limiter.for_each_store(|window_ms, store| {
+            buf.clear();
+            store.collect_changes(now_ms, &mut buf);
+            out.extend(buf.iter().map(|e| (window_ms, me, e.key, e.window, e.count)));
+        });
+        let fan_out = self.fan_out();
+        if fan_out {
+            out.append(&mut self.relay);
+        } else {
+            self.relay.clear();
+        }
+
+        let live: Vec<PeerId> = self.live_peers().collect();
+        let targets: Vec<PeerId> = if fan_out {
+            let mut t = self.pick(&live, self.cfg.fanout);
+            // Probe one peer that is down, so a healed peer is noticed.
+            let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
+            t.extend(self.pick(&down, 1));
+            t
+        } else {
+            self.peers.keys().copied().collect()
+        };
+        let messages = self.pack(&mut out, false);
+        for to in targets {
+            if messages.is_empty() || !self.peers.get(&to).is_some_and(|p| p.up) {
+                // Nothing to say, or a peer that is down: a heartbeat (it gets
+                // everything when it comes back up).
+                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(Vec::new()) }, false);
+            } else {
+                for m in &messages {
+                    self.queue(to, m.clone(), false);
+                }
+                self.stats.entries_sent += out.len() as u64;
+            }
+        }
+
+        if self.round % self.cfg.anti_entropy_rounds == 0 {
+            if let Some(&to) = self.pick(&live, 1).first() {
+                self.send_digests(to, now_ms);
+            }
+        }
+    }
+
+    /// Encodes `entries` (sorted here) as messages of at most `max_message_bytes`.
+    fn pack(&self, entries: &mut [Outgoing], _reliable: bool) -> Vec<Vec<u8>> {
+        entries.sort_unstable_by_key(|&(window_ms, replica, key, window, _)| (window_ms, replica, std::cmp::Reverse(window), key));
+        let me = self.cfg.replica;
+        let budget = self.cfg.max_message_bytes;
+        let header = codec::counts_header_len(&me);
+        let mut messages = Vec::new();
+        let mut batches: Vec<Batch> = Vec::new();
+        let mut size = header;
+        for &(window_ms, replica, key, window, count) in entries.iter() {
+            let entry = WireEntry { key: key.to_le_bytes(), window_offset: 0, count };
+            let fits_batch = batches.last().is_some_and(|b| {
+                b.replica == replica && u64::from(b.window_ms) == window_ms && b.base_window - window <= 1 && b.base_window >= window
+            });
+            let mut entry = entry;
+            let extra = if fits_batch {
+                let b = batches.last().map_or(0, |b| b.base_window);
+                entry.window_offset = (b - window) as u32;
+                codec::entry_len(&entry)
+            } else {
+                codec::batch_header_len(&replica, window_ms as u32, window, 1) + codec::entry_len(&entry)
+            };
+            if size + extra > budget && !batches.is_empty() {
+                messages.push(codec::encode(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(std::mem::take(&mut batches)) }));
+                size = header;
+                entry.window_offset = 0;
+                batches.push(Batch { replica, window_ms: window_ms as u32, base_window: window, entries: vec![entry] });
+                size += codec::batch_header_len(&replica, window_ms as u32, window, 1) + codec::entry_len(&entry);
+                continue;
+            }
+            size += extra;
+            if fits_batch {
+                if let Some(b) = batches.last_mut() {
+                    b.entries.push(entry);
+                }
+            } else {
+                batches.push(Batch { replica, window_ms: window_ms as u32, base_window: window, entries: vec![entry] });
+            }
+        }
+        if !batches.is_empty() {
+            messages.push(codec::encode(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(batches) }));
+        }
+        messages
+    }
+
+    fn send(&mut self, to: PeerId, msg: &Envelope, reliable: bool) {
+        self.queue(to, codec::encode(msg), reliable);
+    }
+
+    fn queue(&mut self, to: PeerId, bytes: Vec<u8>, reliable: bool) {
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += bytes.len() as u64;
+        self.outbox.push_back(Transmit { to, bytes, reliable });
+    }
+
+    /// Checks a Counts message against the limits before anything is merged.
+    fn admit_batches(&self, batches: &[Batch]) -> Result<(), Error> {
+        let new_replicas: BTreeSet<ReplicaId> = batches.iter().map(|b| b.replica).filter(|r| !self.replica_index.contains_key(r)).collect();
+        if self.replicas.len() + new_replicas.len() > MAX_REPLICAS {
+            return Err(Error::InvalidConfig { field: "replicas", reason: "more replicas than MAX_REPLICAS" });
+        }
+        let windows: BTreeSet<u32> = batches.iter().map(|b| b.window_ms).collect();
+        for w in windows {
+            self.limiter.with_store(u64::from(w), |_| ())?;
+        }
+        Ok(())
+    }
+
+    fn merge_batches(&mut self, batches: &[Batch], now_ms: i64) {
+        let fan_out = self.fan_out();
+        for b in batches {
+            if b.replica == self.cfg.replica {
+                continue; // our own counts are authoritative here
+            }
+            let slot = self.intern(b.replica);
+            let window_ms = u64::from(b.window_ms);
+            let limiter = self.limiter.clone();
+            let stats = &mut self.stats;
+            let relay = &mut self.relay;
+            let _ = limiter.with_store(window_ms, |store: &Store| {
+                for e in &b.entries {
+                    let key = u64::from_le_bytes(e.key);
+                    let window = b.base_window - i64::from(e.window_offset);
+                    match store.merge(key, window, slot, e.count, now_ms) {
+                        Ok(true) => {
+                            stats.entries_merged += 1;
+                            if fan_out {
+                                relay.push((window_ms, b.replica, key, window, e.count));
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(_) => stats.dropped_at_capacity += 1,
+                    }
+                }
+            });
+        }
+    }
+
+    /// Everything this node holds for the keys `select` accepts, as outgoing counts.
+    fn everything(&self, now_ms: i64, select: impl Fn(u64) -> bool + Copy) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        self.limiter.for_each_store(|window_ms, store| {
+            buf.clear();
+            store.export(now_ms, select, &mut buf);
+            out.extend(buf.iter().map(|e| (window_ms, self.replica_of(e.slot), e.key, e.window, e.count)));
+        });
+        out
+    }
+
+    fn send_everything(&mut self, to: PeerId, now_ms: i64) {
+        let mut all = self.everything(now_ms, |_| true);
+        self.stats.full_syncs_sent += 1;
+        self.stats.entries_sent += all.len() as u64;
+        for m in self.pack(&mut all, true) {
+            self.queue(to, m, true);
+        }
+    }
+
+    /// Fingerprints per replica and bucket of one store's counts in `window - 1 ..= window`.
+    fn fingerprints(&self, window_ms: u64, window: i64, now_ms: i64) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
+        let mut rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = BTreeMap::new();
+        let mut buf: Vec<Exported> = Vec::new();
+        let _ = self.limiter.with_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
+        for e in buf.iter().filter(|e| e.window == window || e.window == window - 1) {
+            let row = rows.entry(self.replica_of(e.slot)).or_default();
+            row[bucket(e.key)] = row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
+        }
+        rows
+    }
+
+    fn send_digests(&mut self, to: PeerId, now_ms: i64) {
+        let me = self.cfg.replica;
+        let mut windows = Vec::new();
+        self.limiter.for_each_store(|w, _| windows.push(w));
+        for window_ms in windows {
+            let window = now_ms.div_euclid(window_ms as i64);
+            let rows: Vec<DigestRow> = self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
+            // Rows are ~80 bytes: keep each digest within the message budget.
+            let per_message = (self.cfg.max_message_bytes / 96).max(1);
+            for chunk in rows.chunks(per_message) {
+                self.stats.digests_sent += 1;
+                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec() } }, false);
+            }
+        }
+    }
+
+    fn answer_digest(&mut self, from: PeerId, window_ms: u64, window: i64, rows: &[DigestRow], now_ms: i64) {
+        let mine = self.fingerprints(window_ms, window, now_ms);
+        let theirs: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = rows.iter().map(|r| (r.replica, r.buckets)).collect();
+        // A digest may be split over several messages: compare only the replicas it
+        // names, plus ours where the sender named none of its rows (a short digest).
+        let mut wanted: Vec<(ReplicaId, u8)> = Vec::new();
+        for (replica, theirs) in &theirs {
+            let ours = mine.get(replica).copied().unwrap_or_default();
+            let mask = (0..DIGEST_BUCKETS).filter(|&b| ours[b] != theirs[b]).fold(0u8, |m, b| m | (1 << b));
+            if mask != 0 {
+                wanted.push((*replica, mask));
+            }
+        }
+        for (replica, ours) in &mine {
+            if !theirs.contains_key(replica) && ours.iter().any(|&f| f != 0) && rows.len() < (self.cfg.max_message_bytes / 96).max(1) {
+                wanted.push((*replica, 0xFF));
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        self.stats.buckets_repaired += wanted.iter().map(|(_, m)| u64::from(m.count_ones())).sum::<u64>();
+        self.answer_repair(from, window_ms, &wanted, now_ms);
+        let me = self.cfg.replica;
+        self.send(from, &Envelope { version: WIRE_VERSION, from: me, body: Body::Repair { window_ms: window_ms as u32, wanted } }, true);
+    }
+
+    fn answer_repair(&mut self, to: PeerId, window_ms: u64, wanted: &[(ReplicaId, u8)], now_ms: i64) {
+        let wanted: BTreeMap<ReplicaId, u8> = wanted.iter().copied().collect();
+        let mut out: Vec<Outgoing> = self
+            .everything(now_ms, |_| true)
+            .into_iter()
+            .filter(|o| o.0 == window_ms && wanted.get(&o.1).is_some_and(|m| m & (1 << bucket(o.2)) != 0))
+            .collect();
+        if out.is_empty() {
+            return;
+        }
+        self.stats.entries_sent += out.len() as u64;
+        for m in self.pack(&mut out, true) {
+            self.queue(to, m, true);
+        }
+    }
+}
+
+fn bucket(key: u64) -> usize {
+    (key >> 61) as usize
+}
