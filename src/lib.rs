@@ -17,6 +17,10 @@
 //! ```
 //!
 //! See `docs/design.md` for the design, the strategies' guarantees and the limits.
+//!
+//! With the cargo feature `tower`, the `middleware` module provides `RateLimitLayer`, a tower/axum
+//! middleware that answers 429 with `Retry-After` and adds the IETF `RateLimit-Policy`
+//! and `RateLimit` headers (`docs/middleware.md`).
 #![warn(missing_docs, unreachable_pub)]
 
 mod algorithm;
@@ -27,6 +31,8 @@ mod error;
 mod gossip;
 mod key;
 mod limiter;
+#[cfg(feature = "tower")]
+pub mod middleware;
 mod quota;
 mod store;
 mod table;
@@ -40,4 +46,6 @@ pub use limiter::{
     Admission, Builder, Decision, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
     MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
 };
+#[cfg(feature = "tower")]
+pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};
 pub use quota::{Quota, Strategy};
