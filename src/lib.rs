@@ -36,10 +36,12 @@ pub mod middleware;
 mod quota;
 mod store;
 mod table;
+#[cfg(feature = "quic")]
+pub mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{GCounter, ReplicaId};
 pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
+pub use counter::{GCounter, ReplicaId};
 pub use error::Error;
 pub use gossip::{GossipConfig, GossipNode, GossipStats, MessageError, PeerId, StateEntry, Transmit, MAX_REPLICAS};
 pub use limiter::{
@@ -49,3 +51,5 @@ pub use limiter::{
 #[cfg(feature = "tower")]
 pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};
 pub use quota::{Quota, Strategy};
+#[cfg(feature = "quic")]
+pub use transport::TlsIdentity;
