@@ -108,7 +108,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if bytes.len() > MAX_DECODE_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
-    let (msg, used): (Envelope, usize) = bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, used): (Envelope, usize) =
+        bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if used != bytes.len() {
         return Err(DecodeError::Trailing(bytes.len() - used));
     }
@@ -187,7 +188,11 @@ mod tests {
         let entries = (0..40u64)
             .map(|i| WireEntry { key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes(), window_offset: (i % 2) as u32, count: i * 17 })
             .collect();
-        Envelope { version: WIRE_VERSION, from: r, body: Body::Counts(vec![Batch { replica: r, window_ms: 1000, base_window: 1_700_000_000, entries }]) }
+        Envelope {
+            version: WIRE_VERSION,
+            from: r,
+            body: Body::Counts(vec![Batch { replica: r, window_ms: 1000, base_window: 1_700_000_000, entries }]),
+        }
     }
 
     #[test]

@@ -224,7 +224,13 @@ impl GossipNode {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a setting out of range.
-    pub fn new(limiter: RateLimiter, cfg: GossipConfig, peers: impl IntoIterator<Item = PeerId>, seed: u64, now_ms: i64) -> Result<Self, Error> {
+    pub fn new(
+        limiter: RateLimiter,
+        cfg: GossipConfig,
+        peers: impl IntoIterator<Item = PeerId>,
+        seed: u64,
+        now_ms: i64,
+    ) -> Result<Self, Error> {
         cfg.validate()?;
         let cluster = limiter.cluster();
         cluster.round_ms.store(cfg.interval_ms, Ordering::Relaxed);
@@ -291,7 +297,13 @@ impl GossipNode {
         self.limiter.for_each_store(|window_ms, store| {
             buf.clear();
             store.export(now_ms, |_| true, &mut buf);
-            out.extend(buf.iter().map(|e| StateEntry { window_ms, key: e.key, window: e.window, replica: self.replica_of(e.slot), count: e.count }));
+            out.extend(buf.iter().map(|e| StateEntry {
+                window_ms,
+                key: e.key,
+                window: e.window,
+                replica: self.replica_of(e.slot),
+                count: e.count,
+            }));
         });
         out.sort();
         out
@@ -538,7 +550,11 @@ impl GossipNode {
                 codec::batch_header_len(&replica, window_ms as u32, window, 1) + codec::entry_len(&entry)
             };
             if size + extra > budget && !batches.is_empty() {
-                messages.push(codec::encode(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(std::mem::take(&mut batches)) }));
+                messages.push(codec::encode(&Envelope {
+                    version: WIRE_VERSION,
+                    from: me,
+                    body: Body::Counts(std::mem::take(&mut batches)),
+                }));
                 size = header;
                 entry.window_offset = 0;
                 batches.push(Batch { replica, window_ms: window_ms as u32, base_window: window, entries: vec![entry] });
@@ -641,7 +657,8 @@ impl GossipNode {
         let _ = self.limiter.with_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
         for e in buf.iter().filter(|e| e.window == window || e.window == window - 1) {
             let row = rows.entry(self.replica_of(e.slot)).or_default();
-            row[bucket(e.key)] = row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
+            row[bucket(e.key)] =
+                row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
         }
         rows
     }
@@ -652,12 +669,21 @@ impl GossipNode {
         self.limiter.for_each_store(|w, _| windows.push(w));
         for window_ms in windows {
             let window = now_ms.div_euclid(window_ms as i64);
-            let rows: Vec<DigestRow> = self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
+            let rows: Vec<DigestRow> =
+                self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
             // Rows are ~80 bytes: keep each digest within the message budget.
             let per_message = (self.cfg.max_message_bytes / 96).max(1);
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
-                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec() } }, false);
+                self.send(
+                    to,
+                    &Envelope {
+                        version: WIRE_VERSION,
+                        from: me,
+                        body: Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec() },
+                    },
+                    false,
+                );
             }
         }
     }

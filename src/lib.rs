@@ -38,8 +38,8 @@ mod store;
 mod table;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{GCounter, ReplicaId};
 pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
+pub use counter::{GCounter, ReplicaId};
 pub use error::Error;
 pub use gossip::{GossipConfig, GossipNode, GossipStats, MessageError, PeerId, StateEntry, Transmit, MAX_REPLICAS};
 pub use limiter::{

@@ -242,7 +242,14 @@ impl Store {
     ///
     /// `quota` overrides the store's quota (it must have the store's window).
     #[inline]
-    pub(crate) fn decide(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<Verdict, Error> {
+    pub(crate) fn decide(
+        &self,
+        key: u64,
+        ts_ms: i64,
+        now_ms: i64,
+        quota: Option<&Quota>,
+        budget: Option<&Budget>,
+    ) -> Result<Verdict, Error> {
         self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate)
     }
 
