@@ -368,12 +368,11 @@ impl GossipNode {
             return;
         }
         self.run_round(now_ms);
+        // Rounds fall on multiples of the interval in Unix time, as the bounded policy's
+        // budget rounds do, so every node refreshes its view at the same instants. A late
+        // call (a paused process) skips the missed rounds rather than bursting them.
         let interval = self.cfg.interval_ms as i64;
-        self.next_round_ms += interval;
-        if self.next_round_ms <= now_ms {
-            // Late (a paused process): skip the missed rounds rather than burst them.
-            self.next_round_ms = now_ms + interval;
-        }
+        self.next_round_ms = (now_ms.div_euclid(interval) + 1) * interval;
     }
 
     // ----- outputs -----
