@@ -17,7 +17,7 @@
 use bincode::config::{self, Configuration};
 use serde::{Deserialize, Serialize};
 
-use crate::ReplicaId;
+use crate::{LimitsConfig, LimitsVersion, ReplicaId};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -47,12 +47,15 @@ pub(crate) enum Body {
     /// Absolute counts, grouped by the replica that made them. Empty: a heartbeat.
     Counts(Vec<Batch>),
     /// Anti-entropy: fingerprints of what the sender holds per replica and key bucket,
-    /// over the windows `window - 1` and `window` of length `window_ms`.
-    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow> },
+    /// over the windows `window - 1` and `window` of length `window_ms`, and the version
+    /// of the limits it has in force.
+    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow>, limits: LimitsVersion },
     /// Asks for the counts of these (replica, bucket mask) pairs.
     Repair { window_ms: u32, wanted: Vec<(ReplicaId, u8)> },
     /// Asks for everything the receiver holds (sent on start).
     SyncRequest,
+    /// The limits register: a configuration and its version (the latest wins).
+    Limits { version: LimitsVersion, config: LimitsConfig },
 }
 
 /// Counts of one replica for one window length.
@@ -128,6 +131,11 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 if b.entries.iter().any(|e| e.window_offset > 1 || e.count > u64::from(u32::MAX)) {
                     return Err(DecodeError::OutOfBounds("entry window or count out of range"));
                 }
+            }
+        }
+        Body::Limits { config, .. } => {
+            if config.resolve().is_err() {
+                return Err(DecodeError::OutOfBounds("invalid limits"));
             }
         }
         Body::Digest { window_ms, rows, .. } => {

@@ -40,7 +40,7 @@ use std::sync::atomic::Ordering;
 
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
 use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
-use crate::{Admission, Error, RateLimiter, ReplicaId};
+use crate::{Admission, Error, LimitsVersion, RateLimiter, ReplicaId};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
 /// verified certificate).
@@ -174,6 +174,8 @@ pub struct GossipStats {
     pub digests_sent: u64,
     /// Buckets found different by a digest and repaired.
     pub buckets_repaired: u64,
+    /// Newer limits received and put in force.
+    pub limits_installed: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -215,6 +217,8 @@ pub struct GossipNode {
     outbox: VecDeque<Transmit>,
     /// Counts learned this round, forwarded next round in fan-out mode.
     relay: Vec<Outgoing>,
+    /// The newest limits version sent to every peer.
+    limits_sent: LimitsVersion,
     stats: GossipStats,
 }
 
@@ -237,6 +241,7 @@ impl GossipNode {
         cluster.salt.store(splitmix64(seed ^ cfg.replica.node), Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);
         cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
+        cluster.node.store(cfg.replica.node, Ordering::Relaxed);
         cluster.attached.store(true, Ordering::Relaxed);
         limiter.for_each_store(|_, s| s.track_changes());
         let mut node = Self {
@@ -250,6 +255,7 @@ impl GossipNode {
             round: 0,
             outbox: VecDeque::new(),
             relay: Vec::new(),
+            limits_sent: LimitsVersion::default(),
             stats: GossipStats::default(),
         };
         for p in peers {
@@ -356,8 +362,24 @@ impl GossipNode {
         match msg.body {
             Body::Counts(batches) => self.merge_batches(&batches, now_ms),
             Body::SyncRequest => self.send_everything(from, now_ms),
-            Body::Digest { window_ms, window, rows } => self.answer_digest(from, u64::from(window_ms), window, &rows, now_ms),
+            Body::Digest { window_ms, window, rows, limits } => {
+                if self.limiter.limits().0 > limits {
+                    self.send_limits(from);
+                }
+                self.answer_digest(from, u64::from(window_ms), window, &rows, now_ms)
+            }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
+            Body::Limits { version, config } => match self.limiter.install_limits(config, version) {
+                Ok(true) => {
+                    self.stats.limits_installed += 1;
+                    if !self.fan_out() {
+                        // Every peer heard it from the origin.
+                        self.limits_sent = self.limits_sent.max(version);
+                    }
+                }
+                Ok(false) => {}
+                Err(_) => self.stats.refused += 1,
+            },
         }
         Ok(())
     }
@@ -477,6 +499,15 @@ impl GossipNode {
         }
         if changed {
             self.publish_live();
+        }
+
+        // New limits go to every peer at once: all nodes apply them within a round.
+        if self.limiter.limits().0 > self.limits_sent {
+            self.limits_sent = self.limiter.limits().0;
+            let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+            for p in peers {
+                self.send_limits(p);
+            }
         }
 
         // What changed: our own counts, plus in fan-out mode what we learned.
@@ -640,7 +671,15 @@ impl GossipNode {
         out
     }
 
+    fn send_limits(&mut self, to: PeerId) {
+        if let (version, Some(config)) = self.limiter.limits() {
+            let me = self.cfg.replica;
+            self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Limits { version, config } }, true);
+        }
+    }
+
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
+        self.send_limits(to);
         let mut all = self.everything(now_ms, |_| true);
         self.stats.full_syncs_sent += 1;
         self.stats.entries_sent += all.len() as u64;
@@ -672,17 +711,11 @@ impl GossipNode {
                 self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
             // Rows are ~80 bytes: keep each digest within the message budget.
             let per_message = (self.cfg.max_message_bytes / 96).max(1);
+            let limits = self.limiter.limits().0;
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
-                self.send(
-                    to,
-                    &Envelope {
-                        version: WIRE_VERSION,
-                        from: me,
-                        body: Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec() },
-                    },
-                    false,
-                );
+                let body = Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec(), limits };
+                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body }, false);
             }
         }
     }

@@ -31,6 +31,7 @@ mod error;
 mod gossip;
 mod key;
 mod limiter;
+mod limits;
 #[cfg(feature = "tower")]
 pub mod middleware;
 mod quota;
@@ -46,6 +47,7 @@ pub use limiter::{
     Admission, Builder, Decision, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
     MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
 };
+pub use limits::{ClientOverride, LimitsConfig, LimitsError, LimitsVersion, QuotaSpec, Resolved, MAX_OVERRIDES, MAX_TIERS, MAX_TIER_NAME};
 #[cfg(feature = "tower")]
 pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};
 pub use quota::{Quota, Strategy};

@@ -257,3 +257,50 @@ fn hostile_messages_are_counted_and_dropped_without_touching_state() {
     assert_eq!((stats.unknown_peers, stats.decode_errors), (1, 3));
     assert_eq!(c.state(2), before);
 }
+
+#[test]
+fn a_limits_change_on_one_node_is_in_force_on_all_three_within_a_round() {
+    use crdt_rate_limiter::LimitsConfig;
+    let mut c = Cluster::new(&[1, 2, 3], 5, Admission::Optimistic);
+    c.run_until(T0 + 100);
+    let cfg = LimitsConfig::from_toml(
+        r#"
+[default]
+limit = 50
+window_ms = 1000
+[tiers.gold]
+limit = 500
+window_ms = 1000
+[clients]
+"acme" = { tier = "gold" }
+"#,
+    )
+    .unwrap();
+    let version = c.nodes[&2].gossip.limiter().apply_limits(cfg.clone()).unwrap();
+    let changed_at = c.now;
+    c.run_until(changed_at + 20 + LATENCY_MS);
+    for id in [1, 2, 3] {
+        let limiter = c.nodes[&id].gossip.limiter();
+        assert_eq!(limiter.limits(), (version, Some(cfg.clone())), "node {id}");
+        assert_eq!(limiter.quota().limit(), 50);
+        assert_eq!(limiter.check("acme", c.now).unwrap().limit, 500);
+        assert_eq!(limiter.check("someone", c.now).unwrap().limit, 50);
+    }
+    // An older version arriving late changes nothing: the latest change wins.
+    let older = crdt_rate_limiter::LimitsVersion { at_ms: version.at_ms - 1, node: 9 };
+    assert!(older < version);
+}
+
+#[test]
+fn a_node_that_was_partitioned_catches_up_on_limits_changed_meanwhile() {
+    use crdt_rate_limiter::LimitsConfig;
+    let mut c = Cluster::new(&[1, 2, 3], 5, Admission::Optimistic);
+    c.run_until(T0 + 100);
+    c.cut = vec![3];
+    c.nodes[&1].gossip.limiter().apply_limits(LimitsConfig::new(Quota::new(7, Duration::from_secs(1)).unwrap())).unwrap();
+    c.run_until(T0 + 400);
+    assert_eq!(c.nodes[&3].gossip.limiter().quota().limit(), 5, "cut off");
+    c.cut.clear();
+    c.run_until(T0 + 500);
+    assert_eq!(c.nodes[&3].gossip.limiter().quota().limit(), 7);
+}
