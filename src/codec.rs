@@ -56,6 +56,10 @@ pub(crate) enum Body {
     SyncRequest,
     /// The limits register: a configuration and its version (the latest wins).
     Limits { version: LimitsVersion, config: LimitsConfig },
+    /// A clock sample: the sender's Unix ms, and, in a reply, the sample it answers
+    /// (its send time) and how long the replier held it. Gives round-trip time and
+    /// clock offset, as NTP does.
+    Ping { sent_at_ms: i64, echo: Option<(i64, u32)> },
 }
 
 /// Counts of one replica for one window length.
@@ -148,7 +152,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 return Err(DecodeError::OutOfBounds("repair"));
             }
         }
-        Body::SyncRequest => {}
+        Body::SyncRequest | Body::Ping { .. } => {}
     }
     Ok(msg)
 }

@@ -183,6 +183,24 @@ struct Peer {
     last_heard_ms: Option<i64>,
     up: bool,
     incarnation: Option<u64>,
+    rtt_ms: Option<i64>,
+    clock_offset_ms: Option<i64>,
+}
+
+/// What a node knows of one peer. See [`GossipNode::peer_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// The peer.
+    pub peer: PeerId,
+    /// Heard from within the suspicion timeout.
+    pub up: bool,
+    /// When it was last heard from (Unix ms).
+    pub last_heard_ms: Option<i64>,
+    /// The latest round-trip time measured by a ping.
+    pub rtt_ms: Option<i64>,
+    /// Its clock minus ours, estimated from the latest ping (NTP's offset).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// One count with its replica resolved, as [`GossipNode::state`] reports it.
@@ -295,6 +313,32 @@ impl GossipNode {
         self.peers.keys().copied()
     }
 
+    /// What this node knows of each peer.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.peers
+            .iter()
+            .map(|(&peer, p)| PeerStats {
+                peer,
+                up: p.up,
+                last_heard_ms: p.last_heard_ms,
+                rtt_ms: p.rtt_ms,
+                clock_offset_ms: p.clock_offset_ms,
+            })
+            .collect()
+    }
+
+    /// An upper estimate of how stale this node's view is at `now_ms`: over live peers,
+    /// the time since last heard plus half a round trip. 0 with no live peer.
+    pub fn view_lag_ms(&self, now_ms: i64) -> i64 {
+        self.peers
+            .values()
+            .filter(|p| p.up)
+            .filter_map(|p| p.last_heard_ms.map(|t| now_ms - t + p.rtt_ms.unwrap_or(0) / 2))
+            .max()
+            .unwrap_or(0)
+            .max(0)
+    }
+
     /// Every count this node holds (local and remote, both retained windows, every
     /// store), sorted. For convergence checks and debugging: O(keys).
     pub fn state(&self, now_ms: i64) -> Vec<StateEntry> {
@@ -369,8 +413,10 @@ impl GossipNode {
                 self.answer_digest(from, u64::from(window_ms), window, &rows, now_ms)
             }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
+            Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
             Body::Limits { version, config } => match self.limiter.install_limits(config, version) {
                 Ok(true) => {
+                    tracing::info!(from, at_ms = version.at_ms, origin = version.node, "limits from a peer put in force");
                     self.stats.limits_installed += 1;
                     if !self.fan_out() {
                         // Every peer heard it from the origin.
@@ -476,6 +522,7 @@ impl GossipNode {
         p.up = true;
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
         if came_up || new_incarnation {
+            tracing::info!(peer = from, incarnation, new_incarnation, "peer up");
             self.publish_live();
             // A peer that joins, heals from a partition or restarts gets everything.
             self.send_everything(from, now_ms);
@@ -488,12 +535,16 @@ impl GossipNode {
     }
 
     fn run_round(&mut self, now_ms: i64) {
+        let _span = tracing::debug_span!("gossip_round", node = self.cfg.replica.node, round = self.round + 1).entered();
         self.stats.rounds += 1;
         self.round += 1;
         let suspect = self.suspect_after_ms();
         let mut changed = false;
-        for p in self.peers.values_mut() {
+        for (id, p) in self.peers.iter_mut() {
             let up = p.last_heard_ms.is_some_and(|t| now_ms - t <= suspect);
+            if p.up && !up {
+                tracing::warn!(peer = id, silent_ms = p.last_heard_ms.map(|t| now_ms - t), "peer down");
+            }
             changed |= up != p.up;
             p.up = up;
         }
@@ -553,6 +604,11 @@ impl GossipNode {
         if self.round % self.cfg.anti_entropy_rounds == 0 {
             if let Some(&to) = self.pick(&live, 1).first() {
                 self.send_digests(to, now_ms);
+            }
+            // A clock sample from every live peer (fan-out mode: the ones picked).
+            let sample = if fan_out { self.pick(&live, self.cfg.fanout) } else { live };
+            for p in sample {
+                self.send(p, &Envelope { version: WIRE_VERSION, from: me, body: Body::Ping { sent_at_ms: now_ms, echo: None } }, false);
             }
         }
     }
@@ -669,6 +725,27 @@ impl GossipNode {
             out.extend(buf.iter().map(|e| (window_ms, self.replica_of(e.slot), e.key, e.window, e.count)));
         });
         out
+    }
+
+    fn answer_ping(&mut self, from: PeerId, sent_at_ms: i64, echo: Option<(i64, u32)>, now_ms: i64) {
+        match echo {
+            None => {
+                // Replies are sent at once: the hold time is zero in virtual time, and a
+                // driver's queueing shows up as round-trip time.
+                let me = self.cfg.replica;
+                let body = Body::Ping { sent_at_ms: now_ms, echo: Some((sent_at_ms, 0)) };
+                self.send(from, &Envelope { version: WIRE_VERSION, from: me, body }, false);
+            }
+            Some((t1, hold)) => {
+                // t1: our send; t2 = t3 - hold: their receipt; t3: their reply; t4: now.
+                let (t3, t4) = (sent_at_ms, now_ms);
+                let t2 = t3 - i64::from(hold);
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.rtt_ms = Some(((t4 - t1) - i64::from(hold)).max(0));
+                    p.clock_offset_ms = Some(((t2 - t1) + (t3 - t4)) / 2);
+                }
+            }
+        }
     }
 
     fn send_limits(&mut self, to: PeerId) {

@@ -29,6 +29,22 @@ pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
 /// How many distinct window lengths [`RateLimiter::allow_with`] keeps counters for.
 pub const MAX_AD_HOC_WINDOWS: usize = 64;
 
+/// What a limiter has decided so far and what it holds. See [`RateLimiter::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimiterStats {
+    /// Requests admitted.
+    pub allowed: u64,
+    /// Requests refused by a quota (invalid input is not counted here).
+    pub denied: u64,
+    /// Requests admitted with the client at 90 % of its limit or more.
+    pub near_limit: u64,
+    /// Keys tracked.
+    pub active_keys: u64,
+    /// Estimated bytes held by the counters.
+    pub memory_bytes: u64,
+}
+
 /// The outcome of one request, with what a client needs to back off politely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -172,6 +188,14 @@ impl RateLimiter {
     /// [`check`](Self::check) to see why.
     #[inline]
     pub fn allow(&self, client: &str, timestamp_ms: i64) -> bool {
+        #[cfg(feature = "metrics")]
+        return crate::metrics::sampled(|| self.allow_inner(client, timestamp_ms));
+        #[cfg(not(feature = "metrics"))]
+        self.allow_inner(client, timestamp_ms)
+    }
+
+    #[inline]
+    fn allow_inner(&self, client: &str, timestamp_ms: i64) -> bool {
         match self.validate(client.as_bytes(), timestamp_ms) {
             Ok((key, now)) => match self.override_of(key) {
                 None => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref()).unwrap_or(false),
@@ -222,6 +246,13 @@ impl RateLimiter {
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::TimestampTooOld`],
     /// [`Error::TimestampInFuture`], [`Error::KeyCapacity`].
     pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
+        #[cfg(feature = "metrics")]
+        return crate::metrics::sampled(|| self.check_inner(client, timestamp_ms));
+        #[cfg(not(feature = "metrics"))]
+        self.check_inner(client, timestamp_ms)
+    }
+
+    fn check_inner(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         let (key, now) = self.validate(client.as_bytes(), timestamp_ms)?;
         if let Some(q) = self.override_of(key) {
             return self.decide_override(key, q, timestamp_ms, now);
@@ -359,6 +390,21 @@ impl RateLimiter {
         state.version = version;
         state.config = Some(config);
         Ok(true)
+    }
+
+    /// Decisions so far and memory held, summed over every store (one shard lock at a
+    /// time: meant for a metrics scrape, not the request path).
+    pub fn stats(&self) -> LimiterStats {
+        let mut out = LimiterStats::default();
+        self.for_each_store(|_, s| {
+            let (t, bytes) = s.tally();
+            out.allowed += t.allowed;
+            out.denied += t.denied;
+            out.near_limit += t.near_limit;
+            out.active_keys += s.len() as u64;
+            out.memory_bytes += bytes as u64;
+        });
+        out
     }
 
     /// Number of keys currently tracked (memory is proportional to it).

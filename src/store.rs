@@ -111,6 +111,17 @@ struct Shard {
     dirty: Vec<u64>,
     quota: Quota,
     strategy: Strategy,
+    /// Decisions made in this shard, counted under its lock (no shared atomics).
+    tally: Tally,
+}
+
+/// Decisions counted by a store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Admitted with the view at 90 % of the limit or more.
+    pub near_limit: u64,
 }
 
 /// Distance in windows from `entry` to `now`, both as low 32 bits of window indices.
@@ -214,6 +225,7 @@ impl Store {
                     dirty: Vec::new(),
                     quota,
                     strategy,
+                    tally: Tally::default(),
                 }))
             })
             .collect();
@@ -441,6 +453,25 @@ impl Store {
         total
     }
 
+    /// Decisions so far, summed over the shards (one lock at a time), and an estimate of
+    /// the memory the store holds in bytes.
+    pub(crate) fn tally(&self) -> (Tally, usize) {
+        let mut t = Tally::default();
+        let mut bytes = std::mem::size_of::<Self>();
+        for s in self.shards.iter() {
+            let shard = s.0.lock();
+            t.allowed += shard.tally.allowed;
+            t.denied += shard.tally.denied;
+            t.near_limit += shard.tally.near_limit;
+            bytes += std::mem::size_of::<Padded<Mutex<Shard>>>()
+                + shard.table.bytes()
+                + shard.remote.capacity() * std::mem::size_of::<Remote>()
+                + shard.remote.iter().map(|r| (r.cur.len() + r.prev.len()) * 16).sum::<usize>()
+                + (shard.dirty.capacity() + shard.free_remote.capacity()) * 8;
+        }
+        (t, bytes)
+    }
+
     /// Keys currently tracked.
     pub(crate) fn len(&self) -> usize {
         self.keys.load(Ordering::Relaxed)
@@ -494,7 +525,7 @@ struct Request<'a> {
 /// any, and counts the request if admitted. The key is present.
 #[inline]
 fn apply<V: Outcome>(shard: &mut Shard, key: u64, req: &Request<'_>, f: fn(Strategy, &Quota, Counts, u64) -> V) -> V {
-    let Shard { table, remote, free_remote, dirty, strategy, .. } = shard;
+    let Shard { table, remote, free_remote, dirty, strategy, tally, .. } = shard;
     let Some(e) = table.get_mut(key) else { return f(*strategy, req.quota, Counts::default(), req.elapsed).refuse(0) };
     let mut elapsed = req.elapsed;
     if Shard::roll(e, remote, req.window) < 0 {
@@ -529,7 +560,13 @@ fn apply<V: Outcome>(shard: &mut Shard, key: u64, req: &Request<'_>, f: fn(Strat
             }
         }
     }
-    if v.allowed() {
+    if !v.allowed() {
+        tally.denied += 1;
+    } else {
+        tally.allowed += 1;
+        if (counts.cur + 1) * 10 >= req.quota.limit() * 9 {
+            tally.near_limit += 1;
+        }
         e.cur = e.cur.saturating_add(1);
         if req.track && e.remote & DIRTY_CUR == 0 {
             if e.remote & DIRTY == 0 {

@@ -109,6 +109,11 @@ impl Table {
         i
     }
 
+    /// Bytes held by the slot array.
+    pub(crate) fn bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<Slot>()
+    }
+
     /// The occupied slots.
     pub(crate) fn slots(&self) -> impl Iterator<Item = &Slot> {
         self.slots.iter().filter(|s| s.key != EMPTY)
