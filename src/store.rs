@@ -297,12 +297,15 @@ impl Store {
         let w = quota.window_ms() as i64;
         let window = ts_ms.div_euclid(w) as u32;
         let elapsed = ts_ms.rem_euclid(w) as u64;
-        if shard.table.get(key).is_none() {
-            self.reserve_key(shard, self.horizon(now_ms, quota.window_ms()))?;
-            shard.table.insert_new(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE });
-        }
+        let slot = match shard.table.find(key) {
+            Some(i) => i,
+            None => {
+                self.reserve_key(shard, self.horizon(now_ms, quota.window_ms()))?;
+                shard.table.insert_new_at(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE })
+            }
+        };
         let req = Request { quota: &quota, window, elapsed, budget, track };
-        Ok(apply(shard, key, &req, f))
+        Ok(apply(shard, slot, &req, f))
     }
 
     /// Makes room for one more key in `shard` or refuses it.
@@ -521,12 +524,13 @@ struct Request<'a> {
     track: bool,
 }
 
-/// Rolls `key` to the request's window, decides with `f`, applies the round budget if
-/// any, and counts the request if admitted. The key is present.
+/// Rolls the key in table slot `slot` to the request's window, decides with `f`, applies
+/// the round budget if any, and counts the request if admitted.
 #[inline]
-fn apply<V: Outcome>(shard: &mut Shard, key: u64, req: &Request<'_>, f: fn(Strategy, &Quota, Counts, u64) -> V) -> V {
+fn apply<V: Outcome>(shard: &mut Shard, slot: usize, req: &Request<'_>, f: fn(Strategy, &Quota, Counts, u64) -> V) -> V {
     let Shard { table, remote, free_remote, dirty, strategy, tally, .. } = shard;
-    let Some(e) = table.get_mut(key) else { return f(*strategy, req.quota, Counts::default(), req.elapsed).refuse(0) };
+    let e = table.at(slot);
+    let key = e.key;
     let mut elapsed = req.elapsed;
     if Shard::roll(e, remote, req.window) < 0 {
         // A late request: charged to the key's newest window, at its start.
