@@ -17,7 +17,7 @@
 use bincode::config::{self, Configuration};
 use serde::{Deserialize, Serialize};
 
-use crate::ReplicaId;
+use crate::{LimitsConfig, LimitsVersion, ReplicaId};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -47,12 +47,19 @@ pub(crate) enum Body {
     /// Absolute counts, grouped by the replica that made them. Empty: a heartbeat.
     Counts(Vec<Batch>),
     /// Anti-entropy: fingerprints of what the sender holds per replica and key bucket,
-    /// over the windows `window - 1` and `window` of length `window_ms`.
-    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow> },
+    /// over the windows `window - 1` and `window` of length `window_ms`, and the version
+    /// of the limits it has in force.
+    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow>, limits: LimitsVersion },
     /// Asks for the counts of these (replica, bucket mask) pairs.
     Repair { window_ms: u32, wanted: Vec<(ReplicaId, u8)> },
     /// Asks for everything the receiver holds (sent on start).
     SyncRequest,
+    /// The limits register: a configuration and its version (the latest wins).
+    Limits { version: LimitsVersion, config: LimitsConfig },
+    /// A clock sample: the sender's Unix ms, and, in a reply, the sample it answers
+    /// (its send time) and how long the replier held it. Gives round-trip time and
+    /// clock offset, as NTP does.
+    Ping { sent_at_ms: i64, echo: Option<(i64, u32)> },
 }
 
 /// Counts of one replica for one window length.
@@ -108,7 +115,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if bytes.len() > MAX_DECODE_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
-    let (msg, used): (Envelope, usize) = bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, used): (Envelope, usize) =
+        bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if used != bytes.len() {
         return Err(DecodeError::Trailing(bytes.len() - used));
     }
@@ -129,6 +137,11 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 }
             }
         }
+        Body::Limits { config, .. } => {
+            if config.resolve().is_err() {
+                return Err(DecodeError::OutOfBounds("invalid limits"));
+            }
+        }
         Body::Digest { window_ms, rows, .. } => {
             if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS {
                 return Err(DecodeError::OutOfBounds("digest"));
@@ -139,7 +152,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 return Err(DecodeError::OutOfBounds("repair"));
             }
         }
-        Body::SyncRequest => {}
+        Body::SyncRequest | Body::Ping { .. } => {}
     }
     Ok(msg)
 }
@@ -187,7 +200,11 @@ mod tests {
         let entries = (0..40u64)
             .map(|i| WireEntry { key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes(), window_offset: (i % 2) as u32, count: i * 17 })
             .collect();
-        Envelope { version: WIRE_VERSION, from: r, body: Body::Counts(vec![Batch { replica: r, window_ms: 1000, base_window: 1_700_000_000, entries }]) }
+        Envelope {
+            version: WIRE_VERSION,
+            from: r,
+            body: Body::Counts(vec![Batch { replica: r, window_ms: 1000, base_window: 1_700_000_000, entries }]),
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ use std::sync::atomic::Ordering;
 
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
 use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
-use crate::{Admission, Error, RateLimiter, ReplicaId};
+use crate::{Admission, Error, LimitsVersion, RateLimiter, ReplicaId};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
 /// verified certificate).
@@ -174,6 +174,8 @@ pub struct GossipStats {
     pub digests_sent: u64,
     /// Buckets found different by a digest and repaired.
     pub buckets_repaired: u64,
+    /// Newer limits received and put in force.
+    pub limits_installed: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -181,6 +183,24 @@ struct Peer {
     last_heard_ms: Option<i64>,
     up: bool,
     incarnation: Option<u64>,
+    rtt_ms: Option<i64>,
+    clock_offset_ms: Option<i64>,
+}
+
+/// What a node knows of one peer. See [`GossipNode::peer_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// The peer.
+    pub peer: PeerId,
+    /// Heard from within the suspicion timeout.
+    pub up: bool,
+    /// When it was last heard from (Unix ms).
+    pub last_heard_ms: Option<i64>,
+    /// The latest round-trip time measured by a ping.
+    pub rtt_ms: Option<i64>,
+    /// Its clock minus ours, estimated from the latest ping (NTP's offset).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// One count with its replica resolved, as [`GossipNode::state`] reports it.
@@ -215,6 +235,8 @@ pub struct GossipNode {
     outbox: VecDeque<Transmit>,
     /// Counts learned this round, forwarded next round in fan-out mode.
     relay: Vec<Outgoing>,
+    /// The newest limits version sent to every peer.
+    limits_sent: LimitsVersion,
     stats: GossipStats,
 }
 
@@ -224,13 +246,20 @@ impl GossipNode {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a setting out of range.
-    pub fn new(limiter: RateLimiter, cfg: GossipConfig, peers: impl IntoIterator<Item = PeerId>, seed: u64, now_ms: i64) -> Result<Self, Error> {
+    pub fn new(
+        limiter: RateLimiter,
+        cfg: GossipConfig,
+        peers: impl IntoIterator<Item = PeerId>,
+        seed: u64,
+        now_ms: i64,
+    ) -> Result<Self, Error> {
         cfg.validate()?;
         let cluster = limiter.cluster();
         cluster.round_ms.store(cfg.interval_ms, Ordering::Relaxed);
         cluster.salt.store(splitmix64(seed ^ cfg.replica.node), Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);
         cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
+        cluster.node.store(cfg.replica.node, Ordering::Relaxed);
         cluster.attached.store(true, Ordering::Relaxed);
         limiter.for_each_store(|_, s| s.track_changes());
         let mut node = Self {
@@ -244,6 +273,7 @@ impl GossipNode {
             round: 0,
             outbox: VecDeque::new(),
             relay: Vec::new(),
+            limits_sent: LimitsVersion::default(),
             stats: GossipStats::default(),
         };
         for p in peers {
@@ -283,6 +313,32 @@ impl GossipNode {
         self.peers.keys().copied()
     }
 
+    /// What this node knows of each peer.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.peers
+            .iter()
+            .map(|(&peer, p)| PeerStats {
+                peer,
+                up: p.up,
+                last_heard_ms: p.last_heard_ms,
+                rtt_ms: p.rtt_ms,
+                clock_offset_ms: p.clock_offset_ms,
+            })
+            .collect()
+    }
+
+    /// An upper estimate of how stale this node's view is at `now_ms`: over live peers,
+    /// the time since last heard plus half a round trip. 0 with no live peer.
+    pub fn view_lag_ms(&self, now_ms: i64) -> i64 {
+        self.peers
+            .values()
+            .filter(|p| p.up)
+            .filter_map(|p| p.last_heard_ms.map(|t| now_ms - t + p.rtt_ms.unwrap_or(0) / 2))
+            .max()
+            .unwrap_or(0)
+            .max(0)
+    }
+
     /// Every count this node holds (local and remote, both retained windows, every
     /// store), sorted. For convergence checks and debugging: O(keys).
     pub fn state(&self, now_ms: i64) -> Vec<StateEntry> {
@@ -291,7 +347,13 @@ impl GossipNode {
         self.limiter.for_each_store(|window_ms, store| {
             buf.clear();
             store.export(now_ms, |_| true, &mut buf);
-            out.extend(buf.iter().map(|e| StateEntry { window_ms, key: e.key, window: e.window, replica: self.replica_of(e.slot), count: e.count }));
+            out.extend(buf.iter().map(|e| StateEntry {
+                window_ms,
+                key: e.key,
+                window: e.window,
+                replica: self.replica_of(e.slot),
+                count: e.count,
+            }));
         });
         out.sort();
         out
@@ -344,8 +406,26 @@ impl GossipNode {
         match msg.body {
             Body::Counts(batches) => self.merge_batches(&batches, now_ms),
             Body::SyncRequest => self.send_everything(from, now_ms),
-            Body::Digest { window_ms, window, rows } => self.answer_digest(from, u64::from(window_ms), window, &rows, now_ms),
+            Body::Digest { window_ms, window, rows, limits } => {
+                if self.limiter.limits().0 > limits {
+                    self.send_limits(from);
+                }
+                self.answer_digest(from, u64::from(window_ms), window, &rows, now_ms)
+            }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
+            Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
+            Body::Limits { version, config } => match self.limiter.install_limits(config, version) {
+                Ok(true) => {
+                    tracing::info!(from, at_ms = version.at_ms, origin = version.node, "limits from a peer put in force");
+                    self.stats.limits_installed += 1;
+                    if !self.fan_out() {
+                        // Every peer heard it from the origin.
+                        self.limits_sent = self.limits_sent.max(version);
+                    }
+                }
+                Ok(false) => {}
+                Err(_) => self.stats.refused += 1,
+            },
         }
         Ok(())
     }
@@ -356,12 +436,11 @@ impl GossipNode {
             return;
         }
         self.run_round(now_ms);
+        // Rounds fall on multiples of the interval in Unix time, as the bounded policy's
+        // budget rounds do, so every node refreshes its view at the same instants. A late
+        // call (a paused process) skips the missed rounds rather than bursting them.
         let interval = self.cfg.interval_ms as i64;
-        self.next_round_ms += interval;
-        if self.next_round_ms <= now_ms {
-            // Late (a paused process): skip the missed rounds rather than burst them.
-            self.next_round_ms = now_ms + interval;
-        }
+        self.next_round_ms = (now_ms.div_euclid(interval) + 1) * interval;
     }
 
     // ----- outputs -----
@@ -443,6 +522,7 @@ impl GossipNode {
         p.up = true;
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
         if came_up || new_incarnation {
+            tracing::info!(peer = from, incarnation, new_incarnation, "peer up");
             self.publish_live();
             // A peer that joins, heals from a partition or restarts gets everything.
             self.send_everything(from, now_ms);
@@ -455,17 +535,30 @@ impl GossipNode {
     }
 
     fn run_round(&mut self, now_ms: i64) {
+        let _span = tracing::debug_span!("gossip_round", node = self.cfg.replica.node, round = self.round + 1).entered();
         self.stats.rounds += 1;
         self.round += 1;
         let suspect = self.suspect_after_ms();
         let mut changed = false;
-        for p in self.peers.values_mut() {
+        for (id, p) in self.peers.iter_mut() {
             let up = p.last_heard_ms.is_some_and(|t| now_ms - t <= suspect);
+            if p.up && !up {
+                tracing::warn!(peer = id, silent_ms = p.last_heard_ms.map(|t| now_ms - t), "peer down");
+            }
             changed |= up != p.up;
             p.up = up;
         }
         if changed {
             self.publish_live();
+        }
+
+        // New limits go to every peer at once: all nodes apply them within a round.
+        if self.limiter.limits().0 > self.limits_sent {
+            self.limits_sent = self.limiter.limits().0;
+            let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+            for p in peers {
+                self.send_limits(p);
+            }
         }
 
         // What changed: our own counts, plus in fan-out mode what we learned.
@@ -512,6 +605,11 @@ impl GossipNode {
             if let Some(&to) = self.pick(&live, 1).first() {
                 self.send_digests(to, now_ms);
             }
+            // A clock sample from every live peer (fan-out mode: the ones picked).
+            let sample = if fan_out { self.pick(&live, self.cfg.fanout) } else { live };
+            for p in sample {
+                self.send(p, &Envelope { version: WIRE_VERSION, from: me, body: Body::Ping { sent_at_ms: now_ms, echo: None } }, false);
+            }
         }
     }
 
@@ -538,7 +636,11 @@ impl GossipNode {
                 codec::batch_header_len(&replica, window_ms as u32, window, 1) + codec::entry_len(&entry)
             };
             if size + extra > budget && !batches.is_empty() {
-                messages.push(codec::encode(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(std::mem::take(&mut batches)) }));
+                messages.push(codec::encode(&Envelope {
+                    version: WIRE_VERSION,
+                    from: me,
+                    body: Body::Counts(std::mem::take(&mut batches)),
+                }));
                 size = header;
                 entry.window_offset = 0;
                 batches.push(Batch { replica, window_ms: window_ms as u32, base_window: window, entries: vec![entry] });
@@ -625,7 +727,36 @@ impl GossipNode {
         out
     }
 
+    fn answer_ping(&mut self, from: PeerId, sent_at_ms: i64, echo: Option<(i64, u32)>, now_ms: i64) {
+        match echo {
+            None => {
+                // Replies are sent at once: the hold time is zero in virtual time, and a
+                // driver's queueing shows up as round-trip time.
+                let me = self.cfg.replica;
+                let body = Body::Ping { sent_at_ms: now_ms, echo: Some((sent_at_ms, 0)) };
+                self.send(from, &Envelope { version: WIRE_VERSION, from: me, body }, false);
+            }
+            Some((t1, hold)) => {
+                // t1: our send; t2 = t3 - hold: their receipt; t3: their reply; t4: now.
+                let (t3, t4) = (sent_at_ms, now_ms);
+                let t2 = t3 - i64::from(hold);
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.rtt_ms = Some(((t4 - t1) - i64::from(hold)).max(0));
+                    p.clock_offset_ms = Some(((t2 - t1) + (t3 - t4)) / 2);
+                }
+            }
+        }
+    }
+
+    fn send_limits(&mut self, to: PeerId) {
+        if let (version, Some(config)) = self.limiter.limits() {
+            let me = self.cfg.replica;
+            self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Limits { version, config } }, true);
+        }
+    }
+
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
+        self.send_limits(to);
         let mut all = self.everything(now_ms, |_| true);
         self.stats.full_syncs_sent += 1;
         self.stats.entries_sent += all.len() as u64;
@@ -641,7 +772,8 @@ impl GossipNode {
         let _ = self.limiter.with_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
         for e in buf.iter().filter(|e| e.window == window || e.window == window - 1) {
             let row = rows.entry(self.replica_of(e.slot)).or_default();
-            row[bucket(e.key)] = row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
+            row[bucket(e.key)] =
+                row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
         }
         rows
     }
@@ -652,12 +784,15 @@ impl GossipNode {
         self.limiter.for_each_store(|w, _| windows.push(w));
         for window_ms in windows {
             let window = now_ms.div_euclid(window_ms as i64);
-            let rows: Vec<DigestRow> = self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
+            let rows: Vec<DigestRow> =
+                self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
             // Rows are ~80 bytes: keep each digest within the message budget.
             let per_message = (self.cfg.max_message_bytes / 96).max(1);
+            let limits = self.limiter.limits().0;
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
-                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec() } }, false);
+                let body = Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec(), limits };
+                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body }, false);
             }
         }
     }

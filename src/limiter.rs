@@ -9,6 +9,7 @@ use parking_lot::RwLock;
 use crate::algorithm::Verdict;
 use crate::clock::{Clock, SystemClock};
 use crate::key::KeyHasher;
+use crate::limits::{LimitsConfig, LimitsError, LimitsVersion};
 use crate::store::{Budget, Store};
 use crate::{Error, Quota, Strategy};
 
@@ -27,6 +28,22 @@ pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
 /// How many distinct window lengths [`RateLimiter::allow_with`] keeps counters for.
 pub const MAX_AD_HOC_WINDOWS: usize = 64;
+
+/// What a limiter has decided so far and what it holds. See [`RateLimiter::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimiterStats {
+    /// Requests admitted.
+    pub allowed: u64,
+    /// Requests refused by a quota (invalid input is not counted here).
+    pub denied: u64,
+    /// Requests admitted with the client at 90 % of its limit or more.
+    pub near_limit: u64,
+    /// Keys tracked.
+    pub active_keys: u64,
+    /// Estimated bytes held by the counters.
+    pub memory_bytes: u64,
+}
 
 /// The outcome of one request, with what a client needs to back off politely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +100,24 @@ pub(crate) struct ClusterState {
     pub(crate) round_ms: AtomicU64,
     pub(crate) live_replicas: AtomicU64,
     pub(crate) salt: AtomicU64,
+    /// This node's id, for the versions of the limits it sets (0 on its own).
+    pub(crate) node: AtomicU64,
+}
+
+/// The limits register: the configuration in force and its version.
+#[derive(Debug, Default)]
+struct LimitsState {
+    version: LimitsVersion,
+    config: Option<LimitsConfig>,
 }
 
 struct Inner {
     store: Store,
     cluster: ClusterState,
+    limits: RwLock<LimitsState>,
+    /// Per-client quotas by key hash; read only while `has_overrides` is set.
+    overrides: RwLock<std::collections::HashMap<u64, Quota>>,
+    has_overrides: AtomicBool,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
     strategy: Strategy,
@@ -158,10 +188,40 @@ impl RateLimiter {
     /// [`check`](Self::check) to see why.
     #[inline]
     pub fn allow(&self, client: &str, timestamp_ms: i64) -> bool {
+        #[cfg(feature = "metrics")]
+        return crate::metrics::sampled(|| self.allow_inner(client, timestamp_ms));
+        #[cfg(not(feature = "metrics"))]
+        self.allow_inner(client, timestamp_ms)
+    }
+
+    #[inline]
+    fn allow_inner(&self, client: &str, timestamp_ms: i64) -> bool {
         match self.validate(client.as_bytes(), timestamp_ms) {
-            Ok((key, now)) => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref()).unwrap_or(false),
+            Ok((key, now)) => match self.override_of(key) {
+                None => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref()).unwrap_or(false),
+                Some(q) => self.decide_override(key, q, timestamp_ms, now).is_ok_and(|d| d.allowed),
+            },
             Err(_) => false,
         }
+    }
+
+    /// The client's own quota, if the limits in force give it one.
+    #[inline]
+    fn override_of(&self, key: u64) -> Option<Quota> {
+        if !self.inner.has_overrides.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.inner.overrides.read().get(&key).copied()
+    }
+
+    fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
+        let budget = self.budget(ts_ms);
+        let v = if quota.window_ms() == self.inner.store.quota().window_ms() {
+            self.inner.store.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?
+        } else {
+            self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?
+        };
+        Ok(Decision::from_verdict(v, quota.limit()))
     }
 
     /// The bounded policy's round for a request at `ts_ms`, when it applies.
@@ -186,7 +246,17 @@ impl RateLimiter {
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::TimestampTooOld`],
     /// [`Error::TimestampInFuture`], [`Error::KeyCapacity`].
     pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
+        #[cfg(feature = "metrics")]
+        return crate::metrics::sampled(|| self.check_inner(client, timestamp_ms));
+        #[cfg(not(feature = "metrics"))]
+        self.check_inner(client, timestamp_ms)
+    }
+
+    fn check_inner(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         let (key, now) = self.validate(client.as_bytes(), timestamp_ms)?;
+        if let Some(q) = self.override_of(key) {
+            return self.decide_override(key, q, timestamp_ms, now);
+        }
         let quota = self.inner.store.quota();
         let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref())?;
         Ok(Decision::from_verdict(v, quota.limit()))
@@ -272,8 +342,69 @@ impl RateLimiter {
     /// counts conservatively: the count of each key's current window becomes its count
     /// for the new current window (so a client cannot get a fresh quota by a window
     /// change), and the previous window maps to the previous one.
+    ///
+    /// As a cluster member the change is replicated like [`apply_limits`](Self::apply_limits)
+    /// (tiers and overrides in force are kept).
     pub fn set_quota(&self, quota: Quota) {
-        self.inner.store.set_quota(quota, self.inner.clock.now_ms());
+        let mut cfg = self.limits().1.unwrap_or_else(|| LimitsConfig::new(quota));
+        cfg.default = crate::QuotaSpec::of(&quota);
+        // The overrides in force were valid and a valid default cannot invalidate them.
+        let _ = self.apply_limits(cfg);
+    }
+
+    /// Puts `config` in force: the default quota, tiers and per-client overrides, from
+    /// the next decision on, without losing counts. As a cluster member it is replicated
+    /// to every node, where the latest change wins. Returns its version.
+    ///
+    /// # Errors
+    /// [`LimitsError`] if the configuration is invalid; the one in force stays.
+    pub fn apply_limits(&self, config: LimitsConfig) -> Result<LimitsVersion, LimitsError> {
+        let now = self.inner.clock.now_ms().max(0) as u64;
+        let node = self.inner.cluster.node.load(Ordering::Relaxed);
+        let current = self.inner.limits.read().version;
+        let version = LimitsVersion { at_ms: now.max(current.at_ms + 1), node };
+        self.install_limits(config, version)?;
+        Ok(version)
+    }
+
+    /// The version and the configuration in force (`None` until limits are applied).
+    pub fn limits(&self) -> (LimitsVersion, Option<LimitsConfig>) {
+        let l = self.inner.limits.read();
+        (l.version, l.config.clone())
+    }
+
+    /// Installs `config` if `version` is newer than the one in force. Returns whether it
+    /// was installed.
+    pub(crate) fn install_limits(&self, config: LimitsConfig, version: LimitsVersion) -> Result<bool, LimitsError> {
+        let (default, clients) = config.resolve()?;
+        let overrides: std::collections::HashMap<u64, Quota> = clients.into_iter().map(|(c, q)| (self.key_hash(c), q)).collect();
+        let mut state = self.inner.limits.write();
+        if version <= state.version && state.config.is_some() {
+            return Ok(false);
+        }
+        if default != self.inner.store.quota() {
+            self.inner.store.set_quota(default, self.inner.clock.now_ms());
+        }
+        self.inner.has_overrides.store(!overrides.is_empty(), Ordering::Relaxed);
+        *self.inner.overrides.write() = overrides;
+        state.version = version;
+        state.config = Some(config);
+        Ok(true)
+    }
+
+    /// Decisions so far and memory held, summed over every store (one shard lock at a
+    /// time: meant for a metrics scrape, not the request path).
+    pub fn stats(&self) -> LimiterStats {
+        let mut out = LimiterStats::default();
+        self.for_each_store(|_, s| {
+            let (t, bytes) = s.tally();
+            out.allowed += t.allowed;
+            out.denied += t.denied;
+            out.near_limit += t.near_limit;
+            out.active_keys += s.len() as u64;
+            out.memory_bytes += bytes as u64;
+        });
+        out
     }
 
     /// Number of keys currently tracked (memory is proportional to it).
@@ -478,7 +609,11 @@ impl Builder {
                     round_ms: AtomicU64::new(1),
                     live_replicas: AtomicU64::new(1),
                     salt: AtomicU64::new(0),
+                    node: AtomicU64::new(0),
                 },
+                limits: RwLock::new(LimitsState::default()),
+                overrides: RwLock::new(std::collections::HashMap::new()),
+                has_overrides: AtomicBool::new(false),
                 admission: self.admission,
                 hasher: KeyHasher::new(secret),
                 clock: self.clock,

@@ -52,6 +52,33 @@ impl Table {
         (self.len + 1) * 5 > self.slots.len() * 4
     }
 
+    /// The index of `key`'s slot, if present (for [`at`](Self::at)).
+    #[inline]
+    pub(crate) fn find(&self, key: u64) -> Option<usize> {
+        debug_assert_ne!(key, EMPTY);
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = key as usize & mask;
+        loop {
+            let k = self.slots[i].key;
+            if k == key {
+                return Some(i);
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The slot at an index [`find`](Self::find) or [`insert_new_at`](Self::insert_new_at) returned.
+    #[inline]
+    pub(crate) fn at(&mut self, i: usize) -> &mut Slot {
+        &mut self.slots[i]
+    }
+
     #[inline]
     pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut Slot> {
         debug_assert_ne!(key, EMPTY);
@@ -93,10 +120,15 @@ impl Table {
 
     /// Inserts a key that is not present. The caller has made room ([`is_full`] is false).
     pub(crate) fn insert_new(&mut self, slot: Slot) -> &mut Slot {
+        let i = self.insert_new_at(slot);
+        &mut self.slots[i]
+    }
+
+    /// Like [`insert_new`](Self::insert_new), returning the slot's index.
+    pub(crate) fn insert_new_at(&mut self, slot: Slot) -> usize {
         debug_assert!(!self.is_full() && slot.key != EMPTY);
         self.len += 1;
-        let i = Self::place(&mut self.slots, slot);
-        &mut self.slots[i]
+        Self::place(&mut self.slots, slot)
     }
 
     fn place(slots: &mut [Slot], slot: Slot) -> usize {
@@ -107,6 +139,11 @@ impl Table {
         }
         slots[i] = slot;
         i
+    }
+
+    /// Bytes held by the slot array.
+    pub(crate) fn bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<Slot>()
     }
 
     /// The occupied slots.

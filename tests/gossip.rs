@@ -1,0 +1,331 @@
+//! Scripted scenarios for the gossip core, in quinn's `Pair` style: nodes exchange
+//! messages through an in-memory network whose packets carry delivery times, and
+//! `step` jumps virtual time to the next event.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crdt_rate_limiter::{
+    Admission, GossipConfig, GossipNode, ManualClock, MessageError, Quota, RateLimiter, ReplicaId, StateEntry, Strategy,
+};
+
+const T0: i64 = 1_700_000_000_000;
+const SECRET: [u8; 16] = *b"scripted-secret!";
+const LATENCY_MS: i64 = 2;
+
+struct Node {
+    gossip: GossipNode,
+    clock: ManualClock,
+}
+
+/// A cluster on virtual time. Messages to or from a node in `cut` are dropped.
+struct Cluster {
+    nodes: BTreeMap<u64, Node>,
+    /// (delivery time, sequence) -> (from, to, bytes)
+    wire: BTreeMap<(i64, u64), (u64, u64, Vec<u8>)>,
+    seq: u64,
+    now: i64,
+    cut: Vec<u64>,
+    /// Per node: how far its clock runs ahead of true time.
+    skew: BTreeMap<u64, i64>,
+    limit: u64,
+    admission: Admission,
+}
+
+impl Cluster {
+    fn new(ids: &[u64], limit: u64, admission: Admission) -> Self {
+        let mut c = Cluster {
+            nodes: BTreeMap::new(),
+            wire: BTreeMap::new(),
+            seq: 0,
+            now: T0,
+            cut: Vec::new(),
+            skew: BTreeMap::new(),
+            limit,
+            admission,
+        };
+        for &id in ids {
+            c.start(id, 1, ids);
+        }
+        c
+    }
+
+    fn start(&mut self, id: u64, incarnation: u64, ids: &[u64]) {
+        let clock = ManualClock::new(self.now);
+        let limiter = RateLimiter::builder()
+            .quota(Quota::new(self.limit, Duration::from_secs(1)).unwrap())
+            .strategy(Strategy::FixedWindow)
+            .admission(self.admission)
+            .clock(clock.clone())
+            .hash_secret(SECRET)
+            .build()
+            .unwrap();
+        let cfg = GossipConfig::new(ReplicaId { node: id, incarnation });
+        let peers = ids.iter().copied().filter(|&p| p != id);
+        let gossip = GossipNode::new(limiter, cfg, peers, id, self.now).unwrap();
+        self.nodes.insert(id, Node { gossip, clock });
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        for (&id, node) in self.nodes.iter_mut() {
+            while let Some(t) = node.gossip.poll_transmit() {
+                self.seq += 1;
+                if !self.cut.contains(&id) && !self.cut.contains(&t.to) {
+                    self.wire.insert((self.now + LATENCY_MS, self.seq), (id, t.to, t.bytes));
+                }
+            }
+        }
+    }
+
+    /// Runs every event up to `until`.
+    fn run_until(&mut self, until: i64) {
+        loop {
+            let next_msg = self.wire.keys().next().map(|k| k.0);
+            let next_timer = self.nodes.values().filter_map(|n| n.gossip.poll_timeout()).min();
+            let next = [next_msg, next_timer].into_iter().flatten().min().unwrap_or(until);
+            if next > until {
+                break;
+            }
+            self.now = next;
+            for (id, n) in self.nodes.iter() {
+                n.clock.set_ms(self.now + self.skew.get(id).copied().unwrap_or(0));
+            }
+            while let Some(entry) = self.wire.first_entry() {
+                if entry.key().0 > self.now {
+                    break;
+                }
+                let (from, to, bytes) = entry.remove();
+                let at = self.now + self.skew.get(&to).copied().unwrap_or(0);
+                if let Some(n) = self.nodes.get_mut(&to) {
+                    n.gossip.handle_message(from, &bytes, at).unwrap();
+                }
+            }
+            for (id, n) in self.nodes.iter_mut() {
+                n.gossip.handle_timeout(self.now + self.skew.get(id).copied().unwrap_or(0));
+            }
+            self.flush();
+        }
+        self.now = until;
+        for n in self.nodes.values() {
+            n.clock.set_ms(until);
+        }
+    }
+
+    fn allow(&mut self, node: u64, client: &str) -> bool {
+        let now = self.now;
+        self.nodes[&node].gossip.limiter().allow(client, now)
+    }
+
+    fn state(&self, node: u64) -> Vec<StateEntry> {
+        self.nodes[&node].gossip.state(self.now)
+    }
+
+    fn converged(&self) -> bool {
+        let mut states = self.nodes.keys().map(|&id| self.state(id));
+        let first = states.next().unwrap();
+        states.all(|s| s == first)
+    }
+}
+
+#[test]
+fn two_nodes_share_one_limit_when_requests_are_spaced_by_more_than_a_round() {
+    let mut c = Cluster::new(&[1, 2], 10, Admission::Optimistic);
+    let mut admitted = 0;
+    for i in 0..40 {
+        let node = 1 + (i % 2);
+        admitted += u64::from(c.allow(node, "client"));
+        let t = c.now + 25;
+        c.run_until(t);
+    }
+    assert_eq!(admitted, 10, "one window, 40 requests alternating between the two nodes");
+    assert!(c.converged());
+}
+
+#[test]
+fn a_node_that_joins_late_receives_a_full_sync() {
+    let mut c = Cluster::new(&[1, 2], 100, Admission::Optimistic);
+    for i in 0..30 {
+        c.allow(1 + i % 2, &format!("client-{}", i % 7));
+    }
+    c.run_until(T0 + 100);
+    // Node 3 joins; the others learn of it as a configured peer.
+    for n in c.nodes.values_mut() {
+        n.gossip.add_peer(3);
+    }
+    c.start(3, 1, &[1, 2, 3]);
+    c.run_until(T0 + 200);
+    assert_eq!(c.state(3).iter().map(|e| e.count).sum::<u64>(), 30);
+    assert!(c.converged());
+}
+
+#[test]
+fn a_restarted_node_takes_a_new_incarnation_and_does_not_hand_out_a_second_quota() {
+    let mut c = Cluster::new(&[1, 2, 3], 10, Admission::Optimistic);
+    for _ in 0..6 {
+        assert!(c.allow(1, "client"));
+    }
+    c.run_until(T0 + 100);
+    // Node 1 crashes and comes back empty, as incarnation 2.
+    c.nodes.remove(&1);
+    c.start(1, 2, &[1, 2, 3]);
+    c.run_until(T0 + 200);
+    let state = c.state(1);
+    assert!(
+        state.iter().any(|e| e.replica == ReplicaId { node: 1, incarnation: 1 } && e.count == 6),
+        "the old incarnation's counts came back: {state:?}"
+    );
+    let admitted = (0..10).filter(|_| c.allow(1, "client")).count();
+    assert_eq!(admitted, 4, "only what the first incarnation left");
+    c.run_until(T0 + 300);
+    assert!(c.converged());
+}
+
+#[test]
+fn anti_entropy_repairs_what_a_dropped_delta_lost() {
+    let mut c = Cluster::new(&[1, 2], 100, Admission::Optimistic);
+    c.run_until(T0 + 50);
+    // Every message from node 1 is lost for a while, but the link stays "up" (shorter
+    // than the suspicion timeout), so no full sync is triggered.
+    c.cut = vec![1];
+    for _ in 0..5 {
+        c.allow(1, "client");
+    }
+    c.run_until(T0 + 70);
+    c.cut.clear();
+    c.run_until(T0 + 90);
+    assert!(!c.converged(), "the delta was lost and nothing has changed since");
+    // Anti-entropy runs every 10 rounds (200 ms).
+    c.run_until(T0 + 500);
+    assert!(c.converged());
+    assert_eq!(c.state(2).iter().map(|e| e.count).sum::<u64>(), 5);
+}
+
+#[test]
+fn a_healed_partition_converges_within_a_few_rounds() {
+    let mut c = Cluster::new(&[1, 2, 3, 4], 1_000, Admission::Bounded);
+    c.run_until(T0 + 50);
+    c.cut = vec![1, 2];
+    for i in 0..200 {
+        c.allow(1 + (i % 4), &format!("client-{}", i % 13));
+        let t = c.now + 1;
+        c.run_until(t);
+    }
+    c.run_until(T0 + 600);
+    assert!(!c.converged());
+    c.cut.clear();
+    let healed = c.now;
+    let mut at = None;
+    for step in 1..=50 {
+        c.run_until(healed + step * 5);
+        if c.converged() {
+            at = Some(step * 5);
+            break;
+        }
+    }
+    let at = at.expect("converged within 250 ms of healing");
+    // Three gossip intervals plus the latency of the answer.
+    assert!(at <= 3 * 20 + 2 * LATENCY_MS, "took {at} ms");
+}
+
+#[test]
+fn bounded_admission_keeps_a_simultaneous_burst_near_the_limit() {
+    for admission in [Admission::Optimistic, Admission::Bounded] {
+        let mut c = Cluster::new(&[1, 2, 3, 4, 5], 100, admission);
+        c.run_until(T0 + 100);
+        let mut admitted = 0;
+        // Every node gets 20 requests per millisecond for 100 ms.
+        for _ in 0..100 {
+            for node in 1..=5 {
+                for _ in 0..20 {
+                    admitted += u64::from(c.allow(node, "hot"));
+                }
+            }
+            let t = c.now + 1;
+            c.run_until(t);
+        }
+        match admission {
+            // Every node admits up to the limit before it hears of the others.
+            Admission::Optimistic => assert_eq!(admitted, 500),
+            // Each spends its share; the next round holds back what the others were
+            // allotted until their counts arrive.
+            _ => assert!((95..=100).contains(&admitted), "bounded keeps it at the limit: {admitted}"),
+        }
+    }
+}
+
+#[test]
+fn hostile_messages_are_counted_and_dropped_without_touching_state() {
+    let mut c = Cluster::new(&[1, 2], 10, Admission::Optimistic);
+    c.allow(1, "client");
+    c.run_until(T0 + 100);
+    let before = c.state(2);
+    let node = c.nodes.get_mut(&2).unwrap();
+    assert!(matches!(node.gossip.handle_message(9, b"\x01\x02", T0), Err(MessageError::UnknownPeer(9))));
+    assert!(matches!(node.gossip.handle_message(1, b"", T0), Err(MessageError::Decode(_))));
+    assert!(matches!(node.gossip.handle_message(1, &[0xFF; 64], T0), Err(MessageError::Decode(_))));
+    assert!(matches!(node.gossip.handle_message(1, &vec![0; 2 << 20], T0), Err(MessageError::Decode(_))));
+    let stats = node.gossip.stats().clone();
+    assert_eq!((stats.unknown_peers, stats.decode_errors), (1, 3));
+    assert_eq!(c.state(2), before);
+}
+
+#[test]
+fn a_limits_change_on_one_node_is_in_force_on_all_three_within_a_round() {
+    use crdt_rate_limiter::LimitsConfig;
+    let mut c = Cluster::new(&[1, 2, 3], 5, Admission::Optimistic);
+    c.run_until(T0 + 100);
+    let cfg = LimitsConfig::from_toml(
+        r#"
+[default]
+limit = 50
+window_ms = 1000
+[tiers.gold]
+limit = 500
+window_ms = 1000
+[clients]
+"acme" = { tier = "gold" }
+"#,
+    )
+    .unwrap();
+    let version = c.nodes[&2].gossip.limiter().apply_limits(cfg.clone()).unwrap();
+    let changed_at = c.now;
+    c.run_until(changed_at + 20 + LATENCY_MS);
+    for id in [1, 2, 3] {
+        let limiter = c.nodes[&id].gossip.limiter();
+        assert_eq!(limiter.limits(), (version, Some(cfg.clone())), "node {id}");
+        assert_eq!(limiter.quota().limit(), 50);
+        assert_eq!(limiter.check("acme", c.now).unwrap().limit, 500);
+        assert_eq!(limiter.check("someone", c.now).unwrap().limit, 50);
+    }
+    // An older version arriving late changes nothing: the latest change wins.
+    let older = crdt_rate_limiter::LimitsVersion { at_ms: version.at_ms - 1, node: 9 };
+    assert!(older < version);
+}
+
+#[test]
+fn a_node_that_was_partitioned_catches_up_on_limits_changed_meanwhile() {
+    use crdt_rate_limiter::LimitsConfig;
+    let mut c = Cluster::new(&[1, 2, 3], 5, Admission::Optimistic);
+    c.run_until(T0 + 100);
+    c.cut = vec![3];
+    c.nodes[&1].gossip.limiter().apply_limits(LimitsConfig::new(Quota::new(7, Duration::from_secs(1)).unwrap())).unwrap();
+    c.run_until(T0 + 400);
+    assert_eq!(c.nodes[&3].gossip.limiter().quota().limit(), 5, "cut off");
+    c.cut.clear();
+    c.run_until(T0 + 500);
+    assert_eq!(c.nodes[&3].gossip.limiter().quota().limit(), 7);
+}
+
+#[test]
+fn pings_measure_round_trip_time_and_a_peers_clock_offset() {
+    let mut c = Cluster::new(&[1, 2], 10, Admission::Optimistic);
+    c.skew.insert(2, 50);
+    c.run_until(T0 + 1_000);
+    let of = |node: u64| c.nodes[&node].gossip.peer_stats()[0];
+    assert_eq!(of(1).rtt_ms, Some(2 * LATENCY_MS));
+    assert_eq!(of(1).clock_offset_ms, Some(50), "node 2 runs 50 ms ahead");
+    assert_eq!(of(2).clock_offset_ms, Some(-50));
+    let lag = c.nodes[&1].gossip.view_lag_ms(c.now);
+    assert!((0..=20 + 2 * LATENCY_MS).contains(&lag), "lag {lag}");
+}
