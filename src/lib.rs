@@ -56,4 +56,4 @@ pub use limits::{ClientOverride, LimitsConfig, LimitsError, LimitsVersion, Quota
 pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};
 pub use quota::{Quota, Strategy};
 #[cfg(feature = "quic")]
-pub use transport::TlsIdentity;
+pub use transport::{Cluster, ClusterBuilder, ClusterConfig, ClusterError, ClusterStats, Member, TlsIdentity, TlsSource};
