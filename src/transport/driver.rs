@@ -39,7 +39,7 @@ mod close {
     pub(super) const PROTOCOL: VarInt = VarInt::from_u32(4);
     /// Not a member we can work with: another hash secret, the wrong name, ourselves.
     pub(super) const REFUSED: VarInt = VarInt::from_u32(5);
-    /// From an incarnation older than one already seen, or one that left.
+    /// From the incarnation that announced its leave.
     pub(super) const STALE: VarInt = VarInt::from_u32(6);
 }
 
@@ -939,9 +939,15 @@ impl State {
             c.dial_seq = h.dial_seq;
         }
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        if p.left.is_some_and(|l| h.incarnation <= l) || p.incarnation.is_some_and(|i| h.incarnation < i) {
-            c.conn.close(close::STALE, b"stale incarnation");
+        if p.left == Some(h.incarnation) {
+            // The process that announced its leave: it has nothing more to say.
+            c.conn.close(close::STALE, b"left");
             return;
+        }
+        if p.active.is_none() && p.incarnation.is_some_and(|i| h.incarnation < i) {
+            // Incarnations are start times: its clock stepped back. Its counts go to a new
+            // slot all the same (a slot is the whole replica id), so take it.
+            tracing::warn!(peer = %name, incarnation = h.incarnation, previous = p.incarnation, "peer restarted with a lower incarnation");
         }
         p.left = None;
         // Which connection to keep.
@@ -996,7 +1002,7 @@ impl State {
             let room = self.peers.len() < MAX_PEERS;
             match self.peers.get_mut(&id) {
                 Some(p) => {
-                    if p.left.is_some_and(|l| m.incarnation <= l) {
+                    if p.left == Some(m.incarnation) {
                         continue;
                     }
                     if p.active.is_none() && (p.addr.is_none() || m.incarnation > p.incarnation.unwrap_or(0)) {
