@@ -21,6 +21,10 @@
 //! With the cargo feature `tower`, the `middleware` module provides `RateLimitLayer`, a tower/axum
 //! middleware that answers 429 with `Retry-After` and adds the IETF `RateLimit-Policy`
 //! and `RateLimit` headers (`docs/middleware.md`).
+//!
+//! With the cargo feature `quic` (on by default), the [`transport`] module makes a limiter
+//! a cluster member: gossip over QUIC with mutual TLS from a cluster CA,
+//! `RateLimiter::builder().….cluster(config).start().await` (`docs/cluster.md`).
 #![warn(missing_docs, unreachable_pub)]
 
 mod algorithm;
