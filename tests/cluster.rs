@@ -95,6 +95,7 @@ fn config(id: TlsIdentity, seeds: &[&Cluster]) -> ClusterConfig {
 }
 
 async fn start(ca: &Ca, name: &str, limiter: RateLimiter, seeds: &[&Cluster]) -> Cluster {
+    logs();
     Cluster::start(limiter, config(ca.identity(name), seeds)).await.unwrap()
 }
 
@@ -244,7 +245,7 @@ async fn three_nodes_under_load_stay_within_the_bound() {
 
         let s = a.stats();
         assert!(s.datagrams_sent > 0 && s.datagrams_received > 0, "{s:?}");
-        assert_eq!(s.protocol_errors + s.handshake_failures, 0, "{s:?}");
+        assert_eq!(s.protocol_errors + s.handshake_failures + s.oversized_to_stream + s.frames_dropped_queue_full, 0, "{s:?}");
         for n in [a, b, c] {
             n.shutdown().await;
         }
@@ -326,7 +327,7 @@ async fn killed_node_keeps_its_counts_and_restarts_without_a_second_quota() {
     bounded(50, async {
         let ca = Ca::new();
         let (limit, window) = (300u64, Duration::from_secs(60));
-        align(60_000, 15_000).await;
+        align(60_000, 10_000).await;
         let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
         let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
         let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;

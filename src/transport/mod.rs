@@ -276,6 +276,9 @@ pub enum ClusterError {
     /// Binding the UDP socket or creating the endpoint failed.
     #[error("cannot open the QUIC endpoint: {0}")]
     Io(#[from] std::io::Error),
+    /// Not called from within a tokio runtime.
+    #[error("Cluster::start must run inside a tokio runtime")]
+    NoRuntime,
 }
 
 /// A member as this node sees it.
@@ -395,9 +398,12 @@ impl Cluster {
     ///
     /// # Errors
     /// [`ClusterError`] when the certificate cannot be loaded, a setting is out of range,
-    /// or the socket cannot be bound.
+    /// the socket cannot be bound, or there is no tokio runtime.
     pub async fn start(limiter: RateLimiter, config: ClusterConfig) -> Result<Self, ClusterError> {
         config.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ClusterError::NoRuntime);
+        }
         let shared = driver::start(limiter.clone(), config).await?;
         Ok(Self { shared, limiter })
     }
