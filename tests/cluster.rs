@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crdt_rate_limiter::transport::{certs, node_id, Cluster, ClusterConfig, TlsIdentity};
+use crdt_rate_limiter::transport::{certs, node_id, tls, Cluster, ClusterConfig, TlsIdentity, TlsSource};
 use crdt_rate_limiter::{Quota, RateLimiter, ReplicaId, StateEntry, Strategy};
 
 const SECRET: [u8; 16] = *b"cluster-test-key";
@@ -467,6 +467,104 @@ async fn nodes_that_dial_each_other_at_once_keep_one_connection() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!((a.stats().connections, b.stats().connections), (1, 1));
         assert!(a.members()[0].connected && b.members()[0].connected);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_with_another_hash_secret_is_refused_and_pem_files_load() {
+    bounded(20, async {
+        let ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        // node-a's identity from PEM files, through ClusterConfig's paths.
+        let dir = std::env::temp_dir().join(format!("crl-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = certs::issue(&ca.pem, &ca.key, "node-a").unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+        std::fs::write(dir.join("node-a.pem"), cert).unwrap();
+        std::fs::write(dir.join("node-a.key"), key).unwrap();
+        let files = TlsSource::files(dir.join("ca.pem"), dir.join("node-a.pem"), dir.join("node-a.key"));
+        let (_, a) = RateLimiter::builder()
+            .quota(Quota::new(limit, window).unwrap())
+            .hash_secret(SECRET)
+            .cluster(ClusterConfig { tls: files, ..config(ca.identity("unused"), &[]) })
+            .start()
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(a.node_name(), "node-a");
+
+        let other = RateLimiter::builder().quota(Quota::new(limit, window).unwrap()).hash_secret(*b"another secret!!").build().unwrap();
+        other.allow("client-1", other.now_ms());
+        let b = Cluster::start(other, ClusterConfig { join_timeout: Duration::from_millis(300), ..config(ca.identity("node-b"), &[&a]) })
+            .await
+            .unwrap();
+        eventually("the refusal", Duration::from_secs(5), || a.stats().protocol_errors >= 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(a.live_peers().is_empty() && a.state().is_empty());
+        assert!(logs().lock().unwrap().iter().any(|l| l.starts_with("ERROR") && l.contains("another secret")));
+        b.abort();
+        a.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_an_authenticated_peer_is_dropped_without_harm() {
+    bounded(20, async {
+        let ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
+        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
+        full_mesh(&[&a, &b]).await;
+
+        // A raw QUIC client with a valid cluster certificate.
+        let id = ca.identity("node-z");
+        let transport = Arc::new(tls::default_transport_config());
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(tls::member_client_config(&id, transport).unwrap());
+        let dial = || async { ep.connect(a.local_addr(), "node-a").unwrap().await.unwrap() };
+
+        // 1. A datagram before the first frame, then a frame header claiming 4 GiB.
+        let conn = dial().await;
+        conn.send_datagram(vec![0xAB; 300].into()).unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&[1, 0xFF, 0xFF, 0xFF, 0xFF]).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap();
+        assert!(
+            matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == quinn::VarInt::from_u32(4)),
+            "{reason}"
+        );
+
+        // 2. A valid first frame, then garbage as gossip, on the stream and as datagrams.
+        let conn = dial().await;
+        let mut hello = vec![1u8, 1];
+        hello.extend_from_slice(&42u64.to_le_bytes()); // incarnation
+        hello.extend_from_slice(&1u64.to_le_bytes()); // dial sequence
+        hello.extend_from_slice(&a.limiter().key_hash("crdt-rate-limiter/hash-secret-probe").to_le_bytes());
+        hello.extend_from_slice(&[4, 127, 0, 0, 1, 9, 0]); // 127.0.0.1:9
+        let len = (hello.len() - 1) as u32;
+        hello.splice(1..1, len.to_le_bytes());
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        eventually("node-z to be known", Duration::from_secs(5), || a.members().iter().any(|m| m.name == "node-z")).await;
+        let errors = a.stats().gossip.decode_errors;
+        let mut frame = vec![2u8];
+        frame.extend_from_slice(&100u32.to_le_bytes());
+        frame.extend_from_slice(&[0x5A; 100]);
+        s.write_all(&frame).await.unwrap();
+        for n in [0usize, 1, 7, 500] {
+            conn.send_datagram(vec![0xC3; n].into()).unwrap();
+        }
+        eventually("the garbage to be counted", Duration::from_secs(5), || a.stats().gossip.decode_errors >= errors + 2).await;
+        assert!(a.state().iter().all(|e| e.replica.node != node_id("node-z")));
+
+        // The node still works: it still gossips with node-b.
+        assert!(b.limiter().allow("client-1", b.limiter().now_ms()));
+        eventually("node-b's count", Duration::from_secs(5), || a.state().iter().any(|e| e.replica == b.replica())).await;
+        conn.close(0u32.into(), b"bye");
         a.shutdown().await;
         b.shutdown().await;
     })
