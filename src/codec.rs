@@ -31,6 +31,14 @@ pub(crate) const MAX_DIGEST_ROWS: usize = 4096;
 const CONFIG: Configuration<config::LittleEndian, config::Varint, config::Limit<MAX_DECODE_BYTES>> =
     config::standard().with_limit::<MAX_DECODE_BYTES>();
 
+/// Window indices, times and versions on the wire are within ±2⁵⁰ (Unix ms up to year
+/// 37,000; any window index): larger values are refused before any arithmetic.
+pub(crate) const MAX_ABS_TIME: i64 = 1 << 50;
+
+fn in_range(v: i64) -> bool {
+    (-MAX_ABS_TIME..=MAX_ABS_TIME).contains(&v)
+}
+
 /// Anti-entropy fingerprints are kept per bucket of the key space (the top 3 bits).
 pub(crate) const DIGEST_BUCKETS: usize = 8;
 
@@ -49,7 +57,9 @@ pub(crate) enum Body {
     /// Anti-entropy: fingerprints of what the sender holds per replica and key bucket,
     /// over the windows `window - 1` and `window` of length `window_ms`, and the version
     /// of the limits it has in force.
-    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow>, limits: LimitsVersion },
+    /// `complete` is false when the rows of one digest were split over several messages:
+    /// a replica missing from an incomplete digest may be in another part.
+    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow>, limits: LimitsVersion, complete: bool },
     /// Asks for the counts of these (replica, bucket mask) pairs.
     Repair { window_ms: u32, wanted: Vec<(ReplicaId, u8)> },
     /// Asks for everything the receiver holds (sent on start).
@@ -129,21 +139,21 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 return Err(DecodeError::OutOfBounds("too many batches"));
             }
             for b in batches {
-                if b.window_ms == 0 {
-                    return Err(DecodeError::OutOfBounds("zero window"));
+                if b.window_ms == 0 || !in_range(b.base_window) {
+                    return Err(DecodeError::OutOfBounds("batch window"));
                 }
                 if b.entries.iter().any(|e| e.window_offset > 1 || e.count > u64::from(u32::MAX)) {
                     return Err(DecodeError::OutOfBounds("entry window or count out of range"));
                 }
             }
         }
-        Body::Limits { config, .. } => {
-            if config.resolve().is_err() {
+        Body::Limits { config, version } => {
+            if version.at_ms > MAX_ABS_TIME as u64 || config.resolve().is_err() {
                 return Err(DecodeError::OutOfBounds("invalid limits"));
             }
         }
-        Body::Digest { window_ms, rows, .. } => {
-            if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS {
+        Body::Digest { window_ms, rows, window, limits, .. } => {
+            if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS || !in_range(*window) || limits.at_ms > MAX_ABS_TIME as u64 {
                 return Err(DecodeError::OutOfBounds("digest"));
             }
         }
@@ -152,7 +162,12 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 return Err(DecodeError::OutOfBounds("repair"));
             }
         }
-        Body::SyncRequest | Body::Ping { .. } => {}
+        Body::Ping { sent_at_ms, echo } => {
+            if !in_range(*sent_at_ms) || echo.is_some_and(|(t, _)| !in_range(t)) {
+                return Err(DecodeError::OutOfBounds("ping time"));
+            }
+        }
+        Body::SyncRequest => {}
     }
     Ok(msg)
 }

@@ -10,7 +10,7 @@ use crate::algorithm::Verdict;
 use crate::clock::{Clock, SystemClock};
 use crate::key::KeyHasher;
 use crate::limits::{LimitsConfig, LimitsError, LimitsVersion};
-use crate::store::{Budget, Store};
+use crate::store::{Budget, KeyCap, Store, Tolerances};
 use crate::{Error, Quota, Strategy};
 
 /// Default longest client id, in bytes.
@@ -112,7 +112,10 @@ struct LimitsState {
 }
 
 struct Inner {
-    store: Store,
+    store: Arc<Store>,
+    cap: Arc<KeyCap>,
+    tolerances: Tolerances,
+    probe_seed: u64,
     cluster: ClusterState,
     limits: RwLock<LimitsState>,
     /// Per-client quotas by key hash; read only while `has_overrides` is set.
@@ -125,7 +128,6 @@ struct Inner {
     max_age_ms: u64,
     max_skew_ms: u64,
     shards: usize,
-    max_keys: usize,
     admission: Admission,
     /// Stores for [`RateLimiter::allow_with`], one per window length.
     ad_hoc: RwLock<Vec<(u64, Arc<Store>)>>,
@@ -198,7 +200,7 @@ impl RateLimiter {
     fn allow_inner(&self, client: &str, timestamp_ms: i64) -> bool {
         match self.validate(client.as_bytes(), timestamp_ms) {
             Ok((key, now)) => match self.override_of(key) {
-                None => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref()).unwrap_or(false),
+                None => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(now).as_ref()).unwrap_or(false),
                 Some(q) => self.decide_override(key, q, timestamp_ms, now).is_ok_and(|d| d.allowed),
             },
             Err(_) => false,
@@ -215,26 +217,23 @@ impl RateLimiter {
     }
 
     fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
-        let budget = self.budget(ts_ms);
-        let v = if quota.window_ms() == self.inner.store.quota().window_ms() {
-            self.inner.store.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?
-        } else {
-            self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?
-        };
+        let budget = self.budget(now_ms);
+        let v = self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?;
         Ok(Decision::from_verdict(v, quota.limit()))
     }
 
-    /// The bounded policy's round for a request at `ts_ms`, when it applies.
+    /// The bounded policy's round at `now_ms` (the limiter's clock, not the request's
+    /// timestamp: rounds must only move forward), when the policy applies.
     #[inline]
-    fn budget(&self, ts_ms: i64) -> Option<Budget> {
+    fn budget(&self, now_ms: i64) -> Option<Budget> {
         let c = &self.inner.cluster;
         if !c.bounded.load(Ordering::Relaxed) {
             return None;
         }
         let round_ms = c.round_ms.load(Ordering::Relaxed).max(1) as i64;
         Some(Budget {
-            round: ts_ms.div_euclid(round_ms) as u32,
-            round_left_ms: (round_ms - ts_ms.rem_euclid(round_ms)) as u64,
+            round: now_ms.div_euclid(round_ms) as u32,
+            round_left_ms: (round_ms - now_ms.rem_euclid(round_ms)) as u64,
             live_replicas: c.live_replicas.load(Ordering::Relaxed),
             salt: c.salt.load(Ordering::Relaxed),
         })
@@ -258,7 +257,7 @@ impl RateLimiter {
             return self.decide_override(key, q, timestamp_ms, now);
         }
         let quota = self.inner.store.quota();
-        let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref())?;
+        let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(now).as_ref())?;
         Ok(Decision::from_verdict(v, quota.limit()))
     }
 
@@ -285,8 +284,13 @@ impl RateLimiter {
         Ok(Decision::from_verdict(v, quota.limit()))
     }
 
+    /// The store for `quota`'s window: the main store if it has that window, else one of
+    /// the `allow_with` stores (created on first use, at most [`MAX_AD_HOC_WINDOWS`]).
     pub(crate) fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
         let w = quota.window_ms();
+        if w == self.inner.store.quota().window_ms() {
+            return Ok(self.inner.store.clone());
+        }
         if let Some((_, s)) = self.inner.ad_hoc.read().iter().find(|(win, _)| *win == w) {
             return Ok(s.clone());
         }
@@ -297,7 +301,8 @@ impl RateLimiter {
         if stores.len() >= MAX_AD_HOC_WINDOWS {
             return Err(Error::TooManyWindows { max: MAX_AD_HOC_WINDOWS });
         }
-        let store = Arc::new(Store::new(self.inner.shards, self.inner.max_keys, self.inner.max_age_ms, quota, self.inner.strategy));
+        let i = &self.inner;
+        let store = Arc::new(Store::new(i.shards, i.cap.clone(), i.tolerances, i.probe_seed ^ w, quota, i.strategy));
         if self.inner.cluster.attached.load(Ordering::Relaxed) {
             store.track_changes();
         }
@@ -362,9 +367,12 @@ impl RateLimiter {
         let now = self.inner.clock.now_ms().max(0) as u64;
         let node = self.inner.cluster.node.load(Ordering::Relaxed);
         let current = self.inner.limits.read().version;
-        let version = LimitsVersion { at_ms: now.max(current.at_ms + 1), node };
-        self.install_limits(config, version)?;
-        Ok(version)
+        let version = LimitsVersion { at_ms: now.max(current.at_ms.saturating_add(1)), node };
+        if self.install_limits(config, version)? {
+            Ok(version)
+        } else {
+            Err(LimitsError::Superseded)
+        }
     }
 
     /// The version and the configuration in force (`None` until limits are applied).
@@ -446,8 +454,11 @@ impl RateLimiter {
 
     /// Calls `f` with every store: the main one, then one per `allow_with` window length.
     pub(crate) fn for_each_store(&self, mut f: impl FnMut(u64, &Store)) {
-        f(self.quota().window_ms(), &self.inner.store);
-        for (w, s) in self.inner.ad_hoc.read().iter() {
+        let main = self.quota().window_ms();
+        f(main, &self.inner.store);
+        // A store made for a window the main store has since taken on is skipped: it no
+        // longer decides anything, and its window length must name one store only.
+        for (w, s) in self.inner.ad_hoc.read().iter().filter(|(w, _)| *w != main) {
             f(*w, s);
         }
     }
@@ -461,6 +472,15 @@ impl RateLimiter {
         let quota = Quota::new(1, Duration::from_millis(window_ms))?;
         let store = self.ad_hoc_store(quota)?;
         Ok(f(&store))
+    }
+
+    /// Calls `f` with the store for `window_ms` if there is one; never creates one.
+    pub(crate) fn with_existing_store<T>(&self, window_ms: u64, f: impl FnOnce(&Store) -> T) -> Option<T> {
+        if self.quota().window_ms() == window_ms {
+            return Some(f(&self.inner.store));
+        }
+        let store = self.inner.ad_hoc.read().iter().find(|(w, _)| *w == window_ms).map(|(_, s)| s.clone())?;
+        Some(f(&store))
     }
 }
 
@@ -600,9 +620,18 @@ impl Builder {
             }
         };
         let secret = self.hash_secret.unwrap_or_else(KeyHasher::random_secret);
+        let cap = KeyCap::new(self.max_keys);
+        let tolerances =
+            Tolerances { max_age_ms: self.max_timestamp_age.as_millis() as u64, max_skew_ms: self.max_clock_skew.as_millis() as u64 };
+        // Where keys start probing in the store's tables: per process, so no peer can
+        // line keys up. It changes no decision, only the memory layout.
+        let probe_seed = u64::from_le_bytes(KeyHasher::random_secret()[..8].try_into().unwrap_or([0; 8]));
         Ok(RateLimiter {
             inner: Arc::new(Inner {
-                store: Store::new(shards, self.max_keys, self.max_timestamp_age.as_millis() as u64, quota, self.strategy),
+                store: Arc::new(Store::new(shards, cap.clone(), tolerances, probe_seed, quota, self.strategy)),
+                cap,
+                tolerances,
+                probe_seed,
                 cluster: ClusterState {
                     attached: AtomicBool::new(false),
                     bounded: AtomicBool::new(false),
@@ -622,7 +651,6 @@ impl Builder {
                 max_age_ms: self.max_timestamp_age.as_millis() as u64,
                 max_skew_ms: self.max_clock_skew.as_millis() as u64,
                 shards,
-                max_keys: self.max_keys,
                 ad_hoc: RwLock::new(Vec::new()),
             }),
         })

@@ -28,7 +28,10 @@ use crate::{Error, Quota};
 /// The most tiers a configuration may name.
 pub const MAX_TIERS: usize = 1_024;
 /// The most per-client overrides a configuration may hold.
-pub const MAX_OVERRIDES: usize = 100_000;
+pub const MAX_OVERRIDES: usize = 10_000;
+/// The most bytes of client ids and tier names a configuration may hold, so that it
+/// always fits one gossip message (see `MAX_DECODE_BYTES`).
+pub const MAX_NAME_BYTES: usize = 256 * 1024;
 /// The longest tier name, in bytes.
 pub const MAX_TIER_NAME: usize = 64;
 
@@ -126,6 +129,9 @@ pub enum LimitsError {
     /// Too many tiers or overrides, or a name too long or empty.
     #[error("limits out of bounds: {0}")]
     TooLarge(&'static str),
+    /// A newer configuration (from another node) is already in force.
+    #[error("a newer limits configuration is already in force")]
+    Superseded,
 }
 
 impl LimitsConfig {
@@ -159,6 +165,11 @@ impl LimitsConfig {
         }
         if self.clients.len() > MAX_OVERRIDES {
             return Err(LimitsError::TooLarge("more than MAX_OVERRIDES client overrides"));
+        }
+        let names: usize = self.tiers.keys().map(String::len).sum::<usize>()
+            + self.clients.iter().map(|(c, o)| c.len() + o.tier.as_ref().map_or(0, String::len)).sum::<usize>();
+        if names > MAX_NAME_BYTES {
+            return Err(LimitsError::TooLarge("more than MAX_NAME_BYTES of names"));
         }
         let quota = |what: String, spec: &QuotaSpec| spec.to_quota().map_err(|source| LimitsError::Quota { what, source });
         let default = quota("default".into(), &self.default)?;
