@@ -1059,7 +1059,7 @@ impl State {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         if left {
             if let Some(h) = c.hello {
-                if p.incarnation.map_or(true, |i| h.incarnation >= i) {
+                if p.incarnation.is_none_or(|i| h.incarnation >= i) {
                     p.left = Some(h.incarnation);
                     p.synced = false;
                     self.node.remove_peer(peer);
@@ -1068,13 +1068,21 @@ impl State {
             }
             return;
         }
-        if was_active && p.active.is_none() {
+        if p.active.is_some() {
+            return;
+        }
+        // Lost, or refused before it was ever used (a mismatch, a timeout): redial later,
+        // backing off further if it never became the peer's connection.
+        if was_active {
             tracing::info!(peer = %name, %reason, "connection to peer lost; reconnecting");
-            let failures = p.dial.failures;
-            let delay = self.backoff(sh, failures, Some(peer));
-            if let Some(p) = self.peers.get_mut(&peer) {
-                p.dial.next_at = Instant::now() + delay;
-            }
+        } else {
+            tracing::debug!(peer = %name, %reason, "connection closed before use");
+            p.dial.failures += 1;
+        }
+        let failures = p.dial.failures;
+        let delay = self.backoff(sh, failures, Some(peer));
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.dial.next_at = p.dial.next_at.max(Instant::now() + delay);
         }
     }
 }
