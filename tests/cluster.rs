@@ -585,3 +585,39 @@ async fn garbage_from_an_authenticated_peer_is_dropped_without_harm() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limits_change_on_one_node_takes_effect_on_all_three() {
+    use crdt_rate_limiter::LimitsConfig;
+    bounded(30, async {
+        let ca = Ca::new();
+        let a = start(&ca, "limits-a", limiter(5, Duration::from_secs(1)), &[]).await;
+        let b = start(&ca, "limits-b", limiter(5, Duration::from_secs(1)), &[&a]).await;
+        let c = start(&ca, "limits-c", limiter(5, Duration::from_secs(1)), &[&a, &b]).await;
+        full_mesh(&[&a, &b, &c]).await;
+        let cfg = LimitsConfig::from_toml(
+            "[default]\nlimit = 40\nwindow_ms = 1000\n[tiers.gold]\nlimit = 400\nwindow_ms = 1000\n[clients]\n\"acme\" = { tier = \"gold\" }\n",
+        )
+        .unwrap();
+        let version = b.limiter().apply_limits(cfg.clone()).unwrap();
+        eventually("every node to put the new limits in force", Duration::from_secs(5), || {
+            [&a, &b, &c].iter().all(|n| n.limiter().limits() == (version, Some(cfg.clone())))
+        })
+        .await;
+        for node in [&a, &b, &c] {
+            let now = node.limiter().now_ms();
+            assert_eq!(node.limiter().check("someone", now).unwrap().limit, 40);
+            assert_eq!(node.limiter().check("acme", now).unwrap().limit, 400);
+        }
+        // An invalid change is refused where it is made and reaches no one.
+        let mut bad = cfg.clone();
+        bad.default.window_ms = 0;
+        assert!(c.limiter().apply_limits(bad).is_err());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!([&a, &b, &c].iter().all(|n| n.limiter().limits().0 == version));
+        for n in [a, b, c] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
