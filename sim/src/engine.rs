@@ -120,6 +120,8 @@ struct Node {
 struct Totals {
     messages: u64,
     bytes: u64,
+    reliable_messages: u64,
+    reliable_bytes: u64,
     delivered: u64,
     lost: u64,
     partitioned: u64,
@@ -559,6 +561,8 @@ impl<'a> Sim<'a> {
             return;
         }
         if t.reliable {
+            self.totals.reliable_messages += 1;
+            self.totals.reliable_bytes += t.bytes.len() as u64;
             let rto_us = 3 * self.cfg.latency_ms.1.max(1) as i64 * 1000;
             let mut delay = self.latency_us() + self.reorder_us();
             let mut losses = 0;
@@ -758,6 +762,8 @@ impl<'a> Sim<'a> {
             convergence_ms: self.convergence_ms,
             messages: t.messages,
             bytes: t.bytes,
+            reliable_messages: t.reliable_messages,
+            reliable_bytes: t.reliable_bytes,
             delivered: t.delivered,
             lost: t.lost,
             partitioned: t.partitioned,

@@ -44,6 +44,10 @@ pub struct Report {
     pub messages: u64,
     /// Bytes of those messages.
     pub bytes: u64,
+    /// Of those, messages sent reliably (full syncs and repairs).
+    pub reliable_messages: u64,
+    /// Bytes of the reliable messages.
+    pub reliable_bytes: u64,
     /// Messages (copies included) a node accepted.
     pub delivered: u64,
     /// Datagrams lost, and reliable messages given up after every retransmission was lost.
@@ -127,7 +131,13 @@ impl Report {
                     _ => format!("NO, not within {} ms", c.tail_cap_ms),
                 },
             ),
-            ("messages", format!("{} ({} bytes)", self.messages, self.bytes)),
+            (
+                "messages",
+                format!(
+                    "{} ({} bytes); {} reliable ({} bytes: full syncs and repairs)",
+                    self.messages, self.bytes, self.reliable_messages, self.reliable_bytes
+                ),
+            ),
             (
                 "network",
                 format!(
