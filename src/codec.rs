@@ -17,7 +17,7 @@
 use bincode::config::{self, Configuration};
 use serde::{Deserialize, Serialize};
 
-use crate::ReplicaId;
+use crate::{LimitsConfig, LimitsVersion, ReplicaId};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -30,6 +30,14 @@ pub(crate) const MAX_DIGEST_ROWS: usize = 4096;
 
 const CONFIG: Configuration<config::LittleEndian, config::Varint, config::Limit<MAX_DECODE_BYTES>> =
     config::standard().with_limit::<MAX_DECODE_BYTES>();
+
+/// Window indices, times and versions on the wire are within ±2⁵⁰ (Unix ms up to year
+/// 37,000; any window index): larger values are refused before any arithmetic.
+pub(crate) const MAX_ABS_TIME: i64 = 1 << 50;
+
+fn in_range(v: i64) -> bool {
+    (-MAX_ABS_TIME..=MAX_ABS_TIME).contains(&v)
+}
 
 /// Anti-entropy fingerprints are kept per bucket of the key space (the top 3 bits).
 pub(crate) const DIGEST_BUCKETS: usize = 8;
@@ -47,12 +55,21 @@ pub(crate) enum Body {
     /// Absolute counts, grouped by the replica that made them. Empty: a heartbeat.
     Counts(Vec<Batch>),
     /// Anti-entropy: fingerprints of what the sender holds per replica and key bucket,
-    /// over the windows `window - 1` and `window` of length `window_ms`.
-    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow> },
+    /// over the windows `window - 1` and `window` of length `window_ms`, and the version
+    /// of the limits it has in force.
+    /// `complete` is false when the rows of one digest were split over several messages:
+    /// a replica missing from an incomplete digest may be in another part.
+    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow>, limits: LimitsVersion, complete: bool },
     /// Asks for the counts of these (replica, bucket mask) pairs.
     Repair { window_ms: u32, wanted: Vec<(ReplicaId, u8)> },
     /// Asks for everything the receiver holds (sent on start).
     SyncRequest,
+    /// The limits register: a configuration and its version (the latest wins).
+    Limits { version: LimitsVersion, config: LimitsConfig },
+    /// A clock sample: the sender's Unix ms, and, in a reply, the sample it answers
+    /// (its send time) and how long the replier held it. Gives round-trip time and
+    /// clock offset, as NTP does.
+    Ping { sent_at_ms: i64, echo: Option<(i64, u32)> },
 }
 
 /// Counts of one replica for one window length.
@@ -122,22 +139,32 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 return Err(DecodeError::OutOfBounds("too many batches"));
             }
             for b in batches {
-                if b.window_ms == 0 {
-                    return Err(DecodeError::OutOfBounds("zero window"));
+                if b.window_ms == 0 || !in_range(b.base_window) {
+                    return Err(DecodeError::OutOfBounds("batch window"));
                 }
                 if b.entries.iter().any(|e| e.window_offset > 1 || e.count > u64::from(u32::MAX)) {
                     return Err(DecodeError::OutOfBounds("entry window or count out of range"));
                 }
             }
         }
-        Body::Digest { window_ms, rows, .. } => {
-            if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS {
+        Body::Limits { config, version } => {
+            if version.at_ms > MAX_ABS_TIME as u64 || config.resolve().is_err() {
+                return Err(DecodeError::OutOfBounds("invalid limits"));
+            }
+        }
+        Body::Digest { window_ms, rows, window, limits, .. } => {
+            if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS || !in_range(*window) || limits.at_ms > MAX_ABS_TIME as u64 {
                 return Err(DecodeError::OutOfBounds("digest"));
             }
         }
         Body::Repair { window_ms, wanted } => {
             if *window_ms == 0 || wanted.len() > MAX_DIGEST_ROWS {
                 return Err(DecodeError::OutOfBounds("repair"));
+            }
+        }
+        Body::Ping { sent_at_ms, echo } => {
+            if !in_range(*sent_at_ms) || echo.is_some_and(|(t, _)| !in_range(t)) {
+                return Err(DecodeError::OutOfBounds("ping time"));
             }
         }
         Body::SyncRequest => {}

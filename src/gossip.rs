@@ -40,7 +40,7 @@ use std::sync::atomic::Ordering;
 
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
 use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
-use crate::{Admission, Error, RateLimiter, ReplicaId};
+use crate::{Admission, Error, LimitsVersion, RateLimiter, ReplicaId};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
 /// verified certificate).
@@ -48,6 +48,9 @@ pub type PeerId = u64;
 
 /// The most replicas (node incarnations) a node keeps counts for.
 pub const MAX_REPLICAS: usize = 65_536;
+/// The most messages waiting for [`GossipNode::poll_transmit`]; past it new ones are
+/// dropped and counted (a driver that stops polling cannot grow memory without bound).
+pub const MAX_OUTBOX: usize = 65_536;
 
 /// Settings of a [`GossipNode`]. Every field has a documented default and range.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +177,12 @@ pub struct GossipStats {
     pub digests_sent: u64,
     /// Buckets found different by a digest and repaired.
     pub buckets_repaired: u64,
+    /// Newer limits received and put in force.
+    pub limits_installed: u64,
+    /// Messages dropped because the outbox was full.
+    pub outbox_dropped: u64,
+    /// Counts dropped for a window no acceptable timestamp falls in.
+    pub out_of_range: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -181,6 +190,28 @@ struct Peer {
     last_heard_ms: Option<i64>,
     up: bool,
     incarnation: Option<u64>,
+    rtt_ms: Option<i64>,
+    clock_offset_ms: Option<i64>,
+    /// Our unanswered ping to it: its send time.
+    ping_sent_ms: Option<i64>,
+    /// When it was last sent everything at its request.
+    last_sync_answered_ms: Option<i64>,
+}
+
+/// What a node knows of one peer. See [`GossipNode::peer_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// The peer.
+    pub peer: PeerId,
+    /// Heard from within the suspicion timeout.
+    pub up: bool,
+    /// When it was last heard from (Unix ms).
+    pub last_heard_ms: Option<i64>,
+    /// The latest round-trip time measured by a ping.
+    pub rtt_ms: Option<i64>,
+    /// Its clock minus ours, estimated from the latest ping (NTP's offset).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// One count with its replica resolved, as [`GossipNode::state`] reports it.
@@ -215,6 +246,8 @@ pub struct GossipNode {
     outbox: VecDeque<Transmit>,
     /// Counts learned this round, forwarded next round in fan-out mode.
     relay: Vec<Outgoing>,
+    /// The newest limits version sent to every peer.
+    limits_sent: LimitsVersion,
     stats: GossipStats,
 }
 
@@ -223,7 +256,8 @@ impl GossipNode {
     /// `seed`. Asks `peers` for a full sync.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a setting out of range.
+    /// [`Error::InvalidConfig`] for a setting out of range, or if `limiter` already has a
+    /// gossip node (the store's replica slots belong to one node).
     pub fn new(
         limiter: RateLimiter,
         cfg: GossipConfig,
@@ -233,11 +267,15 @@ impl GossipNode {
     ) -> Result<Self, Error> {
         cfg.validate()?;
         let cluster = limiter.cluster();
+        if cluster.attached.swap(true, Ordering::AcqRel) {
+            return Err(Error::InvalidConfig { field: "limiter", reason: "already has a gossip node" });
+        }
         cluster.round_ms.store(cfg.interval_ms, Ordering::Relaxed);
         cluster.salt.store(splitmix64(seed ^ cfg.replica.node), Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);
         cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
-        cluster.attached.store(true, Ordering::Relaxed);
+        cluster.node.store(cfg.replica.node, Ordering::Relaxed);
+
         limiter.for_each_store(|_, s| s.track_changes());
         let mut node = Self {
             limiter,
@@ -250,6 +288,7 @@ impl GossipNode {
             round: 0,
             outbox: VecDeque::new(),
             relay: Vec::new(),
+            limits_sent: LimitsVersion::default(),
             stats: GossipStats::default(),
         };
         for p in peers {
@@ -287,6 +326,32 @@ impl GossipNode {
     /// All configured peers.
     pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.peers.keys().copied()
+    }
+
+    /// What this node knows of each peer.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.peers
+            .iter()
+            .map(|(&peer, p)| PeerStats {
+                peer,
+                up: p.up,
+                last_heard_ms: p.last_heard_ms,
+                rtt_ms: p.rtt_ms,
+                clock_offset_ms: p.clock_offset_ms,
+            })
+            .collect()
+    }
+
+    /// An upper estimate of how stale this node's view is at `now_ms`: over live peers,
+    /// the time since last heard plus half a round trip. 0 with no live peer.
+    pub fn view_lag_ms(&self, now_ms: i64) -> i64 {
+        self.peers
+            .values()
+            .filter(|p| p.up)
+            .filter_map(|p| p.last_heard_ms.map(|t| now_ms - t + p.rtt_ms.unwrap_or(0) / 2))
+            .max()
+            .unwrap_or(0)
+            .max(0)
     }
 
     /// Every count this node holds (local and remote, both retained windows, every
@@ -355,9 +420,40 @@ impl GossipNode {
         self.heard(from, msg.from.incarnation, now_ms);
         match msg.body {
             Body::Counts(batches) => self.merge_batches(&batches, now_ms),
-            Body::SyncRequest => self.send_everything(from, now_ms),
-            Body::Digest { window_ms, window, rows } => self.answer_digest(from, u64::from(window_ms), window, &rows, now_ms),
+            Body::SyncRequest => {
+                // At most one full sync per peer per suspicion period, on request.
+                let period = self.suspect_after_ms();
+                let due = self.peers.get(&from).and_then(|p| p.last_sync_answered_ms).is_none_or(|t| now_ms - t >= period);
+                if due {
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.last_sync_answered_ms = Some(now_ms);
+                    }
+                    self.send_everything(from, now_ms);
+                }
+            }
+            Body::Digest { window_ms, window, rows, limits, complete } => {
+                if self.limiter.limits().0 > limits {
+                    self.send_limits(from);
+                }
+                self.answer_digest(from, u64::from(window_ms), window, &rows, complete, now_ms)
+            }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
+            Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
+            // A version from further in the future than a day is a broken clock or a
+            // hostile peer: it would freeze the register.
+            Body::Limits { version, .. } if version.at_ms > (now_ms.max(0) as u64).saturating_add(86_400_000) => self.stats.refused += 1,
+            Body::Limits { version, config } => match self.limiter.install_limits(config, version) {
+                Ok(true) => {
+                    tracing::info!(from, at_ms = version.at_ms, origin = version.node, "limits from a peer put in force");
+                    self.stats.limits_installed += 1;
+                    if !self.fan_out() {
+                        // Every peer heard it from the origin.
+                        self.limits_sent = self.limits_sent.max(version);
+                    }
+                }
+                Ok(false) => {}
+                Err(_) => self.stats.refused += 1,
+            },
         }
         Ok(())
     }
@@ -454,6 +550,7 @@ impl GossipNode {
         p.up = true;
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
         if came_up || new_incarnation {
+            tracing::info!(peer = from, incarnation, new_incarnation, "peer up");
             self.publish_live();
             // A peer that joins, heals from a partition or restarts gets everything.
             self.send_everything(from, now_ms);
@@ -466,17 +563,30 @@ impl GossipNode {
     }
 
     fn run_round(&mut self, now_ms: i64) {
+        let _span = tracing::debug_span!("gossip_round", node = self.cfg.replica.node, round = self.round + 1).entered();
         self.stats.rounds += 1;
         self.round += 1;
         let suspect = self.suspect_after_ms();
         let mut changed = false;
-        for p in self.peers.values_mut() {
+        for (id, p) in self.peers.iter_mut() {
             let up = p.last_heard_ms.is_some_and(|t| now_ms - t <= suspect);
+            if p.up && !up {
+                tracing::warn!(peer = id, silent_ms = p.last_heard_ms.map(|t| now_ms - t), "peer down");
+            }
             changed |= up != p.up;
             p.up = up;
         }
         if changed {
             self.publish_live();
+        }
+
+        // New limits go to every peer at once: all nodes apply them within a round.
+        if self.limiter.limits().0 > self.limits_sent {
+            self.limits_sent = self.limiter.limits().0;
+            let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+            for p in peers {
+                self.send_limits(p);
+            }
         }
 
         // What changed: our own counts, plus in fan-out mode what we learned.
@@ -522,6 +632,14 @@ impl GossipNode {
         if self.round % self.cfg.anti_entropy_rounds == 0 {
             if let Some(&to) = self.pick(&live, 1).first() {
                 self.send_digests(to, now_ms);
+            }
+            // A clock sample from every live peer (fan-out mode: the ones picked).
+            let sample = if fan_out { self.pick(&live, self.cfg.fanout) } else { live };
+            for p in sample {
+                if let Some(peer) = self.peers.get_mut(&p) {
+                    peer.ping_sent_ms = Some(now_ms);
+                }
+                self.send(p, &Envelope { version: WIRE_VERSION, from: me, body: Body::Ping { sent_at_ms: now_ms, echo: None } }, false);
             }
         }
     }
@@ -580,6 +698,10 @@ impl GossipNode {
     }
 
     fn queue(&mut self, to: PeerId, bytes: Vec<u8>, reliable: bool) {
+        if self.outbox.len() >= MAX_OUTBOX {
+            self.stats.outbox_dropped += 1;
+            return;
+        }
         self.stats.messages_sent += 1;
         self.stats.bytes_sent += bytes.len() as u64;
         self.outbox.push_back(Transmit { to, bytes, reliable });
@@ -610,9 +732,14 @@ impl GossipNode {
             let stats = &mut self.stats;
             let relay = &mut self.relay;
             let _ = limiter.with_store(window_ms, |store: &Store| {
+                let range = store.acceptable_windows(now_ms, window_ms);
                 for e in &b.entries {
                     let key = u64::from_le_bytes(e.key);
                     let window = b.base_window - i64::from(e.window_offset);
+                    if !range.contains(&window) {
+                        stats.out_of_range += 1;
+                        continue;
+                    }
                     match store.merge(key, window, slot, e.count, now_ms) {
                         Ok(true) => {
                             stats.entries_merged += 1;
@@ -640,7 +767,41 @@ impl GossipNode {
         out
     }
 
+    fn answer_ping(&mut self, from: PeerId, sent_at_ms: i64, echo: Option<(i64, u32)>, now_ms: i64) {
+        match echo {
+            None => {
+                // Replies are sent at once: the hold time is zero in virtual time, and a
+                // driver's queueing shows up as round-trip time.
+                let me = self.cfg.replica;
+                let body = Body::Ping { sent_at_ms: now_ms, echo: Some((sent_at_ms, 0)) };
+                self.send(from, &Envelope { version: WIRE_VERSION, from: me, body }, false);
+            }
+            Some((t1, hold)) => {
+                // Only an answer to our outstanding ping counts (a peer cannot make up
+                // samples). t1: our send; t2 = t3 - hold: their receipt; t3: their
+                // reply; t4: now. All within ±2⁵⁰ (checked at decoding): no overflow.
+                let Some(p) = self.peers.get_mut(&from) else { return };
+                if p.ping_sent_ms != Some(t1) {
+                    return;
+                }
+                p.ping_sent_ms = None;
+                let (t3, t4) = (sent_at_ms, now_ms.clamp(-codec::MAX_ABS_TIME, codec::MAX_ABS_TIME));
+                let t2 = t3 - i64::from(hold);
+                p.rtt_ms = Some(((t4 - t1) - i64::from(hold)).max(0));
+                p.clock_offset_ms = Some(((t2 - t1) + (t3 - t4)) / 2);
+            }
+        }
+    }
+
+    fn send_limits(&mut self, to: PeerId) {
+        if let (version, Some(config)) = self.limiter.limits() {
+            let me = self.cfg.replica;
+            self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Limits { version, config } }, true);
+        }
+    }
+
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
+        self.send_limits(to);
         let mut all = self.everything(now_ms, |_| true);
         self.stats.full_syncs_sent += 1;
         self.stats.entries_sent += all.len() as u64;
@@ -653,7 +814,8 @@ impl GossipNode {
     fn fingerprints(&self, window_ms: u64, window: i64, now_ms: i64) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
         let mut rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = BTreeMap::new();
         let mut buf: Vec<Exported> = Vec::new();
-        let _ = self.limiter.with_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
+        // Never create a store for a window length named only by a peer's digest.
+        let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
         for e in buf.iter().filter(|e| e.window == window || e.window == window - 1) {
             let row = rows.entry(self.replica_of(e.slot)).or_default();
             row[bucket(e.key)] =
@@ -672,26 +834,21 @@ impl GossipNode {
                 self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
             // Rows are ~80 bytes: keep each digest within the message budget.
             let per_message = (self.cfg.max_message_bytes / 96).max(1);
+            let limits = self.limiter.limits().0;
+            let complete = rows.len() <= per_message;
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
-                self.send(
-                    to,
-                    &Envelope {
-                        version: WIRE_VERSION,
-                        from: me,
-                        body: Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec() },
-                    },
-                    false,
-                );
+                let body = Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec(), limits, complete };
+                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body }, false);
             }
         }
     }
 
-    fn answer_digest(&mut self, from: PeerId, window_ms: u64, window: i64, rows: &[DigestRow], now_ms: i64) {
+    fn answer_digest(&mut self, from: PeerId, window_ms: u64, window: i64, rows: &[DigestRow], complete: bool, now_ms: i64) {
         let mine = self.fingerprints(window_ms, window, now_ms);
         let theirs: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = rows.iter().map(|r| (r.replica, r.buckets)).collect();
-        // A digest may be split over several messages: compare only the replicas it
-        // names, plus ours where the sender named none of its rows (a short digest).
+        // A digest may be split over several messages: compare the replicas it names, and
+        // only a complete digest says the sender lacks the replicas it does not name.
         let mut wanted: Vec<(ReplicaId, u8)> = Vec::new();
         for (replica, theirs) in &theirs {
             let ours = mine.get(replica).copied().unwrap_or_default();
@@ -701,7 +858,7 @@ impl GossipNode {
             }
         }
         for (replica, ours) in &mine {
-            if !theirs.contains_key(replica) && ours.iter().any(|&f| f != 0) && rows.len() < (self.cfg.max_message_bytes / 96).max(1) {
+            if complete && !theirs.contains_key(replica) && ours.iter().any(|&f| f != 0) {
                 wanted.push((*replica, 0xFF));
             }
         }
@@ -731,6 +888,139 @@ impl GossipNode {
     }
 }
 
+impl Drop for GossipNode {
+    /// Detaches from the limiter: it decides on its own again and stops marking changes.
+    fn drop(&mut self) {
+        let cluster = self.limiter.cluster();
+        cluster.bounded.store(false, Ordering::Relaxed);
+        cluster.live_replicas.store(1, Ordering::Relaxed);
+        self.limiter.for_each_store(|_, s| s.untrack_changes());
+        cluster.attached.store(false, Ordering::Release);
+    }
+}
+
 fn bucket(key: u64) -> usize {
     (key >> 61) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, Quota, Strategy};
+    use std::time::Duration;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn node(id: u64, peers: &[u64]) -> GossipNode {
+        node_with(id, peers, 10, Admission::Optimistic)
+    }
+
+    fn node_with(id: u64, peers: &[u64], limit: u64, admission: Admission) -> GossipNode {
+        let limiter = RateLimiter::builder()
+            .quota(Quota::new(limit, Duration::from_secs(1)).unwrap())
+            .strategy(Strategy::FixedWindow)
+            .admission(admission)
+            .clock(ManualClock::new(T0))
+            .hash_secret([7; 16])
+            .build()
+            .unwrap();
+        GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
+    }
+
+    fn counts_from(node: u64, window: i64, key: u64, count: u64) -> Vec<u8> {
+        let replica = ReplicaId { node, incarnation: 1 };
+        let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
+        codec::encode(&Envelope {
+            version: WIRE_VERSION,
+            from: replica,
+            body: Body::Counts(vec![Batch { replica, window_ms: 1000, base_window: window, entries }]),
+        })
+    }
+
+    #[test]
+    fn a_count_for_a_future_window_is_dropped_instead_of_wiping_the_present() {
+        let mut n = node(1, &[2]);
+        let key = n.limiter().key_hash("c");
+        for _ in 0..10 {
+            assert!(n.limiter().allow("c", T0));
+        }
+        let w0 = T0 / 1000;
+        for window in [w0 + 3, w0 + (1 << 32), w0 - (1 << 32), w0 + (1 << 31)] {
+            n.handle_message(2, &counts_from(2, window, key, 1), T0).unwrap();
+        }
+        assert_eq!(n.stats().out_of_range, 4);
+        assert!(!n.limiter().allow("c", T0), "the limit still holds");
+        // Within the clock-skew tolerance (2 s) a window ahead is fine.
+        n.handle_message(2, &counts_from(2, w0 + 2, key, 1), T0).unwrap();
+        assert_eq!(n.stats().out_of_range, 4);
+    }
+
+    #[test]
+    fn hostile_extreme_values_are_refused_at_decoding_without_panicking() {
+        let mut n = node(1, &[2]);
+        let from = ReplicaId { node: 2, incarnation: 1 };
+        let bodies = [
+            Body::Ping { sent_at_ms: i64::MIN, echo: Some((i64::MAX, 5)) },
+            Body::Digest { window_ms: 1000, window: i64::MIN, rows: Vec::new(), limits: LimitsVersion::default(), complete: true },
+            Body::Counts(vec![Batch {
+                replica: from,
+                window_ms: 1000,
+                base_window: i64::MIN,
+                entries: vec![WireEntry { key: [1; 8], window_offset: 1, count: 1 }],
+            }]),
+        ];
+        for body in bodies {
+            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from, body });
+            assert!(matches!(n.handle_message(2, &bytes, T0), Err(MessageError::Decode(_))));
+        }
+        // An unsolicited echo sets no clock estimate.
+        let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Ping { sent_at_ms: T0, echo: Some((T0 - 5, 0)) } });
+        n.handle_message(2, &bytes, T0).unwrap();
+        assert_eq!(n.peer_stats()[0].clock_offset_ms, None);
+    }
+
+    #[test]
+    fn a_limiter_serves_one_gossip_node_at_a_time() {
+        let n = node(1, &[2]);
+        let limiter = n.limiter().clone();
+        let second = GossipNode::new(limiter.clone(), GossipConfig::new(ReplicaId { node: 1, incarnation: 2 }), [2], 1, T0);
+        assert!(matches!(second, Err(Error::InvalidConfig { field: "limiter", .. })));
+        drop(n);
+        assert!(GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: 1, incarnation: 2 }), [2], 1, T0).is_ok());
+    }
+
+    #[test]
+    fn allow_with_counts_for_the_default_window_are_replicated_into_the_default_counters() {
+        let mut a = node(1, &[2]);
+        let mut b = node(2, &[1]);
+        for _ in 0..6 {
+            assert!(a.limiter().allow_with("c", 10, Duration::from_secs(1)));
+        }
+        for t in [T0 + 20, T0 + 40] {
+            a.handle_timeout(t);
+            b.handle_timeout(t);
+            while let Some(m) = a.poll_transmit() {
+                let _ = b.handle_message(1, &m.bytes, t + 1);
+            }
+            while let Some(m) = b.poll_transmit() {
+                let _ = a.handle_message(2, &m.bytes, t + 1);
+            }
+        }
+        let admitted = (0..10).filter(|_| b.limiter().allow_with("c", 10, Duration::from_secs(1))).count();
+        assert_eq!(admitted, 4);
+    }
+
+    #[test]
+    fn bounded_budgets_do_not_reset_when_request_timestamps_step_back_a_round() {
+        let mut n = node_with(1, &[2, 3, 4, 5], 100, Admission::Bounded);
+        // Every peer is heard from: five replicas share the quota.
+        for p in 2..=5 {
+            let from = ReplicaId { node: p, incarnation: 1 };
+            let hb = codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Counts(Vec::new()) });
+            n.handle_message(p, &hb, T0).unwrap();
+        }
+        // Timestamps alternate between two rounds; the budget's round is the clock's.
+        let admitted = (0..100).filter(|i| n.limiter().allow("c", T0 - 40 * (i % 2))).count();
+        assert!((15..=25).contains(&admitted), "about a fifth of the quota, not all of it: {admitted}");
+    }
 }

@@ -31,6 +31,9 @@ mod error;
 mod gossip;
 mod key;
 mod limiter;
+mod limits;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "tower")]
 pub mod middleware;
 mod quota;
@@ -41,10 +44,13 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
 pub use counter::{GCounter, ReplicaId};
 pub use error::Error;
-pub use gossip::{GossipConfig, GossipNode, GossipStats, MessageError, PeerId, StateEntry, Transmit, MAX_REPLICAS};
+pub use gossip::{GossipConfig, GossipNode, GossipStats, MessageError, PeerId, PeerStats, StateEntry, Transmit, MAX_OUTBOX, MAX_REPLICAS};
 pub use limiter::{
-    Admission, Builder, Decision, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
-    MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
+    Admission, Builder, Decision, LimiterStats, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN,
+    DEFAULT_MAX_TIMESTAMP_AGE, MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
+};
+pub use limits::{
+    ClientOverride, LimitsConfig, LimitsError, LimitsVersion, QuotaSpec, Resolved, MAX_NAME_BYTES, MAX_OVERRIDES, MAX_TIERS, MAX_TIER_NAME,
 };
 #[cfg(feature = "tower")]
 pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};

@@ -9,7 +9,8 @@ use parking_lot::RwLock;
 use crate::algorithm::Verdict;
 use crate::clock::{Clock, SystemClock};
 use crate::key::KeyHasher;
-use crate::store::{Budget, Store};
+use crate::limits::{LimitsConfig, LimitsError, LimitsVersion};
+use crate::store::{Budget, KeyCap, Store, Tolerances};
 use crate::{Error, Quota, Strategy};
 
 /// Default longest client id, in bytes.
@@ -27,6 +28,22 @@ pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
 /// How many distinct window lengths [`RateLimiter::allow_with`] keeps counters for.
 pub const MAX_AD_HOC_WINDOWS: usize = 64;
+
+/// What a limiter has decided so far and what it holds. See [`RateLimiter::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LimiterStats {
+    /// Requests admitted.
+    pub allowed: u64,
+    /// Requests refused by a quota (invalid input is not counted here).
+    pub denied: u64,
+    /// Requests admitted with the client at 90 % of its limit or more.
+    pub near_limit: u64,
+    /// Keys tracked.
+    pub active_keys: u64,
+    /// Estimated bytes held by the counters.
+    pub memory_bytes: u64,
+}
 
 /// The outcome of one request, with what a client needs to back off politely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +100,27 @@ pub(crate) struct ClusterState {
     pub(crate) round_ms: AtomicU64,
     pub(crate) live_replicas: AtomicU64,
     pub(crate) salt: AtomicU64,
+    /// This node's id, for the versions of the limits it sets (0 on its own).
+    pub(crate) node: AtomicU64,
+}
+
+/// The limits register: the configuration in force and its version.
+#[derive(Debug, Default)]
+struct LimitsState {
+    version: LimitsVersion,
+    config: Option<LimitsConfig>,
 }
 
 struct Inner {
-    store: Store,
+    store: Arc<Store>,
+    cap: Arc<KeyCap>,
+    tolerances: Tolerances,
+    probe_seed: u64,
     cluster: ClusterState,
+    limits: RwLock<LimitsState>,
+    /// Per-client quotas by key hash; read only while `has_overrides` is set.
+    overrides: RwLock<std::collections::HashMap<u64, Quota>>,
+    has_overrides: AtomicBool,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
     strategy: Strategy,
@@ -95,7 +128,6 @@ struct Inner {
     max_age_ms: u64,
     max_skew_ms: u64,
     shards: usize,
-    max_keys: usize,
     admission: Admission,
     /// Stores for [`RateLimiter::allow_with`], one per window length.
     ad_hoc: RwLock<Vec<(u64, Arc<Store>)>>,
@@ -158,23 +190,50 @@ impl RateLimiter {
     /// [`check`](Self::check) to see why.
     #[inline]
     pub fn allow(&self, client: &str, timestamp_ms: i64) -> bool {
+        #[cfg(feature = "metrics")]
+        return crate::metrics::sampled(|| self.allow_inner(client, timestamp_ms));
+        #[cfg(not(feature = "metrics"))]
+        self.allow_inner(client, timestamp_ms)
+    }
+
+    #[inline]
+    fn allow_inner(&self, client: &str, timestamp_ms: i64) -> bool {
         match self.validate(client.as_bytes(), timestamp_ms) {
-            Ok((key, now)) => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref()).unwrap_or(false),
+            Ok((key, now)) => match self.override_of(key) {
+                None => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(now).as_ref()).unwrap_or(false),
+                Some(q) => self.decide_override(key, q, timestamp_ms, now).is_ok_and(|d| d.allowed),
+            },
             Err(_) => false,
         }
     }
 
-    /// The bounded policy's round for a request at `ts_ms`, when it applies.
+    /// The client's own quota, if the limits in force give it one.
     #[inline]
-    fn budget(&self, ts_ms: i64) -> Option<Budget> {
+    fn override_of(&self, key: u64) -> Option<Quota> {
+        if !self.inner.has_overrides.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.inner.overrides.read().get(&key).copied()
+    }
+
+    fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
+        let budget = self.budget(now_ms);
+        let v = self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?;
+        Ok(Decision::from_verdict(v, quota.limit()))
+    }
+
+    /// The bounded policy's round at `now_ms` (the limiter's clock, not the request's
+    /// timestamp: rounds must only move forward), when the policy applies.
+    #[inline]
+    fn budget(&self, now_ms: i64) -> Option<Budget> {
         let c = &self.inner.cluster;
         if !c.bounded.load(Ordering::Relaxed) {
             return None;
         }
         let round_ms = c.round_ms.load(Ordering::Relaxed).max(1) as i64;
         Some(Budget {
-            round: ts_ms.div_euclid(round_ms) as u32,
-            round_left_ms: (round_ms - ts_ms.rem_euclid(round_ms)) as u64,
+            round: now_ms.div_euclid(round_ms) as u32,
+            round_left_ms: (round_ms - now_ms.rem_euclid(round_ms)) as u64,
             live_replicas: c.live_replicas.load(Ordering::Relaxed),
             salt: c.salt.load(Ordering::Relaxed),
         })
@@ -186,9 +245,19 @@ impl RateLimiter {
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::TimestampTooOld`],
     /// [`Error::TimestampInFuture`], [`Error::KeyCapacity`].
     pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
+        #[cfg(feature = "metrics")]
+        return crate::metrics::sampled(|| self.check_inner(client, timestamp_ms));
+        #[cfg(not(feature = "metrics"))]
+        self.check_inner(client, timestamp_ms)
+    }
+
+    fn check_inner(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         let (key, now) = self.validate(client.as_bytes(), timestamp_ms)?;
+        if let Some(q) = self.override_of(key) {
+            return self.decide_override(key, q, timestamp_ms, now);
+        }
         let quota = self.inner.store.quota();
-        let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(timestamp_ms).as_ref())?;
+        let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(now).as_ref())?;
         Ok(Decision::from_verdict(v, quota.limit()))
     }
 
@@ -215,8 +284,13 @@ impl RateLimiter {
         Ok(Decision::from_verdict(v, quota.limit()))
     }
 
+    /// The store for `quota`'s window: the main store if it has that window, else one of
+    /// the `allow_with` stores (created on first use, at most [`MAX_AD_HOC_WINDOWS`]).
     pub(crate) fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
         let w = quota.window_ms();
+        if w == self.inner.store.quota().window_ms() {
+            return Ok(self.inner.store.clone());
+        }
         if let Some((_, s)) = self.inner.ad_hoc.read().iter().find(|(win, _)| *win == w) {
             return Ok(s.clone());
         }
@@ -227,7 +301,8 @@ impl RateLimiter {
         if stores.len() >= MAX_AD_HOC_WINDOWS {
             return Err(Error::TooManyWindows { max: MAX_AD_HOC_WINDOWS });
         }
-        let store = Arc::new(Store::new(self.inner.shards, self.inner.max_keys, self.inner.max_age_ms, quota, self.inner.strategy));
+        let i = &self.inner;
+        let store = Arc::new(Store::new(i.shards, i.cap.clone(), i.tolerances, i.probe_seed ^ w, quota, i.strategy));
         if self.inner.cluster.attached.load(Ordering::Relaxed) {
             store.track_changes();
         }
@@ -272,8 +347,72 @@ impl RateLimiter {
     /// counts conservatively: the count of each key's current window becomes its count
     /// for the new current window (so a client cannot get a fresh quota by a window
     /// change), and the previous window maps to the previous one.
+    ///
+    /// As a cluster member the change is replicated like [`apply_limits`](Self::apply_limits)
+    /// (tiers and overrides in force are kept).
     pub fn set_quota(&self, quota: Quota) {
-        self.inner.store.set_quota(quota, self.inner.clock.now_ms());
+        let mut cfg = self.limits().1.unwrap_or_else(|| LimitsConfig::new(quota));
+        cfg.default = crate::QuotaSpec::of(&quota);
+        // The overrides in force were valid and a valid default cannot invalidate them.
+        let _ = self.apply_limits(cfg);
+    }
+
+    /// Puts `config` in force: the default quota, tiers and per-client overrides, from
+    /// the next decision on, without losing counts. As a cluster member it is replicated
+    /// to every node, where the latest change wins. Returns its version.
+    ///
+    /// # Errors
+    /// [`LimitsError`] if the configuration is invalid; the one in force stays.
+    pub fn apply_limits(&self, config: LimitsConfig) -> Result<LimitsVersion, LimitsError> {
+        let now = self.inner.clock.now_ms().max(0) as u64;
+        let node = self.inner.cluster.node.load(Ordering::Relaxed);
+        let current = self.inner.limits.read().version;
+        let version = LimitsVersion { at_ms: now.max(current.at_ms.saturating_add(1)), node };
+        if self.install_limits(config, version)? {
+            Ok(version)
+        } else {
+            Err(LimitsError::Superseded)
+        }
+    }
+
+    /// The version and the configuration in force (`None` until limits are applied).
+    pub fn limits(&self) -> (LimitsVersion, Option<LimitsConfig>) {
+        let l = self.inner.limits.read();
+        (l.version, l.config.clone())
+    }
+
+    /// Installs `config` if `version` is newer than the one in force. Returns whether it
+    /// was installed.
+    pub(crate) fn install_limits(&self, config: LimitsConfig, version: LimitsVersion) -> Result<bool, LimitsError> {
+        let (default, clients) = config.resolve()?;
+        let overrides: std::collections::HashMap<u64, Quota> = clients.into_iter().map(|(c, q)| (self.key_hash(c), q)).collect();
+        let mut state = self.inner.limits.write();
+        if version <= state.version && state.config.is_some() {
+            return Ok(false);
+        }
+        if default != self.inner.store.quota() {
+            self.inner.store.set_quota(default, self.inner.clock.now_ms());
+        }
+        self.inner.has_overrides.store(!overrides.is_empty(), Ordering::Relaxed);
+        *self.inner.overrides.write() = overrides;
+        state.version = version;
+        state.config = Some(config);
+        Ok(true)
+    }
+
+    /// Decisions so far and memory held, summed over every store (one shard lock at a
+    /// time: meant for a metrics scrape, not the request path).
+    pub fn stats(&self) -> LimiterStats {
+        let mut out = LimiterStats::default();
+        self.for_each_store(|_, s| {
+            let (t, bytes) = s.tally();
+            out.allowed += t.allowed;
+            out.denied += t.denied;
+            out.near_limit += t.near_limit;
+            out.active_keys += s.len() as u64;
+            out.memory_bytes += bytes as u64;
+        });
+        out
     }
 
     /// Number of keys currently tracked (memory is proportional to it).
@@ -315,8 +454,11 @@ impl RateLimiter {
 
     /// Calls `f` with every store: the main one, then one per `allow_with` window length.
     pub(crate) fn for_each_store(&self, mut f: impl FnMut(u64, &Store)) {
-        f(self.quota().window_ms(), &self.inner.store);
-        for (w, s) in self.inner.ad_hoc.read().iter() {
+        let main = self.quota().window_ms();
+        f(main, &self.inner.store);
+        // A store made for a window the main store has since taken on is skipped: it no
+        // longer decides anything, and its window length must name one store only.
+        for (w, s) in self.inner.ad_hoc.read().iter().filter(|(w, _)| *w != main) {
             f(*w, s);
         }
     }
@@ -330,6 +472,15 @@ impl RateLimiter {
         let quota = Quota::new(1, Duration::from_millis(window_ms))?;
         let store = self.ad_hoc_store(quota)?;
         Ok(f(&store))
+    }
+
+    /// Calls `f` with the store for `window_ms` if there is one; never creates one.
+    pub(crate) fn with_existing_store<T>(&self, window_ms: u64, f: impl FnOnce(&Store) -> T) -> Option<T> {
+        if self.quota().window_ms() == window_ms {
+            return Some(f(&self.inner.store));
+        }
+        let store = self.inner.ad_hoc.read().iter().find(|(w, _)| *w == window_ms).map(|(_, s)| s.clone())?;
+        Some(f(&store))
     }
 }
 
@@ -469,16 +620,29 @@ impl Builder {
             }
         };
         let secret = self.hash_secret.unwrap_or_else(KeyHasher::random_secret);
+        let cap = KeyCap::new(self.max_keys);
+        let tolerances =
+            Tolerances { max_age_ms: self.max_timestamp_age.as_millis() as u64, max_skew_ms: self.max_clock_skew.as_millis() as u64 };
+        // Where keys start probing in the store's tables: per process, so no peer can
+        // line keys up. It changes no decision, only the memory layout.
+        let probe_seed = u64::from_le_bytes(KeyHasher::random_secret()[..8].try_into().unwrap_or([0; 8]));
         Ok(RateLimiter {
             inner: Arc::new(Inner {
-                store: Store::new(shards, self.max_keys, self.max_timestamp_age.as_millis() as u64, quota, self.strategy),
+                store: Arc::new(Store::new(shards, cap.clone(), tolerances, probe_seed, quota, self.strategy)),
+                cap,
+                tolerances,
+                probe_seed,
                 cluster: ClusterState {
                     attached: AtomicBool::new(false),
                     bounded: AtomicBool::new(false),
                     round_ms: AtomicU64::new(1),
                     live_replicas: AtomicU64::new(1),
                     salt: AtomicU64::new(0),
+                    node: AtomicU64::new(0),
                 },
+                limits: RwLock::new(LimitsState::default()),
+                overrides: RwLock::new(std::collections::HashMap::new()),
+                has_overrides: AtomicBool::new(false),
                 admission: self.admission,
                 hasher: KeyHasher::new(secret),
                 clock: self.clock,
@@ -487,7 +651,6 @@ impl Builder {
                 max_age_ms: self.max_timestamp_age.as_millis() as u64,
                 max_skew_ms: self.max_clock_skew.as_millis() as u64,
                 shards,
-                max_keys: self.max_keys,
                 ad_hoc: RwLock::new(Vec::new()),
             }),
         })

@@ -36,6 +36,7 @@
 //! own recent count against everyone's. See `docs/design.md`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -87,6 +88,8 @@ impl Remote {
         }
         self.cur = GCounter::new();
         self.cur_sum = 0;
+        // A budget belongs to one window.
+        self.round = None;
     }
 }
 
@@ -111,6 +114,17 @@ struct Shard {
     dirty: Vec<u64>,
     quota: Quota,
     strategy: Strategy,
+    /// Decisions made in this shard, counted under its lock (no shared atomics).
+    tally: Tally,
+}
+
+/// Decisions counted by a store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Admitted with the view at 90 % of the limit or more.
+    pub near_limit: u64,
 }
 
 /// Distance in windows from `entry` to `now`, both as low 32 bits of window indices.
@@ -189,31 +203,55 @@ pub(crate) struct Exported {
 #[repr(align(128))]
 struct Padded<T>(T);
 
+/// The key cap, shared by every store of a limiter.
+#[derive(Debug)]
+pub(crate) struct KeyCap {
+    keys: AtomicUsize,
+    max: usize,
+}
+
+impl KeyCap {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { keys: AtomicUsize::new(0), max })
+    }
+}
+
+/// Time bounds every store shares: how late and how early a timestamp may be.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tolerances {
+    pub max_age_ms: u64,
+    pub max_skew_ms: u64,
+}
+
 /// The sharded store. See the module documentation.
 pub(crate) struct Store {
     shards: Box<[Padded<Mutex<Shard>>]>,
     shard_mask: u64,
+    /// Keys in this store.
     keys: AtomicUsize,
-    max_keys: usize,
+    cap: Arc<KeyCap>,
     /// Replay tolerance: windows a timestamp this late can reach are kept.
     max_age_ms: i64,
+    /// Clock-skew tolerance: no count for a window later than now plus this is taken.
+    max_skew_ms: i64,
     /// Window index of the last full sweep triggered by the key cap.
     last_cap_sweep: AtomicI64,
     track_changes: AtomicBool,
 }
 
 impl Store {
-    pub(crate) fn new(shards: usize, max_keys: usize, max_age_ms: u64, quota: Quota, strategy: Strategy) -> Self {
+    pub(crate) fn new(shards: usize, cap: Arc<KeyCap>, tolerances: Tolerances, probe_seed: u64, quota: Quota, strategy: Strategy) -> Self {
         debug_assert!(shards.is_power_of_two());
         let shards: Box<[_]> = (0..shards)
-            .map(|_| {
+            .map(|i| {
                 Padded(Mutex::new(Shard {
-                    table: Table::default(),
+                    table: Table::new(splitmix64(probe_seed ^ i as u64)),
                     remote: Vec::new(),
                     free_remote: Vec::new(),
                     dirty: Vec::new(),
                     quota,
                     strategy,
+                    tally: Tally::default(),
                 }))
             })
             .collect();
@@ -222,8 +260,9 @@ impl Store {
             shards,
             shard_mask,
             keys: AtomicUsize::new(0),
-            max_keys,
-            max_age_ms: max_age_ms as i64,
+            cap,
+            max_age_ms: tolerances.max_age_ms as i64,
+            max_skew_ms: tolerances.max_skew_ms as i64,
             last_cap_sweep: AtomicI64::new(i64::MIN),
             track_changes: AtomicBool::new(false),
         }
@@ -267,6 +306,14 @@ impl Store {
         now_ms.saturating_sub(self.max_age_ms).div_euclid(window_ms as i64) as u32
     }
 
+    /// The windows a count may be for at `now_ms`: from the one before the oldest a late
+    /// request can reach, to the newest an early one can.
+    pub(crate) fn acceptable_windows(&self, now_ms: i64, window_ms: u64) -> std::ops::RangeInclusive<i64> {
+        let w = window_ms as i64;
+        let oldest = now_ms.saturating_sub(self.max_age_ms).div_euclid(w) - 1;
+        oldest..=now_ms.saturating_add(self.max_skew_ms).div_euclid(w)
+    }
+
     #[inline]
     fn decide_with<V: Outcome>(
         &self,
@@ -285,12 +332,24 @@ impl Store {
         let w = quota.window_ms() as i64;
         let window = ts_ms.div_euclid(w) as u32;
         let elapsed = ts_ms.rem_euclid(w) as u64;
-        if shard.table.get(key).is_none() {
-            self.reserve_key(shard, self.horizon(now_ms, quota.window_ms()))?;
-            shard.table.insert_new(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE });
-        }
+        let slot = match shard.table.find(key) {
+            Some(i) => {
+                // A key whose window is ahead of any acceptable time is stale state
+                // seen through 32-bit wrap-around: start it afresh.
+                let e = shard.table.at(i);
+                let newest = *self.acceptable_windows(now_ms, quota.window_ms()).end() as u32;
+                if windows_since(e.window, newest) < 0 {
+                    e.window = window.wrapping_sub(2);
+                }
+                i
+            }
+            None => {
+                self.reserve_key(shard, self.horizon(now_ms, quota.window_ms()))?;
+                shard.table.insert_new_at(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE })
+            }
+        };
         let req = Request { quota: &quota, window, elapsed, budget, track };
-        Ok(apply(shard, key, &req, f))
+        Ok(apply(shard, slot, &req, f))
     }
 
     /// Makes room for one more key in `shard` or refuses it.
@@ -298,7 +357,7 @@ impl Store {
     fn reserve_key(&self, shard: &mut Shard, horizon: u32) -> Result<(), Error> {
         if !self.try_count_key() {
             let removed = shard.sweep(horizon);
-            self.keys.fetch_sub(removed, Ordering::Relaxed);
+            self.forget(removed);
             if !self.try_count_key() {
                 self.sweep_all_for_room(shard, horizon)?;
             }
@@ -306,7 +365,7 @@ impl Store {
         if shard.table.is_full() {
             // Grow, dropping what has expired in the same pass: memory follows active keys.
             let removed = shard.sweep(horizon);
-            self.keys.fetch_sub(removed, Ordering::Relaxed);
+            self.forget(removed);
         }
         Ok(())
     }
@@ -322,18 +381,30 @@ impl Store {
             for s in self.shards.iter() {
                 if let Some(mut other) = s.0.try_lock() {
                     let removed = other.sweep(horizon);
-                    self.keys.fetch_sub(removed, Ordering::Relaxed);
+                    self.forget(removed);
                 }
             }
             if self.try_count_key() {
                 return Ok(());
             }
         }
-        Err(Error::KeyCapacity { max: self.max_keys })
+        Err(Error::KeyCapacity { max: self.cap.max })
     }
 
     fn try_count_key(&self) -> bool {
-        self.keys.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_keys).then_some(n + 1)).is_ok()
+        let ok = self.cap.keys.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.cap.max).then_some(n + 1)).is_ok();
+        if ok {
+            self.keys.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Accounts for `n` keys dropped from this store.
+    fn forget(&self, n: usize) {
+        if n > 0 {
+            self.keys.fetch_sub(n, Ordering::Relaxed);
+            self.cap.keys.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 
     /// Raises remote replica `slot`'s count of `key` in `window` to `count`.
@@ -350,7 +421,9 @@ impl Store {
         let shard = &mut *guard;
         let window32 = window as u32;
         let horizon = self.horizon(now_ms, shard.quota.window_ms());
-        if windows_since(window32, horizon) >= 2 {
+        // Only windows a request accepted now could fall in: older ones can no longer
+        // matter, and later ones would roll keys past the present.
+        if !self.acceptable_windows(now_ms, shard.quota.window_ms()).contains(&window) {
             return Ok(false);
         }
         if shard.table.get(key).is_none() {
@@ -435,10 +508,29 @@ impl Store {
             let mut shard = s.0.lock();
             let horizon = self.horizon(now_ms, shard.quota.window_ms());
             let removed = shard.sweep(horizon);
-            self.keys.fetch_sub(removed, Ordering::Relaxed);
+            self.forget(removed);
             total += removed;
         }
         total
+    }
+
+    /// Decisions so far, summed over the shards (one lock at a time), and an estimate of
+    /// the memory the store holds in bytes.
+    pub(crate) fn tally(&self) -> (Tally, usize) {
+        let mut t = Tally::default();
+        let mut bytes = std::mem::size_of::<Self>();
+        for s in self.shards.iter() {
+            let shard = s.0.lock();
+            t.allowed += shard.tally.allowed;
+            t.denied += shard.tally.denied;
+            t.near_limit += shard.tally.near_limit;
+            bytes += std::mem::size_of::<Padded<Mutex<Shard>>>()
+                + shard.table.bytes()
+                + shard.remote.capacity() * std::mem::size_of::<Remote>()
+                + shard.remote.iter().map(|r| (r.cur.len() + r.prev.len()) * 16).sum::<usize>()
+                + (shard.dirty.capacity() + shard.free_remote.capacity()) * 8;
+        }
+        (t, bytes)
     }
 
     /// Keys currently tracked.
@@ -476,7 +568,15 @@ impl Store {
                 e.window = new_now.wrapping_sub(age as u32);
                 true
             });
-            self.keys.fetch_sub(removed, Ordering::Relaxed);
+            self.forget(removed);
+        }
+    }
+
+    /// Stops marking changed keys and forgets the marks (the gossip core detached).
+    pub(crate) fn untrack_changes(&self) {
+        self.track_changes.store(false, Ordering::Relaxed);
+        for s in self.shards.iter() {
+            s.0.lock().dirty = Vec::new();
         }
     }
 }
@@ -490,12 +590,13 @@ struct Request<'a> {
     track: bool,
 }
 
-/// Rolls `key` to the request's window, decides with `f`, applies the round budget if
-/// any, and counts the request if admitted. The key is present.
+/// Rolls the key in table slot `slot` to the request's window, decides with `f`, applies
+/// the round budget if any, and counts the request if admitted.
 #[inline]
-fn apply<V: Outcome>(shard: &mut Shard, key: u64, req: &Request<'_>, f: fn(Strategy, &Quota, Counts, u64) -> V) -> V {
-    let Shard { table, remote, free_remote, dirty, strategy, .. } = shard;
-    let Some(e) = table.get_mut(key) else { return f(*strategy, req.quota, Counts::default(), req.elapsed).refuse(0) };
+fn apply<V: Outcome>(shard: &mut Shard, slot: usize, req: &Request<'_>, f: fn(Strategy, &Quota, Counts, u64) -> V) -> V {
+    let Shard { table, remote, free_remote, dirty, strategy, tally, .. } = shard;
+    let e = table.at(slot);
+    let key = e.key;
     let mut elapsed = req.elapsed;
     if Shard::roll(e, remote, req.window) < 0 {
         // A late request: charged to the key's newest window, at its start.
@@ -512,7 +613,9 @@ fn apply<V: Outcome>(shard: &mut Shard, key: u64, req: &Request<'_>, f: fn(Strat
         if let Some(b) = req.budget {
             let i = Shard::ensure_remote(remote, free_remote, e);
             let r = &mut remote[i];
-            if r.round != Some(b.round) {
+            // A newer round (compared with wrap-around) starts a new budget; a request
+            // from an older round is charged to the current one.
+            if r.round.is_none_or(|old| b.round.wrapping_sub(old) as i32 > 0) {
                 // What the others were allotted last round may be spent and not yet
                 // visible: keep it out of this round's remainder.
                 let reserve = if r.round == Some(b.round.wrapping_sub(1)) { r.allotted_others } else { 0 };
@@ -529,7 +632,13 @@ fn apply<V: Outcome>(shard: &mut Shard, key: u64, req: &Request<'_>, f: fn(Strat
             }
         }
     }
-    if v.allowed() {
+    if !v.allowed() {
+        tally.denied += 1;
+    } else {
+        tally.allowed += 1;
+        if (counts.cur + 1) * 10 >= req.quota.limit() * 9 {
+            tally.near_limit += 1;
+        }
         e.cur = e.cur.saturating_add(1);
         if req.track && e.remote & DIRTY_CUR == 0 {
             if e.remote & DIRTY == 0 {
@@ -615,7 +724,8 @@ mod tests {
     const W0: i64 = T0 / 1000;
 
     fn store(limit: u64) -> Store {
-        Store::new(4, 1_000, 5_000, Quota::new(limit, Duration::from_secs(1)).unwrap(), Strategy::FixedWindow)
+        let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
+        Store::new(4, KeyCap::new(1_000), tol, 7, Quota::new(limit, Duration::from_secs(1)).unwrap(), Strategy::FixedWindow)
     }
 
     /// Every count of `key`, as (window, slot, count), sorted.

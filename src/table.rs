@@ -28,12 +28,31 @@ const MIN_CAPACITY: usize = 16;
 pub(crate) struct Table {
     slots: Slots,
     len: usize,
+    /// Scrambles where a key's probe starts. Keys from the request path are uniform
+    /// hashes already, but keys from peers arrive as sent: without it, a peer sending
+    /// keys that share their low bits would turn probes into long linear scans.
+    seed: u64,
 }
 
 impl Table {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self { seed: seed | 1, ..Self::default() }
+    }
+
     #[inline]
     fn mask(&self) -> usize {
         self.slots.len().wrapping_sub(1)
+    }
+
+    /// Where `key`'s probe starts in a table of `len` slots (a power of two): the high
+    /// bits of a multiplicative hash, which every bit of the key influences.
+    #[inline]
+    fn home(seed: u64, key: u64, len: usize) -> usize {
+        let bits = len.trailing_zeros();
+        if bits == 0 {
+            return 0;
+        }
+        ((key ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
     }
 
     #[cfg(test)]
@@ -52,6 +71,33 @@ impl Table {
         (self.len + 1) * 5 > self.slots.len() * 4
     }
 
+    /// The index of `key`'s slot, if present (for [`at`](Self::at)).
+    #[inline]
+    pub(crate) fn find(&self, key: u64) -> Option<usize> {
+        debug_assert_ne!(key, EMPTY);
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = Self::home(self.seed, key, self.slots.len());
+        loop {
+            let k = self.slots[i].key;
+            if k == key {
+                return Some(i);
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The slot at an index [`find`](Self::find) or [`insert_new_at`](Self::insert_new_at) returned.
+    #[inline]
+    pub(crate) fn at(&mut self, i: usize) -> &mut Slot {
+        &mut self.slots[i]
+    }
+
     #[inline]
     pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut Slot> {
         debug_assert_ne!(key, EMPTY);
@@ -59,7 +105,7 @@ impl Table {
             return None;
         }
         let mask = self.mask();
-        let mut i = key as usize & mask;
+        let mut i = Self::home(self.seed, key, self.slots.len());
         loop {
             let k = self.slots[i].key;
             if k == key {
@@ -78,7 +124,7 @@ impl Table {
             return None;
         }
         let mask = self.mask();
-        let mut i = key as usize & mask;
+        let mut i = Self::home(self.seed, key, self.slots.len());
         loop {
             let k = self.slots[i].key;
             if k == key {
@@ -93,20 +139,30 @@ impl Table {
 
     /// Inserts a key that is not present. The caller has made room ([`is_full`] is false).
     pub(crate) fn insert_new(&mut self, slot: Slot) -> &mut Slot {
-        debug_assert!(!self.is_full() && slot.key != EMPTY);
-        self.len += 1;
-        let i = Self::place(&mut self.slots, slot);
+        let i = self.insert_new_at(slot);
         &mut self.slots[i]
     }
 
-    fn place(slots: &mut [Slot], slot: Slot) -> usize {
+    /// Like [`insert_new`](Self::insert_new), returning the slot's index.
+    pub(crate) fn insert_new_at(&mut self, slot: Slot) -> usize {
+        debug_assert!(!self.is_full() && slot.key != EMPTY);
+        self.len += 1;
+        Self::place(&mut self.slots, self.seed, slot)
+    }
+
+    fn place(slots: &mut [Slot], seed: u64, slot: Slot) -> usize {
         let mask = slots.len() - 1;
-        let mut i = slot.key as usize & mask;
+        let mut i = Self::home(seed, slot.key, slots.len());
         while slots[i].key != EMPTY {
             i = (i + 1) & mask;
         }
         slots[i] = slot;
         i
+    }
+
+    /// Bytes held by the slot array.
+    pub(crate) fn bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<Slot>()
     }
 
     /// The occupied slots.
@@ -128,7 +184,7 @@ impl Table {
         let capacity = ((survivors.len() + 1) * 2).next_power_of_two().max(MIN_CAPACITY);
         let mut slots = Slots::zeroed(capacity);
         for s in &survivors {
-            Self::place(&mut slots, *s);
+            Self::place(&mut slots, self.seed, *s);
         }
         self.len = survivors.len();
         self.slots = slots;

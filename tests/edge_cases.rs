@@ -126,8 +126,11 @@ fn allow_with_keeps_separate_counters_per_window_length_up_to_a_cap() {
     assert!(!rl.allow_with("c", 1, Duration::from_secs(1)));
     assert!(rl.allow_with("c", 2, Duration::from_secs(1)), "a higher limit applies to the same counter");
     assert!(!rl.allow_with("c", 2, Duration::from_secs(1)));
+    // The limiter's own window length shares the main counters: 2 + 1 = its limit of 3.
+    assert!(rl.allow("c", NOW));
+    assert!(!rl.allow("c", NOW));
     assert!(rl.allow_with("c", 1, Duration::from_secs(2)), "another window length is another counter");
-    for w in 3..=crdt_rate_limiter::MAX_AD_HOC_WINDOWS as u64 {
+    for w in 3..=crdt_rate_limiter::MAX_AD_HOC_WINDOWS as u64 + 1 {
         assert!(rl.allow_with("c", 1, Duration::from_secs(w)));
     }
     assert_eq!(

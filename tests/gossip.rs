@@ -26,13 +26,24 @@ struct Cluster {
     seq: u64,
     now: i64,
     cut: Vec<u64>,
+    /// Per node: how far its clock runs ahead of true time.
+    skew: BTreeMap<u64, i64>,
     limit: u64,
     admission: Admission,
 }
 
 impl Cluster {
     fn new(ids: &[u64], limit: u64, admission: Admission) -> Self {
-        let mut c = Cluster { nodes: BTreeMap::new(), wire: BTreeMap::new(), seq: 0, now: T0, cut: Vec::new(), limit, admission };
+        let mut c = Cluster {
+            nodes: BTreeMap::new(),
+            wire: BTreeMap::new(),
+            seq: 0,
+            now: T0,
+            cut: Vec::new(),
+            skew: BTreeMap::new(),
+            limit,
+            admission,
+        };
         for &id in ids {
             c.start(id, 1, ids);
         }
@@ -77,20 +88,21 @@ impl Cluster {
                 break;
             }
             self.now = next;
-            for n in self.nodes.values() {
-                n.clock.set_ms(self.now);
+            for (id, n) in self.nodes.iter() {
+                n.clock.set_ms(self.now + self.skew.get(id).copied().unwrap_or(0));
             }
             while let Some(entry) = self.wire.first_entry() {
                 if entry.key().0 > self.now {
                     break;
                 }
                 let (from, to, bytes) = entry.remove();
+                let at = self.now + self.skew.get(&to).copied().unwrap_or(0);
                 if let Some(n) = self.nodes.get_mut(&to) {
-                    n.gossip.handle_message(from, &bytes, self.now).unwrap();
+                    n.gossip.handle_message(from, &bytes, at).unwrap();
                 }
             }
-            for n in self.nodes.values_mut() {
-                n.gossip.handle_timeout(self.now);
+            for (id, n) in self.nodes.iter_mut() {
+                n.gossip.handle_timeout(self.now + self.skew.get(id).copied().unwrap_or(0));
             }
             self.flush();
         }
@@ -256,4 +268,64 @@ fn hostile_messages_are_counted_and_dropped_without_touching_state() {
     let stats = node.gossip.stats().clone();
     assert_eq!((stats.unknown_peers, stats.decode_errors), (1, 3));
     assert_eq!(c.state(2), before);
+}
+
+#[test]
+fn a_limits_change_on_one_node_is_in_force_on_all_three_within_a_round() {
+    use crdt_rate_limiter::LimitsConfig;
+    let mut c = Cluster::new(&[1, 2, 3], 5, Admission::Optimistic);
+    c.run_until(T0 + 100);
+    let cfg = LimitsConfig::from_toml(
+        r#"
+[default]
+limit = 50
+window_ms = 1000
+[tiers.gold]
+limit = 500
+window_ms = 1000
+[clients]
+"acme" = { tier = "gold" }
+"#,
+    )
+    .unwrap();
+    let version = c.nodes[&2].gossip.limiter().apply_limits(cfg.clone()).unwrap();
+    let changed_at = c.now;
+    c.run_until(changed_at + 20 + LATENCY_MS);
+    for id in [1, 2, 3] {
+        let limiter = c.nodes[&id].gossip.limiter();
+        assert_eq!(limiter.limits(), (version, Some(cfg.clone())), "node {id}");
+        assert_eq!(limiter.quota().limit(), 50);
+        assert_eq!(limiter.check("acme", c.now).unwrap().limit, 500);
+        assert_eq!(limiter.check("someone", c.now).unwrap().limit, 50);
+    }
+    // An older version arriving late changes nothing: the latest change wins.
+    let older = crdt_rate_limiter::LimitsVersion { at_ms: version.at_ms - 1, node: 9 };
+    assert!(older < version);
+}
+
+#[test]
+fn a_node_that_was_partitioned_catches_up_on_limits_changed_meanwhile() {
+    use crdt_rate_limiter::LimitsConfig;
+    let mut c = Cluster::new(&[1, 2, 3], 5, Admission::Optimistic);
+    c.run_until(T0 + 100);
+    c.cut = vec![3];
+    c.nodes[&1].gossip.limiter().apply_limits(LimitsConfig::new(Quota::new(7, Duration::from_secs(1)).unwrap())).unwrap();
+    c.run_until(T0 + 400);
+    assert_eq!(c.nodes[&3].gossip.limiter().quota().limit(), 5, "cut off");
+    c.cut.clear();
+    c.run_until(T0 + 500);
+    assert_eq!(c.nodes[&3].gossip.limiter().quota().limit(), 7);
+}
+
+#[test]
+fn pings_measure_round_trip_time_and_a_peers_clock_offset() {
+    let mut c = Cluster::new(&[1, 2], 10, Admission::Optimistic);
+    c.skew.insert(2, 50);
+    c.run_until(T0 + 1_000);
+    let of = |node: u64| c.nodes[&node].gossip.peer_stats()[0];
+    assert_eq!(of(1).rtt_ms, Some(2 * LATENCY_MS));
+    assert_eq!(of(1).clock_offset_ms, Some(50), "node 2 runs 50 ms ahead");
+    assert_eq!(of(2).clock_offset_ms, Some(-50));
+    let lag = c.nodes[&1].gossip.view_lag_ms(c.now);
+    assert!((0..=20 + 2 * LATENCY_MS).contains(&lag), "lag {lag}");
 }

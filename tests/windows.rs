@@ -140,3 +140,35 @@ fn a_limiter_is_send_sync_and_clones_share_state() {
     assert!(rl.allow("c", T0));
     assert!(!other.allow("c", T0));
 }
+
+#[test]
+fn per_client_overrides_and_tiers_apply_and_an_invalid_config_changes_nothing() {
+    use crdt_rate_limiter::{LimitsConfig, LimitsError};
+    let (rl, _) = limiter(Strategy::FixedWindow, 2);
+    let cfg = LimitsConfig::from_toml(
+        r#"
+[default]
+limit = 2
+window_ms = 1000
+[tiers.gold]
+limit = 5
+window_ms = 1000
+[clients]
+"acme" = { tier = "gold" }
+"slow" = { limit = 1, window_ms = 10000 }
+"#,
+    )
+    .unwrap();
+    rl.apply_limits(cfg.clone()).unwrap();
+    assert_eq!((0..10).filter(|_| rl.allow("acme", T0)).count(), 5);
+    assert_eq!((0..10).filter(|_| rl.allow("other", T0)).count(), 2);
+    assert_eq!((0..10).filter(|_| rl.allow("slow", T0)).count(), 1);
+    let d = rl.check("slow", T0).unwrap();
+    assert_eq!((d.limit, d.retry_after), (1, Some(Duration::from_secs(10))));
+    // A bad update is refused whole; the limits in force stay.
+    let mut bad = cfg.clone();
+    bad.default.limit = 0;
+    assert!(matches!(rl.apply_limits(bad), Err(LimitsError::Quota { .. })));
+    assert_eq!(rl.limits().1, Some(cfg));
+    assert_eq!(rl.check("acme", T0).unwrap().limit, 5);
+}

@@ -1,0 +1,95 @@
+//! Exports through the [`metrics`](https://docs.rs/metrics) facade (cargo feature
+//! `metrics`); the application installs the exporter it likes (the `node` example uses
+//! Prometheus).
+//!
+//! The request path touches no shared counter: decisions are tallied inside each store
+//! shard under the lock it already holds, and [`record_limiter`] publishes the totals
+//! (call it on a timer or on scrape). Decision latency is sampled, one call in 1024 per
+//! thread. Names and labels are listed in `docs/metrics.md`.
+
+use metrics::{counter, gauge, histogram};
+
+use crate::{GossipNode, RateLimiter};
+
+/// Decisions, by `outcome`: `allowed` or `denied`. Counter.
+pub const DECISIONS: &str = "crl_decisions_total";
+/// Admissions with the client at 90 % of its limit or more. Counter.
+pub const NEAR_LIMIT: &str = "crl_decisions_near_limit_total";
+/// Time to decide, sampled one call in 1024 per thread. Histogram, seconds.
+pub const DECISION_LATENCY: &str = "crl_decision_latency_seconds";
+/// Keys tracked. Gauge.
+pub const ACTIVE_KEYS: &str = "crl_active_keys";
+/// Estimated bytes held by the counters. Gauge.
+pub const MEMORY: &str = "crl_memory_bytes";
+/// Gossip messages, by `direction`: `in` or `out`. Counter.
+pub const GOSSIP_MESSAGES: &str = "crl_gossip_messages_total";
+/// Gossip bytes, by `direction`. Counter.
+pub const GOSSIP_BYTES: &str = "crl_gossip_bytes_total";
+/// Gossip messages dropped, by `reason`: `decode`, `unknown_peer`, `spoofed`, `limit`. Counter.
+pub const GOSSIP_DROPPED: &str = "crl_gossip_dropped_total";
+/// Peers, by `state`: `up` or `down`. Gauge.
+pub const PEERS: &str = "crl_peers";
+/// Estimated staleness of this node's view of the cluster. Gauge, seconds.
+pub const VIEW_LAG: &str = "crl_view_lag_seconds";
+/// A peer's clock minus ours, by `peer`. Gauge, seconds.
+pub const PEER_CLOCK_OFFSET: &str = "crl_peer_clock_offset_seconds";
+/// Round trip to a peer, by `peer`. Gauge, seconds.
+pub const PEER_RTT: &str = "crl_peer_rtt_seconds";
+
+/// Publishes the limiter's decision totals, keys and memory.
+pub fn record_limiter(limiter: &RateLimiter) {
+    let s = limiter.stats();
+    counter!(DECISIONS, "outcome" => "allowed").absolute(s.allowed);
+    counter!(DECISIONS, "outcome" => "denied").absolute(s.denied);
+    counter!(NEAR_LIMIT).absolute(s.near_limit);
+    gauge!(ACTIVE_KEYS).set(s.active_keys as f64);
+    gauge!(MEMORY).set(s.memory_bytes as f64);
+}
+
+/// Publishes a gossip node's traffic, drops, peers, lag and clock estimates.
+pub fn record_gossip(node: &GossipNode, now_ms: i64) {
+    let s = node.stats();
+    counter!(GOSSIP_MESSAGES, "direction" => "out").absolute(s.messages_sent);
+    counter!(GOSSIP_MESSAGES, "direction" => "in").absolute(s.messages_received);
+    counter!(GOSSIP_BYTES, "direction" => "out").absolute(s.bytes_sent);
+    counter!(GOSSIP_BYTES, "direction" => "in").absolute(s.bytes_received);
+    counter!(GOSSIP_DROPPED, "reason" => "decode").absolute(s.decode_errors);
+    counter!(GOSSIP_DROPPED, "reason" => "unknown_peer").absolute(s.unknown_peers);
+    counter!(GOSSIP_DROPPED, "reason" => "spoofed").absolute(s.spoofed);
+    counter!(GOSSIP_DROPPED, "reason" => "limit").absolute(s.refused);
+    let peers = node.peer_stats();
+    let up = peers.iter().filter(|p| p.up).count();
+    gauge!(PEERS, "state" => "up").set(up as f64);
+    gauge!(PEERS, "state" => "down").set((peers.len() - up) as f64);
+    gauge!(VIEW_LAG).set(node.view_lag_ms(now_ms) as f64 / 1000.0);
+    for p in peers {
+        let peer = p.peer.to_string();
+        if let Some(o) = p.clock_offset_ms {
+            gauge!(PEER_CLOCK_OFFSET, "peer" => peer.clone()).set(o as f64 / 1000.0);
+        }
+        if let Some(r) = p.rtt_ms {
+            gauge!(PEER_RTT, "peer" => peer).set(r as f64 / 1000.0);
+        }
+    }
+}
+
+thread_local! {
+    static CALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f`, timing one call in 1024 per thread into [`DECISION_LATENCY`].
+#[inline]
+pub(crate) fn sampled<T>(f: impl FnOnce() -> T) -> T {
+    let n = CALLS.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n
+    });
+    if n & 1023 != 0 {
+        return f();
+    }
+    let start = std::time::Instant::now();
+    let out = f();
+    histogram!(DECISION_LATENCY).record(start.elapsed().as_secs_f64());
+    out
+}
