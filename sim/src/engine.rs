@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
-use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, StateEntry, Strategy, Transmit};
+use crdt_rate_limiter::{
+    Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, StateEntry, Strategy, Transmit,
+    DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE,
+};
 
 use crate::config::{Config, Mode, StrategyArg};
 use crate::report::Report;
@@ -612,7 +615,7 @@ impl<'a> Sim<'a> {
                 self.totals.delivered += 1;
                 if tap {
                     let newest = &mut live.newest;
-                    let tapped = wire::for_each_count(bytes, live.replica, w, |key, window| {
+                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(now_ms, w), |key, window| {
                         let e = newest.entry(key).or_insert(window);
                         *e = (*e).max(window);
                     });
@@ -780,6 +783,15 @@ impl<'a> Sim<'a> {
             violation_count: self.violation_count,
         }
     }
+}
+
+/// The windows a limiter with the default tolerances accepts counts for at `now_ms` (the
+/// store's rule): from the one before the oldest a late request can reach to the newest
+/// an early one can.
+fn acceptable_windows(now_ms: i64, window_ms: u64) -> std::ops::RangeInclusive<i64> {
+    let (age, skew) = (DEFAULT_MAX_TIMESTAMP_AGE.as_millis() as i64, DEFAULT_MAX_CLOCK_SKEW.as_millis() as i64);
+    let w = window_ms as i64;
+    (now_ms - age).div_euclid(w) - 1..=(now_ms + skew).div_euclid(w)
 }
 
 /// The first count two states disagree on, for the report.

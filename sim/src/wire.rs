@@ -9,6 +9,8 @@
 //! when clocks are skewed, the simulator reads the newest window of every count a node
 //! accepts, with this mirror of the library's wire format (`src/codec.rs`).
 //!
+//! Like the store, it ignores counts for windows no acceptable timestamp falls in (older
+//! than the replay tolerance allows, or further ahead than the clock-skew tolerance).
 //! If the wire format changes, decoding here fails and the run reports a violation that
 //! names this file.
 
@@ -19,24 +21,10 @@ use serde::Deserialize;
 const CONFIG: Configuration<config::LittleEndian, config::Varint, config::Limit<MAX_DECODE_BYTES>> =
     config::standard().with_limit::<MAX_DECODE_BYTES>();
 
-#[derive(Deserialize)]
-struct Envelope {
-    #[allow(dead_code)]
-    version: u8,
-    #[allow(dead_code)]
-    from: ReplicaId,
-    body: Body,
-}
+/// The body variant carrying counts (`Body::Counts`, the first variant).
+const COUNTS_VARIANT: u32 = 0;
 
-#[derive(Deserialize)]
-#[allow(dead_code)]
-enum Body {
-    Counts(Vec<Batch>),
-    Digest { window_ms: u32, window: i64, rows: Vec<DigestRow> },
-    Repair { window_ms: u32, wanted: Vec<(ReplicaId, u8)> },
-    SyncRequest,
-}
-
+/// Counts of one replica for one window length (`codec::Batch`).
 #[derive(Deserialize)]
 struct Batch {
     replica: ReplicaId,
@@ -52,28 +40,36 @@ struct WireEntry {
     count: u64,
 }
 
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct DigestRow {
-    replica: ReplicaId,
-    buckets: [u64; 8],
-}
-
 /// Calls `f(key, window)` for every non-zero count in `bytes` of a replica other than
-/// `receiver`, for windows of length `window_ms`: the counts a node merges when it
-/// accepts the message.
+/// `receiver`, for windows of length `window_ms` within `acceptable`: the counts a node
+/// merges when it accepts the message.
+///
+/// Only the envelope's header (version, sender, body variant) and the `Counts` body are
+/// read, so other kinds of messages need no mirror here.
 ///
 /// # Errors
 /// The message does not decode with this mirror of the wire format.
-pub(crate) fn for_each_count(bytes: &[u8], receiver: ReplicaId, window_ms: u64, mut f: impl FnMut(u64, i64)) -> Result<(), String> {
-    let (msg, used): (Envelope, usize) = bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| e.to_string())?;
-    if used != bytes.len() {
-        return Err(format!("{} trailing bytes", bytes.len() - used));
+pub(crate) fn for_each_count(
+    bytes: &[u8],
+    receiver: ReplicaId,
+    window_ms: u64,
+    acceptable: std::ops::RangeInclusive<i64>,
+    mut f: impl FnMut(u64, i64),
+) -> Result<(), String> {
+    let ((_version, _from, variant), used): ((u8, ReplicaId, u32), usize) =
+        bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| e.to_string())?;
+    if variant != COUNTS_VARIANT {
+        return Ok(());
     }
-    if let Body::Counts(batches) = msg.body {
-        for b in batches.iter().filter(|b| b.replica != receiver && u64::from(b.window_ms) == window_ms) {
-            for e in b.entries.iter().filter(|e| e.count > 0) {
-                f(u64::from_le_bytes(e.key).max(1), b.base_window - i64::from(e.window_offset));
+    let (batches, body): (Vec<Batch>, usize) = bincode::serde::decode_from_slice(&bytes[used..], CONFIG).map_err(|e| e.to_string())?;
+    if used + body != bytes.len() {
+        return Err(format!("{} trailing bytes", bytes.len() - used - body));
+    }
+    for b in batches.iter().filter(|b| b.replica != receiver && u64::from(b.window_ms) == window_ms) {
+        for e in b.entries.iter().filter(|e| e.count > 0) {
+            let window = b.base_window - i64::from(e.window_offset);
+            if acceptable.contains(&window) {
+                f(u64::from_le_bytes(e.key).max(1), window);
             }
         }
     }

@@ -80,8 +80,9 @@ fn another_seed_gives_another_run() {
 }
 
 /// Anti-entropy runs every 10 rounds (500 ms here) and covers the current and previous
-/// 100 ms windows only: a count lost at the end of traffic can stay lost. Seed 6 is such
-/// a run; it stands in for any invariant violation.
+/// 100 ms windows only: a count lost at the end of traffic can stay lost for good, and
+/// with half the datagrams lost most seeds show it. Such a run stands in for any
+/// invariant violation.
 const NOT_CONVERGING: &[&str] = &[
     "--nodes",
     "3",
@@ -99,19 +100,24 @@ const NOT_CONVERGING: &[&str] = &[
     "500",
     "--tail-cap-ms",
     "2000",
-    "--seed",
-    "6",
 ];
 
 #[test]
 fn a_violation_exits_1_with_a_reproduction_line_that_reproduces_it() {
-    let out = cli(NOT_CONVERGING);
-    assert_eq!(out.code, 1);
-    assert!(out.stdout.contains("VIOLATION"), "{}", out.stdout);
+    let (seed, out) = (1..=64)
+        .map(|seed| {
+            let seed = seed.to_string();
+            let out = cli(&[NOT_CONVERGING, &["--seed", &seed]].concat());
+            (seed, out)
+        })
+        .find(|(_, out)| out.code != 0)
+        .expect("a seed among the first 64 loses a count for good");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("VIOLATION") && out.stdout.contains("still disagree"), "{}", out.stdout);
     let line = out.stderr.lines().find_map(|l| l.strip_prefix("reproduce: cargo run --release -p sim -- ")).expect("a reproduction line");
     let again = cli(&line.split(' ').collect::<Vec<_>>());
     assert_eq!((again.code, &again.stdout), (1, &out.stdout));
-    assert!(line.contains("--seed 6") && line.contains("--window-ms 100") && line.contains("--strategy sliding"), "{line}");
+    assert!(line.contains(&format!("--seed {seed}")) && line.contains("--window-ms 100") && line.contains("--strategy sliding"), "{line}");
 }
 
 #[test]
