@@ -767,6 +767,7 @@ impl<'a> Sim<'a> {
             bytes: t.bytes,
             reliable_messages: t.reliable_messages,
             reliable_bytes: t.reliable_bytes,
+            bytes_per_count: if t.entries_sent == 0 { 0.0 } else { t.bytes as f64 / t.entries_sent as f64 },
             delivered: t.delivered,
             lost: t.lost,
             partitioned: t.partitioned,

@@ -48,6 +48,9 @@ pub struct Report {
     pub reliable_messages: u64,
     /// Bytes of the reliable messages.
     pub reliable_bytes: u64,
+    /// `bytes / entries_sent`: what a replicated count costs on the wire, everything
+    /// (headers, heartbeats, digests) included.
+    pub bytes_per_count: f64,
     /// Messages (copies included) a node accepted.
     pub delivered: u64,
     /// Datagrams lost, and reliable messages given up after every retransmission was lost.
@@ -145,7 +148,13 @@ impl Report {
                     self.delivered, self.lost, self.partitioned, self.to_down_node, self.duplicated, self.retransmitted
                 ),
             ),
-            ("counts", format!("{} sent, {} raised a view", self.entries_sent, self.entries_merged)),
+            (
+                "counts",
+                format!(
+                    "{} sent ({:.1} bytes each, all included), {} raised a view",
+                    self.entries_sent, self.bytes_per_count, self.entries_merged
+                ),
+            ),
             ("repair", format!("{} full syncs, {} digests, {} buckets repaired", self.full_syncs, self.digests, self.buckets_repaired)),
             ("safety checks", format!("{}, {} violations", self.safety_checks, self.violation_count)),
         ];

@@ -74,12 +74,13 @@ fn a_hot_node_takes_most_traffic_without_breaking_anything() {
 }
 
 #[test]
-fn the_predicted_overshoot_follows_the_formula() {
-    // (N − 1) · min(L, ⌈ρ·S⌉): ρ = 3 × 100 / 1000 / 10 per ms, S = 20 + 5 ms.
+fn the_predicted_overshoot_follows_the_design_formula() {
+    // min((N − 1)·L, Σⱼ ⌈ρⱼ·S⌉): ρⱼ = 3 × 100 / 1000 / 10 per ms, S = 20 + 5 ms.
     let cfg = Config { nodes: 10, ..Config::default() };
-    assert_eq!(sim::predicted_max_overshoot(&cfg), 9);
-    // One node gets 90 % of a client's traffic: ⌈0.3 × 0.91 × 25⌉ = 7, others ⌈0.075⌉ = 1.
-    assert_eq!(sim::predicted_max_overshoot(&Config { skew_traffic: 0.9, ..cfg.clone() }), 7 + 8);
-    // Capped at the limit per node.
+    assert_eq!(sim::predicted_max_overshoot(&cfg), 10);
+    // One node gets 90 % of a client's traffic: ⌈0.3 × 0.91 × 25⌉ = 7, the others ⌈0.075⌉ = 1.
+    assert_eq!(sim::predicted_max_overshoot(&Config { skew_traffic: 0.9, ..cfg.clone() }), 7 + 9);
+    // At most (N − 1)·L.
     assert_eq!(sim::predicted_max_overshoot(&Config { rate: 1_000.0, ..cfg }), 9 * 100);
+    assert_eq!(sim::predicted_max_overshoot(&Config { nodes: 1, ..Config::default() }), 0);
 }
