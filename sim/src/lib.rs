@@ -42,8 +42,8 @@
 //!   exact), at true virtual time, sees every request in time order: `ideal`.
 //! * **Truth.** Per (client, window, replica), the admissions each node incarnation
 //!   really made, counted in the window the node's store charged them to (the window of
-//!   the node's timestamp; with skewed clocks possibly a newer one, read with the wire
-//!   tap in [`wire`](crate)'s module doc).
+//!   the node's timestamp; with skewed clocks possibly a newer one, which a read-only
+//!   tap on the simulated network follows: `sim/src/wire.rs`).
 //!
 //! # Checks
 //! Every violation is reported with the time it was seen; the CLI prints a one-line
