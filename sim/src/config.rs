@@ -203,7 +203,8 @@ gossip and network
   --loss P                probability a message is lost [0.0]
   --duplicate P           probability a datagram is delivered twice [0.0]
   --reorder P             probability a message is held back up to 3x max latency [0.0]
-  --clock-skew-ms MS      each node's clock off by up to +-MS [0]
+  --clock-skew-ms MS      each node's clock off by up to +-MS [0] (beyond 1000, clocks are
+                          further apart than the limiter's 2 s tolerance: slow convergence)
 faults (repeatable)
   --partition A..B        first half of the nodes cut from the rest during [A, B)
   --crash NODE@MS         node stops and loses its state

@@ -156,7 +156,7 @@ pub fn predicted_max_overshoot(cfg: &Config) -> u64 {
     let spread = (1.0 - cfg.skew_traffic) / cfg.nodes as f64;
     // Only a client's favourite node gets the skewed share; any node may be it.
     let unseen = |share: f64| (client_per_ms * share * lag_ms).ceil() as u64;
-    let others = (cfg.nodes as u64 - 1) * unseen(spread);
+    let others = (cfg.nodes as u64 - 1).saturating_mul(unseen(spread));
     let favourite = unseen(spread + cfg.skew_traffic);
-    (others + favourite).min((cfg.nodes as u64 - 1) * cfg.limit)
+    others.saturating_add(favourite).min((cfg.nodes as u64 - 1).saturating_mul(cfg.limit))
 }
