@@ -108,6 +108,8 @@ struct Live {
     replica: ReplicaId,
     /// The timer event in flight, as the node's deadline.
     timer_ms: Option<i64>,
+    /// Its deadline stopped moving (a violation): no more timers, or the loop would spin.
+    stalled: bool,
     /// With skewed clocks: each key's newest window in this node's store (see `wire`).
     newest: FxMap<u64, i64>,
 }
@@ -385,7 +387,7 @@ impl<'a> Sim<'a> {
         let peers = (1..=cfg.nodes as u64).filter(|&p| p != replica.node);
         let seed = sub_seed(cfg.seed, "node", (n as u64) << 32 | incarnation);
         let gossip = GossipNode::new(limiter(cfg, &node.clock), gcfg, peers, seed, now_ms).expect("validated: gossip settings in range");
-        node.live = Some(Live { gossip, incarnation, replica, timer_ms: None, newest: FxMap::default() });
+        node.live = Some(Live { gossip, incarnation, replica, timer_ms: None, stalled: false, newest: FxMap::default() });
         let index = self.replicas.len() as u32;
         self.replicas.push(replica);
         self.replica_index.insert(replica, index);
@@ -424,7 +426,7 @@ impl<'a> Sim<'a> {
                 out.push(t);
             }
             let deadline = live.gossip.poll_timeout();
-            if deadline.is_some() && deadline != live.timer_ms {
+            if deadline.is_some() && deadline != live.timer_ms && !live.stalled {
                 live.timer_ms = deadline;
                 timer = deadline.map(|d| (live.incarnation, d));
             }
@@ -446,6 +448,11 @@ impl<'a> Sim<'a> {
         }
         live.timer_ms = None;
         live.gossip.handle_timeout(now_ms);
+        if live.gossip.poll_timeout().is_some_and(|d| d <= now_ms) {
+            // A deadline that does not move would spin the loop at one instant.
+            live.stalled = true;
+            self.violation(format!("node {n}'s next deadline did not move past {now_ms} after handle_timeout"));
+        }
         self.flush(n);
     }
 
@@ -653,17 +660,17 @@ impl<'a> Sim<'a> {
                 continue;
             };
             let truth = self.truth.get(&(c, e.window, r)).copied().unwrap_or(0);
-            let (node, inc) = (e.replica.node - 1, e.replica.incarnation);
+            let who_counted = replica_name(e.replica);
             if e.count > truth {
                 self.violation(format!(
-                    "{who} sees {} admissions of client {c} in window {} by node {node} incarnation {inc}, which made {truth}",
+                    "{who} sees {} admissions of client {c} in window {} by {who_counted}, which made {truth}",
                     e.count, e.window
                 ));
             } else if exact(e.replica) {
                 exact_seen += 1;
                 if e.count != truth {
                     self.violation(format!(
-                        "{who} holds {} admissions of client {c} in window {} by node {node} incarnation {inc}, which made {truth}",
+                        "{who} holds {} admissions of client {c} in window {} by {who_counted}, which made {truth}",
                         e.count, e.window
                     ));
                 }
@@ -795,12 +802,19 @@ fn acceptable_windows(now_ms: i64, window_ms: u64) -> std::ops::RangeInclusive<i
     (now_ms - age).div_euclid(w) - 1..=(now_ms + skew).div_euclid(w)
 }
 
+/// A replica as the simulator numbers nodes (from 0).
+fn replica_name(r: ReplicaId) -> String {
+    match r.node.checked_sub(1) {
+        Some(n) => format!("node {n} incarnation {}", r.incarnation),
+        None => format!("replica {r:?}"),
+    }
+}
+
 /// The first count two states disagree on, for the report.
 fn describe_difference(a: usize, sa: &[StateEntry], b: usize, sb: &[StateEntry]) -> String {
     let slot = |e: &StateEntry| (e.window_ms, e.key, e.window, e.replica);
     let (mut i, mut j) = (0, 0);
-    let show =
-        |e: &StateEntry| format!("key {:#x} window {} node {} incarnation {}", e.key, e.window, e.replica.node - 1, e.replica.incarnation);
+    let show = |e: &StateEntry| format!("key {:#x} window {} {}", e.key, e.window, replica_name(e.replica));
     loop {
         match (sa.get(i), sb.get(j)) {
             (Some(x), Some(y)) if slot(x) == slot(y) => {
