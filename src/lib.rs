@@ -21,6 +21,10 @@
 //! With the cargo feature `tower`, the `middleware` module provides `RateLimitLayer`, a tower/axum
 //! middleware that answers 429 with `Retry-After` and adds the IETF `RateLimit-Policy`
 //! and `RateLimit` headers (`docs/middleware.md`).
+//!
+//! With the cargo feature `quic` (on by default), the [`transport`] module makes a limiter
+//! a cluster member: gossip over QUIC with mutual TLS from a cluster CA,
+//! `RateLimiter::builder().….cluster(config).start().await` (`docs/cluster.md`).
 #![warn(missing_docs, unreachable_pub)]
 
 mod algorithm;
@@ -39,6 +43,8 @@ pub mod middleware;
 mod quota;
 mod store;
 mod table;
+#[cfg(feature = "quic")]
+pub mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
@@ -55,3 +61,5 @@ pub use limits::{
 #[cfg(feature = "tower")]
 pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};
 pub use quota::{Quota, Strategy};
+#[cfg(feature = "quic")]
+pub use transport::{Cluster, ClusterBuilder, ClusterConfig, ClusterError, ClusterStats, Member, TlsIdentity, TlsSource};

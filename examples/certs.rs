@@ -1,0 +1,136 @@
+//! Generate a cluster CA and node certificates.
+//!
+//! ```text
+//! cargo run --release --example certs -- --out DIR NAME...
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crdt_rate_limiter::transport::certs;
+
+const USAGE: &str = "\
+usage: certs --out DIR NAME...
+
+Writes a cluster CA and one certificate per node name:
+  DIR/ca.pem, DIR/ca.key        cluster CA certificate and private key
+  DIR/NAME.pem, DIR/NAME.key    node certificate and private key for each NAME
+
+DIR is created if missing. Private keys are written with mode 0600 (unix).
+If DIR/ca.pem and DIR/ca.key already exist, that CA is reused, so more nodes
+can be added to an existing cluster later; existing NAME.pem/NAME.key files are
+overwritten. NAME must be a DNS-style name (e.g. node-a or node-a.cluster),
+is used as certificate CN and DNS SubjectAltName, and must not be \"ca\".";
+
+struct Args {
+    out: PathBuf,
+    names: Vec<String>,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut out = None;
+    let mut names = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--out" | "-o" => match args.next() {
+                Some(dir) if !dir.is_empty() => out = Some(PathBuf::from(dir)),
+                _ => return Err("--out needs a directory argument".into()),
+            },
+            s if s.starts_with('-') => return Err(format!("unknown option {s:?}")),
+            name => {
+                if name == "ca" {
+                    return Err("node name \"ca\" is reserved (it would overwrite the CA)".into());
+                }
+                certs::validate_node_name(name).map_err(|e| e.to_string())?;
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    let out = out.ok_or("missing --out DIR")?;
+    if names.is_empty() {
+        return Err("at least one NAME is required".into());
+    }
+    Ok(Some(Args { out, names }))
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut file = opts.open(path).map_err(err)?;
+    // `mode` only applies to newly created files; tighten existing ones too.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    file.write_all(contents.as_bytes()).map_err(err)
+}
+
+fn run(args: Args) -> Result<(), String> {
+    fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let ca_pem_path = args.out.join("ca.pem");
+    let ca_key_path = args.out.join("ca.key");
+    let (ca_pem, ca_key) = match (ca_pem_path.exists(), ca_key_path.exists()) {
+        (true, true) => {
+            let read = |p: &Path| fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+            eprintln!("reusing existing CA {}", ca_pem_path.display());
+            (read(&ca_pem_path)?, read(&ca_key_path)?)
+        }
+        (false, false) => {
+            let (pem, key) = certs::generate_ca().map_err(|e| e.to_string())?;
+            write_file(&ca_pem_path, &pem, false)?;
+            write_file(&ca_key_path, &key, true)?;
+            eprintln!("wrote new CA {}", ca_pem_path.display());
+            (pem, key)
+        }
+        _ => {
+            return Err(format!(
+                "only one of {} and {} exists; refusing to overwrite a half CA",
+                ca_pem_path.display(),
+                ca_key_path.display()
+            ))
+        }
+    };
+    for name in &args.names {
+        let (pem, key) = certs::issue(&ca_pem, &ca_key, name).map_err(|e| format!("cannot issue certificate for {name}: {e}"))?;
+        let pem_path = args.out.join(format!("{name}.pem"));
+        write_file(&pem_path, &pem, false)?;
+        write_file(&args.out.join(format!("{name}.key")), &key, true)?;
+        eprintln!("wrote {}", pem_path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match parse_args() {
+        Ok(None) => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Some(args)) => match run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,1171 @@
+//! The tasks that move bytes between quinn and the gossip core.
+//!
+//! One task (`run`) owns the decisions: it holds the [`State`] lock while it handles
+//! one event — a connection up, a frame or datagram in, a connection closed, a dial
+//! result, a timer — and routes what the core polls out. Per connection, four tasks:
+//! datagram reader, stream reader, stream writer (it owns the connection's one outgoing
+//! stream and drains a bounded queue), and a watcher that reports the close. The accept
+//! task caps and times incoming handshakes. No lock is held across an `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, VarInt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+
+use super::socket::{Faults, FaultySocket};
+use super::wire::{Frame, Hello, MemberEntry, HEADER};
+use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member};
+use crate::clock::{Clock, SystemClock};
+use crate::{GossipNode, PeerId, RateLimiter, ReplicaId, Transmit};
+
+/// Close codes (QUIC application error codes) the driver uses.
+mod close {
+    use quinn::VarInt;
+    /// The node leaves the cluster: remove it now.
+    pub(super) const LEAVE: VarInt = VarInt::from_u32(1);
+    /// Both sides dialed at once; this connection lost the tie-break.
+    pub(super) const DUPLICATE: VarInt = VarInt::from_u32(2);
+    /// A newer connection to the same peer replaced this one.
+    pub(super) const REPLACED: VarInt = VarInt::from_u32(3);
+    /// A malformed frame, or no first frame in time.
+    pub(super) const PROTOCOL: VarInt = VarInt::from_u32(4);
+    /// Not a member we can work with: another hash secret, the wrong name, ourselves.
+    pub(super) const REFUSED: VarInt = VarInt::from_u32(5);
+    /// From the incarnation that announced its leave.
+    pub(super) const STALE: VarInt = VarInt::from_u32(6);
+}
+
+/// The string whose keyed hash two members compare to check they share a hash secret.
+const KEY_PROBE: &str = "crdt-rate-limiter/hash-secret-probe";
+/// The server name used to dial an address whose node is not known yet (the member
+/// verifier checks the certificate against its own name).
+const ANY_MEMBER: &str = "cluster-member";
+/// Maintenance period: dials due, first-frame deadlines, the join check.
+const TICK: Duration = Duration::from_millis(50);
+/// Events queued from connection tasks to the node task.
+const EVENT_QUEUE: usize = 4096;
+/// The most members a node keeps.
+const MAX_PEERS: usize = 4096;
+/// How long a retired connection's writer waits for its stream to be acknowledged.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Unix ms for the gossip core.
+pub(super) fn now_ms() -> i64 {
+    SystemClock.now_ms()
+}
+
+/// Who this node is.
+#[derive(Debug)]
+pub(super) struct Me {
+    pub(super) id: PeerId,
+    pub(super) name: String,
+    pub(super) incarnation: u64,
+    pub(super) local_addr: SocketAddr,
+    advertise: SocketAddr,
+    key_probe: u64,
+}
+
+#[derive(Debug)]
+struct Settings {
+    handshake_timeout: Duration,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    max_incoming: usize,
+    stream_queue: usize,
+}
+
+/// Transport counters; see [`ClusterStats`] for each.
+#[derive(Debug, Default)]
+struct Counters {
+    datagrams_sent: AtomicU64,
+    datagram_bytes_sent: AtomicU64,
+    datagrams_dropped: AtomicU64,
+    frames_queued: AtomicU64,
+    frame_bytes_queued: AtomicU64,
+    frames_dropped_queue_full: AtomicU64,
+    dropped_no_connection: AtomicU64,
+    oversized_to_stream: AtomicU64,
+    datagrams_received: AtomicU64,
+    frames_received: AtomicU64,
+    bytes_received: AtomicU64,
+    dropped_before_hello: AtomicU64,
+    dials: AtomicU64,
+    dial_failures: AtomicU64,
+    handshake_failures: AtomicU64,
+    refused_over_cap: AtomicU64,
+    protocol_errors: AtomicU64,
+}
+
+fn inc(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// What the node task hears about.
+pub(super) enum Event {
+    Accepted(Connection),
+    Dialed { target: Target, seq: u64, addr: SocketAddr, result: Result<Connection, String> },
+    Datagram { conn: u64, bytes: Bytes },
+    Frame { conn: u64, frame: Frame },
+    ProtocolError { conn: u64, error: String },
+    Closed { conn: u64, reason: ConnectionError },
+    AddSeed(SocketAddr),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What a dial was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Target {
+    Seed(usize),
+    Peer(PeerId),
+}
+
+#[derive(Debug)]
+struct Backoff {
+    in_flight: bool,
+    failures: u32,
+    next_at: Instant,
+}
+
+impl Backoff {
+    fn now() -> Self {
+        Self { in_flight: false, failures: 0, next_at: Instant::now() }
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        !self.in_flight && now >= self.next_at
+    }
+}
+
+#[derive(Debug)]
+struct PeerEntry {
+    name: String,
+    addr: Option<SocketAddr>,
+    /// From its latest accepted first frame.
+    incarnation: Option<u64>,
+    /// The incarnation that announced its leave, until a newer one shows up.
+    left: Option<u64>,
+    active: Option<u64>,
+    seed: bool,
+    /// It sent us a full sync (its `SyncDone` marker arrived).
+    synced: bool,
+    dial: Backoff,
+}
+
+#[derive(Debug)]
+struct SeedEntry {
+    addr: SocketAddr,
+    /// Who answered there.
+    peer: Option<PeerId>,
+    /// It answered and turned out to be this node.
+    is_self: bool,
+    failed_once: bool,
+    dial: Backoff,
+}
+
+struct ConnEntry {
+    conn: Connection,
+    peer: PeerId,
+    outgoing: bool,
+    /// The dialer's sequence number (ours if outgoing, from its first frame otherwise).
+    dial_seq: u64,
+    hello: Option<Hello>,
+    since: Instant,
+    /// `None` once retired: the writer finishes the stream, then closes with `close_code`.
+    stream_tx: Option<mpsc::Sender<Vec<u8>>>,
+    close_code: Arc<AtomicU32>,
+    writer: Option<JoinHandle<()>>,
+    tasks: Vec<AbortHandle>,
+    incoming: bool,
+}
+
+impl ConnEntry {
+    fn push(&self, c: &Counters, frame: &Frame) -> bool {
+        let Some(tx) = &self.stream_tx else {
+            inc(&c.dropped_no_connection, 1);
+            return false;
+        };
+        let bytes = frame.encode();
+        let n = bytes.len() as u64;
+        match tx.try_send(bytes) {
+            Ok(()) => {
+                inc(&c.frames_queued, 1);
+                inc(&c.frame_bytes_queued, n);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                inc(&c.frames_dropped_queue_full, 1);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                inc(&c.dropped_no_connection, 1);
+                false
+            }
+        }
+    }
+
+    /// Stops routing to this connection; its writer finishes the stream (what is queued
+    /// still goes out), waits for the acknowledgement, then closes with `code`.
+    fn retire(&mut self, code: VarInt) {
+        self.close_code.store(code.into_inner() as u32, Ordering::Relaxed);
+        self.stream_tx = None;
+    }
+
+    fn abort(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(w) = &self.writer {
+            w.abort();
+        }
+    }
+}
+
+/// Everything the node task decides on, behind one lock.
+pub(super) struct State {
+    pub(super) node: GossipNode,
+    peers: BTreeMap<PeerId, PeerEntry>,
+    conns: HashMap<u64, ConnEntry>,
+    seeds: Vec<SeedEntry>,
+    next_conn: u64,
+    dial_seq: u64,
+    rng: u64,
+    leaving: bool,
+}
+
+/// What the handle and every task share.
+pub(super) struct Shared {
+    pub(super) state: Mutex<State>,
+    pub(super) me: Me,
+    pub(super) faults: Arc<Faults>,
+    endpoint: Endpoint,
+    settings: Settings,
+    counters: Counters,
+    events: mpsc::Sender<Event>,
+    tasks: Mutex<Vec<AbortHandle>>,
+    incoming: AtomicUsize,
+    joined: watch::Sender<bool>,
+}
+
+fn transport_config(cfg: &ClusterConfig) -> Result<quinn::TransportConfig, ClusterError> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout)
+        .map_err(|_| ClusterError::Config { field: "idle_timeout", reason: "too long for QUIC" })?;
+    t.max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(cfg.keep_alive))
+        .datagram_receive_buffer_size(Some(cfg.datagram_buffer_bytes))
+        .datagram_send_buffer_size(cfg.datagram_buffer_bytes)
+        // One stream each way per connection; a little room for a reconnecting peer.
+        .max_concurrent_uni_streams(VarInt::from_u32(4))
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .send_window(4 * 1024 * 1024);
+    Ok(t)
+}
+
+pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Arc<Shared>, ClusterError> {
+    let identity = cfg.tls.load()?;
+    let name = identity.node_name().ok_or(ClusterError::NoNodeName)?;
+    if certs::validate_node_name(&name).is_err() {
+        return Err(ClusterError::NoNodeName);
+    }
+    let id = node_id(&name);
+    let now = now_ms();
+    let incarnation = next_incarnation(now);
+    let transport = Arc::new(transport_config(&cfg)?);
+    let mut server = tls::server_config(&identity, transport.clone())?;
+    server.max_incoming(cfg.max_incoming);
+    let client = tls::member_client_config(&identity, transport)?;
+
+    let faults = Arc::new(Faults::default());
+    let std_socket = std::net::UdpSocket::bind(cfg.listen)?;
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let inner = runtime.wrap_udp_socket(std_socket)?;
+    let socket = Arc::new(FaultySocket { inner, faults: faults.clone() });
+    let mut endpoint = Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket, runtime)?;
+    endpoint.set_default_client_config(client);
+    let local_addr = endpoint.local_addr()?;
+
+    let mut gossip = cfg.gossip.clone();
+    gossip.replica = ReplicaId { node: id, incarnation };
+    let seed = cfg.rng_seed.unwrap_or_else(|| id ^ incarnation.rotate_left(32));
+    let node = GossipNode::new(limiter.clone(), gossip, [], seed, now)?;
+
+    let (events, rx) = mpsc::channel(EVENT_QUEUE);
+    let (joined, mut joined_rx) = watch::channel(false);
+    let seeds =
+        cfg.seeds.iter().map(|&addr| SeedEntry { addr, peer: None, is_self: false, failed_once: false, dial: Backoff::now() }).collect();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            node,
+            peers: BTreeMap::new(),
+            conns: HashMap::new(),
+            seeds,
+            next_conn: 0,
+            dial_seq: 0,
+            rng: seed ^ 0x5EED,
+            leaving: false,
+        }),
+        me: Me {
+            id,
+            name: name.clone(),
+            incarnation,
+            local_addr,
+            advertise: cfg.advertise.unwrap_or(local_addr),
+            key_probe: limiter.key_hash(KEY_PROBE),
+        },
+        faults,
+        endpoint,
+        settings: Settings {
+            handshake_timeout: cfg.handshake_timeout,
+            reconnect_min: cfg.reconnect_min,
+            reconnect_max: cfg.reconnect_max,
+            max_incoming: cfg.max_incoming,
+            stream_queue: cfg.stream_queue,
+        },
+        counters: Counters::default(),
+        events,
+        tasks: Mutex::new(Vec::new()),
+        incoming: AtomicUsize::new(0),
+        joined,
+    });
+    tracing::info!(node = %name, id, incarnation, addr = %local_addr, seeds = cfg.seeds.len(), "cluster member starting");
+    let node_task = tokio::spawn(run(shared.clone(), rx));
+    let accept_task = tokio::spawn(accept(shared.clone()));
+    shared.tasks.lock().extend([node_task.abort_handle(), accept_task.abort_handle()]);
+    {
+        let mut st = shared.state.lock();
+        st.maintain(&shared);
+    }
+    if !cfg.join_timeout.is_zero() {
+        let joined = tokio::time::timeout(cfg.join_timeout, joined_rx.wait_for(|j| *j)).await;
+        if joined.is_err() {
+            tracing::warn!(node = %name, "join timeout: not every seed answered with a full sync; deciding on what arrived");
+        }
+    }
+    Ok(shared)
+}
+
+impl Shared {
+    fn spawn<F>(self: &Arc<Self>, f: F) -> AbortHandle
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let h = tokio::spawn(f).abort_handle();
+        let mut tasks = self.tasks.lock();
+        if tasks.len() > 64 {
+            tasks.retain(|t| !t.is_finished());
+        }
+        tasks.push(h.clone());
+        h
+    }
+
+    pub(super) fn abort_tasks(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+        let mut st = self.state.lock();
+        for c in st.conns.values_mut() {
+            c.abort();
+        }
+    }
+
+    pub(super) fn add_seed(&self, addr: SocketAddr) {
+        let _ = self.events.try_send(Event::AddSeed(addr));
+    }
+
+    pub(super) fn peer_addrs(&self, peer: PeerId) -> Vec<SocketAddr> {
+        let st = self.state.lock();
+        let mut addrs: Vec<SocketAddr> = st.peers.get(&peer).and_then(|p| p.addr).into_iter().collect();
+        addrs.extend(st.conns.values().filter(|c| c.peer == peer).map(|c| c.conn.remote_address()));
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    pub(super) fn members(&self) -> Vec<Member> {
+        let st = self.state.lock();
+        let live: Vec<PeerId> = st.node.live_peers().collect();
+        st.peers
+            .iter()
+            .map(|(&id, p)| Member {
+                id,
+                name: p.name.clone(),
+                addr: p.addr,
+                incarnation: p.incarnation,
+                connected: p.active.is_some(),
+                live: live.contains(&id),
+                left: p.left.is_some(),
+                seed: p.seed,
+            })
+            .collect()
+    }
+
+    pub(super) fn stats(&self) -> ClusterStats {
+        let st = self.state.lock();
+        let c = &self.counters;
+        ClusterStats {
+            gossip: st.node.stats().clone(),
+            view_lag_ms: st.node.view_lag_ms(now_ms()),
+            peers: st.peers.len(),
+            live_peers: st.node.live_peers().count(),
+            connections: st.conns.len(),
+            datagrams_sent: get(&c.datagrams_sent),
+            datagram_bytes_sent: get(&c.datagram_bytes_sent),
+            datagrams_dropped: get(&c.datagrams_dropped),
+            frames_queued: get(&c.frames_queued),
+            frame_bytes_queued: get(&c.frame_bytes_queued),
+            frames_dropped_queue_full: get(&c.frames_dropped_queue_full),
+            dropped_no_connection: get(&c.dropped_no_connection),
+            oversized_to_stream: get(&c.oversized_to_stream),
+            datagrams_received: get(&c.datagrams_received),
+            frames_received: get(&c.frames_received),
+            bytes_received: get(&c.bytes_received),
+            dropped_before_hello: get(&c.dropped_before_hello),
+            dials: get(&c.dials),
+            dial_failures: get(&c.dial_failures),
+            handshake_failures: get(&c.handshake_failures),
+            refused_over_cap: get(&c.refused_over_cap),
+            protocol_errors: get(&c.protocol_errors),
+            packets_dropped_by_faults: self.faults.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    fn hello(&self, dial_seq: u64) -> Frame {
+        Frame::Hello(Hello { addr: self.me.advertise, incarnation: self.me.incarnation, dial_seq, key_probe: self.me.key_probe })
+    }
+}
+
+/// Leaves: see [`super::Cluster::shutdown`].
+pub(super) async fn shutdown(shared: &Arc<Shared>) {
+    let (tx, rx) = oneshot::channel();
+    if shared.events.send(Event::Shutdown(tx)).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+    }
+    shared.endpoint.close(close::LEAVE, b"leave");
+    let _ = tokio::time::timeout(Duration::from_millis(500), shared.endpoint.wait_idle()).await;
+    shared.abort_tasks();
+    tracing::info!(node = %shared.me.name, "left the cluster");
+}
+
+/// Accepts incoming connections: caps them and bounds their handshakes.
+async fn accept(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        if shared.incoming.load(Ordering::Relaxed) >= shared.settings.max_incoming {
+            inc(&shared.counters.refused_over_cap, 1);
+            tracing::warn!(%remote, cap = shared.settings.max_incoming, "refused connection: too many incoming connections");
+            incoming.refuse();
+            continue;
+        }
+        shared.incoming.fetch_add(1, Ordering::Relaxed);
+        let sh = shared.clone();
+        shared.spawn(async move {
+            let outcome = tokio::time::timeout(sh.settings.handshake_timeout, std::future::IntoFuture::into_future(incoming)).await;
+            let error = match outcome {
+                Ok(Ok(conn)) => {
+                    if sh.events.send(Event::Accepted(conn)).await.is_err() {
+                        sh.incoming.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "handshake timed out".to_string(),
+            };
+            sh.incoming.fetch_sub(1, Ordering::Relaxed);
+            inc(&sh.counters.handshake_failures, 1);
+            tracing::warn!(%remote, %error, "refused connection: TLS handshake failed (a certificate the cluster CA did not sign, none, or a timeout)");
+        });
+    }
+}
+
+/// The node task: see the module documentation.
+async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Event>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let wake = {
+            let st = shared.state.lock();
+            let deadline = st.node.poll_timeout().unwrap_or(i64::MAX);
+            let wait_ms = deadline.saturating_sub(now_ms()).clamp(0, 60_000) as u64;
+            Instant::now() + Duration::from_millis(wait_ms)
+        };
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { return };
+                let mut batch = vec![ev];
+                while batch.len() < 64 {
+                    match rx.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(_) => break,
+                    }
+                }
+                for ev in batch {
+                    if let Event::Shutdown(done) = ev {
+                        leave(&shared).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    let mut st = shared.state.lock();
+                    st.handle(&shared, ev);
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = tick.tick() => {
+                let mut st = shared.state.lock();
+                st.maintain(&shared);
+            }
+        }
+        let mut st = shared.state.lock();
+        let now = now_ms();
+        if st.node.poll_timeout().is_some_and(|d| now >= d) {
+            st.node.handle_timeout(now);
+        }
+        st.flush(&shared);
+    }
+}
+
+/// The graceful leave, inside the node task.
+async fn leave(shared: &Arc<Shared>) {
+    let deadline = {
+        let mut st = shared.state.lock();
+        st.leaving = true;
+        st.node.poll_timeout().unwrap_or(0)
+    };
+    // One last round so the counts since the previous one go out (on the streams).
+    let wait_ms = deadline.saturating_sub(now_ms()).clamp(0, 60_000) as u64;
+    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    let writers: Vec<JoinHandle<()>> = {
+        let mut st = shared.state.lock();
+        let now = now_ms();
+        st.node.handle_timeout(now.max(deadline));
+        st.flush(shared);
+        st.conns
+            .values_mut()
+            .filter_map(|c| {
+                c.retire(close::LEAVE);
+                c.writer.take()
+            })
+            .collect()
+    };
+    let _ = tokio::time::timeout(LINGER + Duration::from_millis(200), async {
+        for w in writers {
+            let _ = w.await;
+        }
+    })
+    .await;
+    let mut st = shared.state.lock();
+    for c in st.conns.values() {
+        c.conn.close(close::LEAVE, b"leave");
+    }
+    let peers: Vec<PeerId> = st.node.peers().collect();
+    for p in peers {
+        st.node.remove_peer(p); // on its own again: live replicas = 1
+    }
+}
+
+impl State {
+    fn handle(&mut self, sh: &Arc<Shared>, ev: Event) {
+        match ev {
+            Event::Accepted(conn) => self.register(sh, conn, None, 0),
+            Event::Dialed { target, seq, addr, result } => {
+                if let Some(d) = self.dial_state(target) {
+                    d.in_flight = false;
+                }
+                match result {
+                    Ok(conn) => self.register(sh, conn, Some(target), seq),
+                    Err(error) => self.dial_failed(sh, target, addr, &error),
+                }
+            }
+            Event::Datagram { conn, bytes } => {
+                inc(&sh.counters.datagrams_received, 1);
+                inc(&sh.counters.bytes_received, bytes.len() as u64);
+                self.gossip_in(sh, conn, &bytes);
+            }
+            Event::Frame { conn, frame } => {
+                inc(&sh.counters.frames_received, 1);
+                self.frame_in(sh, conn, frame);
+            }
+            Event::ProtocolError { conn, error } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    inc(&sh.counters.protocol_errors, 1);
+                    tracing::warn!(peer = %self.name_of(c.peer), %error, "closing connection: protocol error");
+                    c.conn.close(close::PROTOCOL, b"protocol error");
+                }
+            }
+            Event::Closed { conn, reason } => self.closed(sh, conn, reason),
+            Event::AddSeed(addr) => {
+                if !self.seeds.iter().any(|s| s.addr == addr) {
+                    self.seeds.push(SeedEntry { addr, peer: None, is_self: false, failed_once: false, dial: Backoff::now() });
+                    let _ = sh.joined.send_replace(false);
+                }
+            }
+            Event::Shutdown(_) => {}
+        }
+    }
+
+    fn name_of(&self, peer: PeerId) -> String {
+        self.peers.get(&peer).map_or_else(|| format!("{peer:016x}"), |p| p.name.clone())
+    }
+
+    fn dial_state(&mut self, target: Target) -> Option<&mut Backoff> {
+        match target {
+            Target::Seed(i) => self.seeds.get_mut(i).map(|s| &mut s.dial),
+            Target::Peer(p) => self.peers.get_mut(&p).map(|p| &mut p.dial),
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        crate::store::splitmix64(self.rng)
+    }
+
+    /// The delay before the next attempt after `failures` failures: exponential, capped,
+    /// drawn between half and all of it; the higher node id of a pair waits a little
+    /// longer, so the two rarely dial each other at once.
+    fn backoff(&mut self, sh: &Shared, failures: u32, peer: Option<PeerId>) -> Duration {
+        let min = sh.settings.reconnect_min.as_millis() as u64;
+        let max = sh.settings.reconnect_max.as_millis() as u64;
+        let full = min.saturating_mul(1u64 << failures.min(20)).min(max).max(1);
+        let jittered = full / 2 + self.random() % (full / 2 + 1);
+        let defer = if peer.is_some_and(|p| p < sh.me.id) { 3 * min } else { 0 };
+        Duration::from_millis(jittered + defer)
+    }
+
+    fn dial_failed(&mut self, sh: &Arc<Shared>, target: Target, addr: SocketAddr, error: &str) {
+        inc(&sh.counters.dial_failures, 1);
+        let (failures, peer) = match target {
+            Target::Seed(i) => match self.seeds.get_mut(i) {
+                Some(s) => {
+                    s.failed_once = true;
+                    (s.dial.failures, None)
+                }
+                None => return,
+            },
+            Target::Peer(p) => match self.peers.get(&p) {
+                Some(e) => (e.dial.failures, Some(p)),
+                None => return,
+            },
+        };
+        if failures == 0 {
+            tracing::warn!(%addr, %error, "cannot connect to peer; retrying with backoff");
+        } else {
+            tracing::debug!(%addr, %error, failures, "cannot connect to peer");
+        }
+        let delay = self.backoff(sh, failures + 1, peer);
+        if let Some(d) = self.dial_state(target) {
+            d.failures += 1;
+            d.next_at = Instant::now() + delay;
+        }
+        self.check_joined(sh);
+    }
+
+    fn dial(&mut self, sh: &Arc<Shared>, target: Target, addr: SocketAddr, name: Option<String>) {
+        self.dial_seq += 1;
+        let seq = self.dial_seq;
+        if let Some(d) = self.dial_state(target) {
+            d.in_flight = true;
+        }
+        inc(&sh.counters.dials, 1);
+        let sh2 = sh.clone();
+        sh.spawn(async move {
+            let server_name = name.as_deref().unwrap_or(ANY_MEMBER);
+            let result = match sh2.endpoint.connect(addr, server_name) {
+                Ok(connecting) => match tokio::time::timeout(sh2.settings.handshake_timeout, connecting).await {
+                    Ok(Ok(conn)) => Ok(conn),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("handshake timed out".to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = sh2.events.send(Event::Dialed { target, seq, addr, result }).await;
+        });
+    }
+
+    /// Periodic work: dials that are due, first-frame deadlines, the join check.
+    fn maintain(&mut self, sh: &Arc<Shared>) {
+        let now = Instant::now();
+        if !self.leaving {
+            for i in 0..self.seeds.len() {
+                let s = &self.seeds[i];
+                if s.peer.is_none() && !s.is_self && s.dial.due(now) {
+                    let addr = s.addr;
+                    self.dial(sh, Target::Seed(i), addr, None);
+                }
+            }
+            let due: Vec<(PeerId, SocketAddr, String)> = self
+                .peers
+                .iter()
+                .filter(|(id, p)| {
+                    p.active.is_none()
+                        && p.left.is_none()
+                        && p.dial.due(now)
+                        && !self.conns.values().any(|c| c.peer == **id && c.stream_tx.is_some())
+                })
+                .filter_map(|(id, p)| p.addr.map(|a| (*id, a, p.name.clone())))
+                .collect();
+            for (id, addr, name) in due {
+                self.dial(sh, Target::Peer(id), addr, Some(name));
+            }
+        }
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.hello.is_none() && now.duration_since(c.since) > sh.settings.handshake_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(c) = self.conns.get(&id) {
+                inc(&sh.counters.protocol_errors, 1);
+                tracing::warn!(peer = %self.name_of(c.peer), "closing connection: no first frame in time");
+                c.conn.close(close::PROTOCOL, b"no hello");
+            }
+        }
+        self.check_joined(sh);
+    }
+
+    fn check_joined(&self, sh: &Shared) {
+        let done =
+            self.seeds.iter().all(|s| s.is_self || s.failed_once || s.peer.and_then(|p| self.peers.get(&p)).is_some_and(|p| p.synced));
+        if done && !*sh.joined.borrow() {
+            let _ = sh.joined.send_replace(true);
+        }
+    }
+
+    /// A connection's handshake completed: check who it is and start its tasks.
+    fn register(&mut self, sh: &Arc<Shared>, conn: Connection, target: Option<Target>, seq: u64) {
+        let outgoing = target.is_some();
+        let incoming_slot = !outgoing;
+        let refuse = |conn: &Connection, why: &str| {
+            inc(&sh.counters.protocol_errors, 1);
+            conn.close(close::REFUSED, why.as_bytes());
+            if incoming_slot {
+                sh.incoming.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
+        let Some(name) = tls::peer_node_name(&conn) else {
+            tracing::warn!(remote = %conn.remote_address(), "refused connection: the peer certificate names no node");
+            refuse(&conn, "no node name");
+            return;
+        };
+        let id = node_id(&name);
+        if id == sh.me.id {
+            if let Some(Target::Seed(i)) = target {
+                if let Some(s) = self.seeds.get_mut(i) {
+                    s.is_self = true;
+                }
+            } else if !outgoing {
+                tracing::debug!(remote = %conn.remote_address(), "connection from this node's own name (a seed list that names this node)");
+            }
+            conn.close(close::REFUSED, b"self");
+            if incoming_slot {
+                sh.incoming.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if let Some(Target::Peer(expected)) = target {
+            if expected != id {
+                tracing::warn!(expected = %self.name_of(expected), answered = %name, remote = %conn.remote_address(), "refused connection: another node answered");
+                refuse(&conn, "unexpected node");
+                return;
+            }
+        }
+        let conn_id = self.next_conn;
+        self.next_conn += 1;
+        let (tx, rx) = mpsc::channel(sh.settings.stream_queue);
+        let close_code = Arc::new(AtomicU32::new(close::REPLACED.into_inner() as u32));
+        let hello = sh.hello(if outgoing { seq } else { 0 });
+        let writer = tokio::spawn(write_stream(conn.clone(), hello, rx, close_code.clone()));
+        let tasks = vec![
+            sh.spawn(read_datagrams(sh.clone(), conn.clone(), conn_id)),
+            sh.spawn(read_streams(sh.clone(), conn.clone(), conn_id)),
+            sh.spawn(watch_close(sh.clone(), conn.clone(), conn_id)),
+        ];
+        tracing::debug!(peer = %name, remote = %conn.remote_address(), outgoing, "connection established");
+        self.conns.insert(
+            conn_id,
+            ConnEntry {
+                conn,
+                peer: id,
+                outgoing,
+                dial_seq: if outgoing { seq } else { 0 },
+                hello: None,
+                since: Instant::now(),
+                stream_tx: Some(tx),
+                close_code,
+                writer: Some(writer),
+                tasks,
+                incoming: incoming_slot,
+            },
+        );
+        let is_seed = matches!(target, Some(Target::Seed(_)));
+        if !self.peers.contains_key(&id) && self.peers.len() >= MAX_PEERS {
+            tracing::warn!(peer = %name, "member table full; ignoring a new member");
+        }
+        let entry = self.peers.entry(id).or_insert_with(|| PeerEntry {
+            name: name.clone(),
+            addr: None,
+            incarnation: None,
+            left: None,
+            active: None,
+            seed: false,
+            synced: false,
+            dial: Backoff::now(),
+        });
+        entry.seed |= is_seed;
+        if let Some(Target::Seed(i)) = target {
+            if let Some(s) = self.seeds.get_mut(i) {
+                s.peer = Some(id);
+            }
+        }
+    }
+
+    fn frame_in(&mut self, sh: &Arc<Shared>, conn_id: u64, frame: Frame) {
+        let Some(c) = self.conns.get(&conn_id) else { return };
+        let peer = c.peer;
+        match frame {
+            Frame::Hello(h) => self.hello_in(sh, conn_id, h),
+            _ if c.hello.is_none() => {
+                inc(&sh.counters.protocol_errors, 1);
+                c.conn.close(close::PROTOCOL, b"frame before hello");
+            }
+            Frame::Gossip(bytes) => {
+                inc(&sh.counters.bytes_received, bytes.len() as u64);
+                self.gossip_in(sh, conn_id, &bytes);
+            }
+            Frame::Members(list) => self.members_in(sh, peer, list),
+            Frame::SyncDone => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.synced = true;
+                }
+                self.check_joined(sh);
+            }
+            Frame::Unknown(kind) => tracing::debug!(kind, "ignoring a frame of unknown kind"),
+        }
+    }
+
+    /// One gossip message from a connection: to the core, if the connection said hello.
+    fn gossip_in(&mut self, sh: &Arc<Shared>, conn_id: u64, bytes: &[u8]) {
+        let Some(c) = self.conns.get(&conn_id) else { return };
+        if c.hello.is_none() {
+            inc(&sh.counters.dropped_before_hello, 1);
+            return;
+        }
+        let peer = c.peer;
+        let syncs = self.node.stats().full_syncs_sent;
+        if let Err(e) = self.node.handle_message(peer, bytes, now_ms()) {
+            tracing::debug!(peer = %self.name_of(peer), error = %e, "gossip message dropped");
+            return;
+        }
+        if self.node.stats().full_syncs_sent > syncs {
+            // The core just queued everything it holds for this peer: send it, then the
+            // marker (same stream, so it arrives after all of it).
+            self.flush(sh);
+            self.send_frame(sh, peer, &Frame::SyncDone);
+        }
+    }
+
+    fn send_frame(&self, sh: &Shared, peer: PeerId, frame: &Frame) -> bool {
+        match self.peers.get(&peer).and_then(|p| p.active).and_then(|id| self.conns.get(&id)) {
+            Some(c) => c.push(&sh.counters, frame),
+            None => {
+                inc(&sh.counters.dropped_no_connection, 1);
+                false
+            }
+        }
+    }
+
+    /// Routes everything the core has to send.
+    fn flush(&mut self, sh: &Shared) {
+        while let Some(t) = self.node.poll_transmit() {
+            self.route(sh, t);
+        }
+    }
+
+    fn route(&self, sh: &Shared, t: Transmit) {
+        let c = &sh.counters;
+        let Some(conn) = self.peers.get(&t.to).and_then(|p| p.active).and_then(|id| self.conns.get(&id)) else {
+            inc(&c.dropped_no_connection, 1);
+            return;
+        };
+        if !t.reliable && !self.leaving {
+            match conn.conn.max_datagram_size() {
+                Some(max) if t.bytes.len() <= max => {
+                    let n = t.bytes.len() as u64;
+                    match conn.conn.send_datagram(Bytes::from(t.bytes)) {
+                        Ok(()) => {
+                            inc(&c.datagrams_sent, 1);
+                            inc(&c.datagram_bytes_sent, n);
+                        }
+                        Err(_) => inc(&c.datagrams_dropped, 1),
+                    }
+                    return;
+                }
+                _ => inc(&c.oversized_to_stream, 1),
+            }
+        }
+        conn.push(c, &Frame::Gossip(t.bytes));
+    }
+
+    /// The peer's first frame: check it, then decide whether this connection is the
+    /// one to use for the peer.
+    fn hello_in(&mut self, sh: &Arc<Shared>, conn_id: u64, h: Hello) {
+        let Some(c) = self.conns.get_mut(&conn_id) else { return };
+        let peer = c.peer;
+        let name = self.peers.get(&peer).map_or_else(String::new, |p| p.name.clone());
+        if c.hello.is_some() {
+            inc(&sh.counters.protocol_errors, 1);
+            c.conn.close(close::PROTOCOL, b"second hello");
+            return;
+        }
+        if h.key_probe != sh.me.key_probe {
+            inc(&sh.counters.protocol_errors, 1);
+            tracing::error!(peer = %name, "refused peer: it hashes client ids with another secret; every member must build its limiter with the same hash_secret");
+            c.conn.close(close::REFUSED, b"hash secret mismatch");
+            return;
+        }
+        c.hello = Some(h);
+        if !c.outgoing {
+            c.dial_seq = h.dial_seq;
+        }
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if p.left == Some(h.incarnation) {
+            // The process that announced its leave: it has nothing more to say.
+            c.conn.close(close::STALE, b"left");
+            return;
+        }
+        if p.active.is_none() && p.incarnation.is_some_and(|i| h.incarnation < i) {
+            // Incarnations are start times: its clock stepped back. Its counts go to a new
+            // slot all the same (a slot is the whole replica id), so take it.
+            tracing::warn!(peer = %name, incarnation = h.incarnation, previous = p.incarnation, "peer restarted with a lower incarnation");
+        }
+        p.left = None;
+        // Which connection to keep.
+        let keep_new = match p.active.and_then(|a| self.conns.get(&a)) {
+            None => true,
+            Some(old) => old.conn.close_reason().is_some() || prefer(self.conns.get(&conn_id), old, sh.me.id),
+        };
+        if !keep_new {
+            if let Some(c) = self.conns.get_mut(&conn_id) {
+                c.retire(close::DUPLICATE);
+            }
+            self.node.add_peer(peer);
+            return;
+        }
+        let old = p.active.replace(conn_id);
+        let restarted = p.incarnation.is_some_and(|i| h.incarnation > i);
+        p.incarnation = Some(h.incarnation);
+        let Some(c) = self.conns.get(&conn_id) else { return };
+        let addr = if h.addr.ip().is_unspecified() { SocketAddr::new(c.conn.remote_address().ip(), h.addr.port()) } else { h.addr };
+        p.addr = Some(addr);
+        p.dial = Backoff::now();
+        if let Some(old) = old.and_then(|o| self.conns.get_mut(&o)) {
+            old.retire(close::REPLACED);
+        }
+        self.node.add_peer(peer);
+        tracing::info!(peer = %name, incarnation = h.incarnation, %addr, restarted, "peer connected");
+        // Tell the newcomer who else is here, and everyone else about the newcomer.
+        let entry =
+            |p: &PeerEntry| p.incarnation.zip(p.addr).map(|(incarnation, addr)| MemberEntry { name: p.name.clone(), incarnation, addr });
+        let others: Vec<MemberEntry> =
+            self.peers.iter().filter(|(id, p)| **id != peer && p.active.is_some()).filter_map(|(_, p)| entry(p)).collect();
+        if !others.is_empty() {
+            self.send_frame(sh, peer, &Frame::Members(others));
+        }
+        if let Some(me) = self.peers.get(&peer).and_then(entry) {
+            let to: Vec<PeerId> = self.peers.iter().filter(|(id, p)| **id != peer && p.active.is_some()).map(|(id, _)| *id).collect();
+            for other in to {
+                self.send_frame(sh, other, &Frame::Members(vec![me.clone()]));
+            }
+        }
+    }
+
+    fn members_in(&mut self, sh: &Shared, from: PeerId, list: Vec<MemberEntry>) {
+        for m in list {
+            if certs::validate_node_name(&m.name).is_err() {
+                continue;
+            }
+            let id = node_id(&m.name);
+            if id == sh.me.id || id == from {
+                continue;
+            }
+            let room = self.peers.len() < MAX_PEERS;
+            match self.peers.get_mut(&id) {
+                Some(p) => {
+                    if p.left == Some(m.incarnation) {
+                        continue;
+                    }
+                    if p.active.is_none() && (p.addr.is_none() || m.incarnation > p.incarnation.unwrap_or(0)) {
+                        p.addr = Some(m.addr);
+                        p.left = None;
+                    }
+                }
+                None if room => {
+                    tracing::info!(peer = %m.name, addr = %m.addr, via = %self.name_of(from), "learned of a member");
+                    let mut dial = Backoff::now();
+                    if id < sh.me.id {
+                        // The lower id dials first; we only dial if it has not by then.
+                        dial.next_at += 3 * sh.settings.reconnect_min;
+                    }
+                    self.peers.insert(
+                        id,
+                        PeerEntry {
+                            name: m.name,
+                            addr: Some(m.addr),
+                            incarnation: None,
+                            left: None,
+                            active: None,
+                            seed: false,
+                            synced: false,
+                            dial,
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn closed(&mut self, sh: &Arc<Shared>, conn_id: u64, reason: ConnectionError) {
+        let Some(mut c) = self.conns.remove(&conn_id) else { return };
+        c.abort();
+        if c.incoming {
+            sh.incoming.fetch_sub(1, Ordering::Relaxed);
+        }
+        let peer = c.peer;
+        let name = self.name_of(peer);
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let was_active = p.active == Some(conn_id);
+        if was_active {
+            p.active = None;
+            // Another connection to the same peer that said hello takes over.
+            let next =
+                self.conns.iter().filter(|(_, o)| o.peer == peer && o.hello.is_some() && o.stream_tx.is_some()).map(|(id, _)| *id).max();
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.active = next;
+            }
+        }
+        let left = matches!(&reason, ConnectionError::ApplicationClosed(a) if a.error_code == close::LEAVE);
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if left {
+            if let Some(h) = c.hello {
+                if p.incarnation.is_none_or(|i| h.incarnation >= i) {
+                    p.left = Some(h.incarnation);
+                    p.synced = false;
+                    self.node.remove_peer(peer);
+                    tracing::info!(peer = %name, incarnation = h.incarnation, "peer left the cluster");
+                }
+            }
+            return;
+        }
+        if p.active.is_some() {
+            return;
+        }
+        // Lost, or refused before it was ever used (a mismatch, a timeout): redial later,
+        // backing off further if it never became the peer's connection.
+        if was_active {
+            tracing::info!(peer = %name, %reason, "connection to peer lost; reconnecting");
+        } else {
+            tracing::debug!(peer = %name, %reason, "connection closed before use");
+            p.dial.failures += 1;
+        }
+        let failures = p.dial.failures;
+        let delay = self.backoff(sh, failures, Some(peer));
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.dial.next_at = p.dial.next_at.max(Instant::now() + delay);
+        }
+    }
+}
+
+/// Whether connection `new` should replace `old` (both to the same peer, both past
+/// hello). Both sides of a pair reach the same answer: the newer incarnation wins; for
+/// a simultaneous dial, the connection the lower node id dialed; else the later dial.
+fn prefer(new: Option<&ConnEntry>, old: &ConnEntry, me: PeerId) -> bool {
+    let Some(new) = new else { return false };
+    let (Some(nh), Some(oh)) = (new.hello, old.hello) else { return old.hello.is_none() };
+    if nh.incarnation != oh.incarnation {
+        return nh.incarnation > oh.incarnation;
+    }
+    if new.outgoing != old.outgoing {
+        let dialer = |c: &ConnEntry| if c.outgoing { me } else { c.peer };
+        return dialer(new) < dialer(old);
+    }
+    new.dial_seq > old.dial_seq
+}
+
+async fn read_datagrams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
+    while let Ok(bytes) = conn.read_datagram().await {
+        if sh.events.send(Event::Datagram { conn: conn_id, bytes }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads the peer's streams one after the other (a peer opens one per connection).
+async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        if let Err(error) = read_frames(&sh, &mut recv, conn_id).await {
+            let _ = sh.events.send(Event::ProtocolError { conn: conn_id, error }).await;
+            return;
+        }
+    }
+}
+
+/// Reads frames until the stream ends. `Err` only for a protocol violation.
+async fn read_frames(sh: &Shared, recv: &mut RecvStream, conn_id: u64) -> Result<(), String> {
+    loop {
+        let mut header = [0u8; HEADER];
+        match recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
+            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err("stream ended inside a frame header".into()),
+            Err(quinn::ReadExactError::ReadError(_)) => return Ok(()), // reset or connection lost
+        }
+        let (kind, len) = Frame::header(header).map_err(|e| e.to_string())?;
+        let mut payload = vec![0u8; len];
+        match recv.read_exact(&mut payload).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err("stream ended inside a frame".into()),
+            Err(quinn::ReadExactError::ReadError(_)) => return Ok(()),
+        }
+        let frame = Frame::decode(kind, payload).map_err(|e| e.to_string())?;
+        if sh.events.send(Event::Frame { conn: conn_id, frame }).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Owns the connection's outgoing stream: the hello, then every queued frame. When the
+/// queue is closed (the connection retired), finishes the stream, waits for the peer to
+/// acknowledge it, and closes the connection.
+async fn write_stream(conn: Connection, hello: Frame, mut rx: mpsc::Receiver<Vec<u8>>, close_code: Arc<AtomicU32>) {
+    let Ok(mut send) = conn.open_uni().await else { return };
+    if send.write_all(&hello.encode()).await.is_err() {
+        return;
+    }
+    while let Some(frame) = rx.recv().await {
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+    }
+    let code = VarInt::from_u32(close_code.load(Ordering::Relaxed));
+    conn.close(code, b"retired");
+}
+
+async fn watch_close(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
+    let reason = conn.closed().await;
+    let _ = sh.events.send(Event::Closed { conn: conn_id, reason }).await;
+}

@@ -1,0 +1,595 @@
+//! The QUIC transport: runs a [`GossipNode`](crate::GossipNode) between service instances over quinn, with
+//! mutual TLS from a cluster CA. Behind the `quic` feature (on by default).
+//!
+//! ```no_run
+//! use crdt_rate_limiter::transport::{ClusterConfig, TlsSource};
+//! use crdt_rate_limiter::{Quota, RateLimiter};
+//! use std::time::Duration;
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = TlsSource::files("certs/ca.pem", "certs/node-a.pem", "certs/node-a.key");
+//! let config = ClusterConfig { seeds: vec!["10.0.0.2:7000".parse()?], ..ClusterConfig::new(tls, "0.0.0.0:7000".parse()?) };
+//! let (limiter, cluster) = RateLimiter::builder()
+//!     .quota(Quota::new(100, Duration::from_secs(1))?)
+//!     .hash_secret(*b"same on all node") // every member must use the same secret
+//!     .cluster(config)
+//!     .start()
+//!     .await?;
+//! if limiter.allow("client-42", limiter.now_ms()) { /* serve */ }
+//! println!("{:?}", cluster.stats());
+//! cluster.shutdown().await; // announces the leave
+//! # Ok(()) }
+//! ```
+//!
+//! # How it runs
+//! One quinn endpoint per instance is both server and client. One tokio task owns the
+//! [`GossipNode`](crate::GossipNode) (behind a mutex the [`Cluster`] handle also reads): it takes received
+//! messages and timer ticks in, and sends what the node polls out. Per connection, tasks
+//! read datagrams, read the peer's stream, write ours, and watch for the close.
+//!
+//! * Deltas and heartbeats go as QUIC datagrams (at most `max_datagram_size()`; a larger
+//!   message falls back to the stream). Full syncs and repairs
+//!   ([`Transmit::reliable`](crate::Transmit)) go on one long-lived unidirectional stream
+//!   per connection and direction, framed (kind, length, payload); its first frame says
+//!   who is speaking (incarnation, address, a fingerprint of the hash secret).
+//! * **Identity.** Both sides present a certificate the cluster CA signed (mutual TLS 1.3,
+//!   rustls with the ring provider passed explicitly, 0-RTT off). A node's id is
+//!   [`node_id`] of the name in its verified certificate; nothing from a connection is
+//!   merged before both the handshake and the first frame checked out, and the core
+//!   refuses any message signed as another node.
+//! * **Bounded.** Handshakes and the first frame have a deadline; incoming connections are
+//!   capped; each peer's stream queue is bounded (a full queue drops the newest frame,
+//!   counted; anti-entropy repairs); quinn's datagram buffer is bounded (it drops the
+//!   oldest).
+//! * **Membership.** Static seeds, plus every authenticated member a peer reports; the
+//!   core's heartbeats decide who is live. See `docs/cluster.md`.
+//! * **Reconnection.** A lost connection is redialed with exponential backoff and jitter.
+//!   When both sides dial at once, both keep the connection the lower node id dialed.
+//!
+//! The [`tls`] and [`certs`] modules are the building blocks: identities from PEM, quinn
+//! configs, certificate generation.
+
+pub mod certs;
+mod driver;
+mod socket;
+pub mod tls;
+mod wire;
+
+use std::fmt;
+use std::hash::Hasher;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use siphasher::sip::SipHasher13;
+
+use crate::{Builder, GossipConfig, GossipStats, PeerId, RateLimiter, ReplicaId, StateEntry};
+use driver::Shared;
+pub use tls::{TlsError, TlsIdentity};
+
+/// The largest gossip message [`ClusterConfig::new`] sets: what a QUIC datagram holds
+/// at the minimum path MTU (1200 bytes) with quinn's 8-byte connection ids.
+pub const DATAGRAM_MESSAGE_BYTES: usize = 1162;
+
+/// The SipHash-1-3 key of [`node_id`]: the ASCII bytes `crdt-rl/` and `node-id\0`, each
+/// read as a little-endian `u64`. Fixed forever: changing it renames every node.
+pub const NODE_ID_KEY: (u64, u64) = (u64::from_le_bytes(*b"crdt-rl/"), u64::from_le_bytes(*b"node-id\0"));
+
+/// The node id of a node name: SipHash-1-3 with the fixed key [`NODE_ID_KEY`] of the
+/// name in ASCII lowercase (DNS names are case-insensitive), never 0 (the id of a
+/// limiter on its own). Stable across restarts, versions and machines; the same on
+/// every member, which computes it from the peer's verified certificate.
+///
+/// ```
+/// use crdt_rate_limiter::transport::node_id;
+/// assert_eq!(node_id("node-a"), node_id("NODE-A"));
+/// assert_ne!(node_id("node-a"), node_id("node-b"));
+/// ```
+pub fn node_id(name: &str) -> PeerId {
+    let mut h = SipHasher13::new_with_keys(NODE_ID_KEY.0, NODE_ID_KEY.1);
+    h.write(name.to_ascii_lowercase().as_bytes());
+    h.finish().max(1)
+}
+
+/// The next incarnation: the Unix ms now, or one more than the last one this process
+/// handed out if that is later (two starts in the same millisecond, or a clock that
+/// stepped back). Monotone across restarts without storing anything, as long as a
+/// restart takes longer than the clock's error.
+fn next_incarnation(now_ms: i64) -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = u64::try_from(now_ms).unwrap_or(0);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
+/// Where a node's certificate comes from.
+#[derive(Clone)]
+pub enum TlsSource {
+    /// PEM files: the cluster CA certificate, this node's certificate (chain), its key.
+    Files {
+        /// The cluster CA certificate.
+        ca: PathBuf,
+        /// This node's certificate, optionally followed by intermediates.
+        cert: PathBuf,
+        /// This node's private key (PKCS#8, PKCS#1 or SEC1).
+        key: PathBuf,
+    },
+    /// An identity already loaded.
+    Identity(TlsIdentity),
+}
+
+impl TlsSource {
+    /// PEM files: the cluster CA certificate, this node's certificate, its key.
+    pub fn files(ca: impl Into<PathBuf>, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self::Files { ca: ca.into(), cert: cert.into(), key: key.into() }
+    }
+
+    fn load(&self) -> Result<TlsIdentity, TlsError> {
+        match self {
+            Self::Files { ca, cert, key } => TlsIdentity::from_pem_files(ca, cert, key),
+            Self::Identity(id) => Ok(id.clone()),
+        }
+    }
+}
+
+impl From<TlsIdentity> for TlsSource {
+    fn from(id: TlsIdentity) -> Self {
+        Self::Identity(id)
+    }
+}
+
+impl fmt::Debug for TlsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Files { ca, cert, key } => f.debug_struct("Files").field("ca", ca).field("cert", cert).field("key", key).finish(),
+            Self::Identity(id) => f.debug_tuple("Identity").field(id).finish(),
+        }
+    }
+}
+
+/// Settings of a cluster member. [`ClusterConfig::new`] gives every default; change
+/// fields with struct update syntax. Durations are validated by [`Cluster::start`].
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's certificate and the cluster CA. The node's name is the first DNS
+    /// SubjectAltName of its certificate; its id is [`node_id`] of that name.
+    pub tls: TlsSource,
+    /// The UDP address to bind (both server and client). Port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// The address peers should dial, told to every peer. Default: the bound address
+    /// (set it when binding `0.0.0.0` or behind NAT).
+    pub advertise: Option<SocketAddr>,
+    /// Addresses to join through. Their names come from their certificates. A node may
+    /// list itself; that entry is skipped.
+    pub seeds: Vec<SocketAddr>,
+    /// The gossip core's settings. Its `replica` is replaced: the node id from the
+    /// certificate and a fresh incarnation (the Unix ms at start). Default: the core's
+    /// defaults with `max_message_bytes` = [`DATAGRAM_MESSAGE_BYTES`].
+    pub gossip: GossipConfig,
+    /// How long a TLS handshake and the peer's first frame may take. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// A connection silent this long is closed (QUIC idle timeout). Default 10 s;
+    /// more than `keep_alive`.
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive interval. Default 1 s.
+    pub keep_alive: Duration,
+    /// Cap on incoming connections, handshakes included; more are refused. Default 256.
+    pub max_incoming: usize,
+    /// Frames queued per peer for its stream; when full the newest is dropped and
+    /// counted. Default 4096 (with 1162-byte messages, about 4.5 MiB per peer at worst).
+    pub stream_queue: usize,
+    /// Bytes of datagrams quinn buffers per connection, each way; when full it drops the
+    /// oldest. Default 256 KiB.
+    pub datagram_buffer_bytes: usize,
+    /// First reconnection delay; doubles per failure up to `reconnect_max`, each drawn
+    /// with jitter between half and all of it. Default 100 ms.
+    pub reconnect_min: Duration,
+    /// Longest reconnection delay. Default 5 s.
+    pub reconnect_max: Duration,
+    /// How long [`Cluster::start`] waits for every seed to answer with a full sync (or to
+    /// fail to connect once) before it returns. Default 3 s; zero returns at once.
+    pub join_timeout: Duration,
+    /// Seed of the gossip core's randomness. Default: derived from the node id and
+    /// incarnation.
+    pub rng_seed: Option<u64>,
+}
+
+impl ClusterConfig {
+    /// Every default, for the node `tls` names, bound to `listen`.
+    pub fn new(tls: impl Into<TlsSource>, listen: SocketAddr) -> Self {
+        let mut gossip = GossipConfig::new(ReplicaId::LOCAL);
+        gossip.max_message_bytes = DATAGRAM_MESSAGE_BYTES;
+        Self {
+            tls: tls.into(),
+            listen,
+            advertise: None,
+            seeds: Vec::new(),
+            gossip,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(1),
+            max_incoming: 256,
+            stream_queue: 4096,
+            datagram_buffer_bytes: 256 * 1024,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            join_timeout: Duration::from_secs(3),
+            rng_seed: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ClusterError> {
+        let bad = |field, reason| Err(ClusterError::Config { field, reason });
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake_timeout", "must be more than zero");
+        }
+        if self.keep_alive.is_zero() || self.keep_alive >= self.idle_timeout {
+            return bad("keep_alive", "must be more than zero and less than idle_timeout");
+        }
+        if quinn::IdleTimeout::try_from(self.idle_timeout).is_err() {
+            return bad("idle_timeout", "too long for QUIC");
+        }
+        if self.max_incoming == 0 {
+            return bad("max_incoming", "must be at least 1");
+        }
+        if self.stream_queue == 0 {
+            return bad("stream_queue", "must be at least 1");
+        }
+        if self.datagram_buffer_bytes < 2 * 1500 {
+            return bad("datagram_buffer_bytes", "must hold at least two datagrams (3000 bytes)");
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return bad("reconnect_min", "must be more than zero and at most reconnect_max");
+        }
+        Ok(())
+    }
+}
+
+/// Why a cluster member could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The certificate, key or CA could not be loaded or used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The certificate names no node (it has no DNS SubjectAltName).
+    #[error("the node certificate has no DNS SubjectAltName to name the node")]
+    NoNodeName,
+    /// A setting is out of its documented range.
+    #[error("invalid cluster configuration for {field}: {reason}")]
+    Config {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The limiter or the gossip core refused its configuration.
+    #[error(transparent)]
+    Limiter(#[from] crate::Error),
+    /// Binding the UDP socket or creating the endpoint failed.
+    #[error("cannot open the QUIC endpoint: {0}")]
+    Io(#[from] std::io::Error),
+    /// Not called from within a tokio runtime.
+    #[error("Cluster::start must run inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// A member as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Member {
+    /// Its node id ([`node_id`] of its name).
+    pub id: PeerId,
+    /// Its name, from its certificate (or from a peer's member list, until connected).
+    pub name: String,
+    /// Where it is dialed.
+    pub addr: Option<SocketAddr>,
+    /// Its incarnation, once connected.
+    pub incarnation: Option<u64>,
+    /// Whether a connection to it is up.
+    pub connected: bool,
+    /// Whether the gossip core counts it live (heard within `suspect_after_ms`).
+    pub live: bool,
+    /// Whether it announced its leave (and has not come back since).
+    pub left: bool,
+    /// Whether it is one of this node's seeds.
+    pub seed: bool,
+}
+
+/// What a cluster member did so far: the gossip core's counters and the transport's.
+/// All monotone except the gauges `peers`, `live_peers` and `connections`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterStats {
+    /// The gossip core's counters.
+    pub gossip: GossipStats,
+    /// Members known (gauge).
+    pub peers: usize,
+    /// Members the core counts live (gauge).
+    pub live_peers: usize,
+    /// How stale this node's view may be, in ms: over live peers, the longest time since
+    /// last heard plus half a round trip ([`GossipNode::view_lag_ms`](crate::GossipNode::view_lag_ms); gauge).
+    pub view_lag_ms: i64,
+    /// Connections up, all states (gauge).
+    pub connections: usize,
+    /// Gossip messages sent as datagrams.
+    pub datagrams_sent: u64,
+    /// Their bytes.
+    pub datagram_bytes_sent: u64,
+    /// Datagrams quinn refused (connection lost, datagrams unsupported).
+    pub datagrams_dropped: u64,
+    /// Frames queued for a peer's stream.
+    pub frames_queued: u64,
+    /// Their bytes, headers included.
+    pub frame_bytes_queued: u64,
+    /// Frames dropped because the peer's stream queue was full.
+    pub frames_dropped_queue_full: u64,
+    /// Messages dropped because no connection to the peer was up.
+    pub dropped_no_connection: u64,
+    /// Unreliable messages larger than a datagram, sent on the stream instead.
+    pub oversized_to_stream: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Frames received.
+    pub frames_received: u64,
+    /// Bytes received (datagrams and frames).
+    pub bytes_received: u64,
+    /// Datagrams dropped because they came before the connection's first frame.
+    pub dropped_before_hello: u64,
+    /// Connections dialed.
+    pub dials: u64,
+    /// Dials that failed (unreachable, refused, timed out).
+    pub dial_failures: u64,
+    /// Incoming handshakes that failed: bad or missing certificate, timeout.
+    pub handshake_failures: u64,
+    /// Incoming connections refused at the cap.
+    pub refused_over_cap: u64,
+    /// Connections closed for a protocol violation, a bad first frame or a mismatch
+    /// (hash secret, name).
+    pub protocol_errors: u64,
+    /// Packets dropped by the fault hooks.
+    pub packets_dropped_by_faults: u64,
+}
+
+impl ClusterStats {
+    /// Gossip bytes put on the wire by this node: datagrams plus stream frames.
+    pub fn bytes_sent(&self) -> u64 {
+        self.datagram_bytes_sent + self.frame_bytes_queued
+    }
+}
+
+/// A running cluster member: membership, stats, fault hooks and shutdown.
+///
+/// Dropping it stops the member at once without announcing the leave (like
+/// [`abort`](Self::abort), except that closing connections still reach the peers).
+pub struct Cluster {
+    shared: Arc<Shared>,
+    limiter: RateLimiter,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.shared.me.name)
+            .field("id", &self.shared.me.id)
+            .field("incarnation", &self.shared.me.incarnation)
+            .field("addr", &self.shared.me.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Makes `limiter` a cluster member: binds the endpoint, dials the seeds, and
+    /// returns once every seed answered with a full sync, failed to connect once, or
+    /// `join_timeout` passed — so a restarted node has the cluster's counts for the
+    /// current windows before it decides. Must run inside a tokio runtime (with the
+    /// `time` and `net` drivers).
+    ///
+    /// Every member must build its limiter with the same `hash_secret`: a peer that
+    /// hashes with another is refused (logged at error). Attach a limiter to one cluster
+    /// only.
+    ///
+    /// # Errors
+    /// [`ClusterError`] when the certificate cannot be loaded, a setting is out of range,
+    /// the socket cannot be bound, or there is no tokio runtime.
+    pub async fn start(limiter: RateLimiter, config: ClusterConfig) -> Result<Self, ClusterError> {
+        config.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ClusterError::NoRuntime);
+        }
+        let shared = driver::start(limiter.clone(), config).await?;
+        Ok(Self { shared, limiter })
+    }
+
+    /// The limiter this member replicates.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// This node's name, from its certificate.
+    pub fn node_name(&self) -> &str {
+        &self.shared.me.name
+    }
+
+    /// This node's id ([`node_id`] of its name).
+    pub fn node_id(&self) -> PeerId {
+        self.shared.me.id
+    }
+
+    /// This node's replica: its id and this run's incarnation.
+    pub fn replica(&self) -> ReplicaId {
+        ReplicaId { node: self.shared.me.id, incarnation: self.shared.me.incarnation }
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.me.local_addr
+    }
+
+    /// Every member this node knows of, sorted by id.
+    pub fn members(&self) -> Vec<Member> {
+        self.shared.members()
+    }
+
+    /// The peers the gossip core counts live.
+    pub fn live_peers(&self) -> Vec<PeerId> {
+        self.shared.state.lock().node.live_peers().collect()
+    }
+
+    /// Counters of the core and the transport.
+    pub fn stats(&self) -> ClusterStats {
+        self.shared.stats()
+    }
+
+    /// Every count this node holds ([`GossipNode::state`](crate::GossipNode::state) at
+    /// the current time): equal on every member once gossip has converged.
+    pub fn state(&self) -> Vec<StateEntry> {
+        self.shared.state.lock().node.state(driver::now_ms())
+    }
+
+    /// Dials one more seed (a runtime join through `addr`).
+    pub fn add_seed(&self, addr: SocketAddr) {
+        self.shared.add_seed(addr);
+    }
+
+    // ----- fault hooks (tests) -----
+
+    /// Fault hook: drops every packet to or from `peer` (at every address known for it)
+    /// from now on, below QUIC. Returns whether an address was known.
+    pub fn block_peer(&self, peer: PeerId) -> bool {
+        let addrs = self.shared.peer_addrs(peer);
+        for a in &addrs {
+            self.shared.faults.block(*a);
+        }
+        !addrs.is_empty()
+    }
+
+    /// Fault hook: lifts [`block_peer`](Self::block_peer).
+    pub fn unblock_peer(&self, peer: PeerId) {
+        for a in self.shared.peer_addrs(peer) {
+            self.shared.faults.unblock(a);
+        }
+    }
+
+    /// Fault hook: drops every packet to or from `addr`.
+    pub fn block_addr(&self, addr: SocketAddr) {
+        self.shared.faults.block(addr);
+    }
+
+    /// Fault hook: lifts [`block_addr`](Self::block_addr).
+    pub fn unblock_addr(&self, addr: SocketAddr) {
+        self.shared.faults.unblock(addr);
+    }
+
+    /// Fault hook: lifts every block.
+    pub fn heal(&self) {
+        self.shared.faults.heal();
+    }
+
+    /// Addresses currently blocked by the fault hooks.
+    pub fn blocked(&self) -> Vec<SocketAddr> {
+        self.shared.faults.blocked()
+    }
+
+    // ----- lifecycle -----
+
+    /// Leaves the cluster gracefully: runs a last gossip round whose counts go out on
+    /// the reliable streams, waits (up to about a second) for the peers to acknowledge
+    /// them, then closes every connection with the leave code, so peers remove this node
+    /// at once (its counts stay with them until their windows expire). Stop deciding
+    /// requests first; the limiter then works on its own.
+    pub async fn shutdown(self) {
+        driver::shutdown(&self.shared).await;
+    }
+
+    /// Fault hook: stops at once, as a crash would. Nothing more leaves this node (not
+    /// even the connection close); peers find out from silence.
+    pub fn abort(self) {
+        self.shared.faults.isolate();
+        self.shared.abort_tasks();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shared.abort_tasks();
+    }
+}
+
+/// A limiter [`Builder`] with cluster settings: [`start`](Self::start) builds the limiter
+/// and makes it a member. From [`Builder::cluster`].
+#[derive(Debug)]
+pub struct ClusterBuilder {
+    builder: Builder,
+    config: ClusterConfig,
+}
+
+impl ClusterBuilder {
+    /// Builds the limiter and starts the member (see [`Cluster::start`]).
+    ///
+    /// # Errors
+    /// The builder's errors ([`ClusterError::Limiter`]) and [`Cluster::start`]'s.
+    pub async fn start(self) -> Result<(RateLimiter, Cluster), ClusterError> {
+        let limiter = self.builder.build()?;
+        let cluster = Cluster::start(limiter.clone(), self.config).await?;
+        Ok((limiter, cluster))
+    }
+}
+
+impl Builder {
+    /// Makes the limiter a cluster member once built: `builder.cluster(config).start().await`.
+    pub fn cluster(self, config: ClusterConfig) -> ClusterBuilder {
+        ClusterBuilder { builder: self, config }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_stable_and_case_insensitive() {
+        assert_eq!(node_id("node-a"), node_id("Node-A"));
+        assert_ne!(node_id("node-a"), node_id("node-b"));
+        assert_ne!(node_id(""), 0);
+        // Pinned: a node keeps its id across versions.
+        assert_eq!(node_id("node-a"), 763_387_308_395_886_136);
+    }
+
+    #[test]
+    fn incarnations_increase_even_within_a_millisecond() {
+        let a = next_incarnation(1_000);
+        let b = next_incarnation(1_000);
+        let c = next_incarnation(5);
+        assert!(a < b && b < c, "{a} {b} {c}");
+    }
+
+    #[test]
+    fn config_ranges_are_checked() {
+        let id = {
+            let (ca, key) = certs::generate_ca().unwrap();
+            let (c, k) = certs::issue(&ca, &key, "node-a").unwrap();
+            TlsIdentity::from_pem(ca.as_bytes(), c.as_bytes(), k.as_bytes()).unwrap()
+        };
+        let base = ClusterConfig::new(id, "127.0.0.1:0".parse().unwrap());
+        assert!(base.validate().is_ok());
+        let cases = [
+            ClusterConfig { handshake_timeout: Duration::ZERO, ..base.clone() },
+            ClusterConfig { keep_alive: Duration::from_secs(20), ..base.clone() },
+            ClusterConfig { max_incoming: 0, ..base.clone() },
+            ClusterConfig { stream_queue: 0, ..base.clone() },
+            ClusterConfig { datagram_buffer_bytes: 10, ..base.clone() },
+            ClusterConfig { reconnect_min: Duration::from_secs(60), ..base.clone() },
+        ];
+        for c in cases {
+            assert!(matches!(c.validate(), Err(ClusterError::Config { .. })), "{c:?}");
+        }
+    }
+}

@@ -1,0 +1,587 @@
+//! The QUIC cluster on real sockets (127.0.0.1, port 0): admissions within the bound,
+//! refusal of foreign certificates, crash and restart, partitions healing, leaves,
+//! simultaneous dials. Every test is bounded by `tokio::time::timeout`.
+#![cfg(feature = "quic")]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crdt_rate_limiter::transport::{certs, node_id, tls, Cluster, ClusterConfig, TlsIdentity, TlsSource};
+use crdt_rate_limiter::{Quota, RateLimiter, ReplicaId, StateEntry, Strategy};
+
+const SECRET: [u8; 16] = *b"cluster-test-key";
+
+// ----- harness -----
+
+/// Every log line at INFO or above, from every test of this binary.
+fn logs() -> &'static Mutex<Vec<String>> {
+    static LOGS: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let logs = LOGS.get_or_init(|| Mutex::new(Vec::new()));
+    static INSTALL: OnceLock<()> = OnceLock::new();
+    INSTALL.get_or_init(|| {
+        let _ = tracing::subscriber::set_global_default(Capture);
+    });
+    logs
+}
+
+/// A minimal `tracing` subscriber that keeps events as text.
+struct Capture;
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        let max = if std::env::var_os("CLUSTER_TEST_DEBUG").is_some() { tracing::Level::DEBUG } else { tracing::Level::INFO };
+        *m.level() <= max && m.target().starts_with("crdt_rate_limiter")
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut f = Fields(format!("{} ", e.metadata().level()));
+        e.record(&mut f);
+        if std::env::var_os("CLUSTER_TEST_LOG").is_some() {
+            eprintln!("{} {}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000, f.0);
+        }
+        logs().lock().unwrap().push(f.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+struct Ca {
+    pem: String,
+    key: String,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let (pem, key) = certs::generate_ca().unwrap();
+        Ca { pem, key }
+    }
+
+    fn identity(&self, name: &str) -> TlsIdentity {
+        let (cert, key) = certs::issue(&self.pem, &self.key, name).unwrap();
+        TlsIdentity::from_pem(self.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
+    }
+}
+
+fn limiter(limit: u64, window: Duration) -> RateLimiter {
+    RateLimiter::builder().quota(Quota::new(limit, window).unwrap()).strategy(Strategy::FixedWindow).hash_secret(SECRET).build().unwrap()
+}
+
+/// Test timings: quick reconnection, short idle timeout.
+fn config(id: TlsIdentity, seeds: &[&Cluster]) -> ClusterConfig {
+    ClusterConfig {
+        seeds: seeds.iter().map(|c| c.local_addr()).collect(),
+        handshake_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_millis(1500),
+        keep_alive: Duration::from_millis(250),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(400),
+        join_timeout: Duration::from_secs(2),
+        ..ClusterConfig::new(id, "127.0.0.1:0".parse().unwrap())
+    }
+}
+
+async fn start(ca: &Ca, name: &str, limiter: RateLimiter, seeds: &[&Cluster]) -> Cluster {
+    logs();
+    Cluster::start(limiter, config(ca.identity(name), seeds)).await.unwrap()
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `limit`.
+async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn full_mesh(nodes: &[&Cluster]) {
+    let n = nodes.len();
+    eventually("a full mesh", Duration::from_secs(10), || nodes.iter().all(|c| c.live_peers().len() == n - 1)).await;
+}
+
+async fn bounded<F: std::future::Future>(limit_s: u64, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(limit_s), f).await.expect("test timed out")
+}
+
+/// Offered and admitted requests per (client, window), across every node.
+#[derive(Default)]
+struct Ledger(Mutex<HashMap<(usize, i64), (u64, u64)>>);
+
+impl Ledger {
+    fn record(&self, client: usize, window: i64, admitted: bool) {
+        let mut m = self.0.lock().unwrap();
+        let e = m.entry((client, window)).or_default();
+        e.0 += 1;
+        e.1 += u64::from(admitted);
+    }
+
+    fn snapshot(&self) -> HashMap<(usize, i64), (u64, u64)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Sends `per_client_rate` requests per second for each of `clients` clients to
+/// `limiter`, evenly over time, until `stop`; records them in `ledger`.
+fn drive(
+    limiter: RateLimiter,
+    clients: usize,
+    per_client_rate: f64,
+    ledger: Arc<Ledger>,
+    admitted_by: Arc<Mutex<u64>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let window_ms = limiter.quota().window_ms() as i64;
+        let start = tokio::time::Instant::now();
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let due = (start.elapsed().as_secs_f64() * per_client_rate) as u64;
+            while sent < due {
+                for c in 0..clients {
+                    let now = limiter.now_ms();
+                    let ok = limiter.allow(&format!("client-{c}"), now);
+                    ledger.record(c, now.div_euclid(window_ms), ok);
+                    if ok {
+                        *admitted_by.lock().unwrap() += 1;
+                    }
+                }
+                sent += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+}
+
+struct Load {
+    stops: Vec<Arc<AtomicBool>>,
+    tasks: Vec<Option<tokio::task::JoinHandle<()>>>,
+    admitted: Vec<Arc<Mutex<u64>>>,
+}
+
+impl Load {
+    fn start(limiters: &[RateLimiter], clients: usize, per_client_rate: f64, ledger: &Arc<Ledger>) -> Self {
+        let stops: Vec<Arc<AtomicBool>> = limiters.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let admitted: Vec<Arc<Mutex<u64>>> = limiters.iter().map(|_| Arc::new(Mutex::new(0))).collect();
+        let tasks = limiters
+            .iter()
+            .zip(&admitted)
+            .zip(&stops)
+            .map(|((l, a), s)| {
+                Some(drive(l.clone(), clients, per_client_rate / limiters.len() as f64, ledger.clone(), a.clone(), s.clone()))
+            })
+            .collect();
+        Load { stops, tasks, admitted }
+    }
+
+    fn admitted(&self, i: usize) -> u64 {
+        *self.admitted[i].lock().unwrap()
+    }
+
+    /// Stops the requests to node `i` only.
+    async fn stop_node(&mut self, i: usize) {
+        self.stops[i].store(true, Ordering::Relaxed);
+        if let Some(t) = self.tasks[i].take() {
+            let _ = t.await;
+        }
+    }
+
+    async fn stop(mut self) {
+        for i in 0..self.tasks.len() {
+            self.stop_node(i).await;
+        }
+    }
+}
+
+/// The counts of one replica, by (key, window).
+fn counts_of(state: &[StateEntry], replica: ReplicaId) -> BTreeMap<(u64, i64), u64> {
+    state.iter().filter(|e| e.replica == replica).map(|e| ((e.key, e.window), e.count)).collect()
+}
+
+/// Sleeps into a window of `window_ms` with at least `need_ms` left in it.
+async fn align(window_ms: i64, need_ms: i64) {
+    let now = crdt_rate_limiter::SystemClock.now_ms();
+    let left = window_ms - now.rem_euclid(window_ms);
+    if left < need_ms {
+        tokio::time::sleep(Duration::from_millis(left as u64 + 50)).await;
+    }
+}
+
+use crdt_rate_limiter::Clock as _;
+
+// ----- tests -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_under_load_stay_within_the_bound() {
+    bounded(40, async {
+        let ca = Ca::new();
+        let (limit, window) = (50u64, Duration::from_secs(1));
+        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
+        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
+        let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;
+        full_mesh(&[&a, &b, &c]).await;
+        let ledger = Arc::new(Ledger::default());
+        // 12 clients, each offered 80 requests per second spread over the three nodes,
+        // against 50 per one-second window.
+        let load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], 12, 80.0, &ledger);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        load.stop().await;
+
+        let (mut ideal, mut admitted, mut over) = (0u64, 0u64, 0u64);
+        for (&(client, window), &(offered, adm)) in &ledger.snapshot() {
+            assert!(adm <= 3 * limit, "client {client} window {window}: {adm} admitted, above N x limit");
+            ideal += offered.min(limit);
+            admitted += adm;
+            over += adm.saturating_sub(limit);
+        }
+        let ratio = over as f64 / ideal as f64;
+        eprintln!("ideal {ideal}, admitted {admitted}, over-admitted {over} ({:.2}%)", 100.0 * ratio);
+        assert!(ideal > 1000, "too little load: {ideal}");
+        assert!(ratio <= 0.10, "over-admission {over} is {:.1}% of the ideal {ideal}", 100.0 * ratio);
+        assert!(admitted as f64 >= 0.8 * ideal as f64, "under-admission: {admitted} of {ideal}");
+
+        let s = a.stats();
+        assert!(s.datagrams_sent > 0 && s.datagrams_received > 0, "{s:?}");
+        assert_eq!(s.protocol_errors + s.handshake_failures + s.oversized_to_stream + s.frames_dropped_queue_full, 0, "{s:?}");
+        for n in [a, b, c] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_with_a_certificate_from_another_ca_is_refused_and_never_merged() {
+    bounded(30, async {
+        logs();
+        let ca = Ca::new();
+        let rogue_ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
+        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
+        full_mesh(&[&a, &b]).await;
+
+        // A certificate for a plausible name, signed by another CA. It trusts our CA, so
+        // it accepts our servers; our servers must refuse it.
+        let (cert, key) = certs::issue(&rogue_ca.pem, &rogue_ca.key, "node-c").unwrap();
+        let rogue_id = TlsIdentity::from_pem(ca.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap();
+        let rogue_limiter = limiter(limit, window);
+        for _ in 0..100 {
+            rogue_limiter.allow("victim", rogue_limiter.now_ms());
+        }
+        let rogue = Cluster::start(
+            rogue_limiter.clone(),
+            ClusterConfig { join_timeout: Duration::from_millis(500), ..config(rogue_id, &[&a, &b]) },
+        )
+        .await
+        .unwrap();
+        // And our node dials it: the rogue's server certificate must be refused too.
+        a.add_seed(rogue.local_addr());
+        // A node of a whole other cluster, dialing us.
+        let foreign = Cluster::start(
+            limiter(limit, window),
+            ClusterConfig { join_timeout: Duration::from_millis(500), ..config(rogue_ca.identity("node-x"), &[&a]) },
+        )
+        .await
+        .unwrap();
+
+        eventually("the refusals", Duration::from_secs(10), || {
+            a.stats().handshake_failures >= 1 && a.stats().dial_failures >= 1 && b.stats().handshake_failures >= 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let victim = a.limiter().key_hash("victim");
+        let rogue_node = node_id("node-c");
+        for n in [&a, &b] {
+            let state = n.state();
+            assert!(
+                state.iter().all(|e| e.key != victim && e.replica.node != rogue_node && e.replica.node != node_id("node-x")),
+                "{} merged foreign counts",
+                n.node_name()
+            );
+            assert!(n.members().iter().all(|m| m.id != rogue_node && m.id != node_id("node-x")), "{:?}", n.members());
+            assert_eq!(n.live_peers().len(), 1);
+        }
+        assert!(rogue.live_peers().is_empty() && foreign.live_peers().is_empty());
+        let logs = logs().lock().unwrap().clone();
+        assert!(
+            logs.iter()
+                .any(|l| l.starts_with("WARN") && l.contains("refused connection: TLS handshake failed") && l.contains("certificate")),
+            "no refusal logged:\n{}",
+            logs.join("\n")
+        );
+        rogue.abort();
+        foreign.abort();
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_keeps_its_counts_and_restarts_without_a_second_quota() {
+    bounded(50, async {
+        let ca = Ca::new();
+        let (limit, window) = (300u64, Duration::from_secs(60));
+        align(60_000, 10_000).await;
+        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
+        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
+        let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;
+        full_mesh(&[&a, &b, &c]).await;
+        let old_c = c.replica();
+        let ledger = Arc::new(Ledger::default());
+        let clients = 5;
+
+        // 60 requests per second per client over three nodes: about 120 of 300 in 2 s.
+        let mut load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], clients, 60.0, &ledger);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // A crash: it decides nothing more, and not even a connection close leaves it.
+        load.stop_node(2).await;
+        c.abort();
+        let c_admitted = load.admitted(2);
+        let before = (load.admitted(0), load.admitted(1));
+        eventually("the survivors to suspect the dead node", Duration::from_secs(5), || {
+            a.live_peers().len() == 1 && b.live_peers().len() == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The survivors keep deciding, and keep the dead node's counts.
+        assert!(load.admitted(0) > before.0 && load.admitted(1) > before.1, "survivors stopped admitting");
+        let held = counts_of(&a.state(), old_c);
+        assert_eq!(held, counts_of(&b.state(), old_c), "survivors disagree on the dead node's counts");
+        let held_total: u64 = held.values().sum();
+        // What it admitted but never told anyone (its last round): the catch-up bound.
+        let lost = c_admitted.saturating_sub(held_total);
+        eprintln!("dead node admitted {c_admitted}, survivors hold {held_total}, lost {lost}");
+        assert!(held_total > 0 && lost <= 2 * clients as u64, "admitted {c_admitted}, held {held_total}");
+        load.stop().await;
+
+        // Restart: a fresh process state, same name, new incarnation.
+        let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;
+        assert_eq!(c.replica().node, old_c.node);
+        assert!(c.replica().incarnation > old_c.incarnation);
+        // By the time start returns it has the cluster's counts: no regression.
+        let caught_up = counts_of(&c.state(), old_c);
+        for (k, v) in &held {
+            assert!(caught_up.get(k).is_some_and(|c| c >= v), "restarted node lacks {k:?}: {:?} < {v}", caught_up.get(k));
+        }
+        full_mesh(&[&a, &b, &c]).await;
+
+        // Now exhaust the quota: 600 requests per second per client for 2 s.
+        let load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], clients, 600.0, &ledger);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        load.stop().await;
+        let slack = limit / 10;
+        let worst = ledger.snapshot().values().map(|v| v.1).max().unwrap_or(0);
+        eprintln!("after the restart: busiest client admitted {worst} of {limit} in the window");
+        for ((client, w), (offered, admitted)) in ledger.snapshot() {
+            assert!(offered > limit, "client {client}: only {offered} offered");
+            assert!(admitted <= limit + lost + slack, "client {client} window {w}: {admitted} admitted, limit {limit}, lost {lost}");
+        }
+        for n in [a, b, c] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_then_heal_converges_every_replica() {
+    bounded(45, async {
+        let ca = Ca::new();
+        let (limit, window) = (100_000u64, Duration::from_secs(60));
+        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
+        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
+        let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;
+        full_mesh(&[&a, &b, &c]).await;
+        let ledger = Arc::new(Ledger::default());
+        let load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], 20, 90.0, &ledger);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Cut C off from A and B, longer than the idle timeout: connections die.
+        assert!(c.block_peer(a.node_id()) && c.block_peer(b.node_id()));
+        eventually("both sides to see the partition", Duration::from_secs(5), || {
+            a.live_peers() == vec![b.node_id()] && c.live_peers().is_empty()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(c.stats().packets_dropped_by_faults > 0);
+        assert_ne!(a.state(), c.state());
+
+        c.heal();
+        load.stop().await;
+        full_mesh(&[&a, &b, &c]).await;
+        eventually("every replica to converge", Duration::from_secs(15), || {
+            let (sa, sb, sc) = (a.state(), b.state(), c.state());
+            !sa.is_empty() && sa == sb && sb == sc
+        })
+        .await;
+        // Every replica's counts are all there: the sum is what was admitted.
+        let admitted: u64 = ledger.snapshot().values().map(|v| v.1).sum();
+        let held: u64 = a.state().iter().map(|e| e.count).sum();
+        assert_eq!(held, admitted);
+        for n in [a, b, c] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_leave_removes_the_peer_at_once_and_keeps_its_counts() {
+    bounded(20, async {
+        let ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
+        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
+        full_mesh(&[&a, &b]).await;
+        for _ in 0..7 {
+            assert!(b.limiter().allow("client-1", b.limiter().now_ms()));
+        }
+        let b_replica = b.replica();
+        // Counted just before leaving: the last round carries it.
+        b.shutdown().await;
+        eventually("the leave", Duration::from_millis(800), || a.live_peers().is_empty() && a.members().iter().all(|m| m.left)).await;
+        let held: u64 = counts_of(&a.state(), b_replica).values().sum();
+        assert_eq!(held, 7);
+        a.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_dial_each_other_at_once_keep_one_connection() {
+    bounded(20, async {
+        let ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        let cfg = |name: &str| ClusterConfig { join_timeout: Duration::ZERO, ..config(ca.identity(name), &[]) };
+        // Bind both first, then point each at the other: both dial at once.
+        let a = Cluster::start(limiter(limit, window), cfg("node-a")).await.unwrap();
+        let b = Cluster::start(limiter(limit, window), cfg("node-b")).await.unwrap();
+        a.add_seed(b.local_addr());
+        b.add_seed(a.local_addr());
+        full_mesh(&[&a, &b]).await;
+        eventually("one connection each", Duration::from_secs(5), || a.stats().connections == 1 && b.stats().connections == 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!((a.stats().connections, b.stats().connections), (1, 1));
+        assert!(a.members()[0].connected && b.members()[0].connected);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_with_another_hash_secret_is_refused_and_pem_files_load() {
+    bounded(20, async {
+        logs();
+        let ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        // node-a's identity from PEM files, through ClusterConfig's paths.
+        let dir = std::env::temp_dir().join(format!("crl-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = certs::issue(&ca.pem, &ca.key, "node-a").unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+        std::fs::write(dir.join("node-a.pem"), cert).unwrap();
+        std::fs::write(dir.join("node-a.key"), key).unwrap();
+        let files = TlsSource::files(dir.join("ca.pem"), dir.join("node-a.pem"), dir.join("node-a.key"));
+        let (_, a) = RateLimiter::builder()
+            .quota(Quota::new(limit, window).unwrap())
+            .hash_secret(SECRET)
+            .cluster(ClusterConfig { tls: files, ..config(ca.identity("unused"), &[]) })
+            .start()
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(a.node_name(), "node-a");
+
+        let other = RateLimiter::builder().quota(Quota::new(limit, window).unwrap()).hash_secret(*b"another secret!!").build().unwrap();
+        other.allow("client-1", other.now_ms());
+        let b = Cluster::start(other, ClusterConfig { join_timeout: Duration::from_millis(300), ..config(ca.identity("node-b"), &[&a]) })
+            .await
+            .unwrap();
+        // Whichever side reads the other's first frame first refuses and closes.
+        eventually("the refusal", Duration::from_secs(5), || a.stats().protocol_errors + b.stats().protocol_errors >= 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(a.live_peers().is_empty() && a.state().is_empty());
+        assert!(logs().lock().unwrap().iter().any(|l| l.starts_with("ERROR") && l.contains("another secret")));
+        b.abort();
+        a.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_an_authenticated_peer_is_dropped_without_harm() {
+    bounded(20, async {
+        let ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
+        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
+        full_mesh(&[&a, &b]).await;
+
+        // A raw QUIC client with a valid cluster certificate.
+        let id = ca.identity("node-z");
+        let transport = Arc::new(tls::default_transport_config());
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(tls::member_client_config(&id, transport).unwrap());
+        let dial = || async { ep.connect(a.local_addr(), "node-a").unwrap().await.unwrap() };
+
+        // 1. A datagram before the first frame, then a frame header claiming 4 GiB.
+        let conn = dial().await;
+        conn.send_datagram(vec![0xAB; 300].into()).unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&[1, 0xFF, 0xFF, 0xFF, 0xFF]).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap();
+        assert!(
+            matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == quinn::VarInt::from_u32(4)),
+            "{reason}"
+        );
+
+        // 2. A valid first frame, then garbage as gossip, on the stream and as datagrams.
+        let conn = dial().await;
+        let mut hello = vec![1u8, 1];
+        hello.extend_from_slice(&42u64.to_le_bytes()); // incarnation
+        hello.extend_from_slice(&1u64.to_le_bytes()); // dial sequence
+        hello.extend_from_slice(&a.limiter().key_hash("crdt-rate-limiter/hash-secret-probe").to_le_bytes());
+        hello.extend_from_slice(&[4, 127, 0, 0, 1, 9, 0]); // 127.0.0.1:9
+        let len = (hello.len() - 1) as u32;
+        hello.splice(1..1, len.to_le_bytes());
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        eventually("node-z's first frame", Duration::from_secs(5), || a.members().iter().any(|m| m.name == "node-z" && m.connected)).await;
+        let errors = a.stats().gossip.decode_errors;
+        let mut frame = vec![2u8];
+        frame.extend_from_slice(&100u32.to_le_bytes());
+        frame.extend_from_slice(&[0x5A; 100]);
+        s.write_all(&frame).await.unwrap();
+        for n in [0usize, 1, 7, 500] {
+            conn.send_datagram(vec![0xC3; n].into()).unwrap();
+        }
+        eventually("the garbage to be counted", Duration::from_secs(5), || a.stats().gossip.decode_errors >= errors + 2).await;
+        assert!(a.state().iter().all(|e| e.replica.node != node_id("node-z")));
+
+        // The node still works: it still gossips with node-b.
+        assert!(b.limiter().allow("client-1", b.limiter().now_ms()));
+        eventually("node-b's count", Duration::from_secs(5), || a.state().iter().any(|e| e.replica == b.replica())).await;
+        conn.close(0u32.into(), b"bye");
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
