@@ -1,0 +1,833 @@
+//! The discrete-event loop: nodes, traffic, network, faults, the oracle and the checkers.
+
+use std::cmp::Ordering;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::time::Duration;
+
+use crdt_rate_limiter::{
+    Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, StateEntry, Strategy, Transmit,
+    DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE,
+};
+
+use crate::config::{Config, Mode, StrategyArg};
+use crate::report::Report;
+use crate::rng::{sub_seed, Rng};
+use crate::wire;
+
+/// Virtual time starts here (Unix ms), rounded down to a multiple of the window.
+pub const START_UNIX_MS: i64 = 1_700_000_000_000;
+/// The hash secret every limiter of a run shares: fixed, for reproducible keys.
+pub const HASH_SECRET: [u8; 16] = *b"sim: fixed seed!";
+/// Store shards per limiter: fixed, so nothing depends on the machine's CPU count.
+const SHARDS: usize = 16;
+/// A reliable message is retransmitted at most this many times before it is given up.
+const MAX_RETRANSMISSIONS: u32 = 8;
+/// Violations kept in the report (all are counted).
+const VIOLATIONS_KEPT: usize = 20;
+
+/// A fast, deterministic hasher for the simulator's tables (FxHash's mixing step). Keys
+/// are small integers or already-random 64-bit hashes.
+#[derive(Default, Clone, Copy)]
+struct Fx(u64);
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+    fn write_i64(&mut self, x: i64) {
+        self.write_u64(x as u64);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+
+enum Event {
+    /// The next request of the merged Poisson stream of all clients.
+    Arrival,
+    Deliver {
+        from: usize,
+        to: usize,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        node: usize,
+        incarnation: u64,
+        deadline_ms: i64,
+    },
+    Crash(usize),
+    Restart(usize),
+    SafetyCheck,
+    EndOfTraffic,
+    ConvergenceCheck,
+}
+
+struct Scheduled {
+    at_us: i64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_us, self.seq) == (other.at_us, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    /// Reversed: the heap pops the earliest event, ties in scheduling order.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at_us, other.seq).cmp(&(self.at_us, self.seq))
+    }
+}
+
+/// One running incarnation of a node.
+struct Live {
+    gossip: GossipNode,
+    incarnation: u64,
+    replica: ReplicaId,
+    /// The timer event in flight, as the node's deadline.
+    timer_ms: Option<i64>,
+    /// Its deadline stopped moving (a violation): no more timers, or the loop would spin.
+    stalled: bool,
+    /// With skewed clocks: each key's newest window in this node's store (see `wire`).
+    newest: FxMap<u64, i64>,
+}
+
+struct Node {
+    skew_ms: i64,
+    clock: ManualClock,
+    incarnations: u64,
+    live: Option<Live>,
+}
+
+#[derive(Default)]
+struct Totals {
+    messages: u64,
+    bytes: u64,
+    reliable_messages: u64,
+    reliable_bytes: u64,
+    delivered: u64,
+    lost: u64,
+    partitioned: u64,
+    to_down_node: u64,
+    duplicated: u64,
+    retransmitted: u64,
+    entries_sent: u64,
+    entries_merged: u64,
+    full_syncs: u64,
+    digests: u64,
+    buckets_repaired: u64,
+    safety_checks: u64,
+}
+
+struct Sim<'a> {
+    cfg: &'a Config,
+    window_ms: i64,
+    start_us: i64,
+    end_us: i64,
+    now_us: i64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    nodes: Vec<Node>,
+    /// Indices of the nodes that are up, ascending.
+    up: Vec<usize>,
+    traffic: Rng,
+    net: Rng,
+    /// Mean gap between two requests of the merged stream, in µs.
+    arrival_gap_us: f64,
+    /// Offset of the next arrival from the start, in µs (kept fractional: no drift).
+    next_arrival_us: f64,
+    clients: Vec<String>,
+    keys: Vec<u64>,
+    client_of_key: FxMap<u64, u32>,
+    favourite: Vec<usize>,
+    oracle: RateLimiter,
+    oracle_clock: ManualClock,
+    replicas: Vec<ReplicaId>,
+    replica_index: BTreeMap<ReplicaId, u32>,
+    replica_live: Vec<bool>,
+    /// Admissions per (client, window the node counted them in, replica).
+    truth: FxMap<(u32, i64, u32), u64>,
+    /// Admissions per (client, window of true time).
+    admitted_tw: FxMap<(u32, i64), u64>,
+    ideal_tw: FxMap<(u32, i64), u64>,
+    offered: u64,
+    admitted: u64,
+    ideal: u64,
+    /// The newest window any request was counted in (or would have been).
+    newest_window: i64,
+    /// Read counts off the wire (clocks are skewed).
+    tap: bool,
+    next_checked: usize,
+    traffic_over: bool,
+    converged: bool,
+    convergence_ms: Option<u64>,
+    done: bool,
+    totals: Totals,
+    violations: Vec<String>,
+    violation_count: u64,
+    transmits: Vec<Transmit>,
+}
+
+fn strategy_of(s: StrategyArg) -> Strategy {
+    match s {
+        StrategyArg::Fixed => Strategy::FixedWindow,
+        StrategyArg::Sliding => Strategy::SlidingWindow,
+        StrategyArg::Token => Strategy::TokenBucket,
+    }
+}
+
+fn admission_of(m: Mode) -> Admission {
+    match m {
+        Mode::Bounded => Admission::Bounded,
+        Mode::Optimistic => Admission::Optimistic,
+    }
+}
+
+fn limiter(cfg: &Config, clock: &ManualClock) -> RateLimiter {
+    let quota = Quota::new(cfg.limit, Duration::from_millis(cfg.window_ms)).expect("validated: limit and window in range");
+    RateLimiter::builder()
+        .quota(quota)
+        .strategy(strategy_of(cfg.strategy))
+        .admission(admission_of(cfg.mode))
+        .clock(clock.clone())
+        .hash_secret(HASH_SECRET)
+        .shards(SHARDS)
+        .build()
+        .expect("validated: every limiter setting in range")
+}
+
+/// Runs one simulation. The options must be valid ([`Config::validate`]).
+pub(crate) fn simulate(cfg: &Config) -> Report {
+    let mut sim = Sim::new(cfg);
+    sim.run();
+    sim.report()
+}
+
+impl<'a> Sim<'a> {
+    fn new(cfg: &'a Config) -> Self {
+        let window_ms = cfg.window_ms as i64;
+        let start_ms = START_UNIX_MS.div_euclid(window_ms) * window_ms;
+        let start_us = start_ms * 1000;
+        let end_us = start_us + cfg.duration_ms as i64 * 1000;
+        let mut skews = Rng::new(sub_seed(cfg.seed, "clock-skew", 0));
+        let span = cfg.clock_skew_ms as i64;
+        let nodes: Vec<Node> = (0..cfg.nodes)
+            .map(|_| {
+                let skew_ms = if span > 0 { skews.between(-span, span) } else { 0 };
+                Node { skew_ms, clock: ManualClock::new(start_ms + skew_ms), incarnations: 0, live: None }
+            })
+            .collect();
+        let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms);
+        let oracle_clock = ManualClock::new(start_ms);
+        let oracle = limiter(cfg, &oracle_clock);
+        let clients: Vec<String> = (0..cfg.clients).map(|c| format!("client-{c}")).collect();
+        let keys: Vec<u64> = clients.iter().map(|c| oracle.key_hash(c)).collect();
+        let client_of_key = keys.iter().enumerate().map(|(i, &k)| (k, i as u32)).collect();
+        let mut fav = Rng::new(sub_seed(cfg.seed, "favourite", 0));
+        let favourite = (0..cfg.clients).map(|_| fav.below(cfg.nodes as u64) as usize).collect();
+        // All clients together offer clients × rate × limit requests per window.
+        let per_us = cfg.clients as f64 * cfg.rate * cfg.limit as f64 / (cfg.window_ms as f64 * 1000.0);
+        let arrival_gap_us = if per_us > 0.0 { 1.0 / per_us } else { f64::INFINITY };
+        Sim {
+            cfg,
+            window_ms,
+            start_us,
+            end_us,
+            now_us: start_us,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            up: Vec::new(),
+            traffic: Rng::new(sub_seed(cfg.seed, "traffic", 0)),
+            net: Rng::new(sub_seed(cfg.seed, "network", 0)),
+            arrival_gap_us,
+            next_arrival_us: 0.0,
+            clients,
+            keys,
+            client_of_key,
+            favourite,
+            oracle,
+            oracle_clock,
+            replicas: Vec::new(),
+            replica_index: BTreeMap::new(),
+            replica_live: Vec::new(),
+            truth: FxMap::default(),
+            admitted_tw: FxMap::default(),
+            ideal_tw: FxMap::default(),
+            offered: 0,
+            admitted: 0,
+            ideal: 0,
+            newest_window: start_ms.div_euclid(window_ms),
+            tap,
+            next_checked: 0,
+            traffic_over: false,
+            converged: false,
+            convergence_ms: None,
+            done: false,
+            totals: Totals::default(),
+            violations: Vec::new(),
+            violation_count: 0,
+            transmits: Vec::new(),
+        }
+    }
+
+    // ----- time -----
+
+    fn true_ms(&self) -> i64 {
+        self.now_us.div_euclid(1000)
+    }
+
+    /// Node `n`'s clock now (virtual time plus its skew), also set on its limiter.
+    fn node_ms(&self, n: usize) -> i64 {
+        let node = &self.nodes[n];
+        let ms = self.true_ms() + node.skew_ms;
+        node.clock.set_ms(ms);
+        ms
+    }
+
+    fn at(&self, ms_from_start: u64) -> i64 {
+        self.start_us + ms_from_start as i64 * 1000
+    }
+
+    fn schedule(&mut self, at_us: i64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Scheduled { at_us: at_us.max(self.now_us), seq: self.seq, event });
+    }
+
+    fn violation(&mut self, what: String) {
+        self.violation_count += 1;
+        if self.violations.len() < VIOLATIONS_KEPT {
+            let t = (self.now_us - self.start_us) as f64 / 1000.0;
+            self.violations.push(format!("at {t} ms: {what}"));
+        }
+    }
+
+    // ----- the loop -----
+
+    fn run(&mut self) {
+        let cfg = self.cfg;
+        // Faults first, so that one at the very end of traffic happens before it ends.
+        for &(node, at) in &cfg.crash {
+            self.schedule(self.at(at), Event::Crash(node));
+        }
+        for &(node, at) in &cfg.restart {
+            self.schedule(self.at(at), Event::Restart(node));
+        }
+        self.schedule(self.end_us, Event::EndOfTraffic);
+        for n in 0..cfg.nodes {
+            self.boot(n);
+        }
+        if cfg.check_ms > 0 {
+            self.schedule(self.start_us + cfg.check_ms as i64 * 1000, Event::SafetyCheck);
+        }
+        self.schedule_next_arrival();
+        while let Some(s) = self.queue.pop() {
+            self.now_us = s.at_us;
+            match s.event {
+                Event::Arrival => {
+                    self.request();
+                    self.schedule_next_arrival();
+                }
+                Event::Deliver { from, to, bytes } => self.deliver(from, to, &bytes),
+                Event::Timer { node, incarnation, deadline_ms } => self.timer(node, incarnation, deadline_ms),
+                Event::Crash(n) => self.crash(n),
+                Event::Restart(n) => {
+                    self.crash(n);
+                    self.boot(n);
+                }
+                Event::SafetyCheck => {
+                    self.safety_check();
+                    self.schedule(self.now_us + cfg.check_ms as i64 * 1000, Event::SafetyCheck);
+                }
+                Event::EndOfTraffic => {
+                    self.traffic_over = true;
+                    self.schedule(self.now_us + cfg.gossip_ms as i64 * 1000, Event::ConvergenceCheck);
+                }
+                Event::ConvergenceCheck => self.convergence_check(),
+            }
+            if self.done {
+                break;
+            }
+        }
+    }
+
+    // ----- nodes -----
+
+    fn boot(&mut self, n: usize) {
+        let cfg = self.cfg;
+        let now_ms = self.node_ms(n);
+        let node = &mut self.nodes[n];
+        node.incarnations += 1;
+        let incarnation = node.incarnations;
+        let replica = ReplicaId { node: n as u64 + 1, incarnation };
+        let mut gcfg = GossipConfig::new(replica);
+        gcfg.interval_ms = cfg.gossip_ms;
+        let peers = (1..=cfg.nodes as u64).filter(|&p| p != replica.node);
+        let seed = sub_seed(cfg.seed, "node", (n as u64) << 32 | incarnation);
+        let gossip = GossipNode::new(limiter(cfg, &node.clock), gcfg, peers, seed, now_ms).expect("validated: gossip settings in range");
+        node.live = Some(Live { gossip, incarnation, replica, timer_ms: None, stalled: false, newest: FxMap::default() });
+        let index = self.replicas.len() as u32;
+        self.replicas.push(replica);
+        self.replica_index.insert(replica, index);
+        self.replica_live.push(true);
+        if let Err(i) = self.up.binary_search(&n) {
+            self.up.insert(i, n);
+        }
+        self.flush(n);
+    }
+
+    fn crash(&mut self, n: usize) {
+        let Some(live) = self.nodes[n].live.take() else { return };
+        self.add_stats(&live.gossip);
+        self.replica_live[self.replica_index[&live.replica] as usize] = false;
+        if let Ok(i) = self.up.binary_search(&n) {
+            self.up.remove(i);
+        }
+    }
+
+    fn add_stats(&mut self, gossip: &GossipNode) {
+        let s = gossip.stats();
+        self.totals.entries_sent += s.entries_sent;
+        self.totals.entries_merged += s.entries_merged;
+        self.totals.full_syncs += s.full_syncs_sent;
+        self.totals.digests += s.digests_sent;
+        self.totals.buckets_repaired += s.buckets_repaired;
+    }
+
+    /// Sends what node `n` has to send and arms its timer.
+    fn flush(&mut self, n: usize) {
+        let mut out = std::mem::take(&mut self.transmits);
+        let skew_ms = self.nodes[n].skew_ms;
+        let mut timer = None;
+        if let Some(live) = self.nodes[n].live.as_mut() {
+            while let Some(t) = live.gossip.poll_transmit() {
+                out.push(t);
+            }
+            let deadline = live.gossip.poll_timeout();
+            if deadline.is_some() && deadline != live.timer_ms && !live.stalled {
+                live.timer_ms = deadline;
+                timer = deadline.map(|d| (live.incarnation, d));
+            }
+        }
+        for t in out.drain(..) {
+            self.send(n, t);
+        }
+        self.transmits = out;
+        if let Some((incarnation, deadline_ms)) = timer {
+            self.schedule((deadline_ms - skew_ms) * 1000, Event::Timer { node: n, incarnation, deadline_ms });
+        }
+    }
+
+    fn timer(&mut self, n: usize, incarnation: u64, deadline_ms: i64) {
+        let now_ms = self.node_ms(n);
+        let Some(live) = self.nodes[n].live.as_mut() else { return };
+        if live.incarnation != incarnation || live.timer_ms != Some(deadline_ms) {
+            return; // a timer of an earlier incarnation, or superseded
+        }
+        live.timer_ms = None;
+        live.gossip.handle_timeout(now_ms);
+        if live.gossip.poll_timeout().is_some_and(|d| d <= now_ms) {
+            // A deadline that does not move would spin the loop at one instant.
+            live.stalled = true;
+            self.violation(format!("node {n}'s next deadline did not move past {now_ms} after handle_timeout"));
+        }
+        self.flush(n);
+    }
+
+    // ----- traffic -----
+
+    fn schedule_next_arrival(&mut self) {
+        if self.traffic_over || !self.arrival_gap_us.is_finite() {
+            return;
+        }
+        self.next_arrival_us += self.traffic.exponential(self.arrival_gap_us);
+        let at = self.start_us + self.next_arrival_us as i64;
+        if at < self.end_us {
+            self.schedule(at, Event::Arrival);
+        }
+    }
+
+    /// Picks the node a request of `client` goes to: its favourite with probability
+    /// `skew_traffic`, else any node; a node that is down passes it to a live one.
+    fn route(&mut self, client: usize) -> Option<usize> {
+        let n = self.cfg.nodes as u64;
+        let mut node = if self.traffic.chance(self.cfg.skew_traffic) { self.favourite[client] } else { self.traffic.below(n) as usize };
+        if self.nodes[node].live.is_none() {
+            if self.up.is_empty() {
+                return None;
+            }
+            node = self.up[self.traffic.below(self.up.len() as u64) as usize];
+        }
+        Some(node)
+    }
+
+    fn request(&mut self) {
+        let c = self.traffic.below(self.cfg.clients as u64) as usize;
+        let node = self.route(c);
+        self.offered += 1;
+        let true_ms = self.true_ms();
+        let true_window = true_ms.div_euclid(self.window_ms);
+        let client = c as u32;
+        self.oracle_clock.set_ms(true_ms);
+        if self.oracle.allow(&self.clients[c], true_ms) {
+            self.ideal += 1;
+            *self.ideal_tw.entry((client, true_window)).or_default() += 1;
+        }
+        let Some(n) = node else { return };
+        let now_ms = self.node_ms(n);
+        let key = self.keys[c];
+        let (tap, w) = (self.tap, self.window_ms);
+        let Some(live) = self.nodes[n].live.as_mut() else { return };
+        let mut window = now_ms.div_euclid(w);
+        if tap {
+            // A request older than its key's newest window is charged to that window.
+            match live.newest.entry(key) {
+                Entry::Occupied(mut e) => {
+                    window = window.max(*e.get());
+                    e.insert(window);
+                }
+                Entry::Vacant(e) => {
+                    e.insert(window);
+                }
+            }
+        }
+        self.newest_window = self.newest_window.max(window);
+        if !live.gossip.limiter().allow(&self.clients[c], now_ms) {
+            return;
+        }
+        let replica = live.replica;
+        let r = self.replica_index[&replica];
+        self.admitted += 1;
+        *self.admitted_tw.entry((client, true_window)).or_default() += 1;
+        let count = self.truth.entry((client, window, r)).or_default();
+        *count += 1;
+        let count = *count;
+        if count > self.cfg.limit {
+            self.violation(format!(
+                "policy bound: replica {}:{} admitted {count} requests of client {c} in window {window}, limit {}",
+                replica.node, replica.incarnation, self.cfg.limit
+            ));
+        }
+    }
+
+    // ----- network -----
+
+    fn partitioned(&self, a: usize, b: usize, at_us: i64) -> bool {
+        let half = self.cfg.nodes.div_ceil(2);
+        (a < half) != (b < half) && self.cfg.partition.iter().any(|&(s, e)| self.at(s) <= at_us && at_us < self.at(e))
+    }
+
+    fn latency_us(&mut self) -> i64 {
+        let (lo, hi) = self.cfg.latency_ms;
+        self.net.between(lo as i64 * 1000, hi as i64 * 1000)
+    }
+
+    /// Extra delay of a reordered message: up to three maximum latencies.
+    fn reorder_us(&mut self) -> i64 {
+        if self.net.chance(self.cfg.reorder) {
+            self.net.between(0, 3 * self.cfg.latency_ms.1.max(1) as i64 * 1000)
+        } else {
+            0
+        }
+    }
+
+    /// Hands one message to the network. Datagrams may be lost, duplicated, delayed.
+    /// Reliable messages (a QUIC stream: full syncs and repairs) are not lost or
+    /// duplicated: each loss costs a retransmission timeout of three maximum latencies,
+    /// and after `MAX_RETRANSMISSIONS` losses in a row the message is given up. Either
+    /// kind is dropped if the sender and receiver are partitioned when it is sent or when
+    /// it arrives, or if the receiver is down when it arrives.
+    fn send(&mut self, from: usize, t: Transmit) {
+        self.totals.messages += 1;
+        self.totals.bytes += t.bytes.len() as u64;
+        let Some(to) = t.to.checked_sub(1).map(|n| n as usize).filter(|&n| n < self.cfg.nodes) else {
+            self.violation(format!("node {from} sent a message to unknown peer {}", t.to));
+            return;
+        };
+        if self.partitioned(from, to, self.now_us) {
+            self.totals.partitioned += 1;
+            return;
+        }
+        if t.reliable {
+            self.totals.reliable_messages += 1;
+            self.totals.reliable_bytes += t.bytes.len() as u64;
+            let rto_us = 3 * self.cfg.latency_ms.1.max(1) as i64 * 1000;
+            let mut delay = self.latency_us() + self.reorder_us();
+            let mut losses = 0;
+            while self.net.chance(self.cfg.loss) {
+                losses += 1;
+                if losses > MAX_RETRANSMISSIONS {
+                    self.totals.lost += 1;
+                    return;
+                }
+                delay += rto_us;
+            }
+            if losses > 0 {
+                self.totals.retransmitted += 1;
+            }
+            self.schedule(self.now_us + delay, Event::Deliver { from, to, bytes: t.bytes });
+            return;
+        }
+        if self.net.chance(self.cfg.loss) {
+            self.totals.lost += 1;
+            return;
+        }
+        if self.net.chance(self.cfg.duplicate) {
+            self.totals.duplicated += 1;
+            let delay = self.latency_us() + self.reorder_us();
+            self.schedule(self.now_us + delay, Event::Deliver { from, to, bytes: t.bytes.clone() });
+        }
+        let delay = self.latency_us() + self.reorder_us();
+        self.schedule(self.now_us + delay, Event::Deliver { from, to, bytes: t.bytes });
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, bytes: &[u8]) {
+        if self.nodes[to].live.is_none() {
+            self.totals.to_down_node += 1;
+            return;
+        }
+        if self.partitioned(from, to, self.now_us) {
+            self.totals.partitioned += 1;
+            return;
+        }
+        let now_ms = self.node_ms(to);
+        let (tap, w) = (self.tap, self.cfg.window_ms);
+        let Some(live) = self.nodes[to].live.as_mut() else { return };
+        let result = live.gossip.handle_message(from as u64 + 1, bytes, now_ms);
+        let mut problem = None;
+        match result {
+            Ok(()) => {
+                self.totals.delivered += 1;
+                if tap {
+                    let newest = &mut live.newest;
+                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(now_ms, w), |key, window| {
+                        let e = newest.entry(key).or_insert(window);
+                        *e = (*e).max(window);
+                    });
+                    if let Err(e) = tapped {
+                        problem = Some(format!("the wire tap cannot read a message node {to} accepted ({e}): update sim/src/wire.rs"));
+                    }
+                }
+            }
+            Err(e) => problem = Some(format!("node {to} refused a message from node {from}: {e}")),
+        }
+        if let Some(p) = problem {
+            self.violation(p);
+        }
+        self.flush(to);
+    }
+
+    // ----- checkers -----
+
+    /// Checks one view against the truth: no count above what its replica really
+    /// admitted, and `exact` replicas (a node's own, or any live one once converged)
+    /// equal to it. Returns how many counts of `exact` replicas it saw.
+    fn check_view(&mut self, who: &str, entries: &[StateEntry], exact: impl Fn(ReplicaId) -> bool) -> usize {
+        let mut exact_seen = 0;
+        for e in entries {
+            if e.window_ms != self.cfg.window_ms {
+                self.violation(format!("{who} holds a count for an unknown window length {} ms", e.window_ms));
+                continue;
+            }
+            let Some(&c) = self.client_of_key.get(&e.key) else {
+                self.violation(format!("{who} holds a count for key {:#x}, which is no client's", e.key));
+                continue;
+            };
+            let Some(&r) = self.replica_index.get(&e.replica) else {
+                self.violation(format!("{who} holds a count of replica {:?}, which never ran", e.replica));
+                continue;
+            };
+            let truth = self.truth.get(&(c, e.window, r)).copied().unwrap_or(0);
+            let who_counted = replica_name(e.replica);
+            if e.count > truth {
+                self.violation(format!(
+                    "{who} sees {} admissions of client {c} in window {} by {who_counted}, which made {truth}",
+                    e.count, e.window
+                ));
+            } else if exact(e.replica) {
+                exact_seen += 1;
+                if e.count != truth {
+                    self.violation(format!(
+                        "{who} holds {} admissions of client {c} in window {} by {who_counted}, which made {truth}",
+                        e.count, e.window
+                    ));
+                }
+            }
+        }
+        exact_seen
+    }
+
+    /// One node's whole view against the truth, nodes in turn.
+    fn safety_check(&mut self) {
+        if self.up.is_empty() {
+            return;
+        }
+        let n = self.up[self.next_checked % self.up.len()];
+        self.next_checked += 1;
+        let now_ms = self.node_ms(n);
+        let Some(live) = self.nodes[n].live.as_ref() else { return };
+        let (state, own) = (live.gossip.state(now_ms), live.replica);
+        self.totals.safety_checks += 1;
+        self.check_view(&format!("node {n}"), &state, |r| r == own);
+    }
+
+    /// The oldest window compared for convergence: the one before the newest window any
+    /// request was counted in. Older windows may already be gone from some stores.
+    fn oldest_compared_window(&self) -> i64 {
+        self.newest_window - 1
+    }
+
+    fn convergence_check(&mut self) {
+        let lo = self.oldest_compared_window();
+        let mut reference: Option<(usize, Vec<StateEntry>)> = None;
+        let mut disagreement = None;
+        for i in 0..self.up.len() {
+            let n = self.up[i];
+            let now_ms = self.node_ms(n);
+            let Some(live) = self.nodes[n].live.as_ref() else { continue };
+            let state: Vec<StateEntry> = live.gossip.state(now_ms).into_iter().filter(|e| e.window >= lo).collect();
+            match &reference {
+                None => reference = Some((n, state)),
+                Some((m, r)) if *r != state => {
+                    disagreement = Some(describe_difference(*m, r, n, &state));
+                    break;
+                }
+                Some(_) => {}
+            }
+        }
+        let waited_ms = ((self.now_us - self.end_us) / 1000) as u64;
+        if disagreement.is_none() {
+            self.converged = true;
+            self.convergence_ms = Some(waited_ms);
+            self.done = true;
+            let state = reference.map(|(_, s)| s).unwrap_or_default();
+            // Live replicas' counts must all be there, exactly; dead ones' may lag.
+            let live: BTreeSet<ReplicaId> = self.replicas.iter().zip(&self.replica_live).filter(|(_, &up)| up).map(|(r, _)| *r).collect();
+            let seen = self.check_view("the converged state", &state, |r| live.contains(&r));
+            let expected = self.truth.keys().filter(|(_, w, r)| *w >= lo && self.replica_live[*r as usize]).count();
+            if seen != expected {
+                self.violation(format!("the converged state holds {seen} counts of live replicas; they made {expected}"));
+            }
+        } else if waited_ms >= self.cfg.tail_cap_ms {
+            self.done = true;
+            let what = disagreement.unwrap_or_default();
+            self.violation(format!("live replicas still disagree {waited_ms} ms after traffic and faults ended: {what}"));
+        } else {
+            self.schedule(self.now_us + self.cfg.gossip_ms as i64 * 1000, Event::ConvergenceCheck);
+        }
+    }
+
+    // ----- results -----
+
+    fn report(mut self) -> Report {
+        let cfg = self.cfg;
+        for n in 0..self.nodes.len() {
+            if let Some(live) = self.nodes[n].live.take() {
+                self.add_stats(&live.gossip);
+            }
+        }
+        let limit = cfg.limit;
+        let (mut over, mut max_count) = (0u64, 0u64);
+        for &a in self.admitted_tw.values() {
+            over += a.saturating_sub(limit);
+            max_count = max_count.max(a);
+        }
+        let short: u64 = self.ideal_tw.iter().map(|(k, &i)| i.saturating_sub(self.admitted_tw.get(k).copied().unwrap_or(0))).sum();
+        let ratio = |x: u64| if self.ideal == 0 { 0.0 } else { x as f64 / self.ideal as f64 };
+        let t = &self.totals;
+        Report {
+            config: cfg.clone(),
+            offered: self.offered,
+            admitted: self.admitted,
+            ideal: self.ideal,
+            over_admitted: over,
+            over_admission_ratio: ratio(over),
+            under_admission_ratio: ratio(short),
+            max_window_overshoot_ratio: max_count as f64 / limit as f64,
+            max_window_over_admitted: max_count.saturating_sub(limit),
+            predicted_max_overshoot: crate::predicted_max_overshoot(cfg),
+            converged: self.converged,
+            convergence_ms: self.convergence_ms,
+            messages: t.messages,
+            bytes: t.bytes,
+            reliable_messages: t.reliable_messages,
+            reliable_bytes: t.reliable_bytes,
+            bytes_per_count: if t.entries_sent == 0 { 0.0 } else { t.bytes as f64 / t.entries_sent as f64 },
+            delivered: t.delivered,
+            lost: t.lost,
+            partitioned: t.partitioned,
+            to_down_node: t.to_down_node,
+            duplicated: t.duplicated,
+            retransmitted: t.retransmitted,
+            entries_sent: t.entries_sent,
+            entries_merged: t.entries_merged,
+            full_syncs: t.full_syncs,
+            digests: t.digests,
+            buckets_repaired: t.buckets_repaired,
+            safety_checks: t.safety_checks,
+            violations: self.violations,
+            violation_count: self.violation_count,
+        }
+    }
+}
+
+/// The windows a limiter with the default tolerances accepts counts for at `now_ms` (the
+/// store's rule): from the one before the oldest a late request can reach to the newest
+/// an early one can.
+fn acceptable_windows(now_ms: i64, window_ms: u64) -> std::ops::RangeInclusive<i64> {
+    let (age, skew) = (DEFAULT_MAX_TIMESTAMP_AGE.as_millis() as i64, DEFAULT_MAX_CLOCK_SKEW.as_millis() as i64);
+    let w = window_ms as i64;
+    (now_ms - age).div_euclid(w) - 1..=(now_ms + skew).div_euclid(w)
+}
+
+/// A replica as the simulator numbers nodes (from 0).
+fn replica_name(r: ReplicaId) -> String {
+    match r.node.checked_sub(1) {
+        Some(n) => format!("node {n} incarnation {}", r.incarnation),
+        None => format!("replica {r:?}"),
+    }
+}
+
+/// The first count two states disagree on, for the report.
+fn describe_difference(a: usize, sa: &[StateEntry], b: usize, sb: &[StateEntry]) -> String {
+    let slot = |e: &StateEntry| (e.window_ms, e.key, e.window, e.replica);
+    let (mut i, mut j) = (0, 0);
+    let show = |e: &StateEntry| format!("key {:#x} window {} {}", e.key, e.window, replica_name(e.replica));
+    loop {
+        match (sa.get(i), sb.get(j)) {
+            (Some(x), Some(y)) if slot(x) == slot(y) => {
+                if x.count != y.count {
+                    return format!("node {a} holds {} and node {b} holds {} for {}", x.count, y.count, show(x));
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if slot(x) < slot(y) => return format!("node {a} holds {} for {}, node {b} nothing", x.count, show(x)),
+            (Some(_), Some(y)) | (None, Some(y)) => return format!("node {b} holds {} for {}, node {a} nothing", y.count, show(y)),
+            (Some(x), None) => return format!("node {a} holds {} for {}, node {b} nothing", x.count, show(x)),
+            (None, None) => return String::new(),
+        }
+    }
+}

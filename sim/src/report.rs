@@ -1,0 +1,170 @@
+//! What a run found: the figures, the checks, and how they are printed.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::config::Config;
+
+/// The outcome of one run. Serializes to the `--json` object (fields in this order, the
+/// options first).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Every option of the run.
+    #[serde(flatten)]
+    pub config: Config,
+    /// Requests offered by the clients.
+    pub offered: u64,
+    /// Requests the cluster admitted.
+    pub admitted: u64,
+    /// Requests an exact global limiter (same strategy and quota, one shared state
+    /// updated instantly, true time) admits from the same requests.
+    pub ideal: u64,
+    /// Σ over (client, window) of admissions beyond the limit. Windows are aligned
+    /// windows of true (unskewed) time: what the protected backend sees.
+    pub over_admitted: u64,
+    /// `over_admitted / ideal`.
+    pub over_admission_ratio: f64,
+    /// Σ over (client, window) of the shortfall against the exact limiter, `/ ideal`.
+    pub under_admission_ratio: f64,
+    /// Max over (client, window) of admitted / limit.
+    pub max_window_overshoot_ratio: f64,
+    /// Max over (client, window) of admissions beyond the limit.
+    pub max_window_over_admitted: u64,
+    /// An estimate of the optimistic policy's worst overshoot of one (client, window),
+    /// from [`crate::predicted_max_overshoot`]; compare with `max_window_over_admitted`.
+    pub predicted_max_overshoot: u64,
+    /// All live replicas held identical state (the windows retained at the end of
+    /// traffic) before the tail cap passed.
+    pub converged: bool,
+    /// Virtual time from the end of traffic and faults to the first check (one per gossip
+    /// interval) at which all live replicas agreed; `null` if they never did.
+    pub convergence_ms: Option<u64>,
+    /// Messages the nodes handed to the network.
+    pub messages: u64,
+    /// Bytes of those messages.
+    pub bytes: u64,
+    /// Of those, messages sent reliably (full syncs and repairs).
+    pub reliable_messages: u64,
+    /// Bytes of the reliable messages.
+    pub reliable_bytes: u64,
+    /// `bytes / entries_sent`: what a replicated count costs on the wire, everything
+    /// (headers, heartbeats, digests) included.
+    pub bytes_per_count: f64,
+    /// Messages (copies included) a node accepted.
+    pub delivered: u64,
+    /// Datagrams lost, and reliable messages given up after every retransmission was lost.
+    pub lost: u64,
+    /// Messages dropped by a partition.
+    pub partitioned: u64,
+    /// Messages that arrived at a node that was down.
+    pub to_down_node: u64,
+    /// Datagrams delivered twice.
+    pub duplicated: u64,
+    /// Reliable messages delayed by at least one retransmission.
+    pub retransmitted: u64,
+    /// Counts the nodes sent (one per key, window, replica and receiving peer).
+    pub entries_sent: u64,
+    /// Counts received that raised the receiver's view.
+    pub entries_merged: u64,
+    /// Full syncs the nodes sent (on start, on a peer coming up or back).
+    pub full_syncs: u64,
+    /// Anti-entropy digests sent.
+    pub digests: u64,
+    /// Buckets found different by a digest and repaired.
+    pub buckets_repaired: u64,
+    /// Safety checks run (one node's whole view against the truth each).
+    pub safety_checks: u64,
+    /// Invariant violations (the first 20; `violation_count` has them all).
+    pub violations: Vec<String>,
+    /// Number of invariant violations.
+    pub violation_count: u64,
+}
+
+impl Report {
+    /// Whether every invariant held.
+    pub fn ok(&self) -> bool {
+        self.violation_count == 0
+    }
+
+    /// The report as one line of JSON.
+    pub fn to_json(&self) -> String {
+        // A struct of numbers, strings and lists always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The readable report: the options, then a table of results.
+    pub fn to_text(&self) -> String {
+        let c = &self.config;
+        let mut s = String::new();
+        let pct = |x: f64| format!("{:.4} %", x * 100.0);
+        let _ = writeln!(s, "crdt-rate-limiter simulation, seed {}", c.seed);
+        let _ = writeln!(
+            s,
+            "  {} nodes, {} clients at {}x a limit of {} per {} ms ({} strategy, {} admission)",
+            c.nodes, c.clients, c.rate, c.limit, c.window_ms, c.strategy, c.mode
+        );
+        let _ = writeln!(
+            s,
+            "  gossip every {} ms; latency {}..{} ms; loss {}, duplicate {}, reorder {}; clock skew up to {} ms",
+            c.gossip_ms, c.latency_ms.0, c.latency_ms.1, c.loss, c.duplicate, c.reorder, c.clock_skew_ms
+        );
+        let faults: Vec<String> = c
+            .partition
+            .iter()
+            .map(|(a, b)| format!("partition {a}..{b}"))
+            .chain(c.crash.iter().map(|(n, t)| format!("crash {n}@{t}")))
+            .chain(c.restart.iter().map(|(n, t)| format!("restart {n}@{t}")))
+            .collect();
+        let _ = writeln!(s, "  faults: {}", if faults.is_empty() { "none".to_string() } else { faults.join(", ") });
+        let _ = writeln!(s, "  options: {}", c.to_args().join(" "));
+        let _ = writeln!(s);
+        let rows: Vec<(&str, String)> = vec![
+            ("offered", self.offered.to_string()),
+            ("admitted", self.admitted.to_string()),
+            ("ideal (exact global limiter)", self.ideal.to_string()),
+            ("over-admitted", format!("{} ({} of ideal)", self.over_admitted, pct(self.over_admission_ratio))),
+            ("under-admitted", pct(self.under_admission_ratio)),
+            ("max window overshoot", format!("{:.3}x limit ({} over)", self.max_window_overshoot_ratio, self.max_window_over_admitted)),
+            ("predicted max overshoot", format!("{} (optimistic estimate)", self.predicted_max_overshoot)),
+            (
+                "converged",
+                match self.convergence_ms {
+                    Some(ms) if self.converged => format!("yes, {ms} ms after traffic and faults ended"),
+                    _ => format!("NO, not within {} ms", c.tail_cap_ms),
+                },
+            ),
+            (
+                "messages",
+                format!(
+                    "{} ({} bytes); {} reliable ({} bytes: full syncs and repairs)",
+                    self.messages, self.bytes, self.reliable_messages, self.reliable_bytes
+                ),
+            ),
+            (
+                "network",
+                format!(
+                    "{} delivered, {} lost, {} partitioned, {} to down nodes, {} duplicated, {} retransmitted",
+                    self.delivered, self.lost, self.partitioned, self.to_down_node, self.duplicated, self.retransmitted
+                ),
+            ),
+            (
+                "counts",
+                format!(
+                    "{} sent ({:.1} bytes each, all included), {} raised a view",
+                    self.entries_sent, self.bytes_per_count, self.entries_merged
+                ),
+            ),
+            ("repair", format!("{} full syncs, {} digests, {} buckets repaired", self.full_syncs, self.digests, self.buckets_repaired)),
+            ("safety checks", format!("{}, {} violations", self.safety_checks, self.violation_count)),
+        ];
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in rows {
+            let _ = writeln!(s, "  {k:<width$}  {v}");
+        }
+        for v in &self.violations {
+            let _ = writeln!(s, "  VIOLATION: {v}");
+        }
+        s
+    }
+}

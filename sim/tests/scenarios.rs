@@ -1,0 +1,86 @@
+//! Scripted runs, one story each.
+
+use sim::{Config, Mode, Report};
+
+fn small() -> Config {
+    Config { nodes: 5, clients: 20, duration_ms: 4_000, ..Config::default() }
+}
+
+fn run(cfg: Config) -> Report {
+    let r = sim::run(&cfg);
+    assert!(r.ok(), "{}\nreproduce: {}", r.to_text(), cfg.reproduction());
+    r
+}
+
+#[test]
+fn without_faults_both_modes_stay_close_to_the_exact_limiter_and_converge_at_once() {
+    for (mode, max_over) in [(Mode::Bounded, 0.01), (Mode::Optimistic, 0.05)] {
+        let r = run(Config { mode, ..small() });
+        assert!(r.over_admission_ratio <= max_over, "{mode}: {}", r.to_text());
+        assert!(r.under_admission_ratio <= 0.05, "{mode}: {}", r.to_text());
+        assert!(r.converged && r.convergence_ms.is_some_and(|ms| ms <= 100), "{mode}: {}", r.to_text());
+        assert_eq!((r.lost, r.partitioned, r.to_down_node), (0, 0, 0));
+        assert!(r.ideal > 0 && r.offered > 2 * r.ideal, "rate 3: most requests are over the limit");
+    }
+}
+
+#[test]
+fn a_partition_that_heals_converges_and_each_side_admitted_up_to_the_limit_meanwhile() {
+    let r = run(Config { partition: vec![(1_000, 3_000)], mode: Mode::Optimistic, ..small() });
+    assert!(r.converged, "{}", r.to_text());
+    assert!(r.partitioned > 0);
+    // Optimistic admission fails open: each half admits up to the limit.
+    assert!(r.max_window_overshoot_ratio > 1.5 && r.max_window_overshoot_ratio <= 2.5, "{}", r.to_text());
+}
+
+#[test]
+fn a_partition_that_lasts_to_the_end_of_traffic_still_heals_in_the_tail() {
+    let r = run(Config { partition: vec![(2_000, 4_000)], ..small() });
+    assert!(r.converged, "{}", r.to_text());
+}
+
+#[test]
+fn a_crashed_node_stays_down_and_the_others_converge_without_it() {
+    let r = run(Config { crash: vec![(2, 1_500)], ..small() });
+    assert!(r.converged && r.to_down_node > 0, "{}", r.to_text());
+}
+
+#[test]
+fn a_restarted_node_comes_back_as_a_new_incarnation_and_catches_up() {
+    let r = run(Config { crash: vec![(0, 1_000)], restart: vec![(0, 1_500), (3, 2_500)], loss: 0.05, ..small() });
+    assert!(r.converged, "{}", r.to_text());
+    // Each node asks every peer for everything on start: 5 × 4 at boot, then 2 × 4 more.
+    assert!(r.full_syncs >= 28, "{}", r.to_text());
+}
+
+#[test]
+fn skewed_clocks_still_converge_to_the_truth() {
+    // Windows of 200 ms and clocks up to 80 ms apart: near every boundary some node has
+    // moved on and drags the others' keys forward (the wire tap follows it).
+    let r = run(Config { clock_skew_ms: 40, window_ms: 200, gossip_ms: 10, limit: 20, ..small() });
+    assert!(r.converged, "{}", r.to_text());
+}
+
+#[test]
+fn a_fan_out_cluster_converges() {
+    let r = run(Config { nodes: 20, clients: 5, limit: 20, duration_ms: 1_500, ..Config::default() });
+    assert!(r.converged, "{}", r.to_text());
+}
+
+#[test]
+fn a_hot_node_takes_most_traffic_without_breaking_anything() {
+    let r = run(Config { skew_traffic: 0.9, mode: Mode::Optimistic, ..small() });
+    assert!(r.converged && r.over_admission_ratio <= 0.05, "{}", r.to_text());
+}
+
+#[test]
+fn the_predicted_overshoot_follows_the_design_formula() {
+    // min((N − 1)·L, Σⱼ ⌈ρⱼ·S⌉): ρⱼ = 3 × 100 / 1000 / 10 per ms, S = 20 + 5 ms.
+    let cfg = Config { nodes: 10, ..Config::default() };
+    assert_eq!(sim::predicted_max_overshoot(&cfg), 10);
+    // One node gets 90 % of a client's traffic: ⌈0.3 × 0.91 × 25⌉ = 7, the others ⌈0.075⌉ = 1.
+    assert_eq!(sim::predicted_max_overshoot(&Config { skew_traffic: 0.9, ..cfg.clone() }), 7 + 9);
+    // At most (N − 1)·L.
+    assert_eq!(sim::predicted_max_overshoot(&Config { rate: 1_000.0, ..cfg }), 9 * 100);
+    assert_eq!(sim::predicted_max_overshoot(&Config { nodes: 1, ..Config::default() }), 0);
+}
