@@ -248,6 +248,8 @@ pub struct GossipNode {
     relay: Vec<Outgoing>,
     /// The newest limits version sent to every peer.
     limits_sent: LimitsVersion,
+    /// The last round in which this node's view changed (its own counts or a merge).
+    last_active_round: u64,
     stats: GossipStats,
 }
 
@@ -289,6 +291,7 @@ impl GossipNode {
             outbox: VecDeque::new(),
             relay: Vec::new(),
             limits_sent: LimitsVersion::default(),
+            last_active_round: 0,
             stats: GossipStats::default(),
         };
         for p in peers {
@@ -419,7 +422,13 @@ impl GossipNode {
         self.stats.bytes_received += bytes.len() as u64;
         self.heard(from, msg.from.incarnation, now_ms);
         match msg.body {
-            Body::Counts(batches) => self.merge_batches(&batches, now_ms),
+            Body::Counts(batches) => {
+                let merged = self.stats.entries_merged;
+                self.merge_batches(&batches, now_ms);
+                if self.stats.entries_merged > merged {
+                    self.last_active_round = self.round;
+                }
+            }
             Body::SyncRequest => {
                 // At most one full sync per peer per suspicion period, on request.
                 let period = self.suspect_after_ms();
@@ -431,11 +440,11 @@ impl GossipNode {
                     self.send_everything(from, now_ms);
                 }
             }
-            Body::Digest { window_ms, window, rows, limits, complete } => {
+            Body::Digest { window_ms, window, span, rows, limits, complete } => {
                 if self.limiter.limits().0 > limits {
                     self.send_limits(from);
                 }
-                self.answer_digest(from, u64::from(window_ms), window, &rows, complete, now_ms)
+                self.answer_digest(from, u64::from(window_ms), (window, span), &rows, complete, now_ms)
             }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
             Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
@@ -599,6 +608,9 @@ impl GossipNode {
             out.extend(buf.iter().map(|e| (window_ms, me, e.key, e.window, e.count)));
         });
         let fan_out = self.fan_out();
+        if !out.is_empty() || !self.relay.is_empty() {
+            self.last_active_round = self.round;
+        }
         if fan_out {
             out.append(&mut self.relay);
         } else {
@@ -630,8 +642,19 @@ impl GossipNode {
         }
 
         if self.round % self.cfg.anti_entropy_rounds == 0 {
-            if let Some(&to) = self.pick(&live, 1).first() {
-                self.send_digests(to, now_ms);
+            // While counts are changing, the current window is mid-update everywhere and
+            // a digest of it would mostly "repair" deltas still in flight: digest the
+            // previous, closed window, to one random peer. Once this node's view has been
+            // still for two rounds, digest both windows, to every live peer (in fan-out
+            // mode, `fanout` of them): that is what converges a quiet cluster.
+            let quiet = self.round >= self.last_active_round + 2;
+            let targets = match (quiet, fan_out) {
+                (false, _) => self.pick(&live, 1),
+                (true, false) => live.clone(),
+                (true, true) => self.pick(&live, self.cfg.fanout),
+            };
+            for to in targets {
+                self.send_digests(to, now_ms, quiet);
             }
             // A clock sample from every live peer (fan-out mode: the ones picked).
             let sample = if fan_out { self.pick(&live, self.cfg.fanout) } else { live };
@@ -810,13 +833,14 @@ impl GossipNode {
         }
     }
 
-    /// Fingerprints per replica and bucket of one store's counts in `window - 1 ..= window`.
-    fn fingerprints(&self, window_ms: u64, window: i64, now_ms: i64) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
+    /// Fingerprints per replica and bucket of one store's counts in the `span` windows
+    /// ending with `window`.
+    fn fingerprints(&self, window_ms: u64, (window, span): (i64, u8), now_ms: i64) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
         let mut rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = BTreeMap::new();
         let mut buf: Vec<Exported> = Vec::new();
         // Never create a store for a window length named only by a peer's digest.
         let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
-        for e in buf.iter().filter(|e| e.window == window || e.window == window - 1) {
+        for e in buf.iter().filter(|e| e.window <= window && e.window > window - i64::from(span)) {
             let row = rows.entry(self.replica_of(e.slot)).or_default();
             row[bucket(e.key)] =
                 row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
@@ -824,28 +848,32 @@ impl GossipNode {
         rows
     }
 
-    fn send_digests(&mut self, to: PeerId, now_ms: i64) {
+    fn send_digests(&mut self, to: PeerId, now_ms: i64, both_windows: bool) {
         let me = self.cfg.replica;
         let mut windows = Vec::new();
         self.limiter.for_each_store(|w, _| windows.push(w));
         for window_ms in windows {
-            let window = now_ms.div_euclid(window_ms as i64);
-            let rows: Vec<DigestRow> =
-                self.fingerprints(window_ms, window, now_ms).into_iter().map(|(replica, buckets)| DigestRow { replica, buckets }).collect();
+            let now_window = now_ms.div_euclid(window_ms as i64);
+            let (window, span) = if both_windows { (now_window, 2) } else { (now_window - 1, 1) };
+            let rows: Vec<DigestRow> = self
+                .fingerprints(window_ms, (window, span), now_ms)
+                .into_iter()
+                .map(|(replica, buckets)| DigestRow { replica, buckets })
+                .collect();
             // Rows are ~80 bytes: keep each digest within the message budget.
             let per_message = (self.cfg.max_message_bytes / 96).max(1);
             let limits = self.limiter.limits().0;
             let complete = rows.len() <= per_message;
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
-                let body = Body::Digest { window_ms: window_ms as u32, window, rows: chunk.to_vec(), limits, complete };
+                let body = Body::Digest { window_ms: window_ms as u32, window, span, rows: chunk.to_vec(), limits, complete };
                 self.send(to, &Envelope { version: WIRE_VERSION, from: me, body }, false);
             }
         }
     }
 
-    fn answer_digest(&mut self, from: PeerId, window_ms: u64, window: i64, rows: &[DigestRow], complete: bool, now_ms: i64) {
-        let mine = self.fingerprints(window_ms, window, now_ms);
+    fn answer_digest(&mut self, from: PeerId, window_ms: u64, windows: (i64, u8), rows: &[DigestRow], complete: bool, now_ms: i64) {
+        let mine = self.fingerprints(window_ms, windows, now_ms);
         let theirs: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = rows.iter().map(|r| (r.replica, r.buckets)).collect();
         // A digest may be split over several messages: compare the replicas it names, and
         // only a complete digest says the sender lacks the replicas it does not name.

