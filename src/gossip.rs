@@ -989,7 +989,7 @@ mod tests {
         let from = ReplicaId { node: 2, incarnation: 1 };
         let bodies = [
             Body::Ping { sent_at_ms: i64::MIN, echo: Some((i64::MAX, 5)) },
-            Body::Digest { window_ms: 1000, window: i64::MIN, rows: Vec::new(), limits: LimitsVersion::default(), complete: true },
+            Body::Digest { window_ms: 1000, window: i64::MIN, span: 2, rows: Vec::new(), limits: LimitsVersion::default(), complete: true },
             Body::Counts(vec![Batch {
                 replica: from,
                 window_ms: 1000,
