@@ -100,41 +100,12 @@ impl Table {
 
     #[inline]
     pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut Slot> {
-        debug_assert_ne!(key, EMPTY);
-        if self.slots.is_empty() {
-            return None;
-        }
-        let mask = self.mask();
-        let mut i = Self::home(self.seed, key, self.slots.len());
-        loop {
-            let k = self.slots[i].key;
-            if k == key {
-                return Some(&mut self.slots[i]);
-            }
-            if k == EMPTY {
-                return None;
-            }
-            i = (i + 1) & mask;
-        }
+        self.find(key).map(|i| &mut self.slots[i])
     }
 
     #[inline]
     pub(crate) fn get(&self, key: u64) -> Option<&Slot> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let mask = self.mask();
-        let mut i = Self::home(self.seed, key, self.slots.len());
-        loop {
-            let k = self.slots[i].key;
-            if k == key {
-                return Some(&self.slots[i]);
-            }
-            if k == EMPTY {
-                return None;
-            }
-            i = (i + 1) & mask;
-        }
+        self.find(key).map(|i| &self.slots[i])
     }
 
     /// Inserts a key that is not present. The caller has made room ([`is_full`] is false).

@@ -261,16 +261,11 @@ pub fn server_config(id: &TlsIdentity, transport: Arc<quinn::TransportConfig>) -
 pub fn client_config(id: &TlsIdentity, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
     let provider = crypto_provider();
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(&id.ca)?), provider.clone()).build()?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.enable_early_data = false;
-    let quic = QuicClientConfig::try_from(Arc::new(tls))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport);
-    Ok(cfg)
+    finish_client(tls, transport)
 }
 
 /// Builds the QUIC client config the cluster driver dials with.
@@ -288,11 +283,16 @@ pub fn client_config(id: &TlsIdentity, transport: Arc<quinn::TransportConfig>) -
 pub fn member_client_config(id: &TlsIdentity, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
     let provider = crypto_provider();
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(&id.ca)?), provider.clone()).build()?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(MemberVerifier { inner }))
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
+    finish_client(tls, transport)
+}
+
+/// The settings every client config shares: ALPN [`ALPN`], no 0-RTT, the transport.
+fn finish_client(mut tls: rustls::ClientConfig, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, TlsError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;
     let quic = QuicClientConfig::try_from(Arc::new(tls))?;
