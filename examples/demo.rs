@@ -31,21 +31,25 @@ const CLIENTS: usize = 50;
 const HOT_CLIENTS: usize = 10;
 const SECRET: [u8; 16] = *b"demo-hash-secret";
 
-const USAGE: &str = "usage: demo [--nodes N] [--seconds S] [--json]
+const USAGE: &str = "usage: demo [--nodes N] [--seconds S] [--partition P] [--json]
 
 Runs N rate limiter instances (default 3, at most 16) on 127.0.0.1 in one process,
 gossiping over QUIC with mutual TLS, drives load at them for S seconds (default 20),
 prints a table every second and a summary at the end; --json prints only a JSON
-summary object.";
+summary object. --partition P cuts node-0 off from the others for the last P seconds
+of load; when the load stops the partition heals and the demo reports how long the
+nodes took to hold identical counts.";
 
 struct Args {
     nodes: usize,
     seconds: u64,
     json: bool,
+    /// Cut node 0 off from the others for the last this many seconds of load.
+    partition: u64,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut args = Args { nodes: 3, seconds: 20, json: false };
+    let mut args = Args { nodes: 3, seconds: 20, json: false, partition: 0 };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -53,6 +57,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--json" => args.json = true,
             "--nodes" => args.nodes = it.next().and_then(|v| v.parse().ok()).ok_or("--nodes needs a number")?,
             "--seconds" => args.seconds = it.next().and_then(|v| v.parse().ok()).ok_or("--seconds needs a number")?,
+            "--partition" => args.partition = it.next().and_then(|v| v.parse().ok()).ok_or("--partition needs a number of seconds")?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -61,6 +66,9 @@ fn parse_args() -> Result<Option<Args>, String> {
     }
     if !(3..=3600).contains(&args.seconds) {
         return Err("--seconds must be between 3 and 3600".into());
+    }
+    if args.partition >= args.seconds || (args.partition > 0 && args.nodes < 2) {
+        return Err("--partition must be shorter than --seconds, with at least 2 nodes".into());
     }
     Ok(Some(args))
 }
@@ -214,6 +222,15 @@ async fn run(args: Args) -> Result<(), String> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     for s in 1..=args.seconds {
+        if args.partition > 0 && s == args.seconds - args.partition + 1 {
+            // Node 0 drops every packet to or from the others, below QUIC.
+            for other in &nodes[1..] {
+                nodes[0].block_peer(other.node_id());
+            }
+            if !args.json {
+                println!("\n--- node-0 cut off from the others for the last {} s ---", args.partition);
+            }
+        }
         tick.tick().await;
         if args.json {
             continue;
@@ -250,6 +267,19 @@ async fn run(args: Args) -> Result<(), String> {
     for t in tasks {
         let _ = t.await;
     }
+    // Load has stopped; heal any partition and time how long until every node holds
+    // the same counts.
+    nodes[0].heal();
+    let quiet = tokio::time::Instant::now();
+    let mut convergence_ms = None;
+    while quiet.elapsed() < Duration::from_secs(10) {
+        let first = nodes[0].state();
+        if nodes[1..].iter().all(|n| n.state() == first) {
+            convergence_ms = Some(quiet.elapsed().as_millis() as u64);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let last_window = nodes[0].limiter().now_ms().div_euclid(WINDOW_MS as i64);
     let t = totals(&ledger, first_window, last_window);
     let stats: Vec<_> = nodes.iter().map(Cluster::stats).collect();
@@ -278,7 +308,7 @@ async fn run(args: Args) -> Result<(), String> {
             })
             .collect();
         println!(
-            "{{\"nodes\":{},\"seconds\":{},\"clients\":{CLIENTS},\"limit\":{LIMIT},\"window_ms\":{WINDOW_MS},\"windows\":{},\"client_windows\":{},\"offered\":{},\"admitted\":{},\"ideal\":{},\"over_admission\":{},\"over_admission_ratio\":{ratio:.6},\"under_admission\":{},\"max_admitted_per_client_window\":{},\"bytes\":{bytes},\"bytes_per_admitted\":{:.3},\"max_view_lag_ms\":{max_lag},\"per_node\":[{}]}}",
+            "{{\"nodes\":{},\"seconds\":{},\"clients\":{CLIENTS},\"limit\":{LIMIT},\"window_ms\":{WINDOW_MS},\"windows\":{},\"client_windows\":{},\"offered\":{},\"admitted\":{},\"ideal\":{},\"over_admission\":{},\"over_admission_ratio\":{ratio:.6},\"under_admission\":{},\"max_admitted_per_client_window\":{},\"bytes\":{bytes},\"bytes_per_admitted\":{:.3},\"max_view_lag_ms\":{max_lag},\"partition_s\":{},\"convergence_ms\":{},\"per_node\":[{}]}}",
             args.nodes,
             args.seconds,
             t.windows,
@@ -289,7 +319,9 @@ async fn run(args: Args) -> Result<(), String> {
             t.over,
             t.under,
             t.worst,
-            bytes as f64 / t.admitted.max(1) as f64,
+                        bytes as f64 / t.admitted.max(1) as f64,
+            args.partition,
+            convergence_ms.map_or("null".to_string(), |c| c.to_string()),
             per_node.join(",")
         );
     } else {
@@ -307,6 +339,13 @@ async fn run(args: Args) -> Result<(), String> {
         println!("  under the ideal      {} ({:.3}%)", t.under, pct(t.under, t.ideal));
         println!("  gossip bytes sent    {bytes} ({:.2} per admitted request)", bytes as f64 / t.admitted.max(1) as f64);
         println!("  worst view lag       {max_lag} ms");
+        match convergence_ms {
+            Some(c) => println!(
+                "  converged            {c} ms after the load stopped{}",
+                if args.partition > 0 { " and the partition healed" } else { "" }
+            ),
+            None => println!("  converged            not within 10 s after the load stopped"),
+        }
     }
     Ok(())
 }

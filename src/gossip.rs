@@ -641,13 +641,15 @@ impl GossipNode {
             }
         }
 
-        if self.round % self.cfg.anti_entropy_rounds == 0 {
-            // While counts are changing, the current window is mid-update everywhere and
-            // a digest of it would mostly "repair" deltas still in flight: digest the
-            // previous, closed window, to one random peer. Once this node's view has been
-            // still for two rounds, digest both windows, to every live peer (in fan-out
-            // mode, `fanout` of them): that is what converges a quiet cluster.
-            let quiet = self.round >= self.last_active_round + 2;
+        // While counts are changing, the current window is mid-update everywhere and a
+        // digest of it would mostly "repair" deltas still in flight: digest the previous,
+        // closed window, to one random peer. Once this node's view has been still for two
+        // rounds, digest both windows, to every live peer (in fan-out mode, `fanout` of
+        // them): at once when it goes quiet, then every period. That is what converges a
+        // quiet cluster quickly when the last deltas of a burst were lost.
+        let quiet = self.round >= self.last_active_round + 2;
+        let just_quiet = self.round == self.last_active_round + 2;
+        if self.round % self.cfg.anti_entropy_rounds == 0 || just_quiet {
             let targets = match (quiet, fan_out) {
                 (false, _) => self.pick(&live, 1),
                 (true, false) => live.clone(),
