@@ -57,7 +57,7 @@ pub(crate) enum Body {
     /// Anti-entropy: fingerprints of what the sender holds per replica and key bucket,
     /// over the windows `window - 1` and `window` of length `window_ms`, and the version
     /// of the limits it has in force.
-    /// It covers the windows `window - span + 1 ..= window` (`span` is 1 or 2).
+    /// It covers the windows `window - span + 1 ..= window` (`span` at least 1).
     /// `complete` is false when the rows of one digest were split over several messages:
     /// a replica missing from an incomplete digest may be in another part.
     Digest { window_ms: u32, window: i64, span: u8, rows: Vec<DigestRow>, limits: LimitsVersion, complete: bool },
@@ -154,12 +154,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
             }
         }
         Body::Digest { window_ms, rows, window, span, limits, .. } => {
-            if *window_ms == 0
-                || rows.len() > MAX_DIGEST_ROWS
-                || !in_range(*window)
-                || !(1..=2).contains(span)
-                || limits.at_ms > MAX_ABS_TIME as u64
-            {
+            if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS || !in_range(*window) || *span == 0 || limits.at_ms > MAX_ABS_TIME as u64 {
                 return Err(DecodeError::OutOfBounds("digest"));
             }
         }

@@ -850,13 +850,19 @@ impl GossipNode {
         rows
     }
 
+    /// Digests of every store to `to`; `both_windows`: include the current window.
     fn send_digests(&mut self, to: PeerId, now_ms: i64, both_windows: bool) {
         let me = self.cfg.replica;
         let mut windows = Vec::new();
         self.limiter.for_each_store(|w, _| windows.push(w));
         for window_ms in windows {
+            // Every window the store still keeps (a late request may reach it), up to the
+            // previous one while busy or the current one once quiet; at most 255.
             let now_window = now_ms.div_euclid(window_ms as i64);
-            let (window, span) = if both_windows { (now_window, 2) } else { (now_window - 1, 1) };
+            let oldest =
+                self.limiter.with_existing_store(window_ms, |s| *s.acceptable_windows(now_ms, window_ms).start()).unwrap_or(now_window - 1);
+            let window = if both_windows { now_window } else { now_window - 1 };
+            let span = (window - oldest + 1).clamp(1, 255) as u8;
             let rows: Vec<DigestRow> = self
                 .fingerprints(window_ms, (window, span), now_ms)
                 .into_iter()
