@@ -335,13 +335,16 @@ impl Store {
         let window = ts_ms.div_euclid(w) as u32;
         let elapsed = ts_ms.rem_euclid(w) as u64;
         let slot = match shard.table.find(key) {
-            Some(i) => {
+                        Some(i) => {
                 // A key whose window is ahead of any acceptable time is stale state
-                // seen through 32-bit wrap-around: start it afresh.
+                // seen through 32-bit wrap-around: start it afresh. (Only a key ahead of
+                // this request can be; the common path pays nothing for the check.)
                 let e = shard.table.at(i);
-                let newest = *self.acceptable_windows(now_ms, quota.window_ms()).end() as u32;
-                if windows_since(e.window, newest) < 0 {
-                    e.window = window.wrapping_sub(2);
+                if windows_since(e.window, window) < 0 {
+                    let newest = *self.acceptable_windows(now_ms, quota.window_ms()).end() as u32;
+                    if windows_since(e.window, newest) < 0 {
+                        e.window = window.wrapping_sub(2);
+                    }
                 }
                 i
             }
