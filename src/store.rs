@@ -841,4 +841,15 @@ mod tests {
         let third = (0..100).take_while(|_| s.admit(1, T0, T0, None, Some(&b(3))).unwrap()).count();
         assert!(third > 0 && first + third <= 100, "{first} + {third}");
     }
+
+    #[test]
+    fn a_key_idle_for_2_pow_31_windows_starts_afresh_instead_of_looking_ahead() {
+        let s = store(1);
+        assert!(s.admit(1, T0, T0, None, None).unwrap());
+        assert!(!s.admit(1, T0, T0, None, None).unwrap());
+        // Its 32-bit window index now reads as 2^31 - 5 windows *ahead* of the present.
+        let later = T0 + ((1i64 << 31) + 5) * 1000;
+        assert!(s.admit(1, later, later, None, None).unwrap(), "not charged to the stale window");
+        assert!(!s.admit(1, later, later, None, None).unwrap());
+    }
 }
