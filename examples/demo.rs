@@ -267,6 +267,7 @@ async fn run(args: Args) -> Result<(), String> {
     for t in tasks {
         let _ = t.await;
     }
+    let last_window = nodes[0].limiter().now_ms().div_euclid(WINDOW_MS as i64);
     // Load has stopped; heal any partition and time how long until every node holds
     // the same counts.
     nodes[0].heal();
@@ -280,7 +281,6 @@ async fn run(args: Args) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let last_window = nodes[0].limiter().now_ms().div_euclid(WINDOW_MS as i64);
     let t = totals(&ledger, first_window, last_window);
     let stats: Vec<_> = nodes.iter().map(Cluster::stats).collect();
     let bytes: u64 = stats.iter().map(|s| s.bytes_sent()).sum();

@@ -335,7 +335,7 @@ impl Store {
         let window = ts_ms.div_euclid(w) as u32;
         let elapsed = ts_ms.rem_euclid(w) as u64;
         let slot = match shard.table.find(key) {
-                        Some(i) => {
+            Some(i) => {
                 // A key whose window is ahead of any acceptable time is stale state
                 // seen through 32-bit wrap-around: start it afresh. (Only a key ahead of
                 // this request can be; the common path pays nothing for the check.)
