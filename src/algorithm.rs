@@ -11,6 +11,8 @@ use crate::{Quota, Strategy};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Verdict {
     pub allowed: bool,
+    /// The limit the decision was made against.
+    pub limit: u64,
     /// Requests still admissible right after this decision, with no other traffic.
     pub remaining: u64,
     /// Time until the full quota is available again, with no further traffic.
@@ -56,6 +58,7 @@ fn fixed(l: u64, w: u64, c: Counts, e: u64) -> Verdict {
     let used = c.cur + u64::from(allowed);
     Verdict {
         allowed,
+        limit: l,
         remaining: l.saturating_sub(used),
         reset_after_ms: if used == 0 { 0 } else { w - e },
         retry_after_ms: (!allowed).then_some(w - e),
@@ -94,7 +97,7 @@ fn sliding(l: u64, w: u64, c: Counts, e: u64) -> Verdict {
             (w - e) + e_ok
         }
     });
-    Verdict { allowed, remaining, reset_after_ms, retry_after_ms }
+    Verdict { allowed, limit: l, remaining, reset_after_ms, retry_after_ms }
 }
 
 /// The bucket's level at the start of the window: the lowest level consistent with `p`
@@ -150,7 +153,7 @@ fn token(l: u64, b: u64, w: u64, c: Counts, e: u64) -> Verdict {
         // (its previous window is empty and B ≤ L).
         (w - e) + next_window_wait(b).unwrap_or(w)
     };
-    Verdict { allowed, remaining, reset_after_ms, retry_after_ms }
+    Verdict { allowed, limit: l, remaining, reset_after_ms, retry_after_ms }
 }
 
 #[cfg(test)]

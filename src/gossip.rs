@@ -441,7 +441,7 @@ impl GossipNode {
                 }
             }
             Body::Digest { window_ms, window, span, rows, limits, complete } => {
-                if self.limiter.limits().0 > limits {
+                if self.limiter.limits_version() > limits {
                     self.send_limits(from);
                 }
                 self.answer_digest(from, u64::from(window_ms), (window, span), &rows, complete, now_ms)
@@ -590,8 +590,8 @@ impl GossipNode {
         }
 
         // New limits go to every peer at once: all nodes apply them within a round.
-        if self.limiter.limits().0 > self.limits_sent {
-            self.limits_sent = self.limiter.limits().0;
+        if self.limiter.limits_version() > self.limits_sent {
+            self.limits_sent = self.limiter.limits_version();
             let peers: Vec<PeerId> = self.peers.keys().copied().collect();
             for p in peers {
                 self.send_limits(p);
@@ -627,7 +627,7 @@ impl GossipNode {
         } else {
             self.peers.keys().copied().collect()
         };
-        let messages = self.pack(&mut out, false);
+        let messages = self.pack(&mut out);
         for to in targets {
             if messages.is_empty() || !self.peers.get(&to).is_some_and(|p| p.up) {
                 // Nothing to say, or a peer that is down: a heartbeat (it gets
@@ -670,7 +670,7 @@ impl GossipNode {
     }
 
     /// Encodes `entries` (sorted here) as messages of at most `max_message_bytes`.
-    fn pack(&self, entries: &mut [Outgoing], _reliable: bool) -> Vec<Vec<u8>> {
+    fn pack(&self, entries: &mut [Outgoing]) -> Vec<Vec<u8>> {
         entries.sort_unstable_by_key(|&(window_ms, replica, key, window, _)| (window_ms, replica, std::cmp::Reverse(window), key));
         let me = self.cfg.replica;
         let budget = self.cfg.max_message_bytes;
@@ -738,10 +738,6 @@ impl GossipNode {
         if self.replicas.len() + new_replicas.len() > MAX_REPLICAS {
             return Err(Error::InvalidConfig { field: "replicas", reason: "more replicas than MAX_REPLICAS" });
         }
-        let windows: BTreeSet<u32> = batches.iter().map(|b| b.window_ms).collect();
-        for w in windows {
-            self.limiter.with_store(u64::from(w), |_| ())?;
-        }
         Ok(())
     }
 
@@ -756,7 +752,10 @@ impl GossipNode {
             let limiter = self.limiter.clone();
             let stats = &mut self.stats;
             let relay = &mut self.relay;
-            let _ = limiter.with_store(window_ms, |store: &Store| {
+            // Counts for a window length this node keeps no store for are dropped: a
+            // peer must not make stores here (they are capped). A store made later by
+            // a local allow_with catches up through anti-entropy.
+            let known = limiter.with_existing_store(window_ms, |store: &Store| {
                 let range = store.acceptable_windows(now_ms, window_ms);
                 for e in &b.entries {
                     let key = u64::from_le_bytes(e.key);
@@ -777,6 +776,9 @@ impl GossipNode {
                     }
                 }
             });
+            if known.is_none() {
+                self.stats.out_of_range += b.entries.len() as u64;
+            }
         }
     }
 
@@ -830,7 +832,7 @@ impl GossipNode {
         let mut all = self.everything(now_ms, |_| true);
         self.stats.full_syncs_sent += 1;
         self.stats.entries_sent += all.len() as u64;
-        for m in self.pack(&mut all, true) {
+        for m in self.pack(&mut all) {
             self.queue(to, m, true);
         }
     }
@@ -870,7 +872,7 @@ impl GossipNode {
                 .collect();
             // Rows are ~80 bytes: keep each digest within the message budget.
             let per_message = (self.cfg.max_message_bytes / 96).max(1);
-            let limits = self.limiter.limits().0;
+            let limits = self.limiter.limits_version();
             let complete = rows.len() <= per_message;
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
@@ -908,17 +910,21 @@ impl GossipNode {
     }
 
     fn answer_repair(&mut self, to: PeerId, window_ms: u64, wanted: &[(ReplicaId, u8)], now_ms: i64) {
+        let any_bucket = wanted.iter().fold(0u8, |m, (_, b)| m | b);
         let wanted: BTreeMap<ReplicaId, u8> = wanted.iter().copied().collect();
-        let mut out: Vec<Outgoing> = self
-            .everything(now_ms, |_| true)
-            .into_iter()
-            .filter(|o| o.0 == window_ms && wanted.get(&o.1).is_some_and(|m| m & (1 << bucket(o.2)) != 0))
+        // Export only the store of that window length, and only keys in a wanted bucket.
+        let mut buf: Vec<Exported> = Vec::new();
+        let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |k| any_bucket & (1 << bucket(k)) != 0, &mut buf));
+        let mut out: Vec<Outgoing> = buf
+            .iter()
+            .map(|e| (window_ms, self.replica_of(e.slot), e.key, e.window, e.count))
+            .filter(|o| wanted.get(&o.1).is_some_and(|m| m & (1 << bucket(o.2)) != 0))
             .collect();
         if out.is_empty() {
             return;
         }
         self.stats.entries_sent += out.len() as u64;
-        for m in self.pack(&mut out, true) {
+        for m in self.pack(&mut out) {
             self.queue(to, m, true);
         }
     }
@@ -1058,5 +1064,20 @@ mod tests {
         // Timestamps alternate between two rounds; the budget's round is the clock's.
         let admitted = (0..100).filter(|i| n.limiter().allow("c", T0 - 40 * (i % 2))).count();
         assert!((15..=25).contains(&admitted), "about a fifth of the quota, not all of it: {admitted}");
+    }
+
+    #[test]
+    fn counts_for_a_window_length_this_node_has_no_store_for_are_dropped_not_stored() {
+        let mut n = node(1, &[2]);
+        let replica = ReplicaId { node: 2, incarnation: 1 };
+        let entries = vec![WireEntry { key: [3; 8], window_offset: 0, count: 1 }];
+        for w in 1..=100u32 {
+            let batch = Batch { replica, window_ms: 1000 + w, base_window: T0 / i64::from(1000 + w), entries: entries.clone() };
+            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from: replica, body: Body::Counts(vec![batch]) });
+            n.handle_message(2, &bytes, T0).unwrap();
+        }
+        assert_eq!(n.stats().out_of_range, 100);
+        // The limiter's own allow_with still has every window length to itself.
+        assert!(n.limiter().allow_with("c", 1, Duration::from_millis(2_000)));
     }
 }

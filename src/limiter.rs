@@ -63,10 +63,10 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn from_verdict(v: Verdict, limit: u64) -> Self {
+    fn from_verdict(v: Verdict) -> Self {
         Self {
             allowed: v.allowed,
-            limit,
+            limit: v.limit,
             remaining: v.remaining,
             reset_after: Duration::from_millis(v.reset_after_ms),
             retry_after: v.retry_after_ms.map(Duration::from_millis),
@@ -113,6 +113,9 @@ struct LimitsState {
 
 struct Inner {
     store: Arc<Store>,
+    /// The main store's window in ms, kept beside it so that finding a store by window
+    /// length takes no lock.
+    main_window_ms: AtomicU64,
     cap: Arc<KeyCap>,
     tolerances: Tolerances,
     probe_seed: u64,
@@ -219,7 +222,7 @@ impl RateLimiter {
     fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
         let budget = self.budget(now_ms);
         let v = self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?;
-        Ok(Decision::from_verdict(v, quota.limit()))
+        Ok(Decision::from_verdict(v))
     }
 
     /// The bounded policy's round at `now_ms` (the limiter's clock, not the request's
@@ -256,9 +259,8 @@ impl RateLimiter {
         if let Some(q) = self.override_of(key) {
             return self.decide_override(key, q, timestamp_ms, now);
         }
-        let quota = self.inner.store.quota();
         let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(now).as_ref())?;
-        Ok(Decision::from_verdict(v, quota.limit()))
+        Ok(Decision::from_verdict(v))
     }
 
     /// Decides a request from `client` now, against `limit` per `window` given with the
@@ -278,17 +280,17 @@ impl RateLimiter {
     pub fn check_with(&self, client: &str, limit: u64, window: Duration) -> Result<Decision, Error> {
         let quota = Quota::new(limit, window)?;
         let now = self.inner.clock.now_ms();
-        let (key, now) = self.validate(client.as_bytes(), now)?;
+        let key = self.validate_key(client.as_bytes())?;
         let store = self.ad_hoc_store(quota)?;
         let v = store.decide(key, now, now, Some(&quota), self.budget(now).as_ref())?;
-        Ok(Decision::from_verdict(v, quota.limit()))
+        Ok(Decision::from_verdict(v))
     }
 
     /// The store for `quota`'s window: the main store if it has that window, else one of
     /// the `allow_with` stores (created on first use, at most [`MAX_AD_HOC_WINDOWS`]).
     pub(crate) fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
         let w = quota.window_ms();
-        if w == self.inner.store.quota().window_ms() {
+        if w == self.main_window_ms() {
             return Ok(self.inner.store.clone());
         }
         if let Some((_, s)) = self.inner.ad_hoc.read().iter().find(|(win, _)| *win == w) {
@@ -310,8 +312,20 @@ impl RateLimiter {
         Ok(store)
     }
 
+    /// Checks the id; returns its key hash.
     #[inline]
+    fn validate_key(&self, client: &[u8]) -> Result<u64, Error> {
+        if client.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if client.len() > self.inner.max_key_len {
+            return Err(Error::KeyTooLong { len: client.len(), max: self.inner.max_key_len });
+        }
+        Ok(self.inner.hasher.hash(client))
+    }
+
     /// Checks the id and the timestamp; returns the key hash and the clock's reading.
+    #[inline]
     fn validate(&self, client: &[u8], timestamp_ms: i64) -> Result<(u64, i64), Error> {
         let inner = &*self.inner;
         if client.is_empty() {
@@ -375,6 +389,11 @@ impl RateLimiter {
         }
     }
 
+    /// The version of the limits in force (no copy of the configuration).
+    pub(crate) fn limits_version(&self) -> LimitsVersion {
+        self.inner.limits.read().version
+    }
+
     /// The version and the configuration in force (`None` until limits are applied).
     pub fn limits(&self) -> (LimitsVersion, Option<LimitsConfig>) {
         let l = self.inner.limits.read();
@@ -392,6 +411,7 @@ impl RateLimiter {
         }
         if default != self.inner.store.quota() {
             self.inner.store.set_quota(default, self.inner.clock.now_ms());
+            self.inner.main_window_ms.store(default.window_ms(), Ordering::Relaxed);
         }
         self.inner.has_overrides.store(!overrides.is_empty(), Ordering::Relaxed);
         *self.inner.overrides.write() = overrides;
@@ -453,8 +473,12 @@ impl RateLimiter {
     }
 
     /// Calls `f` with every store: the main one, then one per `allow_with` window length.
+    fn main_window_ms(&self) -> u64 {
+        self.inner.main_window_ms.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn for_each_store(&self, mut f: impl FnMut(u64, &Store)) {
-        let main = self.quota().window_ms();
+        let main = self.main_window_ms();
         f(main, &self.inner.store);
         // A store made for a window the main store has since taken on is skipped: it no
         // longer decides anything, and its window length must name one store only.
@@ -463,20 +487,9 @@ impl RateLimiter {
         }
     }
 
-    /// Calls `f` with the store for `window_ms`, creating an `allow_with` store if none
-    /// exists yet (within [`MAX_AD_HOC_WINDOWS`]).
-    pub(crate) fn with_store<T>(&self, window_ms: u64, f: impl FnOnce(&Store) -> T) -> Result<T, Error> {
-        if self.quota().window_ms() == window_ms {
-            return Ok(f(&self.inner.store));
-        }
-        let quota = Quota::new(1, Duration::from_millis(window_ms))?;
-        let store = self.ad_hoc_store(quota)?;
-        Ok(f(&store))
-    }
-
     /// Calls `f` with the store for `window_ms` if there is one; never creates one.
     pub(crate) fn with_existing_store<T>(&self, window_ms: u64, f: impl FnOnce(&Store) -> T) -> Option<T> {
-        if self.quota().window_ms() == window_ms {
+        if self.main_window_ms() == window_ms {
             return Some(f(&self.inner.store));
         }
         let store = self.inner.ad_hoc.read().iter().find(|(w, _)| *w == window_ms).map(|(_, s)| s.clone())?;
@@ -629,6 +642,7 @@ impl Builder {
         Ok(RateLimiter {
             inner: Arc::new(Inner {
                 store: Arc::new(Store::new(shards, cap.clone(), tolerances, probe_seed, quota, self.strategy)),
+                main_window_ms: AtomicU64::new(quota.window_ms()),
                 cap,
                 tolerances,
                 probe_seed,

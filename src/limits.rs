@@ -196,6 +196,16 @@ impl LimitsConfig {
             };
             clients.push((client.as_str(), q));
         }
+        // Every window length other than the default's needs a store of its own.
+        let windows: std::collections::BTreeSet<u64> = clients
+            .iter()
+            .map(|(_, q)| q.window_ms())
+            .chain(tiers.values().map(Quota::window_ms))
+            .filter(|&w| w != default.window_ms())
+            .collect();
+        if windows.len() > crate::MAX_AD_HOC_WINDOWS {
+            return Err(LimitsError::TooLarge("more distinct window lengths than MAX_AD_HOC_WINDOWS"));
+        }
         Ok((default, clients))
     }
 }
@@ -252,5 +262,17 @@ window_ms = 1000
         assert!(bad(&TOML.replace("tier = \"gold\"", "tier = \"silver\"")).contains("unknown tier \"silver\""));
         assert!(bad(&TOML.replace("limit = 10, window_ms = 60000", "limit = 10")).contains("either `tier`"));
         assert!(bad("not toml at all [").contains("invalid limits file"));
+    }
+
+    #[test]
+    fn a_config_needing_more_window_stores_than_there_are_is_refused() {
+        let mut cfg = LimitsConfig::new(Quota::new(10, Duration::from_secs(1)).unwrap());
+        for w in 0..=crate::MAX_AD_HOC_WINDOWS as u64 {
+            let spec = ClientOverride { tier: None, limit: Some(5), window_ms: Some(2_000 + w), burst: None };
+            cfg.clients.insert(format!("client-{w}"), spec);
+        }
+        assert!(matches!(cfg.resolve(), Err(LimitsError::TooLarge(_))));
+        cfg.clients.pop_first();
+        assert!(cfg.resolve().is_ok());
     }
 }

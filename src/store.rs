@@ -118,6 +118,9 @@ struct Shard {
     strategy: Strategy,
     /// Decisions made in this shard, counted under its lock (no shared atomics).
     tally: Tally,
+    /// The horizon of the last sweep made because the key cap was reached: sweeping
+    /// again before the horizon moves would find nothing new to drop.
+    cap_swept: Option<u32>,
 }
 
 /// Decisions counted by a store.
@@ -229,8 +232,9 @@ pub(crate) struct Tolerances {
 pub(crate) struct Store {
     shards: Box<[Padded<Mutex<Shard>>]>,
     shard_mask: u64,
-    /// Keys in this store.
-    keys: AtomicUsize,
+    /// Keys in this store (on its own cache line: new keys write it; every request
+    /// reads the fields beside it).
+    keys: Padded<AtomicUsize>,
     cap: Arc<KeyCap>,
     /// Replay tolerance: windows a timestamp this late can reach are kept.
     max_age_ms: i64,
@@ -254,6 +258,7 @@ impl Store {
                     quota,
                     strategy,
                     tally: Tally::default(),
+                    cap_swept: None,
                 }))
             })
             .collect();
@@ -261,7 +266,7 @@ impl Store {
         Self {
             shards,
             shard_mask,
-            keys: AtomicUsize::new(0),
+            keys: Padded(AtomicUsize::new(0)),
             cap,
             max_age_ms: tolerances.max_age_ms as i64,
             max_skew_ms: tolerances.max_skew_ms as i64,
@@ -361,10 +366,15 @@ impl Store {
     #[cold]
     fn reserve_key(&self, shard: &mut Shard, horizon: u32) -> Result<(), Error> {
         if !self.try_count_key() {
-            let removed = shard.sweep(horizon);
-            self.forget(removed);
+            // At the cap: drop this shard's expired keys, once per horizon (a flood of new
+            // ids must not rebuild the shard on every refused request).
+            if shard.cap_swept != Some(horizon) {
+                shard.cap_swept = Some(horizon);
+                let removed = shard.sweep(horizon);
+                self.forget(removed);
+            }
             if !self.try_count_key() {
-                self.sweep_all_for_room(shard, horizon)?;
+                self.sweep_all_for_room(horizon)?;
             }
         }
         if shard.table.is_full() {
@@ -379,7 +389,7 @@ impl Store {
     /// most once per window, one shard lock at a time (skipping busy shards, this one
     /// included: its lock is held by the caller).
     #[cold]
-    fn sweep_all_for_room(&self, _held: &mut Shard, horizon: u32) -> Result<(), Error> {
+    fn sweep_all_for_room(&self, horizon: u32) -> Result<(), Error> {
         let last = self.last_cap_sweep.load(Ordering::Relaxed);
         let window = i64::from(horizon);
         if last != window && self.last_cap_sweep.compare_exchange(last, window, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
@@ -399,7 +409,7 @@ impl Store {
     fn try_count_key(&self) -> bool {
         let ok = self.cap.keys.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.cap.max).then_some(n + 1)).is_ok();
         if ok {
-            self.keys.fetch_add(1, Ordering::Relaxed);
+            self.keys.0.fetch_add(1, Ordering::Relaxed);
         }
         ok
     }
@@ -407,7 +417,7 @@ impl Store {
     /// Accounts for `n` keys dropped from this store.
     fn forget(&self, n: usize) {
         if n > 0 {
-            self.keys.fetch_sub(n, Ordering::Relaxed);
+            self.keys.0.fetch_sub(n, Ordering::Relaxed);
             self.cap.keys.fetch_sub(n, Ordering::Relaxed);
         }
     }
@@ -540,7 +550,7 @@ impl Store {
 
     /// Keys currently tracked.
     pub(crate) fn len(&self) -> usize {
-        self.keys.load(Ordering::Relaxed)
+        self.keys.0.load(Ordering::Relaxed)
     }
 
     pub(crate) fn quota(&self) -> Quota {

@@ -142,7 +142,7 @@ impl Table {
     }
 
     /// Keeps the slots for which `keep` returns true (it may also change them) in a table
-    /// sized for them: at most half full, or doubled if that is what `grow` asks.
+    /// sized for them: at most half full (so a full table doubles).
     /// Returns how many slots were dropped.
     pub(crate) fn rebuild(&mut self, mut keep: impl FnMut(&mut Slot) -> bool) -> usize {
         let before = self.len;
