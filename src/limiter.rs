@@ -128,8 +128,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     strategy: Strategy,
     max_key_len: usize,
-    max_age_ms: u64,
-    max_skew_ms: u64,
+
     shards: usize,
     admission: Admission,
     /// Stores for [`RateLimiter::allow_with`], one per window length.
@@ -290,11 +289,8 @@ impl RateLimiter {
     /// the `allow_with` stores (created on first use, at most [`MAX_AD_HOC_WINDOWS`]).
     pub(crate) fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
         let w = quota.window_ms();
-        if w == self.main_window_ms() {
-            return Ok(self.inner.store.clone());
-        }
-        if let Some((_, s)) = self.inner.ad_hoc.read().iter().find(|(win, _)| *win == w) {
-            return Ok(s.clone());
+        if let Some(s) = self.existing_store(w) {
+            return Ok(s);
         }
         let mut stores = self.inner.ad_hoc.write();
         if let Some((_, s)) = stores.iter().find(|(win, _)| *win == w) {
@@ -327,22 +323,18 @@ impl RateLimiter {
     /// Checks the id and the timestamp; returns the key hash and the clock's reading.
     #[inline]
     fn validate(&self, client: &[u8], timestamp_ms: i64) -> Result<(u64, i64), Error> {
+        let key = self.validate_key(client)?;
         let inner = &*self.inner;
-        if client.is_empty() {
-            return Err(Error::EmptyKey);
-        }
-        if client.len() > inner.max_key_len {
-            return Err(Error::KeyTooLong { len: client.len(), max: inner.max_key_len });
-        }
         let now_ms = inner.clock.now_ms();
         let delta = i128::from(timestamp_ms) - i128::from(now_ms);
-        if delta < -i128::from(inner.max_age_ms) {
-            return Err(Error::TimestampTooOld { timestamp_ms, now_ms, max_age_ms: inner.max_age_ms });
+        let Tolerances { max_age_ms, max_skew_ms } = inner.tolerances;
+        if delta < -i128::from(max_age_ms) {
+            return Err(Error::TimestampTooOld { timestamp_ms, now_ms, max_age_ms });
         }
-        if delta > i128::from(inner.max_skew_ms) {
-            return Err(Error::TimestampInFuture { timestamp_ms, now_ms, max_skew_ms: inner.max_skew_ms });
+        if delta > i128::from(max_skew_ms) {
+            return Err(Error::TimestampInFuture { timestamp_ms, now_ms, max_skew_ms });
         }
-        Ok((inner.hasher.hash(client), now_ms))
+        Ok((key, now_ms))
     }
 
     /// The quota in force.
@@ -489,11 +481,16 @@ impl RateLimiter {
 
     /// Calls `f` with the store for `window_ms` if there is one; never creates one.
     pub(crate) fn with_existing_store<T>(&self, window_ms: u64, f: impl FnOnce(&Store) -> T) -> Option<T> {
-        if self.main_window_ms() == window_ms {
-            return Some(f(&self.inner.store));
-        }
-        let store = self.inner.ad_hoc.read().iter().find(|(w, _)| *w == window_ms).map(|(_, s)| s.clone())?;
+        let store = self.existing_store(window_ms)?;
         Some(f(&store))
+    }
+
+    /// The store for `window_ms`, if there is one: the main store if it has that window.
+    fn existing_store(&self, window_ms: u64) -> Option<Arc<Store>> {
+        if self.main_window_ms() == window_ms {
+            return Some(self.inner.store.clone());
+        }
+        self.inner.ad_hoc.read().iter().find(|(w, _)| *w == window_ms).map(|(_, s)| s.clone())
     }
 }
 
@@ -662,8 +659,7 @@ impl Builder {
                 clock: self.clock,
                 strategy: self.strategy,
                 max_key_len: self.max_key_len,
-                max_age_ms: self.max_timestamp_age.as_millis() as u64,
-                max_skew_ms: self.max_clock_skew.as_millis() as u64,
+
                 shards,
                 ad_hoc: RwLock::new(Vec::new()),
             }),

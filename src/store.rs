@@ -435,18 +435,22 @@ impl Store {
         let mut guard = self.shard(key).lock();
         let shard = &mut *guard;
         let window32 = window as u32;
-        let horizon = self.horizon(now_ms, shard.quota.window_ms());
         // Only windows a request accepted now could fall in: older ones can no longer
         // matter, and later ones would roll keys past the present.
-        if !self.acceptable_windows(now_ms, shard.quota.window_ms()).contains(&window) {
+        let acceptable = self.acceptable_windows(now_ms, shard.quota.window_ms());
+        if !acceptable.contains(&window) {
             return Ok(false);
         }
-        if shard.table.get(key).is_none() {
-            self.reserve_key(shard, horizon)?;
-            shard.table.insert_new(Entry { key, window: window32, cur: 0, prev: 0, remote: NO_REMOTE });
-        }
+        let at = match shard.table.find(key) {
+            Some(i) => i,
+            None => {
+                // The horizon is the window after the oldest acceptable one.
+                self.reserve_key(shard, (*acceptable.start() + 1) as u32)?;
+                shard.table.insert_new_at(Entry { key, window: window32, cur: 0, prev: 0, remote: NO_REMOTE })
+            }
+        };
         let Shard { table, remote, free_remote, .. } = shard;
-        let Some(e) = table.get_mut(key) else { return Ok(false) };
+        let e = table.at(at);
         let age = -Shard::roll(e, remote, window32).min(0);
         if age > 1 {
             return Ok(false);

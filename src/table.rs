@@ -103,12 +103,13 @@ impl Table {
         self.find(key).map(|i| &mut self.slots[i])
     }
 
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn get(&self, key: u64) -> Option<&Slot> {
         self.find(key).map(|i| &self.slots[i])
     }
 
     /// Inserts a key that is not present. The caller has made room ([`is_full`] is false).
+    #[cfg(test)]
     pub(crate) fn insert_new(&mut self, slot: Slot) -> &mut Slot {
         let i = self.insert_new_at(slot);
         &mut self.slots[i]

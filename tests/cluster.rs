@@ -109,6 +109,16 @@ async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Starts node-a, node-b and node-c from one limiter each (made by `make`), each seeded
+/// with the ones before, and waits for the full mesh.
+async fn three(ca: &Ca, make: impl Fn() -> RateLimiter) -> (Cluster, Cluster, Cluster) {
+    let a = start(ca, "node-a", make(), &[]).await;
+    let b = start(ca, "node-b", make(), &[&a]).await;
+    let c = start(ca, "node-c", make(), &[&a, &b]).await;
+    full_mesh(&[&a, &b, &c]).await;
+    (a, b, c)
+}
+
 async fn full_mesh(nodes: &[&Cluster]) {
     let n = nodes.len();
     eventually("a full mesh", Duration::from_secs(10), || nodes.iter().all(|c| c.live_peers().len() == n - 1)).await;
@@ -230,10 +240,7 @@ async fn three_nodes_under_load_stay_within_the_bound() {
     bounded(40, async {
         let ca = Ca::new();
         let (limit, window) = (50u64, Duration::from_secs(1));
-        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
-        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
-        let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;
-        full_mesh(&[&a, &b, &c]).await;
+        let (a, b, c) = three(&ca, || limiter(limit, window)).await;
         let ledger = Arc::new(Ledger::default());
         // 12 clients, each offered 80 requests per second spread over the three nodes,
         // against 50 per one-second window.
@@ -339,10 +346,7 @@ async fn killed_node_keeps_its_counts_and_restarts_without_a_second_quota() {
         let ca = Ca::new();
         let (limit, window) = (300u64, Duration::from_secs(60));
         align(60_000, 10_000).await;
-        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
-        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
-        let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;
-        full_mesh(&[&a, &b, &c]).await;
+        let (a, b, c) = three(&ca, || limiter(limit, window)).await;
         let old_c = c.replica();
         let ledger = Arc::new(Ledger::default());
         let clients = 5;
@@ -405,10 +409,7 @@ async fn partition_then_heal_converges_every_replica() {
     bounded(45, async {
         let ca = Ca::new();
         let (limit, window) = (100_000u64, Duration::from_secs(60));
-        let a = start(&ca, "node-a", limiter(limit, window), &[]).await;
-        let b = start(&ca, "node-b", limiter(limit, window), &[&a]).await;
-        let c = start(&ca, "node-c", limiter(limit, window), &[&a, &b]).await;
-        full_mesh(&[&a, &b, &c]).await;
+        let (a, b, c) = three(&ca, || limiter(limit, window)).await;
         let ledger = Arc::new(Ledger::default());
         let load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], 20, 90.0, &ledger);
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -591,10 +592,7 @@ async fn a_limits_change_on_one_node_takes_effect_on_all_three() {
     use crdt_rate_limiter::LimitsConfig;
     bounded(30, async {
         let ca = Ca::new();
-        let a = start(&ca, "limits-a", limiter(5, Duration::from_secs(1)), &[]).await;
-        let b = start(&ca, "limits-b", limiter(5, Duration::from_secs(1)), &[&a]).await;
-        let c = start(&ca, "limits-c", limiter(5, Duration::from_secs(1)), &[&a, &b]).await;
-        full_mesh(&[&a, &b, &c]).await;
+        let (a, b, c) = three(&ca, || limiter(5, Duration::from_secs(1))).await;
         let cfg = LimitsConfig::from_toml(
             "[default]\nlimit = 40\nwindow_ms = 1000\n[tiers.gold]\nlimit = 400\nwindow_ms = 1000\n[clients]\n\"acme\" = { tier = \"gold\" }\n",
         )
