@@ -1,11 +1,14 @@
 //! Every option of a run, its default, its range, and the command line that sets it.
 
 use std::fmt;
+use std::path::PathBuf;
 
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 /// The admission policy the nodes use (the library's [`crdt_rate_limiter::Admission`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Each node spends only its share of the remainder per gossip round.
@@ -16,15 +19,18 @@ pub enum Mode {
 }
 
 /// The strategy every limiter (and the oracle) uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StrategyArg {
     /// [`crdt_rate_limiter::Strategy::FixedWindow`].
+    #[value(help = "fixed windows")]
     Fixed,
     /// [`crdt_rate_limiter::Strategy::SlidingWindow`] (the default).
     #[default]
+    #[value(help = "sliding windows (the previous window weighted)")]
     Sliding,
     /// [`crdt_rate_limiter::Strategy::TokenBucket`].
+    #[value(help = "token bucket")]
     Token,
 }
 
@@ -33,6 +39,26 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Bounded => "bounded",
             Mode::Optimistic => "optimistic",
+        })
+    }
+}
+
+/// Where the requests of one burst go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BurstTarget {
+    /// Round-robin over the nodes, from a node drawn per burst.
+    #[default]
+    Spread,
+    /// All to one node, drawn per burst.
+    One,
+}
+
+impl fmt::Display for BurstTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BurstTarget::Spread => "spread",
+            BurstTarget::One => "one",
         })
     }
 }
@@ -51,7 +77,7 @@ impl fmt::Display for StrategyArg {
 pub mod limits {
     /// Most nodes.
     pub const NODES_MAX: usize = 1_000;
-    /// Most clients.
+    /// Most clients (steady ones, plus burst clients, plus one per burst with `--burst-fresh`).
     pub const CLIENTS_MAX: usize = 1_000_000;
     /// Longest window, gossip interval, latency, clock skew and tail cap, in ms.
     pub const SPAN_MS_MAX: u64 = 3_600_000;
@@ -63,62 +89,116 @@ pub mod limits {
     pub const REQUESTS_MAX: f64 = 1e9;
     /// Most scheduled faults (crashes, restarts, partitions) of each kind.
     pub const FAULTS_MAX: usize = 1_000;
+    /// Most requests in one burst.
+    pub const BURST_SIZE_MAX: u64 = 100_000;
+    /// Longest gossip interval, in ms.
+    pub const GOSSIP_MS_MAX: u64 = 60_000;
+    /// Highest one-way latency, in ms.
+    pub const LATENCY_MS_MAX: u64 = 60_000;
+    /// Highest limit per window.
+    pub const LIMIT_MAX: u64 = u32::MAX as u64;
 }
+
+use limits::*;
 
 /// All options of one simulated run. `Default` gives the command line's defaults.
 ///
 /// Times are virtual milliseconds from the start of traffic. Nodes are numbered from 0
 /// (`--crash 2@1000` crashes the third node); node `i` is replica `{node: i + 1}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Args)]
 pub struct Config {
     /// Drives every random choice of the run. Default 1.
+    #[arg(long, help = "drives every random choice", value_name = "N", default_value_t = 1, help_heading = "Run")]
     pub seed: u64,
     /// Cluster size. Default 5; `1..=1000`. Above 16 the core gossips in fan-out mode.
+    #[arg(long, help = "cluster size (above 16 the core gossips in fan-out mode)", value_name = "N", default_value_t = 5, value_parser = int_in::<usize, 1, { NODES_MAX as u64 }>, help_heading = "Cluster and load")]
     pub nodes: usize,
     /// Distinct clients. Default 100; `1..=1_000_000`.
+    #[arg(long, help = "distinct steady clients", value_name = "N", default_value_t = 100, value_parser = int_in::<usize, 1, { CLIENTS_MAX as u64 }>, help_heading = "Cluster and load")]
     pub clients: usize,
     /// Requests per client per window. Default 100; `1..=2³²−1`.
+    #[arg(long, help = "requests per client per window", value_name = "N", default_value_t = 100, value_parser = int_in::<u64, 1, LIMIT_MAX>, help_heading = "Cluster and load")]
     pub limit: u64,
     /// Window length. Default 1000 ms; `1..=3_600_000`.
+    #[arg(long, help = "window length", value_name = "MS", default_value_t = 1000, value_parser = int_in::<u64, 1, SPAN_MS_MAX>, help_heading = "Cluster and load")]
     pub window_ms: u64,
     /// Each client's offered load as a multiple of its limit. Default 3.0; `0..=1000`.
+    #[arg(long, help = "each steady client's offered load, as a multiple of its limit (Poisson arrivals)", value_name = "X", default_value_t = 3.0, value_parser = rate, help_heading = "Cluster and load")]
     pub rate: f64,
     /// Fraction of each client's requests sent to its favourite node (drawn per client
     /// from the seed); the rest are spread uniformly. Default 0; `0..=1`.
+    #[arg(long, help = "fraction of each client's requests sent to its favourite node", value_name = "F", default_value_t = 0.0, value_parser = probability, help_heading = "Cluster and load")]
     pub skew_traffic: f64,
     /// Gossip interval. Default 20 ms; `1..=60_000`.
+    #[arg(long, help = "gossip interval", value_name = "MS", default_value_t = 20, value_parser = int_in::<u64, 1, GOSSIP_MS_MAX>, help_heading = "Gossip and network")]
     pub gossip_ms: u64,
     /// One-way latency range `[min, max]`, uniform. Default `[1, 5]` ms.
+    #[arg(long, help = "one-way latency, uniform in A..=B", value_name = "A..B", default_value = "1..5", value_parser = latency, help_heading = "Gossip and network")]
     pub latency_ms: (u64, u64),
     /// Probability that a message is lost. Default 0; `0..=1`.
+    #[arg(long, help = "probability a message is lost", value_name = "P", default_value_t = 0.0, value_parser = probability, help_heading = "Gossip and network")]
     pub loss: f64,
     /// Probability that a datagram is delivered twice. Default 0; `0..=1`.
+    #[arg(long, help = "probability a datagram is delivered twice", value_name = "P", default_value_t = 0.0, value_parser = probability, help_heading = "Gossip and network")]
     pub duplicate: f64,
     /// Probability that a message is held back by up to three maximum latencies.
     /// Default 0; `0..=1`.
+    #[arg(long, help = "probability a message is held back by up to 3x the maximum latency", value_name = "P", default_value_t = 0.0, value_parser = probability, help_heading = "Gossip and network")]
     pub reorder: f64,
     /// Each node's clock is off by a fixed amount drawn uniformly in `±clock_skew_ms`.
-    /// Default 0.
+    /// Default 0. Beyond 1000, clocks are further apart than the limiter's 2 s tolerance.
+    #[arg(long, help = "each node's clock is off by a fixed amount in +-MS (beyond 1000: past the limiter's 2 s tolerance, slow convergence)", value_name = "MS", default_value_t = 0, value_parser = int_in::<u64, 0, SPAN_MS_MAX>, help_heading = "Gossip and network")]
     pub clock_skew_ms: u64,
     /// Intervals `[start, end)` during which the first ⌈N/2⌉ nodes and the rest cannot
-    /// talk. Default none.
+    /// talk. Default none. Repeatable.
+    #[arg(long, help = "the first half of the nodes cannot talk to the rest during [A, B)", value_name = "A..B", value_parser = interval, help_heading = "Faults (repeatable)")]
     pub partition: Vec<(u64, u64)>,
-    /// `(node, at_ms)`: the node stops and loses its state. Default none.
+    /// `(node, at_ms)`: the node stops and loses its state. Default none. Repeatable.
+    #[arg(long, help = "the node stops and loses its state", value_name = "NODE@MS", value_parser = node_at, help_heading = "Faults (repeatable)")]
     pub crash: Vec<(usize, u64)>,
     /// `(node, at_ms)`: the node starts again, empty, as a new incarnation (a node that
-    /// is up is crashed first). Default none.
+    /// is up is crashed first). Default none. Repeatable.
+    #[arg(long, help = "the node starts again, empty, as a new incarnation", value_name = "NODE@MS", value_parser = node_at, help_heading = "Faults (repeatable)")]
     pub restart: Vec<(usize, u64)>,
     /// Admission policy. Default bounded.
+    #[arg(long, help = "admission policy", value_name = "M", default_value_t = Mode::Bounded, value_enum, help_heading = "Cluster and load")]
     pub mode: Mode,
     /// Strategy of every limiter and of the oracle. Default sliding.
+    #[arg(long, help = "strategy of every limiter and of the oracle", value_name = "S", default_value_t = StrategyArg::Sliding, value_enum, help_heading = "Cluster and load")]
     pub strategy: StrategyArg,
+    /// Burst clients, on top of the steady ones: each sends `burst_size` requests within
+    /// `burst_spread_ms` at random moments. Default 0; `0..=1_000_000`.
+    #[arg(long, help = "burst clients, on top of the steady ones", value_name = "N", default_value_t = 0, value_parser = int_in::<usize, 0, { CLIENTS_MAX as u64 }>, help_heading = "Bursts")]
+    pub burst_clients: usize,
+    /// Requests in one burst. Default 40; `1..=100_000`.
+    #[arg(long, help = "requests in one burst", value_name = "N", default_value_t = 40, value_parser = int_in::<u64, 1, BURST_SIZE_MAX>, help_heading = "Bursts")]
+    pub burst_size: u64,
+    /// A burst's requests arrive uniformly within this span (0: all at once). Default 10 ms;
+    /// `0..=3_600_000`.
+    #[arg(long, help = "a burst's requests arrive uniformly within this span (0: all at once)", value_name = "MS", default_value_t = 10, value_parser = int_in::<u64, 0, SPAN_MS_MAX>, help_heading = "Bursts")]
+    pub burst_spread_ms: u64,
+    /// Mean time between two bursts of one burst client (exponential gaps, so bursts come
+    /// at random moments). Default 10_000 ms; `1..=86_400_000`.
+    #[arg(long, help = "mean time between two bursts of one burst client (exponential gaps)", value_name = "MS", default_value_t = 10_000, value_parser = int_in::<u64, 1, DURATION_MS_MAX>, help_heading = "Bursts")]
+    pub burst_every_ms: u64,
+    /// Where a burst's requests go: `spread` round-robin over the nodes (from a node drawn
+    /// per burst), or `one` node drawn per burst. Default spread.
+    #[arg(long, help = "where a burst's requests go: round-robin over the nodes from a drawn one, or all to one drawn node", value_name = "T", default_value_t = BurstTarget::Spread, value_enum, help_heading = "Bursts")]
+    pub burst_target: BurstTarget,
+    /// Each burst comes from a client nobody has seen before (a fresh client id per burst)
+    /// instead of from one of `burst_clients` recurring ones. Default off.
+    #[arg(long, help = "each burst comes from a client id nobody has seen before", help_heading = "Bursts")]
+    pub burst_fresh: bool,
     /// Span of traffic; faults happen within it. Default 10_000 ms.
+    #[arg(long, help = "span of traffic; a quiet tail follows until replicas agree", value_name = "MS", default_value_t = 10_000, value_parser = int_in::<u64, 1, DURATION_MS_MAX>, help_heading = "Run")]
     pub duration_ms: u64,
     /// Interval of the safety check (one node's whole view against the truth, nodes in
     /// turn); 0 turns it off. Default 50 ms.
+    #[arg(long, help = "safety-check interval, 0 = off", value_name = "MS", default_value_t = 50, value_parser = int_in::<u64, 0, SPAN_MS_MAX>, help_heading = "Run")]
     pub check_ms: u64,
     /// How long the quiet tail after traffic may run before the run is declared not
     /// converged. Default 30_000 ms.
+    #[arg(long, help = "longest quiet tail before 'not converged'", value_name = "MS", default_value_t = 30_000, value_parser = int_in::<u64, 1, SPAN_MS_MAX>, help_heading = "Run")]
     pub tail_cap_ms: u64,
 }
 
@@ -143,6 +223,12 @@ impl Default for Config {
             restart: Vec::new(),
             mode: Mode::Bounded,
             strategy: StrategyArg::Sliding,
+            burst_clients: 0,
+            burst_size: 40,
+            burst_spread_ms: 10,
+            burst_every_ms: 10_000,
+            burst_target: BurstTarget::Spread,
+            burst_fresh: false,
             duration_ms: 10_000,
             check_ms: 50,
             tail_cap_ms: 30_000,
@@ -150,7 +236,8 @@ impl Default for Config {
     }
 }
 
-/// A bad command line or an option out of range (the CLI exits with status 2).
+/// A bad command line or an option out of range (the CLI exits with status 2). The text
+/// names the flag and says why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
 
@@ -166,6 +253,193 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
+fn check_probability(flag: &str, p: f64) -> Result<(), ConfigError> {
+    if !(0.0..=1.0).contains(&p) {
+        return err(format!("{flag}: {p} is not a probability between 0 and 1"));
+    }
+    Ok(())
+}
+
+// ----- value parsers: clap prefixes their messages with the flag and the value -----
+
+/// A whole number in `LO..=HI`.
+fn int_in<T: TryFrom<u64>, const LO: u64, const HI: u64>(v: &str) -> Result<T, String> {
+    let n: i128 = v.trim().parse().map_err(|_| format!("not a whole number (expected {LO}..={HI})"))?;
+    if n < i128::from(LO) || n > i128::from(HI) {
+        let why = if n == 0 {
+            " (zero is meaningless here)"
+        } else if n < 0 {
+            " (it cannot be negative)"
+        } else {
+            ""
+        };
+        return Err(format!("{n} is outside {LO}..={HI}{why}"));
+    }
+    T::try_from(n as u64).map_err(|_| format!("{n} does not fit"))
+}
+
+fn finite(v: &str) -> Result<f64, String> {
+    let x: f64 = v.trim().parse().map_err(|_| "not a number".to_string())?;
+    if !x.is_finite() {
+        return Err(format!("{x} is not a finite number"));
+    }
+    Ok(x)
+}
+
+fn probability(v: &str) -> Result<f64, String> {
+    let p = finite(v)?;
+    if !(0.0..=1.0).contains(&p) {
+        return Err(format!("{p} is not a probability between 0 and 1"));
+    }
+    Ok(p)
+}
+
+fn rate(v: &str) -> Result<f64, String> {
+    let x = finite(v)?;
+    if !(0.0..=RATE_MAX).contains(&x) {
+        return Err(format!("{x} is outside 0..={RATE_MAX}"));
+    }
+    Ok(x)
+}
+
+/// `A..B` (or `A..=B`, or a single `A`, meaning `A..A`).
+fn range(v: &str) -> Result<(u64, u64), String> {
+    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| format!("'{s}' is not a whole number of ms (expected A..B)"));
+    match v.split_once("..") {
+        Some((a, b)) => Ok((num(a)?, num(b.trim_start_matches('='))?)),
+        None => {
+            let a = num(v)?;
+            Ok((a, a))
+        }
+    }
+}
+
+fn latency(v: &str) -> Result<(u64, u64), String> {
+    let (a, b) = range(v)?;
+    if a > b {
+        return Err(format!("{a}..{b} is empty (the minimum is above the maximum)"));
+    }
+    if b > LATENCY_MS_MAX {
+        return Err(format!("{b} ms is above {LATENCY_MS_MAX} ms"));
+    }
+    Ok((a, b))
+}
+
+fn interval(v: &str) -> Result<(u64, u64), String> {
+    let (a, b) = range(v)?;
+    if a >= b {
+        return Err(format!("{a}..{b} is empty (the start must be before the end)"));
+    }
+    Ok((a, b))
+}
+
+/// `NODE@MS`.
+fn node_at(v: &str) -> Result<(usize, u64), String> {
+    let (node, at) = v.split_once('@').ok_or_else(|| "expected NODE@MS, for example 2@1500".to_string())?;
+    let node = node.trim().parse().map_err(|_| format!("'{node}' is not a node number (expected NODE@MS)"))?;
+    let at = at.trim().parse().map_err(|_| format!("'{at}' is not a whole number of ms (expected NODE@MS)"))?;
+    Ok((node, at))
+}
+
+// ----- the command line -----
+
+/// `sim [OPTIONS]` runs once; `sim sweep [OPTIONS]` runs a grid.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sim",
+    about = "Deterministic simulation of a crdt-rate-limiter cluster on virtual time.",
+    long_about = "Deterministic simulation of a crdt-rate-limiter cluster on virtual time: real limiters and \
+                  gossip cores, a seeded network, seeded faults and an exact global limiter beside them. Every \
+                  option is optional. Times are virtual milliseconds from the start of traffic; nodes are \
+                  numbered from 0. The same options give the same output, byte for byte.",
+    after_help = "Exit status: 0 ok, 1 an invariant was violated (a reproduction line is printed on stderr), 2 bad options.\n\
+                  Run it with: cargo run --release -p sim -- [OPTIONS]",
+    args_conflicts_with_subcommands = true,
+    allow_negative_numbers = true,
+    disable_version_flag = true,
+    disable_help_flag = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    /// Print help.
+    #[arg(short, long, action = clap::ArgAction::HelpShort)]
+    help: Option<bool>,
+    #[command(subcommand)]
+    sweep: Option<Sub>,
+    #[command(flatten)]
+    config: Config,
+    /// Print one JSON object instead of the readable report.
+    #[arg(long, help_heading = "Output")]
+    json: bool,
+    /// Also draw, per window, what the cluster admitted for the busiest clients against
+    /// the limit and the exact limiter, with faults marked and how far the slowest node's
+    /// view lags, as an SVG file.
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Over- and under-admission by gossip interval and cluster size, as a markdown table.
+    #[command(
+        long_about = "Over- and under-admission by gossip interval (rows) and cluster size (columns), as a \
+                      markdown table. Each cell is one run of the options below, with --nodes and --gossip-ms \
+                      taken from the lists: over-admitted % / under-admitted % of the exact limiter (bytes per \
+                      replicated count). Defaults: 20 clients at 3x a limit of 100 per 1 s, latency 1..5 ms, \
+                      loss 1%, 5 s of traffic, seed 1.",
+        allow_negative_numbers = true,
+        disable_help_flag = true
+    )]
+    Sweep(SweepArgs),
+}
+
+#[derive(Debug, Args)]
+struct SweepArgs {
+    /// Print help.
+    #[arg(short, long, action = clap::ArgAction::HelpShort)]
+    help: Option<bool>,
+    /// Gossip intervals, one row each.
+    #[arg(long, value_name = "MS,...", value_delimiter = ',', default_values_t = [5u64, 20, 100, 500], value_parser = int_in::<u64, 1, GOSSIP_MS_MAX>, help_heading = "Sweep")]
+    gossip_ms_list: Vec<u64>,
+    /// Cluster sizes, one column each.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_values_t = [3usize, 10, 50, 200], value_parser = int_in::<usize, 1, { NODES_MAX as u64 }>, help_heading = "Sweep")]
+    nodes_list: Vec<usize>,
+    /// Also plot over-admission against cluster size, one line per gossip interval.
+    #[arg(long, value_name = "FILE", help_heading = "Sweep")]
+    svg: Option<PathBuf>,
+    #[command(flatten)]
+    config: Config,
+}
+
+/// The sweep's defaults where they differ from a single run's.
+const SWEEP_DEFAULTS: [(&str, &str); 3] = [("clients", "20"), ("loss", "0.01"), ("duration_ms", "5000")];
+
+/// Most cells of one sweep.
+pub const SWEEP_CELLS_MAX: usize = 1_000;
+
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("sweep", |mut s| {
+        for (id, v) in SWEEP_DEFAULTS {
+            s = s.mut_arg(id, |a| a.default_value(v));
+        }
+        // The lists replace them (and a value given anyway is refused, not ignored).
+        s.mut_arg("nodes", |a| a.hide(true)).mut_arg("gossip_ms", |a| a.hide(true))
+    })
+}
+
+/// A grid of runs: every gossip interval against every cluster size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    /// The options of every cell but `nodes` and `gossip_ms`.
+    pub base: Config,
+    /// Rows.
+    pub gossip_ms: Vec<u64>,
+    /// Columns.
+    pub nodes: Vec<usize>,
+    /// Where to draw the plot, if asked.
+    pub svg: Option<PathBuf>,
+}
+
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -175,173 +449,71 @@ pub enum Command {
         config: Box<Config>,
         /// Print JSON.
         json: bool,
+        /// Draw the run's timeline into this SVG file.
+        svg: Option<PathBuf>,
     },
-    /// Print the usage.
-    Help,
+    /// Run a sweep and print its table.
+    Sweep(Box<Sweep>),
+    /// Print this text (the help of the command or subcommand asked about) on stdout.
+    Help(String),
 }
 
-/// The usage text.
-pub const USAGE: &str = "\
-usage: sim [options]            (cargo run --release -p sim -- [options])
-
-Deterministic simulation of a crdt-rate-limiter cluster on virtual time. Every option is
-optional; defaults in brackets. Times are virtual milliseconds from the start of traffic;
-nodes are numbered from 0.
-
-cluster and load
-  --nodes N               cluster size [5]
-  --clients N             distinct clients [100]
-  --limit N               requests per client per window [100]
-  --window-ms MS          window length [1000]
-  --rate X                each client's offered load, as a multiple of its limit [3.0]
-  --skew-traffic F        fraction of each client's traffic sent to its favourite node [0.0]
-  --strategy S            fixed | sliding | token [sliding]
-  --mode M                bounded | optimistic [bounded]
-gossip and network
-  --gossip-ms MS          gossip interval [20]
-  --latency-ms A..B       one-way latency, uniform in A..=B [1..5]
-  --loss P                probability a message is lost [0.0]
-  --duplicate P           probability a datagram is delivered twice [0.0]
-  --reorder P             probability a message is held back up to 3x max latency [0.0]
-  --clock-skew-ms MS      each node's clock off by up to +-MS [0] (beyond 1000, clocks are
-                          further apart than the limiter's 2 s tolerance: slow convergence)
-faults (repeatable)
-  --partition A..B        first half of the nodes cut from the rest during [A, B)
-  --crash NODE@MS         node stops and loses its state
-  --restart NODE@MS       node starts again, empty, as a new incarnation
-run
-  --duration-ms MS        span of traffic; a quiet tail follows until replicas agree [10000]
-  --seed N                drives every random choice [1]
-  --check-ms MS           safety-check interval, 0 = off [50]
-  --tail-cap-ms MS        longest quiet tail before 'not converged' [30000]
-  --json                  print one JSON object instead of the report
-  --help                  this text
-
-Exit status: 0 ok, 1 an invariant was violated (a reproduction line is printed on
-stderr), 2 bad options.
-";
-
-fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, ConfigError> {
-    v.trim().parse().or_else(|_| err(format!("{flag}: '{v}' is not a valid number")))
+/// The help text of the single run (`sim --help`).
+pub fn usage() -> String {
+    command().render_long_help().to_string()
 }
 
-fn parse_f64(flag: &str, v: &str) -> Result<f64, ConfigError> {
-    let x: f64 = parse_num(flag, v)?;
-    if !x.is_finite() {
-        return err(format!("{flag}: '{v}' is not a finite number"));
-    }
-    Ok(x)
-}
-
-/// `A..B` (or a single `A`, meaning `A..A`).
-fn parse_range(flag: &str, v: &str) -> Result<(u64, u64), ConfigError> {
-    let (a, b) = match v.split_once("..") {
-        Some((a, b)) => (parse_num::<u64>(flag, a)?, parse_num::<u64>(flag, b.trim_start_matches('='))?),
-        None => {
-            let a = parse_num::<u64>(flag, v)?;
-            (a, a)
-        }
-    };
-    Ok((a, b))
-}
-
-/// `NODE@MS`.
-fn parse_at(flag: &str, v: &str) -> Result<(usize, u64), ConfigError> {
-    let Some((node, at)) = v.split_once('@') else { return err(format!("{flag}: expected NODE@MS, got '{v}'")) };
-    Ok((parse_num(flag, node)?, parse_num(flag, at)?))
-}
-
-fn check_probability(flag: &str, p: f64) -> Result<(), ConfigError> {
-    if !(0.0..=1.0).contains(&p) {
-        return err(format!("{flag}: {p} is not a probability between 0 and 1"));
-    }
-    Ok(())
+fn given_on_command_line(m: &ArgMatches, id: &str) -> bool {
+    m.value_source(id) == Some(ValueSource::CommandLine)
 }
 
 /// Parses the command line (without the program name).
 ///
 /// # Errors
-/// An unknown flag, a missing or malformed value, or an option out of range.
+/// An unknown flag, a missing or malformed value, or an option out of range; the message
+/// is clap's, naming the flag and saying why.
 pub fn parse_args<I, S>(args: I) -> Result<Command, ConfigError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    let mut c = Config::default();
-    let mut json = false;
-    let args: Vec<String> = args.into_iter().map(|s| s.as_ref().to_string()).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let arg = &args[i];
-        i += 1;
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        match flag.as_str() {
-            "--help" | "-h" => return Ok(Command::Help),
-            "--json" => {
-                if inline.is_some() {
-                    return err("--json takes no value");
-                }
-                json = true;
-                continue;
-            }
-            _ => {}
+    let argv = std::iter::once("sim".to_string()).chain(args.into_iter().map(|s| s.as_ref().to_string()));
+    let mut cmd = command();
+    let matches = match cmd.try_get_matches_from_mut(argv) {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp) => return Ok(Command::Help(e.render().to_string())),
+        Err(e) => return err(e.render().to_string()),
+    };
+    let invalid =
+        |cmd: &mut clap::Command, msg: String| ConfigError(cmd.error(clap::error::ErrorKind::ValueValidation, msg).render().to_string());
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError(e.render().to_string()))?;
+    match cli.sweep {
+        None => {
+            cli.config.validate().map_err(|e| invalid(&mut cmd, e.0))?;
+            Ok(Command::Run { config: Box::new(cli.config), json: cli.json, svg: cli.svg })
         }
-        if !flag.starts_with("--") {
-            return err(format!("unexpected argument '{arg}' (see --help)"));
-        }
-        let value = match inline {
-            Some(v) => v,
-            None => {
-                let Some(v) = args.get(i) else { return err(format!("{flag} needs a value (see --help)")) };
-                i += 1;
-                v.clone()
-            }
-        };
-        let v = value.as_str();
-        let f = flag.as_str();
-        match f {
-            "--nodes" => c.nodes = parse_num(f, v)?,
-            "--clients" => c.clients = parse_num(f, v)?,
-            "--limit" => c.limit = parse_num(f, v)?,
-            "--window-ms" => c.window_ms = parse_num(f, v)?,
-            "--rate" => c.rate = parse_f64(f, v)?,
-            "--skew-traffic" => c.skew_traffic = parse_f64(f, v)?,
-            "--gossip-ms" => c.gossip_ms = parse_num(f, v)?,
-            "--latency-ms" => c.latency_ms = parse_range(f, v)?,
-            "--loss" => c.loss = parse_f64(f, v)?,
-            "--duplicate" => c.duplicate = parse_f64(f, v)?,
-            "--reorder" => c.reorder = parse_f64(f, v)?,
-            "--clock-skew-ms" => c.clock_skew_ms = parse_num(f, v)?,
-            "--partition" => c.partition.push(parse_range(f, v)?),
-            "--crash" => c.crash.push(parse_at(f, v)?),
-            "--restart" => c.restart.push(parse_at(f, v)?),
-            "--mode" => {
-                c.mode = match v {
-                    "bounded" => Mode::Bounded,
-                    "optimistic" => Mode::Optimistic,
-                    _ => return err(format!("--mode: '{v}' is not bounded or optimistic")),
+        Some(Sub::Sweep(s)) => {
+            let sub = matches.subcommand_matches("sweep").expect("the sweep subcommand matched");
+            let mut sweep_cmd = cmd.find_subcommand_mut("sweep").expect("sweep is a subcommand").clone();
+            for (flag, id, instead) in [("--nodes", "nodes", "--nodes-list"), ("--gossip-ms", "gossip_ms", "--gossip-ms-list")] {
+                if given_on_command_line(sub, id) {
+                    return Err(invalid(&mut sweep_cmd, format!("{flag}: the sweep takes its values from {instead}")));
                 }
             }
-            "--strategy" => {
-                c.strategy = match v {
-                    "fixed" => StrategyArg::Fixed,
-                    "sliding" => StrategyArg::Sliding,
-                    "token" => StrategyArg::Token,
-                    _ => return err(format!("--strategy: '{v}' is not fixed, sliding or token")),
+            let cells = s.gossip_ms_list.len() * s.nodes_list.len();
+            if cells > SWEEP_CELLS_MAX {
+                return Err(invalid(&mut sweep_cmd, format!("--gossip-ms-list × --nodes-list: {cells} cells, at most {SWEEP_CELLS_MAX}")));
+            }
+            for &nodes in &s.nodes_list {
+                for &gossip_ms in &s.gossip_ms_list {
+                    Config { nodes, gossip_ms, ..s.config.clone() }
+                        .validate()
+                        .map_err(|e| invalid(&mut sweep_cmd, format!("{e} (with --nodes {nodes}, --gossip-ms {gossip_ms})")))?;
                 }
             }
-            "--duration-ms" => c.duration_ms = parse_num(f, v)?,
-            "--seed" => c.seed = parse_num(f, v)?,
-            "--check-ms" => c.check_ms = parse_num(f, v)?,
-            "--tail-cap-ms" => c.tail_cap_ms = parse_num(f, v)?,
-            _ => return err(format!("unknown option '{flag}' (see --help)")),
+            Ok(Command::Sweep(Box::new(Sweep { base: s.config, gossip_ms: s.gossip_ms_list, nodes: s.nodes_list, svg: s.svg })))
         }
     }
-    c.validate()?;
-    Ok(Command::Run { config: Box::new(c), json })
 }
 
 impl Config {
@@ -350,7 +522,6 @@ impl Config {
     /// # Errors
     /// The first option out of range, with the flag that sets it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        use limits::*;
         let span = |flag: &str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
                 Ok(())
@@ -366,12 +537,12 @@ impl Config {
             return err(format!("--rate: {} is outside 0..={RATE_MAX}", self.rate));
         }
         check_probability("--skew-traffic", self.skew_traffic)?;
-        span("--gossip-ms", self.gossip_ms, 1, 60_000)?;
+        span("--gossip-ms", self.gossip_ms, 1, GOSSIP_MS_MAX)?;
         let (lat_min, lat_max) = self.latency_ms;
         if lat_min > lat_max {
             return err(format!("--latency-ms: {lat_min}..{lat_max} is empty (the minimum is above the maximum)"));
         }
-        span("--latency-ms", lat_max, 0, 60_000)?;
+        span("--latency-ms", lat_max, 0, LATENCY_MS_MAX)?;
         check_probability("--loss", self.loss)?;
         check_probability("--duplicate", self.duplicate)?;
         check_probability("--reorder", self.reorder)?;
@@ -405,16 +576,33 @@ impl Config {
                 }
             }
         }
+        span("--burst-clients", self.burst_clients as u64, 0, CLIENTS_MAX as u64)?;
+        span("--burst-size", self.burst_size, 1, BURST_SIZE_MAX)?;
+        span("--burst-spread-ms", self.burst_spread_ms, 0, SPAN_MS_MAX)?;
+        span("--burst-every-ms", self.burst_every_ms, 1, DURATION_MS_MAX)?;
+        let clients = self.clients as f64 + if self.burst_fresh { self.expected_bursts() * 2.0 } else { self.burst_clients as f64 };
+        if clients > CLIENTS_MAX as f64 {
+            return err(format!(
+                "--clients plus burst clients would be about {clients:.0}, more than {CLIENTS_MAX}: lower --clients, --burst-clients or raise --burst-every-ms"
+            ));
+        }
         let requests = self.expected_requests();
         if requests > REQUESTS_MAX {
-            return err(format!("the run would offer about {requests:.0} requests, more than {REQUESTS_MAX:.0}: lower --clients, --limit, --rate or --duration-ms"));
+            return err(format!("the run would offer about {requests:.0} requests, more than {REQUESTS_MAX:.0}: lower --clients, --limit, --rate, --burst-clients, --burst-size or --duration-ms"));
         }
         Ok(())
     }
 
-    /// Requests the run is expected to offer: clients × rate × limit per window.
+    /// Requests the run is expected to offer: clients × rate × limit per window, plus
+    /// the bursts' requests.
     pub fn expected_requests(&self) -> f64 {
-        self.clients as f64 * self.rate * self.limit as f64 * self.duration_ms as f64 / self.window_ms as f64
+        let steady = self.clients as f64 * self.rate * self.limit as f64 * self.duration_ms as f64 / self.window_ms as f64;
+        steady + self.expected_bursts() * self.burst_size as f64
+    }
+
+    /// Bursts the run is expected to have: burst clients × duration / mean gap.
+    pub fn expected_bursts(&self) -> f64 {
+        self.burst_clients as f64 * self.duration_ms as f64 / self.burst_every_ms as f64
     }
 
     /// The command-line arguments that reproduce this configuration, every option explicit.
@@ -447,10 +635,18 @@ impl Config {
         }
         push("--mode", self.mode.to_string());
         push("--strategy", self.strategy.to_string());
+        push("--burst-clients", self.burst_clients.to_string());
+        push("--burst-size", self.burst_size.to_string());
+        push("--burst-spread-ms", self.burst_spread_ms.to_string());
+        push("--burst-every-ms", self.burst_every_ms.to_string());
+        push("--burst-target", self.burst_target.to_string());
         push("--duration-ms", self.duration_ms.to_string());
         push("--check-ms", self.check_ms.to_string());
         push("--tail-cap-ms", self.tail_cap_ms.to_string());
         push("--seed", self.seed.to_string());
+        if self.burst_fresh {
+            a.push("--burst-fresh".to_string());
+        }
         a
     }
 
@@ -467,7 +663,7 @@ mod tests {
     fn run_config(args: &[&str]) -> Config {
         match parse_args(args).unwrap() {
             Command::Run { config, .. } => *config,
-            Command::Help => panic!("help"),
+            other => panic!("not a run: {other:?}"),
         }
     }
 
@@ -498,6 +694,11 @@ mod tests {
             "0.3",
             "--duration-ms",
             "300",
+            "--burst-clients",
+            "2",
+            "--burst-target",
+            "one",
+            "--burst-fresh",
         ]);
         assert_eq!(run_config(&c.to_args().iter().map(String::as_str).collect::<Vec<_>>()), c);
         assert_eq!(c.rate, 0.1);
@@ -514,13 +715,37 @@ mod tests {
             (&["--loss", "1.5"][..], "--loss"),
             (&["--rate", "NaN"][..], "--rate"),
             (&["--partition", "9000..20000"][..], "--duration-ms"),
-            (&["--bogus", "1"][..], "unknown option"),
-            (&["--nodes"][..], "needs a value"),
+            (&["--bogus", "1"][..], "unexpected argument '--bogus'"),
+            (&["--nodes"][..], "a value is required for '--nodes <N>'"),
             (&["--mode", "eager"][..], "--mode"),
-            (&["stray"][..], "unexpected argument"),
+            (&["stray"][..], "unrecognized subcommand 'stray'"),
+            (&["--window-ms", "-5"][..], "'--window-ms <MS>': -5 is outside 1..=3600000"),
+            (&["--window-ms", "0"][..], "zero is meaningless"),
+            (&["--burst-size", "0"][..], "--burst-size"),
+            (&["--burst-target", "all"][..], "--burst-target"),
+            (&["sweep", "--nodes", "3"][..], "--nodes-list"),
+            (&["sweep", "--gossip-ms-list", "0"][..], "--gossip-ms-list"),
         ] {
             let e = parse_args(args).unwrap_err();
             assert!(e.0.contains(needle), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_sweep_has_its_own_defaults_and_lists() {
+        let Command::Sweep(s) = parse_args(["sweep", "--mode", "optimistic"]).unwrap() else { panic!("not a sweep") };
+        assert_eq!((s.gossip_ms.as_slice(), s.nodes.as_slice()), (&[5, 20, 100, 500][..], &[3, 10, 50, 200][..]));
+        let expected = Config { clients: 20, loss: 0.01, duration_ms: 5000, mode: Mode::Optimistic, ..Config::default() };
+        assert_eq!(s.base, expected);
+        let Command::Sweep(s) = parse_args(["sweep", "--nodes-list", "2,4", "--gossip-ms-list=10"]).unwrap() else { panic!("not a sweep") };
+        assert_eq!((s.gossip_ms, s.nodes), (vec![10], vec![2, 4]));
+    }
+
+    #[test]
+    fn help_is_a_command_not_an_error() {
+        for args in [&["--help"][..], &["-h"], &["sweep", "--help"]] {
+            let Ok(Command::Help(text)) = parse_args(args) else { panic!("{args:?} is not help") };
+            assert!(text.contains("Usage: sim"), "{text}");
         }
     }
 }

@@ -11,8 +11,8 @@ use crdt_rate_limiter::{
     DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE,
 };
 
-use crate::config::{Config, Mode, StrategyArg};
-use crate::report::Report;
+use crate::config::{limits, BurstTarget, Config, Mode, StrategyArg};
+use crate::report::{Fault, Report, Timeline, TimelineClient};
 use crate::rng::{sub_seed, Rng};
 use crate::wire;
 
@@ -26,6 +26,10 @@ const SHARDS: usize = 16;
 const MAX_RETRANSMISSIONS: u32 = 8;
 /// Violations kept in the report (all are counted).
 const VIOLATIONS_KEPT: usize = 20;
+/// Clients a timeline follows per window (the busiest).
+const TIMELINE_CLIENTS: usize = 3;
+/// Most view-lag samples a timeline takes (the interval grows with the run to fit).
+const TIMELINE_SAMPLES_MAX: u64 = 2_000;
 
 /// A fast, deterministic hasher for the simulator's tables (FxHash's mixing step). Keys
 /// are small integers or already-random 64-bit hashes.
@@ -60,6 +64,15 @@ type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
 enum Event {
     /// The next request of the merged Poisson stream of all clients.
     Arrival,
+    /// Burst client `slot` starts a burst.
+    BurstStart(u32),
+    /// One request of a burst.
+    BurstRequest {
+        client: u32,
+        node: u32,
+    },
+    /// A timeline sample of how far views lag (only with a timeline).
+    Sample,
     Deliver {
         from: usize,
         to: usize,
@@ -154,6 +167,21 @@ struct Sim<'a> {
     up: Vec<usize>,
     traffic: Rng,
     net: Rng,
+    /// Burst moments, targets and offsets: their own stream.
+    bursts: Rng,
+    /// The client of each burst slot (unused with `burst_fresh`).
+    burst_client: Vec<u32>,
+    burst_count: u64,
+    burst_offered: u64,
+    burst_admitted: u64,
+    burst_ideal: u64,
+    /// Requests offered per client (the timeline follows the busiest).
+    offered_by: Vec<u64>,
+    /// Admissions per (client, window the node counted them in), all replicas: the
+    /// truth a view is compared with for the timeline's lag (only with a timeline).
+    truth_total: FxMap<(u32, i64), u64>,
+    /// The timeline, when recorded.
+    timeline: Option<Timeline>,
     /// Mean gap between two requests of the merged stream, in µs.
     arrival_gap_us: f64,
     /// Offset of the next arrival from the start, in µs (kept fractional: no drift).
@@ -218,9 +246,13 @@ fn limiter(cfg: &Config, clock: &ManualClock) -> RateLimiter {
         .expect("validated: every limiter setting in range")
 }
 
-/// Runs one simulation. The options must be valid ([`Config::validate`]).
-pub(crate) fn simulate(cfg: &Config) -> Report {
+/// Runs one simulation, and records its timeline if asked. The options must be valid
+/// ([`Config::validate`]).
+pub(crate) fn simulate(cfg: &Config, record: bool) -> (Report, Option<Timeline>) {
     let mut sim = Sim::new(cfg);
+    if record {
+        sim.timeline = Some(Timeline::default());
+    }
     sim.run();
     sim.report()
 }
@@ -242,11 +274,19 @@ impl<'a> Sim<'a> {
         let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms);
         let oracle_clock = ManualClock::new(start_ms);
         let oracle = limiter(cfg, &oracle_clock);
-        let clients: Vec<String> = (0..cfg.clients).map(|c| format!("client-{c}")).collect();
+        let mut clients: Vec<String> = (0..cfg.clients).map(|c| format!("client-{c}")).collect();
+        let burst_client: Vec<u32> = if cfg.burst_fresh {
+            Vec::new()
+        } else {
+            let first = clients.len() as u32;
+            clients.extend((0..cfg.burst_clients).map(|b| format!("burst-{b}")));
+            (0..cfg.burst_clients as u32).map(|b| first + b).collect()
+        };
         let keys: Vec<u64> = clients.iter().map(|c| oracle.key_hash(c)).collect();
         let client_of_key = keys.iter().enumerate().map(|(i, &k)| (k, i as u32)).collect();
         let mut fav = Rng::new(sub_seed(cfg.seed, "favourite", 0));
         let favourite = (0..cfg.clients).map(|_| fav.below(cfg.nodes as u64) as usize).collect();
+        let offered_by = vec![0; clients.len()];
         // All clients together offer clients × rate × limit requests per window.
         let per_us = cfg.clients as f64 * cfg.rate * cfg.limit as f64 / (cfg.window_ms as f64 * 1000.0);
         let arrival_gap_us = if per_us > 0.0 { 1.0 / per_us } else { f64::INFINITY };
@@ -262,6 +302,15 @@ impl<'a> Sim<'a> {
             up: Vec::new(),
             traffic: Rng::new(sub_seed(cfg.seed, "traffic", 0)),
             net: Rng::new(sub_seed(cfg.seed, "network", 0)),
+            bursts: Rng::new(sub_seed(cfg.seed, "burst", 0)),
+            burst_client,
+            burst_count: 0,
+            burst_offered: 0,
+            burst_admitted: 0,
+            burst_ideal: 0,
+            offered_by,
+            truth_total: FxMap::default(),
+            timeline: None,
             arrival_gap_us,
             next_arrival_us: 0.0,
             clients,
@@ -343,12 +392,30 @@ impl<'a> Sim<'a> {
             self.schedule(self.start_us + cfg.check_ms as i64 * 1000, Event::SafetyCheck);
         }
         self.schedule_next_arrival();
+        for slot in 0..cfg.burst_clients as u32 {
+            self.schedule_next_burst(slot);
+        }
+        let sample_us = self.timeline.as_ref().map(|_| self.sample_interval_ms() as i64 * 1000);
+        if let Some(us) = sample_us {
+            self.schedule(self.start_us + us, Event::Sample);
+        }
         while let Some(s) = self.queue.pop() {
             self.now_us = s.at_us;
             match s.event {
                 Event::Arrival => {
                     self.request();
                     self.schedule_next_arrival();
+                }
+                Event::BurstStart(slot) => {
+                    self.burst(slot);
+                    self.schedule_next_burst(slot);
+                }
+                Event::BurstRequest { client, node } => self.burst_request(client as usize, node as usize),
+                Event::Sample => {
+                    self.sample();
+                    if let Some(us) = sample_us {
+                        self.schedule(self.now_us + us, Event::Sample);
+                    }
                 }
                 Event::Deliver { from, to, bytes } => self.deliver(from, to, &bytes),
                 Event::Timer { node, incarnation, deadline_ms } => self.timer(node, incarnation, deadline_ms),
@@ -486,7 +553,74 @@ impl<'a> Sim<'a> {
     fn request(&mut self) {
         let c = self.traffic.below(self.cfg.clients as u64) as usize;
         let node = self.route(c);
+        self.offer(c, node);
+    }
+
+    /// When burst client `slot` starts its next burst: exponential gaps of mean
+    /// `burst_every_ms`, so bursts come at random moments. None after the end of traffic.
+    fn schedule_next_burst(&mut self, slot: u32) {
+        let gap_us = self.bursts.exponential(self.cfg.burst_every_ms as f64 * 1000.0);
+        let at = self.now_us.max(self.start_us) + gap_us as i64;
+        if at < self.end_us {
+            self.schedule(at, Event::BurstStart(slot));
+        }
+    }
+
+    /// Schedules one burst: `burst_size` requests uniformly within `burst_spread_ms`,
+    /// round-robin over the nodes from a drawn one, or all to one drawn node.
+    fn burst(&mut self, slot: u32) {
+        let cfg = self.cfg;
+        let client = if cfg.burst_fresh {
+            if self.clients.len() >= limits::CLIENTS_MAX {
+                return; // the documented limit on clients: no more fresh ones
+            }
+            let c = self.clients.len() as u32;
+            let name = format!("burst-{}", self.burst_count);
+            let key = self.oracle.key_hash(&name);
+            self.clients.push(name);
+            self.keys.push(key);
+            self.client_of_key.insert(key, c);
+            self.offered_by.push(0);
+            c
+        } else {
+            self.burst_client[slot as usize]
+        };
+        self.burst_count += 1;
+        let first = self.bursts.below(cfg.nodes as u64);
+        let spread_us = cfg.burst_spread_ms as i64 * 1000;
+        for i in 0..cfg.burst_size {
+            let at = self.now_us + self.bursts.between(0, spread_us);
+            let node = match cfg.burst_target {
+                BurstTarget::Spread => (first + i) % cfg.nodes as u64,
+                BurstTarget::One => first,
+            } as u32;
+            if at < self.end_us {
+                self.schedule(at, Event::BurstRequest { client, node });
+            }
+        }
+    }
+
+    fn burst_request(&mut self, c: usize, mut node: usize) {
+        let target = if self.nodes[node].live.is_some() {
+            Some(node)
+        } else if self.up.is_empty() {
+            None
+        } else {
+            node = self.up[self.bursts.below(self.up.len() as u64) as usize];
+            Some(node)
+        };
+        self.burst_offered += 1;
+        let (ideal, admitted) = (self.ideal, self.admitted);
+        self.offer(c, target);
+        self.burst_ideal += self.ideal - ideal;
+        self.burst_admitted += self.admitted - admitted;
+    }
+
+    /// One request of client `c` to `node` (None: no node is up), through the oracle
+    /// and, if a node takes it, its limiter and the checks.
+    fn offer(&mut self, c: usize, node: Option<usize>) {
         self.offered += 1;
+        self.offered_by[c] += 1;
         let true_ms = self.true_ms();
         let true_window = true_ms.div_euclid(self.window_ms);
         let client = c as u32;
@@ -521,6 +655,9 @@ impl<'a> Sim<'a> {
         let r = self.replica_index[&replica];
         self.admitted += 1;
         *self.admitted_tw.entry((client, true_window)).or_default() += 1;
+        if self.timeline.is_some() {
+            *self.truth_total.entry((client, window)).or_default() += 1;
+        }
         let count = self.truth.entry((client, window, r)).or_default();
         *count += 1;
         let count = *count;
@@ -639,6 +776,87 @@ impl<'a> Sim<'a> {
         self.flush(to);
     }
 
+    // ----- timeline -----
+
+    /// The interval of view-lag samples: a gossip interval, or longer to stay within
+    /// `TIMELINE_SAMPLES_MAX` samples over the traffic.
+    fn sample_interval_ms(&self) -> u64 {
+        self.cfg.gossip_ms.max(self.cfg.duration_ms.div_ceil(TIMELINE_SAMPLES_MAX))
+    }
+
+    /// The largest number of one client's admissions in the current window that some
+    /// live node has not seen yet (the truth minus that node's view), sampled. Reads
+    /// only: a run with a timeline is the same run.
+    fn sample(&mut self) {
+        if self.timeline.is_none() {
+            return;
+        }
+        let mut worst = 0u64;
+        let mut oldest = i64::MAX;
+        for i in 0..self.up.len() {
+            let n = self.up[i];
+            let now_ms = self.node_ms(n);
+            let window = now_ms.div_euclid(self.window_ms);
+            oldest = oldest.min(window);
+            let Some(live) = self.nodes[n].live.as_ref() else { continue };
+            let mut view: FxMap<u32, u64> = FxMap::default();
+            for e in live.gossip.state(now_ms) {
+                if e.window == window {
+                    if let Some(&c) = self.client_of_key.get(&e.key) {
+                        *view.entry(c).or_default() += e.count;
+                    }
+                }
+            }
+            for (&(c, w), &truth) in &self.truth_total {
+                if w == window {
+                    worst = worst.max(truth.saturating_sub(view.get(&c).copied().unwrap_or(0)));
+                }
+            }
+        }
+        if oldest != i64::MAX {
+            self.truth_total.retain(|&(_, w), _| w >= oldest - 1);
+        }
+        let at_ms = ((self.now_us - self.start_us) / 1000) as u64;
+        if let Some(t) = self.timeline.as_mut() {
+            t.lag.push((at_ms, worst));
+        }
+    }
+
+    /// The per-window admissions of the busiest clients, and the faults.
+    fn finish_timeline(&self, mut t: Timeline) -> Timeline {
+        let cfg = self.cfg;
+        let start_window = self.start_us.div_euclid(1000).div_euclid(self.window_ms);
+        let windows = cfg.duration_ms.div_ceil(cfg.window_ms) as i64;
+        let mut busiest: Vec<usize> = (0..self.clients.len()).collect();
+        busiest.sort_by_key(|&c| (std::cmp::Reverse(self.offered_by[c]), c));
+        busiest.truncate(TIMELINE_CLIENTS);
+        t.window_ms = cfg.window_ms;
+        t.limit = cfg.limit;
+        t.duration_ms = cfg.duration_ms;
+        t.convergence_ms = self.convergence_ms;
+        t.clients = busiest
+            .into_iter()
+            .map(|c| {
+                let per_window =
+                    |m: &FxMap<(u32, i64), u64>| (0..windows).map(|w| m.get(&(c as u32, start_window + w)).copied().unwrap_or(0)).collect();
+                TimelineClient {
+                    name: self.clients[c].clone(),
+                    offered: self.offered_by[c],
+                    admitted: per_window(&self.admitted_tw),
+                    ideal: per_window(&self.ideal_tw),
+                }
+            })
+            .collect();
+        t.faults = cfg
+            .partition
+            .iter()
+            .map(|&(from_ms, to_ms)| Fault::Partition { from_ms, to_ms })
+            .chain(cfg.crash.iter().map(|&(node, at_ms)| Fault::Crash { node, at_ms }))
+            .chain(cfg.restart.iter().map(|&(node, at_ms)| Fault::Restart { node, at_ms }))
+            .collect();
+        t
+    }
+
     // ----- checkers -----
 
     /// Checks one view against the truth: no count above what its replica really
@@ -741,7 +959,7 @@ impl<'a> Sim<'a> {
 
     // ----- results -----
 
-    fn report(mut self) -> Report {
+    fn report(mut self) -> (Report, Option<Timeline>) {
         let cfg = self.cfg;
         for n in 0..self.nodes.len() {
             if let Some(live) = self.nodes[n].live.take() {
@@ -756,8 +974,9 @@ impl<'a> Sim<'a> {
         }
         let short: u64 = self.ideal_tw.iter().map(|(k, &i)| i.saturating_sub(self.admitted_tw.get(k).copied().unwrap_or(0))).sum();
         let ratio = |x: u64| if self.ideal == 0 { 0.0 } else { x as f64 / self.ideal as f64 };
+        let timeline = self.timeline.take().map(|t| self.finish_timeline(t));
         let t = &self.totals;
-        Report {
+        let report = Report {
             config: cfg.clone(),
             offered: self.offered,
             admitted: self.admitted,
@@ -787,9 +1006,14 @@ impl<'a> Sim<'a> {
             digests: t.digests,
             buckets_repaired: t.buckets_repaired,
             safety_checks: t.safety_checks,
+            bursts: self.burst_count,
+            burst_offered: self.burst_offered,
+            burst_admitted: self.burst_admitted,
+            burst_ideal: self.burst_ideal,
             violations: self.violations,
             violation_count: self.violation_count,
-        }
+        };
+        (report, timeline)
     }
 }
 

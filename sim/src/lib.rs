@@ -25,6 +25,13 @@
 //!   else to a uniformly chosen node. A request for a node that is down goes to a
 //!   uniformly chosen live node instead (a load balancer that has noticed the crash); with
 //!   no live node it is offered but not admitted.
+//! * **Bursts.** On top of the steady clients, `burst_clients` clients each send
+//!   `burst_size` requests spread uniformly over `burst_spread_ms`, at moments that are a
+//!   Poisson process of mean gap `burst_every_ms` (a seeded stream of their own, so the
+//!   steady traffic is the same with or without them), either round-robin over the nodes
+//!   from a node drawn per burst or all to one drawn node. With `burst_fresh`, every
+//!   burst has a client id nobody has seen. Burst requests go through the same oracle
+//!   and checks, and count in every figure.
 //! * **Network.** Each datagram (`Transmit::reliable == false`: deltas, heartbeats,
 //!   digests) is lost with probability `loss`, delivered twice with probability
 //!   `duplicate`, and held back by up to three maximum latencies with probability
@@ -70,13 +77,17 @@
 
 pub mod config;
 mod engine;
+mod plot;
 mod report;
 pub mod rng;
+mod sweep;
 mod wire;
 
-pub use config::{parse_args, Command, Config, ConfigError, Mode, StrategyArg, USAGE};
+pub use config::{parse_args, usage, BurstTarget, Command, Config, ConfigError, Mode, StrategyArg, Sweep};
 pub use engine::{HASH_SECRET, START_UNIX_MS};
-pub use report::Report;
+pub use plot::{draw_sweep, draw_timeline, PlotError};
+pub use report::{Fault, Report, Timeline, TimelineClient};
+pub use sweep::{run_sweep, SweepCell, SweepTable};
 
 /// What the command line prints and its exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,16 +107,38 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    let fail = |msg: String| CliOutput { stdout: String::new(), stderr: format!("sim: {msg}\n"), code: 2 };
-    let (config, json) = match parse_args(args) {
-        Ok(Command::Run { config, json }) => (config, json),
-        Ok(Command::Help) => return CliOutput { stdout: USAGE.to_string(), stderr: String::new(), code: 0 },
+    let fail = |msg: String| CliOutput { stdout: String::new(), stderr: msg, code: 2 };
+    let (config, json, svg) = match parse_args(args) {
+        Ok(Command::Run { config, json, svg }) => (config, json, svg),
+        Ok(Command::Help(text)) => return CliOutput { stdout: text, stderr: String::new(), code: 0 },
+        Ok(Command::Sweep(s)) => {
+            let table = run_sweep(&s);
+            if let Some(path) = &s.svg {
+                if let Err(e) = plot::draw_sweep(&table, path) {
+                    return CliOutput { stdout: table.to_markdown(), stderr: format!("sim: {e}\n"), code: 2 };
+                }
+            }
+            let code = if table.cells.iter().all(|c| c.report.ok()) { 0 } else { 1 };
+            let stderr = table.violations();
+            return CliOutput { stdout: table.to_markdown(), stderr, code };
+        }
         Err(e) => return fail(e.to_string()),
     };
-    let report = match try_run(&config) {
-        Ok(r) => r,
-        Err(e) => return fail(e.to_string()),
+    let (report, timeline) = match svg {
+        Some(_) => match try_run_traced(&config) {
+            Ok((r, t)) => (r, Some(t)),
+            Err(e) => return fail(format!("sim: {e}\n")),
+        },
+        None => match try_run(&config) {
+            Ok(r) => (r, None),
+            Err(e) => return fail(format!("sim: {e}\n")),
+        },
     };
+    if let (Some(path), Some(timeline)) = (&svg, &timeline) {
+        if let Err(e) = draw_timeline(&report, timeline, path) {
+            return fail(format!("sim: {e}\n"));
+        }
+    }
     let stdout = if json { report.to_json() + "\n" } else { report.to_text() };
     if report.ok() {
         return CliOutput { stdout, stderr: String::new(), code: 0 };
@@ -134,7 +167,18 @@ pub fn run(cfg: &Config) -> Report {
 /// The first option out of range ([`Config::validate`]).
 pub fn try_run(cfg: &Config) -> Result<Report, ConfigError> {
     cfg.validate()?;
-    Ok(engine::simulate(cfg))
+    Ok(engine::simulate(cfg, false).0)
+}
+
+/// Like [`try_run`], and also records the run's [`Timeline`] (what `--svg` draws). The
+/// report is the same as [`try_run`]'s, byte for byte: recording only reads.
+///
+/// # Errors
+/// The first option out of range ([`Config::validate`]).
+pub fn try_run_traced(cfg: &Config) -> Result<(Report, Timeline), ConfigError> {
+    cfg.validate()?;
+    let (report, timeline) = engine::simulate(cfg, true);
+    Ok((report, timeline.unwrap_or_default()))
 }
 
 /// An estimate of the optimistic policy's worst over-admission of one (client, window):

@@ -75,6 +75,14 @@ pub struct Report {
     pub buckets_repaired: u64,
     /// Safety checks run (one node's whole view against the truth each).
     pub safety_checks: u64,
+    /// Bursts sent (`--burst-clients`).
+    pub bursts: u64,
+    /// Requests the bursts offered (included in `offered`).
+    pub burst_offered: u64,
+    /// Of those, requests the cluster admitted (included in `admitted`).
+    pub burst_admitted: u64,
+    /// Of those, requests the exact limiter admitted (included in `ideal`).
+    pub burst_ideal: u64,
     /// Invariant violations (the first 20; `violation_count` has them all).
     pub violations: Vec<String>,
     /// Number of invariant violations.
@@ -158,6 +166,26 @@ impl Report {
             ("repair", format!("{} full syncs, {} digests, {} buckets repaired", self.full_syncs, self.digests, self.buckets_repaired)),
             ("safety checks", format!("{}, {} violations", self.safety_checks, self.violation_count)),
         ];
+        let mut rows = rows;
+        if c.burst_clients > 0 {
+            let fresh = if c.burst_fresh { ", a fresh client each" } else { "" };
+            rows.insert(
+                3,
+                (
+                    "bursts",
+                    format!(
+                        "{} of {} requests within {} ms to {} node{fresh}: {} offered, {} admitted, {} ideal",
+                        self.bursts,
+                        c.burst_size,
+                        c.burst_spread_ms,
+                        if c.burst_target == crate::config::BurstTarget::One { "one" } else { "every" },
+                        self.burst_offered,
+                        self.burst_admitted,
+                        self.burst_ideal
+                    ),
+                ),
+            );
+        }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         for (k, v) in rows {
             let _ = writeln!(s, "  {k:<width$}  {v}");
@@ -167,4 +195,66 @@ impl Report {
         }
         s
     }
+}
+
+/// What one run looked like over time: recorded with [`crate::try_run_traced`] and drawn
+/// by `--svg`. Times are virtual ms from the start of traffic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timeline {
+    /// Window length.
+    pub window_ms: u64,
+    /// Requests per client per window.
+    pub limit: u64,
+    /// Span of traffic.
+    pub duration_ms: u64,
+    /// The busiest clients (most requests offered; ties to the first), per window.
+    pub clients: Vec<TimelineClient>,
+    /// `(at_ms, lag)`: at `at_ms`, the most admissions of one client in the current
+    /// window that some live node had not seen yet. Sampled every gossip interval (or
+    /// less often on long runs), until the run ends.
+    pub lag: Vec<(u64, u64)>,
+    /// The scheduled faults.
+    pub faults: Vec<Fault>,
+    /// Time from the end of traffic until all live replicas agreed, if they did.
+    pub convergence_ms: Option<u64>,
+}
+
+/// One client's windows in a [`Timeline`]: index `i` is the window starting at
+/// `i × window_ms` (windows of true time).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TimelineClient {
+    /// The client id.
+    pub name: String,
+    /// Requests it offered in the whole run.
+    pub offered: u64,
+    /// Admissions by the cluster per window.
+    pub admitted: Vec<u64>,
+    /// Admissions by the exact limiter per window.
+    pub ideal: Vec<u64>,
+}
+
+/// A scheduled fault, as a [`Timeline`] marks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The two halves cannot talk during `[from_ms, to_ms)`.
+    Partition {
+        /// Start.
+        from_ms: u64,
+        /// End (the heal).
+        to_ms: u64,
+    },
+    /// A node stops and loses its state.
+    Crash {
+        /// Node number, from 0.
+        node: usize,
+        /// When.
+        at_ms: u64,
+    },
+    /// A node starts again, empty.
+    Restart {
+        /// Node number, from 0.
+        node: usize,
+        /// When.
+        at_ms: u64,
+    },
 }

@@ -30,6 +30,12 @@ const FAULTY: &[&str] = &[
     "1@1500",
     "--mode",
     "optimistic",
+    "--burst-clients",
+    "2",
+    "--burst-size",
+    "15",
+    "--burst-every-ms",
+    "800",
     "--json",
 ];
 
@@ -60,6 +66,7 @@ fn the_same_seed_gives_byte_identical_json() {
         assert!(v.get(field).is_some(), "missing {field}");
     }
     assert!(v["offered"].as_u64().unwrap() > 0 && v["messages"].as_u64().unwrap() > 0);
+    assert!(v["bursts"].as_u64().unwrap() > 0 && v["burst_offered"].as_u64().unwrap() > 0, "{v}");
 }
 
 #[test]
@@ -124,7 +131,7 @@ fn bad_options_exit_2_with_a_message_and_no_output() {
     for args in [&["--latency-ms", "5..1"][..], &["--crash", "7@100"], &["--nodes", "x"], &["--frobnicate"], &["--loss", "2"]] {
         let out = cli(args);
         assert_eq!(out.code, 2, "{args:?}");
-        assert!(out.stdout.is_empty() && out.stderr.starts_with("sim: "), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty() && out.stderr.starts_with("error: "), "{args:?}: {out:?}");
     }
     assert_eq!(cli(&["--help"]).code, 0);
 }

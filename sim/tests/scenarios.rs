@@ -1,6 +1,6 @@
 //! Scripted runs, one story each.
 
-use sim::{Config, Mode, Report};
+use sim::{BurstTarget, Config, Mode, Report};
 
 fn small() -> Config {
     Config { nodes: 5, clients: 20, duration_ms: 4_000, ..Config::default() }
@@ -83,4 +83,61 @@ fn the_predicted_overshoot_follows_the_design_formula() {
     // At most (N − 1)·L.
     assert_eq!(sim::predicted_max_overshoot(&Config { rate: 1_000.0, ..cfg }), 9 * 100);
     assert_eq!(sim::predicted_max_overshoot(&Config { nodes: 1, ..Config::default() }), 0);
+}
+
+/// A login endpoint: 5 requests per 60 s. Steady clients at their limit, and bursts of 40
+/// requests within 10 ms, each from a client nobody has seen, round-robin over 3 nodes.
+fn login_endpoint() -> Config {
+    Config {
+        nodes: 3,
+        clients: 5,
+        limit: 5,
+        window_ms: 60_000,
+        rate: 1.0,
+        duration_ms: 300_000,
+        check_ms: 1_000,
+        burst_clients: 4,
+        burst_size: 40,
+        burst_spread_ms: 10,
+        burst_every_ms: 60_000,
+        burst_fresh: true,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn bursts_on_a_low_limit_are_seen_by_the_oracle_and_break_no_invariant() {
+    for (mode, target) in [(Mode::Bounded, BurstTarget::Spread), (Mode::Bounded, BurstTarget::One), (Mode::Optimistic, BurstTarget::Spread)]
+    {
+        let cfg = Config { mode, burst_target: target, ..login_endpoint() };
+        let r = run(cfg.clone());
+        assert!(r.converged, "{}", r.to_text());
+        assert!(r.bursts >= 5, "{}", r.to_text());
+        // Every request of a burst is offered (none starts within 10 ms of the end here).
+        assert_eq!(r.burst_offered, r.bursts * 40, "{}", r.to_text());
+        // A fresh client's burst is far over its limit: the exact limiter admits the limit
+        // of each (more only if a burst straddles two windows).
+        assert!(r.burst_ideal >= 5 * r.bursts && r.burst_ideal <= 10 * r.bursts, "{}", r.to_text());
+        // The policy bound: at most `limit` per node per window.
+        assert!(r.burst_admitted <= 3 * 10 * r.bursts, "{}", r.to_text());
+        // The figures count the bursts: the steady traffic is the same run without them
+        // (bursts draw from their own stream), and every burst key is a client of its own.
+        let steady = run(Config { burst_clients: 0, ..cfg });
+        assert_eq!(r.offered, steady.offered + r.burst_offered);
+        assert_eq!(r.admitted, steady.admitted + r.burst_admitted);
+        assert_eq!(r.ideal, steady.ideal + r.burst_ideal);
+        assert!(r.over_admitted >= steady.over_admitted, "{}", r.to_text());
+        if r.burst_admitted > r.burst_ideal {
+            assert!(r.over_admitted > steady.over_admitted, "over-admission counts the bursts:\n{}", r.to_text());
+            assert!(r.max_window_over_admitted >= 1, "{}", r.to_text());
+        }
+    }
+}
+
+#[test]
+fn a_burst_on_one_node_is_admitted_by_that_node_only() {
+    // All 40 requests of a burst to one node: that node's limiter decides them all.
+    let r = run(Config { burst_target: BurstTarget::One, mode: Mode::Optimistic, ..login_endpoint() });
+    // Optimistic: the node admits while its view is under the limit, so exactly the limit.
+    assert_eq!(r.burst_admitted, r.burst_ideal, "{}", r.to_text());
 }
