@@ -975,6 +975,8 @@ impl<'a> Sim<'a> {
         let short: u64 = self.ideal_tw.iter().map(|(k, &i)| i.saturating_sub(self.admitted_tw.get(k).copied().unwrap_or(0))).sum();
         let ratio = |x: u64| if self.ideal == 0 { 0.0 } else { x as f64 / self.ideal as f64 };
         let timeline = self.timeline.take().map(|t| self.finish_timeline(t));
+        let steady_clients = cfg.clients as u32;
+        let burst_max = self.admitted_tw.iter().filter(|((c, _), _)| *c >= steady_clients).map(|(_, &a)| a).max().unwrap_or(0);
         let t = &self.totals;
         let report = Report {
             config: cfg.clone(),
@@ -1010,6 +1012,7 @@ impl<'a> Sim<'a> {
             burst_offered: self.burst_offered,
             burst_admitted: self.burst_admitted,
             burst_ideal: self.burst_ideal,
+            burst_max_window_admitted: burst_max,
             violations: self.violations,
             violation_count: self.violation_count,
         };

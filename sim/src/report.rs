@@ -83,6 +83,9 @@ pub struct Report {
     pub burst_admitted: u64,
     /// Of those, requests the exact limiter admitted (included in `ideal`).
     pub burst_ideal: u64,
+    /// Most admissions of one burst client in one window (with `burst_fresh`: of one
+    /// burst, unless it straddles two windows), to compare with the limit.
+    pub burst_max_window_admitted: u64,
     /// Invariant violations (the first 20; `violation_count` has them all).
     pub violations: Vec<String>,
     /// Number of invariant violations.
@@ -174,14 +177,15 @@ impl Report {
                 (
                     "bursts",
                     format!(
-                        "{} of {} requests within {} ms to {} node{fresh}: {} offered, {} admitted, {} ideal",
+                        "{} of {} requests within {} ms to {} node{fresh}: {} offered, {} admitted, {} ideal; at most {} admitted per client and window",
                         self.bursts,
                         c.burst_size,
                         c.burst_spread_ms,
                         if c.burst_target == crate::config::BurstTarget::One { "one" } else { "every" },
                         self.burst_offered,
                         self.burst_admitted,
-                        self.burst_ideal
+                        self.burst_ideal,
+                        self.burst_max_window_admitted
                     ),
                 ),
             );

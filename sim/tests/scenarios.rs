@@ -120,6 +120,7 @@ fn bursts_on_a_low_limit_are_seen_by_the_oracle_and_break_no_invariant() {
         assert!(r.burst_ideal >= 5 * r.bursts && r.burst_ideal <= 10 * r.bursts, "{}", r.to_text());
         // The policy bound: at most `limit` per node per window.
         assert!(r.burst_admitted <= 3 * 10 * r.bursts, "{}", r.to_text());
+        assert!(r.burst_max_window_admitted >= 1 && r.burst_max_window_admitted <= 3 * 5, "{}", r.to_text());
         // The figures count the bursts: the steady traffic is the same run without them
         // (bursts draw from their own stream), and every burst key is a client of its own.
         let steady = run(Config { burst_clients: 0, ..cfg });
