@@ -160,6 +160,10 @@ pub struct Config {
     /// is up is crashed first). Default none. Repeatable.
     #[arg(long, help = "the node starts again, empty, as a new incarnation", value_name = "NODE@MS", value_parser = node_at, help_heading = "Faults (repeatable)")]
     pub restart: Vec<(usize, u64)>,
+    /// `(node, at_ms, delta_ms)`: the node's clock jumps by `delta_ms` (negative: back) at
+    /// `at_ms`, and stays off by that much more. Default none. Repeatable.
+    #[arg(long, help = "the node's clock jumps by DELTA ms (negative: back) and stays there", value_name = "NODE@MS:DELTA", value_parser = clock_step, help_heading = "Faults (repeatable)")]
+    pub clock_step: Vec<(usize, u64, i64)>,
     /// Admission policy. Default bounded.
     #[arg(long, help = "admission policy", value_name = "M", default_value_t = Mode::Bounded, value_enum, help_heading = "Cluster and load")]
     pub mode: Mode,
@@ -221,6 +225,7 @@ impl Default for Config {
             partition: Vec::new(),
             crash: Vec::new(),
             restart: Vec::new(),
+            clock_step: Vec::new(),
             mode: Mode::Bounded,
             strategy: StrategyArg::Sliding,
             burst_clients: 0,
@@ -339,6 +344,17 @@ fn node_at(v: &str) -> Result<(usize, u64), String> {
     let node = node.trim().parse().map_err(|_| format!("'{node}' is not a node number (expected NODE@MS)"))?;
     let at = at.trim().parse().map_err(|_| format!("'{at}' is not a whole number of ms (expected NODE@MS)"))?;
     Ok((node, at))
+}
+
+/// `NODE@MS:DELTA`, DELTA a signed number of ms.
+fn clock_step(v: &str) -> Result<(usize, u64, i64), String> {
+    let (at, delta) = v.rsplit_once(':').ok_or_else(|| "expected NODE@MS:DELTA, for example 1@2000:-1500".to_string())?;
+    let (node, at) = node_at(at)?;
+    let delta: i64 = delta.trim().parse().map_err(|_| format!("'{delta}' is not a whole number of ms (expected NODE@MS:DELTA)"))?;
+    if delta.unsigned_abs() > SPAN_MS_MAX {
+        return Err(format!("a step of {delta} ms is beyond ±{SPAN_MS_MAX} ms"));
+    }
+    Ok((node, at, delta))
 }
 
 // ----- the command line -----
@@ -550,7 +566,12 @@ impl Config {
         span("--duration-ms", self.duration_ms, 1, DURATION_MS_MAX)?;
         span("--check-ms", self.check_ms, 0, SPAN_MS_MAX)?;
         span("--tail-cap-ms", self.tail_cap_ms, 1, SPAN_MS_MAX)?;
-        for (flag, n) in [("--partition", self.partition.len()), ("--crash", self.crash.len()), ("--restart", self.restart.len())] {
+        for (flag, n) in [
+            ("--partition", self.partition.len()),
+            ("--crash", self.crash.len()),
+            ("--restart", self.restart.len()),
+            ("--clock-step", self.clock_step.len()),
+        ] {
             if n > FAULTS_MAX {
                 return err(format!("{flag}: at most {FAULTS_MAX} of them"));
             }
@@ -585,6 +606,17 @@ impl Config {
             return err(format!(
                 "--clients plus burst clients would be about {clients:.0}, more than {CLIENTS_MAX}: lower --clients, --burst-clients or raise --burst-every-ms"
             ));
+        }
+        for &(node, at, delta) in &self.clock_step {
+            if node >= self.nodes {
+                return err(format!("--clock-step: node {node} does not exist (nodes are numbered 0..={})", self.nodes - 1));
+            }
+            if at > self.duration_ms {
+                return err(format!("--clock-step: {node}@{at} is after --duration-ms {}", self.duration_ms));
+            }
+            if delta.unsigned_abs() > SPAN_MS_MAX {
+                return err(format!("--clock-step: a step of {delta} ms is beyond ±{SPAN_MS_MAX} ms"));
+            }
         }
         let requests = self.expected_requests();
         if requests > REQUESTS_MAX {
@@ -632,6 +664,9 @@ impl Config {
         }
         for (n, at) in &self.restart {
             push("--restart", format!("{n}@{at}"));
+        }
+        for (n, at, delta) in &self.clock_step {
+            push("--clock-step", format!("{n}@{at}:{delta}"));
         }
         push("--mode", self.mode.to_string());
         push("--strategy", self.strategy.to_string());
@@ -686,6 +721,8 @@ mod tests {
             "3@50",
             "--restart",
             "3@150",
+            "--clock-step",
+            "2@100:-1500",
             "--mode",
             "optimistic",
             "--strategy",
@@ -711,6 +748,8 @@ mod tests {
             (&["--latency-ms", "5..1"][..], "--latency-ms"),
             (&["--crash", "5@10"][..], "node 5 does not exist"),
             (&["--crash", "x"][..], "NODE@MS"),
+            (&["--clock-step", "1@100"][..], "NODE@MS:DELTA"),
+            (&["--clock-step", "7@100:5"][..], "node 7 does not exist"),
             (&["--nodes", "0"][..], "--nodes"),
             (&["--loss", "1.5"][..], "--loss"),
             (&["--rate", "NaN"][..], "--rate"),

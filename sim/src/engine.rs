@@ -85,6 +85,7 @@ enum Event {
     },
     Crash(usize),
     Restart(usize),
+    ClockStep(usize, i64),
     SafetyCheck,
     EndOfTraffic,
     ConvergenceCheck,
@@ -271,7 +272,7 @@ impl<'a> Sim<'a> {
                 Node { skew_ms, clock: ManualClock::new(start_ms + skew_ms), incarnations: 0, live: None }
             })
             .collect();
-        let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms);
+        let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms) || !cfg.clock_step.is_empty();
         let oracle_clock = ManualClock::new(start_ms);
         let oracle = limiter(cfg, &oracle_clock);
         let mut clients: Vec<String> = (0..cfg.clients).map(|c| format!("client-{c}")).collect();
@@ -384,6 +385,9 @@ impl<'a> Sim<'a> {
         for &(node, at) in &cfg.restart {
             self.schedule(self.at(at), Event::Restart(node));
         }
+        for &(node, at, delta) in &cfg.clock_step {
+            self.schedule(self.at(at), Event::ClockStep(node, delta));
+        }
         self.schedule(self.end_us, Event::EndOfTraffic);
         for n in 0..cfg.nodes {
             self.boot(n);
@@ -420,6 +424,12 @@ impl<'a> Sim<'a> {
                 Event::Deliver { from, to, bytes } => self.deliver(from, to, &bytes),
                 Event::Timer { node, incarnation, deadline_ms } => self.timer(node, incarnation, deadline_ms),
                 Event::Crash(n) => self.crash(n),
+                Event::ClockStep(n, delta) => {
+                    // The timer in flight fires at its old true time: early or late in
+                    // the node's new time, which `timer` and `flush` handle.
+                    self.nodes[n].skew_ms += delta;
+                    self.node_ms(n);
+                }
                 Event::Restart(n) => {
                     self.crash(n);
                     self.boot(n);
@@ -853,6 +863,7 @@ impl<'a> Sim<'a> {
             .map(|&(from_ms, to_ms)| Fault::Partition { from_ms, to_ms })
             .chain(cfg.crash.iter().map(|&(node, at_ms)| Fault::Crash { node, at_ms }))
             .chain(cfg.restart.iter().map(|&(node, at_ms)| Fault::Restart { node, at_ms }))
+            .chain(cfg.clock_step.iter().map(|&(node, at_ms, delta_ms)| Fault::ClockStep { node, at_ms, delta_ms }))
             .collect();
         t
     }

@@ -35,6 +35,7 @@ const HEIGHT: u32 = 720;
 const PARTITION: RGBAColor = RGBAColor(220, 50, 47, 0.12);
 const CRASH: RGBColor = RGBColor(220, 50, 47);
 const RESTART: RGBColor = RGBColor(38, 139, 60);
+const CLOCK: RGBColor = RGBColor(181, 137, 0);
 const LIMIT: RGBColor = RGBColor(0, 0, 0);
 const CLIENT_COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(148, 103, 189)];
 
@@ -42,7 +43,7 @@ const CLIENT_COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(255, 127,
 /// top, per window, what the cluster admitted for each of the busiest clients (solid)
 /// against the limit and the exact limiter (dashed); below, how many of one client's
 /// admissions in the current window the slowest node had not yet seen. Partitions are
-/// shaded, crashes and restarts are vertical lines, and the end of traffic and the
+/// shaded, crashes, restarts and clock steps are vertical lines, and the end of traffic and the
 /// moment all replicas agreed are marked.
 ///
 /// # Errors
@@ -146,26 +147,27 @@ pub fn draw_timeline(report: &Report, timeline: &Timeline, path: &Path) -> Resul
     write(path, &svg)
 }
 
-/// Partitions as shaded spans, crashes and restarts as labelled vertical lines.
+/// Partitions as shaded spans; crashes, restarts and clock steps as labelled vertical lines.
 fn shade_faults<DB: DrawingBackend>(
     chart: &mut ChartContext<'_, DB, Cartesian2d<plotters::coord::types::RangedCoordu64, plotters::coord::types::RangedCoordu64>>,
     faults: &[Fault],
     y_max: u64,
 ) -> Result<(), PlotError> {
     for f in faults {
-        match *f {
+        let (color, what, at_ms) = match *f {
             Fault::Partition { from_ms, to_ms } => {
                 chart.draw_series([Rectangle::new([(from_ms, 0), (to_ms, y_max)], PARTITION.filled())]).map_err(drawing)?;
                 let text = Text::new(" partition".to_string(), (from_ms, y_max - y_max / 25), ("sans-serif", 12).into_font().color(&CRASH));
                 chart.draw_series([text]).map_err(drawing)?;
+                continue;
             }
-            Fault::Crash { node, at_ms } | Fault::Restart { node, at_ms } => {
-                let (color, what) = if matches!(f, Fault::Crash { .. }) { (CRASH, "crash") } else { (RESTART, "restart") };
-                chart.draw_series([PathElement::new([(at_ms, 0), (at_ms, y_max)], color.stroke_width(1))]).map_err(drawing)?;
-                let text = Text::new(format!(" {what} {node}"), (at_ms, y_max - y_max / 10), ("sans-serif", 12).into_font().color(&color));
-                chart.draw_series([text]).map_err(drawing)?;
-            }
-        }
+            Fault::Crash { node, at_ms } => (CRASH, format!(" crash {node}"), at_ms),
+            Fault::Restart { node, at_ms } => (RESTART, format!(" restart {node}"), at_ms),
+            Fault::ClockStep { node, at_ms, delta_ms } => (CLOCK, format!(" clock {node} {delta_ms:+} ms"), at_ms),
+        };
+        chart.draw_series([PathElement::new([(at_ms, 0), (at_ms, y_max)], color.stroke_width(1))]).map_err(drawing)?;
+        let text = Text::new(what, (at_ms, y_max - y_max / 10), ("sans-serif", 12).into_font().color(&color));
+        chart.draw_series([text]).map_err(drawing)?;
     }
     Ok(())
 }

@@ -126,6 +126,7 @@ impl Report {
             .map(|(a, b)| format!("partition {a}..{b}"))
             .chain(c.crash.iter().map(|(n, t)| format!("crash {n}@{t}")))
             .chain(c.restart.iter().map(|(n, t)| format!("restart {n}@{t}")))
+            .chain(c.clock_step.iter().map(|(n, t, d)| format!("clock step {n}@{t}:{d}")))
             .collect();
         let _ = writeln!(s, "  faults: {}", if faults.is_empty() { "none".to_string() } else { faults.join(", ") });
         let _ = writeln!(s, "  options: {}", c.to_args().join(" "));
@@ -253,6 +254,15 @@ pub enum Fault {
         node: usize,
         /// When.
         at_ms: u64,
+    },
+    /// A node's clock jumps.
+    ClockStep {
+        /// Node number, from 0.
+        node: usize,
+        /// When (true time).
+        at_ms: u64,
+        /// By how much (negative: back).
+        delta_ms: i64,
     },
     /// A node starts again, empty.
     Restart {

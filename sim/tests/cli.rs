@@ -43,6 +43,7 @@ fn bad_command_lines_exit_2_and_name_the_flag_and_why() {
         (&["--loss", "2"], &["--loss", "not a probability"]),
         (&["--nodes", "x"], &["--nodes", "not a whole number"]),
         (&["--crash", "9@100"], &["--crash", "node 9 does not exist"]),
+        (&["--clock-step", "1@100:x"], &["--clock-step", "NODE@MS:DELTA"]),
         (&["--burst-size", "0"], &["--burst-size", "zero is meaningless"]),
         (&["--burst-target", "all"], &["--burst-target", "spread", "one"]),
         (&["sweep", "--nodes", "3"], &["--nodes", "--nodes-list"]),
@@ -61,7 +62,7 @@ fn bad_command_lines_exit_2_and_name_the_flag_and_why() {
 #[test]
 fn svg_draws_the_run_deterministically_and_leaves_the_report_alone() {
     let (a, b) = (temp("a.svg"), temp("b.svg"));
-    let faults = ["--partition", "600..1200", "--crash", "3@1500", "--json"];
+    let faults = ["--partition", "600..1200", "--crash", "3@1500", "--clock-step", "1@300:-400", "--json"];
     let args = |path: &PathBuf| -> Vec<String> {
         SMALL.iter().chain(&faults).map(|s| s.to_string()).chain(["--svg".to_string(), path.display().to_string()]).collect()
     };
@@ -75,7 +76,9 @@ fn svg_draws_the_run_deterministically_and_leaves_the_report_alone() {
     let _ = (std::fs::remove_file(&a), std::fs::remove_file(&b));
     assert_eq!(svg_a, svg_b, "same seed, same picture");
     assert!(svg_a.starts_with("<svg") && svg_a.trim_end().ends_with("</svg>"));
-    for label in ["limit 20", "partition", "heals", "crash 3", "view lag", "all replicas agreed", "4 nodes, bounded admission"] {
+    for label in
+        ["limit 20", "partition", "heals", "crash 3", "clock 1 -400 ms", "view lag", "all replicas agreed", "4 nodes, bounded admission"]
+    {
         assert!(svg_a.contains(label), "{label} missing from the picture");
     }
     let other = sim(&SMALL.iter().chain(&faults).copied().chain(["--seed", "2", "--svg", a.to_str().unwrap()]).collect::<Vec<_>>());

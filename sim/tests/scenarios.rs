@@ -142,3 +142,16 @@ fn a_burst_on_one_node_is_admitted_by_that_node_only() {
     // Optimistic: the node admits while its view is under the limit, so exactly the limit.
     assert_eq!(r.burst_admitted, r.burst_ideal, "{}", r.to_text());
 }
+
+#[test]
+fn clock_steps_forward_and_back_break_no_invariant_and_converge() {
+    // Steps that keep every two clocks within the limiter's 2 s clock-skew tolerance
+    // (here at most 1.8 s apart), forward and back, across window boundaries: the wire
+    // tap follows the windows the stores charge.
+    let r = run(Config { clock_step: vec![(1, 1_000, 900), (3, 2_000, -900), (1, 3_000, -800)], ..small() });
+    assert!(r.converged && r.convergence_ms.is_some_and(|ms| ms <= 200), "{}", r.to_text());
+    assert!(r.to_text().contains("clock step 3@2000:-900"));
+    // A node whose clock runs ahead counts in windows the others reach later: some
+    // over-admission, but not a partition's worth.
+    assert!(r.over_admission_ratio < 0.2, "{}", r.to_text());
+}
