@@ -1,6 +1,6 @@
 //! The public limiter: validation, hashing and the front door to the store.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,11 +60,16 @@ pub struct Decision {
     /// Set when denied: the earliest time from now at which a retry can succeed (if no
     /// other traffic arrives; other replicas' traffic can only push it later).
     pub retry_after: Option<Duration>,
+    /// The quota that decided: the client's override if the limits in force give it one,
+    /// the quota passed to [`RateLimiter::check_with`], else the default quota. Its
+    /// [`limit`](Quota::limit) is [`limit`](Self::limit).
+    pub quota: Quota,
 }
 
 impl Decision {
-    fn from_verdict(v: Verdict) -> Self {
+    fn from_verdict(v: Verdict, quota: Quota) -> Self {
         Self {
+            quota,
             allowed: v.allowed,
             limit: v.limit,
             remaining: v.remaining,
@@ -104,6 +109,48 @@ pub(crate) struct ClusterState {
     pub(crate) node: AtomicU64,
 }
 
+/// The default quota, readable without a lock: a sequence lock over three atomics. One
+/// writer at a time (under the limits' write lock); readers retry while a write is in
+/// progress, which only happens when the quota changes.
+#[derive(Debug)]
+struct QuotaCell {
+    seq: AtomicU64,
+    limit: AtomicU32,
+    burst: AtomicU32,
+    window_ms: AtomicU32,
+}
+
+impl QuotaCell {
+    fn new(q: Quota) -> Self {
+        let (limit, burst, window_ms) = q.parts();
+        Self { seq: AtomicU64::new(0), limit: AtomicU32::new(limit), burst: AtomicU32::new(burst), window_ms: AtomicU32::new(window_ms) }
+    }
+
+    #[inline]
+    fn load(&self) -> Quota {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            let parts = (self.limit.load(Ordering::Relaxed), self.burst.load(Ordering::Relaxed), self.window_ms.load(Ordering::Relaxed));
+            fence(Ordering::Acquire);
+            if before & 1 == 0 && self.seq.load(Ordering::Relaxed) == before {
+                return Quota::from_parts(parts);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Callers serialize writes (the limits' write lock).
+    fn store(&self, q: Quota) {
+        let (limit, burst, window_ms) = q.parts();
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.limit.store(limit, Ordering::Relaxed);
+        self.burst.store(burst, Ordering::Relaxed);
+        self.window_ms.store(window_ms, Ordering::Relaxed);
+        self.seq.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// The limits register: the configuration in force and its version.
 #[derive(Debug, Default)]
 struct LimitsState {
@@ -113,6 +160,11 @@ struct LimitsState {
 
 struct Inner {
     store: Arc<Store>,
+    /// The main store's quota, kept beside it so that reading it takes no lock.
+    quota: QuotaCell,
+    /// Whether the builder was given a hash secret (a cluster refuses to start without).
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    secret_chosen: bool,
     /// The main store's window in ms, kept beside it so that finding a store by window
     /// length takes no lock.
     main_window_ms: AtomicU64,
@@ -221,7 +273,7 @@ impl RateLimiter {
     fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
         let budget = self.budget(now_ms);
         let v = self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?;
-        Ok(Decision::from_verdict(v))
+        Ok(Decision::from_verdict(v, quota))
     }
 
     /// The bounded policy's round at `now_ms` (the limiter's clock, not the request's
@@ -258,8 +310,26 @@ impl RateLimiter {
         if let Some(q) = self.override_of(key) {
             return self.decide_override(key, q, timestamp_ms, now);
         }
+        let mut quota = self.quota();
         let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(now).as_ref())?;
-        Ok(Decision::from_verdict(v))
+        if quota.limit() != v.limit {
+            quota = self.quota(); // the default changed while deciding
+        }
+        Ok(Decision::from_verdict(v, quota))
+    }
+
+    /// [`allow`](Self::allow) at the limiter's own clock ([`now_ms`](Self::now_ms)).
+    #[inline]
+    pub fn allow_now(&self, client: &str) -> bool {
+        self.allow(client, self.now_ms())
+    }
+
+    /// [`check`](Self::check) at the limiter's own clock ([`now_ms`](Self::now_ms)).
+    ///
+    /// # Errors
+    /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::KeyCapacity`].
+    pub fn check_now(&self, client: &str) -> Result<Decision, Error> {
+        self.check(client, self.now_ms())
     }
 
     /// Decides a request from `client` now, against `limit` per `window` given with the
@@ -282,7 +352,7 @@ impl RateLimiter {
         let key = self.validate_key(client.as_bytes())?;
         let store = self.ad_hoc_store(quota)?;
         let v = store.decide(key, now, now, Some(&quota), self.budget(now).as_ref())?;
-        Ok(Decision::from_verdict(v))
+        Ok(Decision::from_verdict(v, quota))
     }
 
     /// The store for `quota`'s window: the main store if it has that window, else one of
@@ -337,9 +407,17 @@ impl RateLimiter {
         Ok((key, now_ms))
     }
 
-    /// The quota in force.
+    /// The default quota in force (a client's override may differ: see
+    /// [`Decision::quota`]). Takes no lock.
+    #[inline]
     pub fn quota(&self) -> Quota {
-        self.inner.store.quota()
+        self.inner.quota.load()
+    }
+
+    /// Whether the builder was given a hash secret ([`Builder::hash_secret`]).
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    pub(crate) fn hash_secret_chosen(&self) -> bool {
+        self.inner.secret_chosen
     }
 
     /// The strategy in use.
@@ -404,6 +482,7 @@ impl RateLimiter {
         if default != self.inner.store.quota() {
             self.inner.store.set_quota(default, self.inner.clock.now_ms());
             self.inner.main_window_ms.store(default.window_ms(), Ordering::Relaxed);
+            self.inner.quota.store(default);
         }
         self.inner.has_overrides.store(!overrides.is_empty(), Ordering::Relaxed);
         *self.inner.overrides.write() = overrides;
@@ -587,7 +666,12 @@ impl Builder {
     }
 
     /// The 128-bit secret client ids are hashed with. Every member of a cluster must
-    /// use the same one. Default: random per process.
+    /// use the same one. Default: random per process, which is right for a limiter on
+    /// its own; a cluster member must be given one: without it
+    /// [`Cluster::start`](crate::Cluster::start) refuses to start
+    /// ([`ClusterError::MissingHashSecret`](crate::ClusterError::MissingHashSecret)),
+    /// because members with secrets of their own would each admit the full limit.
+    /// Keep it secret: whoever knows it can choose client ids that collide in the store.
     pub fn hash_secret(mut self, secret: [u8; 16]) -> Self {
         self.hash_secret = Some(secret);
         self
@@ -629,6 +713,7 @@ impl Builder {
                 (cpus * 4).next_power_of_two().clamp(16, 256)
             }
         };
+        let secret_chosen = self.hash_secret.is_some();
         let secret = self.hash_secret.unwrap_or_else(KeyHasher::random_secret);
         let cap = KeyCap::new(self.max_keys);
         let tolerances =
@@ -640,6 +725,8 @@ impl Builder {
             inner: Arc::new(Inner {
                 store: Arc::new(Store::new(shards, cap.clone(), tolerances, probe_seed, quota, self.strategy)),
                 main_window_ms: AtomicU64::new(quota.window_ms()),
+                quota: QuotaCell::new(quota),
+                secret_chosen,
                 cap,
                 tolerances,
                 probe_seed,
