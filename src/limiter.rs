@@ -753,3 +753,45 @@ impl Builder {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_quota_follows_every_change_and_is_never_read_torn() {
+        let a = Quota::new(100, Duration::from_secs(10)).unwrap();
+        let b = Quota::new(5, Duration::from_secs(60)).unwrap().with_burst(2).unwrap();
+        let cell = Arc::new(QuotaCell::new(a));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (cell, stop) = (cell.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !stop.load(Ordering::Relaxed) || reads == 0 {
+                        let q = cell.load();
+                        assert!(q == a || q == b, "torn read: {q:?}");
+                        reads += 1;
+                    }
+                })
+            })
+            .collect();
+        for i in 0..20_000 {
+            cell.store(if i % 2 == 0 { b } else { a });
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+
+        let clock = crate::ManualClock::new(1_700_000_000_000);
+        let rl = RateLimiter::builder().quota(a).clock(clock).build().unwrap();
+        assert_eq!(rl.quota(), a);
+        rl.set_quota(b);
+        assert_eq!(rl.quota(), b);
+        let d = rl.check_now("client").unwrap();
+        assert_eq!((d.quota, d.limit), (b, 5));
+        assert_eq!((0..10).filter(|_| rl.allow_now("client")).count(), 4, "5 per window, one spent by check_now");
+    }
+}

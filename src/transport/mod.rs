@@ -14,7 +14,7 @@
 //!     .cluster(config)
 //!     .start()
 //!     .await?;
-//! if limiter.allow("client-42", limiter.now_ms()) { /* serve */ }
+//! if limiter.allow_now("client-42") { /* serve */ }
 //! println!("{:?}", cluster.stats());
 //! cluster.shutdown().await; // announces the leave
 //! # Ok(()) }
