@@ -151,6 +151,18 @@ impl QuotaCell {
     }
 }
 
+/// Per-client quotas by key hash.
+type Overrides = std::collections::HashMap<u64, Quota>;
+
+thread_local! {
+    /// This thread's copy of one limiter's overrides: (limiter id, version, map). The
+    /// request path reads the map through it without touching shared memory other than
+    /// the version; it takes the read lock only when the version moved (or another
+    /// limiter was used last on this thread).
+    /// At most one map per thread is kept alive this way (up to `MAX_OVERRIDES` entries).
+    static OVERRIDES: std::cell::RefCell<Option<(u64, u64, Arc<Overrides>)>> = const { std::cell::RefCell::new(None) };
+}
+
 /// The limits register: the configuration in force and its version.
 #[derive(Debug, Default)]
 struct LimitsState {
@@ -173,9 +185,14 @@ struct Inner {
     probe_seed: u64,
     cluster: ClusterState,
     limits: RwLock<LimitsState>,
-    /// Per-client quotas by key hash; read only while `has_overrides` is set.
-    overrides: RwLock<std::collections::HashMap<u64, Quota>>,
+    /// Per-client quotas by key hash; read only while `has_overrides` is set, through
+    /// each thread's copy of the `Arc` ([`OVERRIDES`]), refreshed when the version moves.
+    overrides: RwLock<Arc<Overrides>>,
     has_overrides: AtomicBool,
+    /// Bumped (after the map is replaced) on every change of `overrides`.
+    overrides_version: AtomicU64,
+    /// Unique per limiter, to tell whose map a thread holds.
+    id: u64,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
     strategy: Strategy,
@@ -264,10 +281,23 @@ impl RateLimiter {
     /// The client's own quota, if the limits in force give it one.
     #[inline]
     fn override_of(&self, key: u64) -> Option<Quota> {
-        if !self.inner.has_overrides.load(Ordering::Relaxed) {
+        let inner = &*self.inner;
+        if !inner.has_overrides.load(Ordering::Relaxed) {
             return None;
         }
-        self.inner.overrides.read().get(&key).copied()
+        let version = inner.overrides_version.load(Ordering::Acquire);
+        OVERRIDES.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            match &*cached {
+                Some((id, v, map)) if *id == inner.id && *v == version => map.get(&key).copied(),
+                _ => {
+                    let map = inner.overrides.read().clone();
+                    let found = map.get(&key).copied();
+                    *cached = Some((inner.id, version, map));
+                    found
+                }
+            }
+        })
     }
 
     fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
@@ -474,7 +504,7 @@ impl RateLimiter {
     /// was installed.
     pub(crate) fn install_limits(&self, config: LimitsConfig, version: LimitsVersion) -> Result<bool, LimitsError> {
         let (default, clients) = config.resolve()?;
-        let overrides: std::collections::HashMap<u64, Quota> = clients.into_iter().map(|(c, q)| (self.key_hash(c), q)).collect();
+        let overrides: Overrides = clients.into_iter().map(|(c, q)| (self.key_hash(c), q)).collect();
         let mut state = self.inner.limits.write();
         if version <= state.version && state.config.is_some() {
             return Ok(false);
@@ -485,7 +515,8 @@ impl RateLimiter {
             self.inner.quota.store(default);
         }
         self.inner.has_overrides.store(!overrides.is_empty(), Ordering::Relaxed);
-        *self.inner.overrides.write() = overrides;
+        *self.inner.overrides.write() = Arc::new(overrides);
+        self.inner.overrides_version.fetch_add(1, Ordering::Release);
         state.version = version;
         state.config = Some(config);
         Ok(true)
@@ -739,8 +770,13 @@ impl Builder {
                     node: AtomicU64::new(0),
                 },
                 limits: RwLock::new(LimitsState::default()),
-                overrides: RwLock::new(std::collections::HashMap::new()),
+                overrides: RwLock::new(Arc::new(Overrides::new())),
                 has_overrides: AtomicBool::new(false),
+                overrides_version: AtomicU64::new(0),
+                id: {
+                    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+                    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+                },
                 admission: self.admission,
                 hasher: KeyHasher::new(secret),
                 clock: self.clock,
@@ -793,5 +829,32 @@ mod tests {
         let d = rl.check_now("client").unwrap();
         assert_eq!((d.quota, d.limit), (b, 5));
         assert_eq!((0..10).filter(|_| rl.allow_now("client")).count(), 4, "5 per window, one spent by check_now");
+    }
+
+    #[test]
+    fn overrides_read_through_the_thread_cache_follow_every_change_and_every_limiter() {
+        let default = Quota::new(100, Duration::from_secs(10)).unwrap();
+        let clock = crate::ManualClock::new(1_700_000_000_000);
+        let build = || RateLimiter::builder().quota(default).clock(clock.clone()).build().unwrap();
+        let (one, two) = (build(), build());
+        let with = |rl: &RateLimiter, limit| {
+            let mut cfg = LimitsConfig::new(default);
+            let spec = crate::ClientOverride { tier: None, limit: Some(limit), window_ms: Some(10_000), burst: None };
+            cfg.clients.insert("vip".into(), spec);
+            rl.apply_limits(cfg).unwrap();
+        };
+        let limit_of = |rl: &RateLimiter| rl.check_now("vip").unwrap().quota.limit();
+        with(&one, 5);
+        with(&two, 7);
+        // The same thread alternates between two limiters: each sees its own map.
+        for _ in 0..3 {
+            assert_eq!((limit_of(&one), limit_of(&two)), (5, 7));
+        }
+        // A change is seen at once by a thread that cached the previous map.
+        with(&one, 9);
+        assert_eq!(limit_of(&one), 9);
+        one.apply_limits(LimitsConfig::new(default)).unwrap();
+        assert_eq!(limit_of(&one), 100, "override removed");
+        assert_eq!(limit_of(&two), 7);
     }
 }
