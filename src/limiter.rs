@@ -153,6 +153,8 @@ impl QuotaCell {
 
 /// Per-client quotas by key hash.
 type Overrides = std::collections::HashMap<u64, Quota>;
+/// The stores of window lengths other than the main one's, by window in ms.
+type AdHocStores = Vec<(u64, Arc<Store>)>;
 
 thread_local! {
     /// This thread's copy of one limiter's overrides: (limiter id, version, map). The
@@ -161,6 +163,9 @@ thread_local! {
     /// limiter was used last on this thread).
     /// At most one map per thread is kept alive this way (up to `MAX_OVERRIDES` entries).
     static OVERRIDES: std::cell::RefCell<Option<(u64, u64, Arc<Overrides>)>> = const { std::cell::RefCell::new(None) };
+    /// The same for one limiter's list of per-window stores (read by clients with an
+    /// override of their own window).
+    static AD_HOC: std::cell::RefCell<Option<(u64, u64, Arc<AdHocStores>)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// The limits register: the configuration in force and its version.
@@ -201,7 +206,9 @@ struct Inner {
     shards: usize,
     admission: Admission,
     /// Stores for [`RateLimiter::allow_with`], one per window length.
-    ad_hoc: RwLock<Vec<(u64, Arc<Store>)>>,
+    ad_hoc: RwLock<Arc<AdHocStores>>,
+    /// Bumped (after the list is replaced) whenever a store is added to `ad_hoc`.
+    ad_hoc_version: AtomicU64,
 }
 
 /// A rate limiter: `limit` requests per client per window.
@@ -302,8 +309,37 @@ impl RateLimiter {
 
     fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
         let budget = self.budget(now_ms);
-        let v = self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?;
+        let v = self.with_store(quota, |s| s.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref()))??;
         Ok(Decision::from_verdict(v, quota))
+    }
+
+    /// Calls `f` with the store for `quota`'s window, creating it like
+    /// [`ad_hoc_store`](Self::ad_hoc_store) if needed. The request path's way: no lock
+    /// and no shared reference count once this thread has seen the current list.
+    fn with_store<T>(&self, quota: Quota, f: impl FnOnce(&Store) -> T) -> Result<T, Error> {
+        let w = quota.window_ms();
+        if self.main_window_ms() == w {
+            return Ok(f(&self.inner.store));
+        }
+        let inner = &*self.inner;
+        let version = inner.ad_hoc_version.load(Ordering::Acquire);
+        let mut f = Some(f);
+        let hit = AD_HOC.with(|cell| {
+            let stale = !matches!(&*cell.borrow(), Some((id, v, _)) if *id == inner.id && *v == version);
+            if stale {
+                *cell.borrow_mut() = Some((inner.id, version, inner.ad_hoc.read().clone()));
+            }
+            let cached = cell.borrow();
+            let store = cached.as_ref().and_then(|(_, _, list)| list.iter().find(|(win, _)| *win == w));
+            store.map(|(_, s)| f.take().map(|f| f(s)))
+        });
+        match hit.flatten() {
+            Some(out) => Ok(out),
+            None => {
+                let store = self.ad_hoc_store(quota)?;
+                f.take().map(|f| f(&store)).ok_or(Error::InvalidConfig { field: "window", reason: "no store" })
+            }
+        }
     }
 
     /// The bounded policy's round at `now_ms` (the limiter's clock, not the request's
@@ -392,7 +428,8 @@ impl RateLimiter {
         if let Some(s) = self.existing_store(w) {
             return Ok(s);
         }
-        let mut stores = self.inner.ad_hoc.write();
+        let mut guard = self.inner.ad_hoc.write();
+        let stores = Arc::make_mut(&mut guard);
         if let Some((_, s)) = stores.iter().find(|(win, _)| *win == w) {
             return Ok(s.clone());
         }
@@ -405,6 +442,7 @@ impl RateLimiter {
             store.track_changes();
         }
         stores.push((w, store.clone()));
+        self.inner.ad_hoc_version.fetch_add(1, Ordering::Release);
         Ok(store)
     }
 
@@ -784,7 +822,8 @@ impl Builder {
                 max_key_len: self.max_key_len,
 
                 shards,
-                ad_hoc: RwLock::new(Vec::new()),
+                ad_hoc: RwLock::new(Arc::new(AdHocStores::new())),
+                ad_hoc_version: AtomicU64::new(0),
             }),
         })
     }
@@ -856,5 +895,17 @@ mod tests {
         one.apply_limits(LimitsConfig::new(default)).unwrap();
         assert_eq!(limit_of(&one), 100, "override removed");
         assert_eq!(limit_of(&two), 7);
+
+        // Overrides with windows of their own: each limiter's stores, through the cache.
+        for (rl, window_ms) in [(&one, 60_000), (&two, 30_000), (&one, 20_000)] {
+            let mut cfg = LimitsConfig::new(default);
+            let spec = crate::ClientOverride { tier: None, limit: Some(2), window_ms: Some(window_ms), burst: None };
+            cfg.clients.insert("own-window".into(), spec);
+            rl.apply_limits(cfg).unwrap();
+            let decisions: Vec<Decision> = (0..3).map(|_| rl.check_now("own-window").unwrap()).collect();
+            assert_eq!(decisions.iter().map(|d| d.allowed).collect::<Vec<_>>(), [true, true, false], "{window_ms}");
+            assert!(decisions.iter().all(|d| d.quota.window_ms() == window_ms));
+        }
+        assert_eq!((one.inner.ad_hoc.read().len(), two.inner.ad_hoc.read().len()), (2, 1));
     }
 }

@@ -2,9 +2,9 @@
 //! of `http::Request<B>` (axum, hyper, tonic, ...). Enabled by the cargo feature `tower`.
 //!
 //! For each request the layer extracts a client key ([`KeyExtractor`]), asks
-//! [`RateLimiter::check_now`] (the limiter's own clock), and then (the default quota and
-//! the per-client overrides are read without a lock; a client whose override has a window
-//! of its own also takes a shared read lock on the list of per-window stores):
+//! [`RateLimiter::check_now`] (the limiter's own clock), and then (the default quota, the
+//! per-client overrides and the per-window stores are read without a lock: each thread
+//! keeps its own copy of the override map and store list, refreshed when they change):
 //!
 //! * **admitted**: calls the inner service and adds the rate-limit headers to its response;
 //! * **denied**: answers `429 Too Many Requests` itself, with `Retry-After` and the
