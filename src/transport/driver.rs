@@ -720,7 +720,10 @@ impl State {
         inc(&sh.counters.dial_failures, 1);
         let refusal = tls.then(|| {
             sh.counters.refused(RefusalReason::Certificate);
-            tracing::error!(%addr, %error, "refused peer: the TLS handshake failed (a certificate another CA signed, expired, or not for this use)");
+            let first = self.dial_state(target).is_some_and(|d| d.failures == 0);
+            if first {
+                tracing::error!(%addr, %error, "refused peer: the TLS handshake failed (a certificate another CA signed, expired, or not for this use)");
+            }
             Refusal { addr, peer: None, seed: false, reason: RefusalReason::Certificate, detail: format!("TLS handshake failed: {error}") }
         });
         let (failures, peer) = match target {
