@@ -141,7 +141,12 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber_init();
-    let recorder = PrometheusBuilder::new().build_recorder();
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(crdt_rate_limiter::metrics::DECISION_LATENCY.into()),
+            crdt_rate_limiter::metrics::DECISION_LATENCY_BUCKETS,
+        )?
+        .build_recorder();
     let prometheus = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| format!("metrics recorder: {e}"))?;
 
@@ -170,7 +175,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let router = Router::new()
         .merge(limited)
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/quota", put(put_default))
         .route("/quota/{client}", put(put_client))
         .route("/limits", put(put_limits))
@@ -183,9 +188,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     // Leave gracefully: peers drop this node at once and keep its counts.
-    if let Ok(cluster) = Arc::try_unwrap(cluster) {
-        cluster.shutdown().await;
-    }
+    cluster.shutdown().await;
     Ok(())
 }
 
@@ -197,21 +200,23 @@ async fn allow(Extension(outcome): Extension<RateLimitOutcome>) -> Json<serde_js
 }
 
 async fn metrics_text(State(app): State<App>) -> impl IntoResponse {
-    crdt_rate_limiter::metrics::record_limiter(&app.limiter);
-    let stats = app.cluster.stats();
-    let g = &stats.gossip;
-    use crdt_rate_limiter::metrics as m;
-    use metrics::{counter, gauge};
-    counter!(m::GOSSIP_MESSAGES, "direction" => "out").absolute(g.messages_sent);
-    counter!(m::GOSSIP_MESSAGES, "direction" => "in").absolute(g.messages_received);
-    counter!(m::GOSSIP_BYTES, "direction" => "out").absolute(g.bytes_sent);
-    counter!(m::GOSSIP_BYTES, "direction" => "in").absolute(g.bytes_received);
-    counter!(m::GOSSIP_DROPPED, "reason" => "decode").absolute(g.decode_errors);
-    counter!(m::GOSSIP_DROPPED, "reason" => "unknown_peer").absolute(g.unknown_peers);
-    gauge!(m::PEERS, "state" => "up").set(stats.live_peers as f64);
-    gauge!(m::PEERS, "state" => "down").set((stats.peers - stats.live_peers) as f64);
-    gauge!(m::VIEW_LAG).set(stats.view_lag_ms as f64 / 1000.0);
+    // Every series docs/metrics.md lists: the limiter's, the gossip core's, the refusals.
+    crdt_rate_limiter::metrics::record_cluster(&app.cluster);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.prometheus.render())
+}
+
+/// 200 `ok`, or 503 `degraded` with one line per refused peer (another hash secret, a
+/// certificate refused, another node answering) while any is.
+async fn healthz(State(app): State<App>) -> (StatusCode, String) {
+    let refused = app.cluster.refusals();
+    if refused.is_empty() {
+        return (StatusCode::OK, "ok\n".to_owned());
+    }
+    let mut body = String::from("degraded: peers refused\n");
+    for r in refused {
+        body.push_str(&format!("{r}\n"));
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 fn bad_request(e: impl std::fmt::Display) -> (StatusCode, String) {

@@ -62,4 +62,6 @@ pub use limits::{
 pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};
 pub use quota::{Quota, Strategy};
 #[cfg(feature = "quic")]
-pub use transport::{Cluster, ClusterBuilder, ClusterConfig, ClusterError, ClusterStats, Member, TlsIdentity, TlsSource};
+pub use transport::{
+    Cluster, ClusterBuilder, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason, TlsIdentity, TlsSource,
+};

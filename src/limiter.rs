@@ -1,6 +1,6 @@
 //! The public limiter: validation, hashing and the front door to the store.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,11 +60,16 @@ pub struct Decision {
     /// Set when denied: the earliest time from now at which a retry can succeed (if no
     /// other traffic arrives; other replicas' traffic can only push it later).
     pub retry_after: Option<Duration>,
+    /// The quota that decided: the client's override if the limits in force give it one,
+    /// the quota passed to [`RateLimiter::check_with`], else the default quota. Its
+    /// [`limit`](Quota::limit) is [`limit`](Self::limit).
+    pub quota: Quota,
 }
 
 impl Decision {
-    fn from_verdict(v: Verdict) -> Self {
+    fn from_verdict(v: Verdict, quota: Quota) -> Self {
         Self {
+            quota,
             allowed: v.allowed,
             limit: v.limit,
             remaining: v.remaining,
@@ -104,6 +109,65 @@ pub(crate) struct ClusterState {
     pub(crate) node: AtomicU64,
 }
 
+/// The default quota, readable without a lock: a sequence lock over three atomics. One
+/// writer at a time (under the limits' write lock); readers retry while a write is in
+/// progress, which only happens when the quota changes.
+#[derive(Debug)]
+struct QuotaCell {
+    seq: AtomicU64,
+    limit: AtomicU32,
+    burst: AtomicU32,
+    window_ms: AtomicU32,
+}
+
+impl QuotaCell {
+    fn new(q: Quota) -> Self {
+        let (limit, burst, window_ms) = q.parts();
+        Self { seq: AtomicU64::new(0), limit: AtomicU32::new(limit), burst: AtomicU32::new(burst), window_ms: AtomicU32::new(window_ms) }
+    }
+
+    #[inline]
+    fn load(&self) -> Quota {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            let parts = (self.limit.load(Ordering::Relaxed), self.burst.load(Ordering::Relaxed), self.window_ms.load(Ordering::Relaxed));
+            fence(Ordering::Acquire);
+            if before & 1 == 0 && self.seq.load(Ordering::Relaxed) == before {
+                return Quota::from_parts(parts);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Callers serialize writes (the limits' write lock).
+    fn store(&self, q: Quota) {
+        let (limit, burst, window_ms) = q.parts();
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.limit.store(limit, Ordering::Relaxed);
+        self.burst.store(burst, Ordering::Relaxed);
+        self.window_ms.store(window_ms, Ordering::Relaxed);
+        self.seq.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Per-client quotas by key hash.
+type Overrides = std::collections::HashMap<u64, Quota>;
+/// The stores of window lengths other than the main one's, by window in ms.
+type AdHocStores = Vec<(u64, Arc<Store>)>;
+
+thread_local! {
+    /// This thread's copy of one limiter's overrides: (limiter id, version, map). The
+    /// request path reads the map through it without touching shared memory other than
+    /// the version; it takes the read lock only when the version moved (or another
+    /// limiter was used last on this thread).
+    /// At most one map per thread is kept alive this way (up to `MAX_OVERRIDES` entries).
+    static OVERRIDES: std::cell::RefCell<Option<(u64, u64, Arc<Overrides>)>> = const { std::cell::RefCell::new(None) };
+    /// The same for one limiter's list of per-window stores (read by clients with an
+    /// override of their own window).
+    static AD_HOC: std::cell::RefCell<Option<(u64, u64, Arc<AdHocStores>)>> = const { std::cell::RefCell::new(None) };
+}
+
 /// The limits register: the configuration in force and its version.
 #[derive(Debug, Default)]
 struct LimitsState {
@@ -113,6 +177,11 @@ struct LimitsState {
 
 struct Inner {
     store: Arc<Store>,
+    /// The main store's quota, kept beside it so that reading it takes no lock.
+    quota: QuotaCell,
+    /// Whether the builder was given a hash secret (a cluster refuses to start without).
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    secret_chosen: bool,
     /// The main store's window in ms, kept beside it so that finding a store by window
     /// length takes no lock.
     main_window_ms: AtomicU64,
@@ -121,9 +190,14 @@ struct Inner {
     probe_seed: u64,
     cluster: ClusterState,
     limits: RwLock<LimitsState>,
-    /// Per-client quotas by key hash; read only while `has_overrides` is set.
-    overrides: RwLock<std::collections::HashMap<u64, Quota>>,
+    /// Per-client quotas by key hash; read only while `has_overrides` is set, through
+    /// each thread's copy of the `Arc` ([`OVERRIDES`]), refreshed when the version moves.
+    overrides: RwLock<Arc<Overrides>>,
     has_overrides: AtomicBool,
+    /// Bumped (after the map is replaced) on every change of `overrides`.
+    overrides_version: AtomicU64,
+    /// Unique per limiter, to tell whose map a thread holds.
+    id: u64,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
     strategy: Strategy,
@@ -132,7 +206,9 @@ struct Inner {
     shards: usize,
     admission: Admission,
     /// Stores for [`RateLimiter::allow_with`], one per window length.
-    ad_hoc: RwLock<Vec<(u64, Arc<Store>)>>,
+    ad_hoc: RwLock<Arc<AdHocStores>>,
+    /// Bumped (after the list is replaced) whenever a store is added to `ad_hoc`.
+    ad_hoc_version: AtomicU64,
 }
 
 /// A rate limiter: `limit` requests per client per window.
@@ -212,16 +288,58 @@ impl RateLimiter {
     /// The client's own quota, if the limits in force give it one.
     #[inline]
     fn override_of(&self, key: u64) -> Option<Quota> {
-        if !self.inner.has_overrides.load(Ordering::Relaxed) {
+        let inner = &*self.inner;
+        if !inner.has_overrides.load(Ordering::Relaxed) {
             return None;
         }
-        self.inner.overrides.read().get(&key).copied()
+        let version = inner.overrides_version.load(Ordering::Acquire);
+        OVERRIDES.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            match &*cached {
+                Some((id, v, map)) if *id == inner.id && *v == version => map.get(&key).copied(),
+                _ => {
+                    let map = inner.overrides.read().clone();
+                    let found = map.get(&key).copied();
+                    *cached = Some((inner.id, version, map));
+                    found
+                }
+            }
+        })
     }
 
     fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
         let budget = self.budget(now_ms);
-        let v = self.ad_hoc_store(quota)?.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref())?;
-        Ok(Decision::from_verdict(v))
+        let v = self.with_store(quota, |s| s.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref()))??;
+        Ok(Decision::from_verdict(v, quota))
+    }
+
+    /// Calls `f` with the store for `quota`'s window, creating it like
+    /// [`ad_hoc_store`](Self::ad_hoc_store) if needed. The request path's way: no lock
+    /// and no shared reference count once this thread has seen the current list.
+    fn with_store<T>(&self, quota: Quota, f: impl FnOnce(&Store) -> T) -> Result<T, Error> {
+        let w = quota.window_ms();
+        if self.main_window_ms() == w {
+            return Ok(f(&self.inner.store));
+        }
+        let inner = &*self.inner;
+        let version = inner.ad_hoc_version.load(Ordering::Acquire);
+        let mut f = Some(f);
+        let hit = AD_HOC.with(|cell| {
+            let stale = !matches!(&*cell.borrow(), Some((id, v, _)) if *id == inner.id && *v == version);
+            if stale {
+                *cell.borrow_mut() = Some((inner.id, version, inner.ad_hoc.read().clone()));
+            }
+            let cached = cell.borrow();
+            let store = cached.as_ref().and_then(|(_, _, list)| list.iter().find(|(win, _)| *win == w));
+            store.map(|(_, s)| f.take().map(|f| f(s)))
+        });
+        match hit.flatten() {
+            Some(out) => Ok(out),
+            None => {
+                let store = self.ad_hoc_store(quota)?;
+                f.take().map(|f| f(&store)).ok_or(Error::InvalidConfig { field: "window", reason: "no store" })
+            }
+        }
     }
 
     /// The bounded policy's round at `now_ms` (the limiter's clock, not the request's
@@ -258,8 +376,26 @@ impl RateLimiter {
         if let Some(q) = self.override_of(key) {
             return self.decide_override(key, q, timestamp_ms, now);
         }
+        let mut quota = self.quota();
         let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(now).as_ref())?;
-        Ok(Decision::from_verdict(v))
+        if quota.limit() != v.limit {
+            quota = self.quota(); // the default changed while deciding
+        }
+        Ok(Decision::from_verdict(v, quota))
+    }
+
+    /// [`allow`](Self::allow) at the limiter's own clock ([`now_ms`](Self::now_ms)).
+    #[inline]
+    pub fn allow_now(&self, client: &str) -> bool {
+        self.allow(client, self.now_ms())
+    }
+
+    /// [`check`](Self::check) at the limiter's own clock ([`now_ms`](Self::now_ms)).
+    ///
+    /// # Errors
+    /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::KeyCapacity`].
+    pub fn check_now(&self, client: &str) -> Result<Decision, Error> {
+        self.check(client, self.now_ms())
     }
 
     /// Decides a request from `client` now, against `limit` per `window` given with the
@@ -282,7 +418,7 @@ impl RateLimiter {
         let key = self.validate_key(client.as_bytes())?;
         let store = self.ad_hoc_store(quota)?;
         let v = store.decide(key, now, now, Some(&quota), self.budget(now).as_ref())?;
-        Ok(Decision::from_verdict(v))
+        Ok(Decision::from_verdict(v, quota))
     }
 
     /// The store for `quota`'s window: the main store if it has that window, else one of
@@ -292,7 +428,8 @@ impl RateLimiter {
         if let Some(s) = self.existing_store(w) {
             return Ok(s);
         }
-        let mut stores = self.inner.ad_hoc.write();
+        let mut guard = self.inner.ad_hoc.write();
+        let stores = Arc::make_mut(&mut guard);
         if let Some((_, s)) = stores.iter().find(|(win, _)| *win == w) {
             return Ok(s.clone());
         }
@@ -305,6 +442,7 @@ impl RateLimiter {
             store.track_changes();
         }
         stores.push((w, store.clone()));
+        self.inner.ad_hoc_version.fetch_add(1, Ordering::Release);
         Ok(store)
     }
 
@@ -337,9 +475,17 @@ impl RateLimiter {
         Ok((key, now_ms))
     }
 
-    /// The quota in force.
+    /// The default quota in force (a client's override may differ: see
+    /// [`Decision::quota`]). Takes no lock.
+    #[inline]
     pub fn quota(&self) -> Quota {
-        self.inner.store.quota()
+        self.inner.quota.load()
+    }
+
+    /// Whether the builder was given a hash secret ([`Builder::hash_secret`]).
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    pub(crate) fn hash_secret_chosen(&self) -> bool {
+        self.inner.secret_chosen
     }
 
     /// The strategy in use.
@@ -396,7 +542,7 @@ impl RateLimiter {
     /// was installed.
     pub(crate) fn install_limits(&self, config: LimitsConfig, version: LimitsVersion) -> Result<bool, LimitsError> {
         let (default, clients) = config.resolve()?;
-        let overrides: std::collections::HashMap<u64, Quota> = clients.into_iter().map(|(c, q)| (self.key_hash(c), q)).collect();
+        let overrides: Overrides = clients.into_iter().map(|(c, q)| (self.key_hash(c), q)).collect();
         let mut state = self.inner.limits.write();
         if version <= state.version && state.config.is_some() {
             return Ok(false);
@@ -404,9 +550,11 @@ impl RateLimiter {
         if default != self.inner.store.quota() {
             self.inner.store.set_quota(default, self.inner.clock.now_ms());
             self.inner.main_window_ms.store(default.window_ms(), Ordering::Relaxed);
+            self.inner.quota.store(default);
         }
         self.inner.has_overrides.store(!overrides.is_empty(), Ordering::Relaxed);
-        *self.inner.overrides.write() = overrides;
+        *self.inner.overrides.write() = Arc::new(overrides);
+        self.inner.overrides_version.fetch_add(1, Ordering::Release);
         state.version = version;
         state.config = Some(config);
         Ok(true)
@@ -587,7 +735,12 @@ impl Builder {
     }
 
     /// The 128-bit secret client ids are hashed with. Every member of a cluster must
-    /// use the same one. Default: random per process.
+    /// use the same one. Default: random per process, which is right for a limiter on
+    /// its own; a cluster member must be given one: without it
+    /// [`Cluster::start`](crate::Cluster::start) refuses to start
+    /// ([`ClusterError::MissingHashSecret`](crate::ClusterError::MissingHashSecret)),
+    /// because members with secrets of their own would each admit the full limit.
+    /// Keep it secret: whoever knows it can choose client ids that collide in the store.
     pub fn hash_secret(mut self, secret: [u8; 16]) -> Self {
         self.hash_secret = Some(secret);
         self
@@ -629,6 +782,7 @@ impl Builder {
                 (cpus * 4).next_power_of_two().clamp(16, 256)
             }
         };
+        let secret_chosen = self.hash_secret.is_some();
         let secret = self.hash_secret.unwrap_or_else(KeyHasher::random_secret);
         let cap = KeyCap::new(self.max_keys);
         let tolerances =
@@ -640,6 +794,8 @@ impl Builder {
             inner: Arc::new(Inner {
                 store: Arc::new(Store::new(shards, cap.clone(), tolerances, probe_seed, quota, self.strategy)),
                 main_window_ms: AtomicU64::new(quota.window_ms()),
+                quota: QuotaCell::new(quota),
+                secret_chosen,
                 cap,
                 tolerances,
                 probe_seed,
@@ -652,8 +808,13 @@ impl Builder {
                     node: AtomicU64::new(0),
                 },
                 limits: RwLock::new(LimitsState::default()),
-                overrides: RwLock::new(std::collections::HashMap::new()),
+                overrides: RwLock::new(Arc::new(Overrides::new())),
                 has_overrides: AtomicBool::new(false),
+                overrides_version: AtomicU64::new(0),
+                id: {
+                    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+                    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+                },
                 admission: self.admission,
                 hasher: KeyHasher::new(secret),
                 clock: self.clock,
@@ -661,8 +822,90 @@ impl Builder {
                 max_key_len: self.max_key_len,
 
                 shards,
-                ad_hoc: RwLock::new(Vec::new()),
+                ad_hoc: RwLock::new(Arc::new(AdHocStores::new())),
+                ad_hoc_version: AtomicU64::new(0),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_quota_follows_every_change_and_is_never_read_torn() {
+        let a = Quota::new(100, Duration::from_secs(10)).unwrap();
+        let b = Quota::new(5, Duration::from_secs(60)).unwrap().with_burst(2).unwrap();
+        let cell = Arc::new(QuotaCell::new(a));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (cell, stop) = (cell.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !stop.load(Ordering::Relaxed) || reads == 0 {
+                        let q = cell.load();
+                        assert!(q == a || q == b, "torn read: {q:?}");
+                        reads += 1;
+                    }
+                })
+            })
+            .collect();
+        for i in 0..20_000 {
+            cell.store(if i % 2 == 0 { b } else { a });
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+
+        let clock = crate::ManualClock::new(1_700_000_000_000);
+        let rl = RateLimiter::builder().quota(a).clock(clock).build().unwrap();
+        assert_eq!(rl.quota(), a);
+        rl.set_quota(b);
+        assert_eq!(rl.quota(), b);
+        let d = rl.check_now("client").unwrap();
+        assert_eq!((d.quota, d.limit), (b, 5));
+        assert_eq!((0..10).filter(|_| rl.allow_now("client")).count(), 4, "5 per window, one spent by check_now");
+    }
+
+    #[test]
+    fn overrides_read_through_the_thread_cache_follow_every_change_and_every_limiter() {
+        let default = Quota::new(100, Duration::from_secs(10)).unwrap();
+        let clock = crate::ManualClock::new(1_700_000_000_000);
+        let build = || RateLimiter::builder().quota(default).clock(clock.clone()).build().unwrap();
+        let (one, two) = (build(), build());
+        let with = |rl: &RateLimiter, limit| {
+            let mut cfg = LimitsConfig::new(default);
+            let spec = crate::ClientOverride { tier: None, limit: Some(limit), window_ms: Some(10_000), burst: None };
+            cfg.clients.insert("vip".into(), spec);
+            rl.apply_limits(cfg).unwrap();
+        };
+        let limit_of = |rl: &RateLimiter| rl.check_now("vip").unwrap().quota.limit();
+        with(&one, 5);
+        with(&two, 7);
+        // The same thread alternates between two limiters: each sees its own map.
+        for _ in 0..3 {
+            assert_eq!((limit_of(&one), limit_of(&two)), (5, 7));
+        }
+        // A change is seen at once by a thread that cached the previous map.
+        with(&one, 9);
+        assert_eq!(limit_of(&one), 9);
+        one.apply_limits(LimitsConfig::new(default)).unwrap();
+        assert_eq!(limit_of(&one), 100, "override removed");
+        assert_eq!(limit_of(&two), 7);
+
+        // Overrides with windows of their own: each limiter's stores, through the cache.
+        for (rl, window_ms) in [(&one, 60_000), (&two, 30_000), (&one, 20_000)] {
+            let mut cfg = LimitsConfig::new(default);
+            let spec = crate::ClientOverride { tier: None, limit: Some(2), window_ms: Some(window_ms), burst: None };
+            cfg.clients.insert("own-window".into(), spec);
+            rl.apply_limits(cfg).unwrap();
+            let decisions: Vec<Decision> = (0..3).map(|_| rl.check_now("own-window").unwrap()).collect();
+            assert_eq!(decisions.iter().map(|d| d.allowed).collect::<Vec<_>>(), [true, true, false], "{window_ms}");
+            assert!(decisions.iter().all(|d| d.quota.window_ms() == window_ms));
+        }
+        assert_eq!((one.inner.ad_hoc.read().len(), two.inner.ad_hoc.read().len()), (2, 1));
     }
 }

@@ -6,10 +6,22 @@
 //! shard under the lock it already holds, and [`record_limiter`] publishes the totals
 //! (call it on a timer or on scrape). Decision latency is sampled, one call in 1024 per
 //! thread. Names and labels are listed in `docs/metrics.md`.
+//!
+//! [`DECISION_LATENCY`] is a histogram: an exporter that renders histograms as summaries
+//! unless told buckets (metrics-exporter-prometheus) needs [`DECISION_LATENCY_BUCKETS`]:
+//!
+//! ```
+//! use crdt_rate_limiter::metrics::{DECISION_LATENCY, DECISION_LATENCY_BUCKETS};
+//! use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+//! let recorder = PrometheusBuilder::new()
+//!     .set_buckets_for_metric(Matcher::Full(DECISION_LATENCY.into()), DECISION_LATENCY_BUCKETS)?
+//!     .build_recorder();
+//! # Ok::<(), metrics_exporter_prometheus::BuildError>(())
+//! ```
 
 use metrics::{counter, gauge, histogram};
 
-use crate::{GossipNode, RateLimiter};
+use crate::{GossipNode, GossipStats, PeerStats, RateLimiter};
 
 /// Decisions, by `outcome`: `allowed` or `denied`. Counter.
 pub const DECISIONS: &str = "crl_decisions_total";
@@ -17,6 +29,9 @@ pub const DECISIONS: &str = "crl_decisions_total";
 pub const NEAR_LIMIT: &str = "crl_decisions_near_limit_total";
 /// Time to decide, sampled one call in 1024 per thread. Histogram, seconds.
 pub const DECISION_LATENCY: &str = "crl_decision_latency_seconds";
+/// Bucket bounds for [`DECISION_LATENCY`], in seconds: 100 ns to 1 ms (a decision takes
+/// tens to hundreds of nanoseconds; the upper buckets catch contention and preemption).
+pub const DECISION_LATENCY_BUCKETS: &[f64] = &[1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 1e-4, 1e-3];
 /// Keys tracked. Gauge.
 pub const ACTIVE_KEYS: &str = "crl_active_keys";
 /// Estimated bytes held by the counters. Gauge.
@@ -35,6 +50,10 @@ pub const VIEW_LAG: &str = "crl_view_lag_seconds";
 pub const PEER_CLOCK_OFFSET: &str = "crl_peer_clock_offset_seconds";
 /// Round trip to a peer, by `peer`. Gauge, seconds.
 pub const PEER_RTT: &str = "crl_peer_rtt_seconds";
+/// Connections refused, by `reason`: `hash_secret`, `certificate`, `identity`. Counter.
+pub const PEERS_REFUSED: &str = "crl_peers_refused_total";
+/// Peers refused now and not working since (a health check fails while it is not 0). Gauge.
+pub const PEERS_REFUSED_NOW: &str = "crl_peers_refused";
 
 /// Publishes the limiter's decision totals, keys and memory.
 pub fn record_limiter(limiter: &RateLimiter) {
@@ -46,9 +65,31 @@ pub fn record_limiter(limiter: &RateLimiter) {
     gauge!(MEMORY).set(s.memory_bytes as f64);
 }
 
-/// Publishes a gossip node's traffic, drops, peers, lag and clock estimates.
+/// Publishes a gossip node's traffic, drops, peers, lag and clock estimates (for a
+/// node driven by hand; a [`Cluster`](crate::Cluster) member uses [`record_cluster`]).
 pub fn record_gossip(node: &GossipNode, now_ms: i64) {
-    let s = node.stats();
+    record_core(node.stats(), &node.peer_stats(), node.view_lag_ms(now_ms));
+}
+
+/// Publishes everything a cluster member exports: its limiter ([`record_limiter`]), the
+/// gossip series of [`record_gossip`], and the refused peers. Call it on a timer or on
+/// each scrape.
+#[cfg(feature = "quic")]
+pub fn record_cluster(cluster: &crate::Cluster) {
+    record_limiter(cluster.limiter());
+    let stats = cluster.stats();
+    record_core(&stats.gossip, &cluster.peer_stats(), stats.view_lag_ms);
+    for (reason, n) in [
+        (crate::RefusalReason::HashSecret, stats.refused_hash_secret),
+        (crate::RefusalReason::Certificate, stats.refused_certificate),
+        (crate::RefusalReason::Identity, stats.refused_identity),
+    ] {
+        counter!(PEERS_REFUSED, "reason" => reason.label()).absolute(n);
+    }
+    gauge!(PEERS_REFUSED_NOW).set(cluster.refusals().len() as f64);
+}
+
+fn record_core(s: &GossipStats, peers: &[PeerStats], view_lag_ms: i64) {
     counter!(GOSSIP_MESSAGES, "direction" => "out").absolute(s.messages_sent);
     counter!(GOSSIP_MESSAGES, "direction" => "in").absolute(s.messages_received);
     counter!(GOSSIP_BYTES, "direction" => "out").absolute(s.bytes_sent);
@@ -57,11 +98,10 @@ pub fn record_gossip(node: &GossipNode, now_ms: i64) {
     counter!(GOSSIP_DROPPED, "reason" => "unknown_peer").absolute(s.unknown_peers);
     counter!(GOSSIP_DROPPED, "reason" => "spoofed").absolute(s.spoofed);
     counter!(GOSSIP_DROPPED, "reason" => "limit").absolute(s.refused);
-    let peers = node.peer_stats();
     let up = peers.iter().filter(|p| p.up).count();
     gauge!(PEERS, "state" => "up").set(up as f64);
     gauge!(PEERS, "state" => "down").set((peers.len() - up) as f64);
-    gauge!(VIEW_LAG).set(node.view_lag_ms(now_ms) as f64 / 1000.0);
+    gauge!(VIEW_LAG).set(view_lag_ms as f64 / 1000.0);
     for p in peers {
         let peer = p.peer.to_string();
         if let Some(o) = p.clock_offset_ms {

@@ -2,7 +2,9 @@
 //! of `http::Request<B>` (axum, hyper, tonic, ...). Enabled by the cargo feature `tower`.
 //!
 //! For each request the layer extracts a client key ([`KeyExtractor`]), asks
-//! [`RateLimiter::check`] at the limiter's own clock ([`RateLimiter::now_ms`]), and then:
+//! [`RateLimiter::check_now`] (the limiter's own clock), and then (the default quota, the
+//! per-client overrides and the per-window stores are read without a lock: each thread
+//! keeps its own copy of the override map and store list, refreshed when they change):
 //!
 //! * **admitted**: calls the inner service and adds the rate-limit headers to its response;
 //! * **denied**: answers `429 Too Many Requests` itself, with `Retry-After` and the
@@ -23,8 +25,10 @@
 //! RateLimit: "default";r=42;t=17
 //! ```
 //!
-//! * `q` is the quota's limit, `w` its window in seconds (rounded **up** to a whole second,
-//!   at least 1: a client pacing itself on it never exceeds the limit);
+//! * `q` is the limit of the quota that decided ([`Decision::quota`]: the client's
+//!   override if it has one, else the default), `w` that quota's window in seconds
+//!   (rounded **up** to a whole second, at least 1: a client pacing itself on it never
+//!   exceeds the limit);
 //! * `r` is [`Decision::remaining`];
 //! * `t` is seconds, rounded **up**: when admitted, [`Decision::reset_after`] (the time
 //!   until the full quota is back; with the sliding window or token bucket some quota may
@@ -358,8 +362,9 @@ struct Headers {
 impl Shared {
     /// The header values for `d`; `t` is the seconds value `RateLimit` reports.
     fn headers(&self, d: &Decision, t: u64) -> Option<Headers> {
-        let w = ceil_secs(self.limiter.quota().window()).max(1);
-        let policy = HeaderValue::try_from(format!("{};q={};w={}", self.policy, d.limit, w)).ok()?;
+        // Both from the quota that decided: a client's override names its own window.
+        let w = ceil_secs(d.quota.window()).max(1);
+        let policy = HeaderValue::try_from(format!("{};q={};w={}", self.policy, d.quota.limit(), w)).ok()?;
         let state = HeaderValue::try_from(format!("{};r={};t={}", self.policy, d.remaining, t)).ok()?;
         Some(Headers { policy, state })
     }
@@ -392,7 +397,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
         let (mut parts, body) = req.into_parts();
-        let checked = shared.extractor.extract(&parts).map(|key| shared.limiter.check(&key, shared.limiter.now_ms()));
+        let checked = shared.extractor.extract(&parts).map(|key| shared.limiter.check_now(&key));
 
         let mut outcome = RateLimitOutcome { decision: None, error: None, denied: false, shadow: shared.shadow };
         let mut headers = None;

@@ -79,6 +79,16 @@ impl Quota {
     pub fn window_ms(&self) -> u64 {
         u64::from(self.window_ms)
     }
+
+    /// Limit, burst and window in ms, for storage in atomics.
+    pub(crate) fn parts(&self) -> (u32, u32, u32) {
+        (self.limit, self.burst, self.window_ms)
+    }
+
+    /// The inverse of [`parts`](Self::parts), for values that came from a valid quota.
+    pub(crate) fn from_parts((limit, burst, window_ms): (u32, u32, u32)) -> Self {
+        Self { limit, burst, window_ms }
+    }
 }
 
 fn check_limit(limit: u64) -> Result<u32, Error> {

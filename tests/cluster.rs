@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crdt_rate_limiter::transport::{certs, node_id, tls, Cluster, ClusterConfig, TlsIdentity, TlsSource};
-use crdt_rate_limiter::{Quota, RateLimiter, ReplicaId, StateEntry, Strategy};
+use crdt_rate_limiter::transport::{certs, node_id, tls, Cluster, ClusterConfig, ClusterError, TlsIdentity, TlsSource};
+use crdt_rate_limiter::{Quota, RateLimiter, RefusalReason, ReplicaId, StateEntry, Strategy};
 
 const SECRET: [u8; 16] = *b"cluster-test-key";
 
@@ -290,21 +290,26 @@ async fn peer_with_a_certificate_from_another_ca_is_refused_and_never_merged() {
         for _ in 0..100 {
             rogue_limiter.allow("victim", rogue_limiter.now_ms());
         }
-        let rogue = Cluster::start(
-            rogue_limiter.clone(),
-            ClusterConfig { join_timeout: Duration::from_millis(500), ..config(rogue_id, &[&a, &b]) },
-        )
-        .await
-        .unwrap();
+        // It returns at once (no join wait), so it stays up for our node to dial.
+        let rogue = Cluster::start(rogue_limiter.clone(), ClusterConfig { join_timeout: Duration::ZERO, ..config(rogue_id, &[&a, &b]) })
+            .await
+            .unwrap();
         // And our node dials it: the rogue's server certificate must be refused too.
         a.add_seed(rogue.local_addr());
-        // A node of a whole other cluster, dialing us.
+        // A node of a whole other cluster, dialing us: its only seed refuses its
+        // certificate, so it does not start, and says why.
         let foreign = Cluster::start(
             limiter(limit, window),
-            ClusterConfig { join_timeout: Duration::from_millis(500), ..config(rogue_ca.identity("node-x"), &[&a]) },
+            ClusterConfig { join_timeout: Duration::from_secs(2), ..config(rogue_ca.identity("node-x"), &[&a]) },
         )
-        .await
-        .unwrap();
+        .await;
+        match foreign {
+            Err(ClusterError::SeedsRefused(list)) => {
+                assert_eq!(list.len(), 1, "{list:?}");
+                assert_eq!((list[0].addr, list[0].reason), (a.local_addr(), RefusalReason::Certificate), "{list:?}");
+            }
+            other => panic!("a node no seed accepts must not start: {other:?}"),
+        }
 
         eventually("the refusals", Duration::from_secs(10), || {
             a.stats().handshake_failures >= 1 && a.stats().dial_failures >= 1 && b.stats().handshake_failures >= 1
@@ -324,7 +329,11 @@ async fn peer_with_a_certificate_from_another_ca_is_refused_and_never_merged() {
             assert!(n.members().iter().all(|m| m.id != rogue_node && m.id != node_id("node-x")), "{:?}", n.members());
             assert_eq!(n.live_peers().len(), 1);
         }
-        assert!(rogue.live_peers().is_empty() && foreign.live_peers().is_empty());
+        assert!(rogue.live_peers().is_empty());
+        // Our node dialed the rogue (a seed added at run time) and refused its certificate.
+        assert!(a.stats().refused_certificate >= 1 && b.stats().refused_certificate >= 1);
+        let refused = a.refusals();
+        assert!(refused.iter().any(|r| r.addr == rogue.local_addr() && r.seed && r.reason == RefusalReason::Certificate), "{refused:?}");
         let logs = logs().lock().unwrap().clone();
         assert!(
             logs.iter()
@@ -333,7 +342,6 @@ async fn peer_with_a_certificate_from_another_ca_is_refused_and_never_merged() {
             logs.join("\n")
         );
         rogue.abort();
-        foreign.abort();
         a.shutdown().await;
         b.shutdown().await;
     })
@@ -513,15 +521,31 @@ async fn member_with_another_hash_secret_is_refused_and_pem_files_load() {
 
         let other = RateLimiter::builder().quota(Quota::new(limit, window).unwrap()).hash_secret(*b"another secret!!").build().unwrap();
         other.allow("client-1", other.now_ms());
-        let b = Cluster::start(other, ClusterConfig { join_timeout: Duration::from_millis(300), ..config(ca.identity("node-b"), &[&a]) })
-            .await
-            .unwrap();
-        // Whichever side reads the other's first frame first refuses and closes.
-        eventually("the refusal", Duration::from_secs(5), || a.stats().protocol_errors + b.stats().protocol_errors >= 1).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // node-b's only seed hashes with another secret: it does not start, and says so,
+        // long before the join timeout.
+        let started = tokio::time::Instant::now();
+        let b =
+            Cluster::start(other, ClusterConfig { join_timeout: Duration::from_secs(10), ..config(ca.identity("node-b"), &[&a]) }).await;
+        match b {
+            Err(ClusterError::SeedsRefused(list)) => {
+                assert_eq!(list.len(), 1, "{list:?}");
+                let r = &list[0];
+                assert_eq!(
+                    (r.addr, r.peer.as_deref(), r.seed, r.reason),
+                    (a.local_addr(), Some("node-a"), true, RefusalReason::HashSecret)
+                );
+                let message = ClusterError::SeedsRefused(list.clone()).to_string();
+                assert!(message.contains("node-a") && message.contains("another hash secret"), "{message}");
+            }
+            other => panic!("a member with another secret must not start: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "start waited for the whole join timeout");
+        // node-a saw it too: counted, listed (what a health check reports), logged.
+        eventually("node-a's refusal", Duration::from_secs(5), || a.stats().refused_hash_secret >= 1).await;
+        let refused = a.refusals();
+        assert!(refused.iter().any(|r| r.peer.as_deref() == Some("node-b") && r.reason == RefusalReason::HashSecret), "{refused:?}");
         assert!(a.live_peers().is_empty() && a.state().is_empty());
         assert!(logs().lock().unwrap().iter().any(|l| l.starts_with("ERROR") && l.contains("another secret")));
-        b.abort();
         a.shutdown().await;
     })
     .await;
@@ -616,6 +640,51 @@ async fn a_limits_change_on_one_node_takes_effect_on_all_three() {
         for n in [a, b, c] {
             n.shutdown().await;
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limiter_without_a_hash_secret_cannot_join_a_cluster() {
+    bounded(10, async {
+        let ca = Ca::new();
+        let no_secret = RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(1)).unwrap()).build().unwrap();
+        let err = Cluster::start(no_secret, config(ca.identity("node-a"), &[])).await.unwrap_err();
+        assert!(matches!(err, ClusterError::MissingHashSecret), "{err:?}");
+        assert!(err.to_string().contains("hash_secret"), "{err}");
+        // Through the builder too.
+        let err = RateLimiter::builder()
+            .quota(Quota::new(10, Duration::from_secs(1)).unwrap())
+            .cluster(config(ca.identity("node-a"), &[]))
+            .start()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClusterError::MissingHashSecret), "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_seed_is_named_in_a_warning_and_does_not_fail_the_start() {
+    bounded(20, async {
+        logs();
+        let ca = Ca::new();
+        // A bound UDP port nobody answers on.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let cfg = ClusterConfig { seeds: vec![addr], join_timeout: Duration::from_millis(300), ..config(ca.identity("node-a"), &[]) };
+        let a = Cluster::start(limiter(10, Duration::from_secs(1)), cfg).await.unwrap();
+        let seed = addr.to_string();
+        assert!(
+            logs().lock().unwrap().iter().any(|l| l.starts_with("WARN") && l.contains("no full sync from seed") && l.contains(&seed)),
+            "the unreachable seed {seed} was not named"
+        );
+        assert!(a.refusals().is_empty(), "silence is not a refusal");
+        // A shared handle can shut down, more than once.
+        let a = Arc::new(a);
+        let again = a.clone();
+        a.shutdown().await;
+        again.shutdown().await;
     })
     .await;
 }

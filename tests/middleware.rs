@@ -16,7 +16,8 @@ use axum::routing::get;
 use axum::Router;
 use crdt_rate_limiter::middleware::MAX_POLICY_NAME_LEN;
 use crdt_rate_limiter::{
-    Clock, Error, KeyExtractor, ManualClock, MissingKey, OnError, Quota, RateLimitLayer, RateLimitOutcome, RateLimiter, Strategy,
+    ClientOverride, Clock, Error, KeyExtractor, LimitsConfig, ManualClock, MissingKey, OnError, Quota, RateLimitLayer, RateLimitOutcome,
+    RateLimiter, Strategy,
 };
 use http::{HeaderMap, HeaderName, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -419,4 +420,30 @@ fn policy_names_outside_printable_ascii_or_too_long_are_refused() {
         assert!(matches!(layer().policy_name(&bad), Err(Error::InvalidConfig { field: "policy_name", .. })), "{bad:?}");
     }
     assert!(layer().policy_name(&"x".repeat(MAX_POLICY_NAME_LEN)).is_ok());
+}
+
+#[tokio::test]
+async fn an_overridden_client_is_advertised_its_own_quota_and_window() {
+    bounded(async {
+        // Default 100 per 10 s; the client `vip` has 5 per 60 s.
+        let clock = ManualClock::new(T0);
+        let rl = limiter(100, 10_000, &clock);
+        let mut cfg = LimitsConfig::new(rl.quota());
+        cfg.clients.insert("vip".into(), ClientOverride { tier: None, limit: Some(5), window_ms: Some(60_000), burst: None });
+        rl.apply_limits(cfg).unwrap();
+        let layer = RateLimitLayer::new(rl.clone(), KeyExtractor::header(API_KEY));
+        let http = Http::new(serve(app(layer, Arc::new(AtomicUsize::new(0))), false).await);
+        let vip = http.get("/", &[(&API_KEY, "vip")]).await;
+        assert_eq!(vip.status, StatusCode::OK);
+        assert_eq!(vip.header("ratelimit-policy"), Some(r#""default";q=5;w=60"#));
+        // T0 is 20 s into a 60 s window: the fixed window resets in 40 s.
+        assert_eq!(vip.header("ratelimit"), Some(r#""default";r=4;t=40"#));
+        let other = http.get("/", &[(&API_KEY, "someone")]).await;
+        assert_eq!(other.header("ratelimit-policy"), Some(r#""default";q=100;w=10"#));
+        // The decision names the quota that decided.
+        let d = rl.check_now("vip").unwrap();
+        assert_eq!((d.quota.limit(), d.quota.window()), (5, Duration::from_secs(60)));
+        assert_eq!(rl.check_now("someone").unwrap().quota, rl.quota());
+    })
+    .await;
 }

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::socket::{Faults, FaultySocket};
 use super::wire::{Frame, Hello, MemberEntry, HEADER};
-use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member};
+use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason};
 use crate::clock::{Clock, SystemClock};
 use crate::{GossipNode, PeerId, RateLimiter, ReplicaId, Transmit};
 
@@ -102,6 +102,33 @@ struct Counters {
     handshake_failures: AtomicU64,
     refused_over_cap: AtomicU64,
     protocol_errors: AtomicU64,
+    refused_hash_secret: AtomicU64,
+    refused_certificate: AtomicU64,
+    refused_identity: AtomicU64,
+}
+
+impl Counters {
+    fn refused(&self, reason: RefusalReason) {
+        inc(
+            match reason {
+                RefusalReason::HashSecret => &self.refused_hash_secret,
+                RefusalReason::Certificate => &self.refused_certificate,
+                RefusalReason::Identity => &self.refused_identity,
+            },
+            1,
+        );
+    }
+}
+
+/// Whether a failed handshake failed on TLS (a certificate refused by either side), as
+/// opposed to no answer or a connection refused for load.
+fn tls_failure(e: &ConnectionError) -> bool {
+    let code = match e {
+        ConnectionError::TransportError(t) => t.code,
+        ConnectionError::ConnectionClosed(c) => c.error_code,
+        _ => return false,
+    };
+    (0x100..0x200).contains(&u64::from(code))
 }
 
 fn inc(c: &AtomicU64, by: u64) {
@@ -115,7 +142,7 @@ fn get(c: &AtomicU64) -> u64 {
 /// What the node task hears about.
 pub(super) enum Event {
     Accepted(Connection),
-    Dialed { target: Target, seq: u64, addr: SocketAddr, result: Result<Connection, String> },
+    Dialed { target: Target, seq: u64, addr: SocketAddr, result: Result<Connection, (String, bool)> },
     Datagram { conn: u64, bytes: Bytes },
     Frame { conn: u64, frame: Frame },
     ProtocolError { conn: u64, error: String },
@@ -160,6 +187,8 @@ struct PeerEntry {
     seed: bool,
     /// It sent us a full sync (its `SyncDone` marker arrived).
     synced: bool,
+    /// Refused (either way) since its last accepted first frame.
+    refused: Option<Refusal>,
     dial: Backoff,
 }
 
@@ -171,6 +200,8 @@ struct SeedEntry {
     /// It answered and turned out to be this node.
     is_self: bool,
     failed_once: bool,
+    /// Its handshake failed on a certificate (before any node answered there).
+    refused: Option<Refusal>,
     dial: Backoff,
 }
 
@@ -188,6 +219,8 @@ struct ConnEntry {
     writer: Option<JoinHandle<()>>,
     tasks: Vec<AbortHandle>,
     incoming: bool,
+    /// A refusal of this connection was counted.
+    refused: bool,
 }
 
 impl ConnEntry {
@@ -303,8 +336,11 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
 
     let (events, rx) = mpsc::channel(EVENT_QUEUE);
     let (joined, mut joined_rx) = watch::channel(false);
-    let seeds =
-        cfg.seeds.iter().map(|&addr| SeedEntry { addr, peer: None, is_self: false, failed_once: false, dial: Backoff::now() }).collect();
+    let seeds = cfg
+        .seeds
+        .iter()
+        .map(|&addr| SeedEntry { addr, peer: None, is_self: false, failed_once: false, refused: None, dial: Backoff::now() })
+        .collect();
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             node,
@@ -349,7 +385,24 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
     }
     if !cfg.join_timeout.is_zero() {
         let joined = tokio::time::timeout(cfg.join_timeout, joined_rx.wait_for(|j| *j)).await;
+        let refused = shared.state.lock().all_seeds_refused();
+        if let Some(refusals) = refused {
+            let error = ClusterError::SeedsRefused(refusals);
+            tracing::error!(node = %name, %error, "cannot join");
+            shared.endpoint.close(close::REFUSED, b"refused");
+            shared.abort_tasks();
+            return Err(error);
+        }
         if joined.is_err() {
+            let unanswered = shared.state.lock().unanswered_seeds();
+            for (addr, refused) in unanswered {
+                match refused {
+                    Some(r) => tracing::warn!(node = %name, seed = %addr, refusal = %r, "join: seed refused"),
+                    None => {
+                        tracing::warn!(node = %name, seed = %addr, waited = ?cfg.join_timeout, "join: no full sync from seed (unreachable, or still connecting)")
+                    }
+                }
+            }
             tracing::warn!(node = %name, "join timeout: not every seed answered with a full sync; deciding on what arrived");
         }
     }
@@ -391,6 +444,12 @@ impl Shared {
         addrs.sort();
         addrs.dedup();
         addrs
+    }
+
+    pub(super) fn refusals(&self) -> Vec<Refusal> {
+        let st = self.state.lock();
+        let seeds = st.seeds.iter().filter(|s| s.peer.is_none()).filter_map(|s| s.refused.clone());
+        seeds.chain(st.peers.values().filter_map(|p| p.refused.clone())).collect()
     }
 
     pub(super) fn members(&self) -> Vec<Member> {
@@ -437,6 +496,9 @@ impl Shared {
             handshake_failures: get(&c.handshake_failures),
             refused_over_cap: get(&c.refused_over_cap),
             protocol_errors: get(&c.protocol_errors),
+            refused_hash_secret: get(&c.refused_hash_secret),
+            refused_certificate: get(&c.refused_certificate),
+            refused_identity: get(&c.refused_identity),
             packets_dropped_by_faults: self.faults.dropped.load(Ordering::Relaxed),
         }
     }
@@ -479,7 +541,12 @@ async fn accept(shared: Arc<Shared>) {
                     }
                     return;
                 }
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => {
+                    if tls_failure(&e) {
+                        sh.counters.refused(RefusalReason::Certificate);
+                    }
+                    e.to_string()
+                }
                 Err(_) => "handshake timed out".to_string(),
             };
             sh.incoming.fetch_sub(1, Ordering::Relaxed);
@@ -584,7 +651,7 @@ impl State {
                 }
                 match result {
                     Ok(conn) => self.register(sh, conn, Some(target), seq),
-                    Err(error) => self.dial_failed(sh, target, addr, &error),
+                    Err((error, tls)) => self.dial_failed(sh, target, addr, &error, tls),
                 }
             }
             Event::Datagram { conn, bytes } => {
@@ -606,7 +673,14 @@ impl State {
             Event::Closed { conn, reason } => self.closed(sh, conn, reason),
             Event::AddSeed(addr) => {
                 if !self.seeds.iter().any(|s| s.addr == addr) {
-                    self.seeds.push(SeedEntry { addr, peer: None, is_self: false, failed_once: false, dial: Backoff::now() });
+                    self.seeds.push(SeedEntry {
+                        addr,
+                        peer: None,
+                        is_self: false,
+                        failed_once: false,
+                        refused: None,
+                        dial: Backoff::now(),
+                    });
                     let _ = sh.joined.send_replace(false);
                 }
             }
@@ -642,18 +716,32 @@ impl State {
         Duration::from_millis(jittered + defer)
     }
 
-    fn dial_failed(&mut self, sh: &Arc<Shared>, target: Target, addr: SocketAddr, error: &str) {
+    fn dial_failed(&mut self, sh: &Arc<Shared>, target: Target, addr: SocketAddr, error: &str, tls: bool) {
         inc(&sh.counters.dial_failures, 1);
+        let refusal = tls.then(|| {
+            sh.counters.refused(RefusalReason::Certificate);
+            let first = self.dial_state(target).is_some_and(|d| d.failures == 0);
+            if first {
+                tracing::error!(%addr, %error, "refused peer: the TLS handshake failed (a certificate another CA signed, expired, or not for this use)");
+            }
+            Refusal { addr, peer: None, seed: false, reason: RefusalReason::Certificate, detail: format!("TLS handshake failed: {error}") }
+        });
         let (failures, peer) = match target {
             Target::Seed(i) => match self.seeds.get_mut(i) {
                 Some(s) => {
                     s.failed_once = true;
+                    s.refused = refusal.map(|r| Refusal { seed: true, ..r });
                     (s.dial.failures, None)
                 }
                 None => return,
             },
-            Target::Peer(p) => match self.peers.get(&p) {
-                Some(e) => (e.dial.failures, Some(p)),
+            Target::Peer(p) => match self.peers.get_mut(&p) {
+                Some(e) => {
+                    if let Some(r) = refusal {
+                        e.refused = Some(Refusal { peer: Some(e.name.clone()), seed: e.seed, ..r });
+                    }
+                    (e.dial.failures, Some(p))
+                }
                 None => return,
             },
         };
@@ -683,10 +771,10 @@ impl State {
             let result = match sh2.endpoint.connect(addr, server_name) {
                 Ok(connecting) => match tokio::time::timeout(sh2.settings.handshake_timeout, connecting).await {
                     Ok(Ok(conn)) => Ok(conn),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("handshake timed out".to_string()),
+                    Ok(Err(e)) => Err((e.to_string(), tls_failure(&e))),
+                    Err(_) => Err(("handshake timed out".to_string(), false)),
                 },
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err((e.to_string(), false)),
             };
             let _ = sh2.events.send(Event::Dialed { target, seq, addr, result }).await;
         });
@@ -735,11 +823,54 @@ impl State {
     }
 
     fn check_joined(&self, sh: &Shared) {
-        let done =
-            self.seeds.iter().all(|s| s.is_self || s.failed_once || s.peer.and_then(|p| self.peers.get(&p)).is_some_and(|p| p.synced));
+        let done = self.seeds.iter().all(|s| {
+            s.is_self || s.failed_once || s.peer.and_then(|p| self.peers.get(&p)).is_some_and(|p| p.synced || p.refused.is_some())
+        });
         if done && !*sh.joined.borrow() {
             let _ = sh.joined.send_replace(true);
         }
+    }
+
+    /// A seed's refusal, if it (or the node that answered there) is refused.
+    fn seed_refusal(&self, s: &SeedEntry) -> Option<Refusal> {
+        match s.peer {
+            None => s.refused.clone(),
+            Some(p) => self.peers.get(&p).and_then(|p| p.refused.clone()).map(|r| Refusal { addr: s.addr, seed: true, ..r }),
+        }
+    }
+
+    /// Every seed's refusal, if there is at least one seed other than this node and every
+    /// one of them is refused.
+    fn all_seeds_refused(&self) -> Option<Vec<Refusal>> {
+        let seeds: Vec<&SeedEntry> = self.seeds.iter().filter(|s| !s.is_self).collect();
+        if seeds.is_empty() {
+            return None;
+        }
+        seeds.into_iter().map(|s| self.seed_refusal(s)).collect()
+    }
+
+    /// Seeds that have not sent a full sync, with their refusal if any.
+    fn unanswered_seeds(&self) -> Vec<(SocketAddr, Option<Refusal>)> {
+        self.seeds
+            .iter()
+            .filter(|s| !s.is_self && !s.peer.and_then(|p| self.peers.get(&p)).is_some_and(|p| p.synced))
+            .map(|s| (s.addr, self.seed_refusal(s)))
+            .collect()
+    }
+
+    /// Records that the connection `conn_id` to `peer` was refused (counted once per
+    /// connection) and re-checks the join.
+    fn refuse_peer(&mut self, sh: &Shared, conn_id: u64, peer: PeerId, addr: SocketAddr, reason: RefusalReason, detail: String) {
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            if std::mem::replace(&mut c.refused, true) {
+                return;
+            }
+        }
+        sh.counters.refused(reason);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.refused = Some(Refusal { addr: p.addr.unwrap_or(addr), peer: Some(p.name.clone()), seed: p.seed, reason, detail });
+        }
+        self.check_joined(sh);
     }
 
     /// A connection's handshake completed: check who it is and start its tasks.
@@ -755,6 +886,7 @@ impl State {
         };
         let Some(name) = tls::peer_node_name(&conn) else {
             tracing::warn!(remote = %conn.remote_address(), "refused connection: the peer certificate names no node");
+            sh.counters.refused(RefusalReason::Identity);
             refuse(&conn, "no node name");
             return;
         };
@@ -776,6 +908,12 @@ impl State {
         if let Some(Target::Peer(expected)) = target {
             if expected != id {
                 tracing::warn!(expected = %self.name_of(expected), answered = %name, remote = %conn.remote_address(), "refused connection: another node answered");
+                sh.counters.refused(RefusalReason::Identity);
+                if let Some(p) = self.peers.get_mut(&expected) {
+                    let detail = format!("{name} answered at its address");
+                    let addr = conn.remote_address();
+                    p.refused = Some(Refusal { addr, peer: Some(p.name.clone()), seed: p.seed, reason: RefusalReason::Identity, detail });
+                }
                 refuse(&conn, "unexpected node");
                 return;
             }
@@ -806,6 +944,7 @@ impl State {
                 writer: Some(writer),
                 tasks,
                 incoming: incoming_slot,
+                refused: false,
             },
         );
         let is_seed = matches!(target, Some(Target::Seed(_)));
@@ -820,12 +959,14 @@ impl State {
             active: None,
             seed: false,
             synced: false,
+            refused: None,
             dial: Backoff::now(),
         });
         entry.seed |= is_seed;
         if let Some(Target::Seed(i)) = target {
             if let Some(s) = self.seeds.get_mut(i) {
                 s.peer = Some(id);
+                s.refused = None;
             }
         }
     }
@@ -932,6 +1073,9 @@ impl State {
             inc(&sh.counters.protocol_errors, 1);
             tracing::error!(peer = %name, "refused peer: it hashes client ids with another secret; every member must build its limiter with the same hash_secret");
             c.conn.close(close::REFUSED, b"hash secret mismatch");
+            let addr = c.conn.remote_address();
+            let detail = "it hashes client ids with another secret (every member needs the same Builder::hash_secret)".to_string();
+            self.refuse_peer(sh, conn_id, peer, addr, RefusalReason::HashSecret, detail);
             return;
         }
         c.hello = Some(h);
@@ -950,6 +1094,7 @@ impl State {
             tracing::warn!(peer = %name, incarnation = h.incarnation, previous = p.incarnation, "peer restarted with a lower incarnation");
         }
         p.left = None;
+        p.refused = None;
         // Which connection to keep.
         let keep_new = match p.active.and_then(|a| self.conns.get(&a)) {
             None => true,
@@ -1027,6 +1172,7 @@ impl State {
                             active: None,
                             seed: false,
                             synced: false,
+                            refused: None,
                             dial,
                         },
                     );
@@ -1037,6 +1183,20 @@ impl State {
     }
 
     fn closed(&mut self, sh: &Arc<Shared>, conn_id: u64, reason: ConnectionError) {
+        if let ConnectionError::ApplicationClosed(a) = &reason {
+            // The peer refused us (we saw no reason to refuse it ourselves yet).
+            let why = match &a.reason[..] {
+                b"hash secret mismatch" => Some(RefusalReason::HashSecret),
+                b"no node name" | b"unexpected node" => Some(RefusalReason::Identity),
+                _ => None,
+            };
+            if let (true, Some(why), Some(c)) = (a.error_code == close::REFUSED, why, self.conns.get(&conn_id)) {
+                let (peer, addr) = (c.peer, c.conn.remote_address());
+                let detail = format!("it refused this node: {}", String::from_utf8_lossy(&a.reason));
+                tracing::error!(peer = %self.name_of(peer), %detail, "refused by peer");
+                self.refuse_peer(sh, conn_id, peer, addr, why, detail);
+            }
+        }
         let Some(mut c) = self.conns.remove(&conn_id) else { return };
         c.abort();
         if c.incoming {

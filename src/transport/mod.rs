@@ -14,7 +14,7 @@
 //!     .cluster(config)
 //!     .start()
 //!     .await?;
-//! if limiter.allow("client-42", limiter.now_ms()) { /* serve */ }
+//! if limiter.allow_now("client-42") { /* serve */ }
 //! println!("{:?}", cluster.stats());
 //! cluster.shutdown().await; // announces the leave
 //! # Ok(()) }
@@ -58,19 +58,38 @@ use std::fmt;
 use std::hash::Hasher;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use siphasher::sip::SipHasher13;
 
-use crate::{Builder, GossipConfig, GossipStats, PeerId, RateLimiter, ReplicaId, StateEntry};
+use crate::{Builder, GossipConfig, GossipStats, PeerId, PeerStats, RateLimiter, ReplicaId, StateEntry};
 use driver::Shared;
 pub use tls::{TlsError, TlsIdentity};
 
 /// The largest gossip message [`ClusterConfig::new`] sets: what a QUIC datagram holds
 /// at the minimum path MTU (1200 bytes) with quinn's 8-byte connection ids.
 pub const DATAGRAM_MESSAGE_BYTES: usize = 1162;
+
+/// Default of [`ClusterConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`ClusterConfig::idle_timeout`]: a dead peer is noticed within 2 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default of [`ClusterConfig::keep_alive`]: a quarter of [`DEFAULT_IDLE_TIMEOUT`].
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// Default of [`ClusterConfig::max_incoming`].
+pub const DEFAULT_MAX_INCOMING: usize = 256;
+/// Default of [`ClusterConfig::stream_queue`].
+pub const DEFAULT_STREAM_QUEUE: usize = 4096;
+/// Default of [`ClusterConfig::datagram_buffer_bytes`].
+pub const DEFAULT_DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
+/// Default of [`ClusterConfig::reconnect_min`].
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Default of [`ClusterConfig::reconnect_max`].
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// Default of [`ClusterConfig::join_timeout`].
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The SipHash-1-3 key of [`node_id`]: the ASCII bytes `crdt-rl/` and `node-id\0`, each
 /// read as a little-endian `u64`. Fixed forever: changing it renames every node.
@@ -173,28 +192,33 @@ pub struct ClusterConfig {
     /// certificate and a fresh incarnation (the Unix ms at start). Default: the core's
     /// defaults with `max_message_bytes` = [`DATAGRAM_MESSAGE_BYTES`].
     pub gossip: GossipConfig,
-    /// How long a TLS handshake and the peer's first frame may take. Default 5 s.
+    /// How long a TLS handshake and the peer's first frame may take. Default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`] (5 s).
     pub handshake_timeout: Duration,
-    /// A connection silent this long is closed (QUIC idle timeout). Default 10 s;
-    /// more than `keep_alive`.
+    /// A connection silent this long is closed (QUIC idle timeout). Default
+    /// [`DEFAULT_IDLE_TIMEOUT`] (2 s); more than `keep_alive`.
     pub idle_timeout: Duration,
-    /// QUIC keep-alive interval. Default 1 s.
+    /// QUIC keep-alive interval. Default [`DEFAULT_KEEP_ALIVE`] (500 ms).
     pub keep_alive: Duration,
-    /// Cap on incoming connections, handshakes included; more are refused. Default 256.
+    /// Cap on incoming connections, handshakes included; more are refused. Default
+    /// [`DEFAULT_MAX_INCOMING`] (256).
     pub max_incoming: usize,
     /// Frames queued per peer for its stream; when full the newest is dropped and
-    /// counted. Default 4096 (with 1162-byte messages, about 4.5 MiB per peer at worst).
+    /// counted. Default [`DEFAULT_STREAM_QUEUE`] (4096; with 1162-byte messages, about
+    /// 4.5 MiB per peer at worst).
     pub stream_queue: usize,
     /// Bytes of datagrams quinn buffers per connection, each way; when full it drops the
-    /// oldest. Default 256 KiB.
+    /// oldest. Default [`DEFAULT_DATAGRAM_BUFFER_BYTES`] (256 KiB).
     pub datagram_buffer_bytes: usize,
     /// First reconnection delay; doubles per failure up to `reconnect_max`, each drawn
-    /// with jitter between half and all of it. Default 100 ms.
+    /// with jitter between half and all of it. Default [`DEFAULT_RECONNECT_MIN`] (100 ms).
     pub reconnect_min: Duration,
-    /// Longest reconnection delay. Default 5 s.
+    /// Longest reconnection delay. Default [`DEFAULT_RECONNECT_MAX`] (1 s).
     pub reconnect_max: Duration,
-    /// How long [`Cluster::start`] waits for every seed to answer with a full sync (or to
-    /// fail to connect once) before it returns. Default 3 s; zero returns at once.
+    /// How long [`Cluster::start`] waits for every seed to answer with a full sync, to
+    /// refuse this node, or to fail to connect once, before it returns; seeds that have
+    /// not answered by then are logged (warn). Default [`DEFAULT_JOIN_TIMEOUT`] (3 s);
+    /// zero returns at once (and so never reports [`ClusterError::SeedsRefused`]).
     pub join_timeout: Duration,
     /// Seed of the gossip core's randomness. Default: derived from the node id and
     /// incarnation.
@@ -212,15 +236,15 @@ impl ClusterConfig {
             advertise: None,
             seeds: Vec::new(),
             gossip,
-            handshake_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(2),
-            keep_alive: Duration::from_millis(500),
-            max_incoming: 256,
-            stream_queue: 4096,
-            datagram_buffer_bytes: 256 * 1024,
-            reconnect_min: Duration::from_millis(100),
-            reconnect_max: Duration::from_secs(1),
-            join_timeout: Duration::from_secs(3),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            max_incoming: DEFAULT_MAX_INCOMING,
+            stream_queue: DEFAULT_STREAM_QUEUE,
+            datagram_buffer_bytes: DEFAULT_DATAGRAM_BUFFER_BYTES,
+            reconnect_min: DEFAULT_RECONNECT_MIN,
+            reconnect_max: DEFAULT_RECONNECT_MAX,
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
             rng_seed: None,
         }
     }
@@ -279,6 +303,84 @@ pub enum ClusterError {
     /// Not called from within a tokio runtime.
     #[error("Cluster::start must run inside a tokio runtime")]
     NoRuntime,
+    /// The limiter was built without [`Builder::hash_secret`]. Its default, random per
+    /// process, would make every member hash client ids its own way: members would refuse
+    /// each other and each admit the full limit.
+    #[error(
+        "the limiter has no hash secret: build it with Builder::hash_secret, the same on every member \
+         (a secret of its own per process would let each member admit the full limit)"
+    )]
+    MissingHashSecret,
+    /// Every seed refused this node, or this node refused every seed, within
+    /// [`ClusterConfig::join_timeout`]: which, and why.
+    #[error("every seed refused this node: {}", list_refusals(.0))]
+    SeedsRefused(Vec<Refusal>),
+}
+
+fn list_refusals(list: &[Refusal]) -> String {
+    list.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// Why a peer and this node could not work together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// It hashes client ids with another secret: the fingerprints of the hash secret in
+    /// the two first frames differ ([`Builder::hash_secret`]).
+    HashSecret,
+    /// The TLS handshake failed: its certificate was refused, or it refused ours (signed
+    /// by another CA, expired, not for client or server use).
+    Certificate,
+    /// Its certificate names no node, or another node than the one dialed.
+    Identity,
+}
+
+impl RefusalReason {
+    /// The `reason` label of the metric [`crate::metrics`] publishes:
+    /// `hash_secret`, `certificate` or `identity`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::HashSecret => "hash_secret",
+            Self::Certificate => "certificate",
+            Self::Identity => "identity",
+        }
+    }
+}
+
+impl fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HashSecret => "another hash secret",
+            Self::Certificate => "certificate refused",
+            Self::Identity => "wrong node identity",
+        })
+    }
+}
+
+/// A peer refused (by this node or by the peer), kept until a connection to it works.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Refusal {
+    /// Where it was dialed, or where it connected from.
+    pub addr: SocketAddr,
+    /// Its name, when its certificate was read.
+    pub peer: Option<String>,
+    /// Whether it is one of this node's seeds.
+    pub seed: bool,
+    /// The kind of refusal.
+    pub reason: RefusalReason,
+    /// What happened, in words.
+    pub detail: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)?;
+        if let Some(p) = &self.peer {
+            write!(f, " ({p})")?;
+        }
+        write!(f, ": {}: {}", self.reason, self.detail)
+    }
 }
 
 /// A member as this node sees it.
@@ -354,6 +456,15 @@ pub struct ClusterStats {
     /// Connections closed for a protocol violation, a bad first frame or a mismatch
     /// (hash secret, name).
     pub protocol_errors: u64,
+    /// Connections refused because the peer hashes with another secret (by either side;
+    /// each connection counted once). See [`Cluster::refusals`].
+    pub refused_hash_secret: u64,
+    /// Handshakes that failed on a certificate, incoming or dialed (ours refused theirs,
+    /// or theirs refused ours).
+    pub refused_certificate: u64,
+    /// Connections refused because the certificate named no node, or another node than
+    /// the one dialed.
+    pub refused_identity: u64,
     /// Packets dropped by the fault hooks.
     pub packets_dropped_by_faults: u64,
 }
@@ -372,6 +483,7 @@ impl ClusterStats {
 pub struct Cluster {
     shared: Arc<Shared>,
     limiter: RateLimiter,
+    shut_down: AtomicBool,
 }
 
 impl fmt::Debug for Cluster {
@@ -392,20 +504,28 @@ impl Cluster {
     /// current windows before it decides. Must run inside a tokio runtime (with the
     /// `time` and `net` drivers).
     ///
-    /// Every member must build its limiter with the same `hash_secret`: a peer that
-    /// hashes with another is refused (logged at error). Attach a limiter to one cluster
-    /// only.
+    /// Every member must build its limiter with the same [`Builder::hash_secret`]; one
+    /// built without is refused here ([`ClusterError::MissingHashSecret`]). A peer that
+    /// hashes with another secret is refused (logged at error, counted in
+    /// [`ClusterStats::refused_hash_secret`], listed by [`refusals`](Self::refusals)).
+    /// Seeds that neither answer nor fail by `join_timeout` are logged (warn). Attach a
+    /// limiter to one cluster only.
     ///
     /// # Errors
     /// [`ClusterError`] when the certificate cannot be loaded, a setting is out of range,
-    /// the socket cannot be bound, or there is no tokio runtime.
+    /// the limiter has no hash secret, the socket cannot be bound, or there is no tokio
+    /// runtime; [`ClusterError::SeedsRefused`] when, by `join_timeout`, every seed (at
+    /// least one, other than this node) refused this node or was refused by it.
     pub async fn start(limiter: RateLimiter, config: ClusterConfig) -> Result<Self, ClusterError> {
         config.validate()?;
+        if !limiter.hash_secret_chosen() {
+            return Err(ClusterError::MissingHashSecret);
+        }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ClusterError::NoRuntime);
         }
         let shared = driver::start(limiter.clone(), config).await?;
-        Ok(Self { shared, limiter })
+        Ok(Self { shared, limiter, shut_down: AtomicBool::new(false) })
     }
 
     /// The limiter this member replicates.
@@ -446,6 +566,19 @@ impl Cluster {
     /// Counters of the core and the transport.
     pub fn stats(&self) -> ClusterStats {
         self.shared.stats()
+    }
+
+    /// What the gossip core knows of each peer: up or down, last heard, round trip and
+    /// clock offset ([`GossipNode::peer_stats`](crate::GossipNode::peer_stats)).
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.shared.state.lock().node.peer_stats()
+    }
+
+    /// Peers refused and not working since: seeds that refused this node (or that it
+    /// refused) and members whose connection was refused, each with the reason. Empty
+    /// when the cluster is healthy; a health check reports degraded while it is not.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.shared.refusals()
     }
 
     /// Every count this node holds ([`GossipNode::state`](crate::GossipNode::state) at
@@ -505,7 +638,13 @@ impl Cluster {
     /// them, then closes every connection with the leave code, so peers remove this node
     /// at once (its counts stay with them until their windows expire). Stop deciding
     /// requests first; the limiter then works on its own.
-    pub async fn shutdown(self) {
+    ///
+    /// Takes `&self`, so it can be called through a shared handle (`Arc<Cluster>`).
+    /// Idempotent: a second call returns at once.
+    pub async fn shutdown(&self) {
+        if self.shut_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
         driver::shutdown(&self.shared).await;
     }
 
