@@ -20,7 +20,8 @@
 //! (whose own cost, about 20 ns, is included on both sides).
 //!
 //! Run: `cargo bench --bench threads` (about a minute on 2 cores). Pass thread counts to
-//! change the axis: `cargo bench --bench threads -- 1 2 4`.
+//! change the axis (`cargo bench --bench threads -- 1 2 4`), and `hot` for the hot-key
+//! rows alone.
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -172,6 +173,7 @@ fn main() {
     if axis.is_empty() {
         axis = vec![1, 2, 4, 8, 16];
     }
+    let hot_only = std::env::args().any(|a| a == "hot");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("threads bench: {cores} cores, {REPS} runs of {} ms per cell, medians; M decisions/s, all threads together", RUN.as_millis());
     println!();
@@ -190,6 +192,9 @@ fn main() {
         let g = median_rate(&gl, t, |_| (&hot[..], 0));
         base = base.or(Some(o));
         row("one key shared by all threads", t, o, g, base);
+    }
+    if hot_only {
+        return;
     }
 
     let per_thread: Vec<Vec<String>> = (0..axis.iter().copied().max().unwrap_or(1)).map(|t| vec![format!("client-{t}")]).collect();
@@ -221,12 +226,13 @@ fn main() {
     }
     drop((rl, gl, many));
 
-    // Neighbours: one shard; thread 0 cycles through 1000 other clients.
+    // Neighbours: one shard; thread 0 cycles through 1000 other clients. Only up to one
+    // thread per core: beyond, the neighbour's loss is its share of the CPU.
     println!();
     println!("| neighbours of a hot key (one shard) | threads on the hot key | their rate alone | beside the hot key | slowdown |");
     println!("|---|---|---|---|---|");
     let others: Vec<String> = (0..1000).map(|i| format!("other-{i}")).collect();
-    for &t in axis.iter().filter(|&&t| t >= 2) {
+    for &t in axis.iter().filter(|&&t| t >= 2 && t <= cores) {
         let rl = ours(Some(1));
         let alone = median((0..REPS).map(|_| rate(&rl, 1, |_| (&others[..], 0))).collect());
         let beside = median(

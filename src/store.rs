@@ -56,10 +56,12 @@
 //! Why leases: a compare-and-swap on one packed count per key (measured as the same cell
 //! with one stripe, `docs/benchmarks.md`) removes the lock but keeps one cache line
 //! bouncing between cores, and two threads then deliver less than one. Striped leases
-//! touch a shared line only once per lease. Only `allow` with the default quota and
-//! optimistic admission uses leases; `check` (which reports exact remaining counts),
-//! per-client quotas and bounded admission (whose per-round budget is decided under the
-//! lock) take the lock path as before, which first takes the key's leases back.
+//! touch a shared line only once per lease. Under bounded admission a lease is also
+//! drawn from the round's budget (at most half of what is left of it), belongs to its
+//! round, and counts against that budget when folded in, so the round's budget is spent
+//! exactly as under the lock. Only `allow` with the store's quota uses leases; `check`
+//! (which reports exact remaining counts) and per-client quotas take the lock path as
+//! before, which first takes the key's leases back.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -176,8 +178,18 @@ struct HotHead {
     state: AtomicU64,
     key: AtomicU64,
     window_ms: AtomicU64,
+    /// The bounded policy's round the leases belong to, or [`NO_ROUND`].
+    round: AtomicU64,
     /// Requests of this epoch's key and window timestamped before this are refused.
     deny_until: AtomicI64,
+}
+
+/// The head's round when leases are not drawn from a round budget.
+const NO_ROUND: u64 = u64::MAX;
+
+#[inline]
+fn round_word(round: Option<u32>) -> u64 {
+    round.map_or(NO_ROUND, u64::from)
 }
 
 #[derive(Default)]
@@ -201,10 +213,10 @@ impl HotCell {
     /// Spends one unit of the calling thread's lease, or reports a standing refusal.
     /// `None`: the lock path decides.
     #[inline]
-    fn try_admit(&self, key: u64, ts_ms: i64) -> Option<bool> {
+    fn try_admit(&self, key: u64, ts_ms: i64, round: Option<u32>) -> Option<bool> {
         let h = &self.head.0;
         let s1 = h.state.load(Ordering::Acquire);
-        if s1 & 1 != 0 || h.key.load(Ordering::Acquire) != key {
+        if s1 & 1 != 0 || h.key.load(Ordering::Acquire) != key || h.round.load(Ordering::Acquire) != round_word(round) {
             return None;
         }
         let w = h.window_ms.load(Ordering::Acquire) as i64;
@@ -240,6 +252,9 @@ struct HotState {
     /// Even; the head's epoch while stable.
     epoch: u32,
     window: u32,
+    /// The bounded policy's round the leases are drawn from (their admissions count
+    /// against that round's budget when folded in).
+    round: Option<u32>,
     /// Stripes holding a lease (one bit each).
     granted: u32,
     /// The last contended key that was not promoted: a second contention in a row
@@ -284,15 +299,17 @@ impl HotState {
 
     /// Points the cell at `key` in `window` (of `window_ms`) under a new epoch, with no
     /// standing refusal. Every lease must have been taken back.
-    fn rearm(&mut self, cell: &HotCell, key: u64, window: u32, window_ms: u64) {
+    fn rearm(&mut self, cell: &HotCell, key: u64, window: u32, window_ms: u64, round: Option<u32>) {
         debug_assert_eq!(self.granted, 0);
         let h = &cell.head.0;
         h.state.store((u64::from(self.window) << 32) | u64::from(self.epoch | 1), Ordering::SeqCst);
         self.epoch = self.epoch.wrapping_add(2);
         self.key = key;
         self.window = window;
+        self.round = round;
         h.key.store(key, Ordering::SeqCst);
         h.window_ms.store(window_ms, Ordering::SeqCst);
+        h.round.store(round_word(round), Ordering::SeqCst);
         h.deny_until.store(i64::MIN, Ordering::SeqCst);
         h.state.store((u64::from(window) << 32) | u64::from(self.epoch), Ordering::SeqCst);
     }
@@ -377,7 +394,7 @@ impl Shard {
         let spent = self.hot.reclaim_all(cell);
         self.tally.allowed += spent;
         if let Some(i) = self.table.find(self.hot.key) {
-            add_local(self.table.at(i), spent, &mut self.dirty, track);
+            settle(self.table.at(i), &mut self.remote, self.hot.round, spent, &mut self.dirty, track);
         }
     }
 
@@ -387,7 +404,7 @@ impl Shard {
         self.fold_hot(cell, track);
         if let Some(cell) = cell {
             if self.hot.key != 0 {
-                self.hot.rearm(cell, 0, 0, 0);
+                self.hot.rearm(cell, 0, 0, 0, None);
             }
         }
     }
@@ -540,14 +557,14 @@ impl Store {
 
     /// Like [`decide`](Self::decide) but computes only whether to admit.
     ///
-    /// With the store's quota and no budget, a key promoted to its shard's hot cell is
+    /// With the store's quota, a key promoted to its shard's hot cell is
     /// decided without the lock while its thread's lease lasts (see the module doc).
     #[inline]
     pub(crate) fn admit(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<bool, Error> {
-        let lease = quota.is_none() && budget.is_none();
+        let lease = quota.is_none();
         if lease {
             if let Some(cell) = self.shard(key.max(1)).hot.get() {
-                if let Some(v) = cell.try_admit(key.max(1), ts_ms) {
+                if let Some(v) = cell.try_admit(key.max(1), ts_ms, budget.map(|b| b.round)) {
                     return Ok(v);
                 }
             }
@@ -622,7 +639,7 @@ impl Store {
                 let hot = cell.hot.get_or_init(Box::default);
                 shard.fold_hot(Some(hot), track);
                 let w = shard.table.at(slot).window;
-                shard.hot.rearm(hot, key, w, quota.window_ms());
+                shard.hot.rearm(hot, key, w, quota.window_ms(), None);
                 shard.hot.candidate = 0;
             } else {
                 shard.hot.candidate = key;
@@ -731,7 +748,7 @@ impl Store {
         let e = table.at(at);
         let age = -Shard::roll(e, remote, window32).min(0);
         if let Some(cell) = hot.filter(|_| hs.key == key && hs.window != e.window) {
-            hs.rearm(cell, key, e.window, shard.quota.window_ms());
+            hs.rearm(cell, key, e.window, shard.quota.window_ms(), hs.round);
         }
         if age > 1 {
             return Ok(false);
@@ -915,6 +932,19 @@ fn add_local(e: &mut Entry, n: u64, dirty: &mut Vec<u64>, track: bool) {
     mark_cur(e, dirty, track);
 }
 
+/// Folds `n` admissions spent from leases into `e`'s count and, when the leases were
+/// drawn from the round budget in force, into what that round has spent.
+#[inline]
+fn settle(e: &mut Entry, remote: &mut [Remote], round: Option<u32>, n: u64, dirty: &mut Vec<u64>, track: bool) {
+    add_local(e, n, dirty, track);
+    if let (Some(i), Some(_)) = (remote_of(e), round) {
+        let r = &mut remote[i];
+        if r.round == round {
+            r.spent += n;
+        }
+    }
+}
+
 /// Marks the current window's local count of `e` as changed, for gossip.
 #[inline]
 fn mark_cur(e: &mut Entry, dirty: &mut Vec<u64>, track: bool) {
@@ -943,14 +973,15 @@ fn apply<V: Outcome>(
     // The hot key: fold in what the caller's stripe spent and count the other stripes'
     // leases as used, or (any other request) take every lease back.
     let hot = hot.filter(|_| hs.key == key);
+    let round = req.budget.map(|b| b.round);
     let mut reserved = 0;
     if let Some(cell) = hot {
         let spent = match req.lease {
-            Some(i) if e.window == req.window && hs.window == req.window => hs.reclaim(cell, i),
+            Some(i) if e.window == req.window && hs.window == req.window && hs.round == round => hs.reclaim(cell, i),
             _ => hs.reclaim_all(cell),
         };
         tally.allowed += spent;
-        add_local(e, spent, dirty, req.track);
+        settle(e, remote, hs.round, spent, dirty, req.track);
         reserved = hs.reserved(cell);
     }
     let rolled = Shard::roll(e, remote, req.window);
@@ -958,7 +989,7 @@ fn apply<V: Outcome>(
         // A late request: charged to the key's newest window, at its start.
         elapsed = 0;
     }
-    let counts_of = |e: &Entry, reserved: u64| {
+    let counts_of = |e: &Entry, remote: &[Remote], reserved: u64| {
         let (mut cur, mut prev) = (u64::from(e.cur) + reserved, u64::from(e.prev));
         if let Some(i) = remote_of(e) {
             cur += remote[i].cur_sum;
@@ -966,16 +997,18 @@ fn apply<V: Outcome>(
         }
         Counts { cur, prev }
     };
-    let mut counts = counts_of(e, reserved);
+    let mut counts = counts_of(e, remote, reserved);
     let mut v = f(*strategy, req.quota, counts, elapsed);
     if let Some(cell) = hot.filter(|_| !v.allowed() && reserved > 0) {
         // Unspent leases may be all that is missing: decide again on the exact count.
         let spent = hs.reclaim_all(cell);
         tally.allowed += spent;
-        add_local(e, spent, dirty, req.track);
-        counts = counts_of(e, 0);
+        settle(e, remote, hs.round, spent, dirty, req.track);
+        reserved = 0;
+        counts = counts_of(e, remote, 0);
         v = f(*strategy, req.quota, counts, elapsed);
     }
+    let rule_allowed = v.allowed();
     if v.allowed() {
         if let Some(b) = req.budget {
             let i = Shard::ensure_remote(remote, free_remote, e);
@@ -999,7 +1032,16 @@ fn apply<V: Outcome>(
                 r.budget = budget;
                 r.allotted_others = others;
             }
-            if r.spent >= r.budget {
+            if let Some(cell) = hot.filter(|_| r.spent + reserved >= r.budget && reserved > 0) {
+                // The round's budget may be out in unspent leases: take them back.
+                let spent = hs.reclaim_all(cell);
+                tally.allowed += spent;
+                settle(e, remote, hs.round, spent, dirty, req.track);
+                reserved = 0;
+            }
+            let r = &mut remote[i];
+            // Leases out were drawn from this round's budget.
+            if r.spent + reserved >= r.budget {
                 v = v.refuse(b.round_left_ms);
             } else {
                 r.spent += 1;
@@ -1017,21 +1059,25 @@ fn apply<V: Outcome>(
         mark_cur(e, dirty, req.track);
     }
     if let Some(cell) = hot {
-        if hs.window != e.window {
-            hs.rearm(cell, key, e.window, req.quota.window_ms());
+        if hs.window != e.window || hs.round != round {
+            hs.rearm(cell, key, e.window, req.quota.window_ms(), round);
         }
         match req.lease {
             Some(i) if rolled >= 0 && v.allowed() => {
-                // Lease half of what remains after this request, leases out counted.
+                // Lease half of what remains after this request, leases out counted
+                // (and half of what is left of the round's budget).
                 let after = algorithm::evaluate(*strategy, req.quota, Counts { cur: counts.cur + 1, ..counts }, elapsed);
-                let lease = ((after.remaining + u64::from(after.allowed)) / 2).min(LEASE_MAX);
+                let mut lease = ((after.remaining + u64::from(after.allowed)) / 2).min(LEASE_MAX);
+                if let Some(r) = remote_of(e).filter(|_| round.is_some()).map(|i| &remote[i]) {
+                    lease = lease.min(r.budget.saturating_sub(r.spent + reserved) / 2);
+                }
                 if lease > 0 {
                     hs.grant(cell, i, lease, elapsed);
                     // Spent leases reach gossip through the next collection.
                     mark_cur(e, dirty, req.track);
                 }
             }
-            Some(_) if rolled >= 0 && hs.granted == 0 => {
+            Some(_) if rolled >= 0 && !rule_allowed && hs.granted == 0 => {
                 // Refused on the exact count: so is every request of this window until
                 // the strategy's retry time (counts only grow).
                 if let Some(retry) = algorithm::evaluate(*strategy, req.quota, counts, elapsed).retry_after_ms {
@@ -1227,19 +1273,49 @@ mod tests {
     /// Makes `key` its shard's hot key: a request from another thread meets the lock held.
     /// Returns how many requests that took (each may be admitted).
     fn promote(s: &Store, key: u64, ts: i64) -> u64 {
+        promote_with(s, key, ts, None).0
+    }
+
+    /// Like [`promote`], with a round budget; also returns how many were admitted.
+    fn promote_with(s: &Store, key: u64, ts: i64, budget: Option<&Budget>) -> (u64, u64) {
+        let mut admitted = 0;
         for attempt in 1..=100u64 {
             let guard = s.shard(key).lock.lock();
             std::thread::scope(|sc| {
-                let h = sc.spawn(|| s.admit(key, ts, ts, None, None).unwrap());
+                let h = sc.spawn(|| s.admit(key, ts, ts, None, budget).unwrap());
                 std::thread::sleep(Duration::from_millis(attempt * 5));
                 drop(guard);
-                h.join().unwrap();
+                admitted += u64::from(h.join().unwrap());
             });
             if s.shard(key).lock.lock().hot.key == key {
-                return attempt;
+                return (attempt, admitted);
             }
         }
         panic!("never promoted");
+    }
+
+    /// Bounded admission keeps its per-round budgets on a hot key: leases are drawn from
+    /// the round's budget, so four threads spend exactly what one thread does, round
+    /// after round.
+    #[test]
+    fn a_hot_key_under_bounded_admission_spends_exactly_its_round_budget() {
+        let b = |round| Budget { round, round_left_ms: 7, live_replicas: 4, salt: 99 };
+        let (one, many) = (store(1_000), store(1_000));
+        let (_, mut promoted) = promote_with(&many, 1, T0, Some(&b(0)));
+        for round in [0, 1, 3, 4] {
+            let expected = (0..2_000).filter(|_| one.admit(1, T0, T0, None, Some(&b(round))).unwrap()).count() as u64;
+            let total: u64 = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..4)
+                    .map(|_| sc.spawn(|| (0..500).filter(|_| many.admit(1, T0, T0, None, Some(&b(round))).unwrap()).count() as u64))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(total + promoted, expected, "round {round}");
+            promoted = 0;
+            let hot = &many.shard(1).lock.lock().hot;
+            assert_eq!((hot.key, hot.round), (1, Some(round)), "the leases follow the round");
+        }
+        assert_eq!(counts(&one, 1, T0), counts(&many, 1, T0));
     }
 
     fn admitted(s: &Store, key: u64, ts: i64, offered: usize) -> u64 {
