@@ -12,9 +12,11 @@
 //! Ours is passed a timestamp refreshed every 1024 calls (as a service passes the time
 //! it read for the request); governor reads its own clock.
 //!
-//! `neighbour` measures what a hot key costs the other clients of its shard: a limiter
-//! with one shard, one thread deciding for 1000 other clients alone, then beside
-//! `T - 1` threads on the hot key.
+//! `neighbours` measures what a hot key costs the other clients of its shard: a limiter
+//! with one shard, one thread deciding for 1000 other clients beside `T - 1` threads on
+//! a hot key, once in another limiter (the control: the cores are shared either way, and
+//! on SMT siblings that alone costs) and once in the same shard. The slowdown is the
+//! ratio of the two.
 //!
 //! Latency: every thread on the hot key, each call timed on its own with `Instant`
 //! (whose own cost, about 20 ns, is included on both sides).
@@ -226,38 +228,44 @@ fn main() {
     }
     drop((rl, gl, many));
 
-    // Neighbours: one shard; thread 0 cycles through 1000 other clients. Only up to one
+    // Neighbours: one shard; one thread cycles through 1000 other clients. Only up to one
     // thread per core: beyond, the neighbour's loss is its share of the CPU.
     println!();
-    println!("| neighbours of a hot key (one shard) | threads on the hot key | their rate alone | beside the hot key | slowdown |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| neighbours of a hot key (one shard) | threads on the hot key | their rate alone | hot key in another limiter | hot key in their shard | slowdown by the shard |"
+    );
+    println!("|---|---|---|---|---|---|");
     let others: Vec<String> = (0..1000).map(|i| format!("other-{i}")).collect();
     for &t in axis.iter().filter(|&&t| t >= 2 && t <= cores) {
-        let rl = ours(Some(1));
+        let (rl, elsewhere) = (ours(Some(1)), ours(Some(1)));
         let alone = median((0..REPS).map(|_| rate(&rl, 1, |_| (&others[..], 0))).collect());
-        let beside = median(
-            (0..REPS)
-                .map(|_| {
-                    let stop = AtomicBool::new(false);
-                    std::thread::scope(|s| {
-                        for _ in 1..t {
-                            let (rl, stop, hot) = (&rl, &stop, &hot);
-                            s.spawn(move || spin(rl, hot, 0, stop));
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                        let r = rate(&rl, 1, |_| (&others[..], 0));
-                        stop.store(true, Ordering::Relaxed);
-                        r
+        let beside = |hot_in: &RateLimiter| {
+            median(
+                (0..REPS)
+                    .map(|_| {
+                        let stop = AtomicBool::new(false);
+                        std::thread::scope(|s| {
+                            for _ in 1..t {
+                                let (stop, hot) = (&stop, &hot);
+                                s.spawn(move || spin(hot_in, hot, 0, stop));
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                            let r = rate(&rl, 1, |_| (&others[..], 0));
+                            stop.store(true, Ordering::Relaxed);
+                            r
+                        })
                     })
-                })
-                .collect(),
-        );
+                    .collect(),
+            )
+        };
+        let (control, same) = (beside(&elsewhere), beside(&rl));
         println!(
-            "| 1000 other clients, 1 thread | {} | {:.1} M/s | {:.1} M/s | {:.2}× |",
+            "| 1000 other clients, 1 thread | {} | {:.1} M/s | {:.1} M/s | {:.1} M/s | {:.2}× |",
             t - 1,
             alone / 1e6,
-            beside / 1e6,
-            alone / beside
+            control / 1e6,
+            same / 1e6,
+            control / same
         );
     }
 

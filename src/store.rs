@@ -37,7 +37,7 @@
 //!
 //! # One hot key on many threads: leases
 //! A key whose requests meet its shard's lock held by another thread is promoted to its
-//! shard's *hot cell* (one per shard, allocated on first contention, 2.2 KiB). The cell
+//! shard's *hot cell* (one per shard, allocated on first contention, 2,176 bytes). The cell
 //! holds one lease word per stripe (16 stripes, each on its own cache line; a thread
 //! always uses the same stripe): a lease is a number of admissions the lock path has
 //! already decided are within the limit, and `allow` spends them with one
@@ -341,10 +341,11 @@ struct Shard {
 }
 
 /// A shard: its lock, and the hot cell the lock-free path reads (allocated on first
-/// contention, never freed before the store).
+/// contention, never freed before the store). The cell's pointer has a cache line of its
+/// own: every hot-key decision reads it, and every other key's decision writes the lock.
 struct ShardCell {
     lock: Mutex<Shard>,
-    hot: OnceLock<Box<HotCell>>,
+    hot: Padded<OnceLock<Box<HotCell>>>,
 }
 
 /// Decisions counted by a store.
@@ -512,7 +513,7 @@ impl Store {
                         cap_swept: None,
                         hot: HotState::default(),
                     }),
-                    hot: OnceLock::new(),
+                    hot: Padded(OnceLock::new()),
                 })
             })
             .collect();
@@ -563,7 +564,7 @@ impl Store {
     pub(crate) fn admit(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<bool, Error> {
         let lease = quota.is_none();
         if lease {
-            if let Some(cell) = self.shard(key.max(1)).hot.get() {
+            if let Some(cell) = self.shard(key.max(1)).hot.0.get() {
                 if let Some(v) = cell.try_admit(key.max(1), ts_ms, budget.map(|b| b.round)) {
                     return Ok(v);
                 }
@@ -620,7 +621,7 @@ impl Store {
                     let newest = *self.acceptable_windows(now_ms, quota.window_ms()).end() as u32;
                     if windows_since(shard.table.at(i).window, newest) < 0 {
                         if shard.hot.key == key {
-                            shard.release_hot(cell.hot.get().map(|c| &**c), track);
+                            shard.release_hot(cell.hot.0.get().map(|c| &**c), track);
                         }
                         shard.table.at(i).window = window.wrapping_sub(2);
                     }
@@ -628,15 +629,14 @@ impl Store {
                 i
             }
             None => {
-                self.reserve_key(shard, cell.hot.get().map(|c| &**c), self.horizon(now_ms, quota.window_ms()))?;
+                self.reserve_key(shard, cell.hot.0.get().map(|c| &**c), self.horizon(now_ms, quota.window_ms()))?;
                 shard.table.insert_new_at(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE })
             }
         };
-        let lease = lease.then(stripe_index);
-        if lease.is_some() && contended && shard.hot.key != key {
+        if lease && contended && shard.hot.key != key {
             if shard.hot.key == 0 || shard.hot.candidate == key {
                 // Promote: the previous hot key's leases go back into its count first.
-                let hot = cell.hot.get_or_init(Box::default);
+                let hot = cell.hot.0.get_or_init(Box::default);
                 shard.fold_hot(Some(hot), track);
                 let w = shard.table.at(slot).window;
                 shard.hot.rearm(hot, key, w, quota.window_ms(), None);
@@ -646,7 +646,7 @@ impl Store {
             }
         }
         let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease };
-        Ok(apply(shard, cell.hot.get().map(|c| &**c), slot, &req, f))
+        Ok(apply(shard, cell.hot.0.get().map(|c| &**c), slot, &req, f))
     }
 
     /// Makes room for one more key in `shard` or refuses it.
@@ -684,7 +684,7 @@ impl Store {
             for s in self.shards.iter() {
                 if let Some(mut other) = s.0.lock.try_lock() {
                     let track = self.track_changes.load(Ordering::Relaxed);
-                    let removed = other.sweep(s.0.hot.get().map(|c| &**c), track, horizon);
+                    let removed = other.sweep(s.0.hot.0.get().map(|c| &**c), track, horizon);
                     self.forget(removed);
                 }
             }
@@ -722,7 +722,7 @@ impl Store {
         }
         let key = key.max(1);
         let cell = self.shard(key);
-        let hot = cell.hot.get().map(|c| &**c);
+        let hot = cell.hot.0.get().map(|c| &**c);
         let mut guard = cell.lock.lock();
         let shard = &mut *guard;
         let window32 = window as u32;
@@ -771,7 +771,7 @@ impl Store {
         for s in self.shards.iter() {
             let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
-            shard.fold_hot(s.0.hot.get().map(|c| &**c), true);
+            shard.fold_hot(s.0.hot.0.get().map(|c| &**c), true);
             let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
             std::mem::swap(&mut keys, &mut shard.dirty);
             for &key in &keys {
@@ -797,7 +797,7 @@ impl Store {
         let track = self.track_changes.load(Ordering::Relaxed);
         for s in self.shards.iter() {
             let mut shard = s.0.lock.lock();
-            shard.fold_hot(s.0.hot.get().map(|c| &**c), track);
+            shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
             let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
             for e in shard.table.slots() {
                 if !select(e.key) {
@@ -828,7 +828,7 @@ impl Store {
         for s in self.shards.iter() {
             let mut shard = s.0.lock.lock();
             let horizon = self.horizon(now_ms, shard.quota.window_ms());
-            let removed = shard.sweep(s.0.hot.get().map(|c| &**c), track, horizon);
+            let removed = shard.sweep(s.0.hot.0.get().map(|c| &**c), track, horizon);
             self.forget(removed);
             total += removed;
         }
@@ -844,7 +844,7 @@ impl Store {
             let shard = s.0.lock.lock();
             t.allowed += shard.tally.allowed;
             t.denied += shard.tally.denied;
-            if let Some(cell) = s.0.hot.get() {
+            if let Some(cell) = s.0.hot.0.get() {
                 t.allowed += shard.hot.spent(cell);
                 t.denied += cell.stripes.iter().map(|st| st.0.denied.load(Ordering::Relaxed)).sum::<u64>();
                 bytes += std::mem::size_of::<HotCell>();
@@ -877,7 +877,7 @@ impl Store {
             let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
             // Leases and published refusals were decided under the old quota.
-            shard.release_hot(s.0.hot.get().map(|c| &**c), self.track_changes.load(Ordering::Relaxed));
+            shard.release_hot(s.0.hot.0.get().map(|c| &**c), self.track_changes.load(Ordering::Relaxed));
             let old_w = shard.quota.window_ms() as i64;
             let new_w = quota.window_ms() as i64;
             shard.quota = quota;
@@ -917,9 +917,8 @@ struct Request<'a> {
     budget: Option<&'a Budget>,
     track: bool,
     ts_ms: i64,
-    /// The caller's stripe, when it may take a lease (`allow` with the store's quota
-    /// and no budget).
-    lease: Option<usize>,
+    /// Whether the caller may take a lease (`allow` with the store's quota).
+    lease: bool,
 }
 
 /// Adds `n` admissions made under leases to the local count of `e`.
@@ -973,10 +972,12 @@ fn apply<V: Outcome>(
     // The hot key: fold in what the caller's stripe spent and count the other stripes'
     // leases as used, or (any other request) take every lease back.
     let hot = hot.filter(|_| hs.key == key);
+    // The caller's stripe (looked up only for the hot key).
+    let lease = hot.and_then(|_| req.lease.then(stripe_index));
     let round = req.budget.map(|b| b.round);
     let mut reserved = 0;
     if let Some(cell) = hot {
-        let spent = match req.lease {
+        let spent = match lease {
             Some(i) if e.window == req.window && hs.window == req.window && hs.round == round => hs.reclaim(cell, i),
             _ => hs.reclaim_all(cell),
         };
@@ -1062,7 +1063,7 @@ fn apply<V: Outcome>(
         if hs.window != e.window || hs.round != round {
             hs.rearm(cell, key, e.window, req.quota.window_ms(), round);
         }
-        match req.lease {
+        match lease {
             Some(i) if rolled >= 0 && v.allowed() => {
                 // Lease half of what remains after this request, leases out counted
                 // (and half of what is left of the round's budget).
@@ -1324,6 +1325,7 @@ mod tests {
 
     #[test]
     fn a_hot_key_admits_exactly_the_limit_and_gossip_sees_every_admission() {
+        assert_eq!(std::mem::size_of::<HotCell>(), 2_176, "the size the module doc states");
         let s = store(10);
         s.track_changes();
         let tries = promote(&s, 1, T0 + 10);
