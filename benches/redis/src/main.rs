@@ -313,12 +313,14 @@ fn redis_accuracy(r: &Redis, algo: Algo, limit: u64, offered: u64, windows: u64)
         while t0.elapsed() < due {
             std::hint::spin_loop();
         }
+        // One reading of the clock for the script's window and for the tally's.
         let now = unix_ms();
         let w = (now / WINDOW_MS).saturating_sub(first);
         if w >= windows {
             break;
         }
-        if r.decide(&mut cons[(k % 3) as usize], algo, "client-7", limit, k).unwrap_or(false) {
+        let con = &mut cons[(k % 3) as usize];
+        if r.cmd(algo, "client-7", limit, now, k).query::<i64>(con).is_ok_and(|v| v == 1) {
             out[w as usize] += 1;
         }
     }
