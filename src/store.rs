@@ -62,6 +62,10 @@
 //! exactly as under the lock. Only `allow` with the store's quota uses leases; `check`
 //! (which reports exact remaining counts) and per-client quotas take the lock path as
 //! before, which first takes the key's leases back.
+//!
+//! The tally sees lease admissions as they are spent (and lock-free refusals at once);
+//! its `near_limit` count covers lock-path decisions only, as a lease decision does not
+//! know the count it was made at.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
