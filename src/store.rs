@@ -34,9 +34,41 @@
 //! With a [`Budget`], a key's first decision in each gossip round fixes its local budget
 //! for the round: this node's share of what the view says remains, in proportion to its
 //! own recent count against everyone's. See `docs/design.md`.
+//!
+//! # One hot key on many threads: leases
+//! A key whose requests meet its shard's lock held by another thread is promoted to its
+//! shard's *hot cell* (one per shard, allocated on first contention, 2,176 bytes). The cell
+//! holds one lease word per stripe (16 stripes, each on its own cache line; a thread
+//! always uses the same stripe): a lease is a number of admissions the lock path has
+//! already decided are within the limit, and `allow` spends them with one
+//! compare-and-swap on the caller's own line, without the lock. A thread whose lease is
+//! spent takes the lock, which folds what it spent into the key's count, decides the
+//! request exactly (counting every other stripe's unspent lease as used) and grants a
+//! new lease of half of what remains (at most [`LEASE_MAX`]). Before refusing, the lock
+//! path takes every lease back and decides again on the exact count, so a single node
+//! admits exactly what one lock would have admitted; the refusal is then published in
+//! the cell (until the time the strategy says a request could pass), so a client far over
+//! its limit is refused without the lock too. Leases are taken back, and the cell
+//! re-armed under a new epoch, whenever the key changes window, is merged, collected for
+//! gossip, exported, swept or re-quoted: gossip sees every spent lease at the next
+//! collection, as it sees any other count.
+//!
+//! Why leases: a compare-and-swap on one packed count per key (measured as the same cell
+//! with one stripe, `docs/benchmarks.md`) removes the lock but keeps one cache line
+//! bouncing between cores, and two threads then deliver less than one. Striped leases
+//! touch a shared line only once per lease. Under bounded admission a lease is also
+//! drawn from the round's budget (at most half of what is left of it), belongs to its
+//! round, and counts against that budget when folded in, so the round's budget is spent
+//! exactly as under the lock. Only `allow` with the store's quota uses leases; `check`
+//! (which reports exact remaining counts) and per-client quotas take the lock path as
+//! before, which first takes the key's leases back.
+//!
+//! The tally sees lease admissions as they are spent (and lock-free refusals at once);
+//! its `near_limit` count covers lock-path decisions only, as a lease decision does not
+//! know the count it was made at.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -108,6 +140,193 @@ pub(crate) struct Budget {
     pub salt: u64,
 }
 
+/// Stripes of a hot cell: threads are spread over them round-robin.
+const STRIPES: usize = 16;
+/// The largest lease one grant hands a stripe.
+pub(crate) const LEASE_MAX: u64 = 1024;
+const FIELD_BITS: u32 = 20;
+const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
+const EPOCH_MASK: u64 = (1 << 24) - 1;
+
+/// A lease word: epoch (24 bits) | budget (20) | spent (20).
+#[inline]
+fn lease_word(epoch: u32, budget: u64, spent: u64) -> u64 {
+    ((u64::from(epoch) & EPOCH_MASK) << (2 * FIELD_BITS)) | (budget << FIELD_BITS) | spent
+}
+#[inline]
+fn lease_epoch(w: u64) -> u64 {
+    w >> (2 * FIELD_BITS)
+}
+#[inline]
+fn lease_budget(w: u64) -> u64 {
+    (w >> FIELD_BITS) & FIELD_MASK
+}
+#[inline]
+fn lease_spent(w: u64) -> u64 {
+    w & FIELD_MASK
+}
+
+/// This thread's stripe.
+#[inline]
+fn stripe_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES);
+    STRIPE.with(|s| *s)
+}
+
+/// What the lock-free path reads of a hot cell (see the module doc). Written only under
+/// the shard's lock, as a seqlock: `state` holds the window (high 32 bits) and the epoch
+/// (low 32), odd while the cell changes.
+#[derive(Default)]
+struct HotHead {
+    state: AtomicU64,
+    key: AtomicU64,
+    window_ms: AtomicU64,
+    /// The bounded policy's round the leases belong to, or [`NO_ROUND`].
+    round: AtomicU64,
+    /// Requests of this epoch's key and window timestamped before this are refused.
+    deny_until: AtomicI64,
+}
+
+/// The head's round when leases are not drawn from a round budget.
+const NO_ROUND: u64 = u64::MAX;
+
+#[inline]
+fn round_word(round: Option<u32>) -> u64 {
+    round.map_or(NO_ROUND, u64::from)
+}
+
+#[derive(Default)]
+struct Stripe {
+    lease: AtomicU64,
+    /// Elapsed ms into the window at which the lease was granted: an earlier request
+    /// (which the strategies may judge more strictly) takes the lock path.
+    from: AtomicU64,
+    /// Refusals made without the lock (added to the store's tally).
+    denied: AtomicU64,
+}
+
+/// One shard's hot cell. See the module documentation.
+#[derive(Default)]
+struct HotCell {
+    head: Padded<HotHead>,
+    stripes: [Padded<Stripe>; STRIPES],
+}
+
+impl HotCell {
+    /// Spends one unit of the calling thread's lease, or reports a standing refusal.
+    /// `None`: the lock path decides.
+    #[inline]
+    fn try_admit(&self, key: u64, ts_ms: i64, round: Option<u32>) -> Option<bool> {
+        let h = &self.head.0;
+        let s1 = h.state.load(Ordering::Acquire);
+        if s1 & 1 != 0 || h.key.load(Ordering::Acquire) != key || h.round.load(Ordering::Acquire) != round_word(round) {
+            return None;
+        }
+        let w = h.window_ms.load(Ordering::Acquire) as i64;
+        if w == 0 || ts_ms.div_euclid(w) as u32 != (s1 >> 32) as u32 {
+            return None;
+        }
+        let elapsed = ts_ms.rem_euclid(w) as u64;
+        let epoch = s1 & EPOCH_MASK;
+        let st = &self.stripes[stripe_index()].0;
+        let mut cur = st.lease.load(Ordering::Acquire);
+        // A lease of this epoch belongs to this key and window (grants carry the epoch
+        // the head had when they were made; every older lease was taken back first).
+        while lease_epoch(cur) == epoch && lease_spent(cur) < lease_budget(cur) && elapsed >= st.from.load(Ordering::Relaxed) {
+            match st.lease.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(true),
+                Err(now) => cur = now,
+            }
+        }
+        let deny = h.deny_until.load(Ordering::Acquire);
+        if ts_ms < deny && h.state.load(Ordering::Acquire) == s1 {
+            st.denied.fetch_add(1, Ordering::Relaxed);
+            return Some(false);
+        }
+        None
+    }
+}
+
+/// The lock-protected side of a shard's hot cell.
+#[derive(Debug, Default)]
+struct HotState {
+    /// The key the cell serves (0: none).
+    key: u64,
+    /// Even; the head's epoch while stable.
+    epoch: u32,
+    window: u32,
+    /// The bounded policy's round the leases are drawn from (their admissions count
+    /// against that round's budget when folded in).
+    round: Option<u32>,
+    /// Stripes holding a lease (one bit each).
+    granted: u32,
+    /// The last contended key that was not promoted: a second contention in a row
+    /// promotes it.
+    candidate: u64,
+}
+
+impl HotState {
+    /// Takes stripe `i`'s lease back; returns what was spent of it.
+    fn reclaim(&mut self, cell: &HotCell, i: usize) -> u64 {
+        if self.granted & (1 << i) == 0 {
+            return 0;
+        }
+        self.granted &= !(1 << i);
+        lease_spent(cell.stripes[i].0.lease.swap(lease_word(self.epoch, 0, 0), Ordering::AcqRel))
+    }
+
+    fn reclaim_all(&mut self, cell: &HotCell) -> u64 {
+        let mut spent = 0;
+        while self.granted != 0 {
+            spent += self.reclaim(cell, self.granted.trailing_zeros() as usize);
+        }
+        spent
+    }
+
+    /// Leases granted and not taken back, spent or not.
+    fn reserved(&self, cell: &HotCell) -> u64 {
+        let mut bits = self.granted;
+        let mut total = 0;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            total += lease_budget(cell.stripes[i].0.lease.load(Ordering::Acquire));
+        }
+        total
+    }
+
+    /// What has been spent of the leases out, without taking them back.
+    fn spent(&self, cell: &HotCell) -> u64 {
+        (0..STRIPES).filter(|i| self.granted & (1 << i) != 0).map(|i| lease_spent(cell.stripes[i].0.lease.load(Ordering::Acquire))).sum()
+    }
+
+    /// Points the cell at `key` in `window` (of `window_ms`) under a new epoch, with no
+    /// standing refusal. Every lease must have been taken back.
+    fn rearm(&mut self, cell: &HotCell, key: u64, window: u32, window_ms: u64, round: Option<u32>) {
+        debug_assert_eq!(self.granted, 0);
+        let h = &cell.head.0;
+        h.state.store((u64::from(self.window) << 32) | u64::from(self.epoch | 1), Ordering::SeqCst);
+        self.epoch = self.epoch.wrapping_add(2);
+        self.key = key;
+        self.window = window;
+        self.round = round;
+        h.key.store(key, Ordering::SeqCst);
+        h.window_ms.store(window_ms, Ordering::SeqCst);
+        h.round.store(round_word(round), Ordering::SeqCst);
+        h.deny_until.store(i64::MIN, Ordering::SeqCst);
+        h.state.store((u64::from(window) << 32) | u64::from(self.epoch), Ordering::SeqCst);
+    }
+
+    fn grant(&mut self, cell: &HotCell, i: usize, budget: u64, from_elapsed: u64) {
+        debug_assert!(self.granted & (1 << i) == 0 && budget <= LEASE_MAX);
+        let st = &cell.stripes[i].0;
+        st.from.store(from_elapsed, Ordering::Relaxed);
+        st.lease.store(lease_word(self.epoch, budget, 0), Ordering::Release);
+        self.granted |= 1 << i;
+    }
+}
+
 struct Shard {
     table: Table,
     remote: Vec<Remote>,
@@ -121,6 +340,16 @@ struct Shard {
     /// The horizon of the last sweep made because the key cap was reached: sweeping
     /// again before the horizon moves would find nothing new to drop.
     cap_swept: Option<u32>,
+    /// The lock-protected side of the shard's hot cell.
+    hot: HotState,
+}
+
+/// A shard: its lock, and the hot cell the lock-free path reads (allocated on first
+/// contention, never freed before the store). The cell's pointer has a cache line of its
+/// own: every hot-key decision reads it, and every other key's decision writes the lock.
+struct ShardCell {
+    lock: Mutex<Shard>,
+    hot: Padded<OnceLock<Box<HotCell>>>,
 }
 
 /// Decisions counted by a store.
@@ -161,9 +390,34 @@ impl Shard {
         i
     }
 
+    /// Takes every lease of the hot key back into its count.
+    fn fold_hot(&mut self, cell: Option<&HotCell>, track: bool) {
+        let Some(cell) = cell else { return };
+        if self.hot.granted == 0 {
+            return;
+        }
+        let spent = self.hot.reclaim_all(cell);
+        self.tally.allowed += spent;
+        if let Some(i) = self.table.find(self.hot.key) {
+            settle(self.table.at(i), &mut self.remote, self.hot.round, spent, &mut self.dirty, track);
+        }
+    }
+
+    /// Folds the hot key's leases into its count and frees the cell (before the table is
+    /// rebuilt or the quota changes).
+    fn release_hot(&mut self, cell: Option<&HotCell>, track: bool) {
+        self.fold_hot(cell, track);
+        if let Some(cell) = cell {
+            if self.hot.key != 0 {
+                self.hot.rearm(cell, 0, 0, 0, None);
+            }
+        }
+    }
+
     /// Drops keys whose newest window is older than `horizon - 1`, in a table sized for
     /// the survivors.
-    fn sweep(&mut self, horizon: u32) -> usize {
+    fn sweep(&mut self, cell: Option<&HotCell>, track: bool, horizon: u32) -> usize {
+        self.release_hot(cell, track);
         let (remote, free) = (&mut self.remote, &mut self.free_remote);
         self.table.rebuild(|e| {
             let keep = windows_since(e.window, horizon) < 2;
@@ -205,6 +459,7 @@ pub(crate) struct Exported {
     pub count: u64,
 }
 
+#[derive(Default)]
 #[repr(align(128))]
 struct Padded<T>(T);
 
@@ -230,7 +485,7 @@ pub(crate) struct Tolerances {
 
 /// The sharded store. See the module documentation.
 pub(crate) struct Store {
-    shards: Box<[Padded<Mutex<Shard>>]>,
+    shards: Box<[Padded<ShardCell>]>,
     shard_mask: u64,
     /// Keys in this store (on its own cache line: new keys write it; every request
     /// reads the fields beside it).
@@ -250,16 +505,20 @@ impl Store {
         debug_assert!(shards.is_power_of_two());
         let shards: Box<[_]> = (0..shards)
             .map(|i| {
-                Padded(Mutex::new(Shard {
-                    table: Table::new(splitmix64(probe_seed ^ i as u64)),
-                    remote: Vec::new(),
-                    free_remote: Vec::new(),
-                    dirty: Vec::new(),
-                    quota,
-                    strategy,
-                    tally: Tally::default(),
-                    cap_swept: None,
-                }))
+                Padded(ShardCell {
+                    lock: Mutex::new(Shard {
+                        table: Table::new(splitmix64(probe_seed ^ i as u64)),
+                        remote: Vec::new(),
+                        free_remote: Vec::new(),
+                        dirty: Vec::new(),
+                        quota,
+                        strategy,
+                        tally: Tally::default(),
+                        cap_swept: None,
+                        hot: HotState::default(),
+                    }),
+                    hot: Padded(OnceLock::new()),
+                })
             })
             .collect();
         let shard_mask = (shards.len() as u64).saturating_sub(1);
@@ -276,7 +535,7 @@ impl Store {
     }
 
     #[inline]
-    fn shard(&self, key: u64) -> &Mutex<Shard> {
+    fn shard(&self, key: u64) -> &ShardCell {
         &self.shards[((key >> 40) & self.shard_mask) as usize].0
     }
 
@@ -298,13 +557,24 @@ impl Store {
         quota: Option<&Quota>,
         budget: Option<&Budget>,
     ) -> Result<Verdict, Error> {
-        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate)
+        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate, false)
     }
 
     /// Like [`decide`](Self::decide) but computes only whether to admit.
+    ///
+    /// With the store's quota, a key promoted to its shard's hot cell is
+    /// decided without the lock while its thread's lease lasts (see the module doc).
     #[inline]
     pub(crate) fn admit(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<bool, Error> {
-        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::admits)
+        let lease = quota.is_none();
+        if lease {
+            if let Some(cell) = self.shard(key.max(1)).hot.0.get() {
+                if let Some(v) = cell.try_admit(key.max(1), ts_ms, budget.map(|b| b.round)) {
+                    return Ok(v);
+                }
+            }
+        }
+        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::admits, lease)
     }
 
     /// The oldest window a request accepted at `now_ms` can fall in: keys whose newest
@@ -322,6 +592,7 @@ impl Store {
     }
 
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn decide_with<V: Outcome>(
         &self,
         key: u64,
@@ -330,10 +601,16 @@ impl Store {
         quota: Option<&Quota>,
         budget: Option<&Budget>,
         f: fn(Strategy, &Quota, Counts, u64) -> V,
+        lease: bool,
     ) -> Result<V, Error> {
         let key = key.max(1);
         let track = self.track_changes.load(Ordering::Relaxed);
-        let mut guard = self.shard(key).lock();
+        let cell = self.shard(key);
+        // A lock someone else holds is what promotes a key to the hot cell.
+        let (mut guard, contended) = match cell.lock.try_lock() {
+            Some(g) => (g, false),
+            None => (cell.lock.lock(), true),
+        };
         let shard = &mut *guard;
         let quota = *quota.unwrap_or(&shard.quota);
         let w = quota.window_ms() as i64;
@@ -344,33 +621,48 @@ impl Store {
                 // A key whose window is ahead of any acceptable time is stale state
                 // seen through 32-bit wrap-around: start it afresh. (Only a key ahead of
                 // this request can be; the common path pays nothing for the check.)
-                let e = shard.table.at(i);
-                if windows_since(e.window, window) < 0 {
+                if windows_since(shard.table.at(i).window, window) < 0 {
                     let newest = *self.acceptable_windows(now_ms, quota.window_ms()).end() as u32;
-                    if windows_since(e.window, newest) < 0 {
-                        e.window = window.wrapping_sub(2);
+                    if windows_since(shard.table.at(i).window, newest) < 0 {
+                        if shard.hot.key == key {
+                            shard.release_hot(cell.hot.0.get().map(|c| &**c), track);
+                        }
+                        shard.table.at(i).window = window.wrapping_sub(2);
                     }
                 }
                 i
             }
             None => {
-                self.reserve_key(shard, self.horizon(now_ms, quota.window_ms()))?;
+                self.reserve_key(shard, cell.hot.0.get().map(|c| &**c), self.horizon(now_ms, quota.window_ms()))?;
                 shard.table.insert_new_at(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE })
             }
         };
-        let req = Request { quota: &quota, window, elapsed, budget, track };
-        Ok(apply(shard, slot, &req, f))
+        if lease && contended && shard.hot.key != key {
+            if shard.hot.key == 0 || shard.hot.candidate == key {
+                // Promote: the previous hot key's leases go back into its count first.
+                let hot = cell.hot.0.get_or_init(Box::default);
+                shard.fold_hot(Some(hot), track);
+                let w = shard.table.at(slot).window;
+                shard.hot.rearm(hot, key, w, quota.window_ms(), None);
+                shard.hot.candidate = 0;
+            } else {
+                shard.hot.candidate = key;
+            }
+        }
+        let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease };
+        Ok(apply(shard, cell.hot.0.get().map(|c| &**c), slot, &req, f))
     }
 
     /// Makes room for one more key in `shard` or refuses it.
     #[cold]
-    fn reserve_key(&self, shard: &mut Shard, horizon: u32) -> Result<(), Error> {
+    fn reserve_key(&self, shard: &mut Shard, hot: Option<&HotCell>, horizon: u32) -> Result<(), Error> {
+        let track = self.track_changes.load(Ordering::Relaxed);
         if !self.try_count_key() {
             // At the cap: drop this shard's expired keys, once per horizon (a flood of new
             // ids must not rebuild the shard on every refused request).
             if shard.cap_swept != Some(horizon) {
                 shard.cap_swept = Some(horizon);
-                let removed = shard.sweep(horizon);
+                let removed = shard.sweep(hot, track, horizon);
                 self.forget(removed);
             }
             if !self.try_count_key() {
@@ -379,7 +671,7 @@ impl Store {
         }
         if shard.table.is_full() {
             // Grow, dropping what has expired in the same pass: memory follows active keys.
-            let removed = shard.sweep(horizon);
+            let removed = shard.sweep(hot, track, horizon);
             self.forget(removed);
         }
         Ok(())
@@ -394,8 +686,9 @@ impl Store {
         let window = i64::from(horizon);
         if last != window && self.last_cap_sweep.compare_exchange(last, window, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             for s in self.shards.iter() {
-                if let Some(mut other) = s.0.try_lock() {
-                    let removed = other.sweep(horizon);
+                if let Some(mut other) = s.0.lock.try_lock() {
+                    let track = self.track_changes.load(Ordering::Relaxed);
+                    let removed = other.sweep(s.0.hot.0.get().map(|c| &**c), track, horizon);
                     self.forget(removed);
                 }
             }
@@ -432,7 +725,9 @@ impl Store {
             return Ok(false);
         }
         let key = key.max(1);
-        let mut guard = self.shard(key).lock();
+        let cell = self.shard(key);
+        let hot = cell.hot.0.get().map(|c| &**c);
+        let mut guard = cell.lock.lock();
         let shard = &mut *guard;
         let window32 = window as u32;
         // Only windows a request accepted now could fall in: older ones can no longer
@@ -445,13 +740,20 @@ impl Store {
             Some(i) => i,
             None => {
                 // The horizon is the window after the oldest acceptable one.
-                self.reserve_key(shard, (*acceptable.start() + 1) as u32)?;
+                self.reserve_key(shard, hot, (*acceptable.start() + 1) as u32)?;
                 shard.table.insert_new_at(Entry { key, window: window32, cur: 0, prev: 0, remote: NO_REMOTE })
             }
         };
-        let Shard { table, remote, free_remote, .. } = shard;
+        if shard.hot.key == key {
+            // Leases were sized on the view before this count: take them back.
+            shard.fold_hot(hot, self.track_changes.load(Ordering::Relaxed));
+        }
+        let Shard { table, remote, free_remote, hot: hs, .. } = shard;
         let e = table.at(at);
         let age = -Shard::roll(e, remote, window32).min(0);
+        if let Some(cell) = hot.filter(|_| hs.key == key && hs.window != e.window) {
+            hs.rearm(cell, key, e.window, shard.quota.window_ms(), hs.round);
+        }
         if age > 1 {
             return Ok(false);
         }
@@ -471,8 +773,9 @@ impl Store {
     pub(crate) fn collect_changes(&self, now_ms: i64, out: &mut Vec<Exported>) {
         let mut keys = Vec::new();
         for s in self.shards.iter() {
-            let mut guard = s.0.lock();
+            let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
+            shard.fold_hot(s.0.hot.0.get().map(|c| &**c), true);
             let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
             std::mem::swap(&mut keys, &mut shard.dirty);
             for &key in &keys {
@@ -495,8 +798,10 @@ impl Store {
     /// Appends every non-zero count of the keys `select` accepts — local and remote, for
     /// both retained windows — to `out`. Locks one shard at a time, while it copies.
     pub(crate) fn export(&self, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
+        let track = self.track_changes.load(Ordering::Relaxed);
         for s in self.shards.iter() {
-            let shard = s.0.lock();
+            let mut shard = s.0.lock.lock();
+            shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
             let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
             for e in shard.table.slots() {
                 if !select(e.key) {
@@ -523,10 +828,11 @@ impl Store {
     /// at a time. Returns how many were dropped.
     pub(crate) fn sweep(&self, now_ms: i64) -> usize {
         let mut total = 0;
+        let track = self.track_changes.load(Ordering::Relaxed);
         for s in self.shards.iter() {
-            let mut shard = s.0.lock();
+            let mut shard = s.0.lock.lock();
             let horizon = self.horizon(now_ms, shard.quota.window_ms());
-            let removed = shard.sweep(horizon);
+            let removed = shard.sweep(s.0.hot.0.get().map(|c| &**c), track, horizon);
             self.forget(removed);
             total += removed;
         }
@@ -539,11 +845,16 @@ impl Store {
         let mut t = Tally::default();
         let mut bytes = std::mem::size_of::<Self>();
         for s in self.shards.iter() {
-            let shard = s.0.lock();
+            let shard = s.0.lock.lock();
             t.allowed += shard.tally.allowed;
             t.denied += shard.tally.denied;
+            if let Some(cell) = s.0.hot.0.get() {
+                t.allowed += shard.hot.spent(cell);
+                t.denied += cell.stripes.iter().map(|st| st.0.denied.load(Ordering::Relaxed)).sum::<u64>();
+                bytes += std::mem::size_of::<HotCell>();
+            }
             t.near_limit += shard.tally.near_limit;
-            bytes += std::mem::size_of::<Padded<Mutex<Shard>>>()
+            bytes += std::mem::size_of::<Padded<ShardCell>>()
                 + shard.table.bytes()
                 + shard.remote.capacity() * std::mem::size_of::<Remote>()
                 + shard.remote.iter().map(|r| (r.cur.len() + r.prev.len()) * 16).sum::<usize>()
@@ -558,7 +869,7 @@ impl Store {
     }
 
     pub(crate) fn quota(&self) -> Quota {
-        self.shards[0].0.lock().quota
+        self.shards[0].0.lock.lock().quota
     }
 
     /// Replaces the quota. If the window changes, live counts carry over conservatively:
@@ -567,8 +878,10 @@ impl Store {
     /// and older counts are dropped.
     pub(crate) fn set_quota(&self, quota: Quota, now_ms: i64) {
         for s in self.shards.iter() {
-            let mut guard = s.0.lock();
+            let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
+            // Leases and published refusals were decided under the old quota.
+            shard.release_hot(s.0.hot.0.get().map(|c| &**c), self.track_changes.load(Ordering::Relaxed));
             let old_w = shard.quota.window_ms() as i64;
             let new_w = quota.window_ms() as i64;
             shard.quota = quota;
@@ -595,7 +908,7 @@ impl Store {
     pub(crate) fn untrack_changes(&self) {
         self.track_changes.store(false, Ordering::Relaxed);
         for s in self.shards.iter() {
-            s.0.lock().dirty = Vec::new();
+            s.0.lock.lock().dirty = Vec::new();
         }
     }
 }
@@ -607,27 +920,100 @@ struct Request<'a> {
     elapsed: u64,
     budget: Option<&'a Budget>,
     track: bool,
+    ts_ms: i64,
+    /// Whether the caller may take a lease (`allow` with the store's quota).
+    lease: bool,
+}
+
+/// Adds `n` admissions made under leases to the local count of `e`.
+#[inline]
+fn add_local(e: &mut Entry, n: u64, dirty: &mut Vec<u64>, track: bool) {
+    if n == 0 {
+        return;
+    }
+    e.cur = e.cur.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+    mark_cur(e, dirty, track);
+}
+
+/// Folds `n` admissions spent from leases into `e`'s count and, when the leases were
+/// drawn from the round budget in force, into what that round has spent.
+#[inline]
+fn settle(e: &mut Entry, remote: &mut [Remote], round: Option<u32>, n: u64, dirty: &mut Vec<u64>, track: bool) {
+    add_local(e, n, dirty, track);
+    if let (Some(i), Some(_)) = (remote_of(e), round) {
+        let r = &mut remote[i];
+        if r.round == round {
+            r.spent += n;
+        }
+    }
+}
+
+/// Marks the current window's local count of `e` as changed, for gossip.
+#[inline]
+fn mark_cur(e: &mut Entry, dirty: &mut Vec<u64>, track: bool) {
+    if track && e.remote & DIRTY_CUR == 0 {
+        if e.remote & DIRTY == 0 {
+            dirty.push(e.key);
+        }
+        e.remote |= DIRTY_CUR;
+    }
 }
 
 /// Rolls the key in table slot `slot` to the request's window, decides with `f`, applies
 /// the round budget if any, and counts the request if admitted.
 #[inline]
-fn apply<V: Outcome>(shard: &mut Shard, slot: usize, req: &Request<'_>, f: fn(Strategy, &Quota, Counts, u64) -> V) -> V {
-    let Shard { table, remote, free_remote, dirty, strategy, tally, .. } = shard;
+fn apply<V: Outcome>(
+    shard: &mut Shard,
+    hot: Option<&HotCell>,
+    slot: usize,
+    req: &Request<'_>,
+    f: fn(Strategy, &Quota, Counts, u64) -> V,
+) -> V {
+    let Shard { table, remote, free_remote, dirty, strategy, tally, hot: hs, .. } = shard;
     let e = table.at(slot);
     let key = e.key;
     let mut elapsed = req.elapsed;
-    if Shard::roll(e, remote, req.window) < 0 {
+    // The hot key: fold in what the caller's stripe spent and count the other stripes'
+    // leases as used, or (any other request) take every lease back.
+    let hot = hot.filter(|_| hs.key == key);
+    // The caller's stripe (looked up only for the hot key).
+    let lease = hot.and_then(|_| req.lease.then(stripe_index));
+    let round = req.budget.map(|b| b.round);
+    let mut reserved = 0;
+    if let Some(cell) = hot {
+        let spent = match lease {
+            Some(i) if e.window == req.window && hs.window == req.window && hs.round == round => hs.reclaim(cell, i),
+            _ => hs.reclaim_all(cell),
+        };
+        tally.allowed += spent;
+        settle(e, remote, hs.round, spent, dirty, req.track);
+        reserved = hs.reserved(cell);
+    }
+    let rolled = Shard::roll(e, remote, req.window);
+    if rolled < 0 {
         // A late request: charged to the key's newest window, at its start.
         elapsed = 0;
     }
-    let (mut cur, mut prev) = (u64::from(e.cur), u64::from(e.prev));
-    if let Some(i) = remote_of(e) {
-        cur += remote[i].cur_sum;
-        prev += remote[i].prev_sum;
-    }
-    let counts = Counts { cur, prev };
+    let counts_of = |e: &Entry, remote: &[Remote], reserved: u64| {
+        let (mut cur, mut prev) = (u64::from(e.cur) + reserved, u64::from(e.prev));
+        if let Some(i) = remote_of(e) {
+            cur += remote[i].cur_sum;
+            prev += remote[i].prev_sum;
+        }
+        Counts { cur, prev }
+    };
+    let mut counts = counts_of(e, remote, reserved);
     let mut v = f(*strategy, req.quota, counts, elapsed);
+    if let Some(cell) = hot.filter(|_| !v.allowed() && reserved > 0) {
+        // Unspent leases may be all that is missing: decide again on the exact count.
+        let spent = hs.reclaim_all(cell);
+        tally.allowed += spent;
+        settle(e, remote, hs.round, spent, dirty, req.track);
+        reserved = 0;
+        counts = counts_of(e, remote, 0);
+        v = f(*strategy, req.quota, counts, elapsed);
+    }
+    let rule_allowed = v.allowed();
     if v.allowed() {
         if let Some(b) = req.budget {
             let i = Shard::ensure_remote(remote, free_remote, e);
@@ -651,7 +1037,16 @@ fn apply<V: Outcome>(shard: &mut Shard, slot: usize, req: &Request<'_>, f: fn(St
                 r.budget = budget;
                 r.allotted_others = others;
             }
-            if r.spent >= r.budget {
+            if let Some(cell) = hot.filter(|_| r.spent + reserved >= r.budget && reserved > 0) {
+                // The round's budget may be out in unspent leases: take them back.
+                let spent = hs.reclaim_all(cell);
+                tally.allowed += spent;
+                settle(e, remote, hs.round, spent, dirty, req.track);
+                reserved = 0;
+            }
+            let r = &mut remote[i];
+            // Leases out were drawn from this round's budget.
+            if r.spent + reserved >= r.budget {
                 v = v.refuse(b.round_left_ms);
             } else {
                 r.spent += 1;
@@ -666,11 +1061,35 @@ fn apply<V: Outcome>(shard: &mut Shard, slot: usize, req: &Request<'_>, f: fn(St
             tally.near_limit += 1;
         }
         e.cur = e.cur.saturating_add(1);
-        if req.track && e.remote & DIRTY_CUR == 0 {
-            if e.remote & DIRTY == 0 {
-                dirty.push(key);
+        mark_cur(e, dirty, req.track);
+    }
+    if let Some(cell) = hot {
+        if hs.window != e.window || hs.round != round {
+            hs.rearm(cell, key, e.window, req.quota.window_ms(), round);
+        }
+        match lease {
+            Some(i) if rolled >= 0 && v.allowed() => {
+                // Lease half of what remains after this request, leases out counted
+                // (and half of what is left of the round's budget).
+                let after = algorithm::evaluate(*strategy, req.quota, Counts { cur: counts.cur + 1, ..counts }, elapsed);
+                let mut lease = ((after.remaining + u64::from(after.allowed)) / 2).min(LEASE_MAX);
+                if let Some(r) = remote_of(e).filter(|_| round.is_some()).map(|i| &remote[i]) {
+                    lease = lease.min(r.budget.saturating_sub(r.spent + reserved) / 2);
+                }
+                if lease > 0 {
+                    hs.grant(cell, i, lease, elapsed);
+                    // Spent leases reach gossip through the next collection.
+                    mark_cur(e, dirty, req.track);
+                }
             }
-            e.remote |= DIRTY_CUR;
+            Some(_) if rolled >= 0 && !rule_allowed && hs.granted == 0 => {
+                // Refused on the exact count: so is every request of this window until
+                // the strategy's retry time (counts only grow).
+                if let Some(retry) = algorithm::evaluate(*strategy, req.quota, counts, elapsed).retry_after_ms {
+                    cell.head.0.deny_until.store(req.ts_ms.saturating_add(retry as i64), Ordering::Release);
+                }
+            }
+            _ => {}
         }
     }
     v
@@ -810,7 +1229,7 @@ mod tests {
         for key in 1..=50u64 {
             s.merge(key << 40, later / 1000, 1, 1, later).unwrap();
         }
-        let remote_slots: usize = s.shards.iter().map(|sh| sh.0.lock().remote.len()).sum();
+        let remote_slots: usize = s.shards.iter().map(|sh| sh.0.lock.lock().remote.len()).sum();
         assert_eq!(remote_slots, 50, "freed side-table slots are reused");
     }
 
@@ -854,6 +1273,105 @@ mod tests {
         // A round later, the reservation is gone: the view is trusted again.
         let third = (0..100).take_while(|_| s.admit(1, T0, T0, None, Some(&b(3))).unwrap()).count();
         assert!(third > 0 && first + third <= 100, "{first} + {third}");
+    }
+
+    /// Makes `key` its shard's hot key: a request from another thread meets the lock held.
+    /// Returns how many requests that took (each may be admitted).
+    fn promote(s: &Store, key: u64, ts: i64) -> u64 {
+        promote_with(s, key, ts, None).0
+    }
+
+    /// Like [`promote`], with a round budget; also returns how many were admitted.
+    fn promote_with(s: &Store, key: u64, ts: i64, budget: Option<&Budget>) -> (u64, u64) {
+        let mut admitted = 0;
+        for attempt in 1..=100u64 {
+            let guard = s.shard(key).lock.lock();
+            std::thread::scope(|sc| {
+                let h = sc.spawn(|| s.admit(key, ts, ts, None, budget).unwrap());
+                std::thread::sleep(Duration::from_millis(attempt * 5));
+                drop(guard);
+                admitted += u64::from(h.join().unwrap());
+            });
+            if s.shard(key).lock.lock().hot.key == key {
+                return (attempt, admitted);
+            }
+        }
+        panic!("never promoted");
+    }
+
+    /// Bounded admission keeps its per-round budgets on a hot key: leases are drawn from
+    /// the round's budget, so four threads spend exactly what one thread does, round
+    /// after round.
+    #[test]
+    fn a_hot_key_under_bounded_admission_spends_exactly_its_round_budget() {
+        let b = |round| Budget { round, round_left_ms: 7, live_replicas: 4, salt: 99 };
+        let (one, many) = (store(1_000), store(1_000));
+        let (_, mut promoted) = promote_with(&many, 1, T0, Some(&b(0)));
+        for round in [0, 1, 3, 4] {
+            let expected = (0..2_000).filter(|_| one.admit(1, T0, T0, None, Some(&b(round))).unwrap()).count() as u64;
+            let total: u64 = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..4)
+                    .map(|_| sc.spawn(|| (0..500).filter(|_| many.admit(1, T0, T0, None, Some(&b(round))).unwrap()).count() as u64))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(total + promoted, expected, "round {round}");
+            promoted = 0;
+            let hot = &many.shard(1).lock.lock().hot;
+            assert_eq!((hot.key, hot.round), (1, Some(round)), "the leases follow the round");
+        }
+        assert_eq!(counts(&one, 1, T0), counts(&many, 1, T0));
+    }
+
+    fn admitted(s: &Store, key: u64, ts: i64, offered: usize) -> u64 {
+        (0..offered).filter(|_| s.admit(key, ts, ts, None, None).unwrap()).count() as u64
+    }
+
+    #[test]
+    fn a_hot_key_admits_exactly_the_limit_and_gossip_sees_every_admission() {
+        assert_eq!(std::mem::size_of::<HotCell>(), 2_176, "the size the module doc states");
+        let s = store(10);
+        s.track_changes();
+        let tries = promote(&s, 1, T0 + 10);
+        // The promoting thread holds a lease this thread cannot spend: the last
+        // admissions take it back.
+        assert_eq!(admitted(&s, 1, T0 + 20, 50) + tries.min(10), 10);
+        let (t, _) = s.tally();
+        assert_eq!(t.allowed, 10);
+        assert_eq!(t.allowed + t.denied, 50 + tries);
+        let mut out = Vec::new();
+        s.collect_changes(T0 + 20, &mut out);
+        assert_eq!(out.iter().map(|e| (e.key, e.window, e.count)).collect::<Vec<_>>(), vec![(1, W0, 10)]);
+        // The next window re-arms the cell: the limit again, exactly.
+        assert_eq!(admitted(&s, 1, T0 + 1_005, 50), 10);
+        assert_eq!(s.shard(1).lock.lock().hot.key, 1, "still the hot key");
+        assert_eq!(counts(&s, 1, T0 + 1_005), vec![(W0, LOCAL_SLOT, 10), (W0 + 1, LOCAL_SLOT, 10)]);
+    }
+
+    #[test]
+    fn a_merged_count_takes_the_hot_keys_leases_back() {
+        let s = store(100);
+        let tries = promote(&s, 1, T0);
+        assert!(admitted(&s, 1, T0, 5) == 5);
+        // This thread now holds a lease sized on a view without the peer's 90.
+        assert!(s.shard(1).lock.lock().hot.granted != 0);
+        assert!(s.merge(1, W0, 7, 90, T0).unwrap());
+        assert_eq!(s.shard(1).lock.lock().hot.granted, 0, "leases taken back");
+        assert_eq!(admitted(&s, 1, T0, 100), 100 - 90 - 5 - tries);
+    }
+
+    #[test]
+    fn a_quota_change_and_a_sweep_release_the_hot_cell() {
+        let s = store(100);
+        promote(&s, 1, T0);
+        admitted(&s, 1, T0, 5);
+        s.set_quota(Quota::new(5, Duration::from_secs(1)).unwrap(), T0);
+        assert_eq!(s.shard(1).lock.lock().hot.key, 0);
+        assert!(!s.admit(1, T0, T0, None, None).unwrap(), "the count kept its leased admissions");
+        promote(&s, 2, T0);
+        assert_eq!(s.sweep(T0 + 60_000), 2);
+        assert_eq!(s.shard(2).lock.lock().hot.key, 0);
+        assert_eq!(s.len(), 0);
     }
 
     #[test]

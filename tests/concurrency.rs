@@ -1,10 +1,11 @@
-//! Many threads on one key admit exactly the limit per fixed window.
+//! Many threads on one key admit exactly what one thread would, for every strategy, and
+//! what they admit reaches gossip.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
+use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy};
 
 const START: i64 = 1_700_000_000_000;
 
@@ -69,4 +70,130 @@ fn threads_on_many_keys_each_get_their_own_quota() {
     let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(total, 100 * 10);
     assert_eq!(rl.active_keys(), 100);
+}
+
+fn limiter(strategy: Strategy, limit: u64, clock: &ManualClock) -> RateLimiter {
+    RateLimiter::builder()
+        .quota(Quota::new(limit, Duration::from_secs(1)).unwrap())
+        .strategy(strategy)
+        .clock(clock.clone())
+        .build()
+        .unwrap()
+}
+
+/// `threads` threads each offer `per_thread` requests for `key` at `ts`; returns how many
+/// were admitted.
+fn hammer(rl: &RateLimiter, key: &str, ts: i64, threads: usize, per_thread: usize) -> u64 {
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    (0..per_thread).filter(|_| rl.allow(key, ts)).count() as u64
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    })
+}
+
+/// Eight threads offering 4 × the limit admit exactly what one thread offering the same
+/// admits, window after window, for each strategy: a full window, then one at its middle
+/// weighed down by the previous (sliding window) or starting from an empty bucket (token
+/// bucket), then an idle gap and a full window again.
+#[test]
+fn eight_threads_on_one_key_admit_exactly_what_one_thread_does_for_every_strategy() {
+    for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::TokenBucket] {
+        let (c8, c1) = (ManualClock::new(START), ManualClock::new(START));
+        let (many, one) = (limiter(strategy, 1_000, &c8), limiter(strategy, 1_000, &c1));
+        for (i, at) in [100, 1_500, 2_999, 5_250].into_iter().enumerate() {
+            let ts = START - START % 1_000 + 1_000 + at;
+            c8.set_ms(ts);
+            c1.set_ms(ts);
+            let expected = hammer(&one, "hot", ts, 1, 4_000);
+            let admitted = hammer(&many, "hot", ts, 8, 500);
+            assert_eq!(admitted, expected, "{strategy:?}, step {i}: 8 threads admitted {admitted}, one thread {expected}");
+            if i == 0 {
+                assert_eq!(expected, 1_000, "{strategy:?}: a fresh key gets its whole limit");
+            }
+            // The standing refusal ends with the window: one more is refused now.
+            assert!(!many.allow("hot", ts), "{strategy:?}, step {i}");
+        }
+        let stats = many.stats();
+        assert_eq!(stats.allowed + stats.denied, 4 * 8 * 500 + 4, "{strategy:?}: every decision is counted once: {stats:?}");
+    }
+}
+
+/// Other clients keep their own quota while a hot key is decided on the same shard.
+#[test]
+fn a_hot_key_does_not_change_what_its_shard_neighbours_are_admitted() {
+    let clock = ManualClock::new(START);
+    let rl = RateLimiter::builder().quota(Quota::new(50, Duration::from_secs(1)).unwrap()).shards(1).clock(clock.clone()).build().unwrap();
+    let ts = START + 10;
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let rl = &rl;
+            s.spawn(move || (0..20_000).filter(|_| rl.allow("hot", ts)).count());
+        }
+        let neighbours: u64 = (0..200).map(|i| (0..60).filter(|_| rl.allow(&format!("n-{}", i % 20), ts)).count() as u64).sum();
+        assert_eq!(neighbours, 20 * 50);
+    });
+    assert!(!rl.allow("hot", ts));
+}
+
+/// What many threads admit on one key is what gossip sends: the peer's view of this
+/// node's count equals the admissions, including those spent from leases, under both
+/// admission policies.
+#[test]
+fn counts_admitted_by_many_threads_reach_a_peer() {
+    for admission in [Admission::Optimistic, Admission::Bounded] {
+        replicate(admission);
+    }
+}
+
+fn replicate(admission: Admission) {
+    let clock = ManualClock::new(START);
+    let rl = RateLimiter::builder()
+        .quota(Quota::new(100_000, Duration::from_secs(1)).unwrap())
+        .admission(admission)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let build = |id: u64, rl: RateLimiter| {
+        let mut cfg = GossipConfig::new(ReplicaId { node: id, incarnation: 1 });
+        cfg.interval_ms = 10;
+        GossipNode::new(rl, cfg, [3 - id], id, START).unwrap()
+    };
+    let mut a = build(1, rl.clone());
+    let peer_clock = ManualClock::new(START);
+    let mut b = build(2, limiter(Strategy::FixedWindow, 100_000, &peer_clock));
+    let mut now = START;
+    let mut admitted = 0;
+    for round in 0..5 {
+        admitted += hammer(&rl, "hot", now, 4, 5_000);
+        now += 10;
+        clock.set_ms(now);
+        peer_clock.set_ms(now);
+        a.handle_timeout(now);
+        b.handle_timeout(now);
+        for _ in 0..4 {
+            while let Some(t) = a.poll_transmit() {
+                b.handle_message(1, &t.bytes, now).unwrap();
+            }
+            while let Some(t) = b.poll_transmit() {
+                a.handle_message(2, &t.bytes, now).unwrap();
+            }
+        }
+        let key = rl.key_hash("hot");
+        let seen: u64 = b.state(now).iter().filter(|e| e.key == key && e.replica.node == 1).map(|e| e.count).sum();
+        assert_eq!(seen, admitted, "{admission:?}, round {round}");
+    }
+    if admission == Admission::Optimistic {
+        // (Bounded admission may hold back a share's rounding remainder.)
+        assert_eq!(admitted, 100_000, "20,000 offered per round against a limit of 100,000 per window");
+    } else {
+        assert!(admitted > 90_000, "{admitted}");
+    }
 }
