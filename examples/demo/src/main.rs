@@ -355,16 +355,25 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` as comma-separated `target=level` or `level`
+/// directives (default `warn`); an invalid `RUST_LOG` is reported and the default used.
+fn init_logs() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let default = || Targets::new().with_default(tracing_subscriber::filter::LevelFilter::WARN);
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => v.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("warning: RUST_LOG={v:?} ignored: {e}");
+            default()
+        }),
+        _ => default(),
+    };
+    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).with(filter).init();
+}
+
 fn main() -> ExitCode {
     let args = parse_args();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::builder()
-                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
