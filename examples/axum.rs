@@ -20,6 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .from_env_lossy(),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let limiter = RateLimiter::new(5, Duration::from_secs(10))?;
     // axum puts the peer address in a `ConnectInfo<SocketAddr>` extension when served

@@ -14,6 +14,7 @@ fn main() -> Result<(), crdt_rate_limiter::Error> {
                 .from_env_lossy(),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let start = 1_700_000_000_000;
     let clock = ManualClock::new(start);

@@ -23,6 +23,7 @@ fn main() {
                 .from_env_lossy(),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let keys: usize = match std::env::args().nth(1).map(|a| a.parse()) {
         None => 1_000_000,

@@ -69,16 +69,16 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     certs: PathBuf,
     /// Requests per client per window (the default quota).
-    #[arg(long, default_value_t = 100, value_parser = RangedU64ValueParser::<u64>::new().range(1..))]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 100, value_parser = RangedU64ValueParser::<u64>::new().range(1..))]
     limit: u64,
     /// Window length in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = RangedU64ValueParser::<u64>::new().range(1..))]
+    #[arg(long, allow_negative_numbers = true, value_name = "MS", default_value_t = 1000, value_parser = RangedU64ValueParser::<u64>::new().range(1..))]
     window_ms: u64,
     /// How a member spends the remaining quota between gossip rounds (README: "Admission modes").
     #[arg(long, value_enum, default_value_t = AdmissionArg::Bounded)]
     admission: AdmissionArg,
     /// Time between gossip rounds, in milliseconds (1 to 60000).
-    #[arg(long, value_name = "MS", default_value_t = 20, value_parser = RangedU64ValueParser::<u64>::new().range(1..=60_000))]
+    #[arg(long, allow_negative_numbers = true, value_name = "MS", default_value_t = 20, value_parser = RangedU64ValueParser::<u64>::new().range(1..=60_000))]
     gossip_interval_ms: u64,
     /// A TOML limits file, loaded at start and reloaded when it changes.
     #[arg(long, value_name = "FILE")]
@@ -144,6 +144,7 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env_lossy())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(args).await {
         eprintln!("node: {e}");

@@ -45,15 +45,15 @@ const SECRET: [u8; 16] = *b"demo-hash-secret";
 #[command(name = "demo", version)]
 struct Args {
     /// Instances to run (1 to 16).
-    #[arg(long, default_value_t = 3, value_parser = RangedU64ValueParser::<usize>::new().range(1..=16))]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 3, value_parser = RangedU64ValueParser::<usize>::new().range(1..=16))]
     nodes: usize,
     /// Seconds of load (3 to 3600).
-    #[arg(long, default_value_t = 10, value_parser = RangedU64ValueParser::<u64>::new().range(3..=3600))]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 10, value_parser = RangedU64ValueParser::<u64>::new().range(3..=3600))]
     seconds: u64,
     /// Cut node-0 off from the others for the last P seconds of load; when the load
     /// stops the partition heals and the demo reports how long the nodes took to hold
     /// identical counts. Shorter than --seconds, with at least 2 nodes.
-    #[arg(long, value_name = "P", default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, value_name = "P", default_value_t = 0)]
     partition: u64,
     /// Print only a JSON summary object at the end.
     #[arg(long)]
