@@ -13,6 +13,15 @@ use crdt_rate_limiter::{KeyExtractor, RateLimitLayer, RateLimitOutcome, RateLimi
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
+                .from_env_lossy(),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let limiter = RateLimiter::new(5, Duration::from_secs(10))?;
     // axum puts the peer address in a `ConnectInfo<SocketAddr>` extension when served
     // with `into_make_service_with_connect_info::<SocketAddr>()` (below).

@@ -7,6 +7,15 @@ use std::time::{Duration, Instant};
 use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
 
 fn main() -> Result<(), crdt_rate_limiter::Error> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let start = 1_700_000_000_000;
     let clock = ManualClock::new(start);
     for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::TokenBucket] {

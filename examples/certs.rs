@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example certs -- --out DIR NAME...
+//! cargo run --release --example certs -- --help
 //! ```
 
 use std::fs;
@@ -9,54 +10,37 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::Parser;
 use crdt_rate_limiter::transport::certs;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::EnvFilter;
 
-const USAGE: &str = "\
-usage: certs --out DIR NAME...
-
-Writes a cluster CA and one certificate per node name:
-  DIR/ca.pem, DIR/ca.key        cluster CA certificate and private key
-  DIR/NAME.pem, DIR/NAME.key    node certificate and private key for each NAME
-
-DIR is created if missing. Private keys are written with mode 0600 (unix).
-If DIR/ca.pem and DIR/ca.key already exist, that CA is reused, so more nodes
-can be added to an existing cluster later; existing NAME.pem/NAME.key files are
-overwritten. NAME must be a DNS-style name (e.g. node-a or node-a.cluster),
-is used as certificate CN and DNS SubjectAltName, and must not be \"ca\".";
-
+/// Writes a cluster CA and one certificate per node name:
+/// DIR/ca.pem, DIR/ca.key (the cluster CA certificate and private key) and
+/// DIR/NAME.pem, DIR/NAME.key (a node's certificate and private key) for each NAME.
+///
+/// DIR is created if missing. Private keys are written with mode 0600 (unix). If
+/// DIR/ca.pem and DIR/ca.key already exist, that CA is reused, so more nodes can be
+/// added to an existing cluster later; existing NAME.pem/NAME.key files are
+/// overwritten. `RUST_LOG` sets the log filter (default `warn`).
+#[derive(Parser, Debug)]
+#[command(name = "certs", version)]
 struct Args {
+    /// Directory to write into.
+    #[arg(short, long, value_name = "DIR")]
     out: PathBuf,
+    /// Node names: DNS-style (e.g. node-a or node-a.cluster), used as certificate CN and
+    /// DNS SubjectAltName; "ca" is reserved.
+    #[arg(value_name = "NAME", required = true, value_parser = parse_name)]
     names: Vec<String>,
 }
 
-fn parse_args() -> Result<Option<Args>, String> {
-    let mut out = None;
-    let mut names = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--out" | "-o" => match args.next() {
-                Some(dir) if !dir.is_empty() => out = Some(PathBuf::from(dir)),
-                _ => return Err("--out needs a directory argument".into()),
-            },
-            s if s.starts_with('-') => return Err(format!("unknown option {s:?}")),
-            name => {
-                if name == "ca" {
-                    return Err("node name \"ca\" is reserved (it would overwrite the CA)".into());
-                }
-                certs::validate_node_name(name).map_err(|e| e.to_string())?;
-                if !names.iter().any(|n| n == name) {
-                    names.push(name.to_string());
-                }
-            }
-        }
+fn parse_name(name: &str) -> Result<String, String> {
+    if name == "ca" {
+        return Err("\"ca\" is reserved (it would overwrite the CA)".into());
     }
-    let out = out.ok_or("missing --out DIR")?;
-    if names.is_empty() {
-        return Err("at least one NAME is required".into());
-    }
-    Ok(Some(Args { out, names }))
+    certs::validate_node_name(name).map_err(|e| e.to_string())?;
+    Ok(name.to_string())
 }
 
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), String> {
@@ -116,21 +100,19 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match parse_args() {
-        Ok(None) => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Ok(Some(args)) => match run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    let mut args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::builder().with_default_directive(LevelFilter::WARN.into()).from_env_lossy())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let mut seen = std::collections::HashSet::new();
+    args.names.retain(|n| seen.insert(n.clone()));
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}\n\n{USAGE}");
-            ExitCode::from(2)
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -16,6 +16,15 @@ fn rss_bytes() -> Option<u64> {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let keys: usize = match std::env::args().nth(1).map(|a| a.parse()) {
         None => 1_000_000,
         Some(Ok(n)) if n > 0 => n,

@@ -1,30 +1,5 @@
-//! A global rate limiter with zero network hops per request.
-//!
-//! Every instance of a service embeds a [`RateLimiter`] and decides locally, in O(1),
-//! from a grow-only per-node counter (a [`GCounter`]) kept per client per time window.
-//! On its own it is a fast in-memory limiter; as a cluster member its counters are
-//! replicated by gossip, at the price of a small, bounded over-admission.
-//!
-//! ```
-//! use crdt_rate_limiter::RateLimiter;
-//! use std::time::Duration;
-//! let rl = RateLimiter::new(100, Duration::from_secs(60))?;
-//! let now_ms = rl.now_ms();
-//! assert!(rl.allow("client-42", now_ms));
-//! let d = rl.check("client-42", now_ms)?;
-//! assert_eq!((d.allowed, d.limit, d.remaining), (true, 100, 98));
-//! # Ok::<(), crdt_rate_limiter::Error>(())
-//! ```
-//!
-//! See `docs/design.md` for the design, the strategies' guarantees and the limits.
-//!
-//! With the cargo feature `tower`, the `middleware` module provides `RateLimitLayer`, a tower/axum
-//! middleware that answers 429 with `Retry-After` and adds the IETF `RateLimit-Policy`
-//! and `RateLimit` headers (`docs/middleware.md`).
-//!
-//! With the cargo feature `quic` (on by default), the [`transport`] module makes a limiter
-//! a cluster member: gossip over QUIC with mutual TLS from a cluster CA,
-//! `RateLimiter::builder().….cluster(config).start().await` (`docs/cluster.md`).
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 mod algorithm;
