@@ -905,8 +905,14 @@ impl GossipNode {
         }
         self.stats.buckets_repaired += wanted.iter().map(|(_, m)| u64::from(m.count_ones())).sum::<u64>();
         self.answer_repair(from, window_ms, &wanted, now_ms);
+        // A replica and its mask take at most 19 bytes: split the request to fit both the
+        // message budget and what a receiver decodes.
         let me = self.cfg.replica;
-        self.send(from, &Envelope { version: WIRE_VERSION, from: me, body: Body::Repair { window_ms: window_ms as u32, wanted } }, true);
+        let per_message = ((self.cfg.max_message_bytes - 32) / 19).clamp(1, codec::MAX_DIGEST_ROWS);
+        for chunk in wanted.chunks(per_message) {
+            let body = Body::Repair { window_ms: window_ms as u32, wanted: chunk.to_vec() };
+            self.send(from, &Envelope { version: WIRE_VERSION, from: me, body }, true);
+        }
     }
 
     fn answer_repair(&mut self, to: PeerId, window_ms: u64, wanted: &[(ReplicaId, u8)], now_ms: i64) {

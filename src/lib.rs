@@ -43,6 +43,9 @@ pub mod middleware;
 mod quota;
 mod store;
 mod table;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 #[cfg(feature = "quic")]
 pub mod transport;
 

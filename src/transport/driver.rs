@@ -21,7 +21,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use super::socket::{Faults, FaultySocket};
-use super::wire::{Frame, Hello, MemberEntry, HEADER};
+use super::wire::{Frame, FrameDecoder, Hello, MemberEntry};
 use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member};
 use crate::clock::{Clock, SystemClock};
 use crate::{GossipNode, PeerId, RateLimiter, ReplicaId, Transmit};
@@ -54,6 +54,8 @@ const TICK: Duration = Duration::from_millis(50);
 const EVENT_QUEUE: usize = 4096;
 /// The most members a node keeps.
 const MAX_PEERS: usize = 4096;
+/// The most bytes taken from a stream per read.
+const READ_CHUNK: usize = 64 * 1024;
 /// How long a retired connection's writer waits for its stream to be acknowledged.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -1121,26 +1123,22 @@ async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
     }
 }
 
-/// Reads frames until the stream ends. `Err` only for a protocol violation.
+/// Reads frames until the stream ends. `Err` only for a protocol violation. The bytes go
+/// through [`FrameDecoder`], which holds at most one frame ([`MAX_FRAME`](super::wire::MAX_FRAME))
+/// plus one read chunk.
 async fn read_frames(sh: &Shared, recv: &mut RecvStream, conn_id: u64) -> Result<(), String> {
+    let mut frames = FrameDecoder::default();
     loop {
-        let mut header = [0u8; HEADER];
-        match recv.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err("stream ended inside a frame header".into()),
-            Err(quinn::ReadExactError::ReadError(_)) => return Ok(()), // reset or connection lost
-        }
-        let (kind, len) = Frame::header(header).map_err(|e| e.to_string())?;
-        let mut payload = vec![0u8; len];
-        match recv.read_exact(&mut payload).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err("stream ended inside a frame".into()),
-            Err(quinn::ReadExactError::ReadError(_)) => return Ok(()),
-        }
-        let frame = Frame::decode(kind, payload).map_err(|e| e.to_string())?;
-        if sh.events.send(Event::Frame { conn: conn_id, frame }).await.is_err() {
-            return Ok(());
+        let chunk = match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => return frames.finish().map_err(|e| e.to_string()),
+            Err(_) => return Ok(()), // reset or connection lost
+        };
+        frames.push(&chunk);
+        while let Some(frame) = frames.next_frame().map_err(|e| e.to_string())? {
+            if sh.events.send(Event::Frame { conn: conn_id, frame }).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }

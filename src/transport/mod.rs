@@ -52,7 +52,7 @@ pub mod certs;
 mod driver;
 mod socket;
 pub mod tls;
-mod wire;
+pub(crate) mod wire;
 
 use std::fmt;
 use std::hash::Hasher;
