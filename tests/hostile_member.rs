@@ -1,0 +1,156 @@
+//! A member with a valid certificate that sends what it likes, sans-IO: the gossip core
+//! alone, on virtual time. Each test holds one bound of `docs/security.md`.
+#![cfg(feature = "testing")]
+
+use std::time::Duration;
+
+use crdt_rate_limiter::testing::{self, CountsBatch};
+use crdt_rate_limiter::{
+    GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER,
+    MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
+};
+
+const T0: i64 = 1_700_000_000_000;
+const W0: i64 = T0 / 1000;
+
+fn node(id: u64, peers: &[u64], limit: u64) -> GossipNode {
+    node_with_clock(id, peers, limit, ManualClock::new(T0))
+}
+
+fn node_with_clock(id: u64, peers: &[u64], limit: u64, clock: ManualClock) -> GossipNode {
+    let limiter = RateLimiter::builder()
+        .quota(Quota::new(limit, Duration::from_secs(1)).unwrap())
+        .strategy(Strategy::FixedWindow)
+        .clock(clock)
+        .shards(64)
+        .hash_secret([7; 16])
+        .build()
+        .unwrap();
+    GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
+}
+
+fn replica(node: u64, incarnation: u64) -> ReplicaId {
+    ReplicaId { node, incarnation }
+}
+
+/// Everything queued: (messages, bytes).
+fn drain(n: &mut GossipNode) -> (usize, usize) {
+    let mut out = (0, 0);
+    while let Some(t) = n.poll_transmit() {
+        out.0 += 1;
+        out.1 += t.bytes.len();
+    }
+    out
+}
+
+#[test]
+fn a_member_cannot_fill_the_replica_table_and_an_honest_restart_still_counts() {
+    let mut n = node(1, &[2, 3], 100);
+    let key = n.limiter().key_hash("c");
+    // Member 2 relays counts for 65,536 made-up replicas, 16 messages of 4,096 batches,
+    // and makes up 100 incarnations of its own.
+    for m in 0..16u64 {
+        let batches: Vec<CountsBatch> = (0..4096u64)
+            .map(|i| CountsBatch { replica: replica(1_000 + m * 4096 + i, 1), window_ms: 1000, window: W0, entries: vec![(key, 1)] })
+            .collect();
+        n.handle_message(2, &testing::counts(replica(2, 1), &batches), T0).unwrap();
+    }
+    for inc in 1..=100 {
+        let b = CountsBatch { replica: replica(2, inc), window_ms: 1000, window: W0, entries: vec![(key, 0)] };
+        n.handle_message(2, &testing::counts(replica(2, inc), &[b]), T0).unwrap();
+    }
+    assert!(n.replica_count() <= MAX_RELAYED_PER_PEER + MAX_INCARNATIONS_PER_PEER, "{}", n.replica_count());
+    assert!(n.stats().replicas_refused >= 65_536 - MAX_RELAYED_PER_PEER as u64);
+    // Node 3 restarts as a new incarnation and counts 60 for client c: never refused for
+    // member 2's traffic, so node 1 admits at most the 40 that remain.
+    let b = CountsBatch { replica: replica(3, 7), window_ms: 1000, window: W0, entries: vec![(key, 60)] };
+    n.handle_message(3, &testing::counts(replica(3, 7), &[b]), T0).unwrap();
+    let admitted = (0..100).filter(|_| n.limiter().allow("c", T0)).count();
+    // Member 2's 1,024 relayed replicas counted 1 each for c as well.
+    assert!(admitted <= 40, "admitted {admitted} on top of node 3's 60");
+}
+
+#[test]
+fn replicas_whose_counts_expired_are_reclaimed_and_the_budget_frees_up() {
+    let clock = ManualClock::new(T0);
+    let mut n = node_with_clock(1, &[2], 100, clock.clone());
+    let key = n.limiter().key_hash("c");
+    let send = |n: &mut GossipNode, inc: u64, now: i64| {
+        let b = CountsBatch { replica: replica(2, inc), window_ms: 1000, window: now / 1000, entries: vec![(key, 1)] };
+        n.handle_message(2, &testing::counts(replica(2, inc), &[b]), now).unwrap();
+    };
+    for inc in 1..=MAX_INCARNATIONS_PER_PEER as u64 + 1 {
+        send(&mut n, inc, T0);
+    }
+    assert_eq!(n.replica_count(), MAX_INCARNATIONS_PER_PEER);
+    assert_eq!(n.stats().replicas_refused, 1, "the ninth live incarnation of one member is refused");
+    // Ten seconds later every count has expired: one anti-entropy period reclaims them.
+    let later = T0 + 10_000;
+    for r in 0..10 {
+        n.handle_timeout(later + 20 * r);
+    }
+    assert_eq!(n.replica_count(), 0);
+    assert_eq!(n.stats().replicas_reclaimed, MAX_INCARNATIONS_PER_PEER as u64);
+    clock.set_ms(later + 200);
+    send(&mut n, 50, later + 200);
+    assert_eq!(n.replica_count(), 1);
+    // The reused slot carries no stale count: node 2's only count is the new one.
+    let of_2: Vec<_> = n.state(later + 200).into_iter().filter(|e| e.replica.node == 2).map(|e| (e.replica, e.count)).collect();
+    assert_eq!(of_2, vec![(replica(2, 50), 1)]);
+    assert_eq!(n.limiter().check("c", later + 200).unwrap().remaining, 98, "its count and this request");
+}
+
+/// A node holding 20,000 keys, and a peer (node 2) that has been synced.
+fn busy_node() -> GossipNode {
+    let mut n = node(1, &[2], 10);
+    for i in 0..20_000 {
+        assert!(n.limiter().allow(&format!("client-{i}"), T0));
+    }
+    let hb = testing::counts(replica(2, 1), &[]);
+    n.handle_message(2, &hb, T0).unwrap();
+    drain(&mut n);
+    n
+}
+
+#[test]
+fn repeated_11_byte_repairs_cause_bounded_work_and_the_repair_still_completes() {
+    let mut n = busy_node();
+    let repair = testing::repair(replica(2, 1), 1000, &[(replica(1, 1), 0xFF)]);
+    assert_eq!(repair.len(), 11);
+    for _ in 0..100 {
+        n.handle_message(2, &repair, T0 + 1).unwrap();
+    }
+    let (messages, bytes) = drain(&mut n);
+    // One round's chunk: the budget plus one shard of 64 (about 313 keys), at ~12 bytes.
+    assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13, "{messages} messages, {bytes} bytes queued");
+    assert_eq!(n.stats().answers_dropped, 100 - u64::from(MAX_ANSWERS_PER_PERIOD));
+    // The rest follows in later rounds, and the peer gets every count.
+    let mut peer = node(2, &[1], 10);
+    let mut now = T0 + 20;
+    let mut delivered = 0;
+    for _ in 0..20 {
+        n.handle_timeout(now);
+        while let Some(t) = n.poll_transmit() {
+            if t.reliable {
+                peer.handle_message(1, &t.bytes, now).unwrap();
+                delivered += t.bytes.len();
+            }
+        }
+        now += 20;
+    }
+    let from_1 = peer.state(now).iter().filter(|e| e.replica == replica(1, 1)).count();
+    assert_eq!(from_1, 20_000, "the chunked export is complete ({delivered} bytes)");
+}
+
+#[test]
+fn repeated_empty_complete_digests_cause_bounded_work() {
+    let mut n = busy_node();
+    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], true);
+    for _ in 0..1_000 {
+        n.handle_message(2, &digest, T0 + 1).unwrap();
+    }
+    let (messages, bytes) = drain(&mut n);
+    // Each answered digest asks for a repair (one message); the export is one chunk.
+    assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13 + 64 * 20, "{messages} messages, {bytes} bytes queued");
+    assert_eq!(n.stats().answers_dropped, 1_000 - u64::from(MAX_ANSWERS_PER_PERIOD));
+}
