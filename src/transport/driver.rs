@@ -82,6 +82,8 @@ struct Settings {
     reconnect_max: Duration,
     max_incoming: usize,
     stream_queue: usize,
+    forget_after: Duration,
+    max_dials_per_sec: u32,
 }
 
 /// Transport counters; see [`ClusterStats`] for each.
@@ -163,6 +165,8 @@ struct PeerEntry {
     /// It sent us a full sync (its `SyncDone` marker arrived).
     synced: bool,
     dial: Backoff,
+    /// Since when it has had no connection that said hello (`None` while it has one).
+    unreachable_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -244,6 +248,9 @@ pub(super) struct State {
     dial_seq: u64,
     rng: u64,
     leaving: bool,
+    /// Dials that may start now (refilled to `max_dials_per_sec` every second).
+    dial_tokens: u32,
+    dial_refill_at: Instant,
 }
 
 /// What the handle and every task share.
@@ -317,6 +324,8 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             dial_seq: 0,
             rng: seed ^ 0x5EED,
             leaving: false,
+            dial_tokens: cfg.max_dials_per_sec,
+            dial_refill_at: Instant::now() + Duration::from_secs(1),
         }),
         me: Me {
             id,
@@ -334,6 +343,8 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             reconnect_max: cfg.reconnect_max,
             max_incoming: cfg.max_incoming,
             stream_queue: cfg.stream_queue,
+            forget_after: cfg.forget_after,
+            max_dials_per_sec: cfg.max_dials_per_sec,
         },
         counters: Counters::default(),
         events,
@@ -697,15 +708,21 @@ impl State {
     /// Periodic work: dials that are due, first-frame deadlines, the join check.
     fn maintain(&mut self, sh: &Arc<Shared>) {
         let now = Instant::now();
+        if now >= self.dial_refill_at {
+            self.dial_tokens = sh.settings.max_dials_per_sec;
+            self.dial_refill_at = now + Duration::from_secs(1);
+        }
+        self.forget_unreachable(sh, now);
         if !self.leaving {
             for i in 0..self.seeds.len() {
                 let s = &self.seeds[i];
-                if s.peer.is_none() && !s.is_self && s.dial.due(now) {
+                if s.peer.is_none() && !s.is_self && s.dial.due(now) && self.dial_tokens > 0 {
+                    self.dial_tokens -= 1;
                     let addr = s.addr;
                     self.dial(sh, Target::Seed(i), addr, None);
                 }
             }
-            let due: Vec<(PeerId, SocketAddr, String)> = self
+            let mut due: Vec<(bool, PeerId, SocketAddr, String)> = self
                 .peers
                 .iter()
                 .filter(|(id, p)| {
@@ -714,9 +731,13 @@ impl State {
                         && p.dial.due(now)
                         && !self.conns.values().any(|c| c.peer == **id && c.stream_tx.is_some())
                 })
-                .filter_map(|(id, p)| p.addr.map(|a| (*id, a, p.name.clone())))
+                .filter_map(|(id, p)| p.addr.map(|a| (p.incarnation.is_none(), *id, a, p.name.clone())))
                 .collect();
-            for (id, addr, name) in due {
+            // Within the dial budget; members this node was connected to before go first,
+            // so that a list of made-up members cannot delay their redials for long.
+            due.sort_by_key(|d| d.0);
+            for (_, id, addr, name) in due.into_iter().take(self.dial_tokens as usize) {
+                self.dial_tokens -= 1;
                 self.dial(sh, Target::Peer(id), addr, Some(name));
             }
         }
@@ -734,6 +755,30 @@ impl State {
             }
         }
         self.check_joined(sh);
+    }
+
+    /// Forgets members that are not seeds and have had no working connection for
+    /// `forget_after`: a member list naming addresses nobody answers at costs dials for
+    /// that long, not forever.
+    fn forget_unreachable(&mut self, sh: &Shared, now: Instant) {
+        let forget: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                !p.seed
+                    && p.active.is_none()
+                    && !p.dial.in_flight
+                    && p.unreachable_since.is_some_and(|t| now.duration_since(t) >= sh.settings.forget_after)
+                    && !self.conns.values().any(|c| c.peer == **id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in forget {
+            if let Some(p) = self.peers.remove(&id) {
+                tracing::info!(peer = %p.name, addr = ?p.addr, "forgot a member unreachable for forget_after");
+            }
+            self.node.remove_peer(id);
+        }
     }
 
     fn check_joined(&self, sh: &Shared) {
@@ -823,6 +868,7 @@ impl State {
             seed: false,
             synced: false,
             dial: Backoff::now(),
+            unreachable_since: Some(Instant::now()),
         });
         entry.seed |= is_seed;
         if let Some(Target::Seed(i)) = target {
@@ -971,6 +1017,7 @@ impl State {
         let addr = if h.addr.ip().is_unspecified() { SocketAddr::new(c.conn.remote_address().ip(), h.addr.port()) } else { h.addr };
         p.addr = Some(addr);
         p.dial = Backoff::now();
+        p.unreachable_since = None;
         if let Some(old) = old.and_then(|o| self.conns.get_mut(&o)) {
             old.retire(close::REPLACED);
         }
@@ -1030,6 +1077,7 @@ impl State {
                             seed: false,
                             synced: false,
                             dial,
+                            unreachable_since: Some(Instant::now()),
                         },
                     );
                 }
@@ -1055,6 +1103,9 @@ impl State {
                 self.conns.iter().filter(|(_, o)| o.peer == peer && o.hello.is_some() && o.stream_tx.is_some()).map(|(id, _)| *id).max();
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.active = next;
+                if next.is_none() {
+                    p.unreachable_since = Some(Instant::now());
+                }
             }
         }
         let left = matches!(&reason, ConnectionError::ApplicationClosed(a) if a.error_code == close::LEAVE);
@@ -1167,3 +1218,7 @@ async fn watch_close(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
     let reason = conn.closed().await;
     let _ = sh.events.send(Event::Closed { conn: conn_id, reason }).await;
 }
+
+#[cfg(test)]
+#[path = "driver_tests.rs"]
+mod tests;

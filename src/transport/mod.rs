@@ -191,8 +191,15 @@ pub struct ClusterConfig {
     /// First reconnection delay; doubles per failure up to `reconnect_max`, each drawn
     /// with jitter between half and all of it. Default 100 ms.
     pub reconnect_min: Duration,
-    /// Longest reconnection delay. Default 5 s.
+    /// Longest reconnection delay. Default 1 s.
     pub reconnect_max: Duration,
+    /// A member learned from another member's list (not a seed) that has been unreachable
+    /// this long is forgotten: no more dials to it until a member announces it again.
+    /// Default 60 s.
+    pub forget_after: Duration,
+    /// Dials started per second, every address together (a token bucket holding one
+    /// second's worth; members connected before are dialed first). Default 20.
+    pub max_dials_per_sec: u32,
     /// How long [`Cluster::start`] waits for every seed to answer with a full sync (or to
     /// fail to connect once) before it returns. Default 3 s; zero returns at once.
     pub join_timeout: Duration,
@@ -220,6 +227,8 @@ impl ClusterConfig {
             datagram_buffer_bytes: 256 * 1024,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(1),
+            forget_after: Duration::from_secs(60),
+            max_dials_per_sec: 20,
             join_timeout: Duration::from_secs(3),
             rng_seed: None,
         }
@@ -247,6 +256,12 @@ impl ClusterConfig {
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return bad("reconnect_min", "must be more than zero and at most reconnect_max");
+        }
+        if self.forget_after.is_zero() {
+            return bad("forget_after", "must be more than zero");
+        }
+        if self.max_dials_per_sec == 0 {
+            return bad("max_dials_per_sec", "must be at least 1");
         }
         Ok(())
     }
