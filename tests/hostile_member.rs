@@ -1,6 +1,6 @@
 //! A member with a valid certificate that sends what it likes, sans-IO: the gossip core
 //! alone, on virtual time. Each test holds one bound of `docs/security.md`.
-#![cfg(feature = "testing")]
+#![cfg(all(feature = "testing", feature = "quic"))]
 
 use std::time::Duration;
 
@@ -121,6 +121,7 @@ fn repeated_11_byte_repairs_cause_bounded_work_and_the_repair_still_completes() 
         n.handle_message(2, &repair, T0 + 1).unwrap();
     }
     let (messages, bytes) = drain(&mut n);
+    eprintln!("100 repairs of 11 bytes: {messages} messages, {bytes} bytes queued");
     // One round's chunk: the budget plus one shard of 64 (about 313 keys), at ~12 bytes.
     assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13, "{messages} messages, {bytes} bytes queued");
     assert_eq!(n.stats().answers_dropped, 100 - u64::from(MAX_ANSWERS_PER_PERIOD));
@@ -150,7 +151,99 @@ fn repeated_empty_complete_digests_cause_bounded_work() {
         n.handle_message(2, &digest, T0 + 1).unwrap();
     }
     let (messages, bytes) = drain(&mut n);
+    eprintln!("1,000 empty complete digests of {} bytes: {messages} messages, {bytes} bytes queued", digest.len());
     // Each answered digest asks for a repair (one message); the export is one chunk.
     assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13 + 64 * 20, "{messages} messages, {bytes} bytes queued");
     assert_eq!(n.stats().answers_dropped, 1_000 - u64::from(MAX_ANSWERS_PER_PERIOD));
+}
+
+/// Valid messages of every kind from member 2, to mutate.
+fn valid_messages(key: u64) -> Vec<Vec<u8>> {
+    let from = replica(2, 1);
+    let batch = CountsBatch { replica: from, window_ms: 1000, window: W0, entries: vec![(key, 3), (key ^ 1, 250), (key ^ 2, 70_000)] };
+    let relayed = CountsBatch { replica: replica(9, 4), window_ms: 1000, window: W0 - 1, entries: vec![(key, 1)] };
+    let mut limits = crdt_rate_limiter::LimitsConfig::new(Quota::new(5, Duration::from_secs(1)).unwrap());
+    limits.clients.insert("c".into(), crdt_rate_limiter::ClientOverride { tier: None, limit: Some(2), window_ms: Some(2000), burst: None });
+    vec![
+        testing::counts(from, &[batch, relayed]),
+        testing::counts(from, &[]),
+        testing::digest(from, 1000, W0, 2, &[(from, [1, 2, 3, 4, 5, 6, 7, 8]), (replica(1, 1), [0; 8])], true),
+        testing::repair(from, 1000, &[(replica(1, 1), 0xFF), (from, 0x0F)]),
+        testing::sync_request(from),
+        testing::ping(from, T0, Some((T0 - 3, 1))),
+        testing::limits(from, crdt_rate_limiter::LimitsVersion { at_ms: T0 as u64, node: 2 }, limits),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+    /// Mutated messages (flipped, inserted, removed bytes, truncation) never panic the
+    /// core, and never make it queue more than one round's repair chunk plus a full sync.
+    #[test]
+    fn mutated_messages_from_a_member_are_handled_or_refused_never_a_panic(
+        picks in proptest::collection::vec((0usize..7, proptest::collection::vec((0usize..4096, 0u8..=255, 0u8..3), 0..6), 0usize..4096), 1..12),
+    ) {
+        let mut n = node(1, &[2], 10);
+        for i in 0..300 {
+            n.limiter().allow(&format!("client-{i}"), T0);
+        }
+        let key = n.limiter().key_hash("client-1");
+        let messages = valid_messages(key);
+        for (k, (which, edits, cut)) in picks.into_iter().enumerate() {
+            let mut m = messages[which].clone();
+            for (at, byte, op) in edits {
+                let at = at % (m.len() + 1);
+                match op {
+                    0 if at < m.len() => m[at] ^= byte.max(1),
+                    1 => m.insert(at, byte),
+                    _ if at < m.len() => { m.remove(at); }
+                    _ => {}
+                }
+            }
+            if cut < m.len() && cut % 3 == 0 {
+                m.truncate(cut);
+            }
+            let now = T0 + 7 * k as i64;
+            let _ = n.handle_message(2, &m, now);
+            n.handle_timeout(now);
+            let (messages, _) = drain(&mut n);
+            proptest::prop_assert!(messages <= 2_000, "{messages} messages queued for one input");
+        }
+    }
+
+    /// The frame reader gives the same frames however the stream is cut into reads.
+    #[test]
+    fn the_frame_reader_does_not_depend_on_where_reads_end(
+        frames in proptest::collection::vec((1u8..6, proptest::collection::vec(0u8..=255, 0..300)), 0..20),
+        cuts in proptest::collection::vec(1usize..700, 1..20),
+    ) {
+        let stream: Vec<u8> = frames.iter().flat_map(|(k, p)| testing::frame(*k, p)).collect();
+        let read = |cuts: &[usize]| {
+            let mut r = testing::FrameReader::default();
+            let (mut out, mut rest, mut i) = (Vec::new(), &stream[..], 0);
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                i += 1;
+                r.push(&rest[..n]);
+                rest = &rest[n..];
+                loop {
+                    match r.next_frame() {
+                        Ok(Some(k)) => out.push(Ok(k)),
+                        Ok(None) => break,
+                        Err(e) => {
+                            out.push(Err(e));
+                            return out;
+                        }
+                    }
+                }
+            }
+            if let Err(e) = r.finish() {
+                out.push(Err(e));
+            }
+            out
+        };
+        let whole = read(&[stream.len().max(1)]);
+        proptest::prop_assert_eq!(read(&cuts), whole);
+    }
 }
