@@ -285,6 +285,7 @@ mod tests {
                 panic!("{kind} must decode: {e}");
             }
             if kind == "limits" {
+                eprintln!("largest legal limits message: {} bytes (bound {MAX_LIMITS_MESSAGE_BYTES})", bytes.len());
                 assert!(bytes.len() > 400_000, "the configuration is near the largest: {}", bytes.len());
                 assert!(bytes.len() <= MAX_LIMITS_MESSAGE_BYTES, "{} > bound {MAX_LIMITS_MESSAGE_BYTES}", bytes.len());
             }
