@@ -88,3 +88,35 @@ async fn a_limits_file_of_4000_overrides_reaches_every_member() {
     .await
     .expect("test timed out");
 }
+
+/// The largest legal limits configuration (1,024 tiers with 64-byte names, 10,000
+/// overrides with quotas of their own, every name byte used) replicates too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limits_file_of_the_largest_legal_size_reaches_the_other_member() {
+    use crdt_rate_limiter::{QuotaSpec, MAX_NAME_BYTES, MAX_OVERRIDES, MAX_TIERS};
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let ca = Ca::new();
+        let a = Cluster::start(limiter(), config(ca.identity("node-a"), &[])).await.unwrap();
+        let b = Cluster::start(limiter(), config(ca.identity("node-b"), &[&a])).await.unwrap();
+        eventually("a and b connect", Duration::from_secs(10), || a.live_peers().len() == 1 && b.live_peers().len() == 1).await;
+        let max = u64::from(u32::MAX);
+        let spec = QuotaSpec { limit: max, window_ms: 60_000, burst: Some(max) };
+        let mut cfg = LimitsConfig::new(Quota::new(100, Duration::from_secs(1)).unwrap());
+        for t in 0..MAX_TIERS {
+            cfg.tiers.insert(format!("{t:064}"), spec.clone());
+        }
+        let name_len = (MAX_NAME_BYTES - MAX_TIERS * 64) / MAX_OVERRIDES;
+        for c in 0..MAX_OVERRIDES {
+            let o = ClientOverride { tier: None, limit: Some(max), window_ms: Some(60_000), burst: Some(max) };
+            cfg.clients.insert(format!("{c:0name_len$}"), o);
+        }
+        let version = a.limiter().apply_limits(cfg.clone()).expect("the largest legal configuration is valid");
+        eventually("b to put the largest configuration in force", Duration::from_secs(15), || b.limiter().limits().0 == version).await;
+        assert_eq!(b.limiter().limits().1.as_ref(), Some(&cfg));
+        assert_eq!((a.stats().protocol_errors, b.stats().protocol_errors), (0, 0));
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
