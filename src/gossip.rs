@@ -34,6 +34,14 @@
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
 //!   the current and previous windows. The receiver pushes its counts for every bucket
 //!   that differs and asks for the sender's, which repairs what loss dropped.
+//!
+//! # What one peer can make a node spend
+//! Digests and repairs are answered from a per-peer budget ([`MAX_ANSWERS_PER_PERIOD`]
+//! per anti-entropy period); a repair is exported a store shard at a time, at most
+//! [`MAX_REPAIR_ENTRIES_PER_ROUND`] counts per peer per round. A peer introduces at most
+//! [`MAX_INCARNATIONS_PER_PEER`] incarnations of its own and [`MAX_RELAYED_PER_PEER`]
+//! other replicas; entries whose counts all expired are reclaimed. `docs/security.md`
+//! lists every bound.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
