@@ -824,6 +824,13 @@ impl State {
             if expected != id {
                 tracing::warn!(expected = %self.name_of(expected), answered = %name, remote = %conn.remote_address(), "refused connection: another node answered");
                 refuse(&conn, "unexpected node");
+                // As a failed dial: back off, so a wrong address is not redialled every tick.
+                let failures = self.peers.get(&expected).map_or(0, |p| p.dial.failures) + 1;
+                let delay = self.backoff(sh, failures, Some(expected));
+                if let Some(p) = self.peers.get_mut(&expected) {
+                    p.dial.failures = failures;
+                    p.dial.next_at = Instant::now() + delay;
+                }
                 return;
             }
         }
