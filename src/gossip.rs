@@ -63,8 +63,10 @@ pub const MAX_REPLICAS: usize = 65_536;
 /// counts is a new incarnation). Only that peer's traffic counts against it.
 pub const MAX_INCARNATIONS_PER_PEER: usize = 8;
 /// The most live replicas of other nodes one peer can introduce by relaying; a batch for a
-/// new replica past it is dropped and counted in [`GossipStats::replicas_refused`].
-pub const MAX_RELAYED_PER_PEER: usize = 1_024;
+/// new replica past it is dropped and counted in [`GossipStats::replicas_refused`]. As
+/// many as the members a node keeps, so that one full sync can introduce all of them;
+/// 16 members at their budgets fill [`MAX_REPLICAS`].
+pub const MAX_RELAYED_PER_PEER: usize = 4_096;
 /// `Digest` and `Repair` messages answered per peer per anti-entropy period
 /// (`anti_entropy_rounds` rounds); more are dropped and counted in
 /// [`GossipStats::answers_dropped`]. A `SyncRequest` is answered once per suspicion period.
