@@ -23,6 +23,16 @@ use crate::{LimitsConfig, LimitsVersion, ReplicaId};
 pub const WIRE_VERSION: u8 = 1;
 /// The largest message accepted.
 pub const MAX_DECODE_BYTES: usize = 1 << 20;
+/// An upper bound on the encoded size of a `Limits` message holding the largest legal
+/// configuration: every name byte ([`MAX_NAME_BYTES`](crate::MAX_NAME_BYTES)), and per
+/// tier and per override the most its length prefix, option tags and three quota values
+/// (each below 2³², 5 bytes) can take, plus the envelope. Below [`MAX_DECODE_BYTES`], so a
+/// limits register always travels as one message (checked at compile time, and by a test
+/// that builds the largest configuration).
+pub(crate) const MAX_LIMITS_MESSAGE_BYTES: usize =
+    64 + crate::limits::MAX_NAME_BYTES + crate::limits::MAX_TIERS * (3 + 16) + crate::limits::MAX_OVERRIDES * (5 + 1 + 18);
+const _: () = assert!(MAX_LIMITS_MESSAGE_BYTES <= MAX_DECODE_BYTES);
+
 /// The most batches in one message.
 pub(crate) const MAX_BATCHES: usize = 4096;
 /// The most digest rows in one message.
@@ -207,9 +217,80 @@ pub(crate) fn entry_len(e: &WireEntry) -> usize {
     8 + varint_len(u64::from(e.window_offset)) + varint_len(e.count)
 }
 
+/// The largest legal message of every kind, encoded, with its kind's name: what any
+/// transport must carry whole.
+#[cfg(test)]
+pub(crate) fn largest_legal_messages() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::{ClientOverride, LimitsConfig, QuotaSpec};
+    let from = ReplicaId { node: u64::MAX, incarnation: u64::MAX };
+    let env = |body| encode(&Envelope { version: WIRE_VERSION, from, body });
+    let max = u64::from(u32::MAX);
+    let spec = QuotaSpec { limit: max, window_ms: max, burst: Some(max) };
+    let mut limits = LimitsConfig::new(spec.to_quota().expect("the largest quota is legal"));
+    for t in 0..crate::MAX_TIERS {
+        limits.tiers.insert(format!("{t:064}"), spec.clone());
+    }
+    let name_room = (crate::MAX_NAME_BYTES - crate::MAX_TIERS * 64) / crate::MAX_OVERRIDES;
+    for c in 0..crate::MAX_OVERRIDES {
+        let o = ClientOverride { tier: None, limit: Some(max), window_ms: Some(max), burst: Some(max) };
+        limits.clients.insert(format!("{c:0name_room$}"), o);
+    }
+    let version = LimitsVersion { at_ms: MAX_ABS_TIME as u64, node: u64::MAX };
+    let limits = env(Body::Limits { version, config: limits });
+    // Counts: as many of the widest entries as the decoder's limit (which also bounds
+    // what decoding allocates) lets through.
+    let entry = WireEntry { key: [0xFF; 8], window_offset: 1, count: max };
+    let batch = |n: usize| Batch { replica: from, window_ms: u32::MAX, base_window: MAX_ABS_TIME, entries: vec![entry; n] };
+    let (mut ok, mut too_many) = (0, MAX_DECODE_BYTES / entry_len(&entry) + 1);
+    while too_many - ok > 1 {
+        let mid = (ok + too_many) / 2;
+        if decode(&env(Body::Counts(vec![batch(mid)]))).is_ok() {
+            ok = mid;
+        } else {
+            too_many = mid;
+        }
+    }
+    let counts = env(Body::Counts(vec![batch(ok)]));
+    let row = DigestRow { replica: from, buckets: [u64::MAX; DIGEST_BUCKETS] };
+    let digest = env(Body::Digest {
+        window_ms: u32::MAX,
+        window: -MAX_ABS_TIME,
+        span: u8::MAX,
+        rows: vec![row; MAX_DIGEST_ROWS],
+        limits: version,
+        complete: true,
+    });
+    let repair = env(Body::Repair { window_ms: u32::MAX, wanted: vec![(from, 0xFF); MAX_DIGEST_ROWS] });
+    let ping = env(Body::Ping { sent_at_ms: -MAX_ABS_TIME, echo: Some((-MAX_ABS_TIME, u32::MAX)) });
+    vec![
+        ("limits", limits),
+        ("counts", counts),
+        ("digest", digest),
+        ("repair", repair),
+        ("ping", ping),
+        ("sync request", env(Body::SyncRequest)),
+        ("heartbeat", env(Body::Counts(Vec::new()))),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_legal_message_of_every_kind_decodes_and_limits_stay_under_their_bound() {
+        for (kind, bytes) in largest_legal_messages() {
+            assert!(bytes.len() <= MAX_DECODE_BYTES, "{kind}: {} bytes", bytes.len());
+            if let Err(e) = decode(&bytes) {
+                panic!("{kind} must decode: {e}");
+            }
+            if kind == "limits" {
+                eprintln!("largest legal limits message: {} bytes (bound {MAX_LIMITS_MESSAGE_BYTES})", bytes.len());
+                assert!(bytes.len() > 400_000, "the configuration is near the largest: {}", bytes.len());
+                assert!(bytes.len() <= MAX_LIMITS_MESSAGE_BYTES, "{} > bound {MAX_LIMITS_MESSAGE_BYTES}", bytes.len());
+            }
+        }
+    }
 
     fn sample() -> Envelope {
         let r = ReplicaId { node: 3, incarnation: 1 };

@@ -34,8 +34,16 @@
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
 //!   the current and previous windows. The receiver pushes its counts for every bucket
 //!   that differs and asks for the sender's, which repairs what loss dropped.
+//!
+//! # What one peer can make a node spend
+//! Digests and repairs are answered from a per-peer budget ([`MAX_ANSWERS_PER_PERIOD`]
+//! per anti-entropy period); a repair is exported a store shard at a time, at most
+//! [`MAX_REPAIR_ENTRIES_PER_ROUND`] counts per peer per round. A peer introduces at most
+//! [`MAX_INCARNATIONS_PER_PEER`] incarnations of its own and [`MAX_RELAYED_PER_PEER`]
+//! other replicas; entries whose counts all expired are reclaimed. `docs/security.md`
+//! lists every bound.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
@@ -46,8 +54,28 @@ use crate::{Admission, Error, LimitsVersion, RateLimiter, ReplicaId};
 /// verified certificate).
 pub type PeerId = u64;
 
-/// The most replicas (node incarnations) a node keeps counts for.
+/// The most replicas relayed by peers (incarnations of nodes other than the peer that
+/// sent them) a node keeps counts for at once. Each peer's own incarnations come on top,
+/// at most [`MAX_INCARNATIONS_PER_PEER`] each. Replicas whose counts have all expired are
+/// reclaimed every anti-entropy period.
 pub const MAX_REPLICAS: usize = 65_536;
+/// The most live incarnations of its own one peer can introduce (a restart without its
+/// counts is a new incarnation). Only that peer's traffic counts against it.
+pub const MAX_INCARNATIONS_PER_PEER: usize = 8;
+/// The most live replicas of other nodes one peer can introduce by relaying; a batch for a
+/// new replica past it is dropped and counted in [`GossipStats::replicas_refused`]. As
+/// many as the members a node keeps, so that one full sync can introduce all of them;
+/// 16 members at their budgets fill [`MAX_REPLICAS`].
+pub const MAX_RELAYED_PER_PEER: usize = 4_096;
+/// `Digest` and `Repair` messages answered per peer per anti-entropy period
+/// (`anti_entropy_rounds` rounds); more are dropped and counted in
+/// [`GossipStats::answers_dropped`]. A `SyncRequest` is answered once per suspicion period.
+pub const MAX_ANSWERS_PER_PERIOD: u32 = 64;
+/// Counts a repair exports to one peer per round (about 50 KB); the rest follows in later
+/// rounds, a store shard at a time.
+pub const MAX_REPAIR_ENTRIES_PER_ROUND: usize = 4_096;
+/// Repair exports waiting per peer; a repair for a window length already waiting joins it.
+const MAX_REPAIR_JOBS: usize = 4;
 /// The most messages waiting for [`GossipNode::poll_transmit`]; past it new ones are
 /// dropped and counted (a driver that stops polling cannot grow memory without bound).
 pub const MAX_OUTBOX: usize = 65_536;
@@ -183,6 +211,14 @@ pub struct GossipStats {
     pub outbox_dropped: u64,
     /// Counts dropped for a window no acceptable timestamp falls in.
     pub out_of_range: u64,
+    /// Batches dropped because their replica would pass a replica budget.
+    pub replicas_refused: u64,
+    /// Replica entries reclaimed once all their counts had expired.
+    pub replicas_reclaimed: u64,
+    /// `Digest` and `Repair` messages dropped past a peer's answer budget.
+    pub answers_dropped: u64,
+    /// Repair requests dropped because the peer already had the most exports waiting.
+    pub repairs_dropped: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -196,6 +232,41 @@ struct Peer {
     ping_sent_ms: Option<i64>,
     /// When it was last sent everything at its request.
     last_sync_answered_ms: Option<i64>,
+    /// Digests and repairs answered this anti-entropy period.
+    answers_used: u32,
+    /// Counts exported to it for repairs this round.
+    exported_this_round: usize,
+    /// Repairs still being exported to it, a store shard at a time.
+    jobs: VecDeque<RepairJob>,
+}
+
+/// A repair being exported in chunks: which store, which (replica, bucket mask) pairs,
+/// and the next shard.
+#[derive(Debug, Clone)]
+struct RepairJob {
+    window_ms: u64,
+    wanted: BTreeMap<ReplicaId, u8>,
+    next_shard: usize,
+}
+
+/// A remote replica this node keeps counts for.
+#[derive(Debug, Clone)]
+struct ReplicaSlot {
+    id: ReplicaId,
+    /// The peer whose message introduced it, and whether it was that peer's own.
+    introducer: PeerId,
+    own: bool,
+    /// Per window length, the newest window a count of it was merged for.
+    newest: Vec<(u64, i64)>,
+}
+
+/// Fingerprints computed this round, reused by every digest answered in it.
+#[derive(Debug)]
+struct FingerprintCache {
+    round: u64,
+    window_ms: u64,
+    windows: (i64, u8),
+    rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]>,
 }
 
 /// What a node knows of one peer. See [`GossipNode::peer_stats`].
@@ -238,8 +309,14 @@ pub struct GossipNode {
     limiter: RateLimiter,
     cfg: GossipConfig,
     peers: BTreeMap<PeerId, Peer>,
-    replicas: Vec<ReplicaId>,
+    /// Store slot number → replica; `None` for a reclaimed slot (in `free_slots`).
+    replicas: Vec<Option<ReplicaSlot>>,
     replica_index: BTreeMap<ReplicaId, u32>,
+    free_slots: Vec<u32>,
+    /// Per peer, live replicas it introduced: (its own incarnations, relayed).
+    introduced: BTreeMap<PeerId, (usize, usize)>,
+    relayed_total: usize,
+    fingerprint_cache: Option<FingerprintCache>,
     rng: u64,
     next_round_ms: i64,
     round: u64,
@@ -285,6 +362,10 @@ impl GossipNode {
             peers: BTreeMap::new(),
             replicas: Vec::new(),
             replica_index: BTreeMap::new(),
+            free_slots: Vec::new(),
+            introduced: BTreeMap::new(),
+            relayed_total: 0,
+            fingerprint_cache: None,
             rng: splitmix64(seed),
             next_round_ms: now_ms,
             round: 0,
@@ -319,6 +400,11 @@ impl GossipNode {
     /// What this node has done so far.
     pub fn stats(&self) -> &GossipStats {
         &self.stats
+    }
+
+    /// Remote replicas (node incarnations) this node keeps counts for now.
+    pub fn replica_count(&self) -> usize {
+        self.replica_index.len()
     }
 
     /// Peers heard from within the suspicion timeout.
@@ -365,12 +451,8 @@ impl GossipNode {
         self.limiter.for_each_store(|window_ms, store| {
             buf.clear();
             store.export(now_ms, |_| true, &mut buf);
-            out.extend(buf.iter().map(|e| StateEntry {
-                window_ms,
-                key: e.key,
-                window: e.window,
-                replica: self.replica_of(e.slot),
-                count: e.count,
+            out.extend(buf.iter().filter_map(|e| {
+                Some(StateEntry { window_ms, key: e.key, window: e.window, replica: self.replica_of(e.slot)?, count: e.count })
             }));
         });
         out.sort();
@@ -412,19 +494,13 @@ impl GossipNode {
             self.stats.spoofed += 1;
             return Err(MessageError::Spoofed { peer: from, claimed: msg.from.node });
         }
-        if let Body::Counts(batches) = &msg.body {
-            if let Err(e) = self.admit_batches(batches) {
-                self.stats.refused += 1;
-                return Err(MessageError::Refused(e));
-            }
-        }
         self.stats.messages_received += 1;
         self.stats.bytes_received += bytes.len() as u64;
         self.heard(from, msg.from.incarnation, now_ms);
         match msg.body {
             Body::Counts(batches) => {
                 let merged = self.stats.entries_merged;
-                self.merge_batches(&batches, now_ms);
+                self.merge_batches(from, &batches, now_ms);
                 if self.stats.entries_merged > merged {
                     self.last_active_round = self.round;
                 }
@@ -440,6 +516,7 @@ impl GossipNode {
                     self.send_everything(from, now_ms);
                 }
             }
+            Body::Digest { .. } | Body::Repair { .. } if !self.take_answer(from) => self.stats.answers_dropped += 1,
             Body::Digest { window_ms, window, span, rows, limits, complete } => {
                 if self.limiter.limits_version() > limits {
                     self.send_limits(from);
@@ -533,22 +610,115 @@ impl GossipNode {
         pool
     }
 
-    fn replica_of(&self, slot: u32) -> ReplicaId {
+    fn replica_of(&self, slot: u32) -> Option<ReplicaId> {
         if slot == LOCAL_SLOT {
-            self.cfg.replica
+            Some(self.cfg.replica)
         } else {
-            self.replicas[slot as usize]
+            self.replicas.get(slot as usize)?.as_ref().map(|s| s.id)
         }
     }
 
-    fn intern(&mut self, r: ReplicaId) -> u32 {
+    /// The store slot for replica `r`'s counts, up to window `newest` of length
+    /// `window_ms`, sent by peer `from`; `None` if `from` has used up its budget for new
+    /// replicas (its own incarnations, or relayed ones) or the relayed table is full.
+    fn admit_replica(&mut self, from: PeerId, r: ReplicaId, window_ms: u64, newest: i64) -> Option<u32> {
         if let Some(&i) = self.replica_index.get(&r) {
-            return i;
+            if let Some(Some(s)) = self.replicas.get_mut(i as usize) {
+                match s.newest.iter_mut().find(|(w, _)| *w == window_ms) {
+                    Some((_, n)) => *n = (*n).max(newest),
+                    None => s.newest.push((window_ms, newest)),
+                }
+            }
+            return Some(i);
         }
-        let i = self.replicas.len() as u32;
-        self.replicas.push(r);
+        let own = r.node == from;
+        let (own_used, relayed_used) = self.introduced.get(&from).copied().unwrap_or_default();
+        let room = if own {
+            own_used < MAX_INCARNATIONS_PER_PEER
+        } else {
+            relayed_used < MAX_RELAYED_PER_PEER && self.relayed_total < MAX_REPLICAS
+        };
+        if !room {
+            return None;
+        }
+        let slot = ReplicaSlot { id: r, introducer: from, own, newest: vec![(window_ms, newest)] };
+        let i = match self.free_slots.pop() {
+            Some(i) => {
+                self.replicas[i as usize] = Some(slot);
+                i
+            }
+            None => {
+                self.replicas.push(Some(slot));
+                (self.replicas.len() - 1) as u32
+            }
+        };
         self.replica_index.insert(r, i);
-        i
+        let used = self.introduced.entry(from).or_default();
+        if own {
+            used.0 += 1;
+        } else {
+            used.1 += 1;
+            self.relayed_total += 1;
+        }
+        Some(i)
+    }
+
+    /// Frees the entries of replicas whose every count has expired: no acceptable
+    /// timestamp falls in the window after the newest one merged for it, so the only keys
+    /// that can still hold its counts are dead, and a sweep drops them before the slot is
+    /// reused. O(replicas), once per anti-entropy period; the sweep only when one expired.
+    fn reclaim_replicas(&mut self, now_ms: i64) {
+        let limiter = &self.limiter;
+        let expired: Vec<u32> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                let dead = s.newest.iter().all(|&(window_ms, newest)| {
+                    limiter
+                        .with_existing_store(window_ms, |st| newest + 2 <= *st.acceptable_windows(now_ms, window_ms).start())
+                        .unwrap_or(true)
+                });
+                dead.then_some(i as u32)
+            })
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        self.limiter.for_each_store(|_, s| {
+            s.sweep(now_ms);
+        });
+        for i in expired {
+            let Some(slot) = self.replicas[i as usize].take() else { continue };
+            self.replica_index.remove(&slot.id);
+            self.free_slots.push(i);
+            if let Some(used) = self.introduced.get_mut(&slot.introducer) {
+                if slot.own {
+                    used.0 = used.0.saturating_sub(1);
+                } else {
+                    used.1 = used.1.saturating_sub(1);
+                }
+                if *used == (0, 0) {
+                    self.introduced.remove(&slot.introducer);
+                }
+            }
+            if !slot.own {
+                self.relayed_total = self.relayed_total.saturating_sub(1);
+            }
+            self.stats.replicas_reclaimed += 1;
+        }
+    }
+
+    /// Takes one answer from `from`'s budget for this anti-entropy period.
+    fn take_answer(&mut self, from: PeerId) -> bool {
+        match self.peers.get_mut(&from) {
+            Some(p) if p.answers_used < MAX_ANSWERS_PER_PERIOD => {
+                p.answers_used += 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn heard(&mut self, from: PeerId, incarnation: u64, now_ms: i64) {
@@ -575,6 +745,20 @@ impl GossipNode {
         let _span = tracing::debug_span!("gossip_round", node = self.cfg.replica.node, round = self.round + 1).entered();
         self.stats.rounds += 1;
         self.round += 1;
+        let period_start = self.round % self.cfg.anti_entropy_rounds == 0;
+        for p in self.peers.values_mut() {
+            p.exported_this_round = 0;
+            if period_start {
+                p.answers_used = 0;
+            }
+        }
+        let exporting: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.jobs.is_empty()).map(|(id, _)| *id).collect();
+        for p in exporting {
+            self.step_repairs(p, now_ms);
+        }
+        if period_start {
+            self.reclaim_replicas(now_ms);
+        }
         let suspect = self.suspect_after_ms();
         let mut changed = false;
         for (id, p) in self.peers.iter_mut() {
@@ -732,34 +916,38 @@ impl GossipNode {
         self.outbox.push_back(Transmit { to, bytes, reliable });
     }
 
-    /// Checks a Counts message against the limits before anything is merged.
-    fn admit_batches(&self, batches: &[Batch]) -> Result<(), Error> {
-        let new_replicas: BTreeSet<ReplicaId> = batches.iter().map(|b| b.replica).filter(|r| !self.replica_index.contains_key(r)).collect();
-        if self.replicas.len() + new_replicas.len() > MAX_REPLICAS {
-            return Err(Error::InvalidConfig { field: "replicas", reason: "more replicas than MAX_REPLICAS" });
-        }
-        Ok(())
-    }
-
-    fn merge_batches(&mut self, batches: &[Batch], now_ms: i64) {
+    fn merge_batches(&mut self, from: PeerId, batches: &[Batch], now_ms: i64) {
         let fan_out = self.fan_out();
         for b in batches {
             if b.replica == self.cfg.replica {
                 continue; // our own counts are authoritative here
             }
-            let slot = self.intern(b.replica);
             let window_ms = u64::from(b.window_ms);
-            let limiter = self.limiter.clone();
-            let stats = &mut self.stats;
-            let relay = &mut self.relay;
             // Counts for a window length this node keeps no store for are dropped: a
             // peer must not make stores here (they are capped). A store made later by
             // a local allow_with catches up through anti-entropy.
-            let known = limiter.with_existing_store(window_ms, |store: &Store| {
-                let range = store.acceptable_windows(now_ms, window_ms);
+            let Some(range) = self.limiter.with_existing_store(window_ms, |s| s.acceptable_windows(now_ms, window_ms)) else {
+                self.stats.out_of_range += b.entries.len() as u64;
+                continue;
+            };
+            let window_of = |e: &WireEntry| b.base_window - i64::from(e.window_offset);
+            let Some(newest) = b.entries.iter().map(window_of).filter(|w| range.contains(w)).max() else {
+                self.stats.out_of_range += b.entries.len() as u64;
+                continue;
+            };
+            // A replica enters the table only with a count that can still matter, and
+            // within the sender's budget.
+            let Some(slot) = self.admit_replica(from, b.replica, window_ms, newest) else {
+                self.stats.replicas_refused += 1;
+                continue;
+            };
+            let limiter = self.limiter.clone();
+            let stats = &mut self.stats;
+            let relay = &mut self.relay;
+            let _ = limiter.with_existing_store(window_ms, |store: &Store| {
                 for e in &b.entries {
                     let key = u64::from_le_bytes(e.key);
-                    let window = b.base_window - i64::from(e.window_offset);
+                    let window = window_of(e);
                     if !range.contains(&window) {
                         stats.out_of_range += 1;
                         continue;
@@ -776,9 +964,6 @@ impl GossipNode {
                     }
                 }
             });
-            if known.is_none() {
-                self.stats.out_of_range += b.entries.len() as u64;
-            }
         }
     }
 
@@ -789,7 +974,7 @@ impl GossipNode {
         self.limiter.for_each_store(|window_ms, store| {
             buf.clear();
             store.export(now_ms, select, &mut buf);
-            out.extend(buf.iter().map(|e| (window_ms, self.replica_of(e.slot), e.key, e.window, e.count)));
+            out.extend(buf.iter().filter_map(|e| Some((window_ms, self.replica_of(e.slot)?, e.key, e.window, e.count))));
         });
         out
     }
@@ -845,7 +1030,8 @@ impl GossipNode {
         // Never create a store for a window length named only by a peer's digest.
         let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
         for e in buf.iter().filter(|e| e.window <= window && e.window > window - i64::from(span)) {
-            let row = rows.entry(self.replica_of(e.slot)).or_default();
+            let Some(replica) = self.replica_of(e.slot) else { continue };
+            let row = rows.entry(replica).or_default();
             row[bucket(e.key)] =
                 row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
         }
@@ -883,7 +1069,11 @@ impl GossipNode {
     }
 
     fn answer_digest(&mut self, from: PeerId, window_ms: u64, windows: (i64, u8), rows: &[DigestRow], complete: bool, now_ms: i64) {
-        let mine = self.fingerprints(window_ms, windows, now_ms);
+        // One pass over the store per round, however many digests arrive in it.
+        let mine = match self.fingerprint_cache.take() {
+            Some(c) if (c.round, c.window_ms, c.windows) == (self.round, window_ms, windows) => c.rows,
+            _ => self.fingerprints(window_ms, windows, now_ms),
+        };
         let theirs: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = rows.iter().map(|r| (r.replica, r.buckets)).collect();
         // A digest may be split over several messages: compare the replicas it names, and
         // only a complete digest says the sender lacks the replicas it does not name.
@@ -900,26 +1090,82 @@ impl GossipNode {
                 wanted.push((*replica, 0xFF));
             }
         }
+        self.fingerprint_cache = Some(FingerprintCache { round: self.round, window_ms, windows, rows: mine });
         if wanted.is_empty() {
             return;
         }
         self.stats.buckets_repaired += wanted.iter().map(|(_, m)| u64::from(m.count_ones())).sum::<u64>();
         self.answer_repair(from, window_ms, &wanted, now_ms);
+        // A replica and its mask take at most 19 bytes: split the request to fit both the
+        // message budget and what a receiver decodes.
         let me = self.cfg.replica;
-        self.send(from, &Envelope { version: WIRE_VERSION, from: me, body: Body::Repair { window_ms: window_ms as u32, wanted } }, true);
+        let per_message = ((self.cfg.max_message_bytes - 32) / 19).clamp(1, codec::MAX_DIGEST_ROWS);
+        for chunk in wanted.chunks(per_message) {
+            let body = Body::Repair { window_ms: window_ms as u32, wanted: chunk.to_vec() };
+            self.send(from, &Envelope { version: WIRE_VERSION, from: me, body }, true);
+        }
     }
 
+    /// Queues the counts of `wanted` for `to`, exported in chunks: at most
+    /// [`MAX_REPAIR_ENTRIES_PER_ROUND`] per round, now and in the rounds that follow.
     fn answer_repair(&mut self, to: PeerId, window_ms: u64, wanted: &[(ReplicaId, u8)], now_ms: i64) {
-        let any_bucket = wanted.iter().fold(0u8, |m, (_, b)| m | b);
-        let wanted: BTreeMap<ReplicaId, u8> = wanted.iter().copied().collect();
-        // Export only the store of that window length, and only keys in a wanted bucket.
-        let mut buf: Vec<Exported> = Vec::new();
-        let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |k| any_bucket & (1 << bucket(k)) != 0, &mut buf));
-        let mut out: Vec<Outgoing> = buf
-            .iter()
-            .map(|e| (window_ms, self.replica_of(e.slot), e.key, e.window, e.count))
-            .filter(|o| wanted.get(&o.1).is_some_and(|m| m & (1 << bucket(o.2)) != 0))
-            .collect();
+        if self.limiter.with_existing_store(window_ms, |_| ()).is_none() {
+            return; // never create a store for a window length named by a peer
+        }
+        let Some(p) = self.peers.get_mut(&to) else { return };
+        let mut masks: BTreeMap<ReplicaId, u8> = BTreeMap::new();
+        for &(r, m) in wanted.iter().filter(|(_, m)| *m != 0) {
+            *masks.entry(r).or_default() |= m;
+        }
+        if masks.is_empty() {
+            return;
+        }
+        if let Some(job) = p.jobs.iter_mut().find(|j| j.window_ms == window_ms && j.next_shard == 0) {
+            for (r, m) in masks {
+                *job.wanted.entry(r).or_default() |= m;
+            }
+        } else if p.jobs.len() < MAX_REPAIR_JOBS {
+            p.jobs.push_back(RepairJob { window_ms, wanted: masks, next_shard: 0 });
+        } else {
+            self.stats.repairs_dropped += 1;
+            return;
+        }
+        self.step_repairs(to, now_ms);
+    }
+
+    /// Exports the next chunk of `to`'s waiting repairs, within this round's budget.
+    fn step_repairs(&mut self, to: PeerId, now_ms: i64) {
+        let mut out: Vec<Outgoing> = Vec::new();
+        loop {
+            let Some(p) = self.peers.get_mut(&to) else { return };
+            let budget = MAX_REPAIR_ENTRIES_PER_ROUND.saturating_sub(p.exported_this_round);
+            if budget == 0 {
+                break;
+            }
+            let Some(mut job) = p.jobs.pop_front() else { break };
+            let any_bucket = job.wanted.values().fold(0u8, |m, b| m | b);
+            let mut buf: Vec<Exported> = Vec::new();
+            let shards = self
+                .limiter
+                .with_existing_store(job.window_ms, |s| {
+                    while job.next_shard < s.shard_count() && buf.len() < budget {
+                        s.export_shard(job.next_shard, now_ms, |k| any_bucket & (1 << bucket(k)) != 0, &mut buf);
+                        job.next_shard += 1;
+                    }
+                    s.shard_count()
+                })
+                .unwrap_or(0);
+            out.extend(buf.iter().filter_map(|e| {
+                let replica = self.replica_of(e.slot)?;
+                let mask = job.wanted.get(&replica)?;
+                (mask & (1 << bucket(e.key)) != 0).then_some((job.window_ms, replica, e.key, e.window, e.count))
+            }));
+            let Some(p) = self.peers.get_mut(&to) else { return };
+            p.exported_this_round += buf.len().max(1);
+            if job.next_shard < shards {
+                p.jobs.push_front(job);
+            }
+        }
         if out.is_empty() {
             return;
         }

@@ -18,6 +18,9 @@ pub mod middleware;
 mod quota;
 mod store;
 mod table;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 #[cfg(feature = "quic")]
 pub mod transport;
 
@@ -25,7 +28,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
 pub use counter::{GCounter, ReplicaId};
 pub use error::Error;
-pub use gossip::{GossipConfig, GossipNode, GossipStats, MessageError, PeerId, PeerStats, StateEntry, Transmit, MAX_OUTBOX, MAX_REPLICAS};
+pub use gossip::{
+    GossipConfig, GossipNode, GossipStats, MessageError, PeerId, PeerStats, StateEntry, Transmit, MAX_ANSWERS_PER_PERIOD,
+    MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND, MAX_REPLICAS,
+};
 pub use limiter::{
     Admission, Builder, Decision, LimiterStats, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN,
     DEFAULT_MAX_TIMESTAMP_AGE, MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,

@@ -798,28 +798,40 @@ impl Store {
     /// Appends every non-zero count of the keys `select` accepts — local and remote, for
     /// both retained windows — to `out`. Locks one shard at a time, while it copies.
     pub(crate) fn export(&self, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
+        for i in 0..self.shards.len() {
+            self.export_shard(i, now_ms, &select, out);
+        }
+    }
+
+    /// The number of shards, for [`Store::export_shard`].
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// [`Store::export`] of shard `i` only (none past the last): lets the gossip core
+    /// export in bounded chunks across rounds.
+    pub(crate) fn export_shard(&self, i: usize, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
+        let Some(s) = self.shards.get(i) else { return };
         let track = self.track_changes.load(Ordering::Relaxed);
-        for s in self.shards.iter() {
-            let mut shard = s.0.lock.lock();
-            shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
-            let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
-            for e in shard.table.slots() {
-                if !select(e.key) {
-                    continue;
-                }
-                let window = now - windows_since(e.window, now as u32);
-                let (key, slot) = (e.key, LOCAL_SLOT);
-                if e.cur > 0 {
-                    out.push(Exported { key, window, slot, count: u64::from(e.cur) });
-                }
-                if e.prev > 0 {
-                    out.push(Exported { key, window: window - 1, slot, count: u64::from(e.prev) });
-                }
-                if let Some(i) = remote_of(e) {
-                    let r = &shard.remote[i];
-                    out.extend(r.cur.iter().map(|(slot, count)| Exported { key, window, slot, count }));
-                    out.extend(r.prev.iter().map(|(slot, count)| Exported { key, window: window - 1, slot, count }));
-                }
+        let mut shard = s.0.lock.lock();
+        shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
+        let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
+        for e in shard.table.slots() {
+            if !select(e.key) {
+                continue;
+            }
+            let window = now - windows_since(e.window, now as u32);
+            let (key, slot) = (e.key, LOCAL_SLOT);
+            if e.cur > 0 {
+                out.push(Exported { key, window, slot, count: u64::from(e.cur) });
+            }
+            if e.prev > 0 {
+                out.push(Exported { key, window: window - 1, slot, count: u64::from(e.prev) });
+            }
+            if let Some(i) = remote_of(e) {
+                let r = &shard.remote[i];
+                out.extend(r.cur.iter().map(|(slot, count)| Exported { key, window, slot, count }));
+                out.extend(r.prev.iter().map(|(slot, count)| Exported { key, window: window - 1, slot, count }));
             }
         }
     }

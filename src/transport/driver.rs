@@ -21,7 +21,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use super::socket::{Faults, FaultySocket};
-use super::wire::{Frame, Hello, MemberEntry, HEADER};
+use super::wire::{Frame, FrameDecoder, Hello, MemberEntry};
 use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason};
 use crate::clock::{Clock, SystemClock};
 use crate::{GossipNode, PeerId, RateLimiter, ReplicaId, Transmit};
@@ -54,6 +54,8 @@ const TICK: Duration = Duration::from_millis(50);
 const EVENT_QUEUE: usize = 4096;
 /// The most members a node keeps.
 const MAX_PEERS: usize = 4096;
+/// The most bytes taken from a stream per read.
+const READ_CHUNK: usize = 64 * 1024;
 /// How long a retired connection's writer waits for its stream to be acknowledged.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -80,6 +82,8 @@ struct Settings {
     reconnect_max: Duration,
     max_incoming: usize,
     stream_queue: usize,
+    forget_after: Duration,
+    max_dials_per_sec: u32,
 }
 
 /// Transport counters; see [`ClusterStats`] for each.
@@ -190,6 +194,8 @@ struct PeerEntry {
     /// Refused (either way) since its last accepted first frame.
     refused: Option<Refusal>,
     dial: Backoff,
+    /// Since when it has had no connection that said hello (`None` while it has one).
+    unreachable_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -275,6 +281,9 @@ pub(super) struct State {
     dial_seq: u64,
     rng: u64,
     leaving: bool,
+    /// Dials that may start now (refilled to `max_dials_per_sec` every second).
+    dial_tokens: u32,
+    dial_refill_at: Instant,
 }
 
 /// What the handle and every task share.
@@ -351,6 +360,8 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             dial_seq: 0,
             rng: seed ^ 0x5EED,
             leaving: false,
+            dial_tokens: cfg.max_dials_per_sec,
+            dial_refill_at: Instant::now() + Duration::from_secs(1),
         }),
         me: Me {
             id,
@@ -368,6 +379,8 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             reconnect_max: cfg.reconnect_max,
             max_incoming: cfg.max_incoming,
             stream_queue: cfg.stream_queue,
+            forget_after: cfg.forget_after,
+            max_dials_per_sec: cfg.max_dials_per_sec,
         },
         counters: Counters::default(),
         events,
@@ -783,15 +796,21 @@ impl State {
     /// Periodic work: dials that are due, first-frame deadlines, the join check.
     fn maintain(&mut self, sh: &Arc<Shared>) {
         let now = Instant::now();
+        if now >= self.dial_refill_at {
+            self.dial_tokens = sh.settings.max_dials_per_sec;
+            self.dial_refill_at = now + Duration::from_secs(1);
+        }
+        self.forget_unreachable(sh, now);
         if !self.leaving {
             for i in 0..self.seeds.len() {
                 let s = &self.seeds[i];
-                if s.peer.is_none() && !s.is_self && s.dial.due(now) {
+                if s.peer.is_none() && !s.is_self && s.dial.due(now) && self.dial_tokens > 0 {
+                    self.dial_tokens -= 1;
                     let addr = s.addr;
                     self.dial(sh, Target::Seed(i), addr, None);
                 }
             }
-            let due: Vec<(PeerId, SocketAddr, String)> = self
+            let mut due: Vec<(bool, PeerId, SocketAddr, String)> = self
                 .peers
                 .iter()
                 .filter(|(id, p)| {
@@ -800,9 +819,13 @@ impl State {
                         && p.dial.due(now)
                         && !self.conns.values().any(|c| c.peer == **id && c.stream_tx.is_some())
                 })
-                .filter_map(|(id, p)| p.addr.map(|a| (*id, a, p.name.clone())))
+                .filter_map(|(id, p)| p.addr.map(|a| (p.incarnation.is_none(), *id, a, p.name.clone())))
                 .collect();
-            for (id, addr, name) in due {
+            // Within the dial budget; members this node was connected to before go first,
+            // so that a list of made-up members cannot delay their redials for long.
+            due.sort_by_key(|d| d.0);
+            for (_, id, addr, name) in due.into_iter().take(self.dial_tokens as usize) {
+                self.dial_tokens -= 1;
                 self.dial(sh, Target::Peer(id), addr, Some(name));
             }
         }
@@ -820,6 +843,30 @@ impl State {
             }
         }
         self.check_joined(sh);
+    }
+
+    /// Forgets members that are not seeds and have had no working connection for
+    /// `forget_after`: a member list naming addresses nobody answers at costs dials for
+    /// that long, not forever.
+    fn forget_unreachable(&mut self, sh: &Shared, now: Instant) {
+        let forget: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                !p.seed
+                    && p.active.is_none()
+                    && !p.dial.in_flight
+                    && p.unreachable_since.is_some_and(|t| now.duration_since(t) >= sh.settings.forget_after)
+                    && !self.conns.values().any(|c| c.peer == **id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in forget {
+            if let Some(p) = self.peers.remove(&id) {
+                tracing::info!(peer = %p.name, addr = ?p.addr, "forgot a member unreachable for forget_after");
+            }
+            self.node.remove_peer(id);
+        }
     }
 
     fn check_joined(&self, sh: &Shared) {
@@ -915,6 +962,13 @@ impl State {
                     p.refused = Some(Refusal { addr, peer: Some(p.name.clone()), seed: p.seed, reason: RefusalReason::Identity, detail });
                 }
                 refuse(&conn, "unexpected node");
+                // As a failed dial: back off, so a wrong address is not redialled every tick.
+                let failures = self.peers.get(&expected).map_or(0, |p| p.dial.failures) + 1;
+                let delay = self.backoff(sh, failures, Some(expected));
+                if let Some(p) = self.peers.get_mut(&expected) {
+                    p.dial.failures = failures;
+                    p.dial.next_at = Instant::now() + delay;
+                }
                 return;
             }
         }
@@ -961,6 +1015,7 @@ impl State {
             synced: false,
             refused: None,
             dial: Backoff::now(),
+            unreachable_since: Some(Instant::now()),
         });
         entry.seed |= is_seed;
         if let Some(Target::Seed(i)) = target {
@@ -1114,6 +1169,7 @@ impl State {
         let addr = if h.addr.ip().is_unspecified() { SocketAddr::new(c.conn.remote_address().ip(), h.addr.port()) } else { h.addr };
         p.addr = Some(addr);
         p.dial = Backoff::now();
+        p.unreachable_since = None;
         if let Some(old) = old.and_then(|o| self.conns.get_mut(&o)) {
             old.retire(close::REPLACED);
         }
@@ -1174,6 +1230,7 @@ impl State {
                             synced: false,
                             refused: None,
                             dial,
+                            unreachable_since: Some(Instant::now()),
                         },
                     );
                 }
@@ -1213,6 +1270,9 @@ impl State {
                 self.conns.iter().filter(|(_, o)| o.peer == peer && o.hello.is_some() && o.stream_tx.is_some()).map(|(id, _)| *id).max();
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.active = next;
+                if next.is_none() {
+                    p.unreachable_since = Some(Instant::now());
+                }
             }
         }
         let left = matches!(&reason, ConnectionError::ApplicationClosed(a) if a.error_code == close::LEAVE);
@@ -1281,26 +1341,22 @@ async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
     }
 }
 
-/// Reads frames until the stream ends. `Err` only for a protocol violation.
+/// Reads frames until the stream ends. `Err` only for a protocol violation. The bytes go
+/// through [`FrameDecoder`], which holds at most one frame ([`MAX_FRAME`](super::wire::MAX_FRAME))
+/// plus one read chunk.
 async fn read_frames(sh: &Shared, recv: &mut RecvStream, conn_id: u64) -> Result<(), String> {
+    let mut frames = FrameDecoder::default();
     loop {
-        let mut header = [0u8; HEADER];
-        match recv.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err("stream ended inside a frame header".into()),
-            Err(quinn::ReadExactError::ReadError(_)) => return Ok(()), // reset or connection lost
-        }
-        let (kind, len) = Frame::header(header).map_err(|e| e.to_string())?;
-        let mut payload = vec![0u8; len];
-        match recv.read_exact(&mut payload).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err("stream ended inside a frame".into()),
-            Err(quinn::ReadExactError::ReadError(_)) => return Ok(()),
-        }
-        let frame = Frame::decode(kind, payload).map_err(|e| e.to_string())?;
-        if sh.events.send(Event::Frame { conn: conn_id, frame }).await.is_err() {
-            return Ok(());
+        let chunk = match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => return frames.finish().map_err(|e| e.to_string()),
+            Err(_) => return Ok(()), // reset or connection lost
+        };
+        frames.push(&chunk);
+        while let Some(frame) = frames.next_frame().map_err(|e| e.to_string())? {
+            if sh.events.send(Event::Frame { conn: conn_id, frame }).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }
@@ -1329,3 +1385,7 @@ async fn watch_close(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
     let reason = conn.closed().await;
     let _ = sh.events.send(Event::Closed { conn: conn_id, reason }).await;
 }
+
+#[cfg(test)]
+#[path = "driver_tests.rs"]
+mod tests;

@@ -52,7 +52,7 @@ pub mod certs;
 mod driver;
 mod socket;
 pub mod tls;
-mod wire;
+pub(crate) mod wire;
 
 use std::fmt;
 use std::hash::Hasher;
@@ -90,6 +90,10 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// Default of [`ClusterConfig::join_timeout`].
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default of [`ClusterConfig::forget_after`].
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(60);
+/// Default of [`ClusterConfig::max_dials_per_sec`].
+pub const DEFAULT_MAX_DIALS_PER_SEC: u32 = 20;
 
 /// The SipHash-1-3 key of [`node_id`]: the ASCII bytes `crdt-rl/` and `node-id\0`, each
 /// read as a little-endian `u64`. Fixed forever: changing it renames every node.
@@ -215,6 +219,14 @@ pub struct ClusterConfig {
     pub reconnect_min: Duration,
     /// Longest reconnection delay. Default [`DEFAULT_RECONNECT_MAX`] (1 s).
     pub reconnect_max: Duration,
+    /// A member learned from another member's list (not a seed) that has been unreachable
+    /// this long is forgotten: no more dials to it until a member announces it again.
+    /// Default [`DEFAULT_FORGET_AFTER`] (60 s).
+    pub forget_after: Duration,
+    /// Dials started per second, every address together (a token bucket holding one
+    /// second's worth; members connected before are dialed first). Default
+    /// [`DEFAULT_MAX_DIALS_PER_SEC`] (20).
+    pub max_dials_per_sec: u32,
     /// How long [`Cluster::start`] waits for every seed to answer with a full sync, to
     /// refuse this node, or to fail to connect once, before it returns; seeds that have
     /// not answered by then are logged (warn). Default [`DEFAULT_JOIN_TIMEOUT`] (3 s);
@@ -244,6 +256,8 @@ impl ClusterConfig {
             datagram_buffer_bytes: DEFAULT_DATAGRAM_BUFFER_BYTES,
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            forget_after: DEFAULT_FORGET_AFTER,
+            max_dials_per_sec: DEFAULT_MAX_DIALS_PER_SEC,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             rng_seed: None,
         }
@@ -271,6 +285,12 @@ impl ClusterConfig {
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return bad("reconnect_min", "must be more than zero and at most reconnect_max");
+        }
+        if self.forget_after.is_zero() {
+            return bad("forget_after", "must be more than zero");
+        }
+        if self.max_dials_per_sec == 0 {
+            return bad("max_dials_per_sec", "must be at least 1");
         }
         Ok(())
     }

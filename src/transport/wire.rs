@@ -7,11 +7,19 @@
 //!   followed by [`Frame::SyncDone`] arrives complete before the marker.
 //!
 //! Decoding never panics: a malformed frame is an error and the connection is closed.
+//!
+//! # One maximum for every message
+//! A frame's payload may be as long as the largest message the codec accepts
+//! ([`MAX_DECODE_BYTES`](crate::MAX_DECODE_BYTES), 1 MiB): whatever the gossip core may
+//! legally send — a limits register of the largest legal size included — passes the
+//! frame reader. A [`Frame::Members`] frame is at most 256 × 283 bytes, far below it.
+//! [`FrameDecoder`] is the reader: it buffers at most one frame plus one read chunk.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// Largest frame payload accepted: the largest gossip message (65,000 bytes) with room.
-pub(crate) const MAX_FRAME: usize = 65_536;
+/// Largest frame payload accepted: exactly the codec's maximum message, so every message
+/// the codec accepts fits one frame, and the frame reader never buffers more.
+pub(crate) const MAX_FRAME: usize = crate::codec::MAX_DECODE_BYTES;
 /// The most members one [`Frame::Members`] may list.
 pub(crate) const MAX_MEMBERS_PER_FRAME: usize = 256;
 /// Frame header: kind and length.
@@ -67,6 +75,56 @@ pub(crate) enum FrameError {
     TooLong(usize),
     #[error("malformed {0} frame")]
     Malformed(&'static str),
+    #[error("stream ended inside a frame ({0} bytes buffered)")]
+    Truncated(usize),
+}
+
+/// The frame reader: bytes of one stream go in as they arrive, whole frames come out.
+/// A header announcing more than [`MAX_FRAME`] is refused as soon as it arrives, before
+/// its payload is read. Sans-IO, so the QUIC driver and the fuzz target run the same code.
+#[derive(Debug, Default)]
+pub(crate) struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already handed out as frames.
+    pos: usize,
+}
+
+impl FrameDecoder {
+    /// Appends bytes read from the stream. Call [`next_frame`](Self::next_frame) until it
+    /// returns `Ok(None)` before pushing more: the buffer then holds less than one frame.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed, or the first error
+    /// (after which the stream is to be abandoned).
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let rest = &self.buf[self.pos..];
+        let Some(header) = rest.get(..HEADER) else { return Ok(None) };
+        let (kind, len) = Frame::header(header.try_into().map_err(|_| FrameError::Malformed("header"))?)?;
+        let Some(payload) = rest.get(HEADER..HEADER + len) else { return Ok(None) };
+        let frame = Frame::decode(kind, payload.to_vec())?;
+        self.pos += HEADER + len;
+        Ok(Some(frame))
+    }
+
+    /// The stream ended: an error if it ended inside a frame.
+    pub(crate) fn finish(&self) -> Result<(), FrameError> {
+        match self.buf.len() - self.pos {
+            0 => Ok(()),
+            n => Err(FrameError::Truncated(n)),
+        }
+    }
+
+    /// Bytes held (at most one frame plus the last push).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
 }
 
 impl Frame {
@@ -221,6 +279,60 @@ mod tests {
         let (kind, len) = Frame::header(bytes[..HEADER].try_into().unwrap()).unwrap();
         assert_eq!(len, bytes.len() - HEADER);
         assert_eq!(Frame::decode(kind, bytes[HEADER..].to_vec()).unwrap(), f);
+    }
+
+    /// Runs `bytes` through the frame reader in pieces of `piece` bytes.
+    fn read_all(bytes: &[u8], piece: usize) -> Result<Vec<Frame>, FrameError> {
+        let mut reader = FrameDecoder::default();
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(piece) {
+            reader.push(chunk);
+            while let Some(f) = reader.next_frame()? {
+                out.push(f);
+            }
+            assert!(reader.buffered() < HEADER + MAX_FRAME + piece);
+        }
+        reader.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn the_largest_legal_message_of_every_kind_passes_the_frame_reader_whole() {
+        let addr: SocketAddr = "[ffff::ffff]:65535".parse().unwrap();
+        let name = "n".repeat(255);
+        let members =
+            (0..MAX_MEMBERS_PER_FRAME).map(|i| MemberEntry { name: format!("{i:0255}"), incarnation: u64::MAX, addr }).collect::<Vec<_>>();
+        assert_eq!(members[0].name.len(), name.len());
+        let mut stream = Vec::new();
+        let mut sent = Vec::new();
+        for (kind, bytes) in crate::codec::largest_legal_messages() {
+            let f = Frame::Gossip(bytes);
+            stream.extend_from_slice(&f.encode());
+            sent.push((kind, f));
+        }
+        let f = Frame::Members(members);
+        stream.extend_from_slice(&f.encode());
+        sent.push(("members", f));
+        for piece in [1 << 16, 1200, 7] {
+            let got = read_all(&stream, piece).unwrap();
+            assert_eq!(got.len(), sent.len());
+            for ((kind, want), got) in sent.iter().zip(&got) {
+                assert_eq!(want, got, "{kind}");
+                if let Frame::Gossip(b) = got {
+                    assert!(crate::codec::decode(b).is_ok(), "{kind}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_reader_refuses_an_oversized_header_before_its_payload_and_a_cut_stream() {
+        let mut r = FrameDecoder::default();
+        let len = (MAX_FRAME as u32 + 1).to_le_bytes();
+        r.push(&[GOSSIP, len[0], len[1], len[2], len[3]]);
+        assert_eq!(r.next_frame(), Err(FrameError::TooLong(MAX_FRAME + 1)));
+        let bytes = Frame::Gossip(vec![1; 10]).encode();
+        assert!(matches!(read_all(&bytes[..bytes.len() - 1], 4), Err(FrameError::Truncated(_))));
     }
 
     #[test]

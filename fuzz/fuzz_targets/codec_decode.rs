@@ -1,0 +1,14 @@
+//! `codec::decode` on arbitrary bytes: never a panic; what decodes re-encodes to bytes
+//! that decode again and are stable under a second round trip.
+#![no_main]
+
+use crdt_rate_limiter::testing;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(again) = testing::reencode(data) {
+        assert!(again.len() <= crdt_rate_limiter::MAX_DECODE_BYTES);
+        let twice = testing::reencode(&again).expect("a re-encoded message decodes");
+        assert_eq!(again, twice, "encoding is stable");
+    }
+});

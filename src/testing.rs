@@ -1,0 +1,135 @@
+//! Internals for the fuzz targets (`fuzz/`) and the hostile-member tests, behind the
+//! `testing` feature. Not a stable API: it exists so that tests can build any message a
+//! misbehaving member could send, and so that the fuzzers run the production decoders.
+
+use crate::codec::{self, Batch, Body, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
+use crate::{DecodeError, LimitsConfig, LimitsVersion, ReplicaId};
+
+/// Decodes one gossip message with the production decoder; the message itself stays
+/// internal.
+///
+/// # Errors
+/// The decoder's [`DecodeError`].
+pub fn decode(bytes: &[u8]) -> Result<(), DecodeError> {
+    codec::decode(bytes).map(|_| ())
+}
+
+/// Re-encodes a message that decodes: decoding then encoding is the identity.
+pub fn reencode(bytes: &[u8]) -> Option<Vec<u8>> {
+    codec::decode(bytes).ok().map(|m| codec::encode(&m))
+}
+
+fn env(from: ReplicaId, body: Body) -> Vec<u8> {
+    codec::encode(&Envelope { version: WIRE_VERSION, from, body })
+}
+
+/// One batch of counts: the replica that made them, the window length, the window, and
+/// `(key hash, count)` pairs.
+#[derive(Debug, Clone)]
+pub struct CountsBatch {
+    /// The replica the counts belong to.
+    pub replica: ReplicaId,
+    /// Window length in ms.
+    pub window_ms: u32,
+    /// Window index.
+    pub window: i64,
+    /// Key hashes and counts.
+    pub entries: Vec<(u64, u64)>,
+}
+
+/// A `Counts` message from `from`.
+pub fn counts(from: ReplicaId, batches: &[CountsBatch]) -> Vec<u8> {
+    let batches = batches
+        .iter()
+        .map(|b| Batch {
+            replica: b.replica,
+            window_ms: b.window_ms,
+            base_window: b.window,
+            entries: b.entries.iter().map(|&(k, count)| WireEntry { key: k.to_le_bytes(), window_offset: 0, count }).collect(),
+        })
+        .collect();
+    env(from, Body::Counts(batches))
+}
+
+/// A `Repair` request: the counts of these (replica, bucket mask) pairs.
+pub fn repair(from: ReplicaId, window_ms: u32, wanted: &[(ReplicaId, u8)]) -> Vec<u8> {
+    env(from, Body::Repair { window_ms, wanted: wanted.to_vec() })
+}
+
+/// A `Digest` with these rows (replica, per-bucket fingerprints).
+pub fn digest(from: ReplicaId, window_ms: u32, window: i64, span: u8, rows: &[(ReplicaId, [u64; 8])], complete: bool) -> Vec<u8> {
+    let rows = rows.iter().map(|&(replica, buckets)| DigestRow { replica, buckets }).collect();
+    const _: () = assert!(DIGEST_BUCKETS == 8);
+    env(from, Body::Digest { window_ms, window, span, rows, limits: LimitsVersion::default(), complete })
+}
+
+/// A `SyncRequest`.
+pub fn sync_request(from: ReplicaId) -> Vec<u8> {
+    env(from, Body::SyncRequest)
+}
+
+/// A `Limits` message.
+pub fn limits(from: ReplicaId, version: LimitsVersion, config: LimitsConfig) -> Vec<u8> {
+    env(from, Body::Limits { version, config })
+}
+
+/// A clock sample.
+pub fn ping(from: ReplicaId, sent_at_ms: i64, echo: Option<(i64, u32)>) -> Vec<u8> {
+    env(from, Body::Ping { sent_at_ms, echo })
+}
+
+/// The transport's frame reader ([`FrameDecoder`](crate::transport) internally), as the
+/// QUIC driver runs it on every stream.
+#[cfg(feature = "quic")]
+#[derive(Debug, Default)]
+pub struct FrameReader(crate::transport::wire::FrameDecoder);
+
+#[cfg(feature = "quic")]
+impl FrameReader {
+    /// Appends bytes read from a stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.0.push(bytes);
+    }
+
+    /// The next whole frame (`Some(kind)`), `None` if more bytes are needed.
+    ///
+    /// # Errors
+    /// Why the frame is refused (the driver then closes the connection).
+    pub fn next_frame(&mut self) -> Result<Option<u8>, String> {
+        use crate::transport::wire::Frame;
+        self.0.next_frame().map_err(|e| e.to_string()).map(|f| {
+            f.map(|f| match f {
+                Frame::Hello(_) => 1,
+                Frame::Gossip(_) => 2,
+                Frame::Members(_) => 3,
+                Frame::SyncDone => 4,
+                Frame::Unknown(k) => k,
+            })
+        })
+    }
+
+    /// The stream ended.
+    ///
+    /// # Errors
+    /// If it ended inside a frame.
+    pub fn finish(&self) -> Result<(), String> {
+        self.0.finish().map_err(|e| e.to_string())
+    }
+
+    /// Bytes held.
+    pub fn buffered(&self) -> usize {
+        self.0.buffered()
+    }
+
+    /// The most bytes a frame's payload may have.
+    pub const MAX_FRAME: usize = crate::transport::wire::MAX_FRAME;
+}
+
+/// A frame of the given kind around `payload`, as a peer would write it.
+#[cfg(feature = "quic")]
+pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}

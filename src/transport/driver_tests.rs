@@ -1,0 +1,108 @@
+//! The driver against a member that announces made-up members, on real QUIC sockets.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::super::wire::MemberEntry;
+use super::super::{certs, node_id, Cluster, ClusterConfig, TlsIdentity};
+use super::get;
+use crate::{Quota, RateLimiter};
+
+fn identity(ca: &(String, String), name: &str) -> TlsIdentity {
+    let (cert, key) = certs::issue(&ca.0, &ca.1, name).unwrap();
+    TlsIdentity::from_pem(ca.0.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
+}
+
+fn config(id: TlsIdentity, seeds: &[&Cluster]) -> ClusterConfig {
+    ClusterConfig {
+        seeds: seeds.iter().map(|c| c.local_addr()).collect(),
+        handshake_timeout: Duration::from_millis(500),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(400),
+        join_timeout: Duration::from_secs(2),
+        forget_after: Duration::from_secs(2),
+        max_dials_per_sec: 10,
+        ..ClusterConfig::new(id, "127.0.0.1:0".parse().unwrap())
+    }
+}
+
+fn limiter() -> RateLimiter {
+    RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(1)).unwrap()).hash_secret([3; 16]).build().unwrap()
+}
+
+/// A UDP socket that never answers; counts the packets it receives.
+async fn sink() -> (SocketAddr, Arc<AtomicU64>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let packets = Arc::new(AtomicU64::new(0));
+    let count = packets.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while socket.recv_from(&mut buf).await.is_ok() {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    (addr, packets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let ca = certs::generate_ca().unwrap();
+        let a = Cluster::start(limiter(), config(identity(&ca, "node-a"), &[])).await.unwrap();
+        let b = Cluster::start(limiter(), config(identity(&ca, "node-b"), &[&a])).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while a.live_peers().len() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "a and b connect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Member b (it holds a valid certificate) says "node-x" is at b's own address:
+        // whoever answers there is b, not node-x, so the connection is refused after the
+        // handshake, and the redials back off.
+        let refused_before = get(&a.shared.counters.protocol_errors);
+        {
+            let mut st = a.shared.state.lock();
+            let x = MemberEntry { name: "node-x".into(), incarnation: 1, addr: b.local_addr() };
+            st.members_in(&a.shared, node_id("node-b"), vec![x]);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let refused = get(&a.shared.counters.protocol_errors) - refused_before;
+        assert!((1..=8).contains(&refused), "{refused} refusals in 1.5 s: backing off from 50 ms to 400 ms");
+        assert!(!a.members().iter().any(|m| m.name == "node-x" && m.connected));
+        assert_eq!(a.live_peers().len(), 1, "b is untouched");
+
+        let (target, packets) = sink().await;
+        // Then it lists 256 members at one address that never answers.
+        let list: Vec<MemberEntry> = (0..256).map(|i| MemberEntry { name: format!("fake-{i}"), incarnation: 1, addr: target }).collect();
+        let dials_before = get(&a.shared.counters.dials);
+        let start = tokio::time::Instant::now();
+        {
+            let mut st = a.shared.state.lock();
+            st.members_in(&a.shared, node_id("node-b"), list);
+        }
+        // For the first second and a half: within the budget (10 per second, one second's
+        // worth at once).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let dials = get(&a.shared.counters.dials) - dials_before;
+        let seconds = start.elapsed().as_secs_f64().ceil() as u64;
+        assert!(dials <= 10 * (seconds + 1), "{dials} dials in {seconds} s with a budget of 10 per second");
+        assert!(dials >= 5, "the budget is used: {dials}");
+        // After forget_after (2 s) every made-up member is forgotten and no dial follows.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let members = a.members();
+        assert!(!members.iter().any(|m| m.name.starts_with("fake-") || m.name == "node-x"), "{members:?}");
+        assert_eq!(members.len(), 1, "b stays");
+        let settled = get(&a.shared.counters.dials);
+        let seen = packets.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(get(&a.shared.counters.dials), settled, "no dial once forgotten");
+        assert!(seen > 0, "the made-up address was dialed");
+        assert_eq!(a.live_peers().len(), 1, "the real member is untouched");
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,250 @@
+//! A member with a valid certificate that sends what it likes, sans-IO: the gossip core
+//! alone, on virtual time. Each test holds one bound of `docs/security.md`.
+#![cfg(all(feature = "testing", feature = "quic"))]
+
+use std::time::Duration;
+
+use crdt_rate_limiter::testing::{self, CountsBatch};
+use crdt_rate_limiter::{
+    GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER,
+    MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
+};
+
+const T0: i64 = 1_700_000_000_000;
+const W0: i64 = T0 / 1000;
+
+fn node(id: u64, peers: &[u64], limit: u64) -> GossipNode {
+    node_with_clock(id, peers, limit, ManualClock::new(T0))
+}
+
+fn node_with_clock(id: u64, peers: &[u64], limit: u64, clock: ManualClock) -> GossipNode {
+    let limiter = RateLimiter::builder()
+        .quota(Quota::new(limit, Duration::from_secs(1)).unwrap())
+        .strategy(Strategy::FixedWindow)
+        .clock(clock)
+        .shards(64)
+        .hash_secret([7; 16])
+        .build()
+        .unwrap();
+    GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
+}
+
+fn replica(node: u64, incarnation: u64) -> ReplicaId {
+    ReplicaId { node, incarnation }
+}
+
+/// Everything queued: (messages, bytes).
+fn drain(n: &mut GossipNode) -> (usize, usize) {
+    let mut out = (0, 0);
+    while let Some(t) = n.poll_transmit() {
+        out.0 += 1;
+        out.1 += t.bytes.len();
+    }
+    out
+}
+
+#[test]
+fn a_member_cannot_fill_the_replica_table_and_an_honest_restart_still_counts() {
+    let mut n = node(1, &[2, 3], 100);
+    let key = n.limiter().key_hash("c");
+    // Member 2 relays counts for 65,536 made-up replicas, 16 messages of 4,096 batches,
+    // and makes up 100 incarnations of its own.
+    for m in 0..16u64 {
+        let batches: Vec<CountsBatch> = (0..4096u64)
+            .map(|i| CountsBatch { replica: replica(1_000 + m * 4096 + i, 1), window_ms: 1000, window: W0, entries: vec![(key, 1)] })
+            .collect();
+        n.handle_message(2, &testing::counts(replica(2, 1), &batches), T0).unwrap();
+    }
+    for inc in 1..=100 {
+        let b = CountsBatch { replica: replica(2, inc), window_ms: 1000, window: W0, entries: vec![(key, 0)] };
+        n.handle_message(2, &testing::counts(replica(2, inc), &[b]), T0).unwrap();
+    }
+    assert!(n.replica_count() <= MAX_RELAYED_PER_PEER + MAX_INCARNATIONS_PER_PEER, "{}", n.replica_count());
+    assert!(n.stats().replicas_refused >= 65_536 - MAX_RELAYED_PER_PEER as u64);
+    // Node 3 restarts as a new incarnation and counts 60 for client c: never refused for
+    // member 2's traffic, so node 1 admits at most the 40 that remain.
+    let b = CountsBatch { replica: replica(3, 7), window_ms: 1000, window: W0, entries: vec![(key, 60)] };
+    n.handle_message(3, &testing::counts(replica(3, 7), &[b]), T0).unwrap();
+    assert!(n.state(T0).iter().any(|e| e.replica == replica(3, 7) && e.key == key && e.count == 60), "node 3's restart counts");
+    let admitted = (0..100).filter(|_| n.limiter().allow("c", T0)).count();
+    // Member 2's accepted relayed replicas counted 1 each for c as well.
+    assert!(admitted <= 40, "admitted {admitted} on top of node 3's 60");
+}
+
+#[test]
+fn replicas_whose_counts_expired_are_reclaimed_and_the_budget_frees_up() {
+    let clock = ManualClock::new(T0);
+    let mut n = node_with_clock(1, &[2], 100, clock.clone());
+    let key = n.limiter().key_hash("c");
+    let send = |n: &mut GossipNode, inc: u64, now: i64| {
+        let b = CountsBatch { replica: replica(2, inc), window_ms: 1000, window: now / 1000, entries: vec![(key, 1)] };
+        n.handle_message(2, &testing::counts(replica(2, inc), &[b]), now).unwrap();
+    };
+    for inc in 1..=MAX_INCARNATIONS_PER_PEER as u64 + 1 {
+        send(&mut n, inc, T0);
+    }
+    assert_eq!(n.replica_count(), MAX_INCARNATIONS_PER_PEER);
+    assert_eq!(n.stats().replicas_refused, 1, "the ninth live incarnation of one member is refused");
+    // Ten seconds later every count has expired: one anti-entropy period reclaims them.
+    let later = T0 + 10_000;
+    for r in 0..10 {
+        n.handle_timeout(later + 20 * r);
+    }
+    assert_eq!(n.replica_count(), 0);
+    assert_eq!(n.stats().replicas_reclaimed, MAX_INCARNATIONS_PER_PEER as u64);
+    clock.set_ms(later + 200);
+    send(&mut n, 50, later + 200);
+    assert_eq!(n.replica_count(), 1);
+    // The reused slot carries no stale count: node 2's only count is the new one.
+    let of_2: Vec<_> = n.state(later + 200).into_iter().filter(|e| e.replica.node == 2).map(|e| (e.replica, e.count)).collect();
+    assert_eq!(of_2, vec![(replica(2, 50), 1)]);
+    assert_eq!(n.limiter().check("c", later + 200).unwrap().remaining, 98, "its count and this request");
+}
+
+/// A node holding 20,000 keys, and a peer (node 2) that has been synced.
+fn busy_node() -> GossipNode {
+    let mut n = node(1, &[2], 10);
+    for i in 0..20_000 {
+        assert!(n.limiter().allow(&format!("client-{i}"), T0));
+    }
+    let hb = testing::counts(replica(2, 1), &[]);
+    n.handle_message(2, &hb, T0).unwrap();
+    drain(&mut n);
+    n
+}
+
+#[test]
+fn repeated_11_byte_repairs_cause_bounded_work_and_the_repair_still_completes() {
+    let mut n = busy_node();
+    let repair = testing::repair(replica(2, 1), 1000, &[(replica(1, 1), 0xFF)]);
+    assert_eq!(repair.len(), 11);
+    for _ in 0..100 {
+        n.handle_message(2, &repair, T0 + 1).unwrap();
+    }
+    let (messages, bytes) = drain(&mut n);
+    eprintln!("100 repairs of 11 bytes: {messages} messages, {bytes} bytes queued");
+    // One round's chunk: the budget plus one shard of 64 (about 313 keys), at ~12 bytes.
+    assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13, "{messages} messages, {bytes} bytes queued");
+    assert_eq!(n.stats().answers_dropped, 100 - u64::from(MAX_ANSWERS_PER_PERIOD));
+    // The rest follows in later rounds, and the peer gets every count.
+    let mut peer = node(2, &[1], 10);
+    let mut now = T0 + 20;
+    let mut delivered = 0;
+    for _ in 0..20 {
+        n.handle_timeout(now);
+        while let Some(t) = n.poll_transmit() {
+            if t.reliable {
+                peer.handle_message(1, &t.bytes, now).unwrap();
+                delivered += t.bytes.len();
+            }
+        }
+        now += 20;
+    }
+    let from_1 = peer.state(now).iter().filter(|e| e.replica == replica(1, 1)).count();
+    assert_eq!(from_1, 20_000, "the chunked export is complete ({delivered} bytes)");
+}
+
+#[test]
+fn repeated_empty_complete_digests_cause_bounded_work() {
+    let mut n = busy_node();
+    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], true);
+    for _ in 0..1_000 {
+        n.handle_message(2, &digest, T0 + 1).unwrap();
+    }
+    let (messages, bytes) = drain(&mut n);
+    eprintln!("1,000 empty complete digests of {} bytes: {messages} messages, {bytes} bytes queued", digest.len());
+    // Each answered digest asks for a repair (one message); the export is one chunk.
+    assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13 + 64 * 20, "{messages} messages, {bytes} bytes queued");
+    assert_eq!(n.stats().answers_dropped, 1_000 - u64::from(MAX_ANSWERS_PER_PERIOD));
+}
+
+/// Valid messages of every kind from member 2, to mutate.
+fn valid_messages(key: u64) -> Vec<Vec<u8>> {
+    let from = replica(2, 1);
+    let batch = CountsBatch { replica: from, window_ms: 1000, window: W0, entries: vec![(key, 3), (key ^ 1, 250), (key ^ 2, 70_000)] };
+    let relayed = CountsBatch { replica: replica(9, 4), window_ms: 1000, window: W0 - 1, entries: vec![(key, 1)] };
+    let mut limits = crdt_rate_limiter::LimitsConfig::new(Quota::new(5, Duration::from_secs(1)).unwrap());
+    limits.clients.insert("c".into(), crdt_rate_limiter::ClientOverride { tier: None, limit: Some(2), window_ms: Some(2000), burst: None });
+    vec![
+        testing::counts(from, &[batch, relayed]),
+        testing::counts(from, &[]),
+        testing::digest(from, 1000, W0, 2, &[(from, [1, 2, 3, 4, 5, 6, 7, 8]), (replica(1, 1), [0; 8])], true),
+        testing::repair(from, 1000, &[(replica(1, 1), 0xFF), (from, 0x0F)]),
+        testing::sync_request(from),
+        testing::ping(from, T0, Some((T0 - 3, 1))),
+        testing::limits(from, crdt_rate_limiter::LimitsVersion { at_ms: T0 as u64, node: 2 }, limits),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+    /// Mutated messages (flipped, inserted, removed bytes, truncation) never panic the
+    /// core, and never make it queue more than one round's repair chunk plus a full sync.
+    #[test]
+    fn mutated_messages_from_a_member_are_handled_or_refused_never_a_panic(
+        picks in proptest::collection::vec((0usize..7, proptest::collection::vec((0usize..4096, 0u8..=255, 0u8..3), 0..6), 0usize..4096), 1..12),
+    ) {
+        let mut n = node(1, &[2], 10);
+        for i in 0..300 {
+            n.limiter().allow(&format!("client-{i}"), T0);
+        }
+        let key = n.limiter().key_hash("client-1");
+        let messages = valid_messages(key);
+        for (k, (which, edits, cut)) in picks.into_iter().enumerate() {
+            let mut m = messages[which].clone();
+            for (at, byte, op) in edits {
+                let at = at % (m.len() + 1);
+                match op {
+                    0 if at < m.len() => m[at] ^= byte.max(1),
+                    1 => m.insert(at, byte),
+                    _ if at < m.len() => { m.remove(at); }
+                    _ => {}
+                }
+            }
+            if cut < m.len() && cut % 3 == 0 {
+                m.truncate(cut);
+            }
+            let now = T0 + 7 * k as i64;
+            let _ = n.handle_message(2, &m, now);
+            n.handle_timeout(now);
+            let (messages, _) = drain(&mut n);
+            proptest::prop_assert!(messages <= 2_000, "{messages} messages queued for one input");
+        }
+    }
+
+    /// The frame reader gives the same frames however the stream is cut into reads.
+    #[test]
+    fn the_frame_reader_does_not_depend_on_where_reads_end(
+        frames in proptest::collection::vec((1u8..6, proptest::collection::vec(0u8..=255, 0..300)), 0..20),
+        cuts in proptest::collection::vec(1usize..700, 1..20),
+    ) {
+        let stream: Vec<u8> = frames.iter().flat_map(|(k, p)| testing::frame(*k, p)).collect();
+        let read = |cuts: &[usize]| {
+            let mut r = testing::FrameReader::default();
+            let (mut out, mut rest, mut i) = (Vec::new(), &stream[..], 0);
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                i += 1;
+                r.push(&rest[..n]);
+                rest = &rest[n..];
+                loop {
+                    match r.next_frame() {
+                        Ok(Some(k)) => out.push(Ok(k)),
+                        Ok(None) => break,
+                        Err(e) => {
+                            out.push(Err(e));
+                            return out;
+                        }
+                    }
+                }
+            }
+            if let Err(e) = r.finish() {
+                out.push(Err(e));
+            }
+            out
+        };
+        let whole = read(&[stream.len().max(1)]);
+        proptest::prop_assert_eq!(read(&cuts), whole);
+    }
+}
