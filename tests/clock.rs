@@ -136,6 +136,13 @@ mod cluster {
         let peer = node.peer_stats().into_iter().find(|p| p.peer == 2).unwrap();
         assert!(peer.offset_from_cluster_ms.is_some_and(|o| (o - 640).abs() <= 3), "{peer:?}");
         assert!(!peer.beyond_tolerance && !node.own_clock_beyond_tolerance());
+        // Windows and `reset_after` are on cluster time: node 5's clock reads 800 ms
+        // behind true time (T0 − 600 ms, 600 ms before its own next boundary), cluster
+        // time reads T0 + 260 ms: 740 ms before the cluster's next boundary.
+        let local = T0 + 200 - 800;
+        let d = node.limiter().check("c", local).unwrap();
+        let left = d.reset_after.as_millis() as i64;
+        assert!((left - 740).abs() <= 3, "reset_after {left} ms");
     }
 
     #[test]
