@@ -34,6 +34,13 @@
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
 //!   the current and previous windows. The receiver pushes its counts for every bucket
 //!   that differs and asks for the sender's, which repairs what loss dropped.
+//! * **Cluster time.** Every anti-entropy period a node pings its live peers; each answer
+//!   is a sample of the peer's clock offset. Every round, the node's offset from the
+//!   cluster (the median clock, see `cluster_time`) is updated and set on its limiter,
+//!   which cuts windows and reports `reset_after`/`retry_after` on cluster time: the
+//!   request's timestamp plus the offset (timestamps are still validated against the
+//!   node's own clock, which is what callers stamp them with). Counts on the wire carry
+//!   cluster-time windows.
 //!
 //! # What one peer can make a node spend
 //! Digests and repairs are answered from a per-peer budget ([`MAX_ANSWERS_PER_PERIOD`]
@@ -43,9 +50,10 @@
 //! other replicas; entries whose counts all expired are reclaimed. `docs/security.md`
 //! lists every bound.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 
+use crate::cluster_time::{self, Estimator};
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
 use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
 use crate::{Admission, Error, LimitsVersion, RateLimiter, ReplicaId};
@@ -101,6 +109,15 @@ pub struct GossipConfig {
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
     /// and in fan-out mode four times the rounds a peer takes to pick this node.
     pub suspect_after_ms: u64,
+    /// Cut windows on cluster time (this node's clock plus its estimated offset from the
+    /// cluster's median clock). Default true; false: on this node's own clock.
+    pub cluster_time: bool,
+    /// A clock sample with a longer round trip is not used. Default 1000 ms; range
+    /// `1..=60_000`.
+    pub clock_max_rtt_ms: u64,
+    /// The most this node's cluster offset moves per round. Default 250 ms; range
+    /// `1..=86_400_000`.
+    pub clock_max_step_ms: u64,
 }
 
 impl GossipConfig {
@@ -114,6 +131,9 @@ impl GossipConfig {
             full_mesh_max_peers: 16,
             fanout: 4,
             suspect_after_ms: 0,
+            cluster_time: true,
+            clock_max_rtt_ms: 1_000,
+            clock_max_step_ms: 250,
         }
     }
 
@@ -130,6 +150,12 @@ impl GossipConfig {
         }
         if self.fanout == 0 {
             return bad("fanout", "must be at least 1");
+        }
+        if !(1..=60_000).contains(&self.clock_max_rtt_ms) {
+            return bad("clock_max_rtt_ms", "must be between 1 and 60000");
+        }
+        if !(1..=86_400_000).contains(&self.clock_max_step_ms) {
+            return bad("clock_max_step_ms", "must be between 1 and 86400000");
         }
         Ok(())
     }
@@ -283,6 +309,12 @@ pub struct PeerStats {
     pub rtt_ms: Option<i64>,
     /// Its clock minus ours, estimated from the latest ping (NTP's offset).
     pub clock_offset_ms: Option<i64>,
+    /// Its clock minus cluster time (this node's clock plus its cluster offset), from its
+    /// tightest recent sample; None without a usable sample.
+    pub offset_from_cluster_ms: Option<i64>,
+    /// Its clock is further from cluster time than the limiter's clock-skew tolerance
+    /// (named in a warning when it crosses).
+    pub beyond_tolerance: bool,
 }
 
 /// One count with its replica resolved, as [`GossipNode::state`] reports it.
@@ -328,6 +360,12 @@ pub struct GossipNode {
     /// The last round in which this node's view changed (its own counts or a merge).
     last_active_round: u64,
     stats: GossipStats,
+    /// The cluster-time estimator.
+    clock: Estimator,
+    /// Peers whose clocks were beyond the tolerance at the last round.
+    clocks_beyond: BTreeSet<PeerId>,
+    /// This node's own clock was beyond the tolerance at the last round.
+    own_clock_beyond: bool,
 }
 
 impl GossipNode {
@@ -356,6 +394,8 @@ impl GossipNode {
         cluster.node.store(cfg.replica.node, Ordering::Relaxed);
 
         limiter.for_each_store(|_, s| s.track_changes());
+        let clock =
+            Estimator::new(cluster_time::Settings { max_rtt_ms: cfg.clock_max_rtt_ms as i64, max_step_ms: cfg.clock_max_step_ms as i64 });
         let mut node = Self {
             limiter,
             cfg,
@@ -374,6 +414,9 @@ impl GossipNode {
             limits_sent: LimitsVersion::default(),
             last_active_round: 0,
             stats: GossipStats::default(),
+            clock,
+            clocks_beyond: BTreeSet::new(),
+            own_clock_beyond: false,
         };
         for p in peers {
             node.add_peer(p);
@@ -386,6 +429,13 @@ impl GossipNode {
     }
 
     // ----- getters -----
+
+    /// `now_ms` of this node's clock on cluster time: what windows are cut on. (Exports
+    /// only need a time within 2³¹ windows of the right one to place a 32-bit window
+    /// index, so they take the node's clock as given.)
+    fn cluster_ms(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_add(self.limiter.cluster_offset_ms())
+    }
 
     /// The limiter this node replicates.
     pub fn limiter(&self) -> &RateLimiter {
@@ -419,6 +469,7 @@ impl GossipNode {
 
     /// What this node knows of each peer.
     pub fn peer_stats(&self) -> Vec<PeerStats> {
+        let applied = self.clock.offset_ms();
         self.peers
             .iter()
             .map(|(&peer, p)| PeerStats {
@@ -427,8 +478,28 @@ impl GossipNode {
                 last_heard_ms: p.last_heard_ms,
                 rtt_ms: p.rtt_ms,
                 clock_offset_ms: p.clock_offset_ms,
+                offset_from_cluster_ms: self.clock.peer_offset(peer).map(|(o, _)| o - applied),
+                beyond_tolerance: self.clocks_beyond.contains(&peer),
             })
             .collect()
+    }
+
+    /// This node's offset from cluster time in ms (cluster time minus its clock), as its
+    /// limiter applies it; 0 with `cluster_time` off.
+    pub fn cluster_offset_ms(&self) -> i64 {
+        self.limiter.cluster_offset_ms()
+    }
+
+    /// The estimate behind the offset, as of the last round: the median the offset heads
+    /// for (None before any usable sample) and the estimate's error bound in ms.
+    pub fn cluster_offset_target(&self) -> (Option<i64>, i64) {
+        let u = self.clock.last();
+        (u.target_ms, u.error_ms)
+    }
+
+    /// This node's own clock is further from cluster time than the clock-skew tolerance.
+    pub fn own_clock_beyond_tolerance(&self) -> bool {
+        self.own_clock_beyond
     }
 
     /// An upper estimate of how stale this node's view is at `now_ms`: over live peers,
@@ -471,6 +542,8 @@ impl GossipNode {
     /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
+        self.clock.forget(peer);
+        self.clocks_beyond.remove(&peer);
         self.publish_live();
     }
 
@@ -736,6 +809,51 @@ impl GossipNode {
         }
     }
 
+    /// Moves the cluster offset toward the peers' median clock and names every clock
+    /// (this node's included) that is further from cluster time than the tolerance.
+    fn update_cluster_time(&mut self) {
+        let live: Vec<PeerId> = self.live_peers().collect();
+        let before = self.clock.offset_ms();
+        let u = self.clock.update(live.iter().copied());
+        if self.cfg.cluster_time {
+            self.limiter.cluster().offset_ms.store(u.offset_ms, Ordering::Relaxed);
+            if u.offset_ms != before {
+                tracing::debug!(offset_ms = u.offset_ms, target_ms = u.target_ms, error_ms = u.error_ms, "cluster offset moved");
+            }
+        }
+        let tolerance = self.limiter.max_clock_skew_ms() as i64;
+        let me = self.cfg.replica.node;
+        let own = u.target_ms.is_some_and(|t| t.abs() > tolerance);
+        if own != self.own_clock_beyond {
+            if own {
+                tracing::warn!(
+                    node = me,
+                    offset_ms = u.target_ms,
+                    tolerance_ms = tolerance,
+                    "this node's clock is beyond the tolerance from cluster time; windows follow cluster time, fix the clock"
+                );
+            } else {
+                tracing::info!(node = me, "this node's clock is back within the tolerance from cluster time");
+            }
+            self.own_clock_beyond = own;
+            self.limiter.cluster().clock_beyond.store(own, Ordering::Relaxed);
+        }
+        for p in live {
+            let off = self.clock.peer_offset(p).map(|(o, _)| o - u.offset_ms);
+            let beyond = off.is_some_and(|o| o.abs() > tolerance);
+            if beyond && self.clocks_beyond.insert(p) {
+                tracing::warn!(
+                    peer = p,
+                    offset_from_cluster_ms = off,
+                    tolerance_ms = tolerance,
+                    "a peer's clock is beyond the tolerance from cluster time"
+                );
+            } else if !beyond && off.is_some() && self.clocks_beyond.remove(&p) {
+                tracing::info!(peer = p, offset_from_cluster_ms = off, "a peer's clock is back within the tolerance from cluster time");
+            }
+        }
+    }
+
     fn publish_live(&self) {
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
         self.limiter.cluster().live_replicas.store(live, Ordering::Relaxed);
@@ -772,6 +890,7 @@ impl GossipNode {
         if changed {
             self.publish_live();
         }
+        self.update_cluster_time();
 
         // New limits go to every peer at once: all nodes apply them within a round.
         if self.limiter.limits_version() > self.limits_sent {
@@ -917,6 +1036,7 @@ impl GossipNode {
     }
 
     fn merge_batches(&mut self, from: PeerId, batches: &[Batch], now_ms: i64) {
+        let now_ms = self.cluster_ms(now_ms);
         let fan_out = self.fan_out();
         for b in batches {
             if b.replica == self.cfg.replica {
@@ -999,8 +1119,11 @@ impl GossipNode {
                 p.ping_sent_ms = None;
                 let (t3, t4) = (sent_at_ms, now_ms.clamp(-codec::MAX_ABS_TIME, codec::MAX_ABS_TIME));
                 let t2 = t3 - i64::from(hold);
-                p.rtt_ms = Some(((t4 - t1) - i64::from(hold)).max(0));
-                p.clock_offset_ms = Some(((t2 - t1) + (t3 - t4)) / 2);
+                let rtt = (t4 - t1) - i64::from(hold);
+                let offset = ((t2 - t1) + (t3 - t4)) / 2;
+                p.rtt_ms = Some(rtt.max(0));
+                p.clock_offset_ms = Some(offset);
+                self.clock.record(from, offset, rtt);
             }
         }
     }
@@ -1040,6 +1163,7 @@ impl GossipNode {
 
     /// Digests of every store to `to`; `both_windows`: include the current window.
     fn send_digests(&mut self, to: PeerId, now_ms: i64, both_windows: bool) {
+        let now_ms = self.cluster_ms(now_ms);
         let me = self.cfg.replica;
         let mut windows = Vec::new();
         self.limiter.for_each_store(|w, _| windows.push(w));

@@ -4,6 +4,7 @@
 
 mod algorithm;
 mod clock;
+mod cluster_time;
 mod codec;
 mod counter;
 mod error;

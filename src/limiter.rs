@@ -1,6 +1,6 @@
 //! The public limiter: validation, hashing and the front door to the store.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,15 @@ pub struct LimiterStats {
     pub active_keys: u64,
     /// Estimated bytes held by the counters.
     pub memory_bytes: u64,
+    /// Times the limiter's time stepped back by more than the clock-skew tolerance
+    /// (see [`RateLimiter::clock_steps_back`]).
+    pub clock_steps_back: u64,
+    /// This node's offset from cluster time in ms, as the request path applies it (0 on
+    /// its own; see [`RateLimiter::cluster_offset_ms`]).
+    pub cluster_offset_ms: i64,
+    /// This node's clock is further from cluster time than the clock-skew tolerance (set
+    /// by the gossip core; always false on its own).
+    pub clock_beyond_tolerance: bool,
 }
 
 /// The outcome of one request, with what a client needs to back off politely.
@@ -107,6 +116,11 @@ pub(crate) struct ClusterState {
     pub(crate) salt: AtomicU64,
     /// This node's id, for the versions of the limits it sets (0 on its own).
     pub(crate) node: AtomicU64,
+    /// Cluster time minus this node's clock, in ms: added to every request's timestamp
+    /// and to the clock before windows are cut (0 on its own).
+    pub(crate) offset_ms: AtomicI64,
+    /// This node's clock is further from cluster time than the clock-skew tolerance.
+    pub(crate) clock_beyond: AtomicBool,
 }
 
 /// The default quota, readable without a lock: a sequence lock over three atomics. One
@@ -200,6 +214,11 @@ struct Inner {
     id: u64,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
+    /// The latest time (cluster time) a request was validated at: a reading more than
+    /// the clock-skew tolerance behind it is a step back.
+    newest_ms: AtomicI64,
+    /// Steps back detected.
+    steps_back: AtomicU64,
     strategy: Strategy,
     max_key_len: usize,
 
@@ -277,9 +296,9 @@ impl RateLimiter {
     #[inline]
     fn allow_inner(&self, client: &str, timestamp_ms: i64) -> bool {
         match self.validate(client.as_bytes(), timestamp_ms) {
-            Ok((key, now)) => match self.override_of(key) {
-                None => self.inner.store.admit(key, timestamp_ms, now, None, self.budget(now).as_ref()).unwrap_or(false),
-                Some(q) => self.decide_override(key, q, timestamp_ms, now).is_ok_and(|d| d.allowed),
+            Ok((key, ts, now, local)) => match self.override_of(key) {
+                None => self.inner.store.admit(key, ts, now, None, self.budget(local).as_ref()).unwrap_or(false),
+                Some(q) => self.decide_override(key, q, ts, now, local).is_ok_and(|d| d.allowed),
             },
             Err(_) => false,
         }
@@ -307,8 +326,8 @@ impl RateLimiter {
         })
     }
 
-    fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64) -> Result<Decision, Error> {
-        let budget = self.budget(now_ms);
+    fn decide_override(&self, key: u64, quota: Quota, ts_ms: i64, now_ms: i64, local_ms: i64) -> Result<Decision, Error> {
+        let budget = self.budget(local_ms);
         let v = self.with_store(quota, |s| s.decide(key, ts_ms, now_ms, Some(&quota), budget.as_ref()))??;
         Ok(Decision::from_verdict(v, quota))
     }
@@ -342,8 +361,9 @@ impl RateLimiter {
         }
     }
 
-    /// The bounded policy's round at `now_ms` (the limiter's clock, not the request's
-    /// timestamp: rounds must only move forward), when the policy applies.
+    /// The bounded policy's round at `now_ms` (the limiter's own clock, not the request's
+    /// timestamp nor cluster time: rounds must only move forward, and they follow the
+    /// gossip core's timer, which runs on this clock), when the policy applies.
     #[inline]
     fn budget(&self, now_ms: i64) -> Option<Budget> {
         let c = &self.inner.cluster;
@@ -372,12 +392,12 @@ impl RateLimiter {
     }
 
     fn check_inner(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
-        let (key, now) = self.validate(client.as_bytes(), timestamp_ms)?;
+        let (key, ts, now, local) = self.validate(client.as_bytes(), timestamp_ms)?;
         if let Some(q) = self.override_of(key) {
-            return self.decide_override(key, q, timestamp_ms, now);
+            return self.decide_override(key, q, ts, now, local);
         }
         let mut quota = self.quota();
-        let v = self.inner.store.decide(key, timestamp_ms, now, None, self.budget(now).as_ref())?;
+        let v = self.inner.store.decide(key, ts, now, None, self.budget(local).as_ref())?;
         if quota.limit() != v.limit {
             quota = self.quota(); // the default changed while deciding
         }
@@ -414,10 +434,11 @@ impl RateLimiter {
     /// The [`Quota::new`] errors, [`Error::TooManyWindows`] and those of [`check`](Self::check).
     pub fn check_with(&self, client: &str, limit: u64, window: Duration) -> Result<Decision, Error> {
         let quota = Quota::new(limit, window)?;
-        let now = self.inner.clock.now_ms();
+        let local = self.inner.clock.now_ms();
+        let now = self.observe(local.saturating_add(self.cluster_offset_ms()));
         let key = self.validate_key(client.as_bytes())?;
         let store = self.ad_hoc_store(quota)?;
-        let v = store.decide(key, now, now, Some(&quota), self.budget(now).as_ref())?;
+        let v = store.decide(key, now, now, Some(&quota), self.budget(local).as_ref())?;
         Ok(Decision::from_verdict(v, quota))
     }
 
@@ -458,9 +479,11 @@ impl RateLimiter {
         Ok(self.inner.hasher.hash(client))
     }
 
-    /// Checks the id and the timestamp; returns the key hash and the clock's reading.
+    /// Checks the id and the timestamp; returns the key hash, the timestamp and the
+    /// clock's reading on cluster time (both plus the cluster offset), and the clock's own
+    /// reading. The tolerances compare the timestamp with the clock, as given.
     #[inline]
-    fn validate(&self, client: &[u8], timestamp_ms: i64) -> Result<(u64, i64), Error> {
+    fn validate(&self, client: &[u8], timestamp_ms: i64) -> Result<(u64, i64, i64, i64), Error> {
         let key = self.validate_key(client)?;
         let inner = &*self.inner;
         let now_ms = inner.clock.now_ms();
@@ -472,7 +495,67 @@ impl RateLimiter {
         if delta > i128::from(max_skew_ms) {
             return Err(Error::TimestampInFuture { timestamp_ms, now_ms, max_skew_ms });
         }
-        Ok((key, now_ms))
+        let offset = self.cluster_offset_ms();
+        let now = self.observe(now_ms.saturating_add(offset));
+        Ok((key, timestamp_ms.saturating_add(offset), now, now_ms))
+    }
+
+    /// Notes `now` (cluster time) as the limiter's latest time; a reading more than the
+    /// clock-skew tolerance behind the latest is a step back: counted once, logged, and
+    /// the latest time restarts from it. Returns `now`.
+    ///
+    /// A step back drops nothing: a key whose newest window is ahead of the clock keeps
+    /// its counts, and requests are charged to that window until the clock reaches it
+    /// again (`src/store.rs`, "Windows"), so a window that can still be decided is never
+    /// decided twice.
+    #[inline]
+    fn observe(&self, now: i64) -> i64 {
+        let inner = &*self.inner;
+        let newest = inner.newest_ms.load(Ordering::Relaxed);
+        if now > newest {
+            inner.newest_ms.fetch_max(now, Ordering::Relaxed);
+        } else if newest.saturating_sub(now) > inner.tolerances.max_skew_ms as i64 {
+            self.stepped_back(newest, now);
+        }
+        now
+    }
+
+    #[cold]
+    fn stepped_back(&self, newest: i64, now: i64) {
+        let inner = &*self.inner;
+        // One thread counts each step; the others see the restarted latest time.
+        if inner.newest_ms.compare_exchange(newest, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            inner.steps_back.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                back_ms = newest - now,
+                tolerance_ms = inner.tolerances.max_skew_ms,
+                "clock stepped back beyond the tolerance: keys keep their newest window's counts and charge requests to it until the clock reaches it again"
+            );
+        }
+    }
+
+    /// How many times this limiter's time (its clock plus the cluster offset) stepped
+    /// back by more than the clock-skew tolerance. Each step is logged at `warn`.
+    pub fn clock_steps_back(&self) -> u64 {
+        self.inner.steps_back.load(Ordering::Relaxed)
+    }
+
+    /// Cluster time minus this limiter's clock, in ms: what the request path adds to a
+    /// request's timestamp and to the clock before it cuts windows. Set by the gossip core
+    /// (`docs/design.md`, "Cluster time"); 0 for a limiter on its own.
+    #[inline]
+    pub fn cluster_offset_ms(&self) -> i64 {
+        self.inner.cluster.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// The clock-skew tolerance in ms (see [`Builder::max_clock_skew`]).
+    pub(crate) fn max_clock_skew_ms(&self) -> u64 {
+        self.inner.tolerances.max_skew_ms
+    }
+
+    /// The limiter's time on cluster time: its clock plus [`cluster_offset_ms`](Self::cluster_offset_ms).
+    pub fn cluster_now_ms(&self) -> i64 {
+        self.now_ms().saturating_add(self.cluster_offset_ms())
     }
 
     /// The default quota in force (a client's override may differ: see
@@ -548,7 +631,7 @@ impl RateLimiter {
             return Ok(false);
         }
         if default != self.inner.store.quota() {
-            self.inner.store.set_quota(default, self.inner.clock.now_ms());
+            self.inner.store.set_quota(default, self.cluster_now_ms());
             self.inner.main_window_ms.store(default.window_ms(), Ordering::Relaxed);
             self.inner.quota.store(default);
         }
@@ -572,6 +655,9 @@ impl RateLimiter {
             out.active_keys += s.len() as u64;
             out.memory_bytes += bytes as u64;
         });
+        out.clock_steps_back = self.clock_steps_back();
+        out.cluster_offset_ms = self.cluster_offset_ms();
+        out.clock_beyond_tolerance = self.inner.cluster.clock_beyond.load(Ordering::Relaxed);
         out
     }
 
@@ -584,7 +670,7 @@ impl RateLimiter {
     /// time, and returns how many were dropped. Optional: the store also reclaims as it
     /// grows; a service may call this from a background task to return memory sooner.
     pub fn sweep(&self) -> usize {
-        let now = self.inner.clock.now_ms();
+        let now = self.cluster_now_ms();
         let mut n = self.inner.store.sweep(now);
         for (_, s) in self.inner.ad_hoc.read().iter() {
             n += s.sweep(now);
@@ -806,7 +892,11 @@ impl Builder {
                     live_replicas: AtomicU64::new(1),
                     salt: AtomicU64::new(0),
                     node: AtomicU64::new(0),
+                    offset_ms: AtomicI64::new(0),
+                    clock_beyond: AtomicBool::new(false),
                 },
+                newest_ms: AtomicI64::new(i64::MIN),
+                steps_back: AtomicU64::new(0),
                 limits: RwLock::new(LimitsState::default()),
                 overrides: RwLock::new(Arc::new(Overrides::new())),
                 has_overrides: AtomicBool::new(false),

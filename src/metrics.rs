@@ -48,6 +48,17 @@ pub const PEERS: &str = "crl_peers";
 pub const VIEW_LAG: &str = "crl_view_lag_seconds";
 /// A peer's clock minus ours, by `peer`. Gauge, seconds.
 pub const PEER_CLOCK_OFFSET: &str = "crl_peer_clock_offset_seconds";
+/// A peer's clock minus cluster time (its offset from the cluster), by `peer`. Gauge,
+/// seconds.
+pub const PEER_CLOCK_FROM_CLUSTER: &str = "crl_peer_clock_from_cluster_seconds";
+/// Cluster time minus this node's clock: the offset its limiter adds before cutting
+/// windows. Gauge, seconds.
+pub const CLUSTER_CLOCK_OFFSET: &str = "crl_cluster_clock_offset_seconds";
+/// 1 for a clock further from cluster time than the clock-skew tolerance, else 0, by
+/// `node`: `self` or a peer's id. Gauge.
+pub const CLOCK_BEYOND_TOLERANCE: &str = "crl_clock_beyond_tolerance";
+/// Steps back of the limiter's time larger than the clock-skew tolerance. Counter.
+pub const CLOCK_STEPS_BACK: &str = "crl_clock_steps_back_total";
 /// Round trip to a peer, by `peer`. Gauge, seconds.
 pub const PEER_RTT: &str = "crl_peer_rtt_seconds";
 /// Connections refused, by `reason`: `hash_secret`, `certificate`, `identity`. Counter.
@@ -55,7 +66,7 @@ pub const PEERS_REFUSED: &str = "crl_peers_refused_total";
 /// Peers refused now and not working since (a health check fails while it is not 0). Gauge.
 pub const PEERS_REFUSED_NOW: &str = "crl_peers_refused";
 
-/// Publishes the limiter's decision totals, keys and memory.
+/// Publishes the limiter's decision totals, keys, memory, cluster offset and clock steps.
 pub fn record_limiter(limiter: &RateLimiter) {
     let s = limiter.stats();
     counter!(DECISIONS, "outcome" => "allowed").absolute(s.allowed);
@@ -63,6 +74,9 @@ pub fn record_limiter(limiter: &RateLimiter) {
     counter!(NEAR_LIMIT).absolute(s.near_limit);
     gauge!(ACTIVE_KEYS).set(s.active_keys as f64);
     gauge!(MEMORY).set(s.memory_bytes as f64);
+    gauge!(CLUSTER_CLOCK_OFFSET).set(s.cluster_offset_ms as f64 / 1000.0);
+    gauge!(CLOCK_BEYOND_TOLERANCE, "node" => "self").set(if s.clock_beyond_tolerance { 1.0 } else { 0.0 });
+    counter!(CLOCK_STEPS_BACK).absolute(s.clock_steps_back);
 }
 
 /// Publishes a gossip node's traffic, drops, peers, lag and clock estimates (for a
@@ -107,6 +121,10 @@ fn record_core(s: &GossipStats, peers: &[PeerStats], view_lag_ms: i64) {
         if let Some(o) = p.clock_offset_ms {
             gauge!(PEER_CLOCK_OFFSET, "peer" => peer.clone()).set(o as f64 / 1000.0);
         }
+        if let Some(o) = p.offset_from_cluster_ms {
+            gauge!(PEER_CLOCK_FROM_CLUSTER, "peer" => peer.clone()).set(o as f64 / 1000.0);
+        }
+        gauge!(CLOCK_BEYOND_TOLERANCE, "node" => peer.clone()).set(if p.beyond_tolerance { 1.0 } else { 0.0 });
         if let Some(r) = p.rtt_ms {
             gauge!(PEER_RTT, "peer" => peer).set(r as f64 / 1000.0);
         }

@@ -12,7 +12,10 @@
 //! A key keeps two windows: its newest and the one before, which is all any strategy
 //! reads. A request (or a merged remote count) for a newer window rolls the key forward;
 //! a request for an older window is charged to the key's newest window, at its start
-//! (conservative: it can only make the current window stricter). Window indices are
+//! (conservative: it can only make the current window stricter). So a clock that steps
+//! back finds its keys' newest windows ahead of it and charges requests to them, with
+//! their counts, until it reaches them again: a window is never decided twice (a key
+//! more than a day ahead is taken for wrap-around, below). Window indices are
 //! stored as their low 32 bits and compared with wrapping arithmetic; keys idle for more
 //! than one window are reclaimed long before that could alias.
 //!
@@ -84,6 +87,9 @@ const DIRTY_CUR: u32 = 1 << 31;
 /// The local count of the window before changed since it was last collected.
 const DIRTY_PREV: u32 = 1 << 30;
 const DIRTY: u32 = DIRTY_CUR | DIRTY_PREV;
+/// How far back the clock may step with keys keeping the counts of windows it left
+/// (one day); a key further ahead than that is stale state (32-bit wrap-around).
+const MAX_STEP_BACK_MS: i64 = 86_400_000;
 /// The slot number [`Store::export`] gives the local replica's counts.
 pub(crate) const LOCAL_SLOT: u32 = u32::MAX;
 
@@ -618,11 +624,13 @@ impl Store {
         let elapsed = ts_ms.rem_euclid(w) as u64;
         let slot = match shard.table.find(key) {
             Some(i) => {
-                // A key whose window is ahead of any acceptable time is stale state
-                // seen through 32-bit wrap-around: start it afresh. (Only a key ahead of
-                // this request can be; the common path pays nothing for the check.)
+                // A key ahead of this request: the clock stepped back (the key keeps its
+                // counts: that window can still be decided once the clock is back), or,
+                // if it is further ahead than any step back the store allows for, stale
+                // state seen through 32-bit wrap-around: start it afresh. (Only a key
+                // ahead of this request can be either; the common path pays nothing.)
                 if windows_since(shard.table.at(i).window, window) < 0 {
-                    let newest = *self.acceptable_windows(now_ms, quota.window_ms()).end() as u32;
+                    let newest = *self.acceptable_windows(now_ms.saturating_add(MAX_STEP_BACK_MS), quota.window_ms()).end() as u32;
                     if windows_since(shard.table.at(i).window, newest) < 0 {
                         if shard.hot.key == key {
                             shard.release_hot(cell.hot.0.get().map(|c| &**c), track);

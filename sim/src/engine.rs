@@ -12,7 +12,7 @@ use crdt_rate_limiter::{
 };
 
 use crate::config::{limits, BurstTarget, Config, Mode, StrategyArg};
-use crate::report::{Fault, Report, Timeline, TimelineClient};
+use crate::report::{ClusterTimeFigures, Fault, Report, Timeline, TimelineClient};
 use crate::rng::{sub_seed, Rng};
 use crate::wire;
 
@@ -193,6 +193,12 @@ struct Sim<'a> {
     favourite: Vec<usize>,
     oracle: RateLimiter,
     oracle_clock: ManualClock,
+    /// With skewed clocks: an exact limiter on the median clock, and admissions per
+    /// (client, window of that clock), real and ideal.
+    cluster_oracle: Option<(RateLimiter, ManualClock)>,
+    admitted_cw: FxMap<(u32, i64), u64>,
+    ideal_cw: FxMap<(u32, i64), u64>,
+    cluster_ideal: u64,
     replicas: Vec<ReplicaId>,
     replica_index: BTreeMap<ReplicaId, u32>,
     replica_live: Vec<bool>,
@@ -275,6 +281,10 @@ impl<'a> Sim<'a> {
         let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms) || !cfg.clock_step.is_empty();
         let oracle_clock = ManualClock::new(start_ms);
         let oracle = limiter(cfg, &oracle_clock);
+        let cluster_oracle = tap.then(|| {
+            let clock = ManualClock::new(start_ms);
+            (limiter(cfg, &clock), clock)
+        });
         let mut clients: Vec<String> = (0..cfg.clients).map(|c| format!("client-{c}")).collect();
         let burst_client: Vec<u32> = if cfg.burst_fresh {
             Vec::new()
@@ -320,6 +330,10 @@ impl<'a> Sim<'a> {
             favourite,
             oracle,
             oracle_clock,
+            cluster_oracle,
+            admitted_cw: FxMap::default(),
+            ideal_cw: FxMap::default(),
+            cluster_ideal: 0,
             replicas: Vec::new(),
             replica_index: BTreeMap::new(),
             replica_live: Vec::new(),
@@ -347,6 +361,22 @@ impl<'a> Sim<'a> {
 
     fn true_ms(&self) -> i64 {
         self.now_us.div_euclid(1000)
+    }
+
+    /// The median of the nodes' clock offsets from true time (for an even count, the mean
+    /// of the middle two): where cluster time converges. 0 without skew.
+    fn median_skew_ms(&self) -> i64 {
+        if self.cluster_oracle.is_none() {
+            return 0;
+        }
+        let mut k: Vec<i64> = self.nodes.iter().map(|n| n.skew_ms).collect();
+        k.sort_unstable();
+        let n = k.len();
+        if n % 2 == 1 {
+            k[n / 2]
+        } else {
+            (k[n / 2 - 1] + k[n / 2]).div_euclid(2)
+        }
     }
 
     /// Node `n`'s clock now (virtual time plus its skew), also set on its limiter.
@@ -639,12 +669,22 @@ impl<'a> Sim<'a> {
             self.ideal += 1;
             *self.ideal_tw.entry((client, true_window)).or_default() += 1;
         }
+        let median_ms = true_ms + self.median_skew_ms();
+        let median_window = median_ms.div_euclid(self.window_ms);
+        if let Some((oracle, clock)) = &self.cluster_oracle {
+            clock.set_ms(median_ms);
+            if oracle.allow(&self.clients[c], median_ms) {
+                self.cluster_ideal += 1;
+                *self.ideal_cw.entry((client, median_window)).or_default() += 1;
+            }
+        }
         let Some(n) = node else { return };
         let now_ms = self.node_ms(n);
         let key = self.keys[c];
         let (tap, w) = (self.tap, self.window_ms);
         let Some(live) = self.nodes[n].live.as_mut() else { return };
-        let mut window = now_ms.div_euclid(w);
+        // The node cuts windows on cluster time: its clock plus its offset.
+        let mut window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(w);
         if tap {
             // A request older than its key's newest window is charged to that window.
             match live.newest.entry(key) {
@@ -665,6 +705,9 @@ impl<'a> Sim<'a> {
         let r = self.replica_index[&replica];
         self.admitted += 1;
         *self.admitted_tw.entry((client, true_window)).or_default() += 1;
+        if self.cluster_oracle.is_some() {
+            *self.admitted_cw.entry((client, median_window)).or_default() += 1;
+        }
         if self.timeline.is_some() {
             *self.truth_total.entry((client, window)).or_default() += 1;
         }
@@ -769,7 +812,8 @@ impl<'a> Sim<'a> {
                 self.totals.delivered += 1;
                 if tap {
                     let newest = &mut live.newest;
-                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(now_ms, w), |key, window| {
+                    let cluster_ms = now_ms + live.gossip.cluster_offset_ms();
+                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(cluster_ms, w), |key, window| {
                         let e = newest.entry(key).or_insert(window);
                         *e = (*e).max(window);
                     });
@@ -806,9 +850,9 @@ impl<'a> Sim<'a> {
         for i in 0..self.up.len() {
             let n = self.up[i];
             let now_ms = self.node_ms(n);
-            let window = now_ms.div_euclid(self.window_ms);
-            oldest = oldest.min(window);
             let Some(live) = self.nodes[n].live.as_ref() else { continue };
+            let window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(self.window_ms);
+            oldest = oldest.min(window);
             let mut view: FxMap<u32, u64> = FxMap::default();
             for e in live.gossip.state(now_ms) {
                 if e.window == window {
@@ -985,6 +1029,23 @@ impl<'a> Sim<'a> {
         }
         let short: u64 = self.ideal_tw.iter().map(|(k, &i)| i.saturating_sub(self.admitted_tw.get(k).copied().unwrap_or(0))).sum();
         let ratio = |x: u64| if self.ideal == 0 { 0.0 } else { x as f64 / self.ideal as f64 };
+        let cluster_time = self.cluster_oracle.as_ref().map(|_| {
+            let (mut over, mut max_count) = (0u64, 0u64);
+            for &a in self.admitted_cw.values() {
+                over += a.saturating_sub(limit);
+                max_count = max_count.max(a);
+            }
+            let short: u64 = self.ideal_cw.iter().map(|(k, &i)| i.saturating_sub(self.admitted_cw.get(k).copied().unwrap_or(0))).sum();
+            let ideal = self.cluster_ideal;
+            let ratio = |x: u64| if ideal == 0 { 0.0 } else { x as f64 / ideal as f64 };
+            ClusterTimeFigures {
+                ideal,
+                over_admitted: over,
+                over_admission_ratio: ratio(over),
+                under_admission_ratio: ratio(short),
+                max_window_overshoot_ratio: max_count as f64 / limit as f64,
+            }
+        });
         let timeline = self.timeline.take().map(|t| self.finish_timeline(t));
         let steady_clients = cfg.clients as u32;
         let burst_max = self.admitted_tw.iter().filter(|((c, _), _)| *c >= steady_clients).map(|(_, &a)| a).max().unwrap_or(0);
@@ -1026,6 +1087,7 @@ impl<'a> Sim<'a> {
             burst_max_window_admitted: burst_max,
             violations: self.violations,
             violation_count: self.violation_count,
+            cluster_time,
         };
         (report, timeline)
     }

@@ -86,7 +86,7 @@ mod wire;
 pub use config::{parse_args, usage, BurstTarget, Command, Config, ConfigError, Mode, StrategyArg, Sweep};
 pub use engine::{HASH_SECRET, START_UNIX_MS};
 pub use plot::{draw_sweep, draw_timeline, PlotError};
-pub use report::{Fault, Report, Timeline, TimelineClient};
+pub use report::{ClusterTimeFigures, Fault, Report, Timeline, TimelineClient};
 pub use sweep::{run_sweep, SweepCell, SweepTable};
 
 /// What the command line prints and its exit status.

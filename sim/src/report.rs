@@ -90,6 +90,28 @@ pub struct Report {
     pub violations: Vec<String>,
     /// Number of invariant violations.
     pub violation_count: u64,
+    /// With skewed or stepped clocks: the same figures on cluster time (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_time: Option<ClusterTimeFigures>,
+}
+
+/// Over- and under-admission measured on the cluster's own time: windows of the median
+/// of the nodes' clocks (the time every node's estimate converges to), against an exact
+/// limiter on that clock. A cluster whose windows are exact but start `d` ms off true
+/// time shows over- and under-admission on true-time windows that an exact limiter on
+/// the same clock would show too; these figures leave that phase out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterTimeFigures {
+    /// Requests the exact limiter on the median clock admits.
+    pub ideal: u64,
+    /// Σ over (client, window of the median clock) of admissions beyond the limit.
+    pub over_admitted: u64,
+    /// `over_admitted / ideal`.
+    pub over_admission_ratio: f64,
+    /// Σ over (client, window) of the shortfall against that exact limiter, `/ ideal`.
+    pub under_admission_ratio: f64,
+    /// Max over (client, window) of admitted / limit.
+    pub max_window_overshoot_ratio: f64,
 }
 
 impl Report {
@@ -171,6 +193,21 @@ impl Report {
             ("safety checks", format!("{}, {} violations", self.safety_checks, self.violation_count)),
         ];
         let mut rows = rows;
+        if let Some(ct) = &self.cluster_time {
+            rows.insert(
+                6,
+                (
+                    "on cluster time",
+                    format!(
+                        "over {} of {} ideal, under {}, max window {:.3}x limit (windows of the median clock)",
+                        pct(ct.over_admission_ratio),
+                        ct.ideal,
+                        pct(ct.under_admission_ratio),
+                        ct.max_window_overshoot_ratio
+                    ),
+                ),
+            );
+        }
         if c.burst_clients > 0 {
             let fresh = if c.burst_fresh { ", a fresh client each" } else { "" };
             rows.insert(

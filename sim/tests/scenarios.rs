@@ -155,3 +155,48 @@ fn clock_steps_forward_and_back_break_no_invariant_and_converge() {
     // over-admission, but not a partition's worth.
     assert!(r.over_admission_ratio < 0.2, "{}", r.to_text());
 }
+
+#[test]
+fn clocks_stepped_three_seconds_apart_break_no_invariant() {
+    // Node 1 ahead by 1.5 s, later node 3 behind by 1.5 s: beyond the 2 s tolerance from
+    // each other. A store whose keys are ahead of its clock keeps their counts (it used to
+    // start them afresh, losing its own admissions).
+    let r = run(Config { clock_step: vec![(1, 1_000, 1_500), (3, 2_000, -1_500)], ..small() });
+    assert!(r.converged, "{}", r.to_text());
+}
+
+#[test]
+fn one_clock_jumping_several_seconds_mid_run_converges_and_breaks_no_invariant() {
+    for delta in [5_000, -5_000] {
+        let r = run(Config { clock_step: vec![(2, 1_500, delta)], ..small() });
+        // The jumped node's keys sit in a window ahead of cluster time until it reaches
+        // them: the cluster agrees once that window has passed.
+        assert!(r.converged, "{delta}: {}", r.to_text());
+        let ct = r.cluster_time.as_ref().expect("figures on cluster time with a stepped clock");
+        if delta < 0 {
+            // A step back: cluster time follows the median clock, which one jump barely
+            // moves, and the node's keys keep their counts: close to an exact limiter.
+            assert!(ct.over_admission_ratio < 0.01, "{delta}: {}", r.to_text());
+        }
+    }
+}
+
+#[test]
+fn on_cluster_time_skewed_clocks_cost_no_accuracy() {
+    // Clocks up to ±800 ms apart with 1 s windows: every node cuts windows on the median
+    // clock, so on that clock the cluster admits what an exact limiter would.
+    let r = run(Config {
+        nodes: 7,
+        clients: 20,
+        limit: 50,
+        gossip_ms: 25,
+        latency_ms: (2, 8),
+        clock_skew_ms: 800,
+        duration_ms: 8_000,
+        seed: 44,
+        ..small()
+    });
+    let ct = r.cluster_time.as_ref().expect("figures on cluster time with skewed clocks");
+    assert!(ct.over_admission_ratio <= 0.005, "{}", r.to_text());
+    assert!(ct.max_window_overshoot_ratio <= 1.1, "{}", r.to_text());
+}

@@ -1,0 +1,239 @@
+//! Cluster time: this node's offset from the cluster's clock, estimated from the clock
+//! samples of the gossip pings. Pure and deterministic: it reads no clock; the gossip core
+//! feeds it samples and asks for an update once per round.
+//!
+//! # The estimate
+//! * **Samples.** Each answered ping gives a peer's clock minus ours (NTP's offset
+//!   `θ = ((t2 − t1) + (t3 − t4)) / 2`) and the round trip `δ`. Whatever the path's
+//!   asymmetry, the true offset lies within `θ ± δ/2`.
+//! * **Per peer: the tightest recent sample.** The last [`SAMPLES_PER_PEER`] samples are
+//!   kept and the one with the smallest round trip is used (NTP's clock filter): queueing
+//!   only ever adds delay. A sample with a round trip over `max_rtt_ms` is not used. A
+//!   sample that disagrees with the kept ones by more than their error bounds allow
+//!   means a clock stepped: the older samples are dropped.
+//! * **The cluster: a median.** The target offset is the median of `{0} ∪ {θ_p}` over
+//!   live peers with a usable sample (for an even count, the mean of the middle two).
+//!   With exact samples every node computes the median of *all* clocks minus its own, so
+//!   all nodes land on one time; one peer with a wildly wrong clock moves the median by
+//!   one rank at most, never by its error.
+//! * **Smoothed and bounded.** The applied offset moves only when the target differs from
+//!   it by more than the estimate's error (half the largest round trip among the samples
+//!   used): jitter inside the error moves nothing, so an unskewed cluster keeps offset 0.
+//!   When it moves, it moves to the target but by at most `max_step_ms` per round,
+//!   except while it settles: a round in which more peers contribute a sample than ever
+//!   before (the node just started, or peers just came up) applies the target whole, so
+//!   a node starting far off joins cluster time at its first estimate. A median of more
+//!   clocks is better information, not drift; a step back it causes is handled like any
+//!   other (`src/store.rs`: counts are kept and requests charged to the newest window).
+//!
+//! The error of the applied offset is at most half the largest round trip used plus the
+//! spread of the middle clocks; the step bound caps how far a round can move it.
+
+use std::collections::BTreeMap;
+
+/// Samples kept per peer (the clock filter's memory).
+pub(crate) const SAMPLES_PER_PEER: usize = 8;
+
+/// Settings of the estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settings {
+    /// A sample with a longer round trip is not used.
+    pub max_rtt_ms: i64,
+    /// The most the applied offset moves per round.
+    pub max_step_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sample {
+    offset_ms: i64,
+    rtt_ms: i64,
+}
+
+/// The outcome of one update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Update {
+    /// The offset to apply now (cluster time minus our clock).
+    pub offset_ms: i64,
+    /// The median the offset heads for, if any peer had a usable sample.
+    pub target_ms: Option<i64>,
+    /// The estimate's error bound (half the largest round trip used).
+    pub error_ms: i64,
+}
+
+/// The estimator. See the module documentation.
+#[derive(Debug, Clone)]
+pub(crate) struct Estimator {
+    settings: Settings,
+    samples: BTreeMap<u64, Vec<Sample>>,
+    applied_ms: i64,
+    last: Update,
+    /// The most peers that ever contributed to one update.
+    most_contributors: usize,
+}
+
+impl Estimator {
+    pub(crate) fn new(settings: Settings) -> Self {
+        Self { settings, samples: BTreeMap::new(), applied_ms: 0, last: Update::default(), most_contributors: 0 }
+    }
+
+    /// Records a ping's sample from `peer`. A negative round trip (our clock stepped back
+    /// while the ping was out) says nothing and is ignored.
+    pub(crate) fn record(&mut self, peer: u64, offset_ms: i64, rtt_ms: i64) {
+        if rtt_ms < 0 {
+            return;
+        }
+        let ring = self.samples.entry(peer).or_default();
+        let new = Sample { offset_ms, rtt_ms };
+        // Two samples of the same two clocks overlap within their bounds; if they do not,
+        // one of the clocks stepped and the older samples describe a clock that is gone.
+        if ring.iter().any(|s| (s.offset_ms - offset_ms).abs() > (s.rtt_ms + rtt_ms) / 2 + 1) {
+            ring.clear();
+        }
+        if ring.len() == SAMPLES_PER_PEER {
+            ring.remove(0);
+        }
+        ring.push(new);
+    }
+
+    /// Forgets `peer`'s samples (it restarted, or left).
+    pub(crate) fn forget(&mut self, peer: u64) {
+        self.samples.remove(&peer);
+    }
+
+    /// The offset estimate of `peer`'s clock from ours: its tightest usable sample.
+    pub(crate) fn peer_offset(&self, peer: u64) -> Option<(i64, i64)> {
+        let best = self.samples.get(&peer)?.iter().min_by_key(|s| s.rtt_ms)?;
+        (best.rtt_ms <= self.settings.max_rtt_ms).then_some((best.offset_ms, best.rtt_ms))
+    }
+
+    /// The offset currently applied.
+    pub(crate) fn offset_ms(&self) -> i64 {
+        self.applied_ms
+    }
+
+    /// The latest update.
+    pub(crate) fn last(&self) -> Update {
+        self.last
+    }
+
+    /// Recomputes the target over `live` peers and moves the applied offset toward it.
+    pub(crate) fn update(&mut self, live: impl IntoIterator<Item = u64>) -> Update {
+        let mut offsets = vec![0i64];
+        let mut error_ms = 0;
+        for p in live {
+            if let Some((o, rtt)) = self.peer_offset(p) {
+                offsets.push(o);
+                error_ms = error_ms.max(rtt.div_euclid(2) + rtt.rem_euclid(2));
+            }
+        }
+        if offsets.len() == 1 {
+            self.last = Update { offset_ms: self.applied_ms, target_ms: None, error_ms: 0 };
+            return self.last;
+        }
+        offsets.sort_unstable();
+        let n = offsets.len();
+        let target = if n % 2 == 1 { offsets[n / 2] } else { (offsets[n / 2 - 1] + offsets[n / 2]).div_euclid(2) };
+        let diff = target - self.applied_ms;
+        let settling = n - 1 > self.most_contributors;
+        self.most_contributors = self.most_contributors.max(n - 1);
+        if diff.abs() > error_ms {
+            let step = if settling { diff } else { diff.clamp(-self.settings.max_step_ms, self.settings.max_step_ms) };
+            self.applied_ms += step;
+        }
+        self.last = Update { offset_ms: self.applied_ms, target_ms: Some(target), error_ms };
+        self.last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Settings = Settings { max_rtt_ms: 1_000, max_step_ms: 250 };
+
+    /// Feeds one exact sample per peer: peer `i`'s clock minus ours is `clocks[i] - mine`.
+    fn feed(e: &mut Estimator, mine: i64, clocks: &[i64], rtt: i64) {
+        for (i, c) in clocks.iter().enumerate() {
+            e.record(i as u64 + 1, c - mine, rtt);
+        }
+    }
+
+    fn converge(e: &mut Estimator, peers: u64, rounds: usize) -> Vec<i64> {
+        (0..rounds).map(|_| e.update(1..=peers).offset_ms).collect()
+    }
+
+    #[test]
+    fn every_node_lands_on_the_median_clock_within_a_few_rounds() {
+        let clocks = [0i64, 120, -700, 350, 800, -40, 210];
+        let median = 120;
+        for (me, &mine) in clocks.iter().enumerate() {
+            let mut e = Estimator::new(S);
+            let others: Vec<i64> = clocks.iter().enumerate().filter(|&(i, _)| i != me).map(|(_, &c)| c).collect();
+            feed(&mut e, mine, &others, 4);
+            let path = converge(&mut e, others.len() as u64, 3);
+            assert_eq!(path, vec![median - mine; 3], "node {me}: cluster time is the median clock from the first estimate");
+        }
+    }
+
+    #[test]
+    fn one_wildly_wrong_clock_does_not_drag_the_cluster() {
+        let mut e = Estimator::new(S);
+        feed(&mut e, 0, &[10, -10, 5, 3_600_000, 0, -5], 4);
+        let path = converge(&mut e, 6, 3);
+        assert!(path.iter().all(|o| o.abs() <= 10), "a median, not a mean: {path:?}");
+    }
+
+    #[test]
+    fn jitter_within_the_error_moves_nothing() {
+        let mut e = Estimator::new(S);
+        // True offsets 0, samples off by up to half their round trip.
+        feed(&mut e, 0, &[3, -2, 1, -3, 2, 0], 6);
+        assert_eq!(converge(&mut e, 6, 4), vec![0; 4]);
+    }
+
+    #[test]
+    fn the_tightest_sample_wins_and_slow_ones_are_ignored() {
+        let mut e = Estimator::new(S);
+        e.record(1, 40, 60);
+        e.record(1, 12, 4);
+        e.record(1, 30, 30);
+        assert_eq!(e.peer_offset(1), Some((12, 4)));
+        e.record(2, 500, 5_000);
+        assert_eq!(e.peer_offset(2), None, "over max_rtt_ms");
+        e.record(3, 10, -1);
+        assert_eq!(e.peer_offset(3), None, "a negative round trip");
+    }
+
+    #[test]
+    fn a_stepped_clock_replaces_its_old_samples_and_the_offset_follows_in_bounded_steps() {
+        let mut e = Estimator::new(S);
+        feed(&mut e, 0, &[0, 0, 0, 0], 4);
+        assert_eq!(converge(&mut e, 4, 2), vec![0, 0]);
+        // Our clock jumps 3 s ahead: every peer now reads 3 s behind us.
+        feed(&mut e, 3_000, &[0, 0, 0, 0], 4);
+        assert_eq!(e.peer_offset(1), Some((-3_000, 4)), "the old tight sample is gone");
+        let path = converge(&mut e, 4, 14);
+        assert_eq!(path[0], -250);
+        assert_eq!(*path.last().unwrap(), -3_000);
+        assert!(path.windows(2).all(|w| (w[1] - w[0]).abs() <= 250));
+    }
+
+    #[test]
+    fn settling_applies_the_estimate_whole_then_moves_are_bounded() {
+        let mut e = Estimator::new(S);
+        // One peer first: the median of {0, 900} is 450, applied whole.
+        e.record(1, 900, 2);
+        assert_eq!(e.update([1, 2]).offset_ms, 450);
+        // A second peer contributes: more information, applied whole.
+        e.record(2, 900, 2);
+        assert_eq!(e.update([1, 2]).offset_ms, 900);
+        // Both peers' clocks jump 2 s ahead: bounded steps from here.
+        e.record(1, 2_900, 2);
+        e.record(2, 2_900, 2);
+        assert_eq!(e.update([1, 2]).offset_ms, 1_150);
+        // No usable sample: the offset stays.
+        e.forget(1);
+        e.forget(2);
+        assert_eq!(e.update([1, 2]), Update { offset_ms: 1_150, target_ms: None, error_ms: 0 });
+    }
+}

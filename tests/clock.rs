@@ -1,0 +1,183 @@
+//! A clock that steps back and forward again must not hand out a second quota.
+
+use std::time::Duration;
+
+use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
+
+const T: i64 = 1_700_000_020_000; // inside a 60 s window, 40 s from its start
+
+fn limiter(strategy: Strategy) -> (RateLimiter, ManualClock) {
+    let clock = ManualClock::new(T);
+    let rl = RateLimiter::builder()
+        .quota(Quota::new(10, Duration::from_secs(60)).unwrap())
+        .strategy(strategy)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    (rl, clock)
+}
+
+fn admitted(rl: &RateLimiter, ts: i64, offered: usize) -> usize {
+    (0..offered).filter(|_| rl.allow("c", ts)).count()
+}
+
+#[test]
+fn a_clock_stepped_back_and_forward_again_gives_no_second_quota() {
+    for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::TokenBucket] {
+        let (rl, clock) = limiter(strategy);
+        assert_eq!(admitted(&rl, T, 15), 10, "{strategy:?}: the quota at T");
+        assert_eq!(rl.clock_steps_back(), 0);
+        // The clock steps back 120 s: two windows earlier.
+        clock.set_ms(T - 120_000);
+        let back = admitted(&rl, T - 120_000, 15);
+        assert!(back <= 10, "{strategy:?}: at most one quota while the clock is behind, got {back}");
+        assert_eq!(rl.clock_steps_back(), 1, "{strategy:?}: the step back is detected once");
+        // Back at T: the window's ten admissions still count.
+        clock.set_ms(T);
+        assert_eq!(admitted(&rl, T, 15), 0, "{strategy:?}: no second quota at T");
+        assert_eq!(rl.clock_steps_back(), 1, "{strategy:?}: moving forward again is no step back");
+        // The next window is a fresh one.
+        clock.set_ms(T + 60_000);
+        assert!(rl.allow("c", T + 60_000), "{strategy:?}: the next window admits again");
+    }
+}
+
+#[test]
+fn a_step_back_within_the_tolerance_is_no_event() {
+    let (rl, clock) = limiter(Strategy::FixedWindow);
+    assert_eq!(admitted(&rl, T, 10), 10);
+    clock.set_ms(T - 1_500); // under the 2 s clock-skew tolerance
+    assert_eq!(admitted(&rl, T - 1_500, 5), 0, "the window's counts still hold");
+    assert_eq!(rl.clock_steps_back(), 0);
+}
+
+mod cluster {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy};
+
+    const T0: i64 = 1_700_000_000_000;
+    const LATENCY_MS: i64 = 3;
+
+    /// Nodes on virtual time with clocks `skew` ms off true time, a fixed latency each way.
+    struct Net {
+        nodes: BTreeMap<u64, (GossipNode, ManualClock)>,
+        skew: BTreeMap<u64, i64>,
+        wire: BTreeMap<(i64, u64), (u64, u64, Vec<u8>)>,
+        seq: u64,
+        now: i64,
+    }
+
+    impl Net {
+        fn new(skews: &[i64]) -> Self {
+            let ids: Vec<u64> = (1..=skews.len() as u64).collect();
+            let mut net = Net { nodes: BTreeMap::new(), skew: BTreeMap::new(), wire: BTreeMap::new(), seq: 0, now: T0 };
+            for (&id, &skew) in ids.iter().zip(skews) {
+                let clock = ManualClock::new(T0 + skew);
+                let limiter = RateLimiter::builder()
+                    .quota(Quota::new(10, Duration::from_secs(1)).unwrap())
+                    .strategy(Strategy::FixedWindow)
+                    .clock(clock.clone())
+                    .hash_secret(*b"clock-test-sec!!")
+                    .build()
+                    .unwrap();
+                let mut cfg = GossipConfig::new(ReplicaId { node: id, incarnation: 1 });
+                cfg.interval_ms = 20;
+                let peers = ids.iter().copied().filter(|&p| p != id);
+                let gossip = GossipNode::new(limiter, cfg, peers, id, T0 + skew).unwrap();
+                net.nodes.insert(id, (gossip, clock));
+                net.skew.insert(id, skew);
+            }
+            net
+        }
+
+        fn run_until(&mut self, end: i64) {
+            while self.now < end {
+                self.now += 1;
+                let due: Vec<_> = self.wire.range(..(self.now + 1, 0)).map(|(k, _)| *k).collect();
+                for k in due {
+                    let (from, to, bytes) = self.wire.remove(&k).unwrap();
+                    let t = self.now + self.skew[&to];
+                    let (node, clock) = self.nodes.get_mut(&to).unwrap();
+                    clock.set_ms(t);
+                    node.handle_message(from, &bytes, t).unwrap();
+                }
+                for (&id, (node, clock)) in self.nodes.iter_mut() {
+                    let t = self.now + self.skew[&id];
+                    clock.set_ms(t);
+                    node.handle_timeout(t);
+                    while let Some(tx) = node.poll_transmit() {
+                        self.seq += 1;
+                        self.wire.insert((self.now + LATENCY_MS, self.seq), (id, tx.to, tx.bytes));
+                    }
+                }
+            }
+        }
+
+        /// Each node's cluster time minus true time.
+        fn errors(&self) -> Vec<i64> {
+            self.nodes.iter().map(|(id, (n, _))| self.skew[id] + n.cluster_offset_ms()).collect()
+        }
+    }
+
+    #[test]
+    fn skewed_nodes_agree_on_the_median_clock_within_a_few_rounds() {
+        let skews = [0, 700, -300, 150, -800, 420, 60];
+        let mut net = Net::new(&skews);
+        net.run_until(T0 + 200); // ten rounds
+                                 // The median skew is 60: every node's cluster time is that clock's, within the
+                                 // estimate's error (half a round trip: 3 ms here, the latency being symmetric).
+        for e in net.errors() {
+            assert!((e - 60).abs() <= 3, "{:?}", net.errors());
+        }
+        let (node, _) = &net.nodes[&5];
+        assert_eq!(node.limiter().stats().cluster_offset_ms, node.cluster_offset_ms());
+        let peer = node.peer_stats().into_iter().find(|p| p.peer == 2).unwrap();
+        assert!(peer.offset_from_cluster_ms.is_some_and(|o| (o - 640).abs() <= 3), "{peer:?}");
+        assert!(!peer.beyond_tolerance && !node.own_clock_beyond_tolerance());
+        // Windows and `reset_after` are on cluster time: node 5's clock reads 800 ms
+        // behind true time (T0 − 600 ms, 600 ms before its own next boundary), cluster
+        // time reads T0 + 260 ms: 740 ms before the cluster's next boundary.
+        let local = T0 + 200 - 800;
+        let d = node.limiter().check("c", local).unwrap();
+        let left = d.reset_after.as_millis() as i64;
+        assert!((left - 740).abs() <= 3, "reset_after {left} ms");
+    }
+
+    #[test]
+    fn a_wildly_wrong_clock_is_named_and_does_not_drag_the_others() {
+        let skews = [0, 10, -10, 5, 3_600_000];
+        let mut net = Net::new(&skews);
+        net.run_until(T0 + 200);
+        let errors = net.errors();
+        assert!(errors[..4].iter().all(|e| e.abs() <= 10), "a median, not a mean: {errors:?}");
+        // The wrong node itself joins cluster time, in bounded steps of 250 ms per round
+        // once it has settled (here at once: its first estimate).
+        assert!(errors[4].abs() <= 10, "{errors:?}");
+        let (node, _) = &net.nodes[&1];
+        let peer = node.peer_stats().into_iter().find(|p| p.peer == 5).unwrap();
+        assert!(peer.beyond_tolerance, "named: {peer:?}");
+        let (wrong, _) = &net.nodes[&5];
+        assert!(wrong.own_clock_beyond_tolerance());
+        assert!(wrong.limiter().stats().clock_beyond_tolerance);
+    }
+
+    #[test]
+    fn a_node_whose_clock_steps_rejoins_cluster_time_in_bounded_steps() {
+        let mut net = Net::new(&[0, 0, 0, 0, 0]);
+        net.run_until(T0 + 200);
+        assert_eq!(net.errors(), vec![0; 5]);
+        net.skew.insert(3, 3_000); // node 3's clock jumps 3 s ahead
+                                   // Samples come with the next anti-entropy round's pings (every 10 rounds); from
+                                   // then on the offset moves back by at most 250 ms per round.
+        let mut path = Vec::new();
+        for t in (220..=800).step_by(20) {
+            net.run_until(T0 + t);
+            path.push(net.errors()[2]);
+        }
+        assert!(path.windows(2).all(|w| w[1] <= w[0] && w[0] - w[1] <= 250), "{path:?}");
+        assert!(path.iter().any(|&e| e > 0 && e < 3_000), "{path:?}");
+        assert!(net.errors().iter().all(|e| e.abs() <= 3), "{:?}", net.errors());
+    }
+}
