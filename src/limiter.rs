@@ -24,7 +24,9 @@ pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
 pub const DEFAULT_MAX_TIMESTAMP_AGE: Duration = Duration::from_secs(5);
 /// Default clock-skew tolerance: how far ahead of the limiter's clock a timestamp may be.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
-/// Default cap on tracked keys. At about 50 bytes per key this is about 200 MiB.
+/// Default cap on keys first counted locally (keys first counted by peers have a budget
+/// as large of their own). At about 50 bytes per local key this is about 200 MiB; the
+/// bound under any peer input is 2.75 GiB (`docs/design.md`, "Memory model").
 pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
 /// How many distinct window lengths [`RateLimiter::allow_with`] keeps counters for.
 pub const MAX_AD_HOC_WINDOWS: usize = 64;
@@ -806,8 +808,11 @@ impl Builder {
         self
     }
 
-    /// Cap on tracked keys; a new key past it gets [`Error::KeyCapacity`]. Default
-    /// 4,194,304 (about 200 MiB); at least 1.
+    /// Cap on keys first counted locally; a new key past it gets [`Error::KeyCapacity`].
+    /// Keys first counted by peers have a budget as large of their own, and their replicas'
+    /// counts one of 8 cells per key of the cap (`docs/design.md`, "Memory model"). Default
+    /// 4,194,304 (about 200 MiB of local keys; 2.75 GiB at most under any peer input); at
+    /// least 1.
     pub fn max_keys(mut self, keys: usize) -> Self {
         self.max_keys = keys;
         self
