@@ -9,8 +9,12 @@
 //! the low bits the table probes with.
 //!
 //! # Windows
-//! A key keeps two windows: its newest and the one before, which is all any strategy
-//! reads. A request (or a merged remote count) for a newer window rolls the key forward;
+//! A key keeps two windows: its newest and the one before, which is all the window
+//! strategies read. Under [`Strategy::SlidingLog`] the store's windows are the log's
+//! buckets (`⌈W/k⌉` ms, see `algorithm::log_tick`) and a key keeps the `n ≤ k` buckets
+//! before its newest: the two newest in its slot as for any strategy, the older ones
+//! (local and remote counts) in the shard's side map [`Older`], which holds an entry only
+//! while one of them is not empty. A request (or a merged remote count) for a newer window rolls the key forward;
 //! a request for an older window is charged to the key's newest window, at its start
 //! (conservative: it can only make the current window stricter). Window indices are
 //! stored as their low 32 bits and compared with wrapping arithmetic; keys idle for more
@@ -72,6 +76,8 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
+use std::collections::BTreeMap;
+
 use crate::algorithm::{self, Counts, Verdict};
 use crate::counter::GCounter;
 use crate::table::{Slot as Entry, Table};
@@ -124,6 +130,79 @@ impl Remote {
         self.cur_sum = 0;
         // A budget belongs to one window.
         self.round = None;
+    }
+}
+
+/// One sliding-log bucket older than a key's previous window: the local count and the
+/// other replicas' counts.
+#[derive(Debug, Default, Clone)]
+struct Bucket {
+    local: u32,
+    /// The local count changed since it was last collected for gossip.
+    dirty: bool,
+    remote: GCounter<u32>,
+    remote_sum: u64,
+}
+
+impl Bucket {
+    fn total(&self) -> u64 {
+        u64::from(self.local) + self.remote_sum
+    }
+
+    fn is_empty(&self) -> bool {
+        self.local == 0 && self.remote.is_empty()
+    }
+}
+
+/// A sliding-log key's buckets before its previous window, by key: index 0 is two
+/// buckets before the newest, and there are `n − 1` of them (`n` as in
+/// `algorithm::log_tick`). A `BTreeMap`, so that iteration is deterministic.
+type Older = BTreeMap<u64, Vec<Bucket>>;
+
+/// The sum of `key`'s older buckets.
+#[inline]
+fn older_sum(older: &Older, key: u64) -> u64 {
+    older.get(&key).map_or(0, |bs| bs.iter().map(Bucket::total).sum())
+}
+
+/// Before `e` rolls `by` (> 0) windows forward: moves its older buckets `by` older,
+/// keeping those the decision still reads (`back`: buckets before the newest), and its
+/// current and previous counts (with their unsent marks) into the buckets they become.
+fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u64) {
+    let len = back.saturating_sub(1) as usize;
+    let by = by.clamp(0, len as i64 + 2) as usize;
+    let r = remote_of(e).map(|i| &remote[i]);
+    let cur = (e.cur > 0 || r.is_some_and(|r| !r.cur.is_empty())) && by >= 2 && by - 2 < len;
+    let prev = (e.prev > 0 || r.is_some_and(|r| !r.prev.is_empty())) && by >= 1 && by - 1 < len;
+    let Some(list) = (match older.get_mut(&e.key) {
+        Some(l) => Some(l),
+        None if cur || prev => Some(older.entry(e.key).or_default()),
+        None => None,
+    }) else {
+        return;
+    };
+    list.resize_with(len, Bucket::default);
+    for i in (0..len).rev() {
+        list[i] = if i >= by { std::mem::take(&mut list[i - by]) } else { Bucket::default() };
+    }
+    if prev {
+        list[by - 1] = Bucket {
+            local: e.prev,
+            dirty: e.remote & DIRTY_PREV != 0,
+            remote: r.map(|r| r.prev.clone()).unwrap_or_default(),
+            remote_sum: r.map_or(0, |r| r.prev_sum),
+        };
+    }
+    if cur {
+        list[by - 2] = Bucket {
+            local: e.cur,
+            dirty: e.remote & DIRTY_CUR != 0,
+            remote: r.map(|r| r.cur.clone()).unwrap_or_default(),
+            remote_sum: r.map_or(0, |r| r.cur_sum),
+        };
+    }
+    if list.iter().all(Bucket::is_empty) {
+        older.remove(&e.key);
     }
 }
 
@@ -342,6 +421,8 @@ struct Shard {
     cap_swept: Option<u32>,
     /// The lock-protected side of the shard's hot cell.
     hot: HotState,
+    /// Sliding-log buckets before the previous window (empty for other strategies).
+    older: Older,
 }
 
 /// A shard: its lock, and the hot cell the lock-free path reads (allocated on first
@@ -418,11 +499,13 @@ impl Shard {
     /// the survivors.
     fn sweep(&mut self, cell: Option<&HotCell>, track: bool, horizon: u32) -> usize {
         self.release_hot(cell, track);
-        let (remote, free) = (&mut self.remote, &mut self.free_remote);
+        let back = algorithm::tick(self.strategy, self.quota.window_ms()).1 as i64;
+        let (remote, free, older) = (&mut self.remote, &mut self.free_remote, &mut self.older);
         self.table.rebuild(|e| {
-            let keep = windows_since(e.window, horizon) < 2;
+            let keep = windows_since(e.window, horizon) < back + 1;
             if !keep {
                 Self::free(remote, free, e);
+                older.remove(&e.key);
             }
             keep
         })
@@ -498,6 +581,8 @@ pub(crate) struct Store {
     /// Window index of the last full sweep triggered by the key cap.
     last_cap_sweep: AtomicI64,
     track_changes: AtomicBool,
+    /// Every shard's strategy (it never changes): it sets the length of the windows kept.
+    strategy: Strategy,
 }
 
 impl Store {
@@ -516,6 +601,7 @@ impl Store {
                         tally: Tally::default(),
                         cap_swept: None,
                         hot: HotState::default(),
+                        older: Older::new(),
                     }),
                     hot: Padded(OnceLock::new()),
                 })
@@ -531,6 +617,7 @@ impl Store {
             max_skew_ms: tolerances.max_skew_ms as i64,
             last_cap_sweep: AtomicI64::new(i64::MIN),
             track_changes: AtomicBool::new(false),
+            strategy,
         }
     }
 
@@ -578,17 +665,29 @@ impl Store {
     }
 
     /// The oldest window a request accepted at `now_ms` can fall in: keys whose newest
-    /// window is older than the one before it are dead.
+    /// window is older than the oldest one such a request reads are dead. Windows are
+    /// those the store keeps for a quota of `window_ms` (the log's buckets, see the
+    /// module doc).
     fn horizon(&self, now_ms: i64, window_ms: u64) -> u32 {
-        now_ms.saturating_sub(self.max_age_ms).div_euclid(window_ms as i64) as u32
+        let tick = algorithm::tick(self.strategy, window_ms).0;
+        now_ms.saturating_sub(self.max_age_ms).div_euclid(tick as i64) as u32
     }
 
-    /// The windows a count may be for at `now_ms`: from the one before the oldest a late
-    /// request can reach, to the newest an early one can.
+    /// The windows a count may be for at `now_ms`: from the oldest one a decision on the
+    /// oldest request that can still arrive reads (the one before it, or the sliding
+    /// log's `n` buckets before it), to the newest an early one can. Indices are in the
+    /// store's windows for a quota of `window_ms` (the log's buckets).
     pub(crate) fn acceptable_windows(&self, now_ms: i64, window_ms: u64) -> std::ops::RangeInclusive<i64> {
-        let w = window_ms as i64;
-        let oldest = now_ms.saturating_sub(self.max_age_ms).div_euclid(w) - 1;
+        let (tick, back) = algorithm::tick(self.strategy, window_ms);
+        let w = tick as i64;
+        let oldest = now_ms.saturating_sub(self.max_age_ms).div_euclid(w) - back as i64;
         oldest..=now_ms.saturating_add(self.max_skew_ms).div_euclid(w)
+    }
+
+    /// The length of the windows this store keeps, in ms: the quota's window, or the
+    /// sliding log's bucket. Gossip counts and digests name windows in this unit.
+    pub(crate) fn tick_ms(&self, window_ms: u64) -> u64 {
+        algorithm::tick(self.strategy, window_ms).0
     }
 
     #[inline]
@@ -613,7 +712,8 @@ impl Store {
         };
         let shard = &mut *guard;
         let quota = *quota.unwrap_or(&shard.quota);
-        let w = quota.window_ms() as i64;
+        let (tick_ms, back) = algorithm::tick(shard.strategy, quota.window_ms());
+        let w = tick_ms as i64;
         let window = ts_ms.div_euclid(w) as u32;
         let elapsed = ts_ms.rem_euclid(w) as u64;
         let slot = match shard.table.find(key) {
@@ -627,7 +727,7 @@ impl Store {
                         if shard.hot.key == key {
                             shard.release_hot(cell.hot.0.get().map(|c| &**c), track);
                         }
-                        shard.table.at(i).window = window.wrapping_sub(2);
+                        shard.table.at(i).window = window.wrapping_sub(back as u32 + 1);
                     }
                 }
                 i
@@ -643,13 +743,13 @@ impl Store {
                 let hot = cell.hot.0.get_or_init(Box::default);
                 shard.fold_hot(Some(hot), track);
                 let w = shard.table.at(slot).window;
-                shard.hot.rearm(hot, key, w, quota.window_ms(), None);
+                shard.hot.rearm(hot, key, w, tick_ms, None);
                 shard.hot.candidate = 0;
             } else {
                 shard.hot.candidate = key;
             }
         }
-        let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease };
+        let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease, tick_ms, back };
         Ok(apply(shard, cell.hot.0.get().map(|c| &**c), slot, &req, f))
     }
 
@@ -718,8 +818,9 @@ impl Store {
     /// Raises remote replica `slot`'s count of `key` in `window` to `count`.
     ///
     /// A window newer than the key's rolls the key forward; the previous window merges
-    /// into the previous counts; anything older is ignored (it can no longer influence a
-    /// decision). Returns whether the state changed.
+    /// into the previous counts (and, for the sliding log, the older buckets it reads
+    /// into those); anything older is ignored (it can no longer influence a decision).
+    /// Returns whether the state changed.
     pub(crate) fn merge(&self, key: u64, window: i64, slot: u32, count: u64, now_ms: i64) -> Result<bool, Error> {
         if count == 0 || slot == LOCAL_SLOT {
             return Ok(false);
@@ -748,13 +849,31 @@ impl Store {
             // Leases were sized on the view before this count: take them back.
             shard.fold_hot(hot, self.track_changes.load(Ordering::Relaxed));
         }
-        let Shard { table, remote, free_remote, hot: hs, .. } = shard;
+        let (tick_ms, back) = algorithm::tick(shard.strategy, shard.quota.window_ms());
+        let Shard { table, remote, free_remote, hot: hs, older, .. } = shard;
         let e = table.at(at);
+        if back >= 2 {
+            let by = windows_since(e.window, window32);
+            if by > 0 {
+                shift_older(older, e, remote, by, back);
+            }
+        }
         let age = -Shard::roll(e, remote, window32).min(0);
         if let Some(cell) = hot.filter(|_| hs.key == key && hs.window != e.window) {
-            hs.rearm(cell, key, e.window, shard.quota.window_ms(), hs.round);
+            hs.rearm(cell, key, e.window, tick_ms, hs.round);
         }
         if age > 1 {
+            if age as u64 > back {
+                return Ok(false);
+            }
+            let list = older.entry(key).or_default();
+            list.resize_with(back as usize - 1, Bucket::default);
+            let b = &mut list[age as usize - 2];
+            let before = b.remote.get(slot);
+            if b.remote.merge_slot(slot, count) {
+                b.remote_sum = b.remote_sum.saturating_add(count - before);
+                return Ok(true);
+            }
             return Ok(false);
         }
         let i = Shard::ensure_remote(remote, free_remote, e);
@@ -776,11 +895,17 @@ impl Store {
             let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
             shard.fold_hot(s.0.hot.0.get().map(|c| &**c), true);
-            let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
+            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
             std::mem::swap(&mut keys, &mut shard.dirty);
             for &key in &keys {
                 let Some(e) = shard.table.get_mut(key) else { continue };
                 let window = now - windows_since(e.window, now as u32);
+                // Sliding-log buckets that became older than the previous window unsent.
+                for (i, b) in shard.older.get_mut(&key).into_iter().flatten().enumerate() {
+                    if std::mem::take(&mut b.dirty) && b.local > 0 {
+                        out.push(Exported { key, window: window - 2 - i as i64, slot: LOCAL_SLOT, count: u64::from(b.local) });
+                    }
+                }
                 if e.remote & DIRTY_CUR != 0 && e.cur > 0 {
                     out.push(Exported { key, window, slot: LOCAL_SLOT, count: u64::from(e.cur) });
                 }
@@ -796,13 +921,13 @@ impl Store {
     }
 
     /// Appends every non-zero count of the keys `select` accepts — local and remote, for
-    /// both retained windows — to `out`. Locks one shard at a time, while it copies.
+    /// every retained window — to `out`. Locks one shard at a time, while it copies.
     pub(crate) fn export(&self, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
         let track = self.track_changes.load(Ordering::Relaxed);
         for s in self.shards.iter() {
             let mut shard = s.0.lock.lock();
             shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
-            let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
+            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
             for e in shard.table.slots() {
                 if !select(e.key) {
                     continue;
@@ -819,6 +944,13 @@ impl Store {
                     let r = &shard.remote[i];
                     out.extend(r.cur.iter().map(|(slot, count)| Exported { key, window, slot, count }));
                     out.extend(r.prev.iter().map(|(slot, count)| Exported { key, window: window - 1, slot, count }));
+                }
+                for (i, b) in shard.older.get(&key).into_iter().flatten().enumerate() {
+                    let window = window - 2 - i as i64;
+                    if b.local > 0 {
+                        out.push(Exported { key, window, slot, count: u64::from(b.local) });
+                    }
+                    out.extend(b.remote.iter().map(|(slot, count)| Exported { key, window, slot, count }));
                 }
             }
         }
@@ -858,6 +990,11 @@ impl Store {
                 + shard.table.bytes()
                 + shard.remote.capacity() * std::mem::size_of::<Remote>()
                 + shard.remote.iter().map(|r| (r.cur.len() + r.prev.len()) * 16).sum::<usize>()
+                + shard
+                    .older
+                    .values()
+                    .map(|bs| 48 + bs.len() * std::mem::size_of::<Bucket>() + bs.iter().map(|b| b.remote.len() * 16).sum::<usize>())
+                    .sum::<usize>()
                 + (shard.dirty.capacity() + shard.free_remote.capacity()) * 8;
         }
         (t, bytes)
@@ -875,29 +1012,39 @@ impl Store {
     /// Replaces the quota. If the window changes, live counts carry over conservatively:
     /// each key's count for the window containing `now_ms` (or newer) becomes its count
     /// for the new window containing `now_ms`, the window before maps to the one before,
-    /// and older counts are dropped.
+    /// and older counts are dropped (the sliding log's buckets keep their ages the same
+    /// way, as far back as the new quota reads).
     pub(crate) fn set_quota(&self, quota: Quota, now_ms: i64) {
         for s in self.shards.iter() {
             let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
             // Leases and published refusals were decided under the old quota.
             shard.release_hot(s.0.hot.0.get().map(|c| &**c), self.track_changes.load(Ordering::Relaxed));
-            let old_w = shard.quota.window_ms() as i64;
-            let new_w = quota.window_ms() as i64;
+            let (old_w, old_back) = algorithm::tick(shard.strategy, shard.quota.window_ms());
+            let (new_w, back) = algorithm::tick(shard.strategy, quota.window_ms());
+            let (old_w, new_w) = (old_w as i64, new_w as i64);
             shard.quota = quota;
-            if old_w == new_w {
+            if old_w == new_w && old_back == back {
                 continue;
             }
             let old_now = now_ms.div_euclid(old_w) as u32;
             let new_now = now_ms.div_euclid(new_w) as u32;
-            let (remote, free) = (&mut shard.remote, &mut shard.free_remote);
+            let (remote, free, older) = (&mut shard.remote, &mut shard.free_remote, &mut shard.older);
             let removed = shard.table.rebuild(|e| {
                 let age = windows_since(e.window, old_now).max(0);
-                if age >= 2 {
+                if age >= 2 && age as u64 > old_back.min(back) {
                     Shard::free(remote, free, e);
+                    older.remove(&e.key);
                     return false;
                 }
                 e.window = new_now.wrapping_sub(age as u32);
+                // Older buckets now `age` behind the present: keep those still read.
+                if let Some(bs) = older.get_mut(&e.key) {
+                    bs.truncate((back as usize).saturating_sub(1));
+                    if bs.iter().all(Bucket::is_empty) {
+                        older.remove(&e.key);
+                    }
+                }
                 true
             });
             self.forget(removed);
@@ -923,6 +1070,10 @@ struct Request<'a> {
     ts_ms: i64,
     /// Whether the caller may take a lease (`allow` with the store's quota).
     lease: bool,
+    /// The length of the store's windows for this quota (the log's bucket).
+    tick_ms: u64,
+    /// Windows before the current one the strategy reads (more than 1: the sliding log).
+    back: u64,
 }
 
 /// Adds `n` admissions made under leases to the local count of `e`.
@@ -969,7 +1120,7 @@ fn apply<V: Outcome>(
     req: &Request<'_>,
     f: fn(Strategy, &Quota, Counts, u64) -> V,
 ) -> V {
-    let Shard { table, remote, free_remote, dirty, strategy, tally, hot: hs, .. } = shard;
+    let Shard { table, remote, free_remote, dirty, strategy, tally, hot: hs, older, .. } = shard;
     let e = table.at(slot);
     let key = e.key;
     let mut elapsed = req.elapsed;
@@ -989,18 +1140,25 @@ fn apply<V: Outcome>(
         settle(e, remote, hs.round, spent, dirty, req.track);
         reserved = hs.reserved(cell);
     }
+    if req.back >= 2 {
+        let by = windows_since(e.window, req.window);
+        if by > 0 {
+            shift_older(older, e, remote, by, req.back);
+        }
+    }
     let rolled = Shard::roll(e, remote, req.window);
     if rolled < 0 {
         // A late request: charged to the key's newest window, at its start.
         elapsed = 0;
     }
+    let older_sum = if req.back >= 2 { older_sum(older, key) } else { 0 };
     let counts_of = |e: &Entry, remote: &[Remote], reserved: u64| {
         let (mut cur, mut prev) = (u64::from(e.cur) + reserved, u64::from(e.prev));
         if let Some(i) = remote_of(e) {
             cur += remote[i].cur_sum;
             prev += remote[i].prev_sum;
         }
-        Counts { cur, prev }
+        Counts { cur, prev, older: older_sum }
     };
     let mut counts = counts_of(e, remote, reserved);
     let mut v = f(*strategy, req.quota, counts, elapsed);
@@ -1014,6 +1172,18 @@ fn apply<V: Outcome>(
         v = f(*strategy, req.quota, counts, elapsed);
     }
     let rule_allowed = v.allowed();
+    if *strategy == Strategy::SlidingLog {
+        // The sums decide; the waits need every bucket.
+        v = v.detail(|| {
+            let mut buckets = [0; Strategy::LOG_BUCKETS as usize + 1];
+            buckets[0] = counts.cur;
+            buckets[1] = counts.prev;
+            for (slot, b) in buckets[2..].iter_mut().zip(older.get(&key).into_iter().flatten()) {
+                *slot = b.total();
+            }
+            algorithm::log_verdict(req.quota, &buckets, elapsed)
+        });
+    }
     if v.allowed() {
         if let Some(b) = req.budget {
             let i = Shard::ensure_remote(remote, free_remote, e);
@@ -1065,7 +1235,7 @@ fn apply<V: Outcome>(
     }
     if let Some(cell) = hot {
         if hs.window != e.window || hs.round != round {
-            hs.rearm(cell, key, e.window, req.quota.window_ms(), round);
+            hs.rearm(cell, key, e.window, req.tick_ms, round);
         }
         match lease {
             Some(i) if rolled >= 0 && v.allowed() => {
@@ -1141,6 +1311,8 @@ pub(crate) trait Outcome: Copy {
     fn allowed(&self) -> bool;
     /// This outcome turned into a refusal that can be retried after `retry_after_ms`.
     fn refuse(self, retry_after_ms: u64) -> Self;
+    /// This outcome with the detail `exact` computes, if it carries detail.
+    fn detail(self, exact: impl FnOnce() -> Verdict) -> Self;
 }
 
 impl Outcome for bool {
@@ -1151,6 +1323,10 @@ impl Outcome for bool {
     fn refuse(self, _: u64) -> Self {
         false
     }
+    #[inline]
+    fn detail(self, _: impl FnOnce() -> Verdict) -> Self {
+        self
+    }
 }
 
 impl Outcome for Verdict {
@@ -1160,6 +1336,9 @@ impl Outcome for Verdict {
     }
     fn refuse(self, retry_after_ms: u64) -> Self {
         Verdict { allowed: false, remaining: 0, retry_after_ms: Some(retry_after_ms.max(1)), ..self }
+    }
+    fn detail(self, exact: impl FnOnce() -> Verdict) -> Self {
+        exact()
     }
 }
 
