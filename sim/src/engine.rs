@@ -224,6 +224,7 @@ fn strategy_of(s: StrategyArg) -> Strategy {
         StrategyArg::Fixed => Strategy::FixedWindow,
         StrategyArg::Sliding => Strategy::SlidingWindow,
         StrategyArg::Token => Strategy::TokenBucket,
+        StrategyArg::Log => Strategy::SlidingLog,
     }
 }
 
