@@ -145,9 +145,10 @@ pub enum Strategy {
     /// so the oldest one is counted in full although only part of it overlaps the span:
     /// the error is on the strict side only, at most the admissions of one bucket (about
     /// `L/k` under even load), and an admission is never later than one bucket (`b`) after
-    /// the exact log's. Memory per key: `n + 1 ≤ k + 1` counts of the local replica (the
-    /// two newest inline, the others in a side table of 16 bytes per bucket beside a
-    /// 64-byte entry) plus 16 bytes per (remote replica, bucket) that counted.
+    /// the exact log's. Memory per key: `n + 1 ≤ k + 1` buckets, the two newest in the
+    /// key's slot as the two windows of the other strategies, the older ones (while one of
+    /// them is not empty) in a side map at 40 bytes per bucket, plus 16 bytes per (remote
+    /// replica, bucket) that counted. `k` is fixed; `docs/design.md` weighs it.
     SlidingLog,
 }
 

@@ -1563,4 +1563,33 @@ mod tests {
         assert!(s.admit(1, later, later, None, None).unwrap(), "not charged to the stale window");
         assert!(!s.admit(1, later, later, None, None).unwrap());
     }
+
+    fn log_store(limit: u64) -> Store {
+        let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
+        Store::new(4, KeyCap::new(1_000), tol, 7, Quota::new(limit, Duration::from_secs(1)).unwrap(), Strategy::SlidingLog)
+    }
+
+    /// The sliding log's older buckets: moved as the key rolls, merged from peers, exported,
+    /// dropped once no decision reads them (and their side-map entry with them).
+    #[test]
+    fn sliding_log_buckets_roll_merge_export_and_expire() {
+        assert_eq!(std::mem::size_of::<Bucket>(), 40, "the size docs/design.md states");
+        let s = log_store(10);
+        let b0 = T0 / 100;
+        assert!(s.admit(1, T0, T0, None, None).unwrap());
+        assert!(s.merge(1, b0 + 3, 7, 2, T0 + 300).unwrap(), "a peer's count three buckets later rolls the key");
+        assert!(s.merge(1, b0 + 1, 7, 4, T0 + 300).unwrap(), "an older bucket the decision reads merges");
+        assert!(!s.merge(1, b0 - 8, 7, 4, T0 + 300).unwrap(), "one no decision reads does not");
+        assert_eq!(counts(&s, 1, T0 + 300), vec![(b0, LOCAL_SLOT, 1), (b0 + 1, 7, 4), (b0 + 3, 7, 2)]);
+        // 1 + 4 + 2 of 10: three more at 950 ms, none after.
+        assert_eq!(admitted(&s, 1, T0 + 950, 10), 3);
+        // Bucket 0 is read until 1,100 ms, then one more fits.
+        assert_eq!(admitted(&s, 1, T0 + 1_099, 10), 0);
+        assert_eq!(admitted(&s, 1, T0 + 1_100, 10), 1);
+        assert_eq!(s.shard(1).lock.lock().older.len(), 1);
+        // Every bucket has left the span: the side map is empty again.
+        assert_eq!(admitted(&s, 1, T0 + 2_950, 20), 10);
+        assert!(s.shard(1).lock.lock().older.is_empty());
+        assert_eq!(s.sweep(T0 + 60_000), 1);
+    }
 }

@@ -53,12 +53,13 @@ fn no_span_of_one_window_holds_more_than_the_limit() {
     assert_eq!(again, T0 + 2_000);
 }
 
-/// The same scenario under the window strategies: an aligned window holds at most `L`,
+/// The same scenario under the other strategies: an aligned window holds at most `L`,
 /// a span straddling a boundary more (the figures `docs/design.md` quotes).
 #[test]
 fn the_window_strategies_admit_more_in_a_span_straddling_a_boundary() {
     assert_eq!(admitted_after_a_burst_at_900_ms(Strategy::SlidingWindow).2, 8);
     assert_eq!(admitted_after_a_burst_at_900_ms(Strategy::FixedWindow).2, 10);
+    assert_eq!(admitted_after_a_burst_at_900_ms(Strategy::TokenBucket).2, 8);
 }
 
 #[test]
