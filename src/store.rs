@@ -1158,7 +1158,7 @@ fn apply<V: Outcome>(
             cur += remote[i].cur_sum;
             prev += remote[i].prev_sum;
         }
-        Counts { cur, prev, older: older_sum }
+        Counts { cur, prev: prev + older_sum }
     };
     let mut counts = counts_of(e, remote, reserved);
     let mut v = f(*strategy, req.quota, counts, elapsed);
@@ -1177,7 +1177,7 @@ fn apply<V: Outcome>(
         v = v.detail(|| {
             let mut buckets = [0; Strategy::LOG_BUCKETS as usize + 1];
             buckets[0] = counts.cur;
-            buckets[1] = counts.prev;
+            buckets[1] = counts.prev - older_sum;
             for (slot, b) in buckets[2..].iter_mut().zip(older.get(&key).into_iter().flatten()) {
                 *slot = b.total();
             }
