@@ -14,8 +14,9 @@
 //! buckets (`⌈W/k⌉` ms, see `algorithm::log_tick`) and a key keeps the `n ≤ k` buckets
 //! before its newest: the two newest in its slot as for any strategy, the older ones
 //! (local and remote counts) in the shard's side map [`Older`], which holds an entry only
-//! while one of them is not empty. A request (or a merged remote count) for a newer window rolls the key forward;
-//! a request for an older window is charged to the key's newest window, at its start
+//! while one of them is not empty. A request (or a merged remote count) for a newer
+//! window rolls the key forward; a request for an older window is charged to the key's
+//! newest window, at its start
 //! (conservative: it can only make the current window stricter). Window indices are
 //! stored as their low 32 bits and compared with wrapping arithmetic; keys idle for more
 //! than one window are reclaimed long before that could alias.
@@ -71,12 +72,11 @@
 //! its `near_limit` count covers lock-path decisions only, as a lease decision does not
 //! know the count it was made at.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
-
-use std::collections::BTreeMap;
 
 use crate::algorithm::{self, Counts, Verdict};
 use crate::counter::GCounter;
