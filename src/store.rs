@@ -159,10 +159,10 @@ impl Bucket {
 /// `algorithm::log_tick`). A `BTreeMap`, so that iteration is deterministic.
 type Older = BTreeMap<u64, Vec<Bucket>>;
 
-/// The sum of `key`'s older buckets.
+/// The sum of `key`'s older buckets, and of their local counts.
 #[inline]
-fn older_sum(older: &Older, key: u64) -> u64 {
-    older.get(&key).map_or(0, |bs| bs.iter().map(Bucket::total).sum())
+fn older_sum(older: &Older, key: u64) -> (u64, u64) {
+    older.get(&key).map_or((0, 0), |bs| bs.iter().fold((0, 0), |(t, l), b| (t + b.total(), l + u64::from(b.local))))
 }
 
 /// Before `e` rolls `by` (> 0) windows forward: moves its older buckets `by` older,
@@ -1151,7 +1151,8 @@ fn apply<V: Outcome>(
         // A late request: charged to the key's newest window, at its start.
         elapsed = 0;
     }
-    let older_sum = if req.back >= 2 { older_sum(older, key) } else { 0 };
+    // The sliding log's buckets before the previous one: all counts, and the local ones.
+    let (older_sum, older_local) = if req.back >= 2 { older_sum(older, key) } else { (0, 0) };
     let counts_of = |e: &Entry, remote: &[Remote], reserved: u64| {
         let (mut cur, mut prev) = (u64::from(e.cur) + reserved, u64::from(e.prev));
         if let Some(i) = remote_of(e) {
@@ -1194,14 +1195,16 @@ fn apply<V: Outcome>(
                 // What the others were allotted last round may be spent and not yet
                 // visible: keep it out of this round's remainder, less what has become
                 // visible since (their counts' growth), which the view already subtracts.
-                let others = (counts.cur + counts.prev).saturating_sub(u64::from(e.cur) + u64::from(e.prev));
+                let others = (counts.cur + counts.prev).saturating_sub(u64::from(e.cur) + u64::from(e.prev) + older_local);
                 let reserve = if r.round == Some(b.round.wrapping_sub(1)) {
                     r.allotted_others.saturating_sub(others.saturating_sub(r.others_seen))
                 } else {
                     0
                 };
                 r.others_seen = others;
-                let (budget, others) = round_budget(*strategy, req.quota, counts, elapsed, (e.cur, e.prev), reserve, key, b);
+                // Shares compare this node's counts with everyone's over the same windows.
+                let local = (e.cur, e.prev.saturating_add(u32::try_from(older_local).unwrap_or(u32::MAX)));
+                let (budget, others) = round_budget(*strategy, req.quota, counts, elapsed, local, reserve, key, b);
                 r.round = Some(b.round);
                 r.spent = 0;
                 r.budget = budget;
