@@ -9,13 +9,17 @@
 //! a handler has the id it just parsed in cache, while both limiters were warmed in a
 //! different random order, so neither finds its state laid out in request order.
 //!
+//! `hot_key_by_strategy` runs the one-key, one-thread case under each strategy (the
+//! default is the sliding window); the sliding log sums the buckets of a window on
+//! every decision.
+//!
 //! Run: `cargo bench --bench limiter`
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
-use crdt_rate_limiter::{Quota, RateLimiter};
+use crdt_rate_limiter::{Quota, RateLimiter, Strategy};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -26,6 +30,10 @@ type Governor = governor::DefaultKeyedRateLimiter<String>;
 
 fn ours() -> RateLimiter {
     RateLimiter::builder().quota(Quota::new(u32::MAX as u64, Duration::from_secs(1)).unwrap()).build().unwrap()
+}
+
+fn ours_with(strategy: Strategy) -> RateLimiter {
+    RateLimiter::builder().quota(Quota::new(u32::MAX as u64, Duration::from_secs(1)).unwrap()).strategy(strategy).build().unwrap()
 }
 
 fn governor() -> Governor {
@@ -95,6 +103,18 @@ fn bench(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("governor", "2 threads"), |b| {
         b.iter_custom(|n| two_threads(n, |k, _| drive_governor(&gl, &hot, k, 0)))
     });
+    g.finish();
+
+    let mut g = c.benchmark_group("hot_key_by_strategy");
+    for (name, strategy) in [
+        ("fixed-window", Strategy::FixedWindow),
+        ("sliding-window", Strategy::SlidingWindow),
+        ("token-bucket", Strategy::TokenBucket),
+        ("sliding-log", Strategy::SlidingLog),
+    ] {
+        let rl = ours_with(strategy);
+        g.bench_function(BenchmarkId::new(name, "1 thread"), |b| b.iter_custom(|n| drive(&rl, &hot, n, 0)));
+    }
     g.finish();
 
     // Both warmed with every key first: this measures deciding for known keys.

@@ -23,10 +23,32 @@ pub(crate) struct Verdict {
 }
 
 /// Counts of one key as seen by this node: the current window and the one before.
+///
+/// For [`Strategy::SlidingLog`] the windows are the log's buckets (see [`log_tick`]) and
+/// `prev` sums every bucket before the current one that the decision reads. (Two fields,
+/// so that the request path passes them in registers.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Counts {
     pub cur: u64,
     pub prev: u64,
+}
+
+/// The sliding log's bucket length `b = ⌈W/k⌉` and how many buckets before the current
+/// one overlap a span of `W` ending in it, `n = ⌈(W − 1)/b⌉ ≤ k`.
+#[inline]
+pub(crate) fn log_tick(window_ms: u64) -> (u64, u64) {
+    let b = window_ms.div_ceil(Strategy::LOG_BUCKETS).max(1);
+    (b, window_ms.saturating_sub(1).div_ceil(b))
+}
+
+/// The length of the windows the store keeps for `strategy` under a quota of `window_ms`,
+/// and how many windows before the current one it must keep.
+#[inline]
+pub(crate) fn tick(strategy: Strategy, window_ms: u64) -> (u64, u64) {
+    match strategy {
+        Strategy::SlidingLog => log_tick(window_ms),
+        _ => (window_ms, 1),
+    }
 }
 
 /// Decides one request at `elapsed_ms` (`0..W`) into the current window.
@@ -38,7 +60,57 @@ pub(crate) fn evaluate(strategy: Strategy, quota: &Quota, counts: Counts, elapse
         Strategy::FixedWindow => fixed(quota.limit(), w, counts, e),
         Strategy::SlidingWindow => sliding(quota.limit(), w, counts, e),
         Strategy::TokenBucket => token(quota.limit(), quota.burst(), w, counts, e),
+        Strategy::SlidingLog => {
+            // Without the detail of the buckets before the current one, take them all as
+            // the oldest: it leaves first, so the waits below are never later than the
+            // exact ones.
+            let (b, n) = log_tick(w);
+            let e = elapsed_ms.min(b - 1);
+            log(quota.limit(), b, n, |age| lumped(counts, n, age), e)
+        }
     }
+}
+
+/// The bucket at `age` (0: the current one) when only `counts` are known.
+#[inline]
+fn lumped(c: Counts, n: u64, age: u64) -> u64 {
+    match age {
+        0 => c.cur,
+        a if a == n => c.prev,
+        _ => 0,
+    }
+}
+
+/// The sliding log's verdict with every bucket known: `buckets[a]` is the count of the
+/// bucket `a` buckets before the current one (missing ones are 0), `elapsed_ms` is the
+/// time into the current bucket.
+pub(crate) fn log_verdict(quota: &Quota, buckets: &[u64], elapsed_ms: u64) -> Verdict {
+    let (b, n) = log_tick(quota.window_ms());
+    let at = |age: u64| usize::try_from(age).ok().and_then(|a| buckets.get(a)).copied().unwrap_or(0);
+    log(quota.limit(), b, n, at, elapsed_ms.min(b - 1))
+}
+
+/// Admit while the `n + 1` buckets overlapping `(t − W, t]` hold fewer than `L`.
+fn log(l: u64, b: u64, n: u64, at: impl Fn(u64) -> u64, e: u64) -> Verdict {
+    let total: u64 = (0..=n).map(&at).fold(0, u64::saturating_add);
+    let allowed = total < l;
+    let remaining = l.saturating_sub(total + u64::from(allowed));
+    // Without traffic, the bucket at age `a` leaves the span at the boundary
+    // `(b − e) + (n − a)·b` from now.
+    let leaves = |a: u64| (b - e) + (n - a) * b;
+    let retry_after_ms = (!allowed).then(|| {
+        let mut left = total;
+        (0..=n)
+            .rev()
+            .find(|&a| {
+                left = left.saturating_sub(at(a));
+                left < l
+            })
+            .map_or(leaves(0), leaves)
+    });
+    let newest = if allowed { Some(0) } else { (0..=n).find(|&a| at(a) > 0) };
+    let reset_after_ms = newest.map_or(0, leaves);
+    Verdict { allowed, limit: l, remaining, reset_after_ms, retry_after_ms }
 }
 
 /// Whether `strategy` would admit one request (the allow-only fast path of [`evaluate`]).
@@ -50,6 +122,8 @@ pub(crate) fn admits(strategy: Strategy, quota: &Quota, counts: Counts, elapsed_
         Strategy::FixedWindow => counts.cur < l,
         Strategy::SlidingWindow => sliding_admits(l, w, counts.cur, counts.prev, e),
         Strategy::TokenBucket => token_capacity_x_w(l, quota.burst(), w, counts.prev, e) >= u128::from(counts.cur + 1) * u128::from(w),
+        // A window of 1 ms has no bucket before the current one in its span.
+        Strategy::SlidingLog => counts.cur + if w > 1 { counts.prev } else { 0 } < l,
     }
 }
 
@@ -189,7 +263,7 @@ mod tests {
                                 } else if abs < 20 {
                                     admits(strategy, &quota, Counts { cur: 0, prev: cur }, abs - 10)
                                 } else {
-                                    admits(strategy, &quota, Counts { cur: 0, prev: 0 }, (abs - 20).min(9))
+                                    admits(strategy, &quota, Counts::default(), (abs - 20).min(9))
                                 }
                             };
                             for t in 0..retry {
@@ -245,7 +319,85 @@ mod tests {
         assert!(after_full(49, 500));
         assert!(!after_full(50, 500));
         // After an idle window the full burst is there at once.
-        assert!(admits(Strategy::TokenBucket, &quota, Counts { cur: 99, prev: 0 }, 0));
-        assert!(!admits(Strategy::TokenBucket, &quota, Counts { cur: 100, prev: 0 }, 999));
+        assert!(admits(Strategy::TokenBucket, &quota, Counts { cur: 99, ..Counts::default() }, 0));
+        assert!(!admits(Strategy::TokenBucket, &quota, Counts { cur: 100, ..Counts::default() }, 999));
+    }
+
+    /// `n + 1` bucket counts (newest first) from a small deterministic generator.
+    fn buckets(seed: &mut u64, n: u64, max: u64) -> Vec<u64> {
+        (0..=n)
+            .map(|_| {
+                *seed = crate::store::splitmix64(*seed);
+                *seed % (max + 1)
+            })
+            .collect()
+    }
+
+    /// The sliding log's `retry_after` promise, and `admits`/`evaluate` agreeing with the
+    /// detailed verdict on the sums. Time walks forward with no traffic: each bucket
+    /// boundary shifts every count one bucket older, and the oldest leaves.
+    #[test]
+    fn sliding_log_retry_after_is_the_earliest_admission_time() {
+        let mut seed = 7;
+        for w in [1, 2, 5, 10, 25, 99, 1000] {
+            let (b, n) = log_tick(w);
+            for l in [1, 2, 5, 10] {
+                let quota = q(l, w);
+                for round in 0..300 {
+                    let max = if round % 3 == 0 { l } else { l.div_ceil(2) };
+                    let bs = buckets(&mut seed, n, max);
+                    for e in [0, b / 2, b - 1] {
+                        let v = log_verdict(&quota, &bs, e);
+                        let counts = Counts { cur: bs[0], prev: bs.iter().skip(1).sum() };
+                        assert_eq!(v.allowed, admits(Strategy::SlidingLog, &quota, counts, e), "w={w} {bs:?}");
+                        let lumped = evaluate(Strategy::SlidingLog, &quota, counts, e);
+                        assert_eq!((lumped.allowed, lumped.remaining), (v.allowed, v.remaining));
+                        assert!(lumped.retry_after_ms <= v.retry_after_ms, "a refusal published from the sums ends no later");
+                        let shifted = |t: u64| -> Vec<u64> {
+                            let shift = ((e + t) / b) as usize;
+                            std::iter::repeat_n(0, shift).chain(bs.iter().copied()).take(bs.len()).collect()
+                        };
+                        let at = |t: u64| log_verdict(&quota, &shifted(t), (e + t) % b).allowed;
+                        let Some(retry) = v.retry_after_ms else {
+                            assert!(v.allowed);
+                            continue;
+                        };
+                        assert!(retry >= 1);
+                        for t in (0..retry).step_by((b as usize / 3).max(1)).chain([retry - 1]) {
+                            assert!(!at(t), "w={w} l={l} {bs:?} e={e}: admitted at {t} < retry {retry}");
+                        }
+                        assert!(at(retry), "w={w} l={l} {bs:?} e={e}: not admitted at retry {retry}");
+                        // Full again exactly when the newest count has left.
+                        let reset = v.reset_after_ms;
+                        assert!(reset >= 1 && shifted(reset).iter().all(|&c| c == 0), "w={w} {bs:?} e={e} reset={reset}");
+                        assert!(shifted(reset - 1).iter().any(|&c| c > 0), "w={w} {bs:?} e={e} reset={reset}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sliding_log_counts_every_bucket_overlapping_the_span() {
+        // 10 per 1 s in buckets of 100 ms: 10 admitted in bucket 9 (t = 900) keep every
+        // request out until bucket 20 starts (t = 2000): the span (t − W, t] of any t
+        // before it overlaps bucket 9.
+        assert_eq!(log_tick(1000), (100, 10));
+        assert_eq!(log_tick(1), (1, 0));
+        assert_eq!(log_tick(1001), (101, 10));
+        let quota = q(10, 1000);
+        let mut bs = vec![10];
+        let v = log_verdict(&quota, &bs, 0);
+        assert_eq!((v.allowed, v.retry_after_ms, v.reset_after_ms), (false, Some(1100), 1100));
+        bs.insert(0, 0);
+        assert_eq!(log_verdict(&quota, &bs, 50).retry_after_ms, Some(950));
+        // A refusal at 1,950 ms (bucket 19, the 10 at age 10) ends at 2,000 ms.
+        let mut old = vec![0; 10];
+        old.push(10);
+        assert_eq!(log_verdict(&quota, &old, 50).retry_after_ms, Some(50));
+        // Counts spread over the span leave one bucket at a time.
+        let spread = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0];
+        assert!(!log_verdict(&quota, &spread, 0).allowed);
+        assert_eq!(log_verdict(&quota, &spread, 0).retry_after_ms, Some(200));
     }
 }

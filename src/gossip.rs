@@ -1170,7 +1170,9 @@ impl GossipNode {
         for window_ms in windows {
             // Every window the store still keeps (a late request may reach it), up to the
             // previous one while busy or the current one once quiet; at most 255.
-            let now_window = now_ms.div_euclid(window_ms as i64);
+            // In the store's windows (the sliding log's buckets are shorter than the quota).
+            let tick_ms = self.limiter.with_existing_store(window_ms, |s| s.tick_ms(window_ms)).unwrap_or(window_ms);
+            let now_window = now_ms.div_euclid(tick_ms as i64);
             let oldest =
                 self.limiter.with_existing_store(window_ms, |s| *s.acceptable_windows(now_ms, window_ms).start()).unwrap_or(now_window - 1);
             let window = if both_windows { now_window } else { now_window - 1 };

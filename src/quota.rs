@@ -101,10 +101,13 @@ fn check_limit(limit: u64) -> Result<u32, Error> {
 
 /// How the per-window counts become a decision.
 ///
-/// All three read the same state, a count per (client, window) for the current and the
-/// previous window, so all three run unchanged on the replicated counters. `W` is the
+/// The first three read the same state, a count per (client, window) for the current and
+/// the previous window, so all three run unchanged on the replicated counters. `W` is the
 /// window, `L` the limit, `c` the current window's count, `p` the previous window's
-/// count and `e` the time elapsed in the current window.
+/// count and `e` the time elapsed in the current window. [`SlidingLog`](Self::SlidingLog)
+/// counts in [`Strategy::LOG_BUCKETS`] sub-windows of `W` instead. `docs/design.md` has a
+/// table of all four: promise, memory per key, boundaries, replication, and which one to
+/// pick for a leaky bucket, a GCRA or a sliding log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Strategy {
@@ -129,5 +132,37 @@ pub enum Strategy {
     /// current window is charged as if it happened now. So it admits at most `B` per
     /// window, at most one window's refill `L` per window under sustained load, and a
     /// burst of up to `B` right after an idle window. `B` is at most `L`.
+    ///
+    /// A leaky bucket used as a meter is this bucket (see [`Strategy::LeakyBucket`]).
     TokenBucket,
+    /// At most `L` admissions in **any** span of length `W`, not only per aligned window.
+    ///
+    /// `W` is split into `k` = [`Strategy::LOG_BUCKETS`] buckets of `b = ⌈W/k⌉` ms (the
+    /// last one of a window may be shorter); each bucket is a grow-only count per replica,
+    /// and on the wire a bucket travels as a window of length `b`. A request at `t` is
+    /// admitted only if the buckets overlapping `(t − W, t]` — the current one and the
+    /// `n = ⌈(W − 1)/b⌉ ≤ k` before it — hold fewer than `L`. Whole buckets are counted,
+    /// so the oldest one is counted in full although only part of it overlaps the span:
+    /// the error is on the strict side only, at most the admissions of one bucket (about
+    /// `L/k` under even load), and an admission is never later than one bucket (`b`) after
+    /// the exact log's. Memory per key: `n + 1 ≤ k + 1` buckets, the two newest in the
+    /// key's slot as the two windows of the other strategies, the older ones (while one of
+    /// them is not empty) in a side map at 40 bytes per bucket, plus 16 bytes per (remote
+    /// replica, bucket) that counted. `k` is fixed; `docs/design.md` weighs it.
+    SlidingLog,
+}
+
+impl Strategy {
+    /// A leaky bucket used as a meter (requests leak out at `L` per `W`, at most `B`
+    /// queued) admits exactly what a token bucket of capacity `B` refilled at `L` per `W`
+    /// admits: it is [`Strategy::TokenBucket`] under its other name.
+    ///
+    /// ```
+    /// use crdt_rate_limiter::Strategy;
+    /// assert_eq!(Strategy::LeakyBucket, Strategy::TokenBucket);
+    /// ```
+    #[allow(non_upper_case_globals)]
+    pub const LeakyBucket: Self = Self::TokenBucket;
+    /// Buckets per window of [`Strategy::SlidingLog`] (`k`).
+    pub const LOG_BUCKETS: u64 = 10;
 }

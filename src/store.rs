@@ -25,13 +25,18 @@
 //! `docs/design.md` ("Memory model") gives the bound these make, in bytes.
 //!
 //! # Windows
-//! A key keeps two windows: its newest and the one before, which is all any strategy
-//! reads. A request (or a merged remote count) for a newer window rolls the key forward;
-//! a request for an older window is charged to the key's newest window, at its start
-//! (conservative: it can only make the current window stricter). So a clock that steps
-//! back finds its keys' newest windows ahead of it and charges requests to them, with
-//! their counts, until it reaches them again: a window is never decided twice (a key
-//! more than a day ahead is taken for wrap-around, below). Window indices are
+//! A key keeps two windows: its newest and the one before, which is all the window
+//! strategies read. Under [`Strategy::SlidingLog`] the store's windows are the log's
+//! buckets (`⌈W/k⌉` ms, see `algorithm::log_tick`) and a key keeps the `n ≤ k` buckets
+//! before its newest: the two newest in its slot as for any strategy, the older ones
+//! (local and remote counts) in the shard's side map [`Older`], which holds an entry only
+//! while one of them is not empty. A request (or a merged remote count) for a newer
+//! window rolls the key forward; a request for an older window is charged to the key's
+//! newest window, at its start (conservative: it can only make the current window
+//! stricter). So a clock that steps back finds its keys' newest windows ahead of it and
+//! charges requests to them, with their counts, until it reaches them again: a window
+//! is never decided twice (a key more than a day ahead is taken for wrap-around, below).
+//! Window indices are
 //! stored as their low 32 bits and compared with wrapping arithmetic; keys idle for more
 //! than one window are reclaimed long before that could alias.
 //!
@@ -86,12 +91,14 @@
 //! its `near_limit` count covers lock-path decisions only, as a lease decision does not
 //! know the count it was made at.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
 use crate::algorithm::{self, Counts, Verdict};
+use crate::counter::GCounter;
 use crate::table::{Slot as Entry, Table};
 use crate::{Error, Quota, Strategy};
 
@@ -184,6 +191,25 @@ impl Remote {
         &self.cells[..self.len as usize]
     }
 
+    /// Whether any replica has a count in the newest window (or, with `prev`, the one
+    /// before).
+    fn has_counts(&self, prev: bool) -> bool {
+        self.cells().iter().any(|c| if prev { c.prev > 0 } else { c.cur > 0 })
+    }
+
+    /// The replicas' counts of the newest window (or, with `prev`, the one before) as a
+    /// G-Counter, for a sliding-log bucket that leaves the slot.
+    fn counter(&self, prev: bool) -> GCounter<u32> {
+        let mut g = GCounter::new();
+        for c in self.cells() {
+            let count = if prev { c.prev } else { c.cur };
+            if count > 0 {
+                g.merge_slot(c.replica, u64::from(count));
+            }
+        }
+        g
+    }
+
     /// Raises `replica`'s count in the key's newest window (or, with `prev`, the one
     /// before) to `count`. A replica without a cell gets one; when the allocation is full
     /// it grows if `room` grants the cells it grows by, and otherwise the count is added
@@ -229,6 +255,79 @@ impl Remote {
             0 => 0,
             n => (n + 8).next_multiple_of(16).max(32),
         }
+    }
+}
+
+/// One sliding-log bucket older than a key's previous window: the local count and the
+/// other replicas' counts.
+#[derive(Debug, Default, Clone)]
+struct Bucket {
+    local: u32,
+    /// The local count changed since it was last collected for gossip.
+    dirty: bool,
+    remote: GCounter<u32>,
+    remote_sum: u64,
+}
+
+impl Bucket {
+    fn total(&self) -> u64 {
+        u64::from(self.local) + self.remote_sum
+    }
+
+    fn is_empty(&self) -> bool {
+        self.local == 0 && self.remote.is_empty()
+    }
+}
+
+/// A sliding-log key's buckets before its previous window, by key: index 0 is two
+/// buckets before the newest, and there are `n − 1` of them (`n` as in
+/// `algorithm::log_tick`). A `BTreeMap`, so that iteration is deterministic.
+type Older = BTreeMap<u64, Vec<Bucket>>;
+
+/// The sum of `key`'s older buckets, and of their local counts.
+#[inline]
+fn older_sum(older: &Older, key: u64) -> (u64, u64) {
+    older.get(&key).map_or((0, 0), |bs| bs.iter().fold((0, 0), |(t, l), b| (t + b.total(), l + u64::from(b.local))))
+}
+
+/// Before `e` rolls `by` (> 0) windows forward: moves its older buckets `by` older,
+/// keeping those the decision still reads (`back`: buckets before the newest), and its
+/// current and previous counts (with their unsent marks) into the buckets they become.
+fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u64) {
+    let len = back.saturating_sub(1) as usize;
+    let by = by.clamp(0, len as i64 + 2) as usize;
+    let r = remote_of(e).map(|i| &remote[i]);
+    let cur = (e.cur > 0 || r.is_some_and(|r| r.has_counts(false))) && by >= 2 && by - 2 < len;
+    let prev = (e.prev > 0 || r.is_some_and(|r| r.has_counts(true))) && by >= 1 && by - 1 < len;
+    let Some(list) = (match older.get_mut(&e.key) {
+        Some(l) => Some(l),
+        None if cur || prev => Some(older.entry(e.key).or_default()),
+        None => None,
+    }) else {
+        return;
+    };
+    list.resize_with(len, Bucket::default);
+    for i in (0..len).rev() {
+        list[i] = if i >= by { std::mem::take(&mut list[i - by]) } else { Bucket::default() };
+    }
+    if prev {
+        list[by - 1] = Bucket {
+            local: e.prev,
+            dirty: e.remote & DIRTY_PREV != 0,
+            remote: r.map(|r| r.counter(true)).unwrap_or_default(),
+            remote_sum: r.map_or(0, |r| r.prev_sum),
+        };
+    }
+    if cur {
+        list[by - 2] = Bucket {
+            local: e.cur,
+            dirty: e.remote & DIRTY_CUR != 0,
+            remote: r.map(|r| r.counter(false)).unwrap_or_default(),
+            remote_sum: r.map_or(0, |r| r.cur_sum),
+        };
+    }
+    if list.iter().all(Bucket::is_empty) {
+        older.remove(&e.key);
     }
 }
 
@@ -447,6 +546,8 @@ struct Shard {
     cap_swept: Option<u32>,
     /// The lock-protected side of the shard's hot cell.
     hot: HotState,
+    /// Sliding-log buckets before the previous window (empty for other strategies).
+    older: Older,
 }
 
 /// A shard: its lock, and the hot cell the lock-free path reads (allocated on first
@@ -526,12 +627,14 @@ impl Shard {
     /// the survivors.
     fn sweep(&mut self, cell: Option<&HotCell>, track: bool, horizon: u32) -> Dropped {
         self.release_hot(cell, track);
-        let (remote, free) = (&mut self.remote, &mut self.free_remote);
+        let back = algorithm::tick(self.strategy, self.quota.window_ms()).1 as i64;
+        let (remote, free, older) = (&mut self.remote, &mut self.free_remote, &mut self.older);
         let mut dropped = Dropped::default();
         self.table.rebuild(|e| {
-            let keep = windows_since(e.window, horizon) < 2;
+            let keep = windows_since(e.window, horizon) < back + 1;
             if !keep {
                 Self::free(remote, free, e, &mut dropped);
+                older.remove(&e.key);
             }
             keep
         });
@@ -635,6 +738,8 @@ pub(crate) struct Store {
     /// Window index of the last full sweep triggered by the key cap.
     last_cap_sweep: AtomicI64,
     track_changes: AtomicBool,
+    /// Every shard's strategy (it never changes): it sets the length of the windows kept.
+    strategy: Strategy,
 }
 
 impl Store {
@@ -653,6 +758,7 @@ impl Store {
                         tally: Tally::default(),
                         cap_swept: None,
                         hot: HotState::default(),
+                        older: Older::new(),
                     }),
                     hot: Padded(OnceLock::new()),
                 })
@@ -668,6 +774,7 @@ impl Store {
             max_skew_ms: tolerances.max_skew_ms as i64,
             last_cap_sweep: AtomicI64::new(i64::MIN),
             track_changes: AtomicBool::new(false),
+            strategy,
         }
     }
 
@@ -715,17 +822,29 @@ impl Store {
     }
 
     /// The oldest window a request accepted at `now_ms` can fall in: keys whose newest
-    /// window is older than the one before it are dead.
+    /// window is older than the oldest one such a request reads are dead. Windows are
+    /// those the store keeps for a quota of `window_ms` (the log's buckets, see the
+    /// module doc).
     fn horizon(&self, now_ms: i64, window_ms: u64) -> u32 {
-        now_ms.saturating_sub(self.max_age_ms).div_euclid(window_ms as i64) as u32
+        let tick = algorithm::tick(self.strategy, window_ms).0;
+        now_ms.saturating_sub(self.max_age_ms).div_euclid(tick as i64) as u32
     }
 
-    /// The windows a count may be for at `now_ms`: from the one before the oldest a late
-    /// request can reach, to the newest an early one can.
+    /// The windows a count may be for at `now_ms`: from the oldest one a decision on the
+    /// oldest request that can still arrive reads (the one before it, or the sliding
+    /// log's `n` buckets before it), to the newest an early one can. Indices are in the
+    /// store's windows for a quota of `window_ms` (the log's buckets).
     pub(crate) fn acceptable_windows(&self, now_ms: i64, window_ms: u64) -> std::ops::RangeInclusive<i64> {
-        let w = window_ms as i64;
-        let oldest = now_ms.saturating_sub(self.max_age_ms).div_euclid(w) - 1;
+        let (tick, back) = algorithm::tick(self.strategy, window_ms);
+        let w = tick as i64;
+        let oldest = now_ms.saturating_sub(self.max_age_ms).div_euclid(w) - back as i64;
         oldest..=now_ms.saturating_add(self.max_skew_ms).div_euclid(w)
+    }
+
+    /// The length of the windows this store keeps, in ms: the quota's window, or the
+    /// sliding log's bucket. Gossip counts and digests name windows in this unit.
+    pub(crate) fn tick_ms(&self, window_ms: u64) -> u64 {
+        algorithm::tick(self.strategy, window_ms).0
     }
 
     #[inline]
@@ -750,7 +869,8 @@ impl Store {
         };
         let shard = &mut *guard;
         let quota = *quota.unwrap_or(&shard.quota);
-        let w = quota.window_ms() as i64;
+        let (tick_ms, back) = algorithm::tick(shard.strategy, quota.window_ms());
+        let w = tick_ms as i64;
         let window = ts_ms.div_euclid(w) as u32;
         let elapsed = ts_ms.rem_euclid(w) as u64;
         let slot = match shard.table.find(key) {
@@ -766,7 +886,7 @@ impl Store {
                         if shard.hot.key == key {
                             shard.release_hot(cell.hot.0.get().map(|c| &**c), track);
                         }
-                        shard.table.at(i).window = window.wrapping_sub(2);
+                        shard.table.at(i).window = window.wrapping_sub(back as u32 + 1);
                     }
                 }
                 i
@@ -782,13 +902,13 @@ impl Store {
                 let hot = cell.hot.0.get_or_init(Box::default);
                 shard.fold_hot(Some(hot), track);
                 let w = shard.table.at(slot).window;
-                shard.hot.rearm(hot, key, w, quota.window_ms(), None);
+                shard.hot.rearm(hot, key, w, tick_ms, None);
                 shard.hot.candidate = 0;
             } else {
                 shard.hot.candidate = key;
             }
         }
-        let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease };
+        let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease, tick_ms, back };
         Ok(apply(shard, cell.hot.0.get().map(|c| &**c), slot, &req, f))
     }
 
@@ -862,8 +982,9 @@ impl Store {
     /// Raises remote replica `slot`'s count of `key` in `window` to `count`.
     ///
     /// A window newer than the key's rolls the key forward; the previous window merges
-    /// into the previous counts; anything older is ignored (it can no longer influence a
-    /// decision). Returns whether the state changed.
+    /// into the previous counts (and, for the sliding log, the older buckets it reads
+    /// into those); anything older is ignored (it can no longer influence a decision).
+    /// Returns whether the state changed.
     pub(crate) fn merge(&self, key: u64, window: i64, slot: u32, count: u64, now_ms: i64) -> Result<bool, Error> {
         if count == 0 || slot == LOCAL_SLOT {
             return Ok(false);
@@ -895,13 +1016,31 @@ impl Store {
             // Leases were sized on the view before this count: take them back.
             shard.fold_hot(hot, self.track_changes.load(Ordering::Relaxed));
         }
-        let Shard { table, remote, free_remote, hot: hs, .. } = shard;
+        let (tick_ms, back) = algorithm::tick(shard.strategy, shard.quota.window_ms());
+        let Shard { table, remote, free_remote, hot: hs, older, .. } = shard;
         let e = table.at(at);
+        if back >= 2 {
+            let by = windows_since(e.window, window32);
+            if by > 0 {
+                shift_older(older, e, remote, by, back);
+            }
+        }
         let age = -Shard::roll(e, remote, window32).min(0);
         if let Some(cell) = hot.filter(|_| hs.key == key && hs.window != e.window) {
-            hs.rearm(cell, key, e.window, shard.quota.window_ms(), hs.round);
+            hs.rearm(cell, key, e.window, tick_ms, hs.round);
         }
         if age > 1 {
+            if age as u64 > back {
+                return Ok(false);
+            }
+            let list = older.entry(key).or_default();
+            list.resize_with(back as usize - 1, Bucket::default);
+            let b = &mut list[age as usize - 2];
+            let before = b.remote.get(slot);
+            if b.remote.merge_slot(slot, count) {
+                b.remote_sum = b.remote_sum.saturating_add(count - before);
+                return Ok(true);
+            }
             return Ok(false);
         }
         let i = Shard::ensure_remote(remote, free_remote, e);
@@ -918,11 +1057,17 @@ impl Store {
             let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
             shard.fold_hot(s.0.hot.0.get().map(|c| &**c), true);
-            let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
+            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
             std::mem::swap(&mut keys, &mut shard.dirty);
             for &key in &keys {
                 let Some(e) = shard.table.get_mut(key) else { continue };
                 let window = now - windows_since(e.window, now as u32);
+                // Sliding-log buckets that became older than the previous window unsent.
+                for (i, b) in shard.older.get_mut(&key).into_iter().flatten().enumerate() {
+                    if std::mem::take(&mut b.dirty) && b.local > 0 {
+                        out.push(Exported { key, window: window - 2 - i as i64, slot: LOCAL_SLOT, count: u64::from(b.local) });
+                    }
+                }
                 if e.remote & DIRTY_CUR != 0 && e.cur > 0 {
                     out.push(Exported { key, window, slot: LOCAL_SLOT, count: u64::from(e.cur) });
                 }
@@ -938,7 +1083,7 @@ impl Store {
     }
 
     /// Appends every non-zero count of the keys `select` accepts — local and remote, for
-    /// both retained windows — to `out`. Locks one shard at a time, while it copies.
+    /// every retained window — to `out`. Locks one shard at a time, while it copies.
     pub(crate) fn export(&self, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
         for i in 0..self.shards.len() {
             self.export_shard(i, now_ms, &select, out);
@@ -957,7 +1102,7 @@ impl Store {
         let track = self.track_changes.load(Ordering::Relaxed);
         let mut shard = s.0.lock.lock();
         shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
-        let now = now_ms.div_euclid(shard.quota.window_ms() as i64);
+        let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
         for e in shard.table.slots() {
             if !select(e.key) {
                 continue;
@@ -979,6 +1124,13 @@ impl Store {
                         out.push(Exported { key, window: window - 1, slot: c.replica, count: u64::from(c.prev) });
                     }
                 }
+            }
+            for (i, b) in shard.older.get(&key).into_iter().flatten().enumerate() {
+                let window = window - 2 - i as i64;
+                if b.local > 0 {
+                    out.push(Exported { key, window, slot, count: u64::from(b.local) });
+                }
+                out.extend(b.remote.iter().map(|(slot, count)| Exported { key, window, slot, count }));
             }
         }
     }
@@ -1017,6 +1169,11 @@ impl Store {
                 + shard.table.bytes()
                 + shard.remote.capacity() * std::mem::size_of::<Remote>()
                 + shard.remote.iter().map(Remote::heap_bytes).sum::<usize>()
+                + shard
+                    .older
+                    .values()
+                    .map(|bs| 48 + bs.len() * std::mem::size_of::<Bucket>() + bs.iter().map(|b| b.remote.len() * 16).sum::<usize>())
+                    .sum::<usize>()
                 + shard.dirty.capacity() * 8
                 + shard.free_remote.capacity() * 4;
         }
@@ -1035,30 +1192,40 @@ impl Store {
     /// Replaces the quota. If the window changes, live counts carry over conservatively:
     /// each key's count for the window containing `now_ms` (or newer) becomes its count
     /// for the new window containing `now_ms`, the window before maps to the one before,
-    /// and older counts are dropped.
+    /// and older counts are dropped (the sliding log's buckets keep their ages the same
+    /// way, as far back as the new quota reads).
     pub(crate) fn set_quota(&self, quota: Quota, now_ms: i64) {
         for s in self.shards.iter() {
             let mut guard = s.0.lock.lock();
             let shard = &mut *guard;
             // Leases and published refusals were decided under the old quota.
             shard.release_hot(s.0.hot.0.get().map(|c| &**c), self.track_changes.load(Ordering::Relaxed));
-            let old_w = shard.quota.window_ms() as i64;
-            let new_w = quota.window_ms() as i64;
+            let (old_w, old_back) = algorithm::tick(shard.strategy, shard.quota.window_ms());
+            let (new_w, back) = algorithm::tick(shard.strategy, quota.window_ms());
+            let (old_w, new_w) = (old_w as i64, new_w as i64);
             shard.quota = quota;
-            if old_w == new_w {
+            if old_w == new_w && old_back == back {
                 continue;
             }
             let old_now = now_ms.div_euclid(old_w) as u32;
             let new_now = now_ms.div_euclid(new_w) as u32;
-            let (remote, free) = (&mut shard.remote, &mut shard.free_remote);
+            let (remote, free, older) = (&mut shard.remote, &mut shard.free_remote, &mut shard.older);
             let mut dropped = Dropped::default();
             shard.table.rebuild(|e| {
                 let age = windows_since(e.window, old_now).max(0);
-                if age >= 2 {
+                if age >= 2 && age as u64 > old_back.min(back) {
                     Shard::free(remote, free, e, &mut dropped);
+                    older.remove(&e.key);
                     return false;
                 }
                 e.window = new_now.wrapping_sub(age as u32);
+                // Older buckets now `age` behind the present: keep those still read.
+                if let Some(bs) = older.get_mut(&e.key) {
+                    bs.truncate((back as usize).saturating_sub(1));
+                    if bs.iter().all(Bucket::is_empty) {
+                        older.remove(&e.key);
+                    }
+                }
                 true
             });
             self.forget(dropped);
@@ -1084,6 +1251,10 @@ struct Request<'a> {
     ts_ms: i64,
     /// Whether the caller may take a lease (`allow` with the store's quota).
     lease: bool,
+    /// The length of the store's windows for this quota (the log's bucket).
+    tick_ms: u64,
+    /// Windows before the current one the strategy reads (more than 1: the sliding log).
+    back: u64,
 }
 
 /// Adds `n` admissions made under leases to the local count of `e`.
@@ -1130,7 +1301,7 @@ fn apply<V: Outcome>(
     req: &Request<'_>,
     f: fn(Strategy, &Quota, Counts, u64) -> V,
 ) -> V {
-    let Shard { table, remote, free_remote, dirty, strategy, tally, hot: hs, .. } = shard;
+    let Shard { table, remote, free_remote, dirty, strategy, tally, hot: hs, older, .. } = shard;
     let e = table.at(slot);
     let key = e.key;
     let mut elapsed = req.elapsed;
@@ -1150,18 +1321,26 @@ fn apply<V: Outcome>(
         settle(e, remote, hs.round, spent, dirty, req.track);
         reserved = hs.reserved(cell);
     }
+    if req.back >= 2 {
+        let by = windows_since(e.window, req.window);
+        if by > 0 {
+            shift_older(older, e, remote, by, req.back);
+        }
+    }
     let rolled = Shard::roll(e, remote, req.window);
     if rolled < 0 {
         // A late request: charged to the key's newest window, at its start.
         elapsed = 0;
     }
+    // The sliding log's buckets before the previous one: all counts, and the local ones.
+    let (older_sum, older_local) = if req.back >= 2 { older_sum(older, key) } else { (0, 0) };
     let counts_of = |e: &Entry, remote: &[Remote], reserved: u64| {
         let (mut cur, mut prev) = (u64::from(e.cur) + reserved, u64::from(e.prev));
         if let Some(i) = remote_of(e) {
             cur += remote[i].cur_sum;
             prev += remote[i].prev_sum;
         }
-        Counts { cur, prev }
+        Counts { cur, prev: prev + older_sum }
     };
     let mut counts = counts_of(e, remote, reserved);
     let mut v = f(*strategy, req.quota, counts, elapsed);
@@ -1175,6 +1354,18 @@ fn apply<V: Outcome>(
         v = f(*strategy, req.quota, counts, elapsed);
     }
     let rule_allowed = v.allowed();
+    if *strategy == Strategy::SlidingLog {
+        // The sums decide; the waits need every bucket.
+        v = v.detail(|| {
+            let mut buckets = [0; Strategy::LOG_BUCKETS as usize + 1];
+            buckets[0] = counts.cur;
+            buckets[1] = counts.prev - older_sum;
+            for (slot, b) in buckets[2..].iter_mut().zip(older.get(&key).into_iter().flatten()) {
+                *slot = b.total();
+            }
+            algorithm::log_verdict(req.quota, &buckets, elapsed)
+        });
+    }
     if v.allowed() {
         if let Some(b) = req.budget {
             let i = Shard::ensure_remote(remote, free_remote, e);
@@ -1185,14 +1376,16 @@ fn apply<V: Outcome>(
                 // What the others were allotted last round may be spent and not yet
                 // visible: keep it out of this round's remainder, less what has become
                 // visible since (their counts' growth), which the view already subtracts.
-                let others = (counts.cur + counts.prev).saturating_sub(u64::from(e.cur) + u64::from(e.prev));
+                let others = (counts.cur + counts.prev).saturating_sub(u64::from(e.cur) + u64::from(e.prev) + older_local);
                 let reserve = if r.round == Some(b.round.wrapping_sub(1)) {
                     r.allotted_others.saturating_sub(others.saturating_sub(r.others_seen))
                 } else {
                     0
                 };
                 r.others_seen = others;
-                let (budget, others) = round_budget(*strategy, req.quota, counts, elapsed, (e.cur, e.prev), reserve, key, b);
+                // Shares compare this node's counts with everyone's over the same windows.
+                let local = (e.cur, e.prev.saturating_add(u32::try_from(older_local).unwrap_or(u32::MAX)));
+                let (budget, others) = round_budget(*strategy, req.quota, counts, elapsed, local, reserve, key, b);
                 r.round = Some(b.round);
                 r.spent = 0;
                 r.budget = budget;
@@ -1226,7 +1419,7 @@ fn apply<V: Outcome>(
     }
     if let Some(cell) = hot {
         if hs.window != e.window || hs.round != round {
-            hs.rearm(cell, key, e.window, req.quota.window_ms(), round);
+            hs.rearm(cell, key, e.window, req.tick_ms, round);
         }
         match lease {
             Some(i) if rolled >= 0 && v.allowed() => {
@@ -1302,6 +1495,8 @@ pub(crate) trait Outcome: Copy {
     fn allowed(&self) -> bool;
     /// This outcome turned into a refusal that can be retried after `retry_after_ms`.
     fn refuse(self, retry_after_ms: u64) -> Self;
+    /// This outcome with the detail `exact` computes, if it carries detail.
+    fn detail(self, exact: impl FnOnce() -> Verdict) -> Self;
 }
 
 impl Outcome for bool {
@@ -1312,6 +1507,10 @@ impl Outcome for bool {
     fn refuse(self, _: u64) -> Self {
         false
     }
+    #[inline]
+    fn detail(self, _: impl FnOnce() -> Verdict) -> Self {
+        self
+    }
 }
 
 impl Outcome for Verdict {
@@ -1321,6 +1520,9 @@ impl Outcome for Verdict {
     }
     fn refuse(self, retry_after_ms: u64) -> Self {
         Verdict { allowed: false, remaining: 0, retry_after_ms: Some(retry_after_ms.max(1)), ..self }
+    }
+    fn detail(self, exact: impl FnOnce() -> Verdict) -> Self {
+        exact()
     }
 }
 
@@ -1665,5 +1867,34 @@ mod tests {
         let later = T0 + ((1i64 << 31) + 5) * 1000;
         assert!(s.admit(1, later, later, None, None).unwrap(), "not charged to the stale window");
         assert!(!s.admit(1, later, later, None, None).unwrap());
+    }
+
+    fn log_store(limit: u64) -> Store {
+        let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
+        Store::new(4, KeyCap::new(1_000), tol, 7, Quota::new(limit, Duration::from_secs(1)).unwrap(), Strategy::SlidingLog)
+    }
+
+    /// The sliding log's older buckets: moved as the key rolls, merged from peers, exported,
+    /// dropped once no decision reads them (and their side-map entry with them).
+    #[test]
+    fn sliding_log_buckets_roll_merge_export_and_expire() {
+        assert_eq!(std::mem::size_of::<Bucket>(), 40, "the size docs/design.md states");
+        let s = log_store(10);
+        let b0 = T0 / 100;
+        assert!(s.admit(1, T0, T0, None, None).unwrap());
+        assert!(s.merge(1, b0 + 3, 7, 2, T0 + 300).unwrap(), "a peer's count three buckets later rolls the key");
+        assert!(s.merge(1, b0 + 1, 7, 4, T0 + 300).unwrap(), "an older bucket the decision reads merges");
+        assert!(!s.merge(1, b0 - 8, 7, 4, T0 + 300).unwrap(), "one no decision reads does not");
+        assert_eq!(counts(&s, 1, T0 + 300), vec![(b0, LOCAL_SLOT, 1), (b0 + 1, 7, 4), (b0 + 3, 7, 2)]);
+        // 1 + 4 + 2 of 10: three more at 950 ms, none after.
+        assert_eq!(admitted(&s, 1, T0 + 950, 10), 3);
+        // Bucket 0 is read until 1,100 ms, then one more fits.
+        assert_eq!(admitted(&s, 1, T0 + 1_099, 10), 0);
+        assert_eq!(admitted(&s, 1, T0 + 1_100, 10), 1);
+        assert_eq!(s.shard(1).lock.lock().older.len(), 1);
+        // Every bucket has left the span: the side map is empty again.
+        assert_eq!(admitted(&s, 1, T0 + 2_950, 20), 10);
+        assert!(s.shard(1).lock.lock().older.is_empty());
+        assert_eq!(s.sweep(T0 + 60_000), 1);
     }
 }

@@ -30,10 +30,15 @@ struct Cluster {
     skew: BTreeMap<u64, i64>,
     limit: u64,
     admission: Admission,
+    strategy: Strategy,
 }
 
 impl Cluster {
     fn new(ids: &[u64], limit: u64, admission: Admission) -> Self {
+        Self::with_strategy(ids, limit, admission, Strategy::FixedWindow)
+    }
+
+    fn with_strategy(ids: &[u64], limit: u64, admission: Admission, strategy: Strategy) -> Self {
         let mut c = Cluster {
             nodes: BTreeMap::new(),
             wire: BTreeMap::new(),
@@ -43,6 +48,7 @@ impl Cluster {
             skew: BTreeMap::new(),
             limit,
             admission,
+            strategy,
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -54,7 +60,7 @@ impl Cluster {
         let clock = ManualClock::new(self.now);
         let limiter = RateLimiter::builder()
             .quota(Quota::new(self.limit, Duration::from_secs(1)).unwrap())
-            .strategy(Strategy::FixedWindow)
+            .strategy(self.strategy)
             .admission(self.admission)
             .clock(clock.clone())
             .hash_secret(SECRET)
@@ -328,4 +334,50 @@ fn pings_measure_round_trip_time_and_a_peers_clock_offset() {
     assert_eq!(of(2).clock_offset_ms, Some(-50));
     let lag = c.nodes[&1].gossip.view_lag_ms(c.now);
     assert!((0..=20 + 2 * LATENCY_MS).contains(&lag), "lag {lag}");
+}
+
+/// The sliding log's buckets travel as windows of a tenth of the quota's: two nodes agree
+/// on every bucket, including those older than the previous one, and both keep refusing
+/// until the bucket that filled the limit has left every span.
+#[test]
+fn two_nodes_converge_on_the_sliding_logs_bucket_counts() {
+    let mut c = Cluster::with_strategy(&[1, 2], 10, Admission::Optimistic, Strategy::SlidingLog);
+    c.run_until(T0 + 900);
+    let admitted = (0..6).filter(|_| c.allow(1, "client")).count();
+    assert_eq!(admitted, 6);
+    c.run_until(T0 + 1_000);
+    let bucket = (T0 + 900) / 100;
+    assert!(c.converged());
+    let counts: Vec<_> = c.state(2).iter().map(|e| (e.window, e.replica.node, e.count)).collect();
+    assert_eq!(counts, vec![(bucket, 1, 6)]);
+    // Node 2, 600 ms later: the 6 are six buckets back, still in its span.
+    c.run_until(T0 + 1_500);
+    assert_eq!((0..10).filter(|_| c.allow(2, "client")).count(), 4);
+    c.run_until(T0 + 1_950);
+    assert!(!c.allow(1, "client") && !c.allow(2, "client"), "bucket {bucket} is still read at 1,950 ms");
+    assert!(c.converged());
+    let mut counts: Vec<_> = c.state(1).iter().map(|e| (e.window, e.replica.node, e.count)).collect();
+    counts.sort();
+    assert_eq!(counts, vec![(bucket, 1, 6), ((T0 + 1_500) / 100, 2, 4)]);
+    // Bucket 9 leaves at 2,000 ms: six requests fit again, on either node.
+    c.run_until(T0 + 2_000);
+    assert_eq!((0..10).filter(|_| c.allow(1, "client")).count(), 6);
+}
+
+#[test]
+fn anti_entropy_repairs_a_lost_sliding_log_bucket() {
+    let mut c = Cluster::with_strategy(&[1, 2], 100, Admission::Optimistic, Strategy::SlidingLog);
+    c.run_until(T0 + 50);
+    c.cut = vec![1];
+    for _ in 0..5 {
+        c.allow(1, "client");
+    }
+    c.run_until(T0 + 70);
+    c.cut.clear();
+    c.run_until(T0 + 90);
+    assert!(!c.converged(), "the delta was lost and nothing has changed since");
+    // The lost bucket is older than the previous one before anti-entropy runs.
+    c.run_until(T0 + 500);
+    assert!(c.converged());
+    assert_eq!(c.state(2).iter().map(|e| (e.window, e.count)).collect::<Vec<_>>(), vec![(T0 / 100, 5)]);
 }

@@ -10,19 +10,34 @@ use proptest::prelude::*;
 const START: i64 = 1_700_000_000_000;
 const MAX_AGE_MS: i64 = 5_000;
 
+/// `⌈a / b⌉` for `a ≥ 0`, `b > 0`.
+fn div_ceil(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
 /// The documented semantics, written for clarity rather than speed.
 struct Reference {
     strategy: Strat,
     limit: u64,
     burst: u64,
     window_ms: i64,
-    /// Per client: the newest window seen and the window every admission was charged to.
+    /// Per client: the newest window seen and the window every admission was charged to
+    /// (for the sliding log: its buckets).
     clients: HashMap<String, (i64, Vec<i64>)>,
 }
 
 impl Reference {
     fn allow(&mut self, client: &str, ts: i64) -> bool {
-        let (w, l, b) = (self.window_ms, self.limit, self.burst);
+        let (l, b) = (self.limit, self.burst);
+        // The sliding log counts in buckets of ⌈W/k⌉ and reads the current one and the
+        // ⌈(W − 1)/bucket⌉ before it; the others read the window and the one before.
+        let (w, back) = match self.strategy {
+            Strat::SlidingLog => {
+                let bucket = div_ceil(self.window_ms, Strat::LOG_BUCKETS as i64);
+                (bucket, div_ceil(self.window_ms - 1, bucket))
+            }
+            _ => (self.window_ms, 1),
+        };
         let (newest, log) = self.clients.entry(client.to_string()).or_insert((i64::MIN, Vec::new()));
         let own = ts.div_euclid(w);
         // A late request is charged to the newest window the client has seen, at its start.
@@ -40,6 +55,7 @@ impl Reference {
                 let start_level = b.min(l.saturating_sub(prev));
                 (cur + 1) * w <= (b * w).min(start_level * w + l * e)
             }
+            Strat::SlidingLog => log.iter().filter(|&&x| x >= window - back && x <= window).count() < l as usize,
             _ => unreachable!(),
         };
         if admit {
@@ -66,7 +82,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn strategy() -> impl Strategy<Value = Strat> {
-    prop_oneof![Just(Strat::FixedWindow), Just(Strat::SlidingWindow), Just(Strat::TokenBucket)]
+    prop_oneof![Just(Strat::FixedWindow), Just(Strat::SlidingWindow), Just(Strat::TokenBucket), Just(Strat::SlidingLog)]
 }
 
 proptest! {
@@ -75,7 +91,7 @@ proptest! {
     #[test]
     fn every_strategy_decides_exactly_as_the_reference(
         strategy in strategy(),
-        window_ms in prop_oneof![Just(1i64), Just(7), Just(100), Just(1_000), Just(60_000)],
+        window_ms in prop_oneof![Just(1i64), Just(7), Just(100), Just(1_000), Just(1_001), Just(60_000)],
         limit in 1u64..8,
         ops in prop::collection::vec(op(), 1..300),
     ) {
@@ -172,6 +188,40 @@ proptest! {
                 clock.set_ms(at);
                 prop_assert!(rl.allow("c", at), "denied at retry_after");
                 now = at;
+            }
+        }
+    }
+
+    /// The sliding log's promise on the admissions themselves: at most `L` in any span
+    /// `(t − W, t]`, and a refusal only when the buckets it reads, within
+    /// `(t − (n + 1)·b, t]`, already hold `L` (the strict side: `(n + 1)·b` is `W + b` when
+    /// the bucket divides the window, less than `W + 2b` otherwise).
+    #[test]
+    fn the_sliding_log_admits_at_most_the_limit_in_any_span(
+        limit in 1u64..20,
+        window_ms in prop_oneof![Just(10i64), Just(99), Just(1_000)],
+        gaps in prop::collection::vec(prop_oneof![3 => 0i64..30, 1 => 0i64..400], 1..500),
+    ) {
+        let clock = ManualClock::new(START);
+        let rl = RateLimiter::builder()
+            .quota(Quota::new(limit, Duration::from_millis(window_ms as u64)).unwrap())
+            .strategy(Strat::SlidingLog)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let bucket = div_ceil(window_ms, Strat::LOG_BUCKETS as i64);
+        let read = (div_ceil(window_ms - 1, bucket) + 1) * bucket;
+        let mut admitted: Vec<i64> = Vec::new();
+        let mut now = START;
+        for gap in gaps {
+            now += gap;
+            clock.set_ms(now);
+            let in_span = |from: i64| admitted.iter().filter(|&&t| t > now - from).count() as u64;
+            if rl.allow("c", now) {
+                prop_assert!(in_span(window_ms) < limit, "{} admitted in ({}, {}]", in_span(window_ms) + 1, now - window_ms - START, now - START);
+                admitted.push(now);
+            } else {
+                prop_assert!(in_span(read) >= limit, "refused at {} with {} in the buckets read", now - START, in_span(read));
             }
         }
     }

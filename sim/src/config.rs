@@ -32,6 +32,9 @@ pub enum StrategyArg {
     /// [`crdt_rate_limiter::Strategy::TokenBucket`].
     #[value(help = "token bucket")]
     Token,
+    /// [`crdt_rate_limiter::Strategy::SlidingLog`].
+    #[value(help = "sliding log (at most the limit in any span of a window, in buckets of a tenth)")]
+    Log,
 }
 
 impl fmt::Display for Mode {
@@ -69,6 +72,7 @@ impl fmt::Display for StrategyArg {
             StrategyArg::Fixed => "fixed",
             StrategyArg::Sliding => "sliding",
             StrategyArg::Token => "token",
+            StrategyArg::Log => "log",
         })
     }
 }

@@ -158,6 +158,9 @@ struct Totals {
 struct Sim<'a> {
     cfg: &'a Config,
     window_ms: i64,
+    /// The windows the limiters keep and send, and how many before the current one a
+    /// decision reads: the window and 1, or the sliding log's buckets.
+    tick: (i64, i64),
     start_us: i64,
     end_us: i64,
     now_us: i64,
@@ -230,6 +233,7 @@ fn strategy_of(s: StrategyArg) -> Strategy {
         StrategyArg::Fixed => Strategy::FixedWindow,
         StrategyArg::Sliding => Strategy::SlidingWindow,
         StrategyArg::Token => Strategy::TokenBucket,
+        StrategyArg::Log => Strategy::SlidingLog,
     }
 }
 
@@ -301,9 +305,17 @@ impl<'a> Sim<'a> {
         // All clients together offer clients × rate × limit requests per window.
         let per_us = cfg.clients as f64 * cfg.rate * cfg.limit as f64 / (cfg.window_ms as f64 * 1000.0);
         let arrival_gap_us = if per_us > 0.0 { 1.0 / per_us } else { f64::INFINITY };
+        let tick = match strategy_of(cfg.strategy) {
+            Strategy::SlidingLog => {
+                let bucket = (window_ms + Strategy::LOG_BUCKETS as i64 - 1) / Strategy::LOG_BUCKETS as i64;
+                (bucket, (window_ms - 1 + bucket - 1) / bucket)
+            }
+            _ => (window_ms, 1),
+        };
         Sim {
             cfg,
             window_ms,
+            tick,
             start_us,
             end_us,
             now_us: start_us,
@@ -343,7 +355,7 @@ impl<'a> Sim<'a> {
             offered: 0,
             admitted: 0,
             ideal: 0,
-            newest_window: start_ms.div_euclid(window_ms),
+            newest_window: start_ms.div_euclid(tick.0),
             tap,
             next_checked: 0,
             traffic_over: false,
@@ -681,7 +693,7 @@ impl<'a> Sim<'a> {
         let Some(n) = node else { return };
         let now_ms = self.node_ms(n);
         let key = self.keys[c];
-        let (tap, w) = (self.tap, self.window_ms);
+        let (tap, w) = (self.tap, self.tick.0);
         let Some(live) = self.nodes[n].live.as_mut() else { return };
         // The node cuts windows on cluster time: its clock plus its offset.
         let mut window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(w);
@@ -803,7 +815,7 @@ impl<'a> Sim<'a> {
             return;
         }
         let now_ms = self.node_ms(to);
-        let (tap, w) = (self.tap, self.cfg.window_ms);
+        let (tap, w, tick) = (self.tap, self.cfg.window_ms, self.tick);
         let Some(live) = self.nodes[to].live.as_mut() else { return };
         let result = live.gossip.handle_message(from as u64 + 1, bytes, now_ms);
         let mut problem = None;
@@ -813,7 +825,7 @@ impl<'a> Sim<'a> {
                 if tap {
                     let newest = &mut live.newest;
                     let cluster_ms = now_ms + live.gossip.cluster_offset_ms();
-                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(cluster_ms, w), |key, window| {
+                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(cluster_ms, tick), |key, window| {
                         let e = newest.entry(key).or_insert(window);
                         *e = (*e).max(window);
                     });
@@ -851,7 +863,7 @@ impl<'a> Sim<'a> {
             let n = self.up[i];
             let now_ms = self.node_ms(n);
             let Some(live) = self.nodes[n].live.as_ref() else { continue };
-            let window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(self.window_ms);
+            let window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(self.tick.0);
             oldest = oldest.min(window);
             let mut view: FxMap<u32, u64> = FxMap::default();
             for e in live.gossip.state(now_ms) {
@@ -1094,12 +1106,12 @@ impl<'a> Sim<'a> {
 }
 
 /// The windows a limiter with the default tolerances accepts counts for at `now_ms` (the
-/// store's rule): from the one before the oldest a late request can reach to the newest
-/// an early one can.
-fn acceptable_windows(now_ms: i64, window_ms: u64) -> std::ops::RangeInclusive<i64> {
+/// store's rule): from the one before the oldest a late request can reach (or the
+/// sliding log's buckets before it) to the newest an early one can, in windows of
+/// `tick.0` ms.
+fn acceptable_windows(now_ms: i64, (w, back): (i64, i64)) -> std::ops::RangeInclusive<i64> {
     let (age, skew) = (DEFAULT_MAX_TIMESTAMP_AGE.as_millis() as i64, DEFAULT_MAX_CLOCK_SKEW.as_millis() as i64);
-    let w = window_ms as i64;
-    (now_ms - age).div_euclid(w) - 1..=(now_ms + skew).div_euclid(w)
+    (now_ms - age).div_euclid(w) - back..=(now_ms + skew).div_euclid(w)
 }
 
 /// A replica as the simulator numbers nodes (from 0).
