@@ -1331,6 +1331,33 @@ mod tests {
         assert!(third > 0 && first + third <= 100, "{first} + {third}");
     }
 
+    /// Three nodes that agree on who is live, each deciding a new client alone: their
+    /// budgets add up to the limit exactly, the left-over going to a different node from
+    /// one key to the next.
+    #[test]
+    fn round_budgets_of_a_new_client_add_up_to_the_limit_on_nodes_that_agree() {
+        for limit in [1, 2, 3, 5, 10, 100] {
+            let nodes: Vec<Store> = (0..3).map(|_| store(limit)).collect();
+            let mut largest_on = [0u32; 3];
+            for key in 1..=60u64 {
+                let per_node: Vec<u64> = nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let b = Budget { round: 9, round_left_ms: 7, live_replicas: 3, live_index: i as u64 };
+                        (0..2 * limit).filter(|_| s.admit(key, T0, T0, None, Some(&b)).unwrap()).count() as u64
+                    })
+                    .collect();
+                assert_eq!(per_node.iter().sum::<u64>(), limit, "limit {limit}, key {key}: {per_node:?}");
+                let most = (0..3).max_by_key(|&i| (per_node[i], i)).unwrap();
+                largest_on[most] += 1;
+            }
+            if limit % 3 != 0 {
+                assert!(largest_on.iter().filter(|&&n| n > 0).count() > 1, "limit {limit}: {largest_on:?}");
+            }
+        }
+    }
+
     /// Makes `key` its shard's hot key: a request from another thread meets the lock held.
     /// Returns how many requests that took (each may be admitted).
     fn promote(s: &Store, key: u64, ts: i64) -> u64 {
