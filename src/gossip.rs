@@ -388,8 +388,8 @@ impl GossipNode {
             return Err(Error::InvalidConfig { field: "limiter", reason: "already has a gossip node" });
         }
         cluster.round_ms.store(cfg.interval_ms, Ordering::Relaxed);
-        cluster.salt.store(splitmix64(seed ^ cfg.replica.node), Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);
+        cluster.live_index.store(0, Ordering::Relaxed);
         cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
         cluster.node.store(cfg.replica.node, Ordering::Relaxed);
 
@@ -854,9 +854,16 @@ impl GossipNode {
         }
     }
 
+    /// Publishes the live replicas' number and this node's place among them (ordered by
+    /// node id): members that agree on who is live give the bounded policy's rounding
+    /// remainders to distinct nodes.
     fn publish_live(&self) {
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
-        self.limiter.cluster().live_replicas.store(live, Ordering::Relaxed);
+        let me = self.cfg.replica.node;
+        let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
+        let cluster = self.limiter.cluster();
+        cluster.live_index.store(index, Ordering::Relaxed);
+        cluster.live_replicas.store(live, Ordering::Relaxed);
     }
 
     fn run_round(&mut self, now_ms: i64) {
@@ -1308,6 +1315,7 @@ impl Drop for GossipNode {
         let cluster = self.limiter.cluster();
         cluster.bounded.store(false, Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);
+        cluster.live_index.store(0, Ordering::Relaxed);
         self.limiter.for_each_store(|_, s| s.untrack_changes());
         cluster.attached.store(false, Ordering::Release);
     }

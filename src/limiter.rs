@@ -115,7 +115,8 @@ pub(crate) struct ClusterState {
     pub(crate) bounded: AtomicBool,
     pub(crate) round_ms: AtomicU64,
     pub(crate) live_replicas: AtomicU64,
-    pub(crate) salt: AtomicU64,
+    /// This node's place among the live replicas ordered by node id (`0..live_replicas`).
+    pub(crate) live_index: AtomicU64,
     /// This node's id, for the versions of the limits it sets (0 on its own).
     pub(crate) node: AtomicU64,
     /// Cluster time minus this node's clock, in ms: added to every request's timestamp
@@ -377,7 +378,7 @@ impl RateLimiter {
             round: now_ms.div_euclid(round_ms) as u32,
             round_left_ms: (round_ms - now_ms.rem_euclid(round_ms)) as u64,
             live_replicas: c.live_replicas.load(Ordering::Relaxed),
-            salt: c.salt.load(Ordering::Relaxed),
+            live_index: c.live_index.load(Ordering::Relaxed),
         })
     }
 
@@ -895,7 +896,7 @@ impl Builder {
                     bounded: AtomicBool::new(false),
                     round_ms: AtomicU64::new(1),
                     live_replicas: AtomicU64::new(1),
-                    salt: AtomicU64::new(0),
+                    live_index: AtomicU64::new(0),
                     node: AtomicU64::new(0),
                     offset_ms: AtomicI64::new(0),
                     clock_beyond: AtomicBool::new(false),

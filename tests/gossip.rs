@@ -260,6 +260,32 @@ fn bounded_admission_keeps_a_simultaneous_burst_near_the_limit() {
     }
 }
 
+/// Bounded admission before any round has shown a client to anyone: the nodes agree on
+/// who is live and on the round, so their shares of the limit add up to it exactly, and
+/// the rounding remainder goes to a different node from one client to the next.
+#[test]
+fn a_burst_spread_over_the_nodes_before_any_round_admits_exactly_the_limit() {
+    for (nodes, limit, burst) in [(3u64, 10u64, 40u64), (3, 5, 40), (3, 3, 40), (2, 5, 8)] {
+        let ids: Vec<u64> = (1..=nodes).collect();
+        let mut c = Cluster::new(&ids, limit, Admission::Bounded);
+        c.run_until(T0 + 100);
+        let mut first_admitted_by = BTreeMap::new();
+        for client in 0..30 {
+            let name = format!("burst-{client}");
+            // Round-robin, all at one instant: no node hears of another's admissions.
+            let per_node: Vec<u64> = (0..burst).map(|i| 1 + i % nodes).map(|n| u64::from(c.allow(n, &name)) * n).collect();
+            let admitted = per_node.iter().filter(|&&n| n > 0).count() as u64;
+            assert_eq!(admitted, limit.min(burst), "{nodes} nodes, limit {limit}, burst {burst}, client {client}");
+            // The node that admitted the most took the remainder.
+            let most = (1..=nodes).max_by_key(|n| (per_node.iter().filter(|&&m| m == *n).count(), *n)).unwrap();
+            *first_admitted_by.entry(most).or_insert(0) += 1;
+        }
+        if limit % nodes != 0 && burst >= limit {
+            assert!(first_admitted_by.len() > 1, "the remainder always went to one node: {first_admitted_by:?}");
+        }
+    }
+}
+
 #[test]
 fn hostile_messages_are_counted_and_dropped_without_touching_state() {
     let mut c = Cluster::new(&[1, 2], 10, Admission::Optimistic);

@@ -179,6 +179,8 @@ struct Sim<'a> {
     burst_offered: u64,
     burst_admitted: u64,
     burst_ideal: u64,
+    /// Admissions per burst client (fresh bursts: per burst).
+    burst_admitted_by: FxMap<u32, u64>,
     /// Requests offered per client (the timeline follows the busiest).
     offered_by: Vec<u64>,
     /// Admissions per (client, window the node counted them in), all replicas: the
@@ -331,6 +333,7 @@ impl<'a> Sim<'a> {
             burst_offered: 0,
             burst_admitted: 0,
             burst_ideal: 0,
+            burst_admitted_by: FxMap::default(),
             offered_by,
             truth_total: FxMap::default(),
             timeline: None,
@@ -666,6 +669,7 @@ impl<'a> Sim<'a> {
         self.offer(c, target);
         self.burst_ideal += self.ideal - ideal;
         self.burst_admitted += self.admitted - admitted;
+        *self.burst_admitted_by.entry(c as u32).or_default() += self.admitted - admitted;
     }
 
     /// One request of client `c` to `node` (None: no node is up), through the oracle
@@ -1061,6 +1065,12 @@ impl<'a> Sim<'a> {
         let timeline = self.timeline.take().map(|t| self.finish_timeline(t));
         let steady_clients = cfg.clients as u32;
         let burst_max = self.admitted_tw.iter().filter(|((c, _), _)| *c >= steady_clients).map(|(_, &a)| a).max().unwrap_or(0);
+        // Fresh bursts are the clients after the steady ones, one per burst.
+        let burst_fewest = if cfg.burst_fresh && self.clients.len() > cfg.clients {
+            (cfg.clients as u32..self.clients.len() as u32).map(|c| self.burst_admitted_by.get(&c).copied().unwrap_or(0)).min().unwrap_or(0)
+        } else {
+            0
+        };
         let t = &self.totals;
         let report = Report {
             config: cfg.clone(),
@@ -1097,6 +1107,7 @@ impl<'a> Sim<'a> {
             burst_admitted: self.burst_admitted,
             burst_ideal: self.burst_ideal,
             burst_max_window_admitted: burst_max,
+            burst_fewest_admitted: burst_fewest,
             violations: self.violations,
             violation_count: self.violation_count,
             cluster_time,

@@ -86,6 +86,9 @@ pub struct Report {
     /// Most admissions of one burst client in one window (with `burst_fresh`: of one
     /// burst, unless it straddles two windows), to compare with the limit.
     pub burst_max_window_admitted: u64,
+    /// With `burst_fresh`, the fewest admissions of one burst (each is a client of its
+    /// own); 0 otherwise. Compared with the limit it shows the under-admission of bursts.
+    pub burst_fewest_admitted: u64,
     /// Invariant violations (the first 20; `violation_count` has them all).
     pub violations: Vec<String>,
     /// Number of invariant violations.
@@ -215,7 +218,7 @@ impl Report {
                 (
                     "bursts",
                     format!(
-                        "{} of {} requests within {} ms to {} node{fresh}: {} offered, {} admitted, {} ideal; at most {} admitted per client and window",
+                        "{} of {} requests within {} ms to {} node{fresh}: {} offered, {} admitted, {} ideal; at most {} admitted per client and window{}",
                         self.bursts,
                         c.burst_size,
                         c.burst_spread_ms,
@@ -223,7 +226,8 @@ impl Report {
                         self.burst_offered,
                         self.burst_admitted,
                         self.burst_ideal,
-                        self.burst_max_window_admitted
+                        self.burst_max_window_admitted,
+                        if c.burst_fresh { format!(", at least {} per burst", self.burst_fewest_admitted) } else { String::new() }
                     ),
                 ),
             );

@@ -135,6 +135,21 @@ fn bursts_on_a_low_limit_are_seen_by_the_oracle_and_break_no_invariant() {
     }
 }
 
+/// Bounded admission on 3 nodes, limit 10 per 60 s: bursts of 40 from new clients,
+/// round-robin within 10 ms. The nodes' shares of a new client's limit add up to it, so
+/// no burst gets more than the limit; a burst that crosses a gossip round early gets
+/// less, and the mean stays near the limit.
+#[test]
+fn a_burst_spread_over_three_nodes_admits_at_most_the_limit_and_nearly_all_of_it() {
+    let cfg = Config { limit: 10, ..login_endpoint() };
+    let r = run(cfg);
+    assert!(r.bursts >= 5, "{}", r.to_text());
+    assert!(r.burst_max_window_admitted <= 10, "{}", r.to_text());
+    assert!(r.burst_admitted * 10 >= 9 * 10 * r.bursts, "mean under 9:\n{}", r.to_text());
+    assert!(r.burst_fewest_admitted >= 3, "{}", r.to_text());
+    assert_eq!(r.violation_count, 0, "{}", r.to_text());
+}
+
 #[test]
 fn a_burst_on_one_node_is_admitted_by_that_node_only() {
     // All 40 requests of a burst to one node: that node's limiter decides them all.
