@@ -3,6 +3,9 @@
 //! simultaneous dials. Every test is bounded by `tokio::time::timeout`.
 #![cfg(feature = "quic")]
 
+mod common;
+use common::Ca;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,23 +61,6 @@ impl tracing::Subscriber for Capture {
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
-}
-
-struct Ca {
-    pem: String,
-    key: String,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let (pem, key) = certs::generate_ca().unwrap();
-        Ca { pem, key }
-    }
-
-    fn identity(&self, name: &str) -> TlsIdentity {
-        let (cert, key) = certs::issue(&self.pem, &self.key, name).unwrap();
-        TlsIdentity::from_pem(self.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
-    }
 }
 
 fn limiter(limit: u64, window: Duration) -> RateLimiter {

@@ -3,29 +3,15 @@
 //! are in `tests/gossip.rs`; each bound is listed in `docs/security.md`.
 #![cfg(feature = "quic")]
 
+mod common;
+use common::Ca;
+
 use std::time::Duration;
 
-use crdt_rate_limiter::transport::{certs, Cluster, ClusterConfig, TlsIdentity};
+use crdt_rate_limiter::transport::{Cluster, ClusterConfig, TlsIdentity};
 use crdt_rate_limiter::{ClientOverride, LimitsConfig, Quota, RateLimiter, Strategy};
 
 const SECRET: [u8; 16] = *b"hostile-test-key";
-
-struct Ca {
-    pem: String,
-    key: String,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let (pem, key) = certs::generate_ca().unwrap();
-        Ca { pem, key }
-    }
-
-    fn identity(&self, name: &str) -> TlsIdentity {
-        let (cert, key) = certs::issue(&self.pem, &self.key, name).unwrap();
-        TlsIdentity::from_pem(self.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
-    }
-}
 
 fn limiter() -> RateLimiter {
     RateLimiter::builder()

@@ -1,6 +1,9 @@
 //! Mutual TLS over real QUIC on 127.0.0.1, and loading identities and certificates.
 //! (The building blocks of the cluster transport; `tests/cluster.rs` runs the cluster.)
 #![cfg(feature = "quic")]
+
+mod common;
+use common::Ca;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,23 +15,6 @@ use quinn::Endpoint;
 
 /// Upper bound for every test body.
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
-
-struct Ca {
-    pem: String,
-    key: String,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let (pem, key) = certs::generate_ca().unwrap();
-        Ca { pem, key }
-    }
-
-    fn identity(&self, name: &str) -> TlsIdentity {
-        let (cert, key) = certs::issue(&self.pem, &self.key, name).unwrap();
-        TlsIdentity::from_pem(self.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
-    }
-}
 
 fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(tls::default_transport_config())
