@@ -310,21 +310,18 @@ fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u
     for i in (0..len).rev() {
         list[i] = if i >= by { std::mem::take(&mut list[i - by]) } else { Bucket::default() };
     }
+    // The slot's window (`prev`: the one before the newest) as the bucket it becomes.
+    let leaving = |prev: bool| Bucket {
+        local: if prev { e.prev } else { e.cur },
+        dirty: e.remote & if prev { DIRTY_PREV } else { DIRTY_CUR } != 0,
+        remote: r.map(|r| r.counter(prev)).unwrap_or_default(),
+        remote_sum: r.map_or(0, |r| if prev { r.prev_sum } else { r.cur_sum }),
+    };
     if prev {
-        list[by - 1] = Bucket {
-            local: e.prev,
-            dirty: e.remote & DIRTY_PREV != 0,
-            remote: r.map(|r| r.counter(true)).unwrap_or_default(),
-            remote_sum: r.map_or(0, |r| r.prev_sum),
-        };
+        list[by - 1] = leaving(true);
     }
     if cur {
-        list[by - 2] = Bucket {
-            local: e.cur,
-            dirty: e.remote & DIRTY_CUR != 0,
-            remote: r.map(|r| r.counter(false)).unwrap_or_default(),
-            remote_sum: r.map_or(0, |r| r.cur_sum),
-        };
+        list[by - 2] = leaving(false);
     }
     if list.iter().all(Bucket::is_empty) {
         older.remove(&e.key);
