@@ -1,9 +1,10 @@
 //! Many threads on one key admit exactly what one thread would, for every strategy, and
 //! what they admit reaches gossip.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Barrier;
 use std::time::Duration;
+
+mod common;
 
 use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy};
 
@@ -21,25 +22,8 @@ fn sixteen_threads_on_one_key_admit_exactly_the_limit_per_fixed_window() {
     for window in 0..3i64 {
         let ts = START + window * 1_000 + 500;
         clock.set_ms(ts);
-        let admitted = Arc::new(AtomicU64::new(0));
-        let barrier = Arc::new(Barrier::new(16));
-        let threads: Vec<_> = (0..16)
-            .map(|_| {
-                let (rl, admitted, barrier) = (rl.clone(), admitted.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    for _ in 0..500 {
-                        if rl.allow("hot", ts) {
-                            admitted.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert_eq!(admitted.load(Ordering::Relaxed), 1_000, "window {window}: 16 × 500 offered");
+        let admitted = common::hammer(&rl, "hot", ts, 16, 500);
+        assert_eq!(admitted, 1_000, "window {window}: 16 × 500 offered");
     }
 }
 

@@ -1,24 +1,12 @@
 //! `Strategy::SlidingLog`: at most `L` admissions in any span of length `W`, counted in
 //! buckets of `W/k`; and the leaky bucket under its name.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
 
-const T0: i64 = 1_700_000_000_000; // a multiple of 1000: a window boundary
-
-fn limiter(strategy: Strategy, limit: u64) -> (RateLimiter, ManualClock) {
-    let clock = ManualClock::new(T0);
-    let rl = RateLimiter::builder()
-        .quota(Quota::new(limit, Duration::from_secs(1)).unwrap())
-        .strategy(strategy)
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    (rl, clock)
-}
+mod common;
+use common::{limiter, T0};
 
 /// Ten requests at 900 ms, then a probe every 7 ms from 901 to 1,899 ms: how many
 /// probes each strategy admits.
@@ -125,25 +113,8 @@ fn sixteen_threads_on_one_key_admit_exactly_the_limit_per_span() {
     // 1,600 ms: it has left, the full limit again, in bucket 16; and so on.
     for (ts, expected) in [(T0 + 500, 1_000), (T0 + 1_500, 0), (T0 + 1_600, 1_000), (T0 + 2_599, 0), (T0 + 2_700, 1_000)] {
         clock.set_ms(ts);
-        let admitted = Arc::new(AtomicU64::new(0));
-        let barrier = Arc::new(Barrier::new(16));
-        let threads: Vec<_> = (0..16)
-            .map(|_| {
-                let (rl, admitted, barrier) = (rl.clone(), admitted.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    for _ in 0..500 {
-                        if rl.allow("hot", ts) {
-                            admitted.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert_eq!(admitted.load(Ordering::Relaxed), expected, "at {} ms: 16 × 500 offered", ts - T0);
+        let admitted = common::hammer(&rl, "hot", ts, 16, 500);
+        assert_eq!(admitted, expected, "at {} ms: 16 × 500 offered", ts - T0);
     }
 }
 

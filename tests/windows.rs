@@ -2,20 +2,10 @@
 
 use std::time::Duration;
 
-use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
+use crdt_rate_limiter::{Quota, RateLimiter, Strategy};
 
-const T0: i64 = 1_700_000_000_000; // a multiple of 1000: a window boundary
-
-fn limiter(strategy: Strategy, limit: u64) -> (RateLimiter, ManualClock) {
-    let clock = ManualClock::new(T0);
-    let rl = RateLimiter::builder()
-        .quota(Quota::new(limit, Duration::from_secs(1)).unwrap())
-        .strategy(strategy)
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    (rl, clock)
-}
+mod common;
+use common::{limiter, T0};
 
 #[test]
 fn requests_at_the_same_timestamp_each_count() {
