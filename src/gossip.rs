@@ -29,7 +29,9 @@
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
 //!   quota. Its counts stay until their windows expire.
 //! * **Full sync.** A node asks its peers for everything on start; a peer that comes up,
-//!   or comes back with a new incarnation, is sent everything this node holds.
+//!   or comes back with a new incarnation, is sent everything this node holds, a store
+//!   shard at a time within the per-round export budget; [`Event::FullSyncSent`] says when
+//!   the last of it is queued.
 //! * **Anti-entropy.** Every `anti_entropy_rounds` rounds a node sends one random live
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
 //!   the current and previous windows. The receiver pushes its counts for every bucket
@@ -174,6 +176,23 @@ pub struct Transmit {
     pub reliable: bool,
 }
 
+/// What happened inside a [`GossipNode`] that a driver may act on, from
+/// [`GossipNode::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The last message of a full sync for `peer` was queued (every earlier one is
+    /// already in [`GossipNode::poll_transmit`]'s queue, ahead of anything queued later).
+    FullSyncSent {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+/// The most events waiting for [`GossipNode::poll_event`]; past it new ones are dropped
+/// and counted in [`GossipStats::events_dropped`].
+pub const MAX_EVENTS: usize = 4_096;
+
 /// Why a message was dropped. Every drop is also counted in [`GossipStats`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -235,6 +254,11 @@ pub struct GossipStats {
     pub limits_installed: u64,
     /// Messages dropped because the outbox was full.
     pub outbox_dropped: u64,
+    /// Events dropped because [`MAX_EVENTS`] were waiting.
+    pub events_dropped: u64,
+    /// Passes over a whole store (to fingerprint it for digests): at most one per store
+    /// per round, however many digests ask.
+    pub store_passes: u64,
     /// Counts dropped for a window no acceptable timestamp falls in.
     pub out_of_range: u64,
     /// Batches dropped because their replica would pass a replica budget.
@@ -256,7 +280,7 @@ struct Peer {
     clock_offset_ms: Option<i64>,
     /// Our unanswered ping to it: its send time.
     ping_sent_ms: Option<i64>,
-    /// When it was last sent everything at its request.
+    /// When a full sync to it last started.
     last_sync_answered_ms: Option<i64>,
     /// Digests and repairs answered this anti-entropy period.
     answers_used: u32,
@@ -266,12 +290,12 @@ struct Peer {
     jobs: VecDeque<RepairJob>,
 }
 
-/// A repair being exported in chunks: which store, which (replica, bucket mask) pairs,
-/// and the next shard.
+/// A repair or a full sync being exported in chunks: which store, which (replica, bucket
+/// mask) pairs (`None`: a full sync, every count), and the next shard.
 #[derive(Debug, Clone)]
 struct RepairJob {
     window_ms: u64,
-    wanted: BTreeMap<ReplicaId, u8>,
+    wanted: Option<BTreeMap<ReplicaId, u8>>,
     next_shard: usize,
 }
 
@@ -286,13 +310,12 @@ struct ReplicaSlot {
     newest: Vec<(u64, i64)>,
 }
 
-/// Fingerprints computed this round, reused by every digest answered in it.
-#[derive(Debug)]
+/// Fingerprints computed this round, per window length, replica and window: one pass over
+/// a store per round, however many digests arrive in it and whatever windows they name.
+#[derive(Debug, Default)]
 struct FingerprintCache {
     round: u64,
-    window_ms: u64,
-    windows: (i64, u8),
-    rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]>,
+    stores: BTreeMap<u64, BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]>>,
 }
 
 /// What a node knows of one peer. See [`GossipNode::peer_stats`].
@@ -348,11 +371,12 @@ pub struct GossipNode {
     /// Per peer, live replicas it introduced: (its own incarnations, relayed).
     introduced: BTreeMap<PeerId, (usize, usize)>,
     relayed_total: usize,
-    fingerprint_cache: Option<FingerprintCache>,
+    fingerprint_cache: FingerprintCache,
     rng: u64,
     next_round_ms: i64,
     round: u64,
     outbox: VecDeque<Transmit>,
+    events: VecDeque<Event>,
     /// Counts learned this round, forwarded next round in fan-out mode.
     relay: Vec<Outgoing>,
     /// The newest limits version sent to every peer.
@@ -405,11 +429,12 @@ impl GossipNode {
             free_slots: Vec::new(),
             introduced: BTreeMap::new(),
             relayed_total: 0,
-            fingerprint_cache: None,
+            fingerprint_cache: FingerprintCache::default(),
             rng: splitmix64(seed),
             next_round_ms: now_ms,
             round: 0,
             outbox: VecDeque::new(),
+            events: VecDeque::new(),
             relay: Vec::new(),
             limits_sent: LimitsVersion::default(),
             last_active_round: 0,
@@ -583,9 +608,6 @@ impl GossipNode {
                 let period = self.suspect_after_ms();
                 let due = self.peers.get(&from).and_then(|p| p.last_sync_answered_ms).is_none_or(|t| now_ms - t >= period);
                 if due {
-                    if let Some(p) = self.peers.get_mut(&from) {
-                        p.last_sync_answered_ms = Some(now_ms);
-                    }
                     self.send_everything(from, now_ms);
                 }
             }
@@ -635,6 +657,13 @@ impl GossipNode {
     /// The next message to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.outbox.pop_front()
+    }
+
+    /// The next thing that happened, if any. Poll it after
+    /// [`poll_transmit`](Self::poll_transmit) returns `None`: an event may name messages
+    /// queued before it.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
@@ -1032,6 +1061,14 @@ impl GossipNode {
         self.queue(to, codec::encode(msg), reliable);
     }
 
+    fn push_event(&mut self, event: Event) {
+        if self.events.len() >= MAX_EVENTS {
+            self.stats.events_dropped += 1;
+        } else {
+            self.events.push_back(event);
+        }
+    }
+
     fn queue(&mut self, to: PeerId, bytes: Vec<u8>, reliable: bool) {
         if self.outbox.len() >= MAX_OUTBOX {
             self.stats.outbox_dropped += 1;
@@ -1095,17 +1132,6 @@ impl GossipNode {
     }
 
     /// Everything this node holds for the keys `select` accepts, as outgoing counts.
-    fn everything(&self, now_ms: i64, select: impl Fn(u64) -> bool + Copy) -> Vec<Outgoing> {
-        let mut out = Vec::new();
-        let mut buf = Vec::new();
-        self.limiter.for_each_store(|window_ms, store| {
-            buf.clear();
-            store.export(now_ms, select, &mut buf);
-            out.extend(buf.iter().filter_map(|e| Some((window_ms, self.replica_of(e.slot)?, e.key, e.window, e.count))));
-        });
-        out
-    }
-
     fn answer_ping(&mut self, from: PeerId, sent_at_ms: i64, echo: Option<(i64, u32)>, now_ms: i64) {
         match echo {
             None => {
@@ -1142,28 +1168,51 @@ impl GossipNode {
         }
     }
 
+    /// Sends `to` everything this node holds: the limits at once, the counts a store shard
+    /// at a time within the per-round export budget, now and in the rounds that follow.
+    /// [`Event::FullSyncSent`] says when the last of it is queued. A full sync replaces
+    /// the repairs waiting for `to` (it covers them) and restarts one under way.
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
         self.send_limits(to);
-        let mut all = self.everything(now_ms, |_| true);
+        let mut windows = Vec::new();
+        self.limiter.for_each_store(|w, _| windows.push(w));
+        let Some(p) = self.peers.get_mut(&to) else { return };
+        p.last_sync_answered_ms = Some(now_ms);
+        p.jobs.clear();
+        p.jobs.extend(windows.into_iter().map(|window_ms| RepairJob { window_ms, wanted: None, next_shard: 0 }));
         self.stats.full_syncs_sent += 1;
-        self.stats.entries_sent += all.len() as u64;
-        for m in self.pack(&mut all) {
-            self.queue(to, m, true);
-        }
+        self.step_repairs(to, now_ms);
     }
 
     /// Fingerprints per replica and bucket of one store's counts in the `span` windows
     /// ending with `window`.
-    fn fingerprints(&self, window_ms: u64, (window, span): (i64, u8), now_ms: i64) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
+    fn fingerprints(&mut self, window_ms: u64, (window, span): (i64, u8), now_ms: i64) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
+        if self.fingerprint_cache.round != self.round {
+            self.fingerprint_cache = FingerprintCache { round: self.round, stores: BTreeMap::new() };
+        }
+        if !self.fingerprint_cache.stores.contains_key(&window_ms) {
+            self.stats.store_passes += 1;
+            let mut per_window: BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]> = BTreeMap::new();
+            let mut buf: Vec<Exported> = Vec::new();
+            // Never create a store for a window length named only by a peer's digest.
+            let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
+            for e in &buf {
+                let Some(replica) = self.replica_of(e.slot) else { continue };
+                let row = per_window.entry((replica, e.window)).or_default();
+                row[bucket(e.key)] =
+                    row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
+            }
+            self.fingerprint_cache.stores.insert(window_ms, per_window);
+        }
         let mut rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = BTreeMap::new();
-        let mut buf: Vec<Exported> = Vec::new();
-        // Never create a store for a window length named only by a peer's digest.
-        let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
-        for e in buf.iter().filter(|e| e.window <= window && e.window > window - i64::from(span)) {
-            let Some(replica) = self.replica_of(e.slot) else { continue };
-            let row = rows.entry(replica).or_default();
-            row[bucket(e.key)] =
-                row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
+        let per_window = &self.fingerprint_cache.stores[&window_ms];
+        for (&(replica, w), fingerprints) in per_window {
+            if w <= window && w > window - i64::from(span) {
+                let row = rows.entry(replica).or_default();
+                for (r, f) in row.iter_mut().zip(fingerprints) {
+                    *r = r.wrapping_add(*f);
+                }
+            }
         }
         rows
     }
@@ -1202,11 +1251,7 @@ impl GossipNode {
     }
 
     fn answer_digest(&mut self, from: PeerId, window_ms: u64, windows: (i64, u8), rows: &[DigestRow], complete: bool, now_ms: i64) {
-        // One pass over the store per round, however many digests arrive in it.
-        let mine = match self.fingerprint_cache.take() {
-            Some(c) if (c.round, c.window_ms, c.windows) == (self.round, window_ms, windows) => c.rows,
-            _ => self.fingerprints(window_ms, windows, now_ms),
-        };
+        let mine = self.fingerprints(window_ms, windows, now_ms);
         let theirs: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = rows.iter().map(|r| (r.replica, r.buckets)).collect();
         // A digest may be split over several messages: compare the replicas it names, and
         // only a complete digest says the sender lacks the replicas it does not name.
@@ -1223,7 +1268,6 @@ impl GossipNode {
                 wanted.push((*replica, 0xFF));
             }
         }
-        self.fingerprint_cache = Some(FingerprintCache { round: self.round, window_ms, windows, rows: mine });
         if wanted.is_empty() {
             return;
         }
@@ -1253,12 +1297,16 @@ impl GossipNode {
         if masks.is_empty() {
             return;
         }
-        if let Some(job) = p.jobs.iter_mut().find(|j| j.window_ms == window_ms && j.next_shard == 0) {
+        // A full sync under way may have passed the shards a repair names: repairs queue
+        // behind it, on their own budget.
+        let waiting = p.jobs.iter().filter(|j| j.wanted.is_some()).count();
+        let joinable = p.jobs.iter_mut().filter(|j| j.window_ms == window_ms && j.next_shard == 0).find_map(|j| j.wanted.as_mut());
+        if let Some(wanted) = joinable {
             for (r, m) in masks {
-                *job.wanted.entry(r).or_default() |= m;
+                *wanted.entry(r).or_default() |= m;
             }
-        } else if p.jobs.len() < MAX_REPAIR_JOBS {
-            p.jobs.push_back(RepairJob { window_ms, wanted: masks, next_shard: 0 });
+        } else if waiting < MAX_REPAIR_JOBS {
+            p.jobs.push_back(RepairJob { window_ms, wanted: Some(masks), next_shard: 0 });
         } else {
             self.stats.repairs_dropped += 1;
             return;
@@ -1269,6 +1317,7 @@ impl GossipNode {
     /// Exports the next chunk of `to`'s waiting repairs, within this round's budget.
     fn step_repairs(&mut self, to: PeerId, now_ms: i64) {
         let mut out: Vec<Outgoing> = Vec::new();
+        let mut sync_done = false;
         loop {
             let Some(p) = self.peers.get_mut(&to) else { return };
             let budget = MAX_REPAIR_ENTRIES_PER_ROUND.saturating_sub(p.exported_this_round);
@@ -1276,7 +1325,7 @@ impl GossipNode {
                 break;
             }
             let Some(mut job) = p.jobs.pop_front() else { break };
-            let any_bucket = job.wanted.values().fold(0u8, |m, b| m | b);
+            let any_bucket = job.wanted.as_ref().map_or(0xFF, |w| w.values().fold(0u8, |m, b| m | b));
             let mut buf: Vec<Exported> = Vec::new();
             let shards = self
                 .limiter
@@ -1290,21 +1339,25 @@ impl GossipNode {
                 .unwrap_or(0);
             out.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_of(e.slot)?;
-                let mask = job.wanted.get(&replica)?;
-                (mask & (1 << bucket(e.key)) != 0).then_some((job.window_ms, replica, e.key, e.window, e.count))
+                let wanted = job.wanted.as_ref().map_or(true, |w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
+                wanted.then_some((job.window_ms, replica, e.key, e.window, e.count))
             }));
             let Some(p) = self.peers.get_mut(&to) else { return };
             p.exported_this_round += buf.len().max(1);
             if job.next_shard < shards {
                 p.jobs.push_front(job);
+            } else if job.wanted.is_none() && !p.jobs.iter().any(|j| j.wanted.is_none()) {
+                sync_done = true;
             }
         }
-        if out.is_empty() {
-            return;
+        if !out.is_empty() {
+            self.stats.entries_sent += out.len() as u64;
+            for m in self.pack(&mut out) {
+                self.queue(to, m, true);
+            }
         }
-        self.stats.entries_sent += out.len() as u64;
-        for m in self.pack(&mut out) {
-            self.queue(to, m, true);
+        if sync_done {
+            self.push_event(Event::FullSyncSent { peer: to });
         }
     }
 }

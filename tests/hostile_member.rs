@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crdt_rate_limiter::testing::{self, CountsBatch};
 use crdt_rate_limiter::{
-    GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER,
-    MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
+    Event, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy, MAX_ANSWERS_PER_PERIOD,
+    MAX_INCARNATIONS_PER_PEER, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
 };
 
 const T0: i64 = 1_700_000_000_000;
@@ -147,6 +147,51 @@ fn repeated_11_byte_repairs_cause_bounded_work_and_the_repair_still_completes() 
 }
 
 #[test]
+fn a_full_sync_of_a_big_store_is_sent_in_bounded_chunks_and_completes() {
+    let mut n = node(1, &[2], 10);
+    for i in 0..20_000 {
+        assert!(n.limiter().allow(&format!("client-{i}"), T0));
+    }
+    // Node 2 comes up (and asks for everything): one round's chunk is queued, not the store.
+    n.handle_message(2, &testing::counts(replica(2, 1), &[]), T0).unwrap();
+    for _ in 0..100 {
+        n.handle_message(2, &testing::sync_request(replica(2, 1)), T0 + 1).unwrap();
+    }
+    let mut peer = node(2, &[1], 10);
+    let mut first = (0, 0);
+    while let Some(t) = n.poll_transmit() {
+        first.0 += 1;
+        first.1 += t.bytes.len();
+        peer.handle_message(1, &t.bytes, T0 + 1).unwrap();
+    }
+    eprintln!("a full sync of 20,000 keys, first round: {} messages, {} bytes queued", first.0, first.1);
+    assert!(first.1 <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13, "{first:?} queued at once");
+    assert_eq!(n.stats().full_syncs_sent, 1, "once per suspicion period, however often asked");
+    assert_eq!(n.poll_event(), None, "not complete yet");
+    // The rest follows round by round; the event comes once, after the last of it.
+    let mut now = T0 + 20;
+    let mut rounds_to_complete = None;
+    for round in 1..=20 {
+        n.handle_timeout(now);
+        while let Some(t) = n.poll_transmit() {
+            assert!(!t.reliable || rounds_to_complete.is_none(), "nothing of the sync after its end was announced");
+            peer.handle_message(1, &t.bytes, now).unwrap();
+        }
+        while let Some(e) = n.poll_event() {
+            assert_eq!(e, Event::FullSyncSent { peer: 2 });
+            assert!(rounds_to_complete.replace(round).is_none(), "announced once");
+        }
+        // Heartbeats keep node 2 up (it would be sent everything again on coming back).
+        n.handle_message(2, &testing::counts(replica(2, 1), &[]), now).unwrap();
+        now += 20;
+    }
+    let rounds = rounds_to_complete.expect("the full sync completes");
+    assert!(rounds >= 4, "spread over rounds ({rounds})");
+    let from_1 = peer.state(now).iter().filter(|e| e.replica == replica(1, 1)).count();
+    assert_eq!(from_1, 20_000, "the peer has every count");
+}
+
+#[test]
 fn repeated_empty_complete_digests_cause_bounded_work() {
     let mut n = busy_node();
     let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], true);
@@ -158,6 +203,30 @@ fn repeated_empty_complete_digests_cause_bounded_work() {
     // Each answered digest asks for a repair (one message); the export is one chunk.
     assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13 + 64 * 20, "{messages} messages, {bytes} bytes queued");
     assert_eq!(n.stats().answers_dropped, 1_000 - u64::from(MAX_ANSWERS_PER_PERIOD));
+}
+
+#[test]
+fn digests_naming_different_windows_cost_one_pass_over_the_store_per_round() {
+    let mut n = busy_node();
+    let before = n.stats().store_passes;
+    for i in 0..u64::from(MAX_ANSWERS_PER_PERIOD) {
+        let digest = testing::digest(replica(2, 1), 1000, W0 - (i % 8) as i64, 1 + (i / 8) as u8, &[], false);
+        n.handle_message(2, &digest, T0 + 1).unwrap();
+    }
+    drain(&mut n);
+    assert_eq!(n.stats().store_passes - before, 1, "64 digests, 64 different window ranges, one round");
+    // A later round, in the next anti-entropy period (the answer budget is spent), after
+    // the round of the node's own digest (which fingerprints its store too).
+    let mut now = T0;
+    for _ in 0..11 {
+        now += 20;
+        n.handle_timeout(now);
+        n.handle_message(2, &testing::counts(replica(2, 1), &[]), now).unwrap();
+    }
+    let passes = n.stats().store_passes;
+    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], false);
+    n.handle_message(2, &digest, now + 1).unwrap();
+    assert_eq!(n.stats().store_passes - passes, 1, "a later round passes again");
 }
 
 /// Valid messages of every kind from member 2, to mutate.

@@ -24,6 +24,7 @@ use super::socket::{Faults, FaultySocket};
 use super::wire::{Frame, FrameDecoder, Hello, MemberEntry};
 use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason};
 use crate::clock::{Clock, SystemClock};
+use crate::gossip::Event as CoreEvent;
 use crate::{GossipNode, PeerId, RateLimiter, ReplicaId, Transmit};
 
 /// Close codes (QUIC application error codes) the driver uses.
@@ -1058,16 +1059,8 @@ impl State {
             return;
         }
         let peer = c.peer;
-        let syncs = self.node.stats().full_syncs_sent;
         if let Err(e) = self.node.handle_message(peer, bytes, now_ms()) {
             tracing::debug!(peer = %self.name_of(peer), error = %e, "gossip message dropped");
-            return;
-        }
-        if self.node.stats().full_syncs_sent > syncs {
-            // The core just queued everything it holds for this peer: send it, then the
-            // marker (same stream, so it arrives after all of it).
-            self.flush(sh);
-            self.send_frame(sh, peer, &Frame::SyncDone);
         }
     }
 
@@ -1085,6 +1078,15 @@ impl State {
     fn flush(&mut self, sh: &Shared) {
         while let Some(t) = self.node.poll_transmit() {
             self.route(sh, t);
+        }
+        while let Some(event) = self.node.poll_event() {
+            match event {
+                // The last of a full sync is on the peer's stream: the marker follows it
+                // on the same stream, so it arrives after all of it.
+                CoreEvent::FullSyncSent { peer } => {
+                    self.send_frame(sh, peer, &Frame::SyncDone);
+                }
+            }
         }
     }
 
