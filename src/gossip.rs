@@ -1339,7 +1339,7 @@ impl GossipNode {
                 .unwrap_or(0);
             out.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_of(e.slot)?;
-                let wanted = job.wanted.as_ref().map_or(true, |w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
+                let wanted = job.wanted.as_ref().is_none_or(|w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
                 wanted.then_some((job.window_ms, replica, e.key, e.window, e.count))
             }));
             let Some(p) = self.peers.get_mut(&to) else { return };
