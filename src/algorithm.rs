@@ -327,7 +327,7 @@ mod tests {
     fn buckets(seed: &mut u64, n: u64, max: u64) -> Vec<u64> {
         (0..=n)
             .map(|_| {
-                *seed = crate::store::splitmix64(*seed);
+                *seed = crate::key::splitmix64(*seed);
                 *seed % (max + 1)
             })
             .collect()

@@ -53,12 +53,12 @@
 //! lists every bound.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::Ordering;
 
 use crate::cluster_time::{self, Estimator};
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
-use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
-use crate::{Admission, Error, LimitsVersion, RateLimiter, ReplicaId};
+use crate::key::splitmix64;
+use crate::replica::{Exported, Replica, LOCAL_REPLICA};
+use crate::{Error, LimitsVersion, RateLimiter, ReplicaId};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
 /// verified certificate).
@@ -301,7 +301,7 @@ struct RepairJob {
 
 /// A remote replica this node keeps counts for.
 #[derive(Debug, Clone)]
-struct ReplicaSlot {
+struct ReplicaEntry {
     id: ReplicaId,
     /// The peer whose message introduced it, and whether it was that peer's own.
     introducer: PeerId,
@@ -361,13 +361,13 @@ type Outgoing = (u64, ReplicaId, u64, i64, u64);
 /// The sans-IO gossip core of one cluster member. See the module documentation.
 #[derive(Debug)]
 pub struct GossipNode {
-    limiter: RateLimiter,
+    replica: Replica,
     cfg: GossipConfig,
     peers: BTreeMap<PeerId, Peer>,
-    /// Store slot number → replica; `None` for a reclaimed slot (in `free_slots`).
-    replicas: Vec<Option<ReplicaSlot>>,
+    /// The store's replica index → replica; `None` for a reclaimed index (in `free_indices`).
+    replicas: Vec<Option<ReplicaEntry>>,
     replica_index: BTreeMap<ReplicaId, u32>,
-    free_slots: Vec<u32>,
+    free_indices: Vec<u32>,
     /// Per peer, live replicas it introduced: (its own incarnations, relayed).
     introduced: BTreeMap<PeerId, (usize, usize)>,
     relayed_total: usize,
@@ -398,7 +398,7 @@ impl GossipNode {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a setting out of range, or if `limiter` already has a
-    /// gossip node (the store's replica slots belong to one node).
+    /// gossip node (the store's replica indices belong to one node).
     pub fn new(
         limiter: RateLimiter,
         cfg: GossipConfig,
@@ -407,26 +407,16 @@ impl GossipNode {
         now_ms: i64,
     ) -> Result<Self, Error> {
         cfg.validate()?;
-        let cluster = limiter.cluster();
-        if cluster.attached.swap(true, Ordering::AcqRel) {
-            return Err(Error::InvalidConfig { field: "limiter", reason: "already has a gossip node" });
-        }
-        cluster.round_ms.store(cfg.interval_ms, Ordering::Relaxed);
-        cluster.live_replicas.store(1, Ordering::Relaxed);
-        cluster.live_index.store(0, Ordering::Relaxed);
-        cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
-        cluster.node.store(cfg.replica.node, Ordering::Relaxed);
-
-        limiter.for_each_store(|_, s| s.track_changes());
+        let replica = Replica::attach(limiter, cfg.replica.node, cfg.interval_ms)?;
         let clock =
             Estimator::new(cluster_time::Settings { max_rtt_ms: cfg.clock_max_rtt_ms as i64, max_step_ms: cfg.clock_max_step_ms as i64 });
         let mut node = Self {
-            limiter,
+            replica,
             cfg,
             peers: BTreeMap::new(),
             replicas: Vec::new(),
             replica_index: BTreeMap::new(),
-            free_slots: Vec::new(),
+            free_indices: Vec::new(),
             introduced: BTreeMap::new(),
             relayed_total: 0,
             fingerprint_cache: FingerprintCache::default(),
@@ -459,12 +449,12 @@ impl GossipNode {
     /// only need a time within 2³¹ windows of the right one to place a 32-bit window
     /// index, so they take the node's clock as given.)
     fn cluster_ms(&self, now_ms: i64) -> i64 {
-        now_ms.saturating_add(self.limiter.cluster_offset_ms())
+        now_ms.saturating_add(self.replica.offset_ms())
     }
 
     /// The limiter this node replicates.
     pub fn limiter(&self) -> &RateLimiter {
-        &self.limiter
+        self.replica.limiter()
     }
 
     /// This node's replica id.
@@ -512,7 +502,7 @@ impl GossipNode {
     /// This node's offset from cluster time in ms (cluster time minus its clock), as its
     /// limiter applies it; 0 with `cluster_time` off.
     pub fn cluster_offset_ms(&self) -> i64 {
-        self.limiter.cluster_offset_ms()
+        self.replica.offset_ms()
     }
 
     /// The estimate behind the offset, as of the last round: the median the offset heads
@@ -544,13 +534,13 @@ impl GossipNode {
     pub fn state(&self, now_ms: i64) -> Vec<StateEntry> {
         let mut out = Vec::new();
         let mut buf = Vec::new();
-        self.limiter.for_each_store(|window_ms, store| {
+        for window_ms in self.replica.window_lengths() {
             buf.clear();
-            store.export(now_ms, |_| true, &mut buf);
+            self.replica.export(window_ms, now_ms, |_| true, &mut buf);
             out.extend(buf.iter().filter_map(|e| {
-                Some(StateEntry { window_ms, key: e.key, window: e.window, replica: self.replica_of(e.slot)?, count: e.count })
+                Some(StateEntry { window_ms, key: e.key, window: e.window, replica: self.replica_id(e.replica)?, count: e.count })
             }));
-        });
+        }
         out.sort();
         out
     }
@@ -613,7 +603,7 @@ impl GossipNode {
             }
             Body::Digest { .. } | Body::Repair { .. } if !self.take_answer(from) => self.stats.answers_dropped += 1,
             Body::Digest { window_ms, window, span, rows, limits, complete } => {
-                if self.limiter.limits_version() > limits {
+                if self.replica.limits_version() > limits {
                     self.send_limits(from);
                 }
                 self.answer_digest(from, u64::from(window_ms), (window, span), &rows, complete, now_ms)
@@ -623,7 +613,7 @@ impl GossipNode {
             // A version from further in the future than a day is a broken clock or a
             // hostile peer: it would freeze the register.
             Body::Limits { version, .. } if version.at_ms > (now_ms.max(0) as u64).saturating_add(86_400_000) => self.stats.refused += 1,
-            Body::Limits { version, config } => match self.limiter.install_limits(config, version) {
+            Body::Limits { version, config } => match self.replica.install_limits(config, version) {
                 Ok(true) => {
                     tracing::info!(from, at_ms = version.at_ms, origin = version.node, "limits from a peer put in force");
                     self.stats.limits_installed += 1;
@@ -712,15 +702,15 @@ impl GossipNode {
         pool
     }
 
-    fn replica_of(&self, slot: u32) -> Option<ReplicaId> {
-        if slot == LOCAL_SLOT {
+    fn replica_id(&self, index: u32) -> Option<ReplicaId> {
+        if index == LOCAL_REPLICA {
             Some(self.cfg.replica)
         } else {
-            self.replicas.get(slot as usize)?.as_ref().map(|s| s.id)
+            self.replicas.get(index as usize)?.as_ref().map(|s| s.id)
         }
     }
 
-    /// The store slot for replica `r`'s counts, up to window `newest` of length
+    /// The store's replica index for replica `r`'s counts, up to window `newest` of length
     /// `window_ms`, sent by peer `from`; `None` if `from` has used up its budget for new
     /// replicas (its own incarnations, or relayed ones) or the relayed table is full.
     fn admit_replica(&mut self, from: PeerId, r: ReplicaId, window_ms: u64, newest: i64) -> Option<u32> {
@@ -743,14 +733,14 @@ impl GossipNode {
         if !room {
             return None;
         }
-        let slot = ReplicaSlot { id: r, introducer: from, own, newest: vec![(window_ms, newest)] };
-        let i = match self.free_slots.pop() {
+        let entry = ReplicaEntry { id: r, introducer: from, own, newest: vec![(window_ms, newest)] };
+        let i = match self.free_indices.pop() {
             Some(i) => {
-                self.replicas[i as usize] = Some(slot);
+                self.replicas[i as usize] = Some(entry);
                 i
             }
             None => {
-                self.replicas.push(Some(slot));
+                self.replicas.push(Some(entry));
                 (self.replicas.len() - 1) as u32
             }
         };
@@ -767,10 +757,10 @@ impl GossipNode {
 
     /// Frees the entries of replicas whose every count has expired: no acceptable
     /// timestamp falls in the window after the newest one merged for it, so the only keys
-    /// that can still hold its counts are dead, and a sweep drops them before the slot is
+    /// that can still hold its counts are dead, and a sweep drops them before the index is
     /// reused. O(replicas), once per anti-entropy period; the sweep only when one expired.
     fn reclaim_replicas(&mut self, now_ms: i64) {
-        let limiter = &self.limiter;
+        let replica = &self.replica;
         let expired: Vec<u32> = self
             .replicas
             .iter()
@@ -778,9 +768,7 @@ impl GossipNode {
             .filter_map(|(i, s)| {
                 let s = s.as_ref()?;
                 let dead = s.newest.iter().all(|&(window_ms, newest)| {
-                    limiter
-                        .with_existing_store(window_ms, |st| newest + 2 <= *st.acceptable_windows(now_ms, window_ms).start())
-                        .unwrap_or(true)
+                    replica.windows(window_ms, now_ms).is_none_or(|(acceptable, _)| newest + 2 <= *acceptable.start())
                 });
                 dead.then_some(i as u32)
             })
@@ -788,24 +776,22 @@ impl GossipNode {
         if expired.is_empty() {
             return;
         }
-        self.limiter.for_each_store(|_, s| {
-            s.sweep(now_ms);
-        });
+        self.replica.sweep(now_ms);
         for i in expired {
-            let Some(slot) = self.replicas[i as usize].take() else { continue };
-            self.replica_index.remove(&slot.id);
-            self.free_slots.push(i);
-            if let Some(used) = self.introduced.get_mut(&slot.introducer) {
-                if slot.own {
+            let Some(entry) = self.replicas[i as usize].take() else { continue };
+            self.replica_index.remove(&entry.id);
+            self.free_indices.push(i);
+            if let Some(used) = self.introduced.get_mut(&entry.introducer) {
+                if entry.own {
                     used.0 = used.0.saturating_sub(1);
                 } else {
                     used.1 = used.1.saturating_sub(1);
                 }
                 if *used == (0, 0) {
-                    self.introduced.remove(&slot.introducer);
+                    self.introduced.remove(&entry.introducer);
                 }
             }
-            if !slot.own {
+            if !entry.own {
                 self.relayed_total = self.relayed_total.saturating_sub(1);
             }
             self.stats.replicas_reclaimed += 1;
@@ -845,12 +831,12 @@ impl GossipNode {
         let before = self.clock.offset_ms();
         let u = self.clock.update(live.iter().copied());
         if self.cfg.cluster_time {
-            self.limiter.cluster().offset_ms.store(u.offset_ms, Ordering::Relaxed);
+            self.replica.set_offset(u.offset_ms);
             if u.offset_ms != before {
                 tracing::debug!(offset_ms = u.offset_ms, target_ms = u.target_ms, error_ms = u.error_ms, "cluster offset moved");
             }
         }
-        let tolerance = self.limiter.max_clock_skew_ms() as i64;
+        let tolerance = self.replica.max_clock_skew_ms() as i64;
         let me = self.cfg.replica.node;
         let own = u.target_ms.is_some_and(|t| t.abs() > tolerance);
         if own != self.own_clock_beyond {
@@ -865,7 +851,7 @@ impl GossipNode {
                 tracing::info!(node = me, "this node's clock is back within the tolerance from cluster time");
             }
             self.own_clock_beyond = own;
-            self.limiter.cluster().clock_beyond.store(own, Ordering::Relaxed);
+            self.replica.set_clock_beyond(own);
         }
         for p in live {
             let off = self.clock.peer_offset(p).map(|(o, _)| o - u.offset_ms);
@@ -890,9 +876,7 @@ impl GossipNode {
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
         let me = self.cfg.replica.node;
         let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
-        let cluster = self.limiter.cluster();
-        cluster.live_index.store(index, Ordering::Relaxed);
-        cluster.live_replicas.store(live, Ordering::Relaxed);
+        self.replica.set_view(live, index);
     }
 
     fn run_round(&mut self, now_ms: i64) {
@@ -929,8 +913,8 @@ impl GossipNode {
         self.update_cluster_time();
 
         // New limits go to every peer at once: all nodes apply them within a round.
-        if self.limiter.limits_version() > self.limits_sent {
-            self.limits_sent = self.limiter.limits_version();
+        if self.replica.limits_version() > self.limits_sent {
+            self.limits_sent = self.replica.limits_version();
             let peers: Vec<PeerId> = self.peers.keys().copied().collect();
             for p in peers {
                 self.send_limits(p);
@@ -940,11 +924,8 @@ impl GossipNode {
         // What changed: our own counts, plus in fan-out mode what we learned.
         let me = self.cfg.replica;
         let mut out: Vec<Outgoing> = Vec::new();
-        let mut buf = Vec::new();
-        self.limiter.for_each_store(|window_ms, store| {
-            buf.clear();
-            store.collect_changes(now_ms, &mut buf);
-            out.extend(buf.iter().map(|e| (window_ms, me, e.key, e.window, e.count)));
+        self.replica.changes(now_ms, |window_ms, changed| {
+            out.extend(changed.iter().map(|e| (window_ms, me, e.key, e.window, e.count)));
         });
         let fan_out = self.fan_out();
         if !out.is_empty() || !self.relay.is_empty() {
@@ -1090,7 +1071,7 @@ impl GossipNode {
             // Counts for a window length this node keeps no store for are dropped: a
             // peer must not make stores here (they are capped). A store made later by
             // a local allow_with catches up through anti-entropy.
-            let Some(range) = self.limiter.with_existing_store(window_ms, |s| s.acceptable_windows(now_ms, window_ms)) else {
+            let Some((range, _)) = self.replica.windows(window_ms, now_ms) else {
                 self.stats.out_of_range += b.entries.len() as u64;
                 continue;
             };
@@ -1101,32 +1082,27 @@ impl GossipNode {
             };
             // A replica enters the table only with a count that can still matter, and
             // within the sender's budget.
-            let Some(slot) = self.admit_replica(from, b.replica, window_ms, newest) else {
+            let Some(index) = self.admit_replica(from, b.replica, window_ms, newest) else {
                 self.stats.replicas_refused += 1;
                 continue;
             };
-            let limiter = self.limiter.clone();
-            let stats = &mut self.stats;
-            let relay = &mut self.relay;
-            let _ = limiter.with_existing_store(window_ms, |store: &Store| {
-                for e in &b.entries {
-                    let key = u64::from_le_bytes(e.key);
-                    let window = window_of(e);
-                    if !range.contains(&window) {
-                        stats.out_of_range += 1;
-                        continue;
-                    }
-                    match store.merge(key, window, slot, e.count, now_ms) {
-                        Ok(true) => {
-                            stats.entries_merged += 1;
-                            if fan_out {
-                                relay.push((window_ms, b.replica, key, window, e.count));
-                            }
-                        }
-                        Ok(false) => {}
-                        Err(_) => stats.dropped_at_capacity += 1,
+            let in_range = b.entries.iter().filter(|e| range.contains(&window_of(e))).count();
+            self.stats.out_of_range += (b.entries.len() - in_range) as u64;
+            let entries = b
+                .entries
+                .iter()
+                .map(|e| (u64::from_le_bytes(e.key), window_of(e), e.count))
+                .filter(|(_, window, _)| range.contains(window));
+            let (stats, relay) = (&mut self.stats, &mut self.relay);
+            self.replica.merge(window_ms, index, now_ms, entries, |(key, window, count), outcome| match outcome {
+                Ok(true) => {
+                    stats.entries_merged += 1;
+                    if fan_out {
+                        relay.push((window_ms, b.replica, key, window, count));
                     }
                 }
+                Ok(false) => {}
+                Err(_) => stats.dropped_at_capacity += 1,
             });
         }
     }
@@ -1162,7 +1138,7 @@ impl GossipNode {
     }
 
     fn send_limits(&mut self, to: PeerId) {
-        if let (version, Some(config)) = self.limiter.limits() {
+        if let (version, Some(config)) = self.replica.limits() {
             let me = self.cfg.replica;
             self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Limits { version, config } }, true);
         }
@@ -1174,8 +1150,7 @@ impl GossipNode {
     /// the repairs waiting for `to` (it covers them) and restarts one under way.
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
         self.send_limits(to);
-        let mut windows = Vec::new();
-        self.limiter.for_each_store(|w, _| windows.push(w));
+        let windows = self.replica.window_lengths();
         let Some(p) = self.peers.get_mut(&to) else { return };
         p.last_sync_answered_ms = Some(now_ms);
         p.jobs.clear();
@@ -1195,9 +1170,9 @@ impl GossipNode {
             let mut per_window: BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]> = BTreeMap::new();
             let mut buf: Vec<Exported> = Vec::new();
             // Never create a store for a window length named only by a peer's digest.
-            let _ = self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, |_| true, &mut buf));
+            self.replica.export(window_ms, now_ms, |_| true, &mut buf);
             for e in &buf {
-                let Some(replica) = self.replica_of(e.slot) else { continue };
+                let Some(replica) = self.replica_id(e.replica) else { continue };
                 let row = per_window.entry((replica, e.window)).or_default();
                 row[bucket(e.key)] =
                     row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
@@ -1221,16 +1196,14 @@ impl GossipNode {
     fn send_digests(&mut self, to: PeerId, now_ms: i64, both_windows: bool) {
         let now_ms = self.cluster_ms(now_ms);
         let me = self.cfg.replica;
-        let mut windows = Vec::new();
-        self.limiter.for_each_store(|w, _| windows.push(w));
+        let windows = self.replica.window_lengths();
         for window_ms in windows {
             // Every window the store still keeps (a late request may reach it), up to the
             // previous one while busy or the current one once quiet; at most 255.
             // In the store's windows (the sliding log's buckets are shorter than the quota).
-            let tick_ms = self.limiter.with_existing_store(window_ms, |s| s.tick_ms(window_ms)).unwrap_or(window_ms);
+            let Some((acceptable, tick_ms)) = self.replica.windows(window_ms, now_ms) else { continue };
             let now_window = now_ms.div_euclid(tick_ms as i64);
-            let oldest =
-                self.limiter.with_existing_store(window_ms, |s| *s.acceptable_windows(now_ms, window_ms).start()).unwrap_or(now_window - 1);
+            let oldest = *acceptable.start();
             let window = if both_windows { now_window } else { now_window - 1 };
             let span = (window - oldest + 1).clamp(1, 255) as u8;
             let rows: Vec<DigestRow> = self
@@ -1240,7 +1213,7 @@ impl GossipNode {
                 .collect();
             // Rows are ~80 bytes: keep each digest within the message budget.
             let per_message = (self.cfg.max_message_bytes / 96).max(1);
-            let limits = self.limiter.limits_version();
+            let limits = self.replica.limits_version();
             let complete = rows.len() <= per_message;
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
@@ -1286,7 +1259,7 @@ impl GossipNode {
     /// Queues the counts of `wanted` for `to`, exported in chunks: at most
     /// [`MAX_REPAIR_ENTRIES_PER_ROUND`] per round, now and in the rounds that follow.
     fn answer_repair(&mut self, to: PeerId, window_ms: u64, wanted: &[(ReplicaId, u8)], now_ms: i64) {
-        if self.limiter.with_existing_store(window_ms, |_| ()).is_none() {
+        if !self.replica.has_store(window_ms) {
             return; // never create a store for a window length named by a peer
         }
         let Some(p) = self.peers.get_mut(&to) else { return };
@@ -1327,18 +1300,10 @@ impl GossipNode {
             let Some(mut job) = p.jobs.pop_front() else { break };
             let any_bucket = job.wanted.as_ref().map_or(0xFF, |w| w.values().fold(0u8, |m, b| m | b));
             let mut buf: Vec<Exported> = Vec::new();
-            let shards = self
-                .limiter
-                .with_existing_store(job.window_ms, |s| {
-                    while job.next_shard < s.shard_count() && buf.len() < budget {
-                        s.export_shard(job.next_shard, now_ms, |k| any_bucket & (1 << bucket(k)) != 0, &mut buf);
-                        job.next_shard += 1;
-                    }
-                    s.shard_count()
-                })
-                .unwrap_or(0);
+            let select = |k: u64| any_bucket & (1 << bucket(k)) != 0;
+            let shards = self.replica.export_shards(job.window_ms, &mut job.next_shard, budget, now_ms, select, &mut buf);
             out.extend(buf.iter().filter_map(|e| {
-                let replica = self.replica_of(e.slot)?;
+                let replica = self.replica_id(e.replica)?;
                 let wanted = job.wanted.as_ref().is_none_or(|w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
                 wanted.then_some((job.window_ms, replica, e.key, e.window, e.count))
             }));
@@ -1362,18 +1327,6 @@ impl GossipNode {
     }
 }
 
-impl Drop for GossipNode {
-    /// Detaches from the limiter: it decides on its own again and stops marking changes.
-    fn drop(&mut self) {
-        let cluster = self.limiter.cluster();
-        cluster.bounded.store(false, Ordering::Relaxed);
-        cluster.live_replicas.store(1, Ordering::Relaxed);
-        cluster.live_index.store(0, Ordering::Relaxed);
-        self.limiter.for_each_store(|_, s| s.untrack_changes());
-        cluster.attached.store(false, Ordering::Release);
-    }
-}
-
 fn bucket(key: u64) -> usize {
     (key >> 61) as usize
 }
@@ -1381,7 +1334,7 @@ fn bucket(key: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ManualClock, Quota, Strategy};
+    use crate::{Admission, ManualClock, Quota, Strategy};
     use std::time::Duration;
 
     const T0: i64 = 1_700_000_000_000;

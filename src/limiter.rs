@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
+use crate::admission::{Admission, Budget};
 use crate::algorithm::Verdict;
 use crate::clock::{Clock, SystemClock};
 use crate::key::KeyHasher;
 use crate::limits::{LimitsConfig, LimitsError, LimitsVersion};
-use crate::store::{Budget, KeyCap, Store, Tolerances};
+use crate::store::{KeyCap, Store, Tolerances};
 use crate::{Error, Quota, Strategy};
 
 /// Default longest client id, in bytes.
@@ -88,24 +89,6 @@ impl Decision {
             retry_after: v.retry_after_ms.map(Duration::from_millis),
         }
     }
-}
-
-/// How a cluster member decides on a view of the global counts that lags the truth.
-///
-/// The over-admission bound of each policy is derived in `docs/design.md` and checked by
-/// the simulator. A limiter that is not a cluster member decides exactly either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-#[non_exhaustive]
-pub enum Admission {
-    /// Admit while the local view of the global count is under the limit. Over-admits by
-    /// what the other nodes admit during one view lag; fails open in a partition (each
-    /// side admits up to the full limit).
-    Optimistic,
-    /// Between gossip rounds, spend only this node's share of what the view says
-    /// remains, shares following each node's observed demand. Over-admission is set by
-    /// the view's lag, not by the offered rate. The default.
-    #[default]
-    Bounded,
 }
 
 /// What the request path needs to know about the cluster; written by the gossip core.

@@ -97,8 +97,10 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
+use crate::admission::{Budget, RoundShare, RoundView};
 use crate::algorithm::{self, Counts, Verdict};
 use crate::counter::GCounter;
+use crate::key::splitmix64;
 use crate::table::{Slot as Entry, Table};
 use crate::{Error, Quota, Strategy};
 
@@ -112,8 +114,8 @@ const DIRTY: u32 = DIRTY_CUR | DIRTY_PREV;
 /// How far back the clock may step with keys keeping the counts of windows it left
 /// (one day); a key further ahead than that is stale state (32-bit wrap-around).
 const MAX_STEP_BACK_MS: i64 = 86_400_000;
-/// The slot number [`Store::export`] gives the local replica's counts.
-pub(crate) const LOCAL_SLOT: u32 = u32::MAX;
+/// The replica index [`Store::export`] gives the local replica's counts.
+pub(crate) const LOCAL_REPLICA: u32 = u32::MAX;
 
 #[inline]
 fn remote_of(e: &Entry) -> Option<usize> {
@@ -153,14 +155,8 @@ struct Remote {
     /// The totals per window: the cells' counts plus any counted without a cell.
     cur_sum: u64,
     prev_sum: u64,
-    /// Round (low 32 bits) the budget below belongs to, if any.
-    round: Option<u32>,
-    budget: u64,
-    spent: u64,
-    /// What this node's view allotted the other replicas in that round.
-    allotted_others: u64,
-    /// The others' counts (both windows) this node could see at that round's start.
-    others_seen: u64,
+    /// This node's share of the key's quota in the current round (bounded admission).
+    share: RoundShare,
 }
 
 impl Remote {
@@ -182,8 +178,7 @@ impl Remote {
         }
         self.len = kept as u32;
         self.cur_sum = 0;
-        // A budget belongs to one window.
-        self.round = None;
+        self.share.clear();
     }
 
     /// The cells in use.
@@ -326,20 +321,6 @@ fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u
     if list.iter().all(Bucket::is_empty) {
         older.remove(&e.key);
     }
-}
-
-/// The bounded admission policy's view of one request: which gossip round it falls in
-/// and how many replicas share the quota.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Budget {
-    pub round: u32,
-    /// Time left in the round (the wait a budget refusal reports).
-    pub round_left_ms: u64,
-    /// Live replicas, this one included (at least 1).
-    pub live_replicas: u64,
-    /// This replica's place among the live ones ordered by node id (`0..live_replicas`):
-    /// with the key and its window it decides who gets the rounding remainder.
-    pub live_index: u64,
 }
 
 /// Stripes of a hot cell: threads are spread over them round-robin.
@@ -665,8 +646,8 @@ impl Shard {
 pub(crate) struct Exported {
     pub key: u64,
     pub window: i64,
-    /// A replica index, or [`LOCAL_SLOT`].
-    pub slot: u32,
+    /// A replica index, or [`LOCAL_REPLICA`].
+    pub replica: u32,
     pub count: u64,
 }
 
@@ -977,14 +958,14 @@ impl Store {
         }
     }
 
-    /// Raises remote replica `slot`'s count of `key` in `window` to `count`.
+    /// Raises remote replica index `replica`'s count of `key` in `window` to `count`.
     ///
     /// A window newer than the key's rolls the key forward; the previous window merges
     /// into the previous counts (and, for the sliding log, the older buckets it reads
     /// into those); anything older is ignored (it can no longer influence a decision).
     /// Returns whether the state changed.
-    pub(crate) fn merge(&self, key: u64, window: i64, slot: u32, count: u64, now_ms: i64) -> Result<bool, Error> {
-        if count == 0 || slot == LOCAL_SLOT {
+    pub(crate) fn merge(&self, key: u64, window: i64, replica: u32, count: u64, now_ms: i64) -> Result<bool, Error> {
+        if count == 0 || replica == LOCAL_REPLICA {
             return Ok(false);
         }
         let key = key.max(1);
@@ -1034,8 +1015,8 @@ impl Store {
             let list = older.entry(key).or_default();
             list.resize_with(back as usize - 1, Bucket::default);
             let b = &mut list[age as usize - 2];
-            let before = b.remote.get(slot);
-            if b.remote.merge_slot(slot, count) {
+            let before = b.remote.get(replica);
+            if b.remote.merge_slot(replica, count) {
                 b.remote_sum = b.remote_sum.saturating_add(count - before);
                 return Ok(true);
             }
@@ -1044,7 +1025,7 @@ impl Store {
         let i = Shard::ensure_remote(remote, free_remote, e);
         // The codec refuses counts past 2^32 - 1 (where local counts saturate too).
         let count = u32::try_from(count).unwrap_or(u32::MAX);
-        Ok(remote[i].merge(slot, age == 1, count, |n| self.cap.take_cells(n)))
+        Ok(remote[i].merge(replica, age == 1, count, |n| self.cap.take_cells(n)))
     }
 
     /// Appends every local count changed since the last collection to `out` and clears
@@ -1063,14 +1044,14 @@ impl Store {
                 // Sliding-log buckets that became older than the previous window unsent.
                 for (i, b) in shard.older.get_mut(&key).into_iter().flatten().enumerate() {
                     if std::mem::take(&mut b.dirty) && b.local > 0 {
-                        out.push(Exported { key, window: window - 2 - i as i64, slot: LOCAL_SLOT, count: u64::from(b.local) });
+                        out.push(Exported { key, window: window - 2 - i as i64, replica: LOCAL_REPLICA, count: u64::from(b.local) });
                     }
                 }
                 if e.remote & DIRTY_CUR != 0 && e.cur > 0 {
-                    out.push(Exported { key, window, slot: LOCAL_SLOT, count: u64::from(e.cur) });
+                    out.push(Exported { key, window, replica: LOCAL_REPLICA, count: u64::from(e.cur) });
                 }
                 if e.remote & DIRTY_PREV != 0 && e.prev > 0 {
-                    out.push(Exported { key, window: window - 1, slot: LOCAL_SLOT, count: u64::from(e.prev) });
+                    out.push(Exported { key, window: window - 1, replica: LOCAL_REPLICA, count: u64::from(e.prev) });
                 }
                 e.remote &= !DIRTY;
             }
@@ -1106,29 +1087,29 @@ impl Store {
                 continue;
             }
             let window = now - windows_since(e.window, now as u32);
-            let (key, slot) = (e.key, LOCAL_SLOT);
+            let (key, replica) = (e.key, LOCAL_REPLICA);
             if e.cur > 0 {
-                out.push(Exported { key, window, slot, count: u64::from(e.cur) });
+                out.push(Exported { key, window, replica, count: u64::from(e.cur) });
             }
             if e.prev > 0 {
-                out.push(Exported { key, window: window - 1, slot, count: u64::from(e.prev) });
+                out.push(Exported { key, window: window - 1, replica, count: u64::from(e.prev) });
             }
             if let Some(i) = remote_of(e) {
                 for c in shard.remote[i].cells() {
                     if c.cur > 0 {
-                        out.push(Exported { key, window, slot: c.replica, count: u64::from(c.cur) });
+                        out.push(Exported { key, window, replica: c.replica, count: u64::from(c.cur) });
                     }
                     if c.prev > 0 {
-                        out.push(Exported { key, window: window - 1, slot: c.replica, count: u64::from(c.prev) });
+                        out.push(Exported { key, window: window - 1, replica: c.replica, count: u64::from(c.prev) });
                     }
                 }
             }
             for (i, b) in shard.older.get(&key).into_iter().flatten().enumerate() {
                 let window = window - 2 - i as i64;
                 if b.local > 0 {
-                    out.push(Exported { key, window, slot, count: u64::from(b.local) });
+                    out.push(Exported { key, window, replica, count: u64::from(b.local) });
                 }
-                out.extend(b.remote.iter().map(|(slot, count)| Exported { key, window, slot, count }));
+                out.extend(b.remote.iter().map(|(replica, count)| Exported { key, window, replica, count }));
             }
         }
     }
@@ -1272,8 +1253,8 @@ fn settle(e: &mut Entry, remote: &mut [Remote], round: Option<u32>, n: u64, dirt
     add_local(e, n, dirty, track);
     if let (Some(i), Some(_)) = (remote_of(e), round) {
         let r = &mut remote[i];
-        if r.round == round {
-            r.spent += n;
+        if r.share.round() == round {
+            r.share.spend(n);
         }
     }
 }
@@ -1367,29 +1348,13 @@ fn apply<V: Outcome>(
     if v.allowed() {
         if let Some(b) = req.budget {
             let i = Shard::ensure_remote(remote, free_remote, e);
+            let Remote { share, cells, len, .. } = &mut remote[i];
+            let others = cells[..*len as usize].iter().map(|c| u64::from(c.cur) + u64::from(c.prev));
+            let own = u64::from(e.cur) + u64::from(e.prev) + older_local;
+            let view = RoundView { strategy: *strategy, quota: *req.quota, counts, own, others, key, window: e.window, elapsed };
+            share.open(b, &view);
             let r = &mut remote[i];
-            // A newer round (compared with wrap-around) starts a new budget; a request
-            // from an older round is charged to the current one.
-            if r.round.is_none_or(|old| b.round.wrapping_sub(old) as i32 > 0) {
-                // What the others were allotted last round may be spent and not yet
-                // visible: keep it out of this round's remainder, less what has become
-                // visible since (their counts' growth), which the view already subtracts.
-                let others = (counts.cur + counts.prev).saturating_sub(u64::from(e.cur) + u64::from(e.prev) + older_local);
-                let reserve = if r.round == Some(b.round.wrapping_sub(1)) {
-                    r.allotted_others.saturating_sub(others.saturating_sub(r.others_seen))
-                } else {
-                    0
-                };
-                r.others_seen = others;
-                let own = u64::from(e.cur) + u64::from(e.prev) + older_local;
-                let view = RoundView { counts, own, others: r.cells(), reserve, window: e.window };
-                let (budget, others) = round_budget(*strategy, req.quota, &view, elapsed, key, b);
-                r.round = Some(b.round);
-                r.spent = 0;
-                r.budget = budget;
-                r.allotted_others = others;
-            }
-            if let Some(cell) = hot.filter(|_| r.spent + reserved >= r.budget && reserved > 0) {
+            if let Some(cell) = hot.filter(|_| r.share.left(reserved) == 0 && reserved > 0) {
                 // The round's budget may be out in unspent leases: take them back.
                 let spent = hs.reclaim_all(cell);
                 tally.allowed += spent;
@@ -1398,10 +1363,10 @@ fn apply<V: Outcome>(
             }
             let r = &mut remote[i];
             // Leases out were drawn from this round's budget.
-            if r.spent + reserved >= r.budget {
+            if r.share.left(reserved) == 0 {
                 v = v.refuse(b.round_left_ms);
             } else {
-                r.spent += 1;
+                r.share.spend(1);
             }
         }
     }
@@ -1426,7 +1391,7 @@ fn apply<V: Outcome>(
                 let after = algorithm::evaluate(*strategy, req.quota, Counts { cur: counts.cur + 1, ..counts }, elapsed);
                 let mut lease = ((after.remaining + u64::from(after.allowed)) / 2).min(LEASE_MAX);
                 if let Some(r) = remote_of(e).filter(|_| round.is_some()).map(|i| &remote[i]) {
-                    lease = lease.min(r.budget.saturating_sub(r.spent + reserved) / 2);
+                    lease = lease.min(r.share.left(reserved) / 2);
                 }
                 if lease > 0 {
                     hs.grant(cell, i, lease, elapsed);
@@ -1445,80 +1410,6 @@ fn apply<V: Outcome>(
         }
     }
     v
-}
-
-/// What one node sees of a key when its round budget is set.
-struct RoundView<'a> {
-    /// Every count of the view (local and remote), both windows.
-    counts: Counts,
-    /// This node's own count over both windows.
-    own: u64,
-    /// The other replicas' counts, per replica, in the current and the previous window.
-    others: &'a [Cell],
-    /// The part of the others' allotment of the previous round not yet seen arriving.
-    reserve: u64,
-    /// The key's window (low 32 bits of its index).
-    window: u32,
-}
-
-/// This node's budget for one round, and what its view allots the others.
-///
-/// The remainder `R` is what the view says remains, less the reserve. It is shared out
-/// in proportion to weights: each replica with counts weighs its count over the two
-/// windows plus one, and every other live replica one (so an idle node can start); the
-/// total `T` is the view's count plus `max(live, replicas with counts)`. This node gets
-/// `⌊R·w/T⌋` of it, and maybe one more request:
-///
-/// * For a client the view has no count of (nobody has counted it in the two windows),
-///   the `R − Σ⌊R·w/T⌋` requests the floors leave over (fewer than the entries) go one
-///   each to the live replicas of rank below that number, a replica's rank being its
-///   place among the live ones ordered by node id, rotated by a hash of (key, window).
-///   Replicas that agree on who is live hold distinct ranks, so their budgets add up to
-///   exactly `R`: a burst from a new client spread over the nodes gets the limit, not
-///   more (`docs/design.md`, "Bursts"). The rotation stays the same for the whole
-///   window: a node that first sees the burst a round later, on a view that does not
-///   show it yet, computes the share it would have had in the first round, not another.
-/// * For a client with counts, the fraction is rounded up with twice its probability
-///   (capped at 1), seeded per (node, key, round). In a round only the nodes that get
-///   requests use their shares, so rounding exactly (in expectation, or by rank) leaves
-///   the remainder trickling out too slowly under steady traffic: 4 % under-admission in
-///   the standard simulation in expectation, and 7.6 % instead of 2.1 % for clients
-///   limited to 3 per minute by rank (`docs/benchmarks.md`, "Bursts"); twice the
-///   probability measured 0.9 % under and 0.08 % over.
-fn round_budget(strategy: Strategy, quota: &Quota, view: &RoundView<'_>, elapsed: u64, key: u64, b: &Budget) -> (u64, u64) {
-    let v = algorithm::evaluate(strategy, quota, view.counts, elapsed);
-    let remaining = (v.remaining + u64::from(v.allowed)).saturating_sub(view.reserve);
-    let live = b.live_replicas.max(1);
-    let with_counts = per_replica(view.others).filter(|&c| c > 0).count() as u64;
-    let idle_others = (live - 1).saturating_sub(with_counts);
-    let total = u128::from(view.counts.cur + view.counts.prev) + u128::from(1 + with_counts + idle_others);
-    let part = |weight: u64| (u128::from(remaining) * u128::from(weight) / total) as u64;
-    let mine = part(view.own + 1);
-    let round = u64::from(b.round).rotate_left(32);
-    let extra = if view.counts.cur + view.counts.prev > 0 {
-        let frac = u128::from(remaining) * u128::from(view.own + 1) % total;
-        let draw = u128::from(splitmix64(key ^ round ^ splitmix64(b.live_index ^ 0xB0DE))) % total;
-        draw < 2 * frac
-    } else {
-        let given: u64 = mine + per_replica(view.others).filter(|&c| c > 0).map(|c| part(c + 1)).sum::<u64>() + idle_others * part(1);
-        let left = remaining.saturating_sub(given);
-        (b.live_index + splitmix64(key ^ u64::from(view.window).rotate_left(32))) % live < left
-    };
-    let budget = (mine + u64::from(extra)).min(remaining);
-    (budget, remaining - budget)
-}
-
-/// Each replica's count over both windows.
-fn per_replica(cells: &[Cell]) -> impl Iterator<Item = u64> + '_ {
-    cells.iter().map(|c| u64::from(c.cur) + u64::from(c.prev))
-}
-
-/// SplitMix64: a well-mixed 64-bit function of its input.
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// What [`apply`] needs of a decision, whatever its detail.
@@ -1570,11 +1461,11 @@ mod tests {
         Store::new(4, KeyCap::new(1_000), tol, 7, Quota::new(limit, Duration::from_secs(1)).unwrap(), Strategy::FixedWindow)
     }
 
-    /// Every count of `key`, as (window, slot, count), sorted.
+    /// Every count of `key`, as (window, replica index, count), sorted.
     fn counts(s: &Store, key: u64, now_ms: i64) -> Vec<(i64, u32, u64)> {
         let mut out = Vec::new();
         s.export(now_ms, |k| k == key, &mut out);
-        let mut v: Vec<_> = out.into_iter().map(|e| (e.window, e.slot, e.count)).collect();
+        let mut v: Vec<_> = out.into_iter().map(|e| (e.window, e.replica, e.count)).collect();
         v.sort();
         v
     }
@@ -1586,7 +1477,7 @@ mod tests {
         assert!(s.merge(1, W0, 7, 3, T0).unwrap());
         assert!(s.admit(1, T0, T0, None, None).unwrap(), "1 local + 3 remote < 5");
         assert!(!s.admit(1, T0, T0, None, None).unwrap(), "2 local + 3 remote = 5");
-        assert_eq!(counts(&s, 1, T0), vec![(W0, 7, 3), (W0, LOCAL_SLOT, 2)]);
+        assert_eq!(counts(&s, 1, T0), vec![(W0, 7, 3), (W0, LOCAL_REPLICA, 2)]);
     }
 
     #[test]
@@ -1606,10 +1497,10 @@ mod tests {
         let t1 = T0 + 1000;
         assert!(s.admit(1, T0, T0, None, None).unwrap());
         assert!(s.merge(1, W0 + 1, 2, 4, t1).unwrap());
-        assert_eq!(counts(&s, 1, t1), vec![(W0, LOCAL_SLOT, 1), (W0 + 1, 2, 4)]);
+        assert_eq!(counts(&s, 1, t1), vec![(W0, LOCAL_REPLICA, 1), (W0 + 1, 2, 4)]);
         assert!(s.merge(1, W0, 2, 9, t1).unwrap(), "the previous window still merges");
         assert!(!s.merge(1, W0 - 1, 2, 9, t1).unwrap(), "older windows can no longer matter");
-        assert_eq!(counts(&s, 1, t1), vec![(W0, 2, 9), (W0, LOCAL_SLOT, 1), (W0 + 1, 2, 4)]);
+        assert_eq!(counts(&s, 1, t1), vec![(W0, 2, 9), (W0, LOCAL_REPLICA, 1), (W0 + 1, 2, 4)]);
     }
 
     #[test]
@@ -1669,7 +1560,7 @@ mod tests {
         let t1 = T0 + 1_000;
         assert!(s.merge(1, W0 + 1, 7, 3, t1).unwrap());
         let c = counts(&s, 1, t1);
-        assert_eq!(c.iter().filter(|e| e.0 == W0 && e.1 != LOCAL_SLOT).count(), MAX_KEY_REPLICAS);
+        assert_eq!(c.iter().filter(|e| e.0 == W0 && e.1 != LOCAL_REPLICA).count(), MAX_KEY_REPLICAS);
         assert_eq!(c.iter().filter(|e| e.0 == W0 + 1).collect::<Vec<_>>(), vec![&(W0 + 1, 7, 3)]);
     }
 
@@ -1887,7 +1778,7 @@ mod tests {
         // The next window re-arms the cell: the limit again, exactly.
         assert_eq!(admitted(&s, 1, T0 + 1_005, 50), 10);
         assert_eq!(s.shard(1).lock.lock().hot.key, 1, "still the hot key");
-        assert_eq!(counts(&s, 1, T0 + 1_005), vec![(W0, LOCAL_SLOT, 10), (W0 + 1, LOCAL_SLOT, 10)]);
+        assert_eq!(counts(&s, 1, T0 + 1_005), vec![(W0, LOCAL_REPLICA, 10), (W0 + 1, LOCAL_REPLICA, 10)]);
     }
 
     #[test]
@@ -1943,7 +1834,7 @@ mod tests {
         assert!(s.merge(1, b0 + 3, 7, 2, T0 + 300).unwrap(), "a peer's count three buckets later rolls the key");
         assert!(s.merge(1, b0 + 1, 7, 4, T0 + 300).unwrap(), "an older bucket the decision reads merges");
         assert!(!s.merge(1, b0 - 8, 7, 4, T0 + 300).unwrap(), "one no decision reads does not");
-        assert_eq!(counts(&s, 1, T0 + 300), vec![(b0, LOCAL_SLOT, 1), (b0 + 1, 7, 4), (b0 + 3, 7, 2)]);
+        assert_eq!(counts(&s, 1, T0 + 300), vec![(b0, LOCAL_REPLICA, 1), (b0 + 1, 7, 4), (b0 + 3, 7, 2)]);
         // 1 + 4 + 2 of 10: three more at 950 ms, none after.
         assert_eq!(admitted(&s, 1, T0 + 950, 10), 3);
         // Bucket 0 is read until 1,100 ms, then one more fits.

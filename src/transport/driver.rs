@@ -715,7 +715,7 @@ impl State {
 
     fn random(&mut self) -> u64 {
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        crate::store::splitmix64(self.rng)
+        crate::key::splitmix64(self.rng)
     }
 
     /// The delay before the next attempt after `failures` failures: exponential, capped,

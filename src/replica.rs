@@ -1,0 +1,202 @@
+//! The seam between a limiter and its gossip core: everything the core may do with the
+//! limiter's stores and cluster state, and nothing else.
+//!
+//! ```text
+//!   RateLimiter ──owns──▶ Store (counts, strategy arithmetic) ──asks──▶ admission (shares)
+//!        ▲                   ▲
+//!        │ attach / detach   │ changes · export · merge · sweep
+//!        │ set_view · set_offset
+//!   Replica (this module) ◀──only──  GossipNode (protocol)  ──events──▶ driver, metrics, simulator
+//! ```
+//!
+//! A [`Replica`] is the limiter seen as one replica of the cluster's counters. The core
+//! reads the counts that changed ([`changes`](Replica::changes)), exports counts in whole
+//! stores or one shard at a time ([`export`](Replica::export),
+//! [`export_shard`](Replica::export_shard)), merges peers' counts
+//! ([`merge`](Replica::merge)), and tells the limiter what the admission policy needs to
+//! know of the cluster ([`set_view`](Replica::set_view)) and what cluster time is
+//! ([`set_offset`](Replica::set_offset)). Attaching marks the limiter as a member;
+//! dropping the replica detaches it, and the limiter decides on its own again.
+
+use std::ops::RangeInclusive;
+use std::sync::atomic::Ordering;
+
+use crate::admission::Admission;
+use crate::{Error, LimitsConfig, LimitsError, LimitsVersion, RateLimiter};
+
+pub(crate) use crate::store::{Exported, LOCAL_REPLICA};
+
+/// A limiter attached to a gossip core. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    limiter: RateLimiter,
+}
+
+impl Replica {
+    /// Attaches `limiter` as node `node`'s replica, with gossip rounds every `round_ms`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `limiter` already has a gossip node (the store's replica
+    /// indices belong to one core).
+    pub(crate) fn attach(limiter: RateLimiter, node: u64, round_ms: u64) -> Result<Self, Error> {
+        let cluster = limiter.cluster();
+        if cluster.attached.swap(true, Ordering::AcqRel) {
+            return Err(Error::InvalidConfig { field: "limiter", reason: "already has a gossip node" });
+        }
+        cluster.round_ms.store(round_ms, Ordering::Relaxed);
+        cluster.live_replicas.store(1, Ordering::Relaxed);
+        cluster.live_index.store(0, Ordering::Relaxed);
+        cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
+        cluster.node.store(node, Ordering::Relaxed);
+        limiter.for_each_store(|_, s| s.track_changes());
+        Ok(Self { limiter })
+    }
+
+    /// The limiter (for callers of the core; the core itself goes through this seam).
+    pub(crate) fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// What the admission policy knows of the cluster: `live` replicas share the quota,
+    /// this one at place `index` among them ordered by node id.
+    pub(crate) fn set_view(&self, live: u64, index: u64) {
+        let cluster = self.limiter.cluster();
+        cluster.live_index.store(index, Ordering::Relaxed);
+        cluster.live_replicas.store(live.max(1), Ordering::Relaxed);
+    }
+
+    /// Cluster time minus this node's clock, in ms: the request path cuts windows on it.
+    pub(crate) fn set_offset(&self, offset_ms: i64) {
+        self.limiter.cluster().offset_ms.store(offset_ms, Ordering::Relaxed);
+    }
+
+    /// The offset in force.
+    pub(crate) fn offset_ms(&self) -> i64 {
+        self.limiter.cluster_offset_ms()
+    }
+
+    /// Whether this node's clock is beyond the tolerance from cluster time (reported in
+    /// the limiter's stats).
+    pub(crate) fn set_clock_beyond(&self, beyond: bool) {
+        self.limiter.cluster().clock_beyond.store(beyond, Ordering::Relaxed);
+    }
+
+    /// The clock-skew tolerance, in ms.
+    pub(crate) fn max_clock_skew_ms(&self) -> u64 {
+        self.limiter.max_clock_skew_ms()
+    }
+
+    /// The window length of every store.
+    pub(crate) fn window_lengths(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.limiter.for_each_store(|w, _| out.push(w));
+        out
+    }
+
+    /// Whether a store for `window_ms` exists (a peer never makes one).
+    pub(crate) fn has_store(&self, window_ms: u64) -> bool {
+        self.limiter.with_existing_store(window_ms, |_| ()).is_some()
+    }
+
+    /// This node's counts that changed since the last call, per window length.
+    pub(crate) fn changes(&self, now_ms: i64, mut f: impl FnMut(u64, &[Exported])) {
+        let mut buf = Vec::new();
+        self.limiter.for_each_store(|window_ms, store| {
+            buf.clear();
+            store.collect_changes(now_ms, &mut buf);
+            f(window_ms, &buf);
+        });
+    }
+
+    /// Every non-zero count of the store for `window_ms` whose key `select` accepts,
+    /// appended to `out`; false if there is no such store.
+    pub(crate) fn export(&self, window_ms: u64, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) -> bool {
+        self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, select, out)).is_some()
+    }
+
+    /// [`export`](Self::export) of shards `*next..` until `out` holds at least `budget`
+    /// counts or the store ends; advances `*next`. Returns the store's shard count (0 if
+    /// there is no store).
+    pub(crate) fn export_shards(
+        &self,
+        window_ms: u64,
+        next: &mut usize,
+        budget: usize,
+        now_ms: i64,
+        select: impl Fn(u64) -> bool,
+        out: &mut Vec<Exported>,
+    ) -> usize {
+        self.limiter
+            .with_existing_store(window_ms, |s| {
+                let start = out.len();
+                while *next < s.shard_count() && out.len() - start < budget {
+                    s.export_shard(*next, now_ms, &select, out);
+                    *next += 1;
+                }
+                s.shard_count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Merges counts of replica index `replica` into the store for `window_ms`: each
+    /// `(key, window, count)` of `entries`, with `on` told of each outcome (`Ok(true)`:
+    /// the count grew). False if there is no such store (nothing is merged).
+    pub(crate) fn merge(
+        &self,
+        window_ms: u64,
+        replica: u32,
+        now_ms: i64,
+        entries: impl Iterator<Item = (u64, i64, u64)>,
+        mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
+    ) -> bool {
+        self.limiter
+            .with_existing_store(window_ms, |store| {
+                for (key, window, count) in entries {
+                    on((key, window, count), store.merge(key, window, replica, count, now_ms));
+                }
+            })
+            .is_some()
+    }
+
+    /// The windows of the store for `window_ms` a count may still be merged for, at
+    /// `now_ms`, and the length of its windows (the sliding log's buckets are shorter
+    /// than its quota's window); `None` if there is no such store.
+    pub(crate) fn windows(&self, window_ms: u64, now_ms: i64) -> Option<(RangeInclusive<i64>, u64)> {
+        self.limiter.with_existing_store(window_ms, |s| (s.acceptable_windows(now_ms, window_ms), s.tick_ms(window_ms)))
+    }
+
+    /// Drops from every store the counts that can no longer matter (before replica
+    /// indices are reused).
+    pub(crate) fn sweep(&self, now_ms: i64) {
+        self.limiter.for_each_store(|_, s| {
+            s.sweep(now_ms);
+        });
+    }
+
+    /// The version of the limits in force.
+    pub(crate) fn limits_version(&self) -> LimitsVersion {
+        self.limiter.limits_version()
+    }
+
+    /// The limits in force, if any were applied.
+    pub(crate) fn limits(&self) -> (LimitsVersion, Option<LimitsConfig>) {
+        self.limiter.limits()
+    }
+
+    /// Installs limits heard from a peer if they are newer.
+    pub(crate) fn install_limits(&self, config: LimitsConfig, version: LimitsVersion) -> Result<bool, LimitsError> {
+        self.limiter.install_limits(config, version)
+    }
+}
+
+impl Drop for Replica {
+    /// Detaches from the limiter: it decides on its own again and stops marking changes.
+    fn drop(&mut self) {
+        let cluster = self.limiter.cluster();
+        cluster.bounded.store(false, Ordering::Relaxed);
+        cluster.live_replicas.store(1, Ordering::Relaxed);
+        cluster.live_index.store(0, Ordering::Relaxed);
+        self.limiter.for_each_store(|_, s| s.untrack_changes());
+        cluster.attached.store(false, Ordering::Release);
+    }
+}
