@@ -181,12 +181,63 @@ pub struct Transmit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
+    /// A peer was heard from after being down (or never heard), or with a new incarnation.
+    PeerUp {
+        /// The peer.
+        peer: PeerId,
+        /// Its incarnation.
+        incarnation: u64,
+        /// It came back as a new incarnation (it restarted without its counts).
+        restarted: bool,
+    },
+    /// A peer was silent for the suspicion period: it no longer shares the quota.
+    PeerDown {
+        /// The peer.
+        peer: PeerId,
+        /// How long it had been silent, if it was ever heard.
+        silent_ms: Option<i64>,
+    },
+    /// The number of live replicas sharing the quota, or this node's place among them,
+    /// changed (what the bounded policy's shares follow).
+    LiveChanged {
+        /// Live replicas, this one included.
+        live_replicas: u64,
+        /// This node's place among them, ordered by node id.
+        index: u64,
+    },
     /// The last message of a full sync for `peer` was queued (every earlier one is
     /// already in [`GossipNode::poll_transmit`]'s queue, ahead of anything queued later).
     FullSyncSent {
         /// The peer.
         peer: PeerId,
     },
+    /// Input from `peer` that decoded but was refused, with the reason (at most one event
+    /// per message; each refusal is also counted in [`GossipStats`]). Messages that do
+    /// not decode are reported by [`GossipNode::handle_message`]'s error instead.
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: Refusal,
+    },
+}
+
+/// Why the core refused a peer's input. See [`Event::Refused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A limits register dated more than a day ahead of this node's clock, or one that
+    /// does not resolve ([`GossipStats::refused`]).
+    Limits,
+    /// Counts for replicas past the sender's budget of replicas it may introduce
+    /// ([`GossipStats::replicas_refused`]); the first such replica of the message.
+    Replica(ReplicaId),
+    /// A digest or repair past the sender's answer budget for the anti-entropy period
+    /// ([`GossipStats::answers_dropped`]).
+    AnswerBudget,
+    /// A repair while the most repairs were already waiting for the sender
+    /// ([`GossipStats::repairs_dropped`]).
+    RepairQueue,
 }
 
 /// The most events waiting for [`GossipNode::poll_event`]; past it new ones are dropped
@@ -601,7 +652,10 @@ impl GossipNode {
                     self.send_everything(from, now_ms);
                 }
             }
-            Body::Digest { .. } | Body::Repair { .. } if !self.take_answer(from) => self.stats.answers_dropped += 1,
+            Body::Digest { .. } | Body::Repair { .. } if !self.take_answer(from) => {
+                self.stats.answers_dropped += 1;
+                self.push_event(Event::Refused { peer: from, reason: Refusal::AnswerBudget });
+            }
             Body::Digest { window_ms, window, span, rows, limits, complete } => {
                 if self.replica.limits_version() > limits {
                     self.send_limits(from);
@@ -612,7 +666,10 @@ impl GossipNode {
             Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
             // A version from further in the future than a day is a broken clock or a
             // hostile peer: it would freeze the register.
-            Body::Limits { version, .. } if version.at_ms > (now_ms.max(0) as u64).saturating_add(86_400_000) => self.stats.refused += 1,
+            Body::Limits { version, .. } if version.at_ms > (now_ms.max(0) as u64).saturating_add(86_400_000) => {
+                self.stats.refused += 1;
+                self.push_event(Event::Refused { peer: from, reason: Refusal::Limits });
+            }
             Body::Limits { version, config } => match self.replica.install_limits(config, version) {
                 Ok(true) => {
                     tracing::info!(from, at_ms = version.at_ms, origin = version.node, "limits from a peer put in force");
@@ -623,7 +680,10 @@ impl GossipNode {
                     }
                 }
                 Ok(false) => {}
-                Err(_) => self.stats.refused += 1,
+                Err(_) => {
+                    self.stats.refused += 1;
+                    self.push_event(Event::Refused { peer: from, reason: Refusal::Limits });
+                }
             },
         }
         Ok(())
@@ -817,8 +877,10 @@ impl GossipNode {
         p.up = true;
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
         if came_up || new_incarnation {
-            tracing::info!(peer = from, incarnation, new_incarnation, "peer up");
-            self.publish_live();
+            self.push_event(Event::PeerUp { peer: from, incarnation, restarted: new_incarnation });
+            if came_up {
+                self.publish_live();
+            }
             // A peer that joins, heals from a partition or restarts gets everything.
             self.send_everything(from, now_ms);
         }
@@ -872,11 +934,12 @@ impl GossipNode {
     /// Publishes the live replicas' number and this node's place among them (ordered by
     /// node id): members that agree on who is live give the bounded policy's rounding
     /// remainders to distinct nodes.
-    fn publish_live(&self) {
+    fn publish_live(&mut self) {
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
         let me = self.cfg.replica.node;
         let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
         self.replica.set_view(live, index);
+        self.push_event(Event::LiveChanged { live_replicas: live, index });
     }
 
     fn run_round(&mut self, now_ms: i64) {
@@ -898,14 +961,18 @@ impl GossipNode {
             self.reclaim_replicas(now_ms);
         }
         let suspect = self.suspect_after_ms();
-        let mut changed = false;
+        let mut down = Vec::new();
         for (id, p) in self.peers.iter_mut() {
             let up = p.last_heard_ms.is_some_and(|t| now_ms - t <= suspect);
             if p.up && !up {
-                tracing::warn!(peer = id, silent_ms = p.last_heard_ms.map(|t| now_ms - t), "peer down");
+                let silent_ms = p.last_heard_ms.map(|t| now_ms - t);
+                down.push(Event::PeerDown { peer: *id, silent_ms });
             }
-            changed |= up != p.up;
             p.up = up;
+        }
+        let changed = !down.is_empty();
+        for e in down {
+            self.push_event(e);
         }
         if changed {
             self.publish_live();
@@ -1063,6 +1130,7 @@ impl GossipNode {
     fn merge_batches(&mut self, from: PeerId, batches: &[Batch], now_ms: i64) {
         let now_ms = self.cluster_ms(now_ms);
         let fan_out = self.fan_out();
+        let mut refused = None;
         for b in batches {
             if b.replica == self.cfg.replica {
                 continue; // our own counts are authoritative here
@@ -1084,6 +1152,7 @@ impl GossipNode {
             // within the sender's budget.
             let Some(index) = self.admit_replica(from, b.replica, window_ms, newest) else {
                 self.stats.replicas_refused += 1;
+                refused.get_or_insert(b.replica);
                 continue;
             };
             let in_range = b.entries.iter().filter(|e| range.contains(&window_of(e))).count();
@@ -1104,6 +1173,9 @@ impl GossipNode {
                 Ok(false) => {}
                 Err(_) => stats.dropped_at_capacity += 1,
             });
+        }
+        if let Some(replica) = refused {
+            self.push_event(Event::Refused { peer: from, reason: Refusal::Replica(replica) });
         }
     }
 
@@ -1282,6 +1354,7 @@ impl GossipNode {
             p.jobs.push_back(RepairJob { window_ms, wanted: Some(masks), next_shard: 0 });
         } else {
             self.stats.repairs_dropped += 1;
+            self.push_event(Event::Refused { peer: to, reason: Refusal::RepairQueue });
             return;
         }
         self.step_repairs(to, now_ms);

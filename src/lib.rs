@@ -33,8 +33,9 @@ pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
 pub use counter::{GCounter, ReplicaId};
 pub use error::Error;
 pub use gossip::{
-    Event, GossipConfig, GossipNode, GossipStats, MessageError, PeerId, PeerStats, StateEntry, Transmit, MAX_ANSWERS_PER_PERIOD,
-    MAX_EVENTS, MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND, MAX_REPLICAS,
+    Event, GossipConfig, GossipNode, GossipStats, MessageError, PeerId, PeerStats, Refusal as GossipRefusal, StateEntry, Transmit,
+    MAX_ANSWERS_PER_PERIOD, MAX_EVENTS, MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
+    MAX_REPLICAS,
 };
 pub use limiter::{
     Builder, Decision, LimiterStats, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,

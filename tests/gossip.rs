@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crdt_rate_limiter::{
-    Admission, GossipConfig, GossipNode, ManualClock, MessageError, Quota, RateLimiter, ReplicaId, StateEntry, Strategy,
+    Admission, Event, GossipConfig, GossipNode, ManualClock, MessageError, Quota, RateLimiter, ReplicaId, StateEntry, Strategy,
 };
 
 const T0: i64 = 1_700_000_000_000;
@@ -31,6 +31,8 @@ struct Cluster {
     limit: u64,
     admission: Admission,
     strategy: Strategy,
+    /// Per node, the events its core reported, in order.
+    events: BTreeMap<u64, Vec<Event>>,
 }
 
 impl Cluster {
@@ -49,6 +51,7 @@ impl Cluster {
             limit,
             admission,
             strategy,
+            events: BTreeMap::new(),
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -80,6 +83,9 @@ impl Cluster {
                 if !self.cut.contains(&id) && !self.cut.contains(&t.to) {
                     self.wire.insert((self.now + LATENCY_MS, self.seq), (id, t.to, t.bytes));
                 }
+            }
+            while let Some(e) = node.gossip.poll_event() {
+                self.events.entry(id).or_default().push(e);
             }
         }
     }
@@ -163,6 +169,37 @@ fn a_node_that_joins_late_receives_a_full_sync() {
     c.run_until(T0 + 200);
     assert_eq!(c.state(3).iter().map(|e| e.count).sum::<u64>(), 30);
     assert!(c.converged());
+}
+
+#[test]
+fn the_core_reports_peers_coming_and_going_and_full_syncs_as_events() {
+    let mut c = Cluster::new(&[1, 2, 3], 100, Admission::Bounded);
+    c.run_until(T0 + 100);
+    let seen = std::mem::take(c.events.get_mut(&2).unwrap());
+    for peer in [1, 3] {
+        assert!(seen.contains(&Event::PeerUp { peer, incarnation: 1, restarted: false }), "{seen:?}");
+        assert!(seen.contains(&Event::FullSyncSent { peer }), "{seen:?}");
+    }
+    assert_eq!(
+        seen.iter().rfind(|e| matches!(e, Event::LiveChanged { .. })),
+        Some(&Event::LiveChanged { live_replicas: 3, index: 1 }),
+        "node 2 is second of three: {seen:?}"
+    );
+    c.events.clear();
+    // Node 3 goes silent past the suspicion period, then comes back as a new incarnation.
+    c.cut = vec![3];
+    c.run_until(T0 + 300);
+    let seen = std::mem::take(c.events.get_mut(&2).unwrap());
+    assert!(seen.iter().any(|e| matches!(e, Event::PeerDown { peer: 3, silent_ms: Some(ms) } if *ms > 0)), "{seen:?}");
+    assert_eq!(seen.iter().rfind(|e| matches!(e, Event::LiveChanged { .. })), Some(&Event::LiveChanged { live_replicas: 2, index: 1 }));
+    c.cut.clear();
+    c.nodes.remove(&3);
+    c.start(3, 2, &[1, 2, 3]);
+    c.run_until(T0 + 400);
+    let seen = &c.events[&2];
+    assert!(seen.contains(&Event::PeerUp { peer: 3, incarnation: 2, restarted: true }), "{seen:?}");
+    assert!(seen.contains(&Event::LiveChanged { live_replicas: 3, index: 1 }), "{seen:?}");
+    assert!(seen.contains(&Event::FullSyncSent { peer: 3 }), "{seen:?}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use crdt_rate_limiter::{
-    Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, StateEntry, Strategy, Transmit,
+    Admission, Event as GossipEvent, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, StateEntry, Strategy, Transmit,
     DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE,
 };
 
@@ -152,6 +152,7 @@ struct Totals {
     full_syncs: u64,
     digests: u64,
     buckets_repaired: u64,
+    peers_down: u64,
     safety_checks: u64,
 }
 
@@ -546,6 +547,11 @@ impl<'a> Sim<'a> {
         if let Some(live) = self.nodes[n].live.as_mut() {
             while let Some(t) = live.gossip.poll_transmit() {
                 out.push(t);
+            }
+            while let Some(e) = live.gossip.poll_event() {
+                if let GossipEvent::PeerDown { .. } = e {
+                    self.totals.peers_down += 1;
+                }
             }
             let deadline = live.gossip.poll_timeout();
             if deadline.is_some() && deadline != live.timer_ms && !live.stalled {
@@ -1101,6 +1107,7 @@ impl<'a> Sim<'a> {
             full_syncs: t.full_syncs,
             digests: t.digests,
             buckets_repaired: t.buckets_repaired,
+            peers_down: t.peers_down,
             safety_checks: t.safety_checks,
             bursts: self.burst_count,
             burst_offered: self.burst_offered,

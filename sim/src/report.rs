@@ -73,6 +73,9 @@ pub struct Report {
     pub digests: u64,
     /// Buckets found different by a digest and repaired.
     pub buckets_repaired: u64,
+    /// Times a node marked a peer down (silent past the suspicion period), from the
+    /// cores' `PeerDown` events: crashes and partitions, and false suspicions under loss.
+    pub peers_down: u64,
     /// Safety checks run (one node's whole view against the truth each).
     pub safety_checks: u64,
     /// Bursts sent (`--burst-clients`).
@@ -192,7 +195,13 @@ impl Report {
                     self.entries_sent, self.bytes_per_count, self.entries_merged
                 ),
             ),
-            ("repair", format!("{} full syncs, {} digests, {} buckets repaired", self.full_syncs, self.digests, self.buckets_repaired)),
+            (
+                "repair",
+                format!(
+                    "{} full syncs, {} digests, {} buckets repaired; {} peers marked down",
+                    self.full_syncs, self.digests, self.buckets_repaired, self.peers_down
+                ),
+            ),
             ("safety checks", format!("{}, {} violations", self.safety_checks, self.violation_count)),
         ];
         let mut rows = rows;

@@ -1086,6 +1086,18 @@ impl State {
                 CoreEvent::FullSyncSent { peer } => {
                     self.send_frame(sh, peer, &Frame::SyncDone);
                 }
+                CoreEvent::PeerUp { peer, incarnation, restarted } => {
+                    tracing::info!(peer = %self.name_of(peer), incarnation, restarted, "member up");
+                }
+                CoreEvent::PeerDown { peer, silent_ms } => {
+                    tracing::warn!(peer = %self.name_of(peer), silent_ms, "member down: it no longer shares the quota");
+                }
+                CoreEvent::LiveChanged { live_replicas, index } => {
+                    tracing::debug!(live_replicas, index, "live members changed");
+                }
+                CoreEvent::Refused { peer, reason } => {
+                    tracing::debug!(peer = %self.name_of(peer), ?reason, "member's input refused");
+                }
             }
         }
     }
