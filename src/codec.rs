@@ -60,6 +60,13 @@ pub(crate) struct Envelope {
     pub body: Body,
 }
 
+impl Envelope {
+    /// A message of this wire version from `from`.
+    pub(crate) fn new(from: ReplicaId, body: Body) -> Self {
+        Self { version: WIRE_VERSION, from, body }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Body {
     /// Absolute counts, grouped by the replica that made them. Empty: a heartbeat.

@@ -55,7 +55,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::cluster_time::{self, Estimator};
-use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
+use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS};
 use crate::key::splitmix64;
 use crate::replica::{Exported, Replica, LOCAL_REPLICA};
 use crate::{Error, LimitsVersion, RateLimiter, ReplicaId};
@@ -406,8 +406,17 @@ pub struct StateEntry {
     pub count: u64,
 }
 
-/// A count on its way out: (window length, replica, key, window, count).
-type Outgoing = (u64, ReplicaId, u64, i64, u64);
+/// A count on its way out.
+#[derive(Debug, Clone, Copy)]
+struct Outgoing {
+    /// The store's window length.
+    window_ms: u64,
+    /// The replica that counted it.
+    replica: ReplicaId,
+    key: u64,
+    window: i64,
+    count: u64,
+}
 
 /// The sans-IO gossip core of one cluster member. See the module documentation.
 #[derive(Debug)]
@@ -487,9 +496,8 @@ impl GossipNode {
         for p in peers {
             node.add_peer(p);
         }
-        let me = node.cfg.replica;
         for p in node.sync_targets() {
-            node.send(p, &Envelope { version: WIRE_VERSION, from: me, body: Body::SyncRequest }, true);
+            node.send(p, Body::SyncRequest, true);
         }
         Ok(node)
     }
@@ -942,17 +950,14 @@ impl GossipNode {
         self.push_event(Event::LiveChanged { live_replicas: live, index });
     }
 
+    /// One gossip round: budgets, exports under way, liveness, cluster time, limits,
+    /// deltas, then anti-entropy and clock samples once a period.
     fn run_round(&mut self, now_ms: i64) {
         let _span = tracing::debug_span!("gossip_round", node = self.cfg.replica.node, round = self.round + 1).entered();
         self.stats.rounds += 1;
         self.round += 1;
         let period_start = self.round % self.cfg.anti_entropy_rounds == 0;
-        for p in self.peers.values_mut() {
-            p.exported_this_round = 0;
-            if period_start {
-                p.answers_used = 0;
-            }
-        }
+        self.reset_budgets(period_start);
         let exporting: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.jobs.is_empty()).map(|(id, _)| *id).collect();
         for p in exporting {
             self.step_repairs(p, now_ms);
@@ -960,26 +965,48 @@ impl GossipNode {
         if period_start {
             self.reclaim_replicas(now_ms);
         }
+        self.update_liveness(now_ms);
+        self.update_cluster_time();
+        self.broadcast_limits();
+        let live: Vec<PeerId> = self.live_peers().collect();
+        self.send_deltas(&live, now_ms);
+        if period_start || self.round == self.last_active_round + 2 {
+            self.anti_entropy(&live, now_ms);
+        }
+    }
+
+    /// Each peer's export budget is per round, its answer budget per anti-entropy period.
+    fn reset_budgets(&mut self, period_start: bool) {
+        for p in self.peers.values_mut() {
+            p.exported_this_round = 0;
+            if period_start {
+                p.answers_used = 0;
+            }
+        }
+    }
+
+    /// Marks down the peers silent past the suspicion period, and publishes the new live
+    /// set if it changed.
+    fn update_liveness(&mut self, now_ms: i64) {
         let suspect = self.suspect_after_ms();
         let mut down = Vec::new();
         for (id, p) in self.peers.iter_mut() {
             let up = p.last_heard_ms.is_some_and(|t| now_ms - t <= suspect);
             if p.up && !up {
-                let silent_ms = p.last_heard_ms.map(|t| now_ms - t);
-                down.push(Event::PeerDown { peer: *id, silent_ms });
+                down.push(Event::PeerDown { peer: *id, silent_ms: p.last_heard_ms.map(|t| now_ms - t) });
             }
             p.up = up;
         }
-        let changed = !down.is_empty();
-        for e in down {
-            self.push_event(e);
-        }
-        if changed {
+        if !down.is_empty() {
+            for e in down {
+                self.push_event(e);
+            }
             self.publish_live();
         }
-        self.update_cluster_time();
+    }
 
-        // New limits go to every peer at once: all nodes apply them within a round.
+    /// New limits go to every peer at once: all nodes apply them within a round.
+    fn broadcast_limits(&mut self) {
         if self.replica.limits_version() > self.limits_sent {
             self.limits_sent = self.replica.limits_version();
             let peers: Vec<PeerId> = self.peers.keys().copied().collect();
@@ -987,12 +1014,15 @@ impl GossipNode {
                 self.send_limits(p);
             }
         }
+    }
 
-        // What changed: our own counts, plus in fan-out mode what we learned.
+    /// Sends what changed (this node's counts, and in fan-out mode what it learned) to
+    /// this round's targets; a heartbeat to a target with nothing to hear or that is down.
+    fn send_deltas(&mut self, live: &[PeerId], now_ms: i64) {
         let me = self.cfg.replica;
         let mut out: Vec<Outgoing> = Vec::new();
         self.replica.changes(now_ms, |window_ms, changed| {
-            out.extend(changed.iter().map(|e| (window_ms, me, e.key, e.window, e.count)));
+            out.extend(changed.iter().map(|e| Outgoing { window_ms, replica: me, key: e.key, window: e.window, count: e.count }));
         });
         let fan_out = self.fan_out();
         if !out.is_empty() || !self.relay.is_empty() {
@@ -1003,10 +1033,8 @@ impl GossipNode {
         } else {
             self.relay.clear();
         }
-
-        let live: Vec<PeerId> = self.live_peers().collect();
         let targets: Vec<PeerId> = if fan_out {
-            let mut t = self.pick(&live, self.cfg.fanout);
+            let mut t = self.pick(live, self.cfg.fanout);
             // Probe one peer that is down, so a healed peer is noticed.
             let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
             t.extend(self.pick(&down, 1));
@@ -1017,9 +1045,8 @@ impl GossipNode {
         let messages = self.pack(&mut out);
         for to in targets {
             if messages.is_empty() || !self.peers.get(&to).is_some_and(|p| p.up) {
-                // Nothing to say, or a peer that is down: a heartbeat (it gets
-                // everything when it comes back up).
-                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(Vec::new()) }, false);
+                // It gets everything when it comes back up.
+                self.send(to, Body::Counts(Vec::new()), false);
             } else {
                 for m in &messages {
                     self.queue(to, m.clone(), false);
@@ -1027,86 +1054,87 @@ impl GossipNode {
                 self.stats.entries_sent += out.len() as u64;
             }
         }
+    }
 
-        // While counts are changing, the current window is mid-update everywhere and a
-        // digest of it would mostly "repair" deltas still in flight: digest the previous,
-        // closed window, to one random peer. Once this node's view has been still for two
-        // rounds, digest both windows, to every live peer (in fan-out mode, `fanout` of
-        // them): at once when it goes quiet, then every period. That is what converges a
-        // quiet cluster quickly when the last deltas of a burst were lost.
+    /// Digests and clock samples: every anti-entropy period, and once when the node's view
+    /// goes quiet.
+    ///
+    /// While counts are changing, the current window is mid-update everywhere and a
+    /// digest of it would mostly "repair" deltas still in flight: digest the previous,
+    /// closed window, to one random peer. Once this node's view has been still for two
+    /// rounds, digest both windows, to every live peer (in fan-out mode, `fanout` of
+    /// them): at once when it goes quiet, then every period. That is what converges a
+    /// quiet cluster quickly when the last deltas of a burst were lost.
+    fn anti_entropy(&mut self, live: &[PeerId], now_ms: i64) {
         let quiet = self.round >= self.last_active_round + 2;
-        let just_quiet = self.round == self.last_active_round + 2;
-        if self.round % self.cfg.anti_entropy_rounds == 0 || just_quiet {
-            let targets = match (quiet, fan_out) {
-                (false, _) => self.pick(&live, 1),
-                (true, false) => live.clone(),
-                (true, true) => self.pick(&live, self.cfg.fanout),
-            };
-            for to in targets {
-                self.send_digests(to, now_ms, quiet);
+        let fan_out = self.fan_out();
+        let targets = match (quiet, fan_out) {
+            (false, _) => self.pick(live, 1),
+            (true, false) => live.to_vec(),
+            (true, true) => self.pick(live, self.cfg.fanout),
+        };
+        for to in targets {
+            self.send_digests(to, now_ms, quiet);
+        }
+        // A clock sample from every live peer (fan-out mode: the ones picked).
+        let sample = if fan_out { self.pick(live, self.cfg.fanout) } else { live.to_vec() };
+        for p in sample {
+            if let Some(peer) = self.peers.get_mut(&p) {
+                peer.ping_sent_ms = Some(now_ms);
             }
-            // A clock sample from every live peer (fan-out mode: the ones picked).
-            let sample = if fan_out { self.pick(&live, self.cfg.fanout) } else { live };
-            for p in sample {
-                if let Some(peer) = self.peers.get_mut(&p) {
-                    peer.ping_sent_ms = Some(now_ms);
-                }
-                self.send(p, &Envelope { version: WIRE_VERSION, from: me, body: Body::Ping { sent_at_ms: now_ms, echo: None } }, false);
-            }
+            self.send(p, Body::Ping { sent_at_ms: now_ms, echo: None }, false);
         }
     }
 
     /// Encodes `entries` (sorted here) as messages of at most `max_message_bytes`.
     fn pack(&self, entries: &mut [Outgoing]) -> Vec<Vec<u8>> {
-        entries.sort_unstable_by_key(|&(window_ms, replica, key, window, _)| (window_ms, replica, std::cmp::Reverse(window), key));
-        let me = self.cfg.replica;
+        entries.sort_unstable_by_key(|o| (o.window_ms, o.replica, std::cmp::Reverse(o.window), o.key));
         let budget = self.cfg.max_message_bytes;
-        let header = codec::counts_header_len(&me);
+        let header = codec::counts_header_len(&self.cfg.replica);
         let mut messages = Vec::new();
         let mut batches: Vec<Batch> = Vec::new();
         let mut size = header;
-        for &(window_ms, replica, key, window, count) in entries.iter() {
-            let entry = WireEntry { key: key.to_le_bytes(), window_offset: 0, count };
-            let fits_batch = batches.last().is_some_and(|b| {
-                b.replica == replica && u64::from(b.window_ms) == window_ms && b.base_window - window <= 1 && b.base_window >= window
-            });
-            let mut entry = entry;
-            let extra = if fits_batch {
-                let b = batches.last().map_or(0, |b| b.base_window);
-                entry.window_offset = (b - window) as u32;
-                codec::entry_len(&entry)
-            } else {
-                codec::batch_header_len(&replica, window_ms as u32, window, 1) + codec::entry_len(&entry)
-            };
+        for o in entries.iter() {
+            // In the last batch if it has this replica and store and the window is its
+            // base or the one before; else in a new batch.
+            let offset = batches
+                .last()
+                .filter(|b| b.replica == o.replica && u64::from(b.window_ms) == o.window_ms)
+                .map(|b| b.base_window - o.window)
+                .filter(|d| (0..=1).contains(d));
+            let entry = WireEntry { key: o.key.to_le_bytes(), window_offset: offset.unwrap_or(0) as u32, count: o.count };
+            let batch_len = codec::batch_header_len(&o.replica, o.window_ms as u32, o.window, 1);
+            let extra = codec::entry_len(&entry) + if offset.is_some() { 0 } else { batch_len };
             if size + extra > budget && !batches.is_empty() {
-                messages.push(codec::encode(&Envelope {
-                    version: WIRE_VERSION,
-                    from: me,
-                    body: Body::Counts(std::mem::take(&mut batches)),
-                }));
+                messages.push(self.encode(Body::Counts(std::mem::take(&mut batches))));
                 size = header;
-                entry.window_offset = 0;
-                batches.push(Batch { replica, window_ms: window_ms as u32, base_window: window, entries: vec![entry] });
-                size += codec::batch_header_len(&replica, window_ms as u32, window, 1) + codec::entry_len(&entry);
-                continue;
             }
-            size += extra;
-            if fits_batch {
-                if let Some(b) = batches.last_mut() {
+            match (offset, batches.last_mut()) {
+                (Some(_), Some(b)) => {
                     b.entries.push(entry);
+                    size += extra;
                 }
-            } else {
-                batches.push(Batch { replica, window_ms: window_ms as u32, base_window: window, entries: vec![entry] });
+                _ => {
+                    let entry = WireEntry { window_offset: 0, ..entry };
+                    size += batch_len + codec::entry_len(&entry);
+                    batches.push(Batch { replica: o.replica, window_ms: o.window_ms as u32, base_window: o.window, entries: vec![entry] });
+                }
             }
         }
         if !batches.is_empty() {
-            messages.push(codec::encode(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(batches) }));
+            messages.push(self.encode(Body::Counts(batches)));
         }
         messages
     }
 
-    fn send(&mut self, to: PeerId, msg: &Envelope, reliable: bool) {
-        self.queue(to, codec::encode(msg), reliable);
+    /// A message from this node.
+    fn encode(&self, body: Body) -> Vec<u8> {
+        codec::encode(&Envelope::new(self.cfg.replica, body))
+    }
+
+    fn send(&mut self, to: PeerId, body: Body, reliable: bool) {
+        let bytes = self.encode(body);
+        self.queue(to, bytes, reliable);
     }
 
     fn push_event(&mut self, event: Event) {
@@ -1167,7 +1195,7 @@ impl GossipNode {
                 Ok(true) => {
                     stats.entries_merged += 1;
                     if fan_out {
-                        relay.push((window_ms, b.replica, key, window, count));
+                        relay.push(Outgoing { window_ms, replica: b.replica, key, window, count });
                     }
                 }
                 Ok(false) => {}
@@ -1185,9 +1213,8 @@ impl GossipNode {
             None => {
                 // Replies are sent at once: the hold time is zero in virtual time, and a
                 // driver's queueing shows up as round-trip time.
-                let me = self.cfg.replica;
                 let body = Body::Ping { sent_at_ms: now_ms, echo: Some((sent_at_ms, 0)) };
-                self.send(from, &Envelope { version: WIRE_VERSION, from: me, body }, false);
+                self.send(from, body, false);
             }
             Some((t1, hold)) => {
                 // Only an answer to our outstanding ping counts (a peer cannot make up
@@ -1211,8 +1238,7 @@ impl GossipNode {
 
     fn send_limits(&mut self, to: PeerId) {
         if let (version, Some(config)) = self.replica.limits() {
-            let me = self.cfg.replica;
-            self.send(to, &Envelope { version: WIRE_VERSION, from: me, body: Body::Limits { version, config } }, true);
+            self.send(to, Body::Limits { version, config }, true);
         }
     }
 
@@ -1267,7 +1293,6 @@ impl GossipNode {
     /// Digests of every store to `to`; `both_windows`: include the current window.
     fn send_digests(&mut self, to: PeerId, now_ms: i64, both_windows: bool) {
         let now_ms = self.cluster_ms(now_ms);
-        let me = self.cfg.replica;
         let windows = self.replica.window_lengths();
         for window_ms in windows {
             // Every window the store still keeps (a late request may reach it), up to the
@@ -1290,7 +1315,7 @@ impl GossipNode {
             for chunk in rows.chunks(per_message) {
                 self.stats.digests_sent += 1;
                 let body = Body::Digest { window_ms: window_ms as u32, window, span, rows: chunk.to_vec(), limits, complete };
-                self.send(to, &Envelope { version: WIRE_VERSION, from: me, body }, false);
+                self.send(to, body, false);
             }
         }
     }
@@ -1320,11 +1345,10 @@ impl GossipNode {
         self.answer_repair(from, window_ms, &wanted, now_ms);
         // A replica and its mask take at most 19 bytes: split the request to fit both the
         // message budget and what a receiver decodes.
-        let me = self.cfg.replica;
         let per_message = ((self.cfg.max_message_bytes - 32) / 19).clamp(1, codec::MAX_DIGEST_ROWS);
         for chunk in wanted.chunks(per_message) {
             let body = Body::Repair { window_ms: window_ms as u32, wanted: chunk.to_vec() };
-            self.send(from, &Envelope { version: WIRE_VERSION, from: me, body }, true);
+            self.send(from, body, true);
         }
     }
 
@@ -1378,7 +1402,7 @@ impl GossipNode {
             out.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
                 let wanted = job.wanted.as_ref().is_none_or(|w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
-                wanted.then_some((job.window_ms, replica, e.key, e.window, e.count))
+                wanted.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
             let Some(p) = self.peers.get_mut(&to) else { return };
             p.exported_this_round += buf.len().max(1);
@@ -1431,11 +1455,7 @@ mod tests {
     fn counts_from(node: u64, window: i64, key: u64, count: u64) -> Vec<u8> {
         let replica = ReplicaId { node, incarnation: 1 };
         let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
-        codec::encode(&Envelope {
-            version: WIRE_VERSION,
-            from: replica,
-            body: Body::Counts(vec![Batch { replica, window_ms: 1000, base_window: window, entries }]),
-        })
+        codec::encode(&Envelope::new(replica, Body::Counts(vec![Batch { replica, window_ms: 1000, base_window: window, entries }])))
     }
 
     #[test]
@@ -1471,11 +1491,11 @@ mod tests {
             }]),
         ];
         for body in bodies {
-            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from, body });
+            let bytes = codec::encode(&Envelope::new(from, body));
             assert!(matches!(n.handle_message(2, &bytes, T0), Err(MessageError::Decode(_))));
         }
         // An unsolicited echo sets no clock estimate.
-        let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Ping { sent_at_ms: T0, echo: Some((T0 - 5, 0)) } });
+        let bytes = codec::encode(&Envelope::new(from, Body::Ping { sent_at_ms: T0, echo: Some((T0 - 5, 0)) }));
         n.handle_message(2, &bytes, T0).unwrap();
         assert_eq!(n.peer_stats()[0].clock_offset_ms, None);
     }
@@ -1517,7 +1537,7 @@ mod tests {
         // Every peer is heard from: five replicas share the quota.
         for p in 2..=5 {
             let from = ReplicaId { node: p, incarnation: 1 };
-            let hb = codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Counts(Vec::new()) });
+            let hb = codec::encode(&Envelope::new(from, Body::Counts(Vec::new())));
             n.handle_message(p, &hb, T0).unwrap();
         }
         // Timestamps alternate between two rounds; the budget's round is the clock's.
@@ -1532,7 +1552,7 @@ mod tests {
         let entries = vec![WireEntry { key: [3; 8], window_offset: 0, count: 1 }];
         for w in 1..=100u32 {
             let batch = Batch { replica, window_ms: 1000 + w, base_window: T0 / i64::from(1000 + w), entries: entries.clone() };
-            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from: replica, body: Body::Counts(vec![batch]) });
+            let bytes = codec::encode(&Envelope::new(replica, Body::Counts(vec![batch])));
             n.handle_message(2, &bytes, T0).unwrap();
         }
         assert_eq!(n.stats().out_of_range, 100);
