@@ -701,11 +701,12 @@ impl RateLimiter {
         self.inner.hasher.hash(client.as_bytes())
     }
 
-    /// Calls `f` with every store: the main one, then one per `allow_with` window length.
+    /// The window length of the main store, in ms.
     fn main_window_ms(&self) -> u64 {
         self.inner.main_window_ms.load(Ordering::Relaxed)
     }
 
+    /// Calls `f` with every store: the main one, then one per `allow_with` window length.
     pub(crate) fn for_each_store(&self, mut f: impl FnMut(u64, &Store)) {
         let main = self.main_window_ms();
         f(main, &self.inner.store);
