@@ -1,7 +1,7 @@
 //! The wire format: bincode 2 (standard configuration: little-endian, variable-length
 //! integers) behind this one module.
 //!
-//! Every message is an [`Envelope`]: a version byte, the sender's replica id and a body.
+//! Every message is an envelope: a version byte, the sender's replica id and a body.
 //! Decoding refuses anything longer than [`MAX_DECODE_BYTES`], anything with trailing
 //! bytes, an unknown version, and any count of items past the limits below, before a
 //! single count is merged: a message is applied whole or not at all.
@@ -17,14 +17,15 @@
 use bincode::config::{self, Configuration};
 use serde::{Deserialize, Serialize};
 
-use crate::{LimitsConfig, LimitsVersion, ReplicaId};
+use crate::counter::ReplicaId;
+use crate::limits::{LimitsConfig, LimitsVersion};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
 /// The largest message accepted.
 pub const MAX_DECODE_BYTES: usize = 1 << 20;
 /// An upper bound on the encoded size of a `Limits` message holding the largest legal
-/// configuration: every name byte ([`MAX_NAME_BYTES`](crate::MAX_NAME_BYTES)), and per
+/// configuration: every name byte ([`MAX_NAME_BYTES`](crate::limits::MAX_NAME_BYTES)), and per
 /// tier and per override the most its length prefix, option tags and three quota values
 /// (each below 2³², 5 bytes) can take, plus the envelope. Below [`MAX_DECODE_BYTES`], so a
 /// limits register always travels as one message (checked at compile time, and by a test
@@ -221,17 +222,17 @@ pub(crate) fn entry_len(e: &WireEntry) -> usize {
 /// transport must carry whole.
 #[cfg(test)]
 pub(crate) fn largest_legal_messages() -> Vec<(&'static str, Vec<u8>)> {
-    use crate::{ClientOverride, LimitsConfig, QuotaSpec};
+    use crate::limits::{ClientOverride, LimitsConfig, QuotaSpec};
     let from = ReplicaId { node: u64::MAX, incarnation: u64::MAX };
     let env = |body| encode(&Envelope { version: WIRE_VERSION, from, body });
     let max = u64::from(u32::MAX);
     let spec = QuotaSpec { limit: max, window_ms: max, burst: Some(max) };
     let mut limits = LimitsConfig::new(spec.to_quota().expect("the largest quota is legal"));
-    for t in 0..crate::MAX_TIERS {
+    for t in 0..crate::limits::MAX_TIERS {
         limits.tiers.insert(format!("{t:064}"), spec.clone());
     }
-    let name_room = (crate::MAX_NAME_BYTES - crate::MAX_TIERS * 64) / crate::MAX_OVERRIDES;
-    for c in 0..crate::MAX_OVERRIDES {
+    let name_room = (crate::limits::MAX_NAME_BYTES - crate::limits::MAX_TIERS * 64) / crate::limits::MAX_OVERRIDES;
+    for c in 0..crate::limits::MAX_OVERRIDES {
         let o = ClientOverride { tier: None, limit: Some(max), window_ms: Some(max), burst: Some(max) };
         limits.clients.insert(format!("{c:0name_room$}"), o);
     }

@@ -76,7 +76,7 @@ pub enum Error {
     /// distinct window lengths than the limiter keeps counters for.
     #[error("at most {max} distinct window lengths can be used with allow_with")]
     TooManyWindows {
-        /// [`MAX_AD_HOC_WINDOWS`](crate::MAX_AD_HOC_WINDOWS).
+        /// [`MAX_AD_HOC_WINDOWS`](crate::limits::MAX_AD_HOC_WINDOWS).
         max: usize,
     },
     /// The builder was given no quota.

@@ -55,8 +55,10 @@ use std::sync::atomic::Ordering;
 
 use crate::cluster_time::{self, Estimator};
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
+use crate::counter::ReplicaId;
+use crate::limits::LimitsVersion;
 use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
-use crate::{Admission, Error, LimitsVersion, RateLimiter, ReplicaId};
+use crate::{Admission, Error, RateLimiter};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
 /// verified certificate).

@@ -2,16 +2,22 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
+// The crate root names what a user writes in a program (README, docs/*.md): the limiter,
+// its quota and clock, its errors, the limits file, the gossip core and the cluster. Every
+// constant and every advanced type lives in its module: `limits` (bounds and defaults),
+// `gossip` (the core's bounds, peers, statistics), `codec` (the wire version and its
+// errors), `counter` (the G-Counter and replica ids), `transport`, `middleware`, `metrics`.
+
 mod algorithm;
 mod clock;
 mod cluster_time;
-mod codec;
-mod counter;
+pub mod codec;
+pub mod counter;
 mod error;
-mod gossip;
+pub mod gossip;
 mod key;
 mod limiter;
-mod limits;
+pub mod limits;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "tower")]
@@ -26,24 +32,12 @@ pub mod testing;
 pub mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use codec::{DecodeError, MAX_DECODE_BYTES, WIRE_VERSION};
-pub use counter::{GCounter, ReplicaId};
 pub use error::Error;
-pub use gossip::{
-    GossipConfig, GossipNode, GossipStats, MessageError, PeerId, PeerStats, StateEntry, Transmit, MAX_ANSWERS_PER_PERIOD,
-    MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND, MAX_REPLICAS,
-};
-pub use limiter::{
-    Admission, Builder, Decision, LimiterStats, RateLimiter, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN,
-    DEFAULT_MAX_TIMESTAMP_AGE, MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
-};
-pub use limits::{
-    ClientOverride, LimitsConfig, LimitsError, LimitsVersion, QuotaSpec, Resolved, MAX_NAME_BYTES, MAX_OVERRIDES, MAX_TIERS, MAX_TIER_NAME,
-};
+pub use gossip::{GossipConfig, GossipNode};
+pub use limiter::{Admission, Builder, Decision, LimiterStats, RateLimiter};
+pub use limits::LimitsConfig;
 #[cfg(feature = "tower")]
-pub use middleware::{KeyExtractor, MissingKey, OnError, RateLimitLayer, RateLimitOutcome, RateLimitService};
+pub use middleware::{KeyExtractor, RateLimitLayer};
 pub use quota::{Quota, Strategy};
 #[cfg(feature = "quic")]
-pub use transport::{
-    Cluster, ClusterBuilder, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason, TlsIdentity, TlsSource,
-};
+pub use transport::{Cluster, ClusterConfig, ClusterError, TlsIdentity, TlsSource};

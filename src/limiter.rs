@@ -9,27 +9,12 @@ use parking_lot::RwLock;
 use crate::algorithm::Verdict;
 use crate::clock::{Clock, SystemClock};
 use crate::key::KeyHasher;
-use crate::limits::{LimitsConfig, LimitsError, LimitsVersion};
+use crate::limits::{
+    LimitsConfig, LimitsError, LimitsVersion, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
+    MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
+};
 use crate::store::{Budget, KeyCap, Store, Tolerances};
 use crate::{Error, Quota, Strategy};
-
-/// Default longest client id, in bytes.
-pub const DEFAULT_MAX_KEY_LEN: usize = 256;
-/// Upper bound for [`Builder::max_key_len`], in bytes.
-pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
-/// Default replay tolerance: how far behind the limiter's clock a timestamp may be.
-///
-/// Keys are kept until no acceptable timestamp can reach their windows, so a larger
-/// tolerance keeps idle keys longer.
-pub const DEFAULT_MAX_TIMESTAMP_AGE: Duration = Duration::from_secs(5);
-/// Default clock-skew tolerance: how far ahead of the limiter's clock a timestamp may be.
-pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
-/// Default cap on keys first counted locally (keys first counted by peers have a budget
-/// as large of their own). At about 50 bytes per local key this is about 200 MiB; the
-/// bound under any peer input is 2.75 GiB (`docs/design.md`, "Memory model").
-pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
-/// How many distinct window lengths [`RateLimiter::allow_with`] keeps counters for.
-pub const MAX_AD_HOC_WINDOWS: usize = 64;
 
 /// What a limiter has decided so far and what it holds. See [`RateLimiter::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -590,7 +575,7 @@ impl RateLimiter {
     /// (tiers and overrides in force are kept).
     pub fn set_quota(&self, quota: Quota) {
         let mut cfg = self.limits().1.unwrap_or_else(|| LimitsConfig::new(quota));
-        cfg.default = crate::QuotaSpec::of(&quota);
+        cfg.default = crate::limits::QuotaSpec::of(&quota);
         // The overrides in force were valid and a valid default cannot invalidate them.
         let _ = self.apply_limits(cfg);
     }
@@ -975,7 +960,7 @@ mod tests {
         let (one, two) = (build(), build());
         let with = |rl: &RateLimiter, limit| {
             let mut cfg = LimitsConfig::new(default);
-            let spec = crate::ClientOverride { tier: None, limit: Some(limit), window_ms: Some(10_000), burst: None };
+            let spec = crate::limits::ClientOverride { tier: None, limit: Some(limit), window_ms: Some(10_000), burst: None };
             cfg.clients.insert("vip".into(), spec);
             rl.apply_limits(cfg).unwrap();
         };
@@ -996,7 +981,7 @@ mod tests {
         // Overrides with windows of their own: each limiter's stores, through the cache.
         for (rl, window_ms) in [(&one, 60_000), (&two, 30_000), (&one, 20_000)] {
             let mut cfg = LimitsConfig::new(default);
-            let spec = crate::ClientOverride { tier: None, limit: Some(2), window_ms: Some(window_ms), burst: None };
+            let spec = crate::limits::ClientOverride { tier: None, limit: Some(2), window_ms: Some(window_ms), burst: None };
             cfg.clients.insert("own-window".into(), spec);
             rl.apply_limits(cfg).unwrap();
             let decisions: Vec<Decision> = (0..3).map(|_| rl.check_now("own-window").unwrap()).collect();

@@ -2,8 +2,10 @@
 //! `testing` feature. Not a stable API: it exists so that tests can build any message a
 //! misbehaving member could send, and so that the fuzzers run the production decoders.
 
+use crate::codec::DecodeError;
 use crate::codec::{self, Batch, Body, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
-use crate::{DecodeError, LimitsConfig, LimitsVersion, ReplicaId};
+use crate::counter::ReplicaId;
+use crate::limits::{LimitsConfig, LimitsVersion};
 
 /// Decodes one gossip message with the production decoder; the message itself stays
 /// internal.

@@ -12,8 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::StateEntry;
+use crdt_rate_limiter::transport::faults::FaultHooks as _;
+use crdt_rate_limiter::transport::RefusalReason;
 use crdt_rate_limiter::transport::{certs, node_id, tls, Cluster, ClusterConfig, ClusterError, TlsIdentity, TlsSource};
-use crdt_rate_limiter::{Quota, RateLimiter, RefusalReason, ReplicaId, StateEntry, Strategy};
+use crdt_rate_limiter::{Quota, RateLimiter, Strategy};
 
 const SECRET: [u8; 16] = *b"cluster-test-key";
 

@@ -130,12 +130,12 @@ fn allow_with_keeps_separate_counters_per_window_length_up_to_a_cap() {
     assert!(rl.allow("c", NOW));
     assert!(!rl.allow("c", NOW));
     assert!(rl.allow_with("c", 1, Duration::from_secs(2)), "another window length is another counter");
-    for w in 3..=crdt_rate_limiter::MAX_AD_HOC_WINDOWS as u64 + 1 {
+    for w in 3..=crdt_rate_limiter::limits::MAX_AD_HOC_WINDOWS as u64 + 1 {
         assert!(rl.allow_with("c", 1, Duration::from_secs(w)));
     }
     assert_eq!(
         rl.check_with("c", 1, Duration::from_secs(1_000)),
-        Err(Error::TooManyWindows { max: crdt_rate_limiter::MAX_AD_HOC_WINDOWS })
+        Err(Error::TooManyWindows { max: crdt_rate_limiter::limits::MAX_AD_HOC_WINDOWS })
     );
 }
 

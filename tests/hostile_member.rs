@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::{MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND};
 use crdt_rate_limiter::testing::{self, CountsBatch};
-use crdt_rate_limiter::{
-    GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER,
-    MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
-};
+use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 const T0: i64 = 1_700_000_000_000;
 const W0: i64 = T0 / 1000;
@@ -166,7 +165,9 @@ fn valid_messages(key: u64) -> Vec<Vec<u8>> {
     let batch = CountsBatch { replica: from, window_ms: 1000, window: W0, entries: vec![(key, 3), (key ^ 1, 250), (key ^ 2, 70_000)] };
     let relayed = CountsBatch { replica: replica(9, 4), window_ms: 1000, window: W0 - 1, entries: vec![(key, 1)] };
     let mut limits = crdt_rate_limiter::LimitsConfig::new(Quota::new(5, Duration::from_secs(1)).unwrap());
-    limits.clients.insert("c".into(), crdt_rate_limiter::ClientOverride { tier: None, limit: Some(2), window_ms: Some(2000), burst: None });
+    limits
+        .clients
+        .insert("c".into(), crdt_rate_limiter::limits::ClientOverride { tier: None, limit: Some(2), window_ms: Some(2000), burst: None });
     vec![
         testing::counts(from, &[batch, relayed]),
         testing::counts(from, &[]),
@@ -174,7 +175,7 @@ fn valid_messages(key: u64) -> Vec<Vec<u8>> {
         testing::repair(from, 1000, &[(replica(1, 1), 0xFF), (from, 0x0F)]),
         testing::sync_request(from),
         testing::ping(from, T0, Some((T0 - 3, 1))),
-        testing::limits(from, crdt_rate_limiter::LimitsVersion { at_ms: T0 as u64, node: 2 }, limits),
+        testing::limits(from, crdt_rate_limiter::limits::LimitsVersion { at_ms: T0 as u64, node: 2 }, limits),
     ]
 }
 

@@ -14,11 +14,10 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request};
 use axum::routing::get;
 use axum::Router;
+use crdt_rate_limiter::limits::ClientOverride;
 use crdt_rate_limiter::middleware::MAX_POLICY_NAME_LEN;
-use crdt_rate_limiter::{
-    ClientOverride, Clock, Error, KeyExtractor, LimitsConfig, ManualClock, MissingKey, OnError, Quota, RateLimitLayer, RateLimitOutcome,
-    RateLimiter, Strategy,
-};
+use crdt_rate_limiter::middleware::{MissingKey, OnError, RateLimitOutcome};
+use crdt_rate_limiter::{Clock, Error, KeyExtractor, LimitsConfig, ManualClock, Quota, RateLimitLayer, RateLimiter, Strategy};
 use http::{HeaderMap, HeaderName, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;

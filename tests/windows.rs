@@ -135,7 +135,8 @@ fn a_limiter_is_send_sync_and_clones_share_state() {
 
 #[test]
 fn per_client_overrides_and_tiers_apply_and_an_invalid_config_changes_nothing() {
-    use crdt_rate_limiter::{LimitsConfig, LimitsError};
+    use crdt_rate_limiter::limits::LimitsError;
+    use crdt_rate_limiter::LimitsConfig;
     let (rl, _) = limiter(Strategy::FixedWindow, 2);
     let cfg = LimitsConfig::from_toml(
         r#"
