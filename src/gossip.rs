@@ -58,7 +58,7 @@ use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntr
 use crate::counter::ReplicaId;
 use crate::limits::LimitsVersion;
 use crate::store::{splitmix64, Exported, Store, LOCAL_SLOT};
-use crate::{Admission, Error, RateLimiter};
+use crate::{Admission, ConfigError, RateLimiter};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
 /// verified certificate).
@@ -139,8 +139,8 @@ impl GossipConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), Error> {
-        let bad = |field, reason| Err(Error::InvalidConfig { field, reason });
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason| Err(ConfigError::Invalid { field, reason });
         if !(1..=60_000).contains(&self.interval_ms) {
             return bad("interval_ms", "must be between 1 and 60000");
         }
@@ -196,7 +196,7 @@ pub enum MessageError {
     Decode(#[from] DecodeError),
     /// Valid, but it would exceed a limit (replicas, window lengths); nothing was merged.
     #[error("message refused: {0}")]
-    Refused(Error),
+    Refused(crate::Error),
 }
 
 /// Counters of what a node did. Monotone.
@@ -375,7 +375,7 @@ impl GossipNode {
     /// `seed`. Asks `peers` for a full sync.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a setting out of range, or if `limiter` already has a
+    /// [`ConfigError::Invalid`] for a setting out of range, or if `limiter` already has a
     /// gossip node (the store's replica slots belong to one node).
     pub fn new(
         limiter: RateLimiter,
@@ -383,11 +383,11 @@ impl GossipNode {
         peers: impl IntoIterator<Item = PeerId>,
         seed: u64,
         now_ms: i64,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let cluster = limiter.cluster();
         if cluster.attached.swap(true, Ordering::AcqRel) {
-            return Err(Error::InvalidConfig { field: "limiter", reason: "already has a gossip node" });
+            return Err(ConfigError::Invalid { field: "limiter", reason: "already has a gossip node" });
         }
         cluster.round_ms.store(cfg.interval_ms, Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);
@@ -1004,11 +1004,7 @@ impl GossipNode {
                 codec::batch_header_len(&replica, window_ms as u32, window, 1) + codec::entry_len(&entry)
             };
             if size + extra > budget && !batches.is_empty() {
-                messages.push(codec::encode(&Envelope {
-                    version: WIRE_VERSION,
-                    from: me,
-                    body: Body::Counts(std::mem::take(&mut batches)),
-                }));
+                messages.extend(encoded(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(std::mem::take(&mut batches)) }));
                 size = header;
                 entry.window_offset = 0;
                 batches.push(Batch { replica, window_ms: window_ms as u32, base_window: window, entries: vec![entry] });
@@ -1025,13 +1021,15 @@ impl GossipNode {
             }
         }
         if !batches.is_empty() {
-            messages.push(codec::encode(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(batches) }));
+            messages.extend(encoded(&Envelope { version: WIRE_VERSION, from: me, body: Body::Counts(batches) }));
         }
         messages
     }
 
     fn send(&mut self, to: PeerId, msg: &Envelope, reliable: bool) {
-        self.queue(to, codec::encode(msg), reliable);
+        if let Some(bytes) = encoded(msg) {
+            self.queue(to, bytes, reliable);
+        }
     }
 
     fn queue(&mut self, to: PeerId, bytes: Vec<u8>, reliable: bool) {
@@ -1327,6 +1325,13 @@ fn bucket(key: u64) -> usize {
     (key >> 61) as usize
 }
 
+/// Encodes a message of ours. One the codec refuses (longer than `MAX_DECODE_BYTES`,
+/// which packing by `max_message_bytes` and the compile-time bound on limits messages
+/// rule out) is logged and not sent, rather than sent empty.
+fn encoded(msg: &Envelope) -> Option<Vec<u8>> {
+    codec::encode(msg).inspect_err(|e| tracing::error!(error = %e, "gossip message not sent")).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1359,6 +1364,7 @@ mod tests {
             from: replica,
             body: Body::Counts(vec![Batch { replica, window_ms: 1000, base_window: window, entries }]),
         })
+        .unwrap()
     }
 
     #[test]
@@ -1394,11 +1400,12 @@ mod tests {
             }]),
         ];
         for body in bodies {
-            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from, body });
+            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from, body }).unwrap();
             assert!(matches!(n.handle_message(2, &bytes, T0), Err(MessageError::Decode(_))));
         }
         // An unsolicited echo sets no clock estimate.
-        let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Ping { sent_at_ms: T0, echo: Some((T0 - 5, 0)) } });
+        let bytes =
+            codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Ping { sent_at_ms: T0, echo: Some((T0 - 5, 0)) } }).unwrap();
         n.handle_message(2, &bytes, T0).unwrap();
         assert_eq!(n.peer_stats()[0].clock_offset_ms, None);
     }
@@ -1408,7 +1415,7 @@ mod tests {
         let n = node(1, &[2]);
         let limiter = n.limiter().clone();
         let second = GossipNode::new(limiter.clone(), GossipConfig::new(ReplicaId { node: 1, incarnation: 2 }), [2], 1, T0);
-        assert!(matches!(second, Err(Error::InvalidConfig { field: "limiter", .. })));
+        assert!(matches!(second, Err(ConfigError::Invalid { field: "limiter", .. })));
         drop(n);
         assert!(GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: 1, incarnation: 2 }), [2], 1, T0).is_ok());
     }
@@ -1440,7 +1447,7 @@ mod tests {
         // Every peer is heard from: five replicas share the quota.
         for p in 2..=5 {
             let from = ReplicaId { node: p, incarnation: 1 };
-            let hb = codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Counts(Vec::new()) });
+            let hb = codec::encode(&Envelope { version: WIRE_VERSION, from, body: Body::Counts(Vec::new()) }).unwrap();
             n.handle_message(p, &hb, T0).unwrap();
         }
         // Timestamps alternate between two rounds; the budget's round is the clock's.
@@ -1455,7 +1462,7 @@ mod tests {
         let entries = vec![WireEntry { key: [3; 8], window_offset: 0, count: 1 }];
         for w in 1..=100u32 {
             let batch = Batch { replica, window_ms: 1000 + w, base_window: T0 / i64::from(1000 + w), entries: entries.clone() };
-            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from: replica, body: Body::Counts(vec![batch]) });
+            let bytes = codec::encode(&Envelope { version: WIRE_VERSION, from: replica, body: Body::Counts(vec![batch]) }).unwrap();
             n.handle_message(2, &bytes, T0).unwrap();
         }
         assert_eq!(n.stats().out_of_range, 100);

@@ -32,7 +32,7 @@ pub mod testing;
 pub mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::Error;
+pub use error::{ConfigError, Error};
 pub use gossip::{GossipConfig, GossipNode};
 pub use limiter::{Admission, Builder, Decision, LimiterStats, RateLimiter};
 pub use limits::LimitsConfig;

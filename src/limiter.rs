@@ -14,7 +14,7 @@ use crate::limits::{
     MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
 };
 use crate::store::{Budget, KeyCap, Store, Tolerances};
-use crate::{Error, Quota, Strategy};
+use crate::{ConfigError, Error, Quota, Strategy};
 
 /// What a limiter has decided so far and what it holds. See [`RateLimiter::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -239,7 +239,7 @@ struct Inner {
 /// assert!(!d.allowed);
 /// assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
 /// assert!(rl.allow("client-42", now + 1_000)); // the next window
-/// # Ok::<(), crdt_rate_limiter::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -260,8 +260,8 @@ impl RateLimiter {
     /// `limit` requests per `window` per client, sliding window, all defaults.
     ///
     /// # Errors
-    /// [`Error::ZeroLimit`], [`Error::ZeroWindow`] and the other [`Quota::new`] errors.
-    pub fn new(limit: u64, window: Duration) -> Result<Self, Error> {
+    /// [`ConfigError::ZeroLimit`], [`ConfigError::ZeroWindow`] and the other [`Quota::new`] errors.
+    pub fn new(limit: u64, window: Duration) -> Result<Self, ConfigError> {
         Self::builder().quota(Quota::new(limit, window)?).build()
     }
 
@@ -330,22 +330,21 @@ impl RateLimiter {
         }
         let inner = &*self.inner;
         let version = inner.ad_hoc_version.load(Ordering::Acquire);
-        let mut f = Some(f);
+        // `f` runs on the cached store, or comes back to run on one made here.
         let hit = AD_HOC.with(|cell| {
             let stale = !matches!(&*cell.borrow(), Some((id, v, _)) if *id == inner.id && *v == version);
             if stale {
                 *cell.borrow_mut() = Some((inner.id, version, inner.ad_hoc.read().clone()));
             }
             let cached = cell.borrow();
-            let store = cached.as_ref().and_then(|(_, _, list)| list.iter().find(|(win, _)| *win == w));
-            store.map(|(_, s)| f.take().map(|f| f(s)))
-        });
-        match hit.flatten() {
-            Some(out) => Ok(out),
-            None => {
-                let store = self.ad_hoc_store(quota)?;
-                f.take().map(|f| f(&store)).ok_or(Error::InvalidConfig { field: "window", reason: "no store" })
+            match cached.as_ref().and_then(|(_, _, list)| list.iter().find(|(win, _)| *win == w)) {
+                Some((_, s)) => Ok(f(s)),
+                None => Err(f),
             }
+        });
+        match hit {
+            Ok(out) => Ok(out),
+            Err(f) => Ok(f(&*self.ad_hoc_store(quota)?)),
         }
     }
 
@@ -419,9 +418,10 @@ impl RateLimiter {
     /// Like [`allow_with`](Self::allow_with), with the details or the error.
     ///
     /// # Errors
-    /// The [`Quota::new`] errors, [`Error::TooManyWindows`] and those of [`check`](Self::check).
+    /// [`Error::InvalidQuota`] with the [`Quota::new`] error, [`Error::TooManyWindows`] and
+    /// those of [`check`](Self::check).
     pub fn check_with(&self, client: &str, limit: u64, window: Duration) -> Result<Decision, Error> {
-        let quota = Quota::new(limit, window)?;
+        let quota = Quota::new(limit, window).map_err(Error::InvalidQuota)?;
         let local = self.inner.clock.now_ms();
         let now = self.observe(local.saturating_add(self.cluster_offset_ms()));
         let key = self.validate_key(client.as_bytes())?;
@@ -833,26 +833,26 @@ impl Builder {
     /// Builds the limiter.
     ///
     /// # Errors
-    /// [`Error::MissingQuota`] without a quota; [`Error::InvalidConfig`] for a setting
-    /// out of range.
-    pub fn build(self) -> Result<RateLimiter, Error> {
-        let quota = self.quota.ok_or(Error::MissingQuota)?;
+    /// [`ConfigError::MissingQuota`] without a quota; [`ConfigError::Invalid`] for a
+    /// setting out of range.
+    pub fn build(self) -> Result<RateLimiter, ConfigError> {
+        let quota = self.quota.ok_or(ConfigError::MissingQuota)?;
         if !(1..=MAX_KEY_LEN_LIMIT).contains(&self.max_key_len) {
-            return Err(Error::InvalidConfig { field: "max_key_len", reason: "must be between 1 and 65536 bytes" });
+            return Err(ConfigError::Invalid { field: "max_key_len", reason: "must be between 1 and 65536 bytes" });
         }
         let day = Duration::from_secs(86_400);
         if self.max_timestamp_age > day {
-            return Err(Error::InvalidConfig { field: "max_timestamp_age", reason: "must be at most one day" });
+            return Err(ConfigError::Invalid { field: "max_timestamp_age", reason: "must be at most one day" });
         }
         if self.max_clock_skew > day {
-            return Err(Error::InvalidConfig { field: "max_clock_skew", reason: "must be at most one day" });
+            return Err(ConfigError::Invalid { field: "max_clock_skew", reason: "must be at most one day" });
         }
         if self.max_keys == 0 {
-            return Err(Error::InvalidConfig { field: "max_keys", reason: "must be at least 1" });
+            return Err(ConfigError::Invalid { field: "max_keys", reason: "must be at least 1" });
         }
         let shards = match self.shards {
             Some(s) if !(1..=4096).contains(&s) || !s.is_power_of_two() => {
-                return Err(Error::InvalidConfig { field: "shards", reason: "must be a power of two between 1 and 4096" });
+                return Err(ConfigError::Invalid { field: "shards", reason: "must be a power of two between 1 and 4096" });
             }
             Some(s) => s,
             None => {

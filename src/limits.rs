@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Quota};
+use crate::{ConfigError, Quota};
 
 // The limiter's own bounds: keys, timestamps, windows.
 
@@ -78,7 +78,7 @@ impl QuotaSpec {
     ///
     /// # Errors
     /// The [`Quota::new`] and [`Quota::with_burst`] errors.
-    pub fn to_quota(&self) -> Result<Quota, Error> {
+    pub fn to_quota(&self) -> Result<Quota, ConfigError> {
         let q = Quota::new(self.limit, Duration::from_millis(self.window_ms))?;
         match self.burst {
             Some(b) => q.with_burst(b),
@@ -138,7 +138,7 @@ pub enum LimitsError {
         /// Which quota.
         what: String,
         /// Why.
-        source: Error,
+        source: ConfigError,
     },
     /// A client names a tier that does not exist.
     #[error("client {client:?} names unknown tier {tier:?}")]
@@ -154,6 +154,9 @@ pub enum LimitsError {
     /// Too many tiers or overrides, or a name too long or empty.
     #[error("limits out of bounds: {0}")]
     TooLarge(&'static str),
+    /// The configuration could not be written as TOML.
+    #[error("cannot write the limits as TOML: {0}")]
+    Write(String),
     /// A newer configuration (from another node) is already in force.
     #[error("a newer limits configuration is already in force")]
     Superseded,
@@ -176,8 +179,11 @@ impl LimitsConfig {
     }
 
     /// The configuration as TOML.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+    ///
+    /// # Errors
+    /// [`LimitsError::Write`] if the serializer refuses it.
+    pub fn to_toml(&self) -> Result<String, LimitsError> {
+        toml::to_string(self).map_err(|e| LimitsError::Write(e.to_string()))
     }
 
     /// Checks every quota and reference; returns the default quota and each client's.
@@ -275,7 +281,7 @@ window_ms = 1000
             clients.iter().map(|(c, q)| (*c, q.limit(), q.window_ms())).collect::<Vec<_>>(),
             vec![("acme", 1000, 1000), ("noisy", 10, 60_000)]
         );
-        assert_eq!(LimitsConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        assert_eq!(LimitsConfig::from_toml(&cfg.to_toml().unwrap()).unwrap(), cfg);
     }
 
     #[test]

@@ -63,7 +63,7 @@ use http::request::Parts;
 use http::{Extensions, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use crate::{Decision, Error, RateLimiter};
+use crate::{ConfigError, Decision, Error, RateLimiter};
 
 /// The `RateLimit-Policy` header field (the quota: limit and window).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -287,11 +287,11 @@ impl RateLimitLayer {
     /// The policy name in the `RateLimit-Policy` and `RateLimit` fields. Default `default`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless it is 1 to [`MAX_POLICY_NAME_LEN`] printable ASCII
+    /// [`ConfigError::Invalid`] unless it is 1 to [`MAX_POLICY_NAME_LEN`] printable ASCII
     /// characters (space to `~`); `"` and `\` are allowed and escaped.
-    pub fn policy_name(mut self, name: &str) -> Result<Self, Error> {
+    pub fn policy_name(mut self, name: &str) -> Result<Self, ConfigError> {
         if name.is_empty() || name.len() > MAX_POLICY_NAME_LEN || !name.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-            return Err(Error::InvalidConfig { field: "policy_name", reason: "must be 1 to 64 printable ASCII characters" });
+            return Err(ConfigError::Invalid { field: "policy_name", reason: "must be 1 to 64 printable ASCII characters" });
         }
         let mut quoted = String::with_capacity(name.len() + 2);
         quoted.push('"');

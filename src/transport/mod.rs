@@ -323,7 +323,7 @@ pub enum ClusterError {
     },
     /// The limiter or the gossip core refused its configuration.
     #[error(transparent)]
-    Limiter(#[from] crate::Error),
+    Limiter(#[from] crate::ConfigError),
     /// Binding the UDP socket or creating the endpoint failed.
     #[error("cannot open the QUIC endpoint: {0}")]
     Io(#[from] std::io::Error),
