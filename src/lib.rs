@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 // The crate root names what a user writes in a program (README, docs/*.md): the limiter,
 // its quota and clock, its errors, the limits file, the gossip core and the cluster. Every
@@ -23,6 +24,7 @@ pub mod metrics;
 #[cfg(feature = "tower")]
 pub mod middleware;
 mod quota;
+mod slots;
 mod store;
 mod table;
 #[cfg(feature = "testing")]
