@@ -228,7 +228,8 @@ struct Shared {
 /// behind an `Arc`, so the same limit applies across every route or server they wrap.
 ///
 /// ```
-/// use crdt_rate_limiter::{KeyExtractor, MissingKey, RateLimitLayer, RateLimiter};
+/// use crdt_rate_limiter::middleware::MissingKey;
+/// use crdt_rate_limiter::{KeyExtractor, RateLimitLayer, RateLimiter};
 /// use http::HeaderName;
 /// use std::time::Duration;
 ///
@@ -238,7 +239,7 @@ struct Shared {
 ///     .policy_name("per-api-key")?
 ///     .shadow(true); // count and report, but never deny (for a safe rollout)
 /// // With axum: `Router::new().route(..).layer(layer)`.
-/// # Ok::<(), crdt_rate_limiter::Error>(())
+/// # Ok::<(), crdt_rate_limiter::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct RateLimitLayer {
