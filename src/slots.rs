@@ -115,6 +115,8 @@ impl std::fmt::Debug for Slots {
 
 impl std::ops::Deref for Slots {
     type Target = [Slot];
+    // Inline: every probe goes through it, and it lives in another module than the table.
+    #[inline]
     fn deref(&self) -> &[Slot] {
         // SAFETY: `ptr` points to `len` initialized (zeroed or written) slots we own.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
@@ -122,6 +124,7 @@ impl std::ops::Deref for Slots {
 }
 
 impl std::ops::DerefMut for Slots {
+    #[inline]
     fn deref_mut(&mut self) -> &mut [Slot] {
         // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
