@@ -9,7 +9,8 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Request};
 use axum::routing::get;
 use axum::Router;
-use crdt_rate_limiter::{KeyExtractor, RateLimitLayer, RateLimitOutcome, RateLimiter};
+use crdt_rate_limiter::middleware::RateLimitOutcome;
+use crdt_rate_limiter::{KeyExtractor, RateLimitLayer, RateLimiter};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

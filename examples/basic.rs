@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
 
-fn main() -> Result<(), crdt_rate_limiter::Error> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::builder()

@@ -14,7 +14,9 @@
 
 use std::time::Duration;
 
-use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, PeerId, Quota, RateLimiter, ReplicaId};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::PeerId;
+use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter};
 
 fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

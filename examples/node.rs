@@ -41,9 +41,10 @@ use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use clap::builder::RangedU64ValueParser;
 use clap::{Parser, ValueEnum};
+use crdt_rate_limiter::limits::{ClientOverride, QuotaSpec};
+use crdt_rate_limiter::middleware::RateLimitOutcome;
 use crdt_rate_limiter::{
-    Admission, ClientOverride, Cluster, ClusterConfig, Error, KeyExtractor, LimitsConfig, Quota, QuotaSpec, RateLimitLayer,
-    RateLimitOutcome, RateLimiter, TlsSource,
+    Admission, Cluster, ClusterConfig, Error, KeyExtractor, LimitsConfig, Quota, RateLimitLayer, RateLimiter, TlsSource,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::filter::LevelFilter;

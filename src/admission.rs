@@ -135,11 +135,10 @@ impl RoundShare {
 ///   show it yet, computes the share it would have had in the first round, not another.
 /// * For a client with counts, the fraction is rounded up with twice its probability
 ///   (capped at 1), seeded per (node, key, round). In a round only the nodes that get
-///   requests use their shares, so rounding exactly (in expectation, or by rank) leaves
-///   the remainder trickling out too slowly under steady traffic: 4 % under-admission in
-///   the standard simulation in expectation, and 7.6 % instead of 2.1 % for clients
-///   limited to 3 per minute by rank (`docs/benchmarks.md`, "Bursts"); twice the
-///   probability measured 0.9 % under and 0.08 % over.
+///   requests use their shares, so rounding exactly (in expectation, or by rank) would
+///   under-spend the remainder under steady traffic, and rounding every share up would
+///   over-admit by up to one request per node per round; `docs/design.md` ("Bounded")
+///   gives the under- and over-admission measured for each choice.
 fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b: &Budget) -> (u64, u64) {
     let v = algorithm::evaluate(view.strategy, &view.quota, view.counts, view.elapsed);
     let remaining = (v.remaining + u64::from(v.allowed)).saturating_sub(reserve);

@@ -222,7 +222,6 @@ fn token(l: u64, b: u64, w: u64, c: Counts, e: u64) -> Verdict {
     let reset_after_ms = if cur == 0 && cap >= u128::from(b) * w128 {
         0
     } else {
-        // Full again in the next window, or else by the end of the one after it.
         // Full again in the next window, or else at the start of the one after it
         // (its previous window is empty and B ≤ L).
         (w - e) + next_window_wait(b).unwrap_or(w)

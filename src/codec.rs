@@ -1,7 +1,7 @@
 //! The wire format: bincode 2 (standard configuration: little-endian, variable-length
 //! integers) behind this one module.
 //!
-//! Every message is an [`Envelope`]: a version byte, the sender's replica id and a body.
+//! Every message is an envelope: a version byte, the sender's replica id and a body.
 //! Decoding refuses anything longer than [`MAX_DECODE_BYTES`], anything with trailing
 //! bytes, an unknown version, and any count of items past the limits below, before a
 //! single count is merged: a message is applied whole or not at all.
@@ -17,14 +17,15 @@
 use bincode::config::{self, Configuration};
 use serde::{Deserialize, Serialize};
 
-use crate::{LimitsConfig, LimitsVersion, ReplicaId};
+use crate::counter::ReplicaId;
+use crate::limits::{LimitsConfig, LimitsVersion};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
 /// The largest message accepted.
 pub const MAX_DECODE_BYTES: usize = 1 << 20;
 /// An upper bound on the encoded size of a `Limits` message holding the largest legal
-/// configuration: every name byte ([`MAX_NAME_BYTES`](crate::MAX_NAME_BYTES)), and per
+/// configuration: every name byte ([`MAX_NAME_BYTES`](crate::limits::MAX_NAME_BYTES)), and per
 /// tier and per override the most its length prefix, option tags and three quota values
 /// (each below 2³², 5 bytes) can take, plus the envelope. Below [`MAX_DECODE_BYTES`], so a
 /// limits register always travels as one message (checked at compile time, and by a test
@@ -122,7 +123,7 @@ pub enum DecodeError {
     TooLarge(usize),
     /// Not a valid message.
     #[error("malformed message: {0}")]
-    Malformed(String),
+    Malformed(Malformed),
     /// Valid bincode, but bytes were left over.
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
@@ -131,20 +132,104 @@ pub enum DecodeError {
     Version(u8),
     /// More items than the limits allow, or a value out of range.
     #[error("message out of bounds: {0}")]
-    OutOfBounds(&'static str),
+    OutOfBounds(OutOfBounds),
 }
 
-pub(crate) fn encode(msg: &Envelope) -> Vec<u8> {
-    // Encoding into a Vec cannot fail for these types.
-    bincode::serde::encode_to_vec(msg, CONFIG).unwrap_or_default()
+/// How a message failed to parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Malformed {
+    /// The bytes ended before the message did.
+    #[error("truncated")]
+    Truncated,
+    /// An option or boolean tag has no meaning.
+    #[error("invalid tag")]
+    InvalidTag,
+    /// An integer is out of its type's range, or a string is not UTF-8.
+    #[error("invalid value")]
+    InvalidValue,
+    /// A length prefix asks for more than the message may hold.
+    #[error("length past the limit")]
+    Length,
+    /// Any other way the bytes do not form a message (an unknown message kind among them).
+    #[error("not a message")]
+    Other,
+}
+
+impl From<bincode::error::DecodeError> for Malformed {
+    fn from(e: bincode::error::DecodeError) -> Self {
+        use bincode::error::DecodeError as E;
+        match e {
+            E::UnexpectedEnd { .. } => Self::Truncated,
+            E::UnexpectedVariant { .. } | E::InvalidBooleanValue(_) | E::EmptyEnum { .. } => Self::InvalidTag,
+            E::InvalidIntegerType { .. }
+            | E::NonZeroTypeIsZero { .. }
+            | E::Utf8 { .. }
+            | E::InvalidCharEncoding(_)
+            | E::OutsideUsizeRange(_) => Self::InvalidValue,
+            E::LimitExceeded | E::ArrayLengthMismatch { .. } => Self::Length,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Which bound a message broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutOfBounds {
+    /// More batches than one message may carry.
+    #[error("too many batches")]
+    Batches,
+    /// A batch's window length is zero or its window out of range.
+    #[error("batch window")]
+    BatchWindow,
+    /// An entry's window offset or count is out of range.
+    #[error("entry window or count out of range")]
+    Entry,
+    /// A limits configuration that does not validate, or a version out of range.
+    #[error("invalid limits")]
+    Limits,
+    /// A digest with a zero window length or span, too many rows, or a time out of range.
+    #[error("digest")]
+    Digest,
+    /// A repair request with a zero window length or too many rows.
+    #[error("repair")]
+    Repair,
+    /// A clock sample out of range.
+    #[error("ping time")]
+    PingTime,
+}
+
+/// Why one of our messages could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// It would be longer than [`MAX_DECODE_BYTES`], which no peer accepts.
+    #[error("message longer than the {MAX_DECODE_BYTES}-byte limit")]
+    TooLarge,
+    /// The serializer refused it.
+    #[error("message cannot be encoded")]
+    Other,
+}
+
+/// Encodes one message.
+///
+/// # Errors
+/// [`EncodeError::TooLarge`] for a message past [`MAX_DECODE_BYTES`] (the core packs its
+/// messages below it, and the largest limits message fits by a compile-time check).
+pub(crate) fn encode(msg: &Envelope) -> Result<Vec<u8>, EncodeError> {
+    let bytes = bincode::serde::encode_to_vec(msg, CONFIG).map_err(|_| EncodeError::Other)?;
+    if bytes.len() > MAX_DECODE_BYTES {
+        return Err(EncodeError::TooLarge);
+    }
+    Ok(bytes)
 }
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     if bytes.len() > MAX_DECODE_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
-    let (msg, used): (Envelope, usize) =
-        bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, used): (Envelope, usize) = bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| DecodeError::Malformed(e.into()))?;
     if used != bytes.len() {
         return Err(DecodeError::Trailing(bytes.len() - used));
     }
@@ -154,35 +239,35 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     match &msg.body {
         Body::Counts(batches) => {
             if batches.len() > MAX_BATCHES {
-                return Err(DecodeError::OutOfBounds("too many batches"));
+                return Err(DecodeError::OutOfBounds(OutOfBounds::Batches));
             }
             for b in batches {
                 if b.window_ms == 0 || !in_range(b.base_window) {
-                    return Err(DecodeError::OutOfBounds("batch window"));
+                    return Err(DecodeError::OutOfBounds(OutOfBounds::BatchWindow));
                 }
                 if b.entries.iter().any(|e| e.window_offset > 1 || e.count > u64::from(u32::MAX)) {
-                    return Err(DecodeError::OutOfBounds("entry window or count out of range"));
+                    return Err(DecodeError::OutOfBounds(OutOfBounds::Entry));
                 }
             }
         }
         Body::Limits { config, version } => {
             if version.at_ms > MAX_ABS_TIME as u64 || config.resolve().is_err() {
-                return Err(DecodeError::OutOfBounds("invalid limits"));
+                return Err(DecodeError::OutOfBounds(OutOfBounds::Limits));
             }
         }
         Body::Digest { window_ms, rows, window, span, limits, .. } => {
             if *window_ms == 0 || rows.len() > MAX_DIGEST_ROWS || !in_range(*window) || *span == 0 || limits.at_ms > MAX_ABS_TIME as u64 {
-                return Err(DecodeError::OutOfBounds("digest"));
+                return Err(DecodeError::OutOfBounds(OutOfBounds::Digest));
             }
         }
         Body::Repair { window_ms, wanted } => {
             if *window_ms == 0 || wanted.len() > MAX_DIGEST_ROWS {
-                return Err(DecodeError::OutOfBounds("repair"));
+                return Err(DecodeError::OutOfBounds(OutOfBounds::Repair));
             }
         }
         Body::Ping { sent_at_ms, echo } => {
             if !in_range(*sent_at_ms) || echo.is_some_and(|(t, _)| !in_range(t)) {
-                return Err(DecodeError::OutOfBounds("ping time"));
+                return Err(DecodeError::OutOfBounds(OutOfBounds::PingTime));
             }
         }
         Body::SyncRequest => {}
@@ -228,17 +313,18 @@ pub(crate) fn entry_len(e: &WireEntry) -> usize {
 /// transport must carry whole.
 #[cfg(test)]
 pub(crate) fn largest_legal_messages() -> Vec<(&'static str, Vec<u8>)> {
-    use crate::{ClientOverride, LimitsConfig, QuotaSpec};
+    use crate::limits::{ClientOverride, LimitsConfig, QuotaSpec};
     let from = ReplicaId { node: u64::MAX, incarnation: u64::MAX };
-    let env = |body| encode(&Envelope { version: WIRE_VERSION, from, body });
+    let try_env = |body| encode(&Envelope { version: WIRE_VERSION, from, body });
+    let env = |body| try_env(body).expect("a legal message encodes");
     let max = u64::from(u32::MAX);
     let spec = QuotaSpec { limit: max, window_ms: max, burst: Some(max) };
     let mut limits = LimitsConfig::new(spec.to_quota().expect("the largest quota is legal"));
-    for t in 0..crate::MAX_TIERS {
+    for t in 0..crate::limits::MAX_TIERS {
         limits.tiers.insert(format!("{t:064}"), spec.clone());
     }
-    let name_room = (crate::MAX_NAME_BYTES - crate::MAX_TIERS * 64) / crate::MAX_OVERRIDES;
-    for c in 0..crate::MAX_OVERRIDES {
+    let name_room = (crate::limits::MAX_NAME_BYTES - crate::limits::MAX_TIERS * 64) / crate::limits::MAX_OVERRIDES;
+    for c in 0..crate::limits::MAX_OVERRIDES {
         let o = ClientOverride { tier: None, limit: Some(max), window_ms: Some(max), burst: Some(max) };
         limits.clients.insert(format!("{c:0name_room$}"), o);
     }
@@ -251,7 +337,7 @@ pub(crate) fn largest_legal_messages() -> Vec<(&'static str, Vec<u8>)> {
     let (mut ok, mut too_many) = (0, MAX_DECODE_BYTES / entry_len(&entry) + 1);
     while too_many - ok > 1 {
         let mid = (ok + too_many) / 2;
-        if decode(&env(Body::Counts(vec![batch(mid)]))).is_ok() {
+        if try_env(Body::Counts(vec![batch(mid)])).is_ok_and(|bytes| decode(&bytes).is_ok()) {
             ok = mid;
         } else {
             too_many = mid;
@@ -314,7 +400,7 @@ mod tests {
     #[test]
     fn messages_round_trip_and_the_size_arithmetic_is_exact() {
         let msg = sample();
-        let bytes = encode(&msg);
+        let bytes = encode(&msg).unwrap();
         assert_eq!(decode(&bytes).unwrap(), msg);
         let Body::Counts(batches) = &msg.body else { unreachable!() };
         let b = &batches[0];
@@ -326,7 +412,7 @@ mod tests {
 
     #[test]
     fn every_truncation_and_every_corrupted_byte_is_refused_or_decodes_whole() {
-        let bytes = encode(&sample());
+        let bytes = encode(&sample()).unwrap();
         for n in 0..bytes.len() {
             assert!(decode(&bytes[..n]).is_err(), "truncated to {n}");
         }
@@ -347,11 +433,35 @@ mod tests {
     fn other_versions_and_oversized_input_are_refused() {
         let mut msg = sample();
         msg.version = 2;
-        assert_eq!(decode(&encode(&msg)), Err(DecodeError::Version(2)));
+        assert_eq!(decode(&encode(&msg).unwrap()), Err(DecodeError::Version(2)));
         assert_eq!(decode(&vec![0u8; MAX_DECODE_BYTES + 1]), Err(DecodeError::TooLarge(MAX_DECODE_BYTES + 1)));
         // A length prefix claiming a huge vector does not allocate it.
         let mut hostile = vec![WIRE_VERSION, 1, 1, 0];
         hostile.extend_from_slice(&[253, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]);
         assert!(decode(&hostile).is_err());
+    }
+
+    #[test]
+    fn refusals_are_typed_and_an_oversized_message_is_not_encoded() {
+        let bytes = encode(&sample()).unwrap();
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), Err(DecodeError::Malformed(Malformed::Truncated)));
+        let from = ReplicaId { node: 1, incarnation: 1 };
+        let ping = |t| encode(&Envelope { version: WIRE_VERSION, from, body: Body::Ping { sent_at_ms: t, echo: None } }).unwrap();
+        // The last byte is the tag of `echo`'s option: 7 is neither None nor Some.
+        let mut bad_tag = ping(0);
+        *bad_tag.last_mut().unwrap() = 7;
+        assert_eq!(decode(&bad_tag), Err(DecodeError::Malformed(Malformed::InvalidTag)));
+        // Body kind 200 does not exist.
+        assert_eq!(decode(&[WIRE_VERSION, 1, 1, 200]), Err(DecodeError::Malformed(Malformed::Other)));
+        assert_eq!(decode(&ping(MAX_ABS_TIME + 1)), Err(DecodeError::OutOfBounds(OutOfBounds::PingTime)));
+        let entry = WireEntry { key: [0xFF; 8], window_offset: 0, count: 1 };
+        let entries = vec![entry; MAX_DECODE_BYTES / 8];
+        let huge = Envelope {
+            version: WIRE_VERSION,
+            from,
+            body: Body::Counts(vec![Batch { replica: from, window_ms: 1000, base_window: 1, entries }]),
+        };
+        assert_eq!(encode(&huge), Err(EncodeError::TooLarge));
+        assert!(DecodeError::Malformed(Malformed::Truncated).to_string().contains("truncated"));
     }
 }

@@ -28,7 +28,7 @@ impl ReplicaId {
 /// its window, a handful in practice, so a linear scan beats a tree.
 ///
 /// ```
-/// use crdt_rate_limiter::GCounter;
+/// use crdt_rate_limiter::counter::GCounter;
 /// let mut a = GCounter::new();
 /// a.increment('a', 3);
 /// let mut b = GCounter::new();

@@ -1,8 +1,18 @@
-//! The one error type of the crate.
+//! The errors a caller matches on, by when they happen:
+//!
+//! * [`ConfigError`]: building a quota, a limiter, a gossip core or a layer was refused;
+//! * [`Error`]: one request could not be decided (the request path);
+//! * wire errors: a peer's message was refused ([`DecodeError`](crate::codec::DecodeError),
+//!   [`MessageError`](crate::gossip::MessageError)) or one of ours could not be encoded
+//!   ([`EncodeError`](crate::codec::EncodeError)).
+//!
+//! The limits file ([`LimitsError`](crate::limits::LimitsError)) and the cluster
+//! (`transport::ClusterError`, with the `quic` feature) have configuration errors of
+//! their own, which carry a [`ConfigError`] where a quota or a setting is the cause.
 
 use std::time::Duration;
 
-/// Why a request could not be decided, or a configuration was refused.
+/// Why a request could not be decided.
 ///
 /// Every invalid input maps to one of these variants; the library never panics on
 /// bad input. [`RateLimiter::allow`](crate::RateLimiter::allow) turns every error into
@@ -41,6 +51,33 @@ pub enum Error {
         /// The configured tolerance ([`Builder::max_clock_skew`](crate::Builder::max_clock_skew)).
         max_skew_ms: u64,
     },
+    /// The limiter tracks as many keys as it may; a new key cannot be admitted.
+    ///
+    /// Keys already tracked keep being limited normally; expired keys are reclaimed
+    /// to make room.
+    #[error("the limiter already tracks its maximum of {max} keys")]
+    KeyCapacity {
+        /// The configured maximum ([`Builder::max_keys`](crate::Builder::max_keys)).
+        max: usize,
+    },
+    /// [`RateLimiter::allow_with`](crate::RateLimiter::allow_with) was called with more
+    /// distinct window lengths than the limiter keeps counters for.
+    #[error("at most {max} distinct window lengths can be used with allow_with")]
+    TooManyWindows {
+        /// [`MAX_AD_HOC_WINDOWS`](crate::limits::MAX_AD_HOC_WINDOWS).
+        max: usize,
+    },
+    /// [`RateLimiter::check_with`](crate::RateLimiter::check_with) was given a limit or a
+    /// window out of range.
+    #[error("invalid quota: {0}")]
+    InvalidQuota(#[source] ConfigError),
+}
+
+/// Why a configuration was refused: a quota, a [`Builder`](crate::Builder) setting, a
+/// [`GossipConfig`](crate::GossipConfig), a layer setting. Nothing was built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
     /// A quota's limit was zero.
     #[error("the limit must be at least 1")]
     ZeroLimit,
@@ -63,28 +100,12 @@ pub enum Error {
         /// [`Quota::MAX_WINDOW`](crate::Quota::MAX_WINDOW).
         max: Duration,
     },
-    /// The limiter tracks as many keys as it may; a new key cannot be admitted.
-    ///
-    /// Keys already tracked keep being limited normally; expired keys are reclaimed
-    /// to make room.
-    #[error("the limiter already tracks its maximum of {max} keys")]
-    KeyCapacity {
-        /// The configured maximum ([`Builder::max_keys`](crate::Builder::max_keys)).
-        max: usize,
-    },
-    /// [`RateLimiter::allow_with`](crate::RateLimiter::allow_with) was called with more
-    /// distinct window lengths than the limiter keeps counters for.
-    #[error("at most {max} distinct window lengths can be used with allow_with")]
-    TooManyWindows {
-        /// [`MAX_AD_HOC_WINDOWS`](crate::MAX_AD_HOC_WINDOWS).
-        max: usize,
-    },
     /// The builder was given no quota.
     #[error("the builder needs a quota")]
     MissingQuota,
-    /// A configuration value was out of its documented range.
+    /// A setting was out of its documented range, or refused in this state.
     #[error("invalid configuration for {field}: {reason}")]
-    InvalidConfig {
+    Invalid {
         /// The configuration field.
         field: &'static str,
         /// What is wrong with it.

@@ -56,9 +56,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::cluster_time::{self, Estimator};
 use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS};
+use crate::counter::ReplicaId;
 use crate::key::splitmix64;
+use crate::limits::LimitsVersion;
 use crate::replica::{Exported, Replica, LOCAL_REPLICA};
-use crate::{Error, LimitsVersion, RateLimiter, ReplicaId};
+use crate::{ConfigError, RateLimiter};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
 /// verified certificate).
@@ -139,8 +141,8 @@ impl GossipConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), Error> {
-        let bad = |field, reason| Err(Error::InvalidConfig { field, reason });
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason| Err(ConfigError::Invalid { field, reason });
         if !(1..=60_000).contains(&self.interval_ms) {
             return bad("interval_ms", "must be between 1 and 60000");
         }
@@ -264,7 +266,7 @@ pub enum MessageError {
     Decode(#[from] DecodeError),
     /// Valid, but it would exceed a limit (replicas, window lengths); nothing was merged.
     #[error("message refused: {0}")]
-    Refused(Error),
+    Refused(crate::Error),
 }
 
 /// Counters of what a node did. Monotone.
@@ -457,7 +459,7 @@ impl GossipNode {
     /// `seed`. Asks `peers` for a full sync.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a setting out of range, or if `limiter` already has a
+    /// [`ConfigError::Invalid`] for a setting out of range, or if `limiter` already has a
     /// gossip node (the store's replica indices belong to one node).
     pub fn new(
         limiter: RateLimiter,
@@ -465,7 +467,7 @@ impl GossipNode {
         peers: impl IntoIterator<Item = PeerId>,
         seed: u64,
         now_ms: i64,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let replica = Replica::attach(limiter, cfg.replica.node, cfg.interval_ms)?;
         let clock =
@@ -1106,7 +1108,7 @@ impl GossipNode {
             let batch_len = codec::batch_header_len(&o.replica, o.window_ms as u32, o.window, 1);
             let extra = codec::entry_len(&entry) + if offset.is_some() { 0 } else { batch_len };
             if size + extra > budget && !batches.is_empty() {
-                messages.push(self.encode(Body::Counts(std::mem::take(&mut batches))));
+                messages.extend(self.encode(Body::Counts(std::mem::take(&mut batches))));
                 size = header;
             }
             match (offset, batches.last_mut()) {
@@ -1122,19 +1124,20 @@ impl GossipNode {
             }
         }
         if !batches.is_empty() {
-            messages.push(self.encode(Body::Counts(batches)));
+            messages.extend(self.encode(Body::Counts(batches)));
         }
         messages
     }
 
-    /// A message from this node.
-    fn encode(&self, body: Body) -> Vec<u8> {
-        codec::encode(&Envelope::new(self.cfg.replica, body))
+    /// A message from this node (`None`: refused by the codec, see [`encoded`]).
+    fn encode(&self, body: Body) -> Option<Vec<u8>> {
+        encoded(&Envelope::new(self.cfg.replica, body))
     }
 
     fn send(&mut self, to: PeerId, body: Body, reliable: bool) {
-        let bytes = self.encode(body);
-        self.queue(to, bytes, reliable);
+        if let Some(bytes) = self.encode(body) {
+            self.queue(to, bytes, reliable);
+        }
     }
 
     fn push_event(&mut self, event: Event) {
@@ -1428,6 +1431,13 @@ fn bucket(key: u64) -> usize {
     (key >> 61) as usize
 }
 
+/// Encodes a message of ours. One the codec refuses (longer than `MAX_DECODE_BYTES`,
+/// which packing by `max_message_bytes` and the compile-time bound on limits messages
+/// rule out) is logged and not sent, rather than sent empty.
+fn encoded(msg: &Envelope) -> Option<Vec<u8>> {
+    codec::encode(msg).inspect_err(|e| tracing::error!(error = %e, "gossip message not sent")).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1456,6 +1466,7 @@ mod tests {
         let replica = ReplicaId { node, incarnation: 1 };
         let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
         codec::encode(&Envelope::new(replica, Body::Counts(vec![Batch { replica, window_ms: 1000, base_window: window, entries }])))
+            .unwrap()
     }
 
     #[test]
@@ -1491,11 +1502,11 @@ mod tests {
             }]),
         ];
         for body in bodies {
-            let bytes = codec::encode(&Envelope::new(from, body));
+            let bytes = codec::encode(&Envelope::new(from, body)).unwrap();
             assert!(matches!(n.handle_message(2, &bytes, T0), Err(MessageError::Decode(_))));
         }
         // An unsolicited echo sets no clock estimate.
-        let bytes = codec::encode(&Envelope::new(from, Body::Ping { sent_at_ms: T0, echo: Some((T0 - 5, 0)) }));
+        let bytes = codec::encode(&Envelope::new(from, Body::Ping { sent_at_ms: T0, echo: Some((T0 - 5, 0)) })).unwrap();
         n.handle_message(2, &bytes, T0).unwrap();
         assert_eq!(n.peer_stats()[0].clock_offset_ms, None);
     }
@@ -1505,7 +1516,7 @@ mod tests {
         let n = node(1, &[2]);
         let limiter = n.limiter().clone();
         let second = GossipNode::new(limiter.clone(), GossipConfig::new(ReplicaId { node: 1, incarnation: 2 }), [2], 1, T0);
-        assert!(matches!(second, Err(Error::InvalidConfig { field: "limiter", .. })));
+        assert!(matches!(second, Err(ConfigError::Invalid { field: "limiter", .. })));
         drop(n);
         assert!(GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: 1, incarnation: 2 }), [2], 1, T0).is_ok());
     }
@@ -1537,7 +1548,7 @@ mod tests {
         // Every peer is heard from: five replicas share the quota.
         for p in 2..=5 {
             let from = ReplicaId { node: p, incarnation: 1 };
-            let hb = codec::encode(&Envelope::new(from, Body::Counts(Vec::new())));
+            let hb = codec::encode(&Envelope::new(from, Body::Counts(Vec::new()))).unwrap();
             n.handle_message(p, &hb, T0).unwrap();
         }
         // Timestamps alternate between two rounds; the budget's round is the clock's.
@@ -1552,7 +1563,7 @@ mod tests {
         let entries = vec![WireEntry { key: [3; 8], window_offset: 0, count: 1 }];
         for w in 1..=100u32 {
             let batch = Batch { replica, window_ms: 1000 + w, base_window: T0 / i64::from(1000 + w), entries: entries.clone() };
-            let bytes = codec::encode(&Envelope::new(replica, Body::Counts(vec![batch])));
+            let bytes = codec::encode(&Envelope::new(replica, Body::Counts(vec![batch]))).unwrap();
             n.handle_message(2, &bytes, T0).unwrap();
         }
         assert_eq!(n.stats().out_of_range, 100);

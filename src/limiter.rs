@@ -10,27 +10,12 @@ use crate::admission::{Admission, Budget};
 use crate::algorithm::Verdict;
 use crate::clock::{Clock, SystemClock};
 use crate::key::KeyHasher;
-use crate::limits::{LimitsConfig, LimitsError, LimitsVersion};
+use crate::limits::{
+    LimitsConfig, LimitsError, LimitsVersion, DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_KEYS, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_TIMESTAMP_AGE,
+    MAX_AD_HOC_WINDOWS, MAX_KEY_LEN_LIMIT,
+};
 use crate::store::{KeyCap, Store, Tolerances};
-use crate::{Error, Quota, Strategy};
-
-/// Default longest client id, in bytes.
-pub const DEFAULT_MAX_KEY_LEN: usize = 256;
-/// Upper bound for [`Builder::max_key_len`], in bytes.
-pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
-/// Default replay tolerance: how far behind the limiter's clock a timestamp may be.
-///
-/// Keys are kept until no acceptable timestamp can reach their windows, so a larger
-/// tolerance keeps idle keys longer.
-pub const DEFAULT_MAX_TIMESTAMP_AGE: Duration = Duration::from_secs(5);
-/// Default clock-skew tolerance: how far ahead of the limiter's clock a timestamp may be.
-pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
-/// Default cap on keys first counted locally (keys first counted by peers have a budget
-/// as large of their own). At about 50 bytes per local key this is about 200 MiB; the
-/// bound under any peer input is 2.75 GiB (`docs/design.md`, "Memory model").
-pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
-/// How many distinct window lengths [`RateLimiter::allow_with`] keeps counters for.
-pub const MAX_AD_HOC_WINDOWS: usize = 64;
+use crate::{ConfigError, Error, Quota, Strategy};
 
 /// What a limiter has decided so far and what it holds. See [`RateLimiter::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -237,7 +222,7 @@ struct Inner {
 /// assert!(!d.allowed);
 /// assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
 /// assert!(rl.allow("client-42", now + 1_000)); // the next window
-/// # Ok::<(), crdt_rate_limiter::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -258,8 +243,8 @@ impl RateLimiter {
     /// `limit` requests per `window` per client, sliding window, all defaults.
     ///
     /// # Errors
-    /// [`Error::ZeroLimit`], [`Error::ZeroWindow`] and the other [`Quota::new`] errors.
-    pub fn new(limit: u64, window: Duration) -> Result<Self, Error> {
+    /// [`ConfigError::ZeroLimit`], [`ConfigError::ZeroWindow`] and the other [`Quota::new`] errors.
+    pub fn new(limit: u64, window: Duration) -> Result<Self, ConfigError> {
         Self::builder().quota(Quota::new(limit, window)?).build()
     }
 
@@ -328,22 +313,21 @@ impl RateLimiter {
         }
         let inner = &*self.inner;
         let version = inner.ad_hoc_version.load(Ordering::Acquire);
-        let mut f = Some(f);
+        // `f` runs on the cached store, or comes back to run on one made here.
         let hit = AD_HOC.with(|cell| {
             let stale = !matches!(&*cell.borrow(), Some((id, v, _)) if *id == inner.id && *v == version);
             if stale {
                 *cell.borrow_mut() = Some((inner.id, version, inner.ad_hoc.read().clone()));
             }
             let cached = cell.borrow();
-            let store = cached.as_ref().and_then(|(_, _, list)| list.iter().find(|(win, _)| *win == w));
-            store.map(|(_, s)| f.take().map(|f| f(s)))
-        });
-        match hit.flatten() {
-            Some(out) => Ok(out),
-            None => {
-                let store = self.ad_hoc_store(quota)?;
-                f.take().map(|f| f(&store)).ok_or(Error::InvalidConfig { field: "window", reason: "no store" })
+            match cached.as_ref().and_then(|(_, _, list)| list.iter().find(|(win, _)| *win == w)) {
+                Some((_, s)) => Ok(f(s)),
+                None => Err(f),
             }
+        });
+        match hit {
+            Ok(out) => Ok(out),
+            Err(f) => Ok(f(&*self.ad_hoc_store(quota)?)),
         }
     }
 
@@ -417,9 +401,10 @@ impl RateLimiter {
     /// Like [`allow_with`](Self::allow_with), with the details or the error.
     ///
     /// # Errors
-    /// The [`Quota::new`] errors, [`Error::TooManyWindows`] and those of [`check`](Self::check).
+    /// [`Error::InvalidQuota`] with the [`Quota::new`] error, [`Error::TooManyWindows`] and
+    /// those of [`check`](Self::check).
     pub fn check_with(&self, client: &str, limit: u64, window: Duration) -> Result<Decision, Error> {
-        let quota = Quota::new(limit, window)?;
+        let quota = Quota::new(limit, window).map_err(Error::InvalidQuota)?;
         let local = self.inner.clock.now_ms();
         let now = self.observe(local.saturating_add(self.cluster_offset_ms()));
         let key = self.validate_key(client.as_bytes())?;
@@ -573,7 +558,7 @@ impl RateLimiter {
     /// (tiers and overrides in force are kept).
     pub fn set_quota(&self, quota: Quota) {
         let mut cfg = self.limits().1.unwrap_or_else(|| LimitsConfig::new(quota));
-        cfg.default = crate::QuotaSpec::of(&quota);
+        cfg.default = crate::limits::QuotaSpec::of(&quota);
         // The overrides in force were valid and a valid default cannot invalidate them.
         let _ = self.apply_limits(cfg);
     }
@@ -684,11 +669,12 @@ impl RateLimiter {
         self.inner.hasher.hash(client.as_bytes())
     }
 
-    /// Calls `f` with every store: the main one, then one per `allow_with` window length.
+    /// The window length of the main store, in ms.
     fn main_window_ms(&self) -> u64 {
         self.inner.main_window_ms.load(Ordering::Relaxed)
     }
 
+    /// Calls `f` with every store: the main one, then one per `allow_with` window length.
     pub(crate) fn for_each_store(&self, mut f: impl FnMut(u64, &Store)) {
         let main = self.main_window_ms();
         f(main, &self.inner.store);
@@ -830,26 +816,26 @@ impl Builder {
     /// Builds the limiter.
     ///
     /// # Errors
-    /// [`Error::MissingQuota`] without a quota; [`Error::InvalidConfig`] for a setting
-    /// out of range.
-    pub fn build(self) -> Result<RateLimiter, Error> {
-        let quota = self.quota.ok_or(Error::MissingQuota)?;
+    /// [`ConfigError::MissingQuota`] without a quota; [`ConfigError::Invalid`] for a
+    /// setting out of range.
+    pub fn build(self) -> Result<RateLimiter, ConfigError> {
+        let quota = self.quota.ok_or(ConfigError::MissingQuota)?;
         if !(1..=MAX_KEY_LEN_LIMIT).contains(&self.max_key_len) {
-            return Err(Error::InvalidConfig { field: "max_key_len", reason: "must be between 1 and 65536 bytes" });
+            return Err(ConfigError::Invalid { field: "max_key_len", reason: "must be between 1 and 65536 bytes" });
         }
         let day = Duration::from_secs(86_400);
         if self.max_timestamp_age > day {
-            return Err(Error::InvalidConfig { field: "max_timestamp_age", reason: "must be at most one day" });
+            return Err(ConfigError::Invalid { field: "max_timestamp_age", reason: "must be at most one day" });
         }
         if self.max_clock_skew > day {
-            return Err(Error::InvalidConfig { field: "max_clock_skew", reason: "must be at most one day" });
+            return Err(ConfigError::Invalid { field: "max_clock_skew", reason: "must be at most one day" });
         }
         if self.max_keys == 0 {
-            return Err(Error::InvalidConfig { field: "max_keys", reason: "must be at least 1" });
+            return Err(ConfigError::Invalid { field: "max_keys", reason: "must be at least 1" });
         }
         let shards = match self.shards {
             Some(s) if !(1..=4096).contains(&s) || !s.is_power_of_two() => {
-                return Err(Error::InvalidConfig { field: "shards", reason: "must be a power of two between 1 and 4096" });
+                return Err(ConfigError::Invalid { field: "shards", reason: "must be a power of two between 1 and 4096" });
             }
             Some(s) => s,
             None => {
@@ -957,7 +943,7 @@ mod tests {
         let (one, two) = (build(), build());
         let with = |rl: &RateLimiter, limit| {
             let mut cfg = LimitsConfig::new(default);
-            let spec = crate::ClientOverride { tier: None, limit: Some(limit), window_ms: Some(10_000), burst: None };
+            let spec = crate::limits::ClientOverride { tier: None, limit: Some(limit), window_ms: Some(10_000), burst: None };
             cfg.clients.insert("vip".into(), spec);
             rl.apply_limits(cfg).unwrap();
         };
@@ -978,7 +964,7 @@ mod tests {
         // Overrides with windows of their own: each limiter's stores, through the cache.
         for (rl, window_ms) in [(&one, 60_000), (&two, 30_000), (&one, 20_000)] {
             let mut cfg = LimitsConfig::new(default);
-            let spec = crate::ClientOverride { tier: None, limit: Some(2), window_ms: Some(window_ms), burst: None };
+            let spec = crate::limits::ClientOverride { tier: None, limit: Some(2), window_ms: Some(window_ms), burst: None };
             cfg.clients.insert("own-window".into(), spec);
             rl.apply_limits(cfg).unwrap();
             let decisions: Vec<Decision> = (0..3).map(|_| rl.check_now("own-window").unwrap()).collect();

@@ -17,13 +17,38 @@
 //!
 //! A configuration is validated whole before it replaces the one in force; an invalid
 //! one is refused with a [`LimitsError`] and changes nothing.
+//!
+//! This module also holds the limiter's documented bounds and defaults (key length,
+//! keys tracked, timestamp tolerances, window lengths, configuration sizes), in one place.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Quota};
+use crate::{ConfigError, Quota};
+
+// The limiter's own bounds: keys, timestamps, windows.
+
+/// Default longest client id, in bytes.
+pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+/// Upper bound for [`Builder::max_key_len`](crate::Builder::max_key_len), in bytes.
+pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
+/// Default replay tolerance: how far behind the limiter's clock a timestamp may be.
+///
+/// Keys are kept until no acceptable timestamp can reach their windows, so a larger
+/// tolerance keeps idle keys longer.
+pub const DEFAULT_MAX_TIMESTAMP_AGE: Duration = Duration::from_secs(5);
+/// Default clock-skew tolerance: how far ahead of the limiter's clock a timestamp may be.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
+/// Default cap on keys first counted locally (keys first counted by peers have a budget
+/// as large of their own). At about 50 bytes per local key this is about 200 MiB; the
+/// bound under any peer input is 2.75 GiB (`docs/design.md`, "Memory model").
+pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
+/// How many distinct window lengths [`RateLimiter::allow_with`](crate::RateLimiter::allow_with) keeps counters for.
+pub const MAX_AD_HOC_WINDOWS: usize = 64;
+
+// The bounds of a limits configuration.
 
 /// The most tiers a configuration may name.
 pub const MAX_TIERS: usize = 1_024;
@@ -53,7 +78,7 @@ impl QuotaSpec {
     ///
     /// # Errors
     /// The [`Quota::new`] and [`Quota::with_burst`] errors.
-    pub fn to_quota(&self) -> Result<Quota, Error> {
+    pub fn to_quota(&self) -> Result<Quota, ConfigError> {
         let q = Quota::new(self.limit, Duration::from_millis(self.window_ms))?;
         match self.burst {
             Some(b) => q.with_burst(b),
@@ -113,7 +138,7 @@ pub enum LimitsError {
         /// Which quota.
         what: String,
         /// Why.
-        source: Error,
+        source: ConfigError,
     },
     /// A client names a tier that does not exist.
     #[error("client {client:?} names unknown tier {tier:?}")]
@@ -129,6 +154,9 @@ pub enum LimitsError {
     /// Too many tiers or overrides, or a name too long or empty.
     #[error("limits out of bounds: {0}")]
     TooLarge(&'static str),
+    /// The configuration could not be written as TOML.
+    #[error("cannot write the limits as TOML: {0}")]
+    Write(String),
     /// A newer configuration (from another node) is already in force.
     #[error("a newer limits configuration is already in force")]
     Superseded,
@@ -151,8 +179,11 @@ impl LimitsConfig {
     }
 
     /// The configuration as TOML.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+    ///
+    /// # Errors
+    /// [`LimitsError::Write`] if the serializer refuses it.
+    pub fn to_toml(&self) -> Result<String, LimitsError> {
+        toml::to_string(self).map_err(|e| LimitsError::Write(e.to_string()))
     }
 
     /// Checks every quota and reference; returns the default quota and each client's.
@@ -182,7 +213,7 @@ impl LimitsConfig {
         }
         let mut clients = Vec::with_capacity(self.clients.len());
         for (client, o) in &self.clients {
-            if client.is_empty() || client.len() > crate::MAX_KEY_LEN_LIMIT {
+            if client.is_empty() || client.len() > MAX_KEY_LEN_LIMIT {
                 return Err(LimitsError::TooLarge("client ids are 1 to 65536 bytes"));
             }
             let q = match (&o.tier, o.limit, o.window_ms) {
@@ -203,7 +234,7 @@ impl LimitsConfig {
             .chain(tiers.values().map(Quota::window_ms))
             .filter(|&w| w != default.window_ms())
             .collect();
-        if windows.len() > crate::MAX_AD_HOC_WINDOWS {
+        if windows.len() > MAX_AD_HOC_WINDOWS {
             return Err(LimitsError::TooLarge("more distinct window lengths than MAX_AD_HOC_WINDOWS"));
         }
         Ok((default, clients))
@@ -250,7 +281,7 @@ window_ms = 1000
             clients.iter().map(|(c, q)| (*c, q.limit(), q.window_ms())).collect::<Vec<_>>(),
             vec![("acme", 1000, 1000), ("noisy", 10, 60_000)]
         );
-        assert_eq!(LimitsConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        assert_eq!(LimitsConfig::from_toml(&cfg.to_toml().unwrap()).unwrap(), cfg);
     }
 
     #[test]
@@ -267,7 +298,7 @@ window_ms = 1000
     #[test]
     fn a_config_needing_more_window_stores_than_there_are_is_refused() {
         let mut cfg = LimitsConfig::new(Quota::new(10, Duration::from_secs(1)).unwrap());
-        for w in 0..=crate::MAX_AD_HOC_WINDOWS as u64 {
+        for w in 0..=MAX_AD_HOC_WINDOWS as u64 {
             let spec = ClientOverride { tier: None, limit: Some(5), window_ms: Some(2_000 + w), burst: None };
             cfg.clients.insert(format!("client-{w}"), spec);
         }

@@ -21,7 +21,8 @@
 
 use metrics::{counter, gauge, histogram};
 
-use crate::{GossipNode, GossipStats, PeerStats, RateLimiter};
+use crate::gossip::{GossipNode, GossipStats, PeerStats};
+use crate::RateLimiter;
 
 /// Decisions, by `outcome`: `allowed` or `denied`. Counter.
 pub const DECISIONS: &str = "crl_decisions_total";
@@ -94,9 +95,9 @@ pub fn record_cluster(cluster: &crate::Cluster) {
     let stats = cluster.stats();
     record_core(&stats.gossip, &cluster.peer_stats(), stats.view_lag_ms);
     for (reason, n) in [
-        (crate::RefusalReason::HashSecret, stats.refused_hash_secret),
-        (crate::RefusalReason::Certificate, stats.refused_certificate),
-        (crate::RefusalReason::Identity, stats.refused_identity),
+        (crate::transport::RefusalReason::HashSecret, stats.refused_hash_secret),
+        (crate::transport::RefusalReason::Certificate, stats.refused_certificate),
+        (crate::transport::RefusalReason::Identity, stats.refused_identity),
     ] {
         counter!(PEERS_REFUSED, "reason" => reason.label()).absolute(n);
     }

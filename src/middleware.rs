@@ -63,7 +63,7 @@ use http::request::Parts;
 use http::{Extensions, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use crate::{Decision, Error, RateLimiter};
+use crate::{ConfigError, Decision, Error, RateLimiter};
 
 /// The `RateLimit-Policy` header field (the quota: limit and window).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -228,7 +228,8 @@ struct Shared {
 /// behind an `Arc`, so the same limit applies across every route or server they wrap.
 ///
 /// ```
-/// use crdt_rate_limiter::{KeyExtractor, MissingKey, RateLimitLayer, RateLimiter};
+/// use crdt_rate_limiter::middleware::MissingKey;
+/// use crdt_rate_limiter::{KeyExtractor, RateLimitLayer, RateLimiter};
 /// use http::HeaderName;
 /// use std::time::Duration;
 ///
@@ -238,7 +239,7 @@ struct Shared {
 ///     .policy_name("per-api-key")?
 ///     .shadow(true); // count and report, but never deny (for a safe rollout)
 /// // With axum: `Router::new().route(..).layer(layer)`.
-/// # Ok::<(), crdt_rate_limiter::Error>(())
+/// # Ok::<(), crdt_rate_limiter::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct RateLimitLayer {
@@ -287,11 +288,11 @@ impl RateLimitLayer {
     /// The policy name in the `RateLimit-Policy` and `RateLimit` fields. Default `default`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless it is 1 to [`MAX_POLICY_NAME_LEN`] printable ASCII
+    /// [`ConfigError::Invalid`] unless it is 1 to [`MAX_POLICY_NAME_LEN`] printable ASCII
     /// characters (space to `~`); `"` and `\` are allowed and escaped.
-    pub fn policy_name(mut self, name: &str) -> Result<Self, Error> {
+    pub fn policy_name(mut self, name: &str) -> Result<Self, ConfigError> {
         if name.is_empty() || name.len() > MAX_POLICY_NAME_LEN || !name.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-            return Err(Error::InvalidConfig { field: "policy_name", reason: "must be 1 to 64 printable ASCII characters" });
+            return Err(ConfigError::Invalid { field: "policy_name", reason: "must be 1 to 64 printable ASCII characters" });
         }
         let mut quoted = String::with_capacity(name.len() + 2);
         quoted.push('"');

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::Error;
+use crate::ConfigError;
 
 /// How many requests a client may make per window.
 ///
@@ -34,15 +34,15 @@ impl Quota {
     /// `limit` requests per `window`.
     ///
     /// # Errors
-    /// [`Error::ZeroLimit`], [`Error::LimitTooLarge`], [`Error::ZeroWindow`] or
-    /// [`Error::InvalidWindow`] when a value is outside the documented range.
-    pub fn new(limit: u64, window: Duration) -> Result<Self, Error> {
+    /// [`ConfigError::ZeroLimit`], [`ConfigError::LimitTooLarge`], [`ConfigError::ZeroWindow`] or
+    /// [`ConfigError::InvalidWindow`] when a value is outside the documented range.
+    pub fn new(limit: u64, window: Duration) -> Result<Self, ConfigError> {
         let limit = check_limit(limit)?;
         if window < Duration::from_millis(1) {
-            return Err(Error::ZeroWindow);
+            return Err(ConfigError::ZeroWindow);
         }
         if window > Self::MAX_WINDOW || window.subsec_nanos() % 1_000_000 != 0 {
-            return Err(Error::InvalidWindow { window, max: Self::MAX_WINDOW });
+            return Err(ConfigError::InvalidWindow { window, max: Self::MAX_WINDOW });
         }
         Ok(Self { limit, burst: limit, window_ms: window.as_millis() as u32 })
     }
@@ -51,10 +51,10 @@ impl Quota {
     /// The default is the limit. Only [`Strategy::TokenBucket`] reads it.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a burst of 0 or above the limit.
-    pub fn with_burst(mut self, burst: u64) -> Result<Self, Error> {
+    /// [`ConfigError::Invalid`] for a burst of 0 or above the limit.
+    pub fn with_burst(mut self, burst: u64) -> Result<Self, ConfigError> {
         if burst == 0 || burst > u64::from(self.limit) {
-            return Err(Error::InvalidConfig { field: "burst", reason: "must be between 1 and the limit" });
+            return Err(ConfigError::Invalid { field: "burst", reason: "must be between 1 and the limit" });
         }
         self.burst = burst as u32;
         Ok(self)
@@ -91,10 +91,10 @@ impl Quota {
     }
 }
 
-fn check_limit(limit: u64) -> Result<u32, Error> {
+fn check_limit(limit: u64) -> Result<u32, ConfigError> {
     match limit {
-        0 => Err(Error::ZeroLimit),
-        l if l > Quota::MAX_LIMIT => Err(Error::LimitTooLarge { limit, max: Quota::MAX_LIMIT }),
+        0 => Err(ConfigError::ZeroLimit),
+        l if l > Quota::MAX_LIMIT => Err(ConfigError::LimitTooLarge { limit, max: Quota::MAX_LIMIT }),
         l => Ok(l as u32),
     }
 }

@@ -22,7 +22,8 @@ use std::ops::RangeInclusive;
 use std::sync::atomic::Ordering;
 
 use crate::admission::Admission;
-use crate::{Error, LimitsConfig, LimitsError, LimitsVersion, RateLimiter};
+use crate::limits::{LimitsError, LimitsVersion};
+use crate::{ConfigError, Error, LimitsConfig, RateLimiter};
 
 pub(crate) use crate::store::{Exported, LOCAL_REPLICA};
 
@@ -36,12 +37,12 @@ impl Replica {
     /// Attaches `limiter` as node `node`'s replica, with gossip rounds every `round_ms`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] if `limiter` already has a gossip node (the store's replica
+    /// [`ConfigError::Invalid`] if `limiter` already has a gossip node (the store's replica
     /// indices belong to one core).
-    pub(crate) fn attach(limiter: RateLimiter, node: u64, round_ms: u64) -> Result<Self, Error> {
+    pub(crate) fn attach(limiter: RateLimiter, node: u64, round_ms: u64) -> Result<Self, ConfigError> {
         let cluster = limiter.cluster();
         if cluster.attached.swap(true, Ordering::AcqRel) {
-            return Err(Error::InvalidConfig { field: "limiter", reason: "already has a gossip node" });
+            return Err(ConfigError::Invalid { field: "limiter", reason: "already has a gossip node" });
         }
         cluster.round_ms.store(round_ms, Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);

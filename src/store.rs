@@ -1571,7 +1571,7 @@ mod tests {
     #[test]
     #[ignore]
     fn replica_insertion_order_costs_alike() {
-        for replicas in [MAX_KEY_REPLICAS as u32, crate::MAX_REPLICAS as u32] {
+        for replicas in [MAX_KEY_REPLICAS as u32, crate::gossip::MAX_REPLICAS as u32] {
             let run = |order: &mut dyn Iterator<Item = u32>| {
                 let s = store(u32::MAX as u64);
                 let started = std::time::Instant::now();

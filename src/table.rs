@@ -21,6 +21,8 @@ pub(crate) struct Slot {
     pub remote: u32,
 }
 
+use crate::slots::Slots;
+
 const EMPTY: u64 = 0;
 const MIN_CAPACITY: usize = 16;
 
@@ -164,109 +166,6 @@ impl Table {
     }
 }
 
-/// A zeroed array of slots. On Linux, arrays of 2 MiB or more are anonymous mappings
-/// aligned to 2 MiB and advised for transparent huge pages: a table of a million keys
-/// spans tens of MiB, and with 4 KiB pages nearly every lookup would also miss the TLB.
-/// Pages are only resident once touched, as with any allocation.
-pub(crate) struct Slots {
-    ptr: std::ptr::NonNull<Slot>,
-    len: usize,
-    mapped: bool,
-}
-
-// SAFETY: `Slots` owns its memory exclusively, like a `Box<[Slot]>`.
-unsafe impl Send for Slots {}
-// SAFETY: shared access only reads, like `&[Slot]`.
-unsafe impl Sync for Slots {}
-
-const HUGE_PAGE: usize = 2 << 20;
-
-impl Slots {
-    fn zeroed(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<Slot>();
-        #[cfg(target_os = "linux")]
-        if bytes >= HUGE_PAGE {
-            if let Some(ptr) = map_huge(bytes) {
-                return Self { ptr: ptr.cast(), len, mapped: true };
-            }
-        }
-        let boxed: Box<[Slot]> = vec![Slot::default(); len].into_boxed_slice();
-        let ptr = std::ptr::NonNull::from(Box::leak(boxed)).cast();
-        Self { ptr, len, mapped: false }
-    }
-}
-
-/// Maps `bytes` of zeroed memory starting on a 2 MiB boundary and advises huge pages.
-#[cfg(target_os = "linux")]
-fn map_huge(bytes: usize) -> Option<std::ptr::NonNull<u8>> {
-    let bytes = bytes.next_multiple_of(4096);
-    let span = bytes + HUGE_PAGE;
-    // SAFETY: an anonymous private mapping with no address hint has no preconditions.
-    let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-    };
-    if base == libc::MAP_FAILED {
-        return None;
-    }
-    let base = base as usize;
-    let start = base.next_multiple_of(HUGE_PAGE);
-    // SAFETY: both ranges lie inside the mapping just made and are not used again.
-    unsafe {
-        if start > base {
-            libc::munmap(base as *mut libc::c_void, start - base);
-        }
-        let end = start + bytes;
-        if base + span > end {
-            libc::munmap(end as *mut libc::c_void, base + span - end);
-        }
-        // Advice only: failure leaves ordinary pages, which is still correct.
-        libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
-    }
-    std::ptr::NonNull::new(start as *mut u8)
-}
-
-impl Drop for Slots {
-    fn drop(&mut self) {
-        if self.mapped {
-            #[cfg(target_os = "linux")]
-            // SAFETY: the mapping was made by `map_huge` with this length, rounded as there.
-            unsafe {
-                libc::munmap(self.ptr.as_ptr().cast(), (self.len * std::mem::size_of::<Slot>()).next_multiple_of(4096));
-            }
-        } else {
-            // SAFETY: made from a leaked `Box<[Slot]>` of this length.
-            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len)) });
-        }
-    }
-}
-
-impl Default for Slots {
-    fn default() -> Self {
-        Self { ptr: std::ptr::NonNull::dangling(), len: 0, mapped: false }
-    }
-}
-
-impl std::fmt::Debug for Slots {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Slots({})", self.len)
-    }
-}
-
-impl std::ops::Deref for Slots {
-    type Target = [Slot];
-    fn deref(&self) -> &[Slot] {
-        // SAFETY: `ptr` points to `len` initialized (zeroed or written) slots we own.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for Slots {
-    fn deref_mut(&mut self) -> &mut [Slot] {
-        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,7 +202,7 @@ mod tests {
             }
             t.insert_new(slot(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         }
-        assert!(t.capacity() * std::mem::size_of::<Slot>() >= HUGE_PAGE);
+        assert!(t.capacity() * std::mem::size_of::<Slot>() >= crate::slots::HUGE_PAGE);
         assert!((1..=120_000u64).all(|k| t.get(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)).is_some()));
         let removed = t.rebuild(|s| s.key % 2 == 0);
         assert_eq!(removed + t.len(), 120_000);

@@ -3,7 +3,9 @@
 //! misbehaving member could send, and so that the fuzzers run the production decoders.
 
 use crate::codec::{self, Batch, Body, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
-use crate::{DecodeError, LimitsConfig, LimitsVersion, ReplicaId};
+use crate::codec::{DecodeError, EncodeError};
+use crate::counter::ReplicaId;
+use crate::limits::{LimitsConfig, LimitsVersion};
 
 /// Decodes one gossip message with the production decoder; the message itself stays
 /// internal.
@@ -16,10 +18,12 @@ pub fn decode(bytes: &[u8]) -> Result<(), DecodeError> {
 
 /// Re-encodes a message that decodes: decoding then encoding is the identity.
 pub fn reencode(bytes: &[u8]) -> Option<Vec<u8>> {
-    codec::decode(bytes).ok().map(|m| codec::encode(&m))
+    codec::decode(bytes).ok().and_then(|m| codec::encode(&m).ok())
 }
 
-fn env(from: ReplicaId, body: Body) -> Vec<u8> {
+/// Every message builder below fails with [`EncodeError::TooLarge`] past
+/// [`MAX_DECODE_BYTES`](crate::codec::MAX_DECODE_BYTES), which no member accepts.
+fn env(from: ReplicaId, body: Body) -> Result<Vec<u8>, EncodeError> {
     codec::encode(&Envelope { version: WIRE_VERSION, from, body })
 }
 
@@ -38,7 +42,7 @@ pub struct CountsBatch {
 }
 
 /// A `Counts` message from `from`.
-pub fn counts(from: ReplicaId, batches: &[CountsBatch]) -> Vec<u8> {
+pub fn counts(from: ReplicaId, batches: &[CountsBatch]) -> Result<Vec<u8>, EncodeError> {
     let batches = batches
         .iter()
         .map(|b| Batch {
@@ -52,29 +56,36 @@ pub fn counts(from: ReplicaId, batches: &[CountsBatch]) -> Vec<u8> {
 }
 
 /// A `Repair` request: the counts of these (replica, bucket mask) pairs.
-pub fn repair(from: ReplicaId, window_ms: u32, wanted: &[(ReplicaId, u8)]) -> Vec<u8> {
+pub fn repair(from: ReplicaId, window_ms: u32, wanted: &[(ReplicaId, u8)]) -> Result<Vec<u8>, EncodeError> {
     env(from, Body::Repair { window_ms, wanted: wanted.to_vec() })
 }
 
 /// A `Digest` with these rows (replica, per-bucket fingerprints).
-pub fn digest(from: ReplicaId, window_ms: u32, window: i64, span: u8, rows: &[(ReplicaId, [u64; 8])], complete: bool) -> Vec<u8> {
+pub fn digest(
+    from: ReplicaId,
+    window_ms: u32,
+    window: i64,
+    span: u8,
+    rows: &[(ReplicaId, [u64; 8])],
+    complete: bool,
+) -> Result<Vec<u8>, EncodeError> {
     let rows = rows.iter().map(|&(replica, buckets)| DigestRow { replica, buckets }).collect();
     const _: () = assert!(DIGEST_BUCKETS == 8);
     env(from, Body::Digest { window_ms, window, span, rows, limits: LimitsVersion::default(), complete })
 }
 
 /// A `SyncRequest`.
-pub fn sync_request(from: ReplicaId) -> Vec<u8> {
+pub fn sync_request(from: ReplicaId) -> Result<Vec<u8>, EncodeError> {
     env(from, Body::SyncRequest)
 }
 
 /// A `Limits` message.
-pub fn limits(from: ReplicaId, version: LimitsVersion, config: LimitsConfig) -> Vec<u8> {
+pub fn limits(from: ReplicaId, version: LimitsVersion, config: LimitsConfig) -> Result<Vec<u8>, EncodeError> {
     env(from, Body::Limits { version, config })
 }
 
 /// A clock sample.
-pub fn ping(from: ReplicaId, sent_at_ms: i64, echo: Option<(i64, u32)>) -> Vec<u8> {
+pub fn ping(from: ReplicaId, sent_at_ms: i64, echo: Option<(i64, u32)>) -> Result<Vec<u8>, EncodeError> {
     env(from, Body::Ping { sent_at_ms, echo })
 }
 

@@ -55,7 +55,8 @@ mod cluster {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy};
+    use crdt_rate_limiter::counter::ReplicaId;
+    use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
     const T0: i64 = 1_700_000_000_000;
     const LATENCY_MS: i64 = 3;

@@ -12,8 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::StateEntry;
+use crdt_rate_limiter::transport::faults::FaultHooks as _;
+use crdt_rate_limiter::transport::RefusalReason;
 use crdt_rate_limiter::transport::{certs, node_id, tls, Cluster, ClusterConfig, ClusterError, TlsIdentity, TlsSource};
-use crdt_rate_limiter::{Quota, RateLimiter, RefusalReason, ReplicaId, StateEntry, Strategy};
+use crdt_rate_limiter::{Quota, RateLimiter, Strategy};
 
 const SECRET: [u8; 16] = *b"cluster-test-key";
 
@@ -95,6 +99,18 @@ async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Counts a request for `marker` on `from` and waits until every node in `to` holds
+/// that count: gossip has made at least one round on each link since the call. Checks
+/// that something does *not* happen wait for this instead of a fixed time.
+async fn a_round_later(from: &Cluster, to: &[&Cluster], marker: &str) {
+    from.limiter().allow(marker, from.limiter().now_ms());
+    let (key, replica) = (from.limiter().key_hash(marker), from.replica());
+    eventually("a gossip round", Duration::from_secs(10), || {
+        to.iter().all(|n| n.state().iter().any(|e| e.key == key && e.replica == replica))
+    })
+    .await;
+}
+
 /// Starts node-a, node-b and node-c from one limiter each (made by `make`), each seeded
 /// with the ones before, and waits for the full mesh.
 async fn three(ca: &Ca, make: impl Fn() -> RateLimiter) -> (Cluster, Cluster, Cluster) {
@@ -119,6 +135,12 @@ async fn bounded<F: std::future::Future>(limit_s: u64, f: F) -> F::Output {
 struct Ledger(Mutex<HashMap<(usize, i64), (u64, u64)>>);
 
 impl Ledger {
+    /// What a perfect global limiter would have admitted so far: per (client, window),
+    /// the offered requests up to `limit`.
+    fn ideal(&self, limit: u64) -> u64 {
+        self.snapshot().values().map(|&(offered, _)| offered.min(limit)).sum()
+    }
+
     fn record(&self, client: usize, window: i64, admitted: bool) {
         let mut m = self.0.lock().unwrap();
         let e = m.entry((client, window)).or_default();
@@ -223,7 +245,7 @@ use crdt_rate_limiter::Clock as _;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_under_load_stay_within_the_bound() {
-    bounded(40, async {
+    bounded(60, async {
         let ca = Ca::new();
         let (limit, window) = (50u64, Duration::from_secs(1));
         let (a, b, c) = three(&ca, || limiter(limit, window)).await;
@@ -231,7 +253,8 @@ async fn three_nodes_under_load_stay_within_the_bound() {
         // 12 clients, each offered 80 requests per second spread over the three nodes,
         // against 50 per one-second window.
         let load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], 12, 80.0, &ledger);
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // About four windows of load: 12 clients x 50 per window is 600 a window.
+        eventually("four windows of load", Duration::from_secs(30), || ledger.ideal(limit) >= 2_000).await;
         load.stop().await;
 
         let (mut ideal, mut admitted, mut over) = (0u64, 0u64, 0u64);
@@ -298,10 +321,17 @@ async fn peer_with_a_certificate_from_another_ca_is_refused_and_never_merged() {
         }
 
         eventually("the refusals", Duration::from_secs(10), || {
-            a.stats().handshake_failures >= 1 && a.stats().dial_failures >= 1 && b.stats().handshake_failures >= 1
+            a.stats().handshake_failures >= 1
+                && a.stats().dial_failures >= 1
+                && b.stats().handshake_failures >= 1
+                && a.stats().refused_certificate >= 1
+                && b.stats().refused_certificate >= 1
+                && a.refusals().iter().any(|r| r.addr == rogue.local_addr())
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Gossip went on between the members meanwhile, and merged nothing foreign.
+        a_round_later(&a, &[&b], "marker-a").await;
+        a_round_later(&b, &[&a], "marker-b").await;
 
         let victim = a.limiter().key_hash("victim");
         let rogue_node = node_id("node-c");
@@ -347,7 +377,10 @@ async fn killed_node_keeps_its_counts_and_restarts_without_a_second_quota() {
 
         // 60 requests per second per client over three nodes: about 120 of 300 in 2 s.
         let mut load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], clients, 60.0, &ledger);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        eventually("two seconds' worth of load on every node", Duration::from_secs(15), || {
+            (0..3).all(|i| load.admitted(i) >= 40 * clients as u64)
+        })
+        .await;
         // A crash: it decides nothing more, and not even a connection close leaves it.
         load.stop_node(2).await;
         c.abort();
@@ -357,8 +390,11 @@ async fn killed_node_keeps_its_counts_and_restarts_without_a_second_quota() {
             a.live_peers().len() == 1 && b.live_peers().len() == 1
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
         // The survivors keep deciding, and keep the dead node's counts.
+        eventually("the survivors to keep admitting and agree on the dead node's counts", Duration::from_secs(10), || {
+            load.admitted(0) > before.0 && load.admitted(1) > before.1 && counts_of(&a.state(), old_c) == counts_of(&b.state(), old_c)
+        })
+        .await;
         assert!(load.admitted(0) > before.0 && load.admitted(1) > before.1, "survivors stopped admitting");
         let held = counts_of(&a.state(), old_c);
         assert_eq!(held, counts_of(&b.state(), old_c), "survivors disagree on the dead node's counts");
@@ -382,7 +418,11 @@ async fn killed_node_keeps_its_counts_and_restarts_without_a_second_quota() {
 
         // Now exhaust the quota: 600 requests per second per client for 2 s.
         let load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], clients, 600.0, &ledger);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        eventually("every client's quota spent, and offered well past it", Duration::from_secs(20), || {
+            let seen = ledger.snapshot();
+            seen.len() >= clients && seen.values().all(|&(offered, admitted)| admitted >= limit && offered > 2 * limit)
+        })
+        .await;
         load.stop().await;
         let slack = limit / 10;
         let worst = ledger.snapshot().values().map(|v| v.1).max().unwrap_or(0);
@@ -406,7 +446,7 @@ async fn partition_then_heal_converges_every_replica() {
         let (a, b, c) = three(&ca, || limiter(limit, window)).await;
         let ledger = Arc::new(Ledger::default());
         let load = Load::start(&[a.limiter().clone(), b.limiter().clone(), c.limiter().clone()], 20, 90.0, &ledger);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        eventually("load on every node", Duration::from_secs(10), || (0..3).all(|i| load.admitted(i) > 0)).await;
 
         // Cut C off from A and B, longer than the idle timeout: connections die.
         assert!(c.block_peer(a.node_id()) && c.block_peer(b.node_id()));
@@ -414,7 +454,13 @@ async fn partition_then_heal_converges_every_replica() {
             a.live_peers() == vec![b.node_id()] && c.live_peers().is_empty()
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        eventually("the connections to C to die and the sides to diverge", Duration::from_secs(15), || {
+            a.members().iter().chain(&b.members()).all(|m| m.id != c.node_id() || !m.connected)
+                && c.members().iter().all(|m| !m.connected)
+                && c.stats().packets_dropped_by_faults > 0
+                && a.state() != c.state()
+        })
+        .await;
         assert!(c.stats().packets_dropped_by_faults > 0);
         assert_ne!(a.state(), c.state());
 
@@ -472,7 +518,9 @@ async fn nodes_that_dial_each_other_at_once_keep_one_connection() {
         b.add_seed(a.local_addr());
         full_mesh(&[&a, &b]).await;
         eventually("one connection each", Duration::from_secs(5), || a.stats().connections == 1 && b.stats().connections == 1).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Still one after gossip has gone both ways over it.
+        a_round_later(&a, &[&b], "marker-a").await;
+        a_round_later(&b, &[&a], "marker-b").await;
         assert_eq!((a.stats().connections, b.stats().connections), (1, 1));
         assert!(a.members()[0].connected && b.members()[0].connected);
         a.shutdown().await;
@@ -621,7 +669,7 @@ async fn a_limits_change_on_one_node_takes_effect_on_all_three() {
         let mut bad = cfg.clone();
         bad.default.window_ms = 0;
         assert!(c.limiter().apply_limits(bad).is_err());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        a_round_later(&c, &[&a, &b], "marker-c").await;
         assert!([&a, &b, &c].iter().all(|n| n.limiter().limits().0 == version));
         for n in [a, b, c] {
             n.shutdown().await;

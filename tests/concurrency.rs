@@ -6,7 +6,8 @@ use std::time::Duration;
 
 mod common;
 
-use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 const START: i64 = 1_700_000_000_000;
 

@@ -1,6 +1,6 @@
 //! The G-Counter obeys the CRDT laws, checked against `crdts::GCounter` as the model.
 
-use crdt_rate_limiter::GCounter;
+use crdt_rate_limiter::counter::GCounter;
 use crdts::{CmRDT, CvRDT};
 use num_traits::ToPrimitive;
 use proptest::prelude::*;

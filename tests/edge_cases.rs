@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crdt_rate_limiter::{Error, ManualClock, Quota, RateLimiter, Strategy};
+use crdt_rate_limiter::{ConfigError, Error, ManualClock, Quota, RateLimiter, Strategy};
 
 const NOW: i64 = 1_700_000_000_000;
 
@@ -59,22 +59,22 @@ fn timestamps_past_the_clock_skew_tolerance_are_refused() {
 
 #[test]
 fn zero_limit_and_zero_window_are_refused() {
-    assert_eq!(RateLimiter::new(0, Duration::from_secs(1)).unwrap_err(), Error::ZeroLimit);
-    assert_eq!(RateLimiter::new(1, Duration::ZERO).unwrap_err(), Error::ZeroWindow);
-    assert_eq!(RateLimiter::new(1, Duration::from_micros(999)).unwrap_err(), Error::ZeroWindow);
-    assert!(matches!(RateLimiter::new(1, Duration::from_micros(1500)), Err(Error::InvalidWindow { .. })));
-    assert!(matches!(RateLimiter::new(1, Duration::from_secs(60 * 86_400)), Err(Error::InvalidWindow { .. })));
-    assert!(matches!(RateLimiter::new(1 << 33, Duration::from_secs(1)), Err(Error::LimitTooLarge { .. })));
+    assert_eq!(RateLimiter::new(0, Duration::from_secs(1)).unwrap_err(), ConfigError::ZeroLimit);
+    assert_eq!(RateLimiter::new(1, Duration::ZERO).unwrap_err(), ConfigError::ZeroWindow);
+    assert_eq!(RateLimiter::new(1, Duration::from_micros(999)).unwrap_err(), ConfigError::ZeroWindow);
+    assert!(matches!(RateLimiter::new(1, Duration::from_micros(1500)), Err(ConfigError::InvalidWindow { .. })));
+    assert!(matches!(RateLimiter::new(1, Duration::from_secs(60 * 86_400)), Err(ConfigError::InvalidWindow { .. })));
+    assert!(matches!(RateLimiter::new(1 << 33, Duration::from_secs(1)), Err(ConfigError::LimitTooLarge { .. })));
     let rl = limiter(&ManualClock::new(NOW));
     assert!(!rl.allow_with("c", 0, Duration::from_secs(1)));
-    assert_eq!(rl.check_with("c", 1, Duration::ZERO), Err(Error::ZeroWindow));
-    assert!(matches!(Quota::new(5, Duration::from_secs(1)).unwrap().with_burst(6), Err(Error::InvalidConfig { field: "burst", .. })));
+    assert_eq!(rl.check_with("c", 1, Duration::ZERO), Err(Error::InvalidQuota(ConfigError::ZeroWindow)));
+    assert!(matches!(Quota::new(5, Duration::from_secs(1)).unwrap().with_burst(6), Err(ConfigError::Invalid { field: "burst", .. })));
 }
 
 #[test]
 fn builder_settings_out_of_range_are_refused() {
     let q = Quota::new(1, Duration::from_secs(1)).unwrap();
-    assert_eq!(RateLimiter::builder().build().unwrap_err(), Error::MissingQuota);
+    assert_eq!(RateLimiter::builder().build().unwrap_err(), ConfigError::MissingQuota);
     for (b, field) in [
         (RateLimiter::builder().quota(q).max_key_len(0), "max_key_len"),
         (RateLimiter::builder().quota(q).max_key_len(70_000), "max_key_len"),
@@ -84,8 +84,8 @@ fn builder_settings_out_of_range_are_refused() {
         (RateLimiter::builder().quota(q).max_clock_skew(Duration::from_secs(2 * 86_400)), "max_clock_skew"),
     ] {
         match b.build() {
-            Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
-            other => panic!("{field}: expected InvalidConfig, got {other:?}"),
+            Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: expected Invalid, got {other:?}"),
         }
     }
 }
@@ -130,12 +130,12 @@ fn allow_with_keeps_separate_counters_per_window_length_up_to_a_cap() {
     assert!(rl.allow("c", NOW));
     assert!(!rl.allow("c", NOW));
     assert!(rl.allow_with("c", 1, Duration::from_secs(2)), "another window length is another counter");
-    for w in 3..=crdt_rate_limiter::MAX_AD_HOC_WINDOWS as u64 + 1 {
+    for w in 3..=crdt_rate_limiter::limits::MAX_AD_HOC_WINDOWS as u64 + 1 {
         assert!(rl.allow_with("c", 1, Duration::from_secs(w)));
     }
     assert_eq!(
         rl.check_with("c", 1, Duration::from_secs(1_000)),
-        Err(Error::TooManyWindows { max: crdt_rate_limiter::MAX_AD_HOC_WINDOWS })
+        Err(Error::TooManyWindows { max: crdt_rate_limiter::limits::MAX_AD_HOC_WINDOWS })
     );
 }
 

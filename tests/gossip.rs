@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crdt_rate_limiter::{
-    Admission, Event, GossipConfig, GossipNode, ManualClock, MessageError, Quota, RateLimiter, ReplicaId, StateEntry, Strategy,
-};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::{Event, MessageError, StateEntry};
+use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 const T0: i64 = 1_700_000_000_000;
 const SECRET: [u8; 16] = *b"scripted-secret!";
@@ -368,7 +368,7 @@ window_ms = 1000
         assert_eq!(limiter.check("someone", c.now).unwrap().limit, 50);
     }
     // An older version arriving late changes nothing: the latest change wins.
-    let older = crdt_rate_limiter::LimitsVersion { at_ms: version.at_ms - 1, node: 9 };
+    let older = crdt_rate_limiter::limits::LimitsVersion { at_ms: version.at_ms - 1, node: 9 };
     assert!(older < version);
 }
 

@@ -8,8 +8,9 @@ use common::Ca;
 
 use std::time::Duration;
 
+use crdt_rate_limiter::limits::ClientOverride;
 use crdt_rate_limiter::transport::{Cluster, ClusterConfig, TlsIdentity};
-use crdt_rate_limiter::{ClientOverride, LimitsConfig, Quota, RateLimiter, Strategy};
+use crdt_rate_limiter::{LimitsConfig, Quota, RateLimiter, Strategy};
 
 const SECRET: [u8; 16] = *b"hostile-test-key";
 
@@ -79,7 +80,7 @@ async fn a_limits_file_of_4000_overrides_reaches_every_member() {
 /// overrides with quotas of their own, every name byte used) replicates too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limits_file_of_the_largest_legal_size_reaches_the_other_member() {
-    use crdt_rate_limiter::{QuotaSpec, MAX_NAME_BYTES, MAX_OVERRIDES, MAX_TIERS};
+    use crdt_rate_limiter::limits::{QuotaSpec, MAX_NAME_BYTES, MAX_OVERRIDES, MAX_TIERS};
     tokio::time::timeout(Duration::from_secs(40), async {
         let ca = Ca::new();
         let a = Cluster::start(limiter(), config(ca.identity("node-a"), &[])).await.unwrap();

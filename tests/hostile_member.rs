@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
-use crdt_rate_limiter::testing::{self, CountsBatch};
-use crdt_rate_limiter::{
-    Event, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy, MAX_ANSWERS_PER_PERIOD,
-    MAX_INCARNATIONS_PER_PEER, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::{
+    Event, Refusal, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
 };
+use crdt_rate_limiter::testing::{self, CountsBatch};
+use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 const T0: i64 = 1_700_000_000_000;
 const W0: i64 = T0 / 1000;
@@ -53,18 +54,18 @@ fn a_member_cannot_fill_the_replica_table_and_an_honest_restart_still_counts() {
         let batches: Vec<CountsBatch> = (0..4096u64)
             .map(|i| CountsBatch { replica: replica(1_000 + m * 4096 + i, 1), window_ms: 1000, window: W0, entries: vec![(key, 1)] })
             .collect();
-        n.handle_message(2, &testing::counts(replica(2, 1), &batches), T0).unwrap();
+        n.handle_message(2, &testing::counts(replica(2, 1), &batches).unwrap(), T0).unwrap();
     }
     for inc in 1..=100 {
         let b = CountsBatch { replica: replica(2, inc), window_ms: 1000, window: W0, entries: vec![(key, 0)] };
-        n.handle_message(2, &testing::counts(replica(2, inc), &[b]), T0).unwrap();
+        n.handle_message(2, &testing::counts(replica(2, inc), &[b]).unwrap(), T0).unwrap();
     }
     assert!(n.replica_count() <= MAX_RELAYED_PER_PEER + MAX_INCARNATIONS_PER_PEER, "{}", n.replica_count());
     assert!(n.stats().replicas_refused >= 65_536 - MAX_RELAYED_PER_PEER as u64);
     // Node 3 restarts as a new incarnation and counts 60 for client c: never refused for
     // member 2's traffic, so node 1 admits at most the 40 that remain.
     let b = CountsBatch { replica: replica(3, 7), window_ms: 1000, window: W0, entries: vec![(key, 60)] };
-    n.handle_message(3, &testing::counts(replica(3, 7), &[b]), T0).unwrap();
+    n.handle_message(3, &testing::counts(replica(3, 7), &[b]).unwrap(), T0).unwrap();
     // (Member 2's accepted replicas also filled client c's replica cells, so node 3's
     // count may be held in c's total rather than in a cell of its own: either way it
     // counts, which is what the admissions below check.)
@@ -80,7 +81,7 @@ fn replicas_whose_counts_expired_are_reclaimed_and_the_budget_frees_up() {
     let key = n.limiter().key_hash("c");
     let send = |n: &mut GossipNode, inc: u64, now: i64| {
         let b = CountsBatch { replica: replica(2, inc), window_ms: 1000, window: now / 1000, entries: vec![(key, 1)] };
-        n.handle_message(2, &testing::counts(replica(2, inc), &[b]), now).unwrap();
+        n.handle_message(2, &testing::counts(replica(2, inc), &[b]).unwrap(), now).unwrap();
     };
     for inc in 1..=MAX_INCARNATIONS_PER_PEER as u64 + 1 {
         send(&mut n, inc, T0);
@@ -109,7 +110,7 @@ fn busy_node() -> GossipNode {
     for i in 0..20_000 {
         assert!(n.limiter().allow(&format!("client-{i}"), T0));
     }
-    let hb = testing::counts(replica(2, 1), &[]);
+    let hb = testing::counts(replica(2, 1), &[]).unwrap();
     n.handle_message(2, &hb, T0).unwrap();
     drain(&mut n);
     n
@@ -118,7 +119,7 @@ fn busy_node() -> GossipNode {
 #[test]
 fn repeated_11_byte_repairs_cause_bounded_work_and_the_repair_still_completes() {
     let mut n = busy_node();
-    let repair = testing::repair(replica(2, 1), 1000, &[(replica(1, 1), 0xFF)]);
+    let repair = testing::repair(replica(2, 1), 1000, &[(replica(1, 1), 0xFF)]).unwrap();
     assert_eq!(repair.len(), 11);
     for _ in 0..100 {
         n.handle_message(2, &repair, T0 + 1).unwrap();
@@ -153,9 +154,9 @@ fn a_full_sync_of_a_big_store_is_sent_in_bounded_chunks_and_completes() {
         assert!(n.limiter().allow(&format!("client-{i}"), T0));
     }
     // Node 2 comes up (and asks for everything): one round's chunk is queued, not the store.
-    n.handle_message(2, &testing::counts(replica(2, 1), &[]), T0).unwrap();
+    n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), T0).unwrap();
     for _ in 0..100 {
-        n.handle_message(2, &testing::sync_request(replica(2, 1)), T0 + 1).unwrap();
+        n.handle_message(2, &testing::sync_request(replica(2, 1)).unwrap(), T0 + 1).unwrap();
     }
     let mut peer = node(2, &[1], 10);
     let mut first = (0, 0);
@@ -184,7 +185,7 @@ fn a_full_sync_of_a_big_store_is_sent_in_bounded_chunks_and_completes() {
             }
         }
         // Heartbeats keep node 2 up (it would be sent everything again on coming back).
-        n.handle_message(2, &testing::counts(replica(2, 1), &[]), now).unwrap();
+        n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), now).unwrap();
         now += 20;
     }
     let rounds = rounds_to_complete.expect("the full sync completes");
@@ -196,7 +197,7 @@ fn a_full_sync_of_a_big_store_is_sent_in_bounded_chunks_and_completes() {
 #[test]
 fn repeated_empty_complete_digests_cause_bounded_work() {
     let mut n = busy_node();
-    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], true);
+    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], true).unwrap();
     for _ in 0..1_000 {
         n.handle_message(2, &digest, T0 + 1).unwrap();
     }
@@ -205,9 +206,7 @@ fn repeated_empty_complete_digests_cause_bounded_work() {
     // Each answered digest asks for a repair (one message); the export is one chunk.
     assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 1_000) * 13 + 64 * 20, "{messages} messages, {bytes} bytes queued");
     assert_eq!(n.stats().answers_dropped, 1_000 - u64::from(MAX_ANSWERS_PER_PERIOD));
-    let refused = std::iter::from_fn(|| n.poll_event())
-        .filter(|e| *e == Event::Refused { peer: 2, reason: crdt_rate_limiter::GossipRefusal::AnswerBudget })
-        .count();
+    let refused = std::iter::from_fn(|| n.poll_event()).filter(|e| *e == Event::Refused { peer: 2, reason: Refusal::AnswerBudget }).count();
     assert_eq!(refused as u64, n.stats().answers_dropped, "each refusal is reported with its reason");
 }
 
@@ -216,7 +215,7 @@ fn digests_naming_different_windows_cost_one_pass_over_the_store_per_round() {
     let mut n = busy_node();
     let before = n.stats().store_passes;
     for i in 0..u64::from(MAX_ANSWERS_PER_PERIOD) {
-        let digest = testing::digest(replica(2, 1), 1000, W0 - (i % 8) as i64, 1 + (i / 8) as u8, &[], false);
+        let digest = testing::digest(replica(2, 1), 1000, W0 - (i % 8) as i64, 1 + (i / 8) as u8, &[], false).unwrap();
         n.handle_message(2, &digest, T0 + 1).unwrap();
     }
     drain(&mut n);
@@ -227,10 +226,10 @@ fn digests_naming_different_windows_cost_one_pass_over_the_store_per_round() {
     for _ in 0..11 {
         now += 20;
         n.handle_timeout(now);
-        n.handle_message(2, &testing::counts(replica(2, 1), &[]), now).unwrap();
+        n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), now).unwrap();
     }
     let passes = n.stats().store_passes;
-    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], false);
+    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], false).unwrap();
     n.handle_message(2, &digest, now + 1).unwrap();
     assert_eq!(n.stats().store_passes - passes, 1, "a later round passes again");
 }
@@ -241,15 +240,17 @@ fn valid_messages(key: u64) -> Vec<Vec<u8>> {
     let batch = CountsBatch { replica: from, window_ms: 1000, window: W0, entries: vec![(key, 3), (key ^ 1, 250), (key ^ 2, 70_000)] };
     let relayed = CountsBatch { replica: replica(9, 4), window_ms: 1000, window: W0 - 1, entries: vec![(key, 1)] };
     let mut limits = crdt_rate_limiter::LimitsConfig::new(Quota::new(5, Duration::from_secs(1)).unwrap());
-    limits.clients.insert("c".into(), crdt_rate_limiter::ClientOverride { tier: None, limit: Some(2), window_ms: Some(2000), burst: None });
+    limits
+        .clients
+        .insert("c".into(), crdt_rate_limiter::limits::ClientOverride { tier: None, limit: Some(2), window_ms: Some(2000), burst: None });
     vec![
-        testing::counts(from, &[batch, relayed]),
-        testing::counts(from, &[]),
-        testing::digest(from, 1000, W0, 2, &[(from, [1, 2, 3, 4, 5, 6, 7, 8]), (replica(1, 1), [0; 8])], true),
-        testing::repair(from, 1000, &[(replica(1, 1), 0xFF), (from, 0x0F)]),
-        testing::sync_request(from),
-        testing::ping(from, T0, Some((T0 - 3, 1))),
-        testing::limits(from, crdt_rate_limiter::LimitsVersion { at_ms: T0 as u64, node: 2 }, limits),
+        testing::counts(from, &[batch, relayed]).unwrap(),
+        testing::counts(from, &[]).unwrap(),
+        testing::digest(from, 1000, W0, 2, &[(from, [1, 2, 3, 4, 5, 6, 7, 8]), (replica(1, 1), [0; 8])], true).unwrap(),
+        testing::repair(from, 1000, &[(replica(1, 1), 0xFF), (from, 0x0F)]).unwrap(),
+        testing::sync_request(from).unwrap(),
+        testing::ping(from, T0, Some((T0 - 3, 1))).unwrap(),
+        testing::limits(from, crdt_rate_limiter::limits::LimitsVersion { at_ms: T0 as u64, node: 2 }, limits).unwrap(),
     ]
 }
 

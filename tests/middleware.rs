@@ -14,11 +14,10 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request};
 use axum::routing::get;
 use axum::Router;
+use crdt_rate_limiter::limits::ClientOverride;
 use crdt_rate_limiter::middleware::MAX_POLICY_NAME_LEN;
-use crdt_rate_limiter::{
-    ClientOverride, Clock, Error, KeyExtractor, LimitsConfig, ManualClock, MissingKey, OnError, Quota, RateLimitLayer, RateLimitOutcome,
-    RateLimiter, Strategy,
-};
+use crdt_rate_limiter::middleware::{MissingKey, OnError, RateLimitOutcome};
+use crdt_rate_limiter::{Clock, ConfigError, KeyExtractor, LimitsConfig, ManualClock, Quota, RateLimitLayer, RateLimiter, Strategy};
 use http::{HeaderMap, HeaderName, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -417,7 +416,7 @@ fn policy_names_outside_printable_ascii_or_too_long_are_refused() {
     let clock = ManualClock::new(T0);
     let layer = || RateLimitLayer::new(limiter(1, 1_000, &clock), KeyExtractor::peer_ip());
     for bad in [String::new(), "caf\u{e9}".to_owned(), "tab\there".to_owned(), "x".repeat(MAX_POLICY_NAME_LEN + 1)] {
-        assert!(matches!(layer().policy_name(&bad), Err(Error::InvalidConfig { field: "policy_name", .. })), "{bad:?}");
+        assert!(matches!(layer().policy_name(&bad), Err(ConfigError::Invalid { field: "policy_name", .. })), "{bad:?}");
     }
     assert!(layer().policy_name(&"x".repeat(MAX_POLICY_NAME_LEN)).is_ok());
 }

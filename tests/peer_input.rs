@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use crdt_rate_limiter::{Admission, Clock, Error, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::{Admission, Clock, Error, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 const T0: i64 = 1_700_000_000_000;
 const SECRET: [u8; 16] = *b"peer-input-test!";

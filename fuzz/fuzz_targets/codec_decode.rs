@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Some(again) = testing::reencode(data) {
-        assert!(again.len() <= crdt_rate_limiter::MAX_DECODE_BYTES);
+        assert!(again.len() <= crdt_rate_limiter::codec::MAX_DECODE_BYTES);
         let twice = testing::reencode(&again).expect("a re-encoded message decodes");
         assert_eq!(again, twice, "encoding is stable");
     }

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy, MAX_OUTBOX};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::MAX_OUTBOX;
+use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 use libfuzzer_sys::fuzz_target;
 
 const T0: i64 = 1_700_000_000_000;

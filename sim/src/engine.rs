@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
-use crdt_rate_limiter::{
-    Admission, Event as GossipEvent, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, StateEntry, Strategy, Transmit,
-    DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE,
-};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::gossip::{Event as GossipEvent, StateEntry, Transmit};
+use crdt_rate_limiter::limits::{DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE};
+use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 use crate::config::{limits, BurstTarget, Config, Mode, StrategyArg};
 use crate::report::{ClusterTimeFigures, Fault, Report, Timeline, TimelineClient};

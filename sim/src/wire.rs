@@ -15,7 +15,8 @@
 //! names this file.
 
 use bincode::config::{self, Configuration};
-use crdt_rate_limiter::{ReplicaId, MAX_DECODE_BYTES};
+use crdt_rate_limiter::codec::MAX_DECODE_BYTES;
+use crdt_rate_limiter::counter::ReplicaId;
 use serde::Deserialize;
 
 const CONFIG: Configuration<config::LittleEndian, config::Varint, config::Limit<MAX_DECODE_BYTES>> =

@@ -24,8 +24,9 @@ use super::socket::{Faults, FaultySocket};
 use super::wire::{Frame, FrameDecoder, Hello, MemberEntry};
 use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason};
 use crate::clock::{Clock, SystemClock};
-use crate::gossip::Event as CoreEvent;
-use crate::{GossipNode, PeerId, RateLimiter, ReplicaId, Transmit};
+use crate::counter::ReplicaId;
+use crate::gossip::{Event as CoreEvent, GossipNode, PeerId, Transmit};
+use crate::RateLimiter;
 
 /// Close codes (QUIC application error codes) the driver uses.
 mod close {

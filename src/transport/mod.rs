@@ -28,7 +28,7 @@
 //!
 //! * Deltas and heartbeats go as QUIC datagrams (at most `max_datagram_size()`; a larger
 //!   message falls back to the stream). Full syncs and repairs
-//!   ([`Transmit::reliable`](crate::Transmit)) go on one long-lived unidirectional stream
+//!   ([`Transmit::reliable`](crate::gossip::Transmit::reliable)) go on one long-lived unidirectional stream
 //!   per connection and direction, framed (kind, length, payload); its first frame says
 //!   who is speaking (incarnation, address, a fingerprint of the hash secret).
 //! * **Identity.** Both sides present a certificate the cluster CA signed (mutual TLS 1.3,
@@ -45,12 +45,17 @@
 //! * **Reconnection.** A lost connection is redialed with exponential backoff and jitter.
 //!   When both sides dial at once, both keep the connection the lower node id dialed.
 //!
-//! The [`tls`] and [`certs`] modules are the building blocks: identities from PEM, quinn
-//! configs, certificate generation.
+//! The [`certs`] module generates the cluster CA and node certificates. The `tls` and
+//! `faults` modules are hidden and not a stable API: the quinn configurations the driver
+//! builds (public for the TLS tests) and the fault hooks that tests and the demo use to
+//! partition and crash members.
 
 pub mod certs;
 mod driver;
+#[doc(hidden)]
+pub mod faults;
 mod socket;
+#[doc(hidden)]
 pub mod tls;
 pub(crate) mod wire;
 
@@ -64,7 +69,9 @@ use std::time::Duration;
 
 use siphasher::sip::SipHasher13;
 
-use crate::{Builder, GossipConfig, GossipStats, PeerId, PeerStats, RateLimiter, ReplicaId, StateEntry};
+use crate::counter::ReplicaId;
+use crate::gossip::{GossipConfig, GossipStats, PeerId, PeerStats, StateEntry};
+use crate::{Builder, RateLimiter};
 use driver::Shared;
 pub use tls::{TlsError, TlsIdentity};
 
@@ -316,7 +323,7 @@ pub enum ClusterError {
     },
     /// The limiter or the gossip core refused its configuration.
     #[error(transparent)]
-    Limiter(#[from] crate::Error),
+    Limiter(#[from] crate::ConfigError),
     /// Binding the UDP socket or creating the endpoint failed.
     #[error("cannot open the QUIC endpoint: {0}")]
     Io(#[from] std::io::Error),
@@ -496,10 +503,10 @@ impl ClusterStats {
     }
 }
 
-/// A running cluster member: membership, stats, fault hooks and shutdown.
+/// A running cluster member: membership, stats and shutdown.
 ///
-/// Dropping it stops the member at once without announcing the leave (like
-/// [`abort`](Self::abort), except that closing connections still reach the peers).
+/// Dropping it stops the member at once without announcing the leave (like the `abort`
+/// fault hook, except that closing connections still reach the peers).
 pub struct Cluster {
     shared: Arc<Shared>,
     limiter: RateLimiter,
@@ -612,45 +619,6 @@ impl Cluster {
         self.shared.add_seed(addr);
     }
 
-    // ----- fault hooks (tests) -----
-
-    /// Fault hook: drops every packet to or from `peer` (at every address known for it)
-    /// from now on, below QUIC. Returns whether an address was known.
-    pub fn block_peer(&self, peer: PeerId) -> bool {
-        let addrs = self.shared.peer_addrs(peer);
-        for a in &addrs {
-            self.shared.faults.block(*a);
-        }
-        !addrs.is_empty()
-    }
-
-    /// Fault hook: lifts [`block_peer`](Self::block_peer).
-    pub fn unblock_peer(&self, peer: PeerId) {
-        for a in self.shared.peer_addrs(peer) {
-            self.shared.faults.unblock(a);
-        }
-    }
-
-    /// Fault hook: drops every packet to or from `addr`.
-    pub fn block_addr(&self, addr: SocketAddr) {
-        self.shared.faults.block(addr);
-    }
-
-    /// Fault hook: lifts [`block_addr`](Self::block_addr).
-    pub fn unblock_addr(&self, addr: SocketAddr) {
-        self.shared.faults.unblock(addr);
-    }
-
-    /// Fault hook: lifts every block.
-    pub fn heal(&self) {
-        self.shared.faults.heal();
-    }
-
-    /// Addresses currently blocked by the fault hooks.
-    pub fn blocked(&self) -> Vec<SocketAddr> {
-        self.shared.faults.blocked()
-    }
-
     // ----- lifecycle -----
 
     /// Leaves the cluster gracefully: runs a last gossip round whose counts go out on
@@ -666,13 +634,6 @@ impl Cluster {
             return;
         }
         driver::shutdown(&self.shared).await;
-    }
-
-    /// Fault hook: stops at once, as a crash would. Nothing more leaves this node (not
-    /// even the connection close); peers find out from silence.
-    pub fn abort(self) {
-        self.shared.faults.isolate();
-        self.shared.abort_tasks();
     }
 }
 

@@ -1,5 +1,8 @@
 //! Mutual-TLS configuration for the QUIC gossip transport.
 //!
+//! Hidden, not a stable API: [`TlsIdentity`] and [`TlsError`] are public through
+//! `transport`; the quinn configuration builders here are public for the TLS tests.
+//!
 //! Every node of a cluster holds a [`TlsIdentity`]: the cluster CA
 //! certificate, its own certificate chain and its private key (see
 //! [`super::certs`] for generating them). From it we build

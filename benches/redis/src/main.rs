@@ -15,7 +15,8 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, ReplicaId, Strategy};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 const FIXED: &str = r"
 local c = redis.call('INCR', KEYS[1])

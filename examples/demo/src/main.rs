@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use clap::builder::RangedU64ValueParser;
 use clap::{CommandFactory, Parser};
+use crdt_rate_limiter::transport::faults::FaultHooks as _;
 use crdt_rate_limiter::transport::{certs, Cluster, ClusterConfig, TlsIdentity};
 use crdt_rate_limiter::{Quota, RateLimiter, Strategy};
 
