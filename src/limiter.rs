@@ -65,6 +65,12 @@ pub struct Decision {
     /// The quota's limit per window.
     pub limit: u64,
     /// Requests still admissible right after this one, if no other traffic arrives.
+    ///
+    /// While many threads decide for one client at once it may be lower than that, never
+    /// higher: admissions this node has handed to other threads (see `src/store.rs`,
+    /// "One hot key on many threads") count as used until they are, so it is at most
+    /// what was truly left on this node at some moment between the decision and its
+    /// return.
     pub remaining: u64,
     /// Time until the full quota is available again, if no other traffic arrives.
     pub reset_after: Duration,
