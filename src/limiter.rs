@@ -393,6 +393,7 @@ impl RateLimiter {
     /// # Errors
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::TimestampTooOld`],
     /// [`Error::TimestampInFuture`], [`Error::KeyCapacity`].
+    #[inline]
     pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         #[cfg(feature = "metrics")]
         return crate::metrics::sampled(|| self.check_inner(client, timestamp_ms));
@@ -400,6 +401,7 @@ impl RateLimiter {
         self.check_inner(client, timestamp_ms)
     }
 
+    #[inline]
     fn check_inner(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         let (key, ts, now, local) = self.validate(client.as_bytes(), timestamp_ms)?;
         if let Some(q) = self.override_of(key) {

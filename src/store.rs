@@ -941,6 +941,13 @@ impl Store {
                 }
             }
         }
+        self.decide_locked(key, ts_ms, now_ms, quota, budget)
+    }
+
+    /// [`decide`](Self::decide) under the shard lock (kept out of line: the lease path
+    /// above stays small).
+    #[inline(never)]
+    fn decide_locked(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<Verdict, Error> {
         // The token bucket's admissions keep to the lock (their reset time needs the
         // exact count), so they take no lease they could not spend.
         let lease = quota.is_none() && self.strategy != Strategy::TokenBucket;
