@@ -2,7 +2,9 @@
 //! latency of one decision under contention.
 //!
 //! Workloads (every request takes the admit path: the quota is `u32::MAX` per second):
-//! - `hot key`: every thread decides for the same client;
+//! - `hot key`: every thread decides for the same client, once with `allow` and once
+//!   with `check` (what the tower middleware calls per request, with the decision's
+//!   figures);
 //! - `key per thread`: thread `t` decides for `client-t` only;
 //! - `1M keys`: a million clients, warmed first, sent in a shuffled order, each thread
 //!   starting at its own offset.
@@ -19,11 +21,11 @@
 //! ratio of the two.
 //!
 //! Latency: every thread on the hot key, each call timed on its own with `Instant`
-//! (whose own cost, about 20 ns, is included on both sides).
+//! (whose own cost, about 20 ns, is included on both sides), for `allow` and `check`.
 //!
 //! Run: `cargo bench --bench threads` (about a minute on 2 cores). Pass thread counts to
 //! change the axis (`cargo bench --bench threads -- 1 2 4`), and `hot` for the hot-key
-//! rows alone.
+//! rows and their latencies alone.
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -71,6 +73,19 @@ impl Limiter for RateLimiter {
     }
     fn now(&self) -> i64 {
         self.now_ms()
+    }
+}
+
+/// Ours through `check`: the decision with its figures.
+struct Checking(RateLimiter);
+
+impl Limiter for Checking {
+    #[inline]
+    fn decide(&self, key: &String, now: i64) -> bool {
+        self.0.check(key, now).is_ok_and(|d| black_box(d).allowed)
+    }
+    fn now(&self) -> i64 {
+        self.0.now_ms()
     }
 }
 
@@ -187,15 +202,19 @@ fn main() {
     };
 
     let hot = vec!["client-42".to_string()];
-    let mut base = None;
+    let (mut base, mut check_base) = (None, None);
     for &t in &axis {
-        let (rl, gl) = (ours(None), governor());
+        let (rl, cl, gl) = (ours(None), Checking(ours(None)), governor());
         let o = median_rate(&rl, t, |_| (&hot[..], 0));
+        let c = median_rate(&cl, t, |_| (&hot[..], 0));
         let g = median_rate(&gl, t, |_| (&hot[..], 0));
         base = base.or(Some(o));
+        check_base = check_base.or(Some(c));
         row("one key shared by all threads", t, o, g, base);
+        row("one key shared by all threads, `check`", t, c, g, check_base);
     }
     if hot_only {
+        hot_latencies(&axis, &hot);
         return;
     }
 
@@ -269,21 +288,27 @@ fn main() {
         );
     }
 
+    hot_latencies(&axis, &hot);
+}
+
+/// The latency table: one decision with every thread on the hot key.
+fn hot_latencies(axis: &[usize], hot: &[String]) {
     println!();
     println!("| one decision, all threads on one key | threads | ours p50 | ours p99 | ours p99.9 | governor p50 | governor p99 | governor p99.9 |");
     println!("|---|---|---|---|---|---|---|---|");
-    for &t in &axis {
-        let (rl, gl) = (ours(None), governor());
-        let o = latencies(&rl, t, &hot);
-        let g = latencies(&gl, t, &hot);
-        println!(
-            "| ns per call | {t} | {} | {} | {} | {} | {} | {} |",
-            pct(&o, 0.5),
-            pct(&o, 0.99),
-            pct(&o, 0.999),
-            pct(&g, 0.5),
-            pct(&g, 0.99),
-            pct(&g, 0.999)
-        );
+    for &t in axis {
+        let (rl, cl, gl) = (ours(None), Checking(ours(None)), governor());
+        let g = latencies(&gl, t, hot);
+        for (name, o) in [("`allow`", latencies(&rl, t, hot)), ("`check`", latencies(&cl, t, hot))] {
+            println!(
+                "| ns per call, {name} | {t} | {} | {} | {} | {} | {} | {} |",
+                pct(&o, 0.5),
+                pct(&o, 0.99),
+                pct(&o, 0.999),
+                pct(&g, 0.5),
+                pct(&g, 0.99),
+                pct(&g, 0.999)
+            );
+        }
     }
 }

@@ -51,6 +51,12 @@ pub struct Decision {
     /// The quota's limit per window.
     pub limit: u64,
     /// Requests still admissible right after this one, if no other traffic arrives.
+    ///
+    /// While many threads decide for one client at once it may be lower than that, never
+    /// higher: admissions this node has handed to other threads (see `src/store.rs`,
+    /// "One hot key on many threads") count as used until they are, so it is at most
+    /// what was truly left on this node at some moment between the decision and its
+    /// return.
     pub remaining: u64,
     /// Time until the full quota is available again, if no other traffic arrives.
     pub reset_after: Duration,
@@ -354,6 +360,7 @@ impl RateLimiter {
     /// # Errors
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::TimestampTooOld`],
     /// [`Error::TimestampInFuture`], [`Error::KeyCapacity`].
+    #[inline]
     pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         #[cfg(feature = "metrics")]
         return crate::metrics::sampled(|| self.check_inner(client, timestamp_ms));
@@ -361,6 +368,7 @@ impl RateLimiter {
         self.check_inner(client, timestamp_ms)
     }
 
+    #[inline]
     fn check_inner(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
         let (key, ts, now, local) = self.validate(client.as_bytes(), timestamp_ms)?;
         if let Some(q) = self.override_of(key) {

@@ -83,9 +83,23 @@
 //! touch a shared line only once per lease. Under bounded admission a lease is also
 //! drawn from the round's budget (at most half of what is left of it), belongs to its
 //! round, and counts against that budget when folded in, so the round's budget is spent
-//! exactly as under the lock. Only `allow` with the store's quota uses leases; `check`
-//! (which reports exact remaining counts) and per-client quotas take the lock path as
-//! before, which first takes the key's leases back.
+//! exactly as under the lock. Per-client quotas take the lock path, which first takes
+//! the key's leases back.
+//!
+//! `check` with the store's quota (what the tower middleware calls per request) spends
+//! leases like `allow`, and reports figures the lock path would: the limit, and a reset
+//! time that with the request counted no longer depends on the count (fixed and sliding
+//! window, sliding log). As remaining it reports what the last lock-path decision left
+//! counting every lease out as spent (published in the cell before each grant) plus what
+//! is unspent of the caller's own lease: never more than what was truly left at some
+//! moment between its admission and its return, as the lock path counts other threads'
+//! unspent leases as used too. A standing refusal is served with its retry and reset
+//! times, kept as instants: the count it was decided on cannot change within the cell's
+//! epoch (a refusal is published, and lifted when a merge or a request under another
+//! quota changes the count, under a new epoch). Where a figure could not be exact that
+//! way, `check` takes the lock: the token bucket's admissions (its reset time follows the
+//! count; they take no lease) and the sliding log's refusals (published from the sums, they
+//! may end before the exact time).
 //!
 //! The tally sees lease admissions as they are spent (and lock-free refusals at once);
 //! its `near_limit` count covers lock-path decisions only, as a lease decision does not
@@ -369,6 +383,15 @@ struct HotHead {
     round: AtomicU64,
     /// Requests of this epoch's key and window timestamped before this are refused.
     deny_until: AtomicI64,
+    /// When the full quota is back for such a refusal (the time, not a wait).
+    deny_reset_at: AtomicI64,
+    /// The store's quota at the last re-arm, as [`Quota::parts`] packed: limit (high
+    /// 32 bits) and window in ms (low 32): what a lock-free `check` reports.
+    quota: AtomicU64,
+    /// What remains, counting every lease out as spent, as the last lock-path decision
+    /// of this epoch left it (0 when unknown): a lease holder's `check` reports this plus
+    /// what is unspent of its own lease.
+    pool: AtomicU64,
 }
 
 /// The head's round when leases are not drawn from a round budget.
@@ -377,6 +400,12 @@ const NO_ROUND: u64 = u64::MAX;
 #[inline]
 fn round_word(round: Option<u32>) -> u64 {
     round.map_or(NO_ROUND, u64::from)
+}
+
+/// The head's [`HotHead::quota`] word for `q`.
+fn quota_word(q: &Quota) -> u64 {
+    let (limit, _, window_ms) = q.parts();
+    (u64::from(limit) << 32) | u64::from(window_ms)
 }
 
 #[derive(Default)]
@@ -397,10 +426,10 @@ struct HotCell {
 }
 
 impl HotCell {
-    /// Spends one unit of the calling thread's lease, or reports a standing refusal.
-    /// `None`: the lock path decides.
+    /// The head's state, the window's length and the time into it, if the cell serves
+    /// `key` at `ts_ms` in `round`'s leases.
     #[inline]
-    fn try_admit(&self, key: u64, ts_ms: i64, round: Option<u32>) -> Option<bool> {
+    fn serves(&self, key: u64, ts_ms: i64, round: Option<u32>) -> Option<(u64, u64, u64)> {
         let h = &self.head.0;
         let s1 = h.state.load(Ordering::Acquire);
         if s1 & 1 != 0 || h.key.load(Ordering::Acquire) != key || h.round.load(Ordering::Acquire) != round_word(round) {
@@ -410,22 +439,90 @@ impl HotCell {
         if w == 0 || ts_ms.div_euclid(w) as u32 != (s1 >> 32) as u32 {
             return None;
         }
-        let elapsed = ts_ms.rem_euclid(w) as u64;
-        let epoch = s1 & EPOCH_MASK;
-        let st = &self.stripes[stripe_index()].0;
+        Some((s1, w as u64, ts_ms.rem_euclid(w) as u64))
+    }
+
+    /// Spends one unit of `st`'s lease of `epoch` at `elapsed`; returns the lease word
+    /// after the spend.
+    #[inline]
+    fn spend(st: &Stripe, epoch: u64, elapsed: u64) -> Option<u64> {
         let mut cur = st.lease.load(Ordering::Acquire);
         // A lease of this epoch belongs to this key and window (grants carry the epoch
         // the head had when they were made; every older lease was taken back first).
         while lease_epoch(cur) == epoch && lease_spent(cur) < lease_budget(cur) && elapsed >= st.from.load(Ordering::Relaxed) {
             match st.lease.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(true),
+                Ok(_) => return Some(cur + 1),
                 Err(now) => cur = now,
             }
         }
+        None
+    }
+
+    /// Spends one unit of the calling thread's lease, or reports a standing refusal.
+    /// `None`: the lock path decides.
+    #[inline]
+    fn try_admit(&self, key: u64, ts_ms: i64, round: Option<u32>) -> Option<bool> {
+        let (s1, _, elapsed) = self.serves(key, ts_ms, round)?;
+        let st = &self.stripes[stripe_index()].0;
+        if Self::spend(st, s1 & EPOCH_MASK, elapsed).is_some() {
+            return Some(true);
+        }
+        let h = &self.head.0;
         let deny = h.deny_until.load(Ordering::Acquire);
         if ts_ms < deny && h.state.load(Ordering::Acquire) == s1 {
             st.denied.fetch_add(1, Ordering::Relaxed);
             return Some(false);
+        }
+        None
+    }
+
+    /// [`try_admit`](Self::try_admit) with the decision's figures, for `check`. `None`
+    /// also where a figure the lock path gives could not be given exactly: an admission
+    /// under the token bucket (its reset time depends on the exact count) and a refusal
+    /// under the sliding log (the published refusal ends no later than the exact one).
+    ///
+    /// An admission reports as remaining what the last lock-path decision left counting
+    /// every lease out as spent, plus what is unspent of this thread's lease: never more
+    /// than what was truly left at some moment between this admission and the return.
+    #[inline]
+    fn try_decide(&self, key: u64, ts_ms: i64, round: Option<u32>, strategy: Strategy) -> Option<Verdict> {
+        let (s1, w, elapsed) = self.serves(key, ts_ms, round)?;
+        let h = &self.head.0;
+        let q = h.quota.load(Ordering::Acquire);
+        let (limit, span) = (q >> 32, q & u64::from(u32::MAX));
+        let st = &self.stripes[stripe_index()].0;
+        // Once admitted, the full quota is back at a time that does not depend on the
+        // counts (`algorithm`'s verdicts with the request counted), except for the bucket.
+        let reset_after_ms = match strategy {
+            Strategy::FixedWindow => Some(w - elapsed),
+            Strategy::SlidingWindow => Some(2 * w - elapsed),
+            Strategy::SlidingLog => Some((w - elapsed) + algorithm::log_tick(span).1 * w),
+            Strategy::TokenBucket => None,
+        };
+        if let Some(reset_after_ms) = reset_after_ms {
+            if let Some(after) = Self::spend(st, s1 & EPOCH_MASK, elapsed) {
+                let own = lease_budget(after) - lease_spent(after);
+                // The pool counts this lease as spent; read after the spend, it is the one
+                // of a lock-path decision made after this lease was granted. Any lock-path
+                // decision since the spend that touched this stripe (a take-back) moved
+                // the unspent part into the pool: then only that part is reported.
+                let pool = h.pool.load(Ordering::Acquire);
+                let remaining = if st.lease.load(Ordering::Acquire) == after { pool.saturating_add(own) } else { own };
+                return Some(Verdict { allowed: true, limit, remaining, reset_after_ms, retry_after_ms: None });
+            }
+        }
+        if strategy == Strategy::SlidingLog {
+            return None;
+        }
+        // A standing refusal was decided on the exact count, which has not changed in this
+        // epoch: its retry and reset times are absolute.
+        let deny = h.deny_until.load(Ordering::Acquire);
+        let reset_at = h.deny_reset_at.load(Ordering::Acquire);
+        if ts_ms < deny && h.state.load(Ordering::Acquire) == s1 {
+            st.denied.fetch_add(1, Ordering::Relaxed);
+            let retry = deny.saturating_sub(ts_ms) as u64;
+            let reset = reset_at.saturating_sub(ts_ms).max(0) as u64;
+            return Some(Verdict { allowed: false, limit, remaining: 0, reset_after_ms: reset, retry_after_ms: Some(retry) });
         }
         None
     }
@@ -484,9 +581,9 @@ impl HotState {
         (0..STRIPES).filter(|i| self.granted & (1 << i) != 0).map(|i| lease_spent(cell.stripes[i].0.lease.load(Ordering::Acquire))).sum()
     }
 
-    /// Points the cell at `key` in `window` (of `window_ms`) under a new epoch, with no
-    /// standing refusal. Every lease must have been taken back.
-    fn rearm(&mut self, cell: &HotCell, key: u64, window: u32, window_ms: u64, round: Option<u32>) {
+    /// Points the cell at `key` in `window` (of `window_ms`, under the store's `quota`)
+    /// under a new epoch, with no standing refusal. Every lease must have been taken back.
+    fn rearm(&mut self, cell: &HotCell, key: u64, window: u32, window_ms: u64, round: Option<u32>, quota: Option<&Quota>) {
         debug_assert_eq!(self.granted, 0);
         let h = &cell.head.0;
         h.state.store((u64::from(self.window) << 32) | u64::from(self.epoch | 1), Ordering::SeqCst);
@@ -498,7 +595,41 @@ impl HotState {
         h.window_ms.store(window_ms, Ordering::SeqCst);
         h.round.store(round_word(round), Ordering::SeqCst);
         h.deny_until.store(i64::MIN, Ordering::SeqCst);
+        h.deny_reset_at.store(i64::MIN, Ordering::SeqCst);
+        h.quota.store(quota.map_or(0, quota_word), Ordering::SeqCst);
+        h.pool.store(0, Ordering::SeqCst);
         h.state.store((u64::from(window) << 32) | u64::from(self.epoch), Ordering::SeqCst);
+    }
+
+    /// Publishes a standing refusal until `until`, the full quota being back at
+    /// `reset_at` (`i64::MIN` for both lifts it), under a new epoch, so that a lock-free
+    /// reader never mixes two refusals' figures. Every lease must have been taken back.
+    fn refuse_until(&mut self, cell: &HotCell, until: i64, reset_at: i64) {
+        debug_assert_eq!(self.granted, 0);
+        let h = &cell.head.0;
+        let window = u64::from(self.window) << 32;
+        h.state.store(window | u64::from(self.epoch | 1), Ordering::SeqCst);
+        self.epoch = self.epoch.wrapping_add(2);
+        h.deny_until.store(until, Ordering::SeqCst);
+        h.deny_reset_at.store(reset_at, Ordering::SeqCst);
+        h.state.store(window | u64::from(self.epoch), Ordering::SeqCst);
+    }
+
+    /// Lifts the standing refusal, if any (the key's count changed in a way it did not
+    /// foresee). Every lease must have been taken back.
+    fn lift_refusal(&mut self, cell: &HotCell) {
+        if cell.head.0.deny_until.load(Ordering::Relaxed) != i64::MIN {
+            self.refuse_until(cell, i64::MIN, i64::MIN);
+        }
+    }
+
+    /// Publishes what remains counting every lease out as spent (before a grant: a lease
+    /// holder reads it after its spend, see [`HotCell::try_decide`]).
+    fn set_pool(cell: &HotCell, pool: u64) {
+        let p = &cell.head.0.pool;
+        if p.load(Ordering::Relaxed) != pool {
+            p.store(pool, Ordering::Release);
+        }
     }
 
     fn grant(&mut self, cell: &HotCell, i: usize, budget: u64, from_elapsed: u64) {
@@ -597,7 +728,7 @@ impl Shard {
         self.fold_hot(cell, track);
         if let Some(cell) = cell {
             if self.hot.key != 0 {
-                self.hot.rearm(cell, 0, 0, 0, None);
+                self.hot.rearm(cell, 0, 0, 0, None, None);
             }
         }
     }
@@ -771,6 +902,10 @@ impl Store {
     /// the limiter clock's reading, used only to reclaim expired keys.
     ///
     /// `quota` overrides the store's quota (it must have the store's window).
+    ///
+    /// With the store's quota, a key promoted to its shard's hot cell is decided without
+    /// the lock while the thread's lease lasts, and a standing refusal is served without
+    /// it too, wherever the figures stay exact (see [`HotCell::try_decide`]).
     #[inline]
     pub(crate) fn decide(
         &self,
@@ -780,7 +915,24 @@ impl Store {
         quota: Option<&Quota>,
         budget: Option<&Budget>,
     ) -> Result<Verdict, Error> {
-        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate, false)
+        if quota.is_none() {
+            if let Some(cell) = self.shard(key.max(1)).hot.0.get() {
+                if let Some(v) = cell.try_decide(key.max(1), ts_ms, budget.map(|b| b.round), self.strategy) {
+                    return Ok(v);
+                }
+            }
+        }
+        self.decide_locked(key, ts_ms, now_ms, quota, budget)
+    }
+
+    /// [`decide`](Self::decide) under the shard lock (kept out of line: the lease path
+    /// above stays small).
+    #[inline(never)]
+    fn decide_locked(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<Verdict, Error> {
+        // The token bucket's admissions keep to the lock (their reset time needs the
+        // exact count), so they take no lease they could not spend.
+        let lease = quota.is_none() && self.strategy != Strategy::TokenBucket;
+        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate, lease)
     }
 
     /// Like [`decide`](Self::decide) but computes only whether to admit.
@@ -881,7 +1033,7 @@ impl Store {
                 let hot = cell.hot.0.get_or_init(Box::default);
                 shard.fold_hot(Some(hot), track);
                 let w = shard.table.at(slot).window;
-                shard.hot.rearm(hot, key, w, tick_ms, None);
+                shard.hot.rearm(hot, key, w, tick_ms, None, Some(&shard.quota));
                 shard.hot.candidate = 0;
             } else {
                 shard.hot.candidate = key;
@@ -996,7 +1148,7 @@ impl Store {
             shard.fold_hot(hot, self.track_changes.load(Ordering::Relaxed));
         }
         let (tick_ms, back) = algorithm::tick(shard.strategy, shard.quota.window_ms());
-        let Shard { table, remote, free_remote, hot: hs, older, .. } = shard;
+        let Shard { table, remote, free_remote, hot: hs, older, quota, .. } = shard;
         let e = table.at(at);
         if back >= 2 {
             let by = windows_since(e.window, window32);
@@ -1005,8 +1157,13 @@ impl Store {
             }
         }
         let age = -Shard::roll(e, remote, window32).min(0);
-        if let Some(cell) = hot.filter(|_| hs.key == key && hs.window != e.window) {
-            hs.rearm(cell, key, e.window, tick_ms, hs.round);
+        if let Some(cell) = hot.filter(|_| hs.key == key) {
+            if hs.window != e.window {
+                hs.rearm(cell, key, e.window, tick_ms, hs.round, Some(quota));
+            } else {
+                // A standing refusal's times were decided without this count.
+                hs.lift_refusal(cell);
+            }
         }
         if age > 1 {
             if age as u64 > back {
@@ -1280,7 +1437,7 @@ fn apply<V: Outcome>(
     req: &Request<'_>,
     f: fn(Strategy, &Quota, Counts, u64) -> V,
 ) -> V {
-    let Shard { table, remote, free_remote, dirty, strategy, tally, hot: hs, older, .. } = shard;
+    let Shard { table, remote, free_remote, dirty, strategy, tally, hot: hs, older, quota: store_quota, .. } = shard;
     let e = table.at(slot);
     let key = e.key;
     let mut elapsed = req.elapsed;
@@ -1382,17 +1539,21 @@ fn apply<V: Outcome>(
     }
     if let Some(cell) = hot {
         if hs.window != e.window || hs.round != round {
-            hs.rearm(cell, key, e.window, req.tick_ms, round);
+            hs.rearm(cell, key, e.window, req.tick_ms, round, Some(store_quota));
         }
         match lease {
             Some(i) if rolled >= 0 && v.allowed() => {
                 // Lease half of what remains after this request, leases out counted
                 // (and half of what is left of the round's budget).
                 let after = algorithm::evaluate(*strategy, req.quota, Counts { cur: counts.cur + 1, ..counts }, elapsed);
-                let mut lease = ((after.remaining + u64::from(after.allowed)) / 2).min(LEASE_MAX);
+                let left = after.remaining + u64::from(after.allowed);
+                let mut lease = (left / 2).min(LEASE_MAX);
                 if let Some(r) = remote_of(e).filter(|_| round.is_some()).map(|i| &remote[i]) {
                     lease = lease.min(r.share.left(reserved) / 2);
                 }
+                // What remains with this lease counted as spent too (`counts` holds the
+                // other leases out).
+                HotState::set_pool(cell, if lease > 0 { left - lease } else { 0 });
                 if lease > 0 {
                     hs.grant(cell, i, lease, elapsed);
                     // Spent leases reach gossip through the next collection.
@@ -1401,12 +1562,20 @@ fn apply<V: Outcome>(
             }
             Some(_) if rolled >= 0 && !rule_allowed && hs.granted == 0 => {
                 // Refused on the exact count: so is every request of this window until
-                // the strategy's retry time (counts only grow).
-                if let Some(retry) = algorithm::evaluate(*strategy, req.quota, counts, elapsed).retry_after_ms {
-                    cell.head.0.deny_until.store(req.ts_ms.saturating_add(retry as i64), Ordering::Release);
+                // the strategy's retry time (counts only grow), with the same retry and
+                // reset times, as instants.
+                let exact = algorithm::evaluate(*strategy, req.quota, counts, elapsed);
+                if let Some(retry) = exact.retry_after_ms {
+                    let at = |ms: u64| req.ts_ms.saturating_add(ms as i64);
+                    hs.refuse_until(cell, at(retry), at(exact.reset_after_ms));
                 }
             }
-            _ => {}
+            None if v.allowed() => {
+                // Counted under another quota (every lease was taken back): a standing
+                // refusal's times no longer hold.
+                hs.lift_refusal(cell);
+            }
+            _ => HotState::set_pool(cell, 0),
         }
     }
     v
@@ -1779,6 +1948,73 @@ mod tests {
         assert_eq!(admitted(&s, 1, T0 + 1_005, 50), 10);
         assert_eq!(s.shard(1).lock.lock().hot.key, 1, "still the hot key");
         assert_eq!(counts(&s, 1, T0 + 1_005), vec![(W0, LOCAL_REPLICA, 10), (W0 + 1, LOCAL_REPLICA, 10)]);
+    }
+
+    /// `check` on the hot key (a decision with the store's quota) spends the thread's
+    /// lease and serves a standing refusal without the shard lock: both are decided
+    /// while another thread holds it, with the lock path's figures (the token bucket's
+    /// admissions excepted: they keep to the lock).
+    #[test]
+    fn a_hot_keys_check_is_decided_without_the_lock() {
+        use std::sync::mpsc;
+        for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::SlidingLog, Strategy::TokenBucket] {
+            let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
+            let quota = Quota::new(100, Duration::from_secs(1)).unwrap();
+            let s = Store::new(4, KeyCap::new(1_000), tol, 7, quota, strategy);
+            let ts = T0 + 10;
+            let (_, promoted) = promote_with(&s, 1, ts, None);
+            let (go, step) = mpsc::channel::<bool>();
+            let (done, result) = mpsc::channel();
+            std::thread::scope(|sc| {
+                let s = &s;
+                // One thread: its stripe's lease is what the decisions spend. `true`: one
+                // `check`; `false`: `allow` until refused.
+                sc.spawn(move || {
+                    while let Ok(check) = step.recv() {
+                        let out = if check {
+                            (1, Some(s.decide(1, ts, ts, None, None).unwrap()))
+                        } else {
+                            (std::iter::from_fn(|| s.admit(1, ts, ts, None, None).unwrap().then_some(())).count() as u64, None)
+                        };
+                        done.send(out).unwrap();
+                    }
+                });
+                let wait = || result.recv_timeout(Duration::from_secs(10)).expect("decided without the lock");
+                let lock_free = strategy != Strategy::TokenBucket;
+                // Unlocked: the lock path decides and grants this thread a lease.
+                go.send(true).unwrap();
+                let first = wait().1.unwrap();
+                assert!(first.allowed);
+                let mut admitted = promoted + 1;
+                if lock_free {
+                    let guard = s.shard(1).lock.lock();
+                    go.send(true).unwrap();
+                    let v = wait().1.unwrap();
+                    drop(guard);
+                    admitted += 1;
+                    let exact = algorithm::evaluate(strategy, &quota, Counts { cur: admitted - 1, prev: 0 }, 10);
+                    assert!(v.allowed, "{strategy:?}");
+                    assert_eq!((v.limit, v.reset_after_ms, v.retry_after_ms), (100, exact.reset_after_ms, None), "{strategy:?}");
+                    // With no other thread deciding, one less than the lock path said.
+                    assert_eq!(v.remaining, first.remaining - 1, "{strategy:?}");
+                    assert!(v.remaining > 0 && v.remaining <= 100 - admitted, "{strategy:?}: {} remaining after {admitted}", v.remaining);
+                }
+                go.send(false).unwrap();
+                admitted += wait().0;
+                assert_eq!(admitted, 100, "{strategy:?}: exactly the limit");
+                if strategy != Strategy::SlidingLog {
+                    // The standing refusal, with the exact count's retry and reset times.
+                    let guard = s.shard(1).lock.lock();
+                    go.send(true).unwrap();
+                    let v = wait().1.unwrap();
+                    drop(guard);
+                    let exact = algorithm::evaluate(strategy, &quota, Counts { cur: 100, prev: 0 }, 10);
+                    assert!(!exact.allowed);
+                    assert_eq!(v, exact, "{strategy:?}");
+                }
+                drop(go);
+            });
+        }
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Many threads on one key admit exactly what one thread would, for every strategy, and
 //! what they admit reaches gossip.
 
-use std::sync::Barrier;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Barrier, Mutex};
 use std::time::Duration;
 
 mod common;
 
 use crdt_rate_limiter::counter::ReplicaId;
-use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
+use crdt_rate_limiter::{Admission, Decision, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 const START: i64 = 1_700_000_000_000;
 
@@ -180,5 +182,110 @@ fn replicate(admission: Admission) {
         assert_eq!(admitted, 100_000, "20,000 offered per round against a limit of 100,000 per window");
     } else {
         assert!(admitted > 90_000, "{admitted}");
+    }
+}
+
+/// What [`offer`] saw: the admissions, and every decision `check` returned with the
+/// admissions completed (by any thread) before it was asked.
+struct Seen {
+    admitted: u64,
+    checks: Vec<(u64, Decision)>,
+}
+
+/// `threads` threads released together each offer `per_thread` requests for `key` at
+/// `ts`: the first `checking` threads through `check`, the others through `allow`.
+fn offer(rl: &RateLimiter, key: &str, ts: i64, threads: usize, checking: usize, per_thread: usize) -> Seen {
+    let barrier = Barrier::new(threads);
+    let done = AtomicU64::new(0);
+    let checks = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (barrier, done, checks) = (&barrier, &done, &checks);
+            s.spawn(move || {
+                let mut mine = Vec::with_capacity(if t < checking { per_thread } else { 0 });
+                barrier.wait();
+                for _ in 0..per_thread {
+                    let before = done.load(Ordering::SeqCst);
+                    let allowed = if t < checking {
+                        let d = rl.check(key, ts).unwrap();
+                        mine.push((before, d));
+                        d.allowed
+                    } else {
+                        rl.allow(key, ts)
+                    };
+                    if allowed {
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                checks.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    Seen { admitted: done.into_inner(), checks: checks.into_inner().unwrap() }
+}
+
+/// Eight threads calling `check` (what the tower middleware calls per request) on one
+/// key of a fixed window of 1,000 admit exactly 1,000, window after window; each
+/// admission reports the exact limit and reset time and a remaining count no larger
+/// than what is left once the admissions completed before it and itself are counted;
+/// each refusal reports the exact retry time.
+#[test]
+fn eight_threads_checking_one_key_admit_exactly_the_limit_and_never_overstate_what_remains() {
+    let clock = ManualClock::new(START);
+    let rl = limiter(Strategy::FixedWindow, 1_000, &clock);
+    for window in 1..4i64 {
+        let ts = START - START % 1_000 + window * 1_000 + 400;
+        clock.set_ms(ts);
+        let seen = offer(&rl, "hot", ts, 8, 8, 500);
+        assert_eq!(seen.admitted, 1_000, "window {window}: 8 × 500 offered");
+        assert_eq!(seen.checks.len(), 4_000);
+        let to_end = Duration::from_millis(600);
+        for &(before, d) in &seen.checks {
+            assert_eq!((d.limit, d.reset_after), (1_000, to_end), "window {window}: {d:?}");
+            if d.allowed {
+                assert!(d.remaining < 1_000 - before, "window {window}: {} remaining with {before} admitted before", d.remaining);
+                assert_eq!(d.retry_after, None);
+            } else {
+                assert_eq!((d.remaining, d.retry_after), (0, Some(to_end)), "window {window}");
+            }
+        }
+    }
+}
+
+/// Threads calling `allow` and threads calling `check` on one key together admit exactly
+/// what one thread does, for every strategy, at the points of
+/// [`eight_threads_on_one_key_admit_exactly_what_one_thread_does_for_every_strategy`]
+/// (the sliding log at a window's middle too); every refusal `check` reports carries the
+/// figures one thread's refusal does, and every admission a reset time one thread's
+/// admissions report and a remaining count within what is left.
+#[test]
+fn allow_and_check_threads_together_admit_exactly_what_one_thread_does_for_every_strategy() {
+    for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::TokenBucket, Strategy::SlidingLog] {
+        let (c8, c1) = (ManualClock::new(START), ManualClock::new(START));
+        let (many, one) = (limiter(strategy, 1_000, &c8), limiter(strategy, 1_000, &c1));
+        for (i, at) in [100, 1_500, 2_999, 5_250].into_iter().enumerate() {
+            let ts = START - START % 1_000 + 1_000 + at;
+            c8.set_ms(ts);
+            c1.set_ms(ts);
+            let alone = offer(&one, "hot", ts, 1, 1, 4_000);
+            let expected = alone.admitted;
+            let resets: BTreeSet<_> = alone.checks.iter().filter(|(_, d)| d.allowed).map(|(_, d)| d.reset_after).collect();
+            let refusal = alone.checks.iter().rev().map(|&(_, d)| d).find(|d| !d.allowed).expect("4,000 offered exceed the limit");
+            let seen = offer(&many, "hot", ts, 8, 4, 500);
+            assert_eq!(seen.admitted, expected, "{strategy:?}, step {i}: 8 threads admitted {}, one thread {expected}", seen.admitted);
+            for &(before, d) in &seen.checks {
+                if d.allowed {
+                    assert!(resets.contains(&d.reset_after), "{strategy:?}, step {i}: {d:?}, one thread's {resets:?}");
+                    assert!(
+                        d.remaining < expected - before,
+                        "{strategy:?}, step {i}: {} remaining with {before} admitted before",
+                        d.remaining
+                    );
+                } else {
+                    assert_eq!(d, refusal, "{strategy:?}, step {i}");
+                }
+            }
+            assert!(seen.checks.iter().any(|(_, d)| !d.allowed), "{strategy:?}, step {i}: 2,000 checks offered");
+        }
     }
 }
