@@ -310,7 +310,7 @@ impl RateLimiter {
     }
 
     /// Calls `f` with the store for `quota`'s window, creating it like
-    /// [`ad_hoc_store`](Self::ad_hoc_store) if needed. The request path's way: no lock
+    /// [`store_for_window`](Self::store_for_window) if needed. The request path's way: no lock
     /// and no shared reference count once this thread has seen the current list.
     fn with_store<T>(&self, quota: Quota, f: impl FnOnce(&Store) -> T) -> Result<T, Error> {
         let w = quota.window_ms();
@@ -333,7 +333,7 @@ impl RateLimiter {
         });
         match hit {
             Ok(out) => Ok(out),
-            Err(f) => Ok(f(&*self.ad_hoc_store(quota)?)),
+            Err(f) => Ok(f(&*self.store_for_window(quota)?)),
         }
     }
 
@@ -416,14 +416,15 @@ impl RateLimiter {
         let local = self.inner.clock.now_ms();
         let now = self.observe(local.saturating_add(self.cluster_offset_ms()));
         let key = self.validate_key(client.as_bytes())?;
-        let store = self.ad_hoc_store(quota)?;
+        let store = self.store_for_window(quota)?;
         let v = store.decide(key, now, now, Some(&quota), self.budget(local).as_ref())?;
         Ok(Decision::from_verdict(v, quota))
     }
 
-    /// The store for `quota`'s window: the main store if it has that window, else one of
-    /// the `allow_with` stores (created on first use, at most [`MAX_AD_HOC_WINDOWS`]).
-    pub(crate) fn ad_hoc_store(&self, quota: Quota) -> Result<Arc<Store>, Error> {
+    /// The store for `quota`'s window, whoever asks (a client's override, `allow_with`):
+    /// the main store if it has that window, else another store per window length
+    /// (created on first use, at most [`MAX_AD_HOC_WINDOWS`]).
+    pub(crate) fn store_for_window(&self, quota: Quota) -> Result<Arc<Store>, Error> {
         let w = quota.window_ms();
         if let Some(s) = self.existing_store(w) {
             return Ok(s);

@@ -1,15 +1,15 @@
-//! The table's slot array: a zeroed `[Slot]` that large tables keep on huge pages.
+//! The table's slot array: a zeroed `[Entry]` that large tables keep on huge pages.
 //!
 //! The only module with `unsafe` besides the coarse clock read (`clock.rs`). On Linux an
 //! array of 2 MiB or more is an anonymous mapping aligned to 2 MiB and advised for
 //! transparent huge pages: a table of a million keys spans tens of MiB, and with base
 //! pages nearly every lookup would also miss the TLB. Measured against a plain
-//! `Box<[Slot]>` at a million keys it decides in 0.54 to 0.76 of the time
+//! `Box<[Entry]>` at a million keys it decides in 0.54 to 0.76 of the time
 //! (`docs/benchmarks.md`, "Huge pages for the table"). Pages are only resident once
 //! touched, as with any allocation. Elsewhere, or when the mapping fails, the array is
-//! a `Box<[Slot]>`.
+//! a `Box<[Entry]>`.
 
-use crate::table::Slot;
+use crate::table::Entry;
 
 /// Arrays at least this large are mapped on a boundary of this size (the x86-64 and
 /// 4 KiB-page arm64 transparent huge page).
@@ -17,28 +17,28 @@ pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// A zeroed array of slots, owned.
 pub(crate) struct Slots {
-    ptr: std::ptr::NonNull<Slot>,
+    ptr: std::ptr::NonNull<Entry>,
     len: usize,
     /// The mapped length in bytes (a whole number of pages) when mapped, else `None`
-    /// (a leaked `Box<[Slot]>`).
+    /// (a leaked `Box<[Entry]>`).
     mapped: Option<usize>,
 }
 
-// SAFETY: `Slots` owns its memory exclusively, like a `Box<[Slot]>`, and `Slot` is
+// SAFETY: `Slots` owns its memory exclusively, like a `Box<[Entry]>`, and `Entry` is
 // `Send`. (No `Sync`: the table lives behind its shard's mutex.)
 unsafe impl Send for Slots {}
 
 impl Slots {
     /// `len` zeroed slots.
     pub(crate) fn zeroed(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<Slot>();
+        let bytes = len * std::mem::size_of::<Entry>();
         #[cfg(target_os = "linux")]
         if bytes >= HUGE_PAGE {
             if let Some((ptr, mapped)) = map_huge(bytes) {
                 return Self { ptr: ptr.cast(), len, mapped: Some(mapped) };
             }
         }
-        let boxed: Box<[Slot]> = vec![Slot::default(); len].into_boxed_slice();
+        let boxed: Box<[Entry]> = vec![Entry::default(); len].into_boxed_slice();
         let ptr = std::ptr::NonNull::from(Box::leak(boxed)).cast();
         Self { ptr, len, mapped: None }
     }
@@ -95,7 +95,7 @@ impl Drop for Slots {
             },
             #[cfg(not(target_os = "linux"))]
             Some(_) => {}
-            // SAFETY: made from a leaked `Box<[Slot]>` of this length.
+            // SAFETY: made from a leaked `Box<[Entry]>` of this length.
             None => drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len)) }),
         }
     }
@@ -114,10 +114,10 @@ impl std::fmt::Debug for Slots {
 }
 
 impl std::ops::Deref for Slots {
-    type Target = [Slot];
+    type Target = [Entry];
     // Inline: every probe goes through it, and it lives in another module than the table.
     #[inline]
-    fn deref(&self) -> &[Slot] {
+    fn deref(&self) -> &[Entry] {
         // SAFETY: `ptr` points to `len` initialized (zeroed or written) slots we own.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
@@ -125,7 +125,7 @@ impl std::ops::Deref for Slots {
 
 impl std::ops::DerefMut for Slots {
     #[inline]
-    fn deref_mut(&mut self) -> &mut [Slot] {
+    fn deref_mut(&mut self) -> &mut [Entry] {
         // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -137,20 +137,20 @@ mod tests {
 
     #[test]
     fn small_and_large_arrays_are_zeroed_writable_and_freed() {
-        for len in [0, 1, 1000, HUGE_PAGE / std::mem::size_of::<Slot>() + 7] {
+        for len in [0, 1, 1000, HUGE_PAGE / std::mem::size_of::<Entry>() + 7] {
             let mut s = Slots::zeroed(len);
             assert_eq!(s.len(), len);
-            assert!(s.iter().all(|x| *x == Slot::default()));
+            assert!(s.iter().all(|x| *x == Entry::default()));
             if let Some(last) = s.last_mut() {
                 last.key = 9;
             }
             assert_eq!(s.last().map(|x| x.key), (len > 0).then_some(9));
             #[cfg(target_os = "linux")]
-            if len * std::mem::size_of::<Slot>() >= HUGE_PAGE {
+            if len * std::mem::size_of::<Entry>() >= HUGE_PAGE {
                 let bytes = s.mapped.expect("a large array is mapped");
                 assert_eq!(s.as_ptr() as usize % HUGE_PAGE, 0);
                 assert_eq!(bytes % page_size().unwrap(), 0);
-                assert!(bytes >= len * std::mem::size_of::<Slot>());
+                assert!(bytes >= len * std::mem::size_of::<Entry>());
             }
         }
     }

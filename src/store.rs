@@ -115,7 +115,7 @@ use crate::admission::{Budget, RoundShare, RoundView};
 use crate::algorithm::{self, Counts, Verdict};
 use crate::counter::GCounter;
 use crate::key::splitmix64;
-use crate::table::{Slot as Entry, Table};
+use crate::table::{Entry, Table};
 use crate::{Error, Quota, Strategy};
 
 /// The low 30 bits of [`Entry::remote`] index the side table; this value means none.
@@ -133,7 +133,7 @@ pub(crate) const LOCAL_REPLICA: u32 = u32::MAX;
 
 #[inline]
 fn remote_of(e: &Entry) -> Option<usize> {
-    let i = e.remote & NO_REMOTE;
+    let i = e.remote_and_dirty & NO_REMOTE;
     (i != NO_REMOTE).then_some(i as usize)
 }
 
@@ -322,7 +322,7 @@ fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u
     // The slot's window (`prev`: the one before the newest) as the bucket it becomes.
     let leaving = |prev: bool| Bucket {
         local: if prev { e.prev } else { e.cur },
-        dirty: e.remote & if prev { DIRTY_PREV } else { DIRTY_CUR } != 0,
+        dirty: e.remote_and_dirty & if prev { DIRTY_PREV } else { DIRTY_CUR } != 0,
         remote: r.map(|r| r.counter(prev)).unwrap_or_default(),
         remote_sum: r.map_or(0, |r| if prev { r.prev_sum } else { r.cur_sum }),
     };
@@ -705,7 +705,7 @@ impl Shard {
                 remote.len() - 1
             }
         };
-        e.remote = (e.remote & DIRTY) | i as u32;
+        e.remote_and_dirty = (e.remote_and_dirty & DIRTY) | i as u32;
         i
     }
 
@@ -762,8 +762,8 @@ impl Shard {
             e.window = window;
             // An unsent current count becomes an unsent previous count; anything older
             // can no longer influence a decision.
-            let dirty = if by == 1 && e.remote & DIRTY_CUR != 0 { DIRTY_PREV } else { 0 };
-            e.remote = (e.remote & NO_REMOTE) | dirty;
+            let dirty = if by == 1 && e.remote_and_dirty & DIRTY_CUR != 0 { DIRTY_PREV } else { 0 };
+            e.remote_and_dirty = (e.remote_and_dirty & NO_REMOTE) | dirty;
             if let Some(i) = remote_of(e) {
                 remote[i].roll(by);
             }
@@ -1024,7 +1024,7 @@ impl Store {
             }
             None => {
                 self.reserve_key(shard, cell.hot.0.get().map(|c| &**c), self.horizon(now_ms, quota.window_ms()), false)?;
-                shard.table.insert_new_at(Entry { key, window, cur: 0, prev: 0, remote: NO_REMOTE })
+                shard.table.insert_new_at(Entry { key, window, cur: 0, prev: 0, remote_and_dirty: NO_REMOTE })
             }
         };
         if lease && contended && shard.hot.key != key {
@@ -1137,7 +1137,7 @@ impl Store {
             None => {
                 // The horizon is the window after the oldest acceptable one.
                 self.reserve_key(shard, hot, (*acceptable.start() + 1) as u32, true)?;
-                let at = shard.table.insert_new_at(Entry { key, window: window32, cur: 0, prev: 0, remote: NO_REMOTE });
+                let at = shard.table.insert_new_at(Entry { key, window: window32, cur: 0, prev: 0, remote_and_dirty: NO_REMOTE });
                 let i = Shard::ensure_remote(&mut shard.remote, &mut shard.free_remote, shard.table.at(at));
                 shard.remote[i].from_peer = true;
                 at
@@ -1204,13 +1204,13 @@ impl Store {
                         out.push(Exported { key, window: window - 2 - i as i64, replica: LOCAL_REPLICA, count: u64::from(b.local) });
                     }
                 }
-                if e.remote & DIRTY_CUR != 0 && e.cur > 0 {
+                if e.remote_and_dirty & DIRTY_CUR != 0 && e.cur > 0 {
                     out.push(Exported { key, window, replica: LOCAL_REPLICA, count: u64::from(e.cur) });
                 }
-                if e.remote & DIRTY_PREV != 0 && e.prev > 0 {
+                if e.remote_and_dirty & DIRTY_PREV != 0 && e.prev > 0 {
                     out.push(Exported { key, window: window - 1, replica: LOCAL_REPLICA, count: u64::from(e.prev) });
                 }
-                e.remote &= !DIRTY;
+                e.remote_and_dirty &= !DIRTY;
             }
             keys.clear();
             // Hand the emptied buffer back, so the request path reuses its capacity.
@@ -1419,11 +1419,11 @@ fn settle(e: &mut Entry, remote: &mut [Remote], round: Option<u32>, n: u64, dirt
 /// Marks the current window's local count of `e` as changed, for gossip.
 #[inline]
 fn mark_cur(e: &mut Entry, dirty: &mut Vec<u64>, track: bool) {
-    if track && e.remote & DIRTY_CUR == 0 {
-        if e.remote & DIRTY == 0 {
+    if track && e.remote_and_dirty & DIRTY_CUR == 0 {
+        if e.remote_and_dirty & DIRTY == 0 {
             dirty.push(e.key);
         }
-        e.remote |= DIRTY_CUR;
+        e.remote_and_dirty |= DIRTY_CUR;
     }
 }
 

@@ -9,7 +9,7 @@
 
 /// One key's state. Key 0 marks an empty slot; callers map hash 0 to 1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Slot {
+pub(crate) struct Entry {
     pub key: u64,
     /// Low 32 bits of the newest window index the key has seen.
     pub window: u32,
@@ -17,8 +17,10 @@ pub(crate) struct Slot {
     pub cur: u32,
     /// The local replica's count in the window before.
     pub prev: u32,
-    /// Index into the shard's side table of remote counts, or `NO_REMOTE`.
-    pub remote: u32,
+    /// Low 30 bits: index into the shard's side table of remote counts, or `NO_REMOTE`.
+    /// Top two bits: the local counts of the current and the previous window changed
+    /// since gossip last collected them (`DIRTY_CUR`, `DIRTY_PREV`).
+    pub remote_and_dirty: u32,
 }
 
 use crate::slots::Slots;
@@ -96,35 +98,35 @@ impl Table {
 
     /// The slot at an index [`find`](Self::find) or [`insert_new_at`](Self::insert_new_at) returned.
     #[inline]
-    pub(crate) fn at(&mut self, i: usize) -> &mut Slot {
+    pub(crate) fn at(&mut self, i: usize) -> &mut Entry {
         &mut self.slots[i]
     }
 
     #[inline]
-    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut Slot> {
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut Entry> {
         self.find(key).map(|i| &mut self.slots[i])
     }
 
     #[cfg(test)]
-    pub(crate) fn get(&self, key: u64) -> Option<&Slot> {
+    pub(crate) fn get(&self, key: u64) -> Option<&Entry> {
         self.find(key).map(|i| &self.slots[i])
     }
 
     /// Inserts a key that is not present. The caller has made room ([`is_full`] is false).
     #[cfg(test)]
-    pub(crate) fn insert_new(&mut self, slot: Slot) -> &mut Slot {
+    pub(crate) fn insert_new(&mut self, slot: Entry) -> &mut Entry {
         let i = self.insert_new_at(slot);
         &mut self.slots[i]
     }
 
     /// Like [`insert_new`](Self::insert_new), returning the slot's index.
-    pub(crate) fn insert_new_at(&mut self, slot: Slot) -> usize {
+    pub(crate) fn insert_new_at(&mut self, slot: Entry) -> usize {
         debug_assert!(!self.is_full() && slot.key != EMPTY);
         self.len += 1;
         Self::place(&mut self.slots, self.seed, slot)
     }
 
-    fn place(slots: &mut [Slot], seed: u64, slot: Slot) -> usize {
+    fn place(slots: &mut [Entry], seed: u64, slot: Entry) -> usize {
         let mask = slots.len() - 1;
         let mut i = Self::home(seed, slot.key, slots.len());
         while slots[i].key != EMPTY {
@@ -136,18 +138,18 @@ impl Table {
 
     /// Bytes held by the slot array.
     pub(crate) fn bytes(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<Slot>()
+        self.slots.len() * std::mem::size_of::<Entry>()
     }
 
     /// The occupied slots.
-    pub(crate) fn slots(&self) -> impl Iterator<Item = &Slot> {
+    pub(crate) fn slots(&self) -> impl Iterator<Item = &Entry> {
         self.slots.iter().filter(|s| s.key != EMPTY)
     }
 
     /// Keeps the slots for which `keep` returns true (it may also change them) in a table
     /// sized for them: at most half full (so a full table doubles).
     /// Returns how many slots were dropped.
-    pub(crate) fn rebuild(&mut self, mut keep: impl FnMut(&mut Slot) -> bool) -> usize {
+    pub(crate) fn rebuild(&mut self, mut keep: impl FnMut(&mut Entry) -> bool) -> usize {
         let before = self.len;
         let mut survivors = Vec::with_capacity(self.len);
         for s in self.slots.iter_mut() {
@@ -170,8 +172,8 @@ impl Table {
 mod tests {
     use super::*;
 
-    fn slot(key: u64) -> Slot {
-        Slot { key, window: key as u32, ..Slot::default() }
+    fn slot(key: u64) -> Entry {
+        Entry { key, window: key as u32, ..Entry::default() }
     }
 
     #[test]
@@ -202,7 +204,7 @@ mod tests {
             }
             t.insert_new(slot(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         }
-        assert!(t.capacity() * std::mem::size_of::<Slot>() >= crate::slots::HUGE_PAGE);
+        assert!(t.capacity() * std::mem::size_of::<Entry>() >= crate::slots::HUGE_PAGE);
         assert!((1..=120_000u64).all(|k| t.get(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)).is_some()));
         let removed = t.rebuild(|s| s.key % 2 == 0);
         assert_eq!(removed + t.len(), 120_000);
