@@ -188,6 +188,21 @@ fn token_capacity_x_w(l: u64, b: u64, w: u64, prev: u64, e: u64) -> u128 {
     (u128::from(level) * u128::from(w) + u128::from(l) * u128::from(e)).min(u128::from(b) * u128::from(w))
 }
 
+/// The token bucket's wait, from the start of the next window, until the bucket is full
+/// again after `cur` admissions in this window: what an admitted request's reset time
+/// adds to the rest of its window. Grows with `cur`; never more than the window.
+pub(crate) fn token_refill_ms(quota: &Quota, cur: u64) -> u64 {
+    let (l, b, w) = quota.parts();
+    let (l, b, w) = (u64::from(l), u64::from(b), u64::from(w));
+    let level = token_start_level(l, b, cur);
+    if level >= b {
+        0
+    } else {
+        let wait = (u128::from(b - level) * u128::from(w)).div_ceil(u128::from(l)) as u64;
+        wait.min(w)
+    }
+}
+
 fn token(l: u64, b: u64, w: u64, c: Counts, e: u64) -> Verdict {
     let w128 = u128::from(w);
     let cap = token_capacity_x_w(l, b, w, c.prev, e);
@@ -236,6 +251,28 @@ mod tests {
 
     fn q(l: u64, w_ms: u64) -> Quota {
         Quota::new(l, Duration::from_millis(w_ms)).unwrap()
+    }
+
+    /// An admitted request's reset time under the token bucket is the rest of its window
+    /// plus `token_refill_ms` of the count with it, which only grows with the count: the
+    /// lock-free `check` relies on both.
+    #[test]
+    fn the_token_buckets_reset_is_the_window_rest_plus_a_refill_that_grows_with_the_count() {
+        for (l, b) in [(1, 1), (3, 3), (5, 2), (4, 4), (9, 1), (100, 100), (100, 7)] {
+            let quota = q(l, 10).with_burst(b).unwrap();
+            for prev in 0..=l {
+                for cur in 0..l {
+                    for e in 0..10 {
+                        let v = evaluate(Strategy::TokenBucket, &quota, Counts { cur, prev }, e);
+                        if v.allowed {
+                            assert_eq!(v.reset_after_ms, (10 - e) + token_refill_ms(&quota, cur + 1), "l {l} b {b} {cur}/{prev} at {e}");
+                        }
+                    }
+                    assert!(token_refill_ms(&quota, cur) <= token_refill_ms(&quota, cur + 1));
+                    assert!(token_refill_ms(&quota, cur) <= 10);
+                }
+            }
+        }
     }
 
     /// Checks the promise of `retry_after`: denied before it, admitted at it, for every

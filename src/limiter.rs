@@ -59,6 +59,10 @@ pub struct Decision {
     /// return.
     pub remaining: u64,
     /// Time until the full quota is available again, if no other traffic arrives.
+    ///
+    /// Under the token bucket, while many threads decide for one client at once, it may
+    /// be later than that, never earlier: it counts the admissions this node has handed
+    /// to other threads as used, like [`remaining`](Self::remaining).
     pub reset_after: Duration,
     /// Set when denied: the earliest time from now at which a retry can succeed (if no
     /// other traffic arrives; other replicas' traffic can only push it later).

@@ -89,17 +89,18 @@
 //! `check` with the store's quota (what the tower middleware calls per request) spends
 //! leases like `allow`, and reports figures the lock path would: the limit, and a reset
 //! time that with the request counted no longer depends on the count (fixed and sliding
-//! window, sliding log). As remaining it reports what the last lock-path decision left
+//! window, sliding log); the token bucket's depends on it, and is reported for the count
+//! with every lease out spent (published in the cell before each grant), so never earlier
+//! than the exact one and exact once the leases are spent. As remaining it reports what the last lock-path decision left
 //! counting every lease out as spent (published in the cell before each grant) plus what
 //! is unspent of the caller's own lease: never more than what was truly left at some
 //! moment between its admission and its return, as the lock path counts other threads'
 //! unspent leases as used too. A standing refusal is served with its retry and reset
 //! times, kept as instants: the count it was decided on cannot change within the cell's
 //! epoch (a refusal is published, and lifted when a merge or a request under another
-//! quota changes the count, under a new epoch). Where a figure could not be exact that
-//! way, `check` takes the lock: the token bucket's admissions (its reset time follows the
-//! count; they take no lease) and the sliding log's refusals (published from the sums, they
-//! may end before the exact time).
+//! quota changes the count, under a new epoch); the sliding log's refusal is published
+//! with the exact retry time its buckets give. No `check` of the hot key with the store's
+//! quota needs the lock while its thread holds a lease or a refusal stands.
 //!
 //! The tally sees lease admissions as they are spent (and lock-free refusals at once);
 //! its `near_limit` count covers lock-path decisions only, as a lease decision does not
@@ -392,6 +393,10 @@ struct HotHead {
     /// of this epoch left it (0 when unknown): a lease holder's `check` reports this plus
     /// what is unspent of its own lease.
     pool: AtomicU64,
+    /// The token bucket's [`algorithm::token_refill_ms`] after every lease out is spent,
+    /// as the last grant of this epoch left it (`u64::MAX`: none): an admitted `check`'s
+    /// reset time is the rest of its window plus this, never earlier than the exact one.
+    refill_ms: AtomicU64,
 }
 
 /// The head's round when leases are not drawn from a round budget.
@@ -476,10 +481,9 @@ impl HotCell {
         None
     }
 
-    /// [`try_admit`](Self::try_admit) with the decision's figures, for `check`. `None`
-    /// also where a figure the lock path gives could not be given exactly: an admission
-    /// under the token bucket (its reset time depends on the exact count) and a refusal
-    /// under the sliding log (the published refusal ends no later than the exact one).
+    /// [`try_admit`](Self::try_admit) with the decision's figures, for `check`. An
+    /// admission under the token bucket reports the reset time of the count with every
+    /// lease out spent: never earlier than the exact one.
     ///
     /// An admission reports as remaining what the last lock-path decision left counting
     /// every lease out as spent, plus what is unspent of this thread's lease: never more
@@ -492,15 +496,21 @@ impl HotCell {
         let (limit, span) = (q >> 32, q & u64::from(u32::MAX));
         let st = &self.stripes[stripe_index()].0;
         // Once admitted, the full quota is back at a time that does not depend on the
-        // counts (`algorithm`'s verdicts with the request counted), except for the bucket.
+        // counts (`algorithm`'s verdicts with the request counted), except for the bucket,
+        // whose refill is read once the lease is spent (the grant published it first); a
+        // bucket is always full again within the rest of this window and the next.
         let reset_after_ms = match strategy {
-            Strategy::FixedWindow => Some(w - elapsed),
-            Strategy::SlidingWindow => Some(2 * w - elapsed),
-            Strategy::SlidingLog => Some((w - elapsed) + algorithm::log_tick(span).1 * w),
-            Strategy::TokenBucket => None,
+            Strategy::FixedWindow => w - elapsed,
+            Strategy::SlidingWindow => 2 * w - elapsed,
+            Strategy::SlidingLog => (w - elapsed) + algorithm::log_tick(span).1 * w,
+            Strategy::TokenBucket => w - elapsed,
         };
-        if let Some(reset_after_ms) = reset_after_ms {
+        {
             if let Some(after) = Self::spend(st, s1 & EPOCH_MASK, elapsed) {
+                let reset_after_ms = match strategy {
+                    Strategy::TokenBucket => reset_after_ms + h.refill_ms.load(Ordering::Acquire).min(w),
+                    _ => reset_after_ms,
+                };
                 let own = lease_budget(after) - lease_spent(after);
                 // The pool counts this lease as spent; read after the spend, it is the one
                 // of a lock-path decision made after this lease was granted. Any lock-path
@@ -510,9 +520,6 @@ impl HotCell {
                 let remaining = if st.lease.load(Ordering::Acquire) == after { pool.saturating_add(own) } else { own };
                 return Some(Verdict { allowed: true, limit, remaining, reset_after_ms, retry_after_ms: None });
             }
-        }
-        if strategy == Strategy::SlidingLog {
-            return None;
         }
         // A standing refusal was decided on the exact count, which has not changed in this
         // epoch: its retry and reset times are absolute.
@@ -598,6 +605,7 @@ impl HotState {
         h.deny_reset_at.store(i64::MIN, Ordering::SeqCst);
         h.quota.store(quota.map_or(0, quota_word), Ordering::SeqCst);
         h.pool.store(0, Ordering::SeqCst);
+        h.refill_ms.store(u64::MAX, Ordering::SeqCst);
         h.state.store((u64::from(window) << 32) | u64::from(self.epoch), Ordering::SeqCst);
     }
 
@@ -929,9 +937,7 @@ impl Store {
     /// above stays small).
     #[inline(never)]
     fn decide_locked(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<Verdict, Error> {
-        // The token bucket's admissions keep to the lock (their reset time needs the
-        // exact count), so they take no lease they could not spend.
-        let lease = quota.is_none() && self.strategy != Strategy::TokenBucket;
+        let lease = quota.is_none();
         self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate, lease)
     }
 
@@ -1490,17 +1496,22 @@ fn apply<V: Outcome>(
         v = f(*strategy, req.quota, counts, elapsed);
     }
     let rule_allowed = v.allowed();
+    // The exact verdict on `counts`: the sliding log's sums decide, its waits need every
+    // bucket.
+    let exact = |counts: Counts, older: &Older| {
+        if *strategy != Strategy::SlidingLog {
+            return algorithm::evaluate(*strategy, req.quota, counts, elapsed);
+        }
+        let mut buckets = [0; Strategy::LOG_BUCKETS as usize + 1];
+        buckets[0] = counts.cur;
+        buckets[1] = counts.prev - older_sum;
+        for (slot, b) in buckets[2..].iter_mut().zip(older.get(&key).into_iter().flatten()) {
+            *slot = b.total();
+        }
+        algorithm::log_verdict(req.quota, &buckets, elapsed)
+    };
     if *strategy == Strategy::SlidingLog {
-        // The sums decide; the waits need every bucket.
-        v = v.detail(|| {
-            let mut buckets = [0; Strategy::LOG_BUCKETS as usize + 1];
-            buckets[0] = counts.cur;
-            buckets[1] = counts.prev - older_sum;
-            for (slot, b) in buckets[2..].iter_mut().zip(older.get(&key).into_iter().flatten()) {
-                *slot = b.total();
-            }
-            algorithm::log_verdict(req.quota, &buckets, elapsed)
-        });
+        v = v.detail(|| exact(counts, older));
     }
     if v.allowed() {
         if let Some(b) = req.budget {
@@ -1554,6 +1565,11 @@ fn apply<V: Outcome>(
                 // What remains with this lease counted as spent too (`counts` holds the
                 // other leases out).
                 HotState::set_pool(cell, if lease > 0 { left - lease } else { 0 });
+                if *strategy == Strategy::TokenBucket {
+                    // The bucket's refill with this request and every lease out spent.
+                    let most = counts.cur + 1 + lease;
+                    cell.head.0.refill_ms.store(algorithm::token_refill_ms(req.quota, most), Ordering::Release);
+                }
                 if lease > 0 {
                     hs.grant(cell, i, lease, elapsed);
                     // Spent leases reach gossip through the next collection.
@@ -1564,7 +1580,7 @@ fn apply<V: Outcome>(
                 // Refused on the exact count: so is every request of this window until
                 // the strategy's retry time (counts only grow), with the same retry and
                 // reset times, as instants.
-                let exact = algorithm::evaluate(*strategy, req.quota, counts, elapsed);
+                let exact = exact(counts, older);
                 if let Some(retry) = exact.retry_after_ms {
                     let at = |ms: u64| req.ts_ms.saturating_add(ms as i64);
                     hs.refuse_until(cell, at(retry), at(exact.reset_after_ms));
@@ -1575,7 +1591,14 @@ fn apply<V: Outcome>(
                 // refusal's times no longer hold.
                 hs.lift_refusal(cell);
             }
-            _ => HotState::set_pool(cell, 0),
+            _ => {
+                HotState::set_pool(cell, 0);
+                if lease.is_some() && v.allowed() && *strategy == Strategy::TokenBucket {
+                    // Counted without a grant (a late request): the leases out may still
+                    // be spent, on top of it.
+                    cell.head.0.refill_ms.store(algorithm::token_refill_ms(req.quota, counts.cur + 1), Ordering::Release);
+                }
+            }
         }
     }
     v
@@ -1952,8 +1975,8 @@ mod tests {
 
     /// `check` on the hot key (a decision with the store's quota) spends the thread's
     /// lease and serves a standing refusal without the shard lock: both are decided
-    /// while another thread holds it, with the lock path's figures (the token bucket's
-    /// admissions excepted: they keep to the lock).
+    /// while another thread holds it, with the lock path's figures (for the token bucket
+    /// an admission's reset time counts the leases out as spent: never earlier).
     #[test]
     fn a_hot_keys_check_is_decided_without_the_lock() {
         use std::sync::mpsc;
@@ -1980,7 +2003,7 @@ mod tests {
                     }
                 });
                 let wait = || result.recv_timeout(Duration::from_secs(10)).expect("decided without the lock");
-                let lock_free = strategy != Strategy::TokenBucket;
+                let lock_free = true;
                 // Unlocked: the lock path decides and grants this thread a lease.
                 go.send(true).unwrap();
                 let first = wait().1.unwrap();
@@ -1994,7 +2017,15 @@ mod tests {
                     admitted += 1;
                     let exact = algorithm::evaluate(strategy, &quota, Counts { cur: admitted - 1, prev: 0 }, 10);
                     assert!(v.allowed, "{strategy:?}");
-                    assert_eq!((v.limit, v.reset_after_ms, v.retry_after_ms), (100, exact.reset_after_ms, None), "{strategy:?}");
+                    if strategy == Strategy::TokenBucket {
+                        // Never earlier than the exact reset: the bucket's refill counts
+                        // the lease out as spent.
+                        let most = algorithm::evaluate(strategy, &quota, Counts { cur: 99, prev: 0 }, 10);
+                        assert_eq!((v.limit, v.retry_after_ms), (100, None));
+                        assert!((exact.reset_after_ms..=most.reset_after_ms).contains(&v.reset_after_ms), "{v:?} {exact:?} {most:?}");
+                    } else {
+                        assert_eq!((v.limit, v.reset_after_ms, v.retry_after_ms), (100, exact.reset_after_ms, None), "{strategy:?}");
+                    }
                     // With no other thread deciding, one less than the lock path said.
                     assert_eq!(v.remaining, first.remaining - 1, "{strategy:?}");
                     assert!(v.remaining > 0 && v.remaining <= 100 - admitted, "{strategy:?}: {} remaining after {admitted}", v.remaining);
@@ -2002,7 +2033,7 @@ mod tests {
                 go.send(false).unwrap();
                 admitted += wait().0;
                 assert_eq!(admitted, 100, "{strategy:?}: exactly the limit");
-                if strategy != Strategy::SlidingLog {
+                {
                     // The standing refusal, with the exact count's retry and reset times.
                     let guard = s.shard(1).lock.lock();
                     go.send(true).unwrap();
