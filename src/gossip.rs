@@ -28,10 +28,10 @@
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
 //!   quota. Its counts stay until their windows expire.
-//! * **Full sync.** A node asks its peers for everything on start; a peer that comes up,
-//!   or comes back with a new incarnation, is sent everything this node holds, a store
-//!   shard at a time within the per-round export budget; [`Event::FullSyncSent`] says when
-//!   the last of it is queued.
+//! * **Full sync.** A node asks its peers (in fan-out mode, `fanout` of them) for
+//!   everything on start; a peer that comes up, or comes back with a new incarnation, is
+//!   sent everything this node holds, a store shard at a time within the per-round export
+//!   budget; [`Event::FullSyncSent`] says when the last of it is queued.
 //! * **Anti-entropy.** Every `anti_entropy_rounds` rounds a node sends one random live
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
 //!   the current and previous windows. The receiver pushes its counts for every bucket

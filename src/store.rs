@@ -294,6 +294,12 @@ impl Bucket {
 /// `algorithm::log_tick`). A `BTreeMap`, so that iteration is deterministic.
 type Older = BTreeMap<u64, Vec<Bucket>>;
 
+/// Replica entries held by `buckets`' remote counts: each is a cell of the key cap's
+/// budget ([`KeyCap::take_cells`]).
+fn bucket_cells(buckets: &[Bucket]) -> usize {
+    buckets.iter().map(|b| b.remote.len()).sum()
+}
+
 /// The sum of `key`'s older buckets, and of their local counts.
 #[inline]
 fn older_sum(older: &Older, key: u64) -> (u64, u64) {
@@ -303,7 +309,12 @@ fn older_sum(older: &Older, key: u64) -> (u64, u64) {
 /// Before `e` rolls `by` (> 0) windows forward: moves its older buckets `by` older,
 /// keeping those the decision still reads (`back`: buckets before the newest), and its
 /// current and previous counts (with their unsent marks) into the buckets they become.
-fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u64) {
+///
+/// The buckets' replica entries are cells of `cap`'s budget: those dropped go back to it,
+/// and a bucket made from the slot takes its entries from it, or (past the budget, or
+/// past [`MAX_KEY_REPLICAS`]) keeps only the sum of the remote counts: stricter, as a
+/// count merged there later joins the sum again.
+fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u64, cap: &KeyCap) {
     let len = back.saturating_sub(1) as usize;
     let by = by.clamp(0, len as i64 + 2) as usize;
     let r = remote_of(e).map(|i| &remote[i]);
@@ -316,16 +327,22 @@ fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u
     }) else {
         return;
     };
+    let before = bucket_cells(list);
     list.resize_with(len, Bucket::default);
     for i in (0..len).rev() {
         list[i] = if i >= by { std::mem::take(&mut list[i - by]) } else { Bucket::default() };
     }
+    cap.put_cells(before - bucket_cells(list));
     // The slot's window (`prev`: the one before the newest) as the bucket it becomes.
-    let leaving = |prev: bool| Bucket {
-        local: if prev { e.prev } else { e.cur },
-        dirty: e.remote_and_dirty & if prev { DIRTY_PREV } else { DIRTY_CUR } != 0,
-        remote: r.map(|r| r.counter(prev)).unwrap_or_default(),
-        remote_sum: r.map_or(0, |r| if prev { r.prev_sum } else { r.cur_sum }),
+    let leaving = |prev: bool| {
+        let counter = r.map(|r| r.counter(prev)).unwrap_or_default();
+        let n = counter.len();
+        Bucket {
+            local: if prev { e.prev } else { e.cur },
+            dirty: e.remote_and_dirty & if prev { DIRTY_PREV } else { DIRTY_CUR } != 0,
+            remote: if n <= MAX_KEY_REPLICAS && cap.take_cells(n) { counter } else { GCounter::new() },
+            remote_sum: r.map_or(0, |r| if prev { r.prev_sum } else { r.cur_sum }),
+        }
     };
     if prev {
         list[by - 1] = leaving(true);
@@ -752,7 +769,7 @@ impl Shard {
             let keep = windows_since(e.window, horizon) < back + 1;
             if !keep {
                 Self::free(remote, free, e, &mut dropped);
-                older.remove(&e.key);
+                dropped.cells += older.remove(&e.key).map_or(0, |bs| bucket_cells(&bs));
             }
             keep
         });
@@ -821,6 +838,13 @@ impl KeyCap {
     /// Takes `n` replica cells from the budget, if that many are left.
     fn take_cells(&self, n: usize) -> bool {
         Self::take(&self.cells, n, self.max.saturating_mul(CELLS_PER_KEY))
+    }
+
+    /// Gives `n` replica cells back to the budget.
+    fn put_cells(&self, n: usize) {
+        if n > 0 {
+            self.cells.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -1045,7 +1069,7 @@ impl Store {
                 shard.hot.candidate = key;
             }
         }
-        let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease, tick_ms, back };
+        let req = Request { quota: &quota, window, elapsed, budget, track, ts_ms, lease, tick_ms, back, cap: &self.cap };
         Ok(apply(shard, cell.hot.0.get().map(|c| &**c), slot, &req, f))
     }
 
@@ -1112,8 +1136,8 @@ impl Store {
             self.keys.0.fetch_sub(d.keys, Ordering::Relaxed);
             self.cap.keys.fetch_sub(d.keys - d.from_peers, Ordering::Relaxed);
             self.cap.from_peers.fetch_sub(d.from_peers, Ordering::Relaxed);
-            self.cap.cells.fetch_sub(d.cells, Ordering::Relaxed);
         }
+        self.cap.put_cells(d.cells);
     }
 
     /// Raises remote replica index `replica`'s count of `key` in `window` to `count`.
@@ -1159,7 +1183,7 @@ impl Store {
         if back >= 2 {
             let by = windows_since(e.window, window32);
             if by > 0 {
-                shift_older(older, e, remote, by, back);
+                shift_older(older, e, remote, by, back, &self.cap);
             }
         }
         let age = -Shard::roll(e, remote, window32).min(0);
@@ -1176,9 +1200,16 @@ impl Store {
                 return Ok(false);
             }
             let list = older.entry(key).or_default();
+            let held = bucket_cells(list);
             list.resize_with(back as usize - 1, Bucket::default);
+            self.cap.put_cells(held - bucket_cells(list));
             let b = &mut list[age as usize - 2];
             let before = b.remote.get(replica);
+            if before == 0 && (b.remote.len() >= MAX_KEY_REPLICAS || !self.cap.take_cells(1)) {
+                // No entry to hold it: the bucket's total takes it (stricter, never looser).
+                b.remote_sum = b.remote_sum.saturating_add(count);
+                return Ok(true);
+            }
             if b.remote.merge_slot(replica, count) {
                 b.remote_sum = b.remote_sum.saturating_add(count - before);
                 return Ok(true);
@@ -1357,13 +1388,15 @@ impl Store {
                 let age = windows_since(e.window, old_now).max(0);
                 if age >= 2 && age as u64 > old_back.min(back) {
                     Shard::free(remote, free, e, &mut dropped);
-                    older.remove(&e.key);
+                    dropped.cells += older.remove(&e.key).map_or(0, |bs| bucket_cells(&bs));
                     return false;
                 }
                 e.window = new_now.wrapping_sub(age as u32);
                 // Older buckets now `age` behind the present: keep those still read.
                 if let Some(bs) = older.get_mut(&e.key) {
+                    let before = bucket_cells(bs);
                     bs.truncate((back as usize).saturating_sub(1));
+                    dropped.cells += before - bucket_cells(bs);
                     if bs.iter().all(Bucket::is_empty) {
                         older.remove(&e.key);
                     }
@@ -1397,6 +1430,8 @@ struct Request<'a> {
     tick_ms: u64,
     /// Windows before the current one the strategy reads (more than 1: the sliding log).
     back: u64,
+    /// The key cap, whose cells the sliding log's older buckets draw on.
+    cap: &'a KeyCap,
 }
 
 /// Adds `n` admissions made under leases to the local count of `e`.
@@ -1466,7 +1501,7 @@ fn apply<V: Outcome>(
     if req.back >= 2 {
         let by = windows_since(e.window, req.window);
         if by > 0 {
-            shift_older(older, e, remote, by, req.back);
+            shift_older(older, e, remote, by, req.back, req.cap);
         }
     }
     let rolled = Shard::roll(e, remote, req.window);
@@ -2112,5 +2147,40 @@ mod tests {
         assert_eq!(admitted(&s, 1, T0 + 2_950, 20), 10);
         assert!(s.shard(1).lock.lock().older.is_empty());
         assert_eq!(s.sweep(T0 + 60_000), 1);
+    }
+
+    /// A member counting made-up replicas into a sliding-log key's older buckets cannot
+    /// grow them past the key cap's budget of cells: each entry is a cell, the rest joins
+    /// the bucket's total (stricter: the key admits less, never more), and every cell goes
+    /// back to the budget when the buckets roll away or the key expires.
+    #[test]
+    fn sliding_log_older_buckets_draw_on_the_cell_budget_and_return_it() {
+        let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
+        let cap = KeyCap::new(4);
+        let budget = 4 * CELLS_PER_KEY;
+        let s = Store::new(4, cap.clone(), tol, 7, Quota::new(1_000, Duration::from_secs(1)).unwrap(), Strategy::SlidingLog);
+        let b0 = T0 / 100;
+        let held = || -> usize {
+            s.shards
+                .iter()
+                .map(|sh| {
+                    let sh = sh.0.lock.lock();
+                    sh.remote.iter().map(|r| r.cells.len()).sum::<usize>() + sh.older.values().map(|bs| bucket_cells(bs)).sum::<usize>()
+                })
+                .sum()
+        };
+        assert!(s.admit(1, T0 + 300, T0 + 300, None, None).unwrap());
+        // 5,000 replicas' counts of 1 for a bucket two before the newest.
+        for replica in 1..=5_000u32 {
+            assert!(s.merge(1, b0 + 1, replica, 1, T0 + 300).unwrap());
+        }
+        assert_eq!(held(), budget, "the bucket took the whole budget, and no more");
+        assert_eq!(cap.cells.load(Ordering::Relaxed), budget, "the budget counts every entry held");
+        let d = s.decide(1, T0 + 350, T0 + 350, None, None).unwrap();
+        assert_eq!(d.remaining, 0, "every one of the 5,000 counts is in the view: {d:?}");
+        // Once the key rolls past the bucket and expires, the cells are back.
+        assert_eq!(s.sweep(T0 + 60_000), 1);
+        assert_eq!(held(), 0);
+        assert_eq!(cap.cells.load(Ordering::Relaxed), 0);
     }
 }
