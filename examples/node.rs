@@ -66,6 +66,10 @@ struct Args {
     /// A seed member's gossip address (repeatable).
     #[arg(long = "peer", value_name = "ADDR")]
     peers: Vec<SocketAddr>,
+    /// A seed name, `host:port`, resolved now and every 30 s (a headless service's name
+    /// resolves to every instance; repeatable).
+    #[arg(long = "peer-name", value_name = "HOST:PORT")]
+    peer_names: Vec<String>,
     /// Directory written by the certs example (ca.pem, NAME.pem, NAME.key).
     #[arg(long, value_name = "DIR")]
     certs: PathBuf,
@@ -171,6 +175,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let tls = TlsSource::files(&ca, args.certs.join(format!("{}.pem", args.name)), args.certs.join(format!("{}.key", args.name)));
     let mut config = ClusterConfig::new(tls, args.gossip);
     config.seeds = args.peers.clone();
+    config.seed_names = args.peer_names.clone();
     config.gossip.interval_ms = args.gossip_interval_ms;
     let quota = Quota::new(args.limit, Duration::from_millis(args.window_ms))?;
     let admission = match args.admission {

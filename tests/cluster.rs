@@ -722,3 +722,27 @@ async fn an_unreachable_seed_is_named_in_a_warning_and_does_not_fail_the_start()
     })
     .await;
 }
+
+/// A node joins through a `host:port` name resolved by the system resolver (as a headless
+/// service's name is), and names that are not `host:port` are refused as configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_through_a_seed_name_and_bad_names_are_refused() {
+    bounded(30, async {
+        let ca = Ca::new();
+        let a = start(&ca, "node-a", limiter(10, Duration::from_secs(1)), &[]).await;
+        let name = format!("localhost:{}", a.local_addr().port());
+        let cfg = ClusterConfig { seed_names: vec![name], seed_refresh: Duration::from_millis(200), ..config(ca.identity("node-b"), &[]) };
+        let b = Cluster::start(limiter(10, Duration::from_secs(1)), cfg).await.unwrap();
+        full_mesh(&[&a, &b]).await;
+        assert!(b.members().iter().any(|m| m.id == a.node_id() && m.seed), "{:?}", b.members());
+        for bad in ["no-port", "localhost:99999", ":7000"] {
+            let cfg = ClusterConfig { seed_names: vec![bad.to_string()], ..config(ca.identity("node-c"), &[]) };
+            let e = Cluster::start(limiter(10, Duration::from_secs(1)), cfg).await.err();
+            assert!(matches!(e, Some(ClusterError::Config { field: "seed_names", .. })), "{bad}: {e:?}");
+        }
+        for n in [a, b] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}

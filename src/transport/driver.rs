@@ -22,7 +22,10 @@ use tokio::time::Instant;
 
 use super::socket::{Faults, FaultySocket};
 use super::wire::{Frame, FrameDecoder, Hello, MemberEntry};
-use super::{certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason};
+use super::{
+    certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason,
+    MAX_ADDRS_PER_SEED_NAME,
+};
 use crate::clock::{Clock, SystemClock};
 use crate::counter::ReplicaId;
 use crate::gossip::{Event as CoreEvent, GossipNode, PeerId, Transmit};
@@ -347,8 +350,13 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
 
     let (events, rx) = mpsc::channel(EVENT_QUEUE);
     let (joined, mut joined_rx) = watch::channel(false);
-    let seeds = cfg
-        .seeds
+    let mut seed_addrs = cfg.seeds.clone();
+    for addr in resolve_seed_names(&cfg.seed_names, cfg.handshake_timeout).await {
+        if !seed_addrs.contains(&addr) {
+            seed_addrs.push(addr);
+        }
+    }
+    let seeds = seed_addrs
         .iter()
         .map(|&addr| SeedEntry { addr, peer: None, is_self: false, failed_once: false, refused: None, dial: Backoff::now() })
         .collect();
@@ -390,10 +398,25 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
         incoming: AtomicUsize::new(0),
         joined,
     });
-    tracing::info!(node = %name, id, incarnation, addr = %local_addr, seeds = cfg.seeds.len(), "cluster member starting");
+    tracing::info!(node = %name, id, incarnation, addr = %local_addr, seeds = seed_addrs.len(), "cluster member starting");
     let node_task = tokio::spawn(run(shared.clone(), rx));
     let accept_task = tokio::spawn(accept(shared.clone()));
     shared.tasks.lock().extend([node_task.abort_handle(), accept_task.abort_handle()]);
+    if !cfg.seed_names.is_empty() && !cfg.seed_refresh.is_zero() {
+        let (names, every, timeout) = (cfg.seed_names.clone(), cfg.seed_refresh, cfg.handshake_timeout);
+        let sh = Arc::downgrade(&shared);
+        shared.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let found = resolve_seed_names(&names, timeout).await;
+                let Some(sh) = sh.upgrade() else { return };
+                for addr in found {
+                    // The node task adds only addresses it does not know as seeds yet.
+                    sh.add_seed(addr);
+                }
+            }
+        });
+    }
     {
         let mut st = shared.state.lock();
         st.maintain(&shared);
@@ -422,6 +445,30 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
         }
     }
     Ok(shared)
+}
+
+/// The most seed addresses a node keeps (static, added at run time, or resolved from
+/// names); past it a seed that never answered makes room, or the new one is skipped.
+const MAX_SEEDS: usize = 1_024;
+
+/// Every address `names` (`host:port`) resolve to, each name within `timeout`, at most
+/// [`MAX_ADDRS_PER_SEED_NAME`] per name; a name that fails is logged and skipped.
+async fn resolve_seed_names(names: &[String], timeout: Duration) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for name in names {
+        match tokio::time::timeout(timeout, tokio::net::lookup_host(name.as_str())).await {
+            Ok(Ok(addrs)) => {
+                let before = out.len();
+                out.extend(addrs.take(MAX_ADDRS_PER_SEED_NAME));
+                tracing::debug!(name = %name, found = out.len() - before, "seed name resolved");
+            }
+            Ok(Err(error)) => tracing::warn!(name = %name, %error, "seed name does not resolve"),
+            Err(_) => tracing::warn!(name = %name, ?timeout, "seed name: resolution timed out"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl Shared {
@@ -687,6 +734,19 @@ impl State {
             }
             Event::Closed { conn, reason } => self.closed(sh, conn, reason),
             Event::AddSeed(addr) => {
+                if self.seeds.len() >= MAX_SEEDS && !self.seeds.iter().any(|s| s.addr == addr) {
+                    // Names re-resolved as instances come and go: make room by forgetting a
+                    // seed that never answered, or skip this one.
+                    match self.seeds.iter().position(|s| s.failed_once && s.peer.is_none() && !s.is_self) {
+                        Some(i) => {
+                            self.seeds.remove(i);
+                        }
+                        None => {
+                            tracing::warn!(%addr, max = MAX_SEEDS, "seed not added: the most seeds are known");
+                            return;
+                        }
+                    }
+                }
                 if !self.seeds.iter().any(|s| s.addr == addr) {
                     self.seeds.push(SeedEntry {
                         addr,

@@ -97,6 +97,12 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// Default of [`ClusterConfig::join_timeout`].
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default [`ClusterConfig::seed_refresh`]: how often seed names are resolved again.
+pub const DEFAULT_SEED_REFRESH: Duration = Duration::from_secs(30);
+/// The most names in [`ClusterConfig::seed_names`].
+pub const MAX_SEED_NAMES: usize = 64;
+/// The most addresses taken from one resolution of one seed name.
+pub const MAX_ADDRS_PER_SEED_NAME: usize = 256;
 /// Default of [`ClusterConfig::forget_after`].
 pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Default of [`ClusterConfig::max_dials_per_sec`].
@@ -199,6 +205,16 @@ pub struct ClusterConfig {
     /// Addresses to join through. Their names come from their certificates. A node may
     /// list itself; that entry is skipped.
     pub seeds: Vec<SocketAddr>,
+    /// `host:port` names to join through, resolved with the system resolver (a headless
+    /// service's name resolves to every instance): at start, before the join, and again
+    /// every `seed_refresh`; every address found is dialled as a seed, so instances that
+    /// appear later are found too. At most [`MAX_SEED_NAMES`] names and
+    /// [`MAX_ADDRS_PER_SEED_NAME`] addresses per name and resolution; a name that does not
+    /// resolve is logged (warn) and tried again at the next refresh.
+    pub seed_names: Vec<String>,
+    /// How often `seed_names` are resolved again. Default [`DEFAULT_SEED_REFRESH`] (30 s);
+    /// zero: only at start.
+    pub seed_refresh: Duration,
     /// The gossip core's settings. Its `replica` is replaced: the node id from the
     /// certificate and a fresh incarnation (the Unix ms at start). Default: the core's
     /// defaults with `max_message_bytes` = [`DATAGRAM_MESSAGE_BYTES`].
@@ -254,6 +270,8 @@ impl ClusterConfig {
             listen,
             advertise: None,
             seeds: Vec::new(),
+            seed_names: Vec::new(),
+            seed_refresh: DEFAULT_SEED_REFRESH,
             gossip,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -274,6 +292,16 @@ impl ClusterConfig {
         let bad = |field, reason| Err(ClusterError::Config { field, reason });
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout", "must be more than zero");
+        }
+        if self.seed_names.len() > MAX_SEED_NAMES {
+            return bad("seed_names", "at most MAX_SEED_NAMES (64) names");
+        }
+        if self
+            .seed_names
+            .iter()
+            .any(|n| n.len() > 260 || n.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()))
+        {
+            return bad("seed_names", "each must be host:port, at most 260 bytes");
         }
         if self.keep_alive.is_zero() || self.keep_alive >= self.idle_timeout {
             return bad("keep_alive", "must be more than zero and less than idle_timeout");
