@@ -86,6 +86,22 @@ fn hammer(rl: &RateLimiter, key: &str, ts: i64, threads: usize, per_thread: usiz
     })
 }
 
+/// Runs `f` at four steps of the same timeline on two limiters of `strategy` (limit
+/// 1,000 per s), one for many threads and one for one thread, their clocks at `ts`: a
+/// full window, one at its middle, an idle gap, a full window again. Returns the
+/// many-thread limiter.
+fn each_step(strategy: Strategy, mut f: impl FnMut(usize, i64, &RateLimiter, &RateLimiter)) -> RateLimiter {
+    let (c8, c1) = (ManualClock::new(START), ManualClock::new(START));
+    let (many, one) = (limiter(strategy, 1_000, &c8), limiter(strategy, 1_000, &c1));
+    for (i, at) in [100, 1_500, 2_999, 5_250].into_iter().enumerate() {
+        let ts = START - START % 1_000 + 1_000 + at;
+        c8.set_ms(ts);
+        c1.set_ms(ts);
+        f(i, ts, &many, &one);
+    }
+    many
+}
+
 /// Eight threads offering 4 × the limit admit exactly what one thread offering the same
 /// admits, window after window, for each strategy: a full window, then one at its middle
 /// weighed down by the previous (sliding window) or starting from an empty bucket (token
@@ -93,21 +109,16 @@ fn hammer(rl: &RateLimiter, key: &str, ts: i64, threads: usize, per_thread: usiz
 #[test]
 fn eight_threads_on_one_key_admit_exactly_what_one_thread_does_for_every_strategy() {
     for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::TokenBucket] {
-        let (c8, c1) = (ManualClock::new(START), ManualClock::new(START));
-        let (many, one) = (limiter(strategy, 1_000, &c8), limiter(strategy, 1_000, &c1));
-        for (i, at) in [100, 1_500, 2_999, 5_250].into_iter().enumerate() {
-            let ts = START - START % 1_000 + 1_000 + at;
-            c8.set_ms(ts);
-            c1.set_ms(ts);
-            let expected = hammer(&one, "hot", ts, 1, 4_000);
-            let admitted = hammer(&many, "hot", ts, 8, 500);
+        let many = each_step(strategy, |i, ts, many, one| {
+            let expected = hammer(one, "hot", ts, 1, 4_000);
+            let admitted = hammer(many, "hot", ts, 8, 500);
             assert_eq!(admitted, expected, "{strategy:?}, step {i}: 8 threads admitted {admitted}, one thread {expected}");
             if i == 0 {
                 assert_eq!(expected, 1_000, "{strategy:?}: a fresh key gets its whole limit");
             }
             // The standing refusal ends with the window: one more is refused now.
             assert!(!many.allow("hot", ts), "{strategy:?}, step {i}");
-        }
+        });
         let stats = many.stats();
         assert_eq!(stats.allowed + stats.denied, 4 * 8 * 500 + 4, "{strategy:?}: every decision is counted once: {stats:?}");
     }
@@ -261,17 +272,12 @@ fn eight_threads_checking_one_key_admit_exactly_the_limit_and_never_overstate_wh
 #[test]
 fn allow_and_check_threads_together_admit_exactly_what_one_thread_does_for_every_strategy() {
     for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::TokenBucket, Strategy::SlidingLog] {
-        let (c8, c1) = (ManualClock::new(START), ManualClock::new(START));
-        let (many, one) = (limiter(strategy, 1_000, &c8), limiter(strategy, 1_000, &c1));
-        for (i, at) in [100, 1_500, 2_999, 5_250].into_iter().enumerate() {
-            let ts = START - START % 1_000 + 1_000 + at;
-            c8.set_ms(ts);
-            c1.set_ms(ts);
-            let alone = offer(&one, "hot", ts, 1, 1, 4_000);
+        each_step(strategy, |i, ts, many, one| {
+            let alone = offer(one, "hot", ts, 1, 1, 4_000);
             let expected = alone.admitted;
             let resets: BTreeSet<_> = alone.checks.iter().filter(|(_, d)| d.allowed).map(|(_, d)| d.reset_after).collect();
             let refusal = alone.checks.iter().rev().map(|&(_, d)| d).find(|d| !d.allowed).expect("4,000 offered exceed the limit");
-            let seen = offer(&many, "hot", ts, 8, 4, 500);
+            let seen = offer(many, "hot", ts, 8, 4, 500);
             assert_eq!(seen.admitted, expected, "{strategy:?}, step {i}: 8 threads admitted {}, one thread {expected}", seen.admitted);
             for &(before, d) in &seen.checks {
                 if d.allowed {
@@ -286,6 +292,6 @@ fn allow_and_check_threads_together_admit_exactly_what_one_thread_does_for_every
                 }
             }
             assert!(seen.checks.iter().any(|(_, d)| !d.allowed), "{strategy:?}, step {i}: 2,000 checks offered");
-        }
+        });
     }
 }
