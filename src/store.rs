@@ -201,12 +201,6 @@ impl Remote {
         &self.cells[..self.len as usize]
     }
 
-    /// Whether any replica has a count in the newest window (or, with `prev`, the one
-    /// before).
-    fn has_counts(&self, prev: bool) -> bool {
-        self.cells().iter().any(|c| if prev { c.prev > 0 } else { c.cur > 0 })
-    }
-
     /// The replicas' counts of the newest window (or, with `prev`, the one before) as a
     /// G-Counter, for a sliding-log bucket that leaves the slot.
     fn counter(&self, prev: bool) -> GCounter<u32> {
@@ -284,8 +278,9 @@ impl Bucket {
         u64::from(self.local) + self.remote_sum
     }
 
+    /// No count at all: neither local, nor per replica, nor in the total alone.
     fn is_empty(&self) -> bool {
-        self.local == 0 && self.remote.is_empty()
+        self.local == 0 && self.remote.is_empty() && self.remote_sum == 0
     }
 }
 
@@ -318,8 +313,9 @@ fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u
     let len = back.saturating_sub(1) as usize;
     let by = by.clamp(0, len as i64 + 2) as usize;
     let r = remote_of(e).map(|i| &remote[i]);
-    let cur = (e.cur > 0 || r.is_some_and(|r| r.has_counts(false))) && by >= 2 && by - 2 < len;
-    let prev = (e.prev > 0 || r.is_some_and(|r| r.has_counts(true))) && by >= 1 && by - 1 < len;
+    // Remote counts held in the totals alone (no cell was left for them) count too.
+    let cur = (e.cur > 0 || r.is_some_and(|r| r.cur_sum > 0)) && by >= 2 && by - 2 < len;
+    let prev = (e.prev > 0 || r.is_some_and(|r| r.prev_sum > 0)) && by >= 1 && by - 1 < len;
     let Some(list) = (match older.get_mut(&e.key) {
         Some(l) => Some(l),
         None if cur || prev => Some(older.entry(e.key).or_default()),
@@ -2182,5 +2178,31 @@ mod tests {
         assert_eq!(s.sweep(T0 + 60_000), 1);
         assert_eq!(held(), 0);
         assert_eq!(cap.cells.load(Ordering::Relaxed), 0);
+    }
+
+    /// Peers' counts of a sliding-log key held in a window's total alone (no cell or
+    /// bucket entry was left for them) stay in the decision as the key rolls: the key gets
+    /// stricter when the budget runs out, never looser.
+    #[test]
+    fn sliding_log_counts_without_cells_stay_in_the_decision_as_the_key_rolls() {
+        let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
+        let log = |cap| Store::new(4, cap, tol, 7, Quota::new(10, Duration::from_secs(1)).unwrap(), Strategy::SlidingLog);
+        let b0 = T0 / 100;
+        // Key 1's 8 counts are in cells; key 2 takes the other 8 cells of the budget, so the
+        // bucket key 1's window becomes finds none for them.
+        let s = log(KeyCap::new(2));
+        for replica in 1..=8 {
+            assert!(s.merge(1, b0, replica, 1, T0).unwrap());
+            assert!(s.merge(2 << 40, b0, replica, 1, T0).unwrap());
+        }
+        assert_eq!(admitted(&s, 1, T0 + 200, 10), 2, "8 of 10 counted two buckets later");
+        // Key 1's count of 9 finds no cell at all (key 2 holds every one): it is in the
+        // window's total alone.
+        let s = log(KeyCap::new(2));
+        for replica in 1..=16 {
+            assert!(s.merge(2 << 40, b0, replica, 1, T0).unwrap());
+        }
+        assert!(s.merge(1, b0, 17, 9, T0).unwrap());
+        assert_eq!(admitted(&s, 1, T0 + 200, 10), 1, "9 of 10 counted two buckets later");
     }
 }
