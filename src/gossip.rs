@@ -30,7 +30,7 @@
 //!   quota. Its counts stay until their windows expire.
 //! * **Full sync.** A node asks its peers (in fan-out mode, `fanout` of them) for
 //!   everything on start; a peer that comes up, or comes back with a new incarnation, is
-//!   sent everything this node holds, a store shard at a time within the per-round export
+//!   sent everything this node holds, in steps within the per-round export
 //!   budget; [`Event::FullSyncSent`] says when the last of it is queued.
 //! * **Anti-entropy.** Every `anti_entropy_rounds` rounds a node sends one random live
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
@@ -46,8 +46,10 @@
 //!
 //! # What one peer can make a node spend
 //! Digests and repairs are answered from a per-peer budget ([`MAX_ANSWERS_PER_PERIOD`]
-//! per anti-entropy period); a repair is exported a store shard at a time, at most
-//! [`MAX_REPAIR_ENTRIES_PER_ROUND`] counts per peer per round. A peer introduces at most
+//! per anti-entropy period), from fingerprints computed at most once per store per
+//! period for peers; repairs and full syncs are exported in steps of at most
+//! [`MAX_REPAIR_ENTRIES_PER_ROUND`] counts per peer per round (plus one key's), wherever
+//! the keys fall in the store's shards. A peer introduces at most
 //! [`MAX_INCARNATIONS_PER_PEER`] incarnations of its own and [`MAX_RELAYED_PER_PEER`]
 //! other replicas; entries whose counts all expired are reclaimed. `docs/security.md`
 //! lists every bound.
@@ -59,7 +61,7 @@ use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntr
 use crate::counter::ReplicaId;
 use crate::key::splitmix64;
 use crate::limits::LimitsVersion;
-use crate::replica::{Exported, Replica, LOCAL_REPLICA};
+use crate::replica::{ExportCursor, Exported, Replica, LOCAL_REPLICA};
 use crate::{ConfigError, RateLimiter};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
@@ -83,8 +85,8 @@ pub const MAX_RELAYED_PER_PEER: usize = 4_096;
 /// (`anti_entropy_rounds` rounds); more are dropped and counted in
 /// [`GossipStats::answers_dropped`]. A `SyncRequest` is answered once per suspicion period.
 pub const MAX_ANSWERS_PER_PERIOD: u32 = 64;
-/// Counts a repair exports to one peer per round (about 50 KB); the rest follows in later
-/// rounds, a store shard at a time.
+/// Counts repairs and full syncs export to one peer per round (about 50 KB; a step stops
+/// after the key that reaches it); the rest follows in later rounds.
 pub const MAX_REPAIR_ENTRIES_PER_ROUND: usize = 4_096;
 /// Repair exports waiting per peer; a repair for a window length already waiting joins it.
 const MAX_REPAIR_JOBS: usize = 4;
@@ -309,8 +311,8 @@ pub struct GossipStats {
     pub outbox_dropped: u64,
     /// Events dropped because [`MAX_EVENTS`] were waiting.
     pub events_dropped: u64,
-    /// Passes over a whole store (to fingerprint it for digests): at most one per store
-    /// per round, however many digests ask.
+    /// Passes over a whole store (to fingerprint it for digests): for peers' digests at
+    /// most one per store per anti-entropy period, however many ask.
     pub store_passes: u64,
     /// Counts dropped for a window no acceptable timestamp falls in.
     pub out_of_range: u64,
@@ -339,8 +341,11 @@ struct Peer {
     answers_used: u32,
     /// Counts exported to it for repairs this round.
     exported_this_round: usize,
-    /// Repairs still being exported to it, a store shard at a time.
+    /// Repairs and full syncs still being exported to it, in steps.
     jobs: VecDeque<RepairJob>,
+    /// A message of the full sync under way was dropped (the outbox was full): it is sent
+    /// again rather than announced complete.
+    sync_lossy: bool,
 }
 
 /// A repair or a full sync being exported in chunks: which store, which (replica, bucket
@@ -349,7 +354,8 @@ struct Peer {
 struct RepairJob {
     window_ms: u64,
     wanted: Option<BTreeMap<ReplicaId, u8>>,
-    next_shard: usize,
+    /// Where the export stopped.
+    cursor: ExportCursor,
 }
 
 /// A remote replica this node keeps counts for.
@@ -363,11 +369,13 @@ struct ReplicaEntry {
     newest: Vec<(u64, i64)>,
 }
 
-/// Fingerprints computed this round, per window length, replica and window: one pass over
-/// a store per round, however many digests arrive in it and whatever windows they name.
+/// Fingerprints per window length, replica and window, and the round each store's were
+/// computed in: a store is passed over at most once per round for this node's own
+/// digests and once per anti-entropy period for peers' (however many arrive, whatever
+/// windows they name).
 #[derive(Debug, Default)]
 struct FingerprintCache {
-    round: u64,
+    rounds: BTreeMap<u64, u64>,
     stores: BTreeMap<u64, BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]>>,
 }
 
@@ -450,6 +458,8 @@ pub struct GossipNode {
     clock: Estimator,
     /// Peers whose clocks were beyond the tolerance at the last round.
     clocks_beyond: BTreeSet<PeerId>,
+    /// The live replicas and this node's place among them, as last set on the limiter.
+    published_live: (u64, u64),
     /// This node's own clock was beyond the tolerance at the last round.
     own_clock_beyond: bool,
 }
@@ -493,6 +503,7 @@ impl GossipNode {
             stats: GossipStats::default(),
             clock,
             clocks_beyond: BTreeSet::new(),
+            published_live: (1, 0),
             own_clock_beyond: false,
         };
         for p in peers {
@@ -948,8 +959,11 @@ impl GossipNode {
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
         let me = self.cfg.replica.node;
         let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
-        self.replica.set_view(live, index);
-        self.push_event(Event::LiveChanged { live_replicas: live, index });
+        if self.published_live != (live, index) {
+            self.published_live = (live, index);
+            self.replica.set_view(live, index);
+            self.push_event(Event::LiveChanged { live_replicas: live, index });
+        }
     }
 
     /// One gossip round: budgets, exports under way, liveness, cluster time, limits,
@@ -1254,19 +1268,28 @@ impl GossipNode {
         let windows = self.replica.window_lengths();
         let Some(p) = self.peers.get_mut(&to) else { return };
         p.last_sync_answered_ms = Some(now_ms);
+        p.sync_lossy = false;
         p.jobs.clear();
-        p.jobs.extend(windows.into_iter().map(|window_ms| RepairJob { window_ms, wanted: None, next_shard: 0 }));
+        p.jobs.extend(windows.into_iter().map(|window_ms| RepairJob { window_ms, wanted: None, cursor: ExportCursor::default() }));
         self.stats.full_syncs_sent += 1;
         self.step_repairs(to, now_ms);
     }
 
     /// Fingerprints per replica and bucket of one store's counts in the `span` windows
     /// ending with `window`.
-    fn fingerprints(&mut self, window_ms: u64, (window, span): (i64, u8), now_ms: i64) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
-        if self.fingerprint_cache.round != self.round {
-            self.fingerprint_cache = FingerprintCache { round: self.round, stores: BTreeMap::new() };
-        }
-        if !self.fingerprint_cache.stores.contains_key(&window_ms) {
+    /// `fresh`: computed in this round (this node's own digests); else computed in this
+    /// anti-entropy period (answers to peers' digests: a stale fingerprint costs at most
+    /// a needless repair, which the merge makes harmless).
+    fn fingerprints(
+        &mut self,
+        window_ms: u64,
+        (window, span): (i64, u8),
+        now_ms: i64,
+        fresh: bool,
+    ) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
+        let max_age = if fresh { 0 } else { self.round % self.cfg.anti_entropy_rounds };
+        let computed = self.fingerprint_cache.rounds.get(&window_ms).copied();
+        if computed.is_none_or(|r| self.round - r > max_age) {
             self.stats.store_passes += 1;
             let mut per_window: BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]> = BTreeMap::new();
             let mut buf: Vec<Exported> = Vec::new();
@@ -1279,6 +1302,7 @@ impl GossipNode {
                     row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
             }
             self.fingerprint_cache.stores.insert(window_ms, per_window);
+            self.fingerprint_cache.rounds.insert(window_ms, self.round);
         }
         let mut rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = BTreeMap::new();
         let per_window = &self.fingerprint_cache.stores[&window_ms];
@@ -1307,7 +1331,7 @@ impl GossipNode {
             let window = if both_windows { now_window } else { now_window - 1 };
             let span = (window - oldest + 1).clamp(1, 255) as u8;
             let rows: Vec<DigestRow> = self
-                .fingerprints(window_ms, (window, span), now_ms)
+                .fingerprints(window_ms, (window, span), now_ms, true)
                 .into_iter()
                 .map(|(replica, buckets)| DigestRow { replica, buckets })
                 .collect();
@@ -1324,7 +1348,7 @@ impl GossipNode {
     }
 
     fn answer_digest(&mut self, from: PeerId, window_ms: u64, windows: (i64, u8), rows: &[DigestRow], complete: bool, now_ms: i64) {
-        let mine = self.fingerprints(window_ms, windows, now_ms);
+        let mine = self.fingerprints(window_ms, windows, now_ms, false);
         let theirs: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = rows.iter().map(|r| (r.replica, r.buckets)).collect();
         // A digest may be split over several messages: compare the replicas it names, and
         // only a complete digest says the sender lacks the replicas it does not name.
@@ -1372,13 +1396,14 @@ impl GossipNode {
         // A full sync under way may have passed the shards a repair names: repairs queue
         // behind it, on their own budget.
         let waiting = p.jobs.iter().filter(|j| j.wanted.is_some()).count();
-        let joinable = p.jobs.iter_mut().filter(|j| j.window_ms == window_ms && j.next_shard == 0).find_map(|j| j.wanted.as_mut());
+        let joinable =
+            p.jobs.iter_mut().filter(|j| j.window_ms == window_ms && j.cursor == ExportCursor::default()).find_map(|j| j.wanted.as_mut());
         if let Some(wanted) = joinable {
             for (r, m) in masks {
                 *wanted.entry(r).or_default() |= m;
             }
         } else if waiting < MAX_REPAIR_JOBS {
-            p.jobs.push_back(RepairJob { window_ms, wanted: Some(masks), next_shard: 0 });
+            p.jobs.push_back(RepairJob { window_ms, wanted: Some(masks), cursor: ExportCursor::default() });
         } else {
             self.stats.repairs_dropped += 1;
             self.push_event(Event::Refused { peer: to, reason: Refusal::RepairQueue });
@@ -1391,6 +1416,7 @@ impl GossipNode {
     fn step_repairs(&mut self, to: PeerId, now_ms: i64) {
         let mut out: Vec<Outgoing> = Vec::new();
         let mut sync_done = false;
+        let dropped_before = self.stats.outbox_dropped;
         loop {
             let Some(p) = self.peers.get_mut(&to) else { return };
             let budget = MAX_REPAIR_ENTRIES_PER_ROUND.saturating_sub(p.exported_this_round);
@@ -1401,7 +1427,7 @@ impl GossipNode {
             let any_bucket = job.wanted.as_ref().map_or(0xFF, |w| w.values().fold(0u8, |m, b| m | b));
             let mut buf: Vec<Exported> = Vec::new();
             let select = |k: u64| any_bucket & (1 << bucket(k)) != 0;
-            let shards = self.replica.export_shards(job.window_ms, &mut job.next_shard, budget, now_ms, select, &mut buf);
+            let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
             out.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
                 let wanted = job.wanted.as_ref().is_none_or(|w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
@@ -1409,7 +1435,7 @@ impl GossipNode {
             }));
             let Some(p) = self.peers.get_mut(&to) else { return };
             p.exported_this_round += buf.len().max(1);
-            if job.next_shard < shards {
+            if !done {
                 p.jobs.push_front(job);
             } else if job.wanted.is_none() && !p.jobs.iter().any(|j| j.wanted.is_none()) {
                 sync_done = true;
@@ -1421,7 +1447,16 @@ impl GossipNode {
                 self.queue(to, m, true);
             }
         }
-        if sync_done {
+        let lossy = self.stats.outbox_dropped > dropped_before;
+        let windows = if sync_done { self.replica.window_lengths() } else { Vec::new() };
+        let Some(p) = self.peers.get_mut(&to) else { return };
+        if lossy && (sync_done || p.jobs.iter().any(|j| j.wanted.is_none())) {
+            p.sync_lossy = true;
+        }
+        if sync_done && std::mem::take(&mut p.sync_lossy) {
+            // Part of it never left: send it all again rather than announce it complete.
+            p.jobs.extend(windows.into_iter().map(|window_ms| RepairJob { window_ms, wanted: None, cursor: ExportCursor::default() }));
+        } else if sync_done {
             self.push_event(Event::FullSyncSent { peer: to });
         }
     }

@@ -11,8 +11,8 @@
 //!
 //! A [`Replica`] is the limiter seen as one replica of the cluster's counters. The core
 //! reads the counts that changed ([`changes`](Replica::changes)), exports counts in whole
-//! stores or one shard at a time ([`export`](Replica::export),
-//! [`export_shard`](Replica::export_shard)), merges peers' counts
+//! stores or in bounded steps ([`export`](Replica::export),
+//! [`export_from`](Replica::export_from)), merges peers' counts
 //! ([`merge`](Replica::merge)), and tells the limiter what the admission policy needs to
 //! know of the cluster ([`set_view`](Replica::set_view)) and what cluster time is
 //! ([`set_offset`](Replica::set_offset)). Attaching marks the limiter as a member;
@@ -25,7 +25,7 @@ use crate::admission::Admission;
 use crate::limits::{LimitsError, LimitsVersion};
 use crate::{ConfigError, Error, LimitsConfig, RateLimiter};
 
-pub(crate) use crate::store::{Exported, LOCAL_REPLICA};
+pub(crate) use crate::store::{ExportCursor, Exported, LOCAL_REPLICA};
 
 /// A limiter attached to a gossip core. See the module documentation.
 #[derive(Debug)]
@@ -115,28 +115,19 @@ impl Replica {
         self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, select, out)).is_some()
     }
 
-    /// [`export`](Self::export) of shards `*next..` until `out` holds at least `budget`
-    /// counts or the store ends; advances `*next`. Returns the store's shard count (0 if
-    /// there is no store).
-    pub(crate) fn export_shards(
+    /// [`export`](Self::export) from `cursor` on until `out` holds at least `budget`
+    /// more counts (one key's counts are never split) or the store ends; advances
+    /// `cursor`. Returns whether the export is done (also when there is no such store).
+    pub(crate) fn export_from(
         &self,
         window_ms: u64,
-        next: &mut usize,
+        cursor: &mut ExportCursor,
         budget: usize,
         now_ms: i64,
         select: impl Fn(u64) -> bool,
         out: &mut Vec<Exported>,
-    ) -> usize {
-        self.limiter
-            .with_existing_store(window_ms, |s| {
-                let start = out.len();
-                while *next < s.shard_count() && out.len() - start < budget {
-                    s.export_shard(*next, now_ms, &select, out);
-                    *next += 1;
-                }
-                s.shard_count()
-            })
-            .unwrap_or(0)
+    ) -> bool {
+        self.limiter.with_existing_store(window_ms, |s| s.export_from(cursor, budget, now_ms, select, out)).unwrap_or(true)
     }
 
     /// Merges counts of replica index `replica` into the store for `window_ms`: each

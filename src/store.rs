@@ -705,6 +705,36 @@ fn windows_since(entry: u32, now: u32) -> i64 {
 }
 
 impl Shard {
+    /// Appends every non-zero count of `e` (local and remote, every retained window) to
+    /// `out`; `now`: the current window index.
+    fn export_entry(&self, e: &Entry, now: i64, out: &mut Vec<Exported>) {
+        let window = now - windows_since(e.window, now as u32);
+        let (key, replica) = (e.key, LOCAL_REPLICA);
+        if e.cur > 0 {
+            out.push(Exported { key, window, replica, count: u64::from(e.cur) });
+        }
+        if e.prev > 0 {
+            out.push(Exported { key, window: window - 1, replica, count: u64::from(e.prev) });
+        }
+        if let Some(i) = remote_of(e) {
+            for c in self.remote[i].cells() {
+                if c.cur > 0 {
+                    out.push(Exported { key, window, replica: c.replica, count: u64::from(c.cur) });
+                }
+                if c.prev > 0 {
+                    out.push(Exported { key, window: window - 1, replica: c.replica, count: u64::from(c.prev) });
+                }
+            }
+        }
+        for (i, b) in self.older.get(&key).into_iter().flatten().enumerate() {
+            let window = window - 2 - i as i64;
+            if b.local > 0 {
+                out.push(Exported { key, window, replica, count: u64::from(b.local) });
+            }
+            out.extend(b.remote.iter().map(|(replica, count)| Exported { key, window, replica, count }));
+        }
+    }
+
     fn free(remote: &mut [Remote], free_remote: &mut Vec<u32>, e: &Entry, dropped: &mut Dropped) {
         dropped.keys += 1;
         if let Some(i) = remote_of(e) {
@@ -801,6 +831,15 @@ pub(crate) struct Exported {
     /// A replica index, or [`LOCAL_REPLICA`].
     pub replica: u32,
     pub count: u64,
+}
+
+/// Where a step-wise export ([`Store::export_from`]) stopped: the shard, the table slot
+/// in it, and the table generation that slot index belongs to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ExportCursor {
+    shard: usize,
+    slot: usize,
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -1259,48 +1298,55 @@ impl Store {
         }
     }
 
-    /// The number of shards, for [`Store::export_shard`].
-    pub(crate) fn shard_count(&self) -> usize {
-        self.shards.len()
+    /// [`Store::export`] of the keys from `cursor` on, in shard and table order, until
+    /// `out` holds at least `budget` more counts (one key's counts are never split) or the
+    /// store ends; advances `cursor`. Returns whether the store is done. Lets the gossip
+    /// core export in bounded steps across rounds, however the keys fall in shards: a
+    /// shard's lock is held for at most `budget` counts plus one key's. A shard whose
+    /// table was rebuilt since the cursor stopped in it is exported again from its start.
+    pub(crate) fn export_from(
+        &self,
+        cursor: &mut ExportCursor,
+        budget: usize,
+        now_ms: i64,
+        select: impl Fn(u64) -> bool,
+        out: &mut Vec<Exported>,
+    ) -> bool {
+        let start = out.len();
+        let track = self.track_changes.load(Ordering::Relaxed);
+        while let Some(s) = self.shards.get(cursor.shard) {
+            let mut guard = s.0.lock.lock();
+            guard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
+            let shard = &*guard;
+            let generation = shard.table.generation();
+            if cursor.slot == 0 || cursor.generation != generation {
+                (cursor.slot, cursor.generation) = (0, generation);
+            }
+            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
+            while cursor.slot < shard.table.capacity() {
+                if out.len() - start >= budget {
+                    return false;
+                }
+                let e = shard.table.entry(cursor.slot);
+                cursor.slot += 1;
+                if let Some(e) = e.filter(|e| select(e.key)) {
+                    shard.export_entry(e, now, out);
+                }
+            }
+            (cursor.shard, cursor.slot) = (cursor.shard + 1, 0);
+        }
+        true
     }
 
-    /// [`Store::export`] of shard `i` only (none past the last): lets the gossip core
-    /// export in bounded chunks across rounds.
-    pub(crate) fn export_shard(&self, i: usize, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
+    /// [`Store::export`] of shard `i` only (none past the last).
+    fn export_shard(&self, i: usize, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
         let Some(s) = self.shards.get(i) else { return };
         let track = self.track_changes.load(Ordering::Relaxed);
         let mut shard = s.0.lock.lock();
         shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
         let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
-        for e in shard.table.slots() {
-            if !select(e.key) {
-                continue;
-            }
-            let window = now - windows_since(e.window, now as u32);
-            let (key, replica) = (e.key, LOCAL_REPLICA);
-            if e.cur > 0 {
-                out.push(Exported { key, window, replica, count: u64::from(e.cur) });
-            }
-            if e.prev > 0 {
-                out.push(Exported { key, window: window - 1, replica, count: u64::from(e.prev) });
-            }
-            if let Some(i) = remote_of(e) {
-                for c in shard.remote[i].cells() {
-                    if c.cur > 0 {
-                        out.push(Exported { key, window, replica: c.replica, count: u64::from(c.cur) });
-                    }
-                    if c.prev > 0 {
-                        out.push(Exported { key, window: window - 1, replica: c.replica, count: u64::from(c.prev) });
-                    }
-                }
-            }
-            for (i, b) in shard.older.get(&key).into_iter().flatten().enumerate() {
-                let window = window - 2 - i as i64;
-                if b.local > 0 {
-                    out.push(Exported { key, window, replica, count: u64::from(b.local) });
-                }
-                out.extend(b.remote.iter().map(|(replica, count)| Exported { key, window, replica, count }));
-            }
+        for e in shard.table.slots().filter(|e| select(e.key)) {
+            shard.export_entry(e, now, out);
         }
     }
 
@@ -2034,13 +2080,12 @@ mod tests {
                     }
                 });
                 let wait = || result.recv_timeout(Duration::from_secs(10)).expect("decided without the lock");
-                let lock_free = true;
                 // Unlocked: the lock path decides and grants this thread a lease.
                 go.send(true).unwrap();
                 let first = wait().1.unwrap();
                 assert!(first.allowed);
                 let mut admitted = promoted + 1;
-                if lock_free {
+                {
                     let guard = s.shard(1).lock.lock();
                     go.send(true).unwrap();
                     let v = wait().1.unwrap();

@@ -36,6 +36,8 @@ pub(crate) struct Table {
     /// hashes already, but keys from peers arrive as sent: without it, a peer sending
     /// keys that share their low bits would turn probes into long linear scans.
     seed: u64,
+    /// Bumped by every rebuild: slot indices of an older generation mean nothing now.
+    generation: u64,
 }
 
 impl Table {
@@ -64,7 +66,7 @@ impl Table {
         self.len
     }
 
-    #[cfg(test)]
+    /// Slots, occupied or not.
     pub(crate) fn capacity(&self) -> usize {
         self.slots.len()
     }
@@ -141,6 +143,16 @@ impl Table {
         self.slots.len() * std::mem::size_of::<Entry>()
     }
 
+    /// The rebuild count, for cursors over slot indices ([`entry`](Self::entry)).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The entry in slot `i` (`0..capacity()`), if the slot is occupied.
+    pub(crate) fn entry(&self, i: usize) -> Option<&Entry> {
+        self.slots.get(i).filter(|s| s.key != EMPTY)
+    }
+
     /// The occupied slots.
     pub(crate) fn slots(&self) -> impl Iterator<Item = &Entry> {
         self.slots.iter().filter(|s| s.key != EMPTY)
@@ -164,6 +176,7 @@ impl Table {
         }
         self.len = survivors.len();
         self.slots = slots;
+        self.generation += 1;
         before - self.len
     }
 }

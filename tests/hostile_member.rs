@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crdt_rate_limiter::counter::ReplicaId;
 use crdt_rate_limiter::gossip::{
-    Event, Refusal, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
+    Event, Refusal, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
 };
 use crdt_rate_limiter::testing::{self, CountsBatch};
 use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
@@ -104,15 +104,17 @@ fn replicas_whose_counts_expired_are_reclaimed_and_the_budget_frees_up() {
     assert_eq!(n.limiter().check("c", later + 200).unwrap().remaining, 98, "its count and this request");
 }
 
-/// A node holding 20,000 keys, and a peer (node 2) that has been synced.
+/// A node holding 20,000 keys, and a peer (node 2) that is up: its full sync, made
+/// before the keys were counted, is complete, so what follows exercises repairs alone.
 fn busy_node() -> GossipNode {
     let mut n = node(1, &[2], 10);
-    for i in 0..20_000 {
-        assert!(n.limiter().allow(&format!("client-{i}"), T0));
-    }
     let hb = testing::counts(replica(2, 1), &[]).unwrap();
     n.handle_message(2, &hb, T0).unwrap();
     drain(&mut n);
+    assert_eq!(std::iter::from_fn(|| n.poll_event()).filter(|e| *e == Event::FullSyncSent { peer: 2 }).count(), 1);
+    for i in 0..20_000 {
+        assert!(n.limiter().allow(&format!("client-{i}"), T0));
+    }
     n
 }
 
@@ -210,28 +212,113 @@ fn repeated_empty_complete_digests_cause_bounded_work() {
     assert_eq!(refused as u64, n.stats().answers_dropped, "each refusal is reported with its reason");
 }
 
+/// Peers' digests cost a pass over the store at most once per anti-entropy period,
+/// whatever windows they name and however many rounds they arrive in; this node's own
+/// digests (once a period, or when it goes quiet) pass over it fresh.
 #[test]
-fn digests_naming_different_windows_cost_one_pass_over_the_store_per_round() {
+fn digests_cost_at_most_one_pass_over_the_store_per_anti_entropy_period() {
     let mut n = busy_node();
     let before = n.stats().store_passes;
-    for i in 0..u64::from(MAX_ANSWERS_PER_PERIOD) {
+    for i in 0..32 {
         let digest = testing::digest(replica(2, 1), 1000, W0 - (i % 8) as i64, 1 + (i / 8) as u8, &[], false).unwrap();
         n.handle_message(2, &digest, T0 + 1).unwrap();
     }
     drain(&mut n);
-    assert_eq!(n.stats().store_passes - before, 1, "64 digests, 64 different window ranges, one round");
-    // A later round, in the next anti-entropy period (the answer budget is spent), after
-    // the round of the node's own digest (which fingerprints its store too).
+    assert_eq!(n.stats().store_passes - before, 1, "32 digests, 32 different window ranges, one pass");
+    // Twenty rounds, beside an identical node that hears no digests: the digests, one a
+    // round from the peer, add no pass to the ones this node makes for its own digests.
+    let mut quiet = busy_node();
+    let (passes, quiet_passes) = (n.stats().store_passes, quiet.stats().store_passes);
     let mut now = T0;
-    for _ in 0..11 {
+    for _ in 0..20 {
         now += 20;
+        for (node, digests) in [(&mut n, true), (&mut quiet, false)] {
+            node.handle_timeout(now);
+            node.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), now).unwrap();
+            if digests {
+                let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], false).unwrap();
+                node.handle_message(2, &digest, now + 1).unwrap();
+            }
+            drain(node);
+        }
+    }
+    let own = quiet.stats().store_passes - quiet_passes;
+    assert!(own >= 2, "the node's own digests pass over the store: {own}");
+    assert!(
+        n.stats().store_passes - passes <= own + 2,
+        "at most one more pass per period: {} against {own}",
+        n.stats().store_passes - passes
+    );
+}
+
+/// Keys a member chooses all fall in one shard (the shard is picked by key bits a peer
+/// controls): a repair's step still stops at the per-round budget, inside that shard, and
+/// the rest follows in later rounds.
+#[test]
+fn a_repair_of_keys_packed_into_one_shard_is_exported_in_bounded_steps() {
+    let mut n = node(1, &[2], 10);
+    n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), T0).unwrap();
+    drain(&mut n);
+    // 100,000 keys whose shard bits (40 and up) are all zero: one shard of the 64.
+    for m in 0..25u64 {
+        let entries = (0..4_000u64).map(|i| (((m * 4_000 + i + 1) << 46) | 1, 1)).collect();
+        let batch = CountsBatch { replica: replica(2, 1), window_ms: 1000, window: W0, entries };
+        n.handle_message(2, &testing::counts(replica(2, 1), &[batch]).unwrap(), T0).unwrap();
+    }
+    drain(&mut n);
+    let repair = testing::repair(replica(2, 1), 1000, &[(replica(2, 1), 0xFF)]).unwrap();
+    let sent = n.stats().entries_sent;
+    n.handle_message(2, &repair, T0 + 1).unwrap();
+    let (messages, bytes) = drain(&mut n);
+    eprintln!("a repair of 100,000 keys in one shard, first step: {messages} messages, {bytes} bytes queued");
+    assert!(bytes <= (MAX_REPAIR_ENTRIES_PER_ROUND + 16) * 13, "{messages} messages, {bytes} bytes queued at once");
+    // The rest follows, each round's step within the budget, until every count is sent.
+    let mut now = T0 + 20;
+    for _ in 0..40 {
         n.handle_timeout(now);
         n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), now).unwrap();
+        let round: usize = std::iter::from_fn(|| n.poll_transmit()).filter(|t| t.reliable).map(|t| t.bytes.len()).sum();
+        assert!(round <= (MAX_REPAIR_ENTRIES_PER_ROUND + 16) * 13, "{round} bytes in one round");
+        now += 20;
     }
-    let passes = n.stats().store_passes;
-    let digest = testing::digest(replica(2, 1), 1000, W0, 2, &[], false).unwrap();
-    n.handle_message(2, &digest, now + 1).unwrap();
-    assert_eq!(n.stats().store_passes - passes, 1, "a later round passes again");
+    assert_eq!(n.stats().entries_sent - sent, 100_000, "every count went out once, step by step");
+}
+
+/// A full sync whose messages met a full outbox (a driver that stopped polling, or a
+/// member flooding pings) is sent again, not announced complete.
+#[test]
+fn a_full_sync_that_lost_messages_to_a_full_outbox_is_sent_again_before_it_is_announced() {
+    let mut n = node(1, &[2], 10);
+    for i in 0..20_000 {
+        assert!(n.limiter().allow(&format!("client-{i}"), T0));
+    }
+    n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), T0).unwrap();
+    // Node 2 floods pings: each answer takes a place in the outbox, until it is full.
+    let ping = testing::ping(replica(2, 1), T0, None).unwrap();
+    for _ in 0..MAX_OUTBOX {
+        n.handle_message(2, &ping, T0 + 1).unwrap();
+    }
+    let mut now = T0 + 20;
+    let mut announced = false;
+    for _ in 0..10 {
+        n.handle_timeout(now);
+        n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), now).unwrap();
+        announced |= std::iter::from_fn(|| n.poll_event()).any(|e| e == Event::FullSyncSent { peer: 2 });
+        now += 20;
+    }
+    assert!(n.stats().outbox_dropped > 0, "the sync's messages met a full outbox");
+    assert!(!announced, "not announced while part of it was dropped");
+    // Once the outbox drains, the sync is sent whole and announced.
+    let sent = n.stats().entries_sent;
+    for _ in 0..20 {
+        drain(&mut n);
+        n.handle_timeout(now);
+        n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), now).unwrap();
+        announced |= std::iter::from_fn(|| n.poll_event()).any(|e| e == Event::FullSyncSent { peer: 2 });
+        now += 20;
+    }
+    assert!(announced, "announced after a whole pass");
+    assert!(n.stats().entries_sent - sent >= 20_000, "the whole store went out again");
 }
 
 /// Valid messages of every kind from member 2, to mutate.
