@@ -1259,8 +1259,8 @@ impl GossipNode {
         }
     }
 
-    /// Sends `to` everything this node holds: the limits at once, the counts a store shard
-    /// at a time within the per-round export budget, now and in the rounds that follow.
+    /// Sends `to` everything this node holds: the limits at once, the counts in steps
+    /// within the per-round export budget, now and in the rounds that follow.
     /// [`Event::FullSyncSent`] says when the last of it is queued. A full sync replaces
     /// the repairs waiting for `to` (it covers them) and restarts one under way.
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
@@ -1379,8 +1379,9 @@ impl GossipNode {
         }
     }
 
-    /// Queues the counts of `wanted` for `to`, exported in chunks: at most
-    /// [`MAX_REPAIR_ENTRIES_PER_ROUND`] per round, now and in the rounds that follow.
+    /// Queues the counts of `wanted` for `to`, exported in steps: at most
+    /// [`MAX_REPAIR_ENTRIES_PER_ROUND`] per round (plus one key's), now and in the rounds
+    /// that follow.
     fn answer_repair(&mut self, to: PeerId, window_ms: u64, wanted: &[(ReplicaId, u8)], now_ms: i64) {
         if !self.replica.has_store(window_ms) {
             return; // never create a store for a window length named by a peer
@@ -1495,6 +1496,21 @@ mod tests {
             .build()
             .unwrap();
         GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
+    }
+
+    /// `LiveChanged` says the live set or this node's place in it changed, and only then.
+    #[test]
+    fn live_changed_is_reported_only_when_the_live_set_changes() {
+        let mut n = node(1, &[2, 3]);
+        let heartbeat = |node: u64| codec::encode(&Envelope::new(ReplicaId { node, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap();
+        n.handle_message(2, &heartbeat(2), T0).unwrap();
+        let live: Vec<Event> = std::iter::from_fn(|| n.poll_event()).filter(|e| matches!(e, Event::LiveChanged { .. })).collect();
+        assert_eq!(live, vec![Event::LiveChanged { live_replicas: 2, index: 0 }]);
+        // Node 3 was never up: removing it changes nothing.
+        n.remove_peer(3);
+        assert!(!std::iter::from_fn(|| n.poll_event()).any(|e| matches!(e, Event::LiveChanged { .. })));
+        n.remove_peer(2);
+        assert!(std::iter::from_fn(|| n.poll_event()).any(|e| e == Event::LiveChanged { live_replicas: 1, index: 0 }));
     }
 
     fn counts_from(node: u64, window: i64, key: u64, count: u64) -> Vec<u8> {

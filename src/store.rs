@@ -834,12 +834,18 @@ pub(crate) struct Exported {
 }
 
 /// Where a step-wise export ([`Store::export_from`]) stopped: the shard, the table slot
-/// in it, and the table generation that slot index belongs to.
+/// in it, and what that slot index means: the table's generation, size and farthest
+/// probe when the cursor last saw it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct ExportCursor {
     shard: usize,
     slot: usize,
     generation: u64,
+    capacity: usize,
+    max_probe: usize,
+    /// The shard's table was rebuilt while it was being exported: keys that wrapped
+    /// around the end are exported again at its end.
+    resumed: bool,
 }
 
 #[derive(Default)]
@@ -1303,7 +1309,9 @@ impl Store {
     /// store ends; advances `cursor`. Returns whether the store is done. Lets the gossip
     /// core export in bounded steps across rounds, however the keys fall in shards: a
     /// shard's lock is held for at most `budget` counts plus one key's. A shard whose
-    /// table was rebuilt since the cursor stopped in it is exported again from its start.
+    /// table was rebuilt since the cursor stopped in it is resumed where the keys not yet
+    /// exported now sit, so every key present throughout is exported, and the export ends
+    /// however often tables are rebuilt.
     pub(crate) fn export_from(
         &self,
         cursor: &mut ExportCursor,
@@ -1318,22 +1326,38 @@ impl Store {
             let mut guard = s.0.lock.lock();
             guard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
             let shard = &*guard;
-            let generation = shard.table.generation();
-            if cursor.slot == 0 || cursor.generation != generation {
-                (cursor.slot, cursor.generation) = (0, generation);
+            let table = &shard.table;
+            if cursor.slot > 0 && cursor.generation != table.generation() {
+                // Rebuilt since the last step. Every key not exported yet sat at or after
+                // the cursor, so its home was at most `max_probe` before it; homes are the
+                // top bits of one hash, so they keep their place in a table of another
+                // size: resume where those homes now start (keys exported twice are
+                // harmless), and take the keys that wrap around the end at the end.
+                let from = cursor.slot.saturating_sub(cursor.max_probe) as u128;
+                cursor.slot = (from * table.capacity() as u128 / cursor.capacity.max(1) as u128) as usize;
+                cursor.resumed = true;
             }
+            (cursor.generation, cursor.capacity, cursor.max_probe) = (table.generation(), table.capacity(), table.max_probe());
             let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
-            while cursor.slot < shard.table.capacity() {
+            while cursor.slot < table.capacity() {
                 if out.len() - start >= budget {
                     return false;
                 }
-                let e = shard.table.entry(cursor.slot);
+                let e = table.entry(cursor.slot);
                 cursor.slot += 1;
                 if let Some(e) = e.filter(|e| select(e.key)) {
                     shard.export_entry(e, now, out);
                 }
             }
-            (cursor.shard, cursor.slot) = (cursor.shard + 1, 0);
+            if cursor.resumed {
+                // The run of keys at the start whose homes are at the end.
+                for i in (0..table.capacity()).take_while(|&i| table.entry(i).is_some()) {
+                    if let Some(e) = table.entry(i).filter(|e| table.wrapped(i) && select(e.key)) {
+                        shard.export_entry(e, now, out);
+                    }
+                }
+            }
+            *cursor = ExportCursor { shard: cursor.shard + 1, ..ExportCursor::default() };
         }
         true
     }
@@ -2249,5 +2273,46 @@ mod tests {
         }
         assert!(s.merge(1, b0, 17, 9, T0).unwrap());
         assert_eq!(admitted(&s, 1, T0 + 200, 10), 1, "9 of 10 counted two buckets later");
+    }
+
+    /// A step-wise export gets every key present throughout, and ends, however often the
+    /// tables are rebuilt between its steps: shrunk (a sweep dropping expired keys), kept
+    /// (a sweep dropping none) or grown (new keys).
+    #[test]
+    fn a_step_wise_export_gets_every_key_however_often_tables_are_rebuilt() {
+        let t1 = T0 + 3_000;
+        for keys_per_step in [0u64, 40, 150] {
+            let tol = Tolerances { max_age_ms: 100, max_skew_ms: 2_000 };
+            let s = Store::new(4, KeyCap::new(1_000_000), tol, 7, Quota::new(10, Duration::from_secs(1)).unwrap(), Strategy::FixedWindow);
+            let key = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            // 20,000 keys that expire before the export's first sweep, then 5,000 to export.
+            for k in 10_000..30_000 {
+                assert!(s.admit(key(k), T0, T0, None, None).unwrap());
+            }
+            let keys: Vec<u64> = (1..=5_000u64).map(key).collect();
+            for &k in &keys {
+                assert!(s.admit(k, t1, t1, None, None).unwrap());
+            }
+            let (mut cursor, mut seen, mut steps, mut fresh) = (ExportCursor::default(), std::collections::BTreeSet::new(), 0, 100_000u64);
+            loop {
+                let mut out = Vec::new();
+                let done = s.export_from(&mut cursor, 100, t1, |_| true, &mut out);
+                seen.extend(out.iter().map(|e| e.key));
+                steps += 1;
+                assert!(steps < 2_000, "the export ends");
+                if done {
+                    break;
+                }
+                // Every table is rebuilt between steps (the first sweep shrinks them), and
+                // grows with new keys.
+                s.sweep(t1);
+                for _ in 0..keys_per_step {
+                    fresh += 1;
+                    s.admit(key(fresh), t1, t1, None, None).unwrap();
+                }
+            }
+            let missed = keys.iter().filter(|k| !seen.contains(k)).count();
+            assert_eq!(missed, 0, "{keys_per_step} new keys a step: {missed} keys never exported in {steps} steps");
+        }
     }
 }

@@ -38,6 +38,8 @@ pub(crate) struct Table {
     seed: u64,
     /// Bumped by every rebuild: slot indices of an older generation mean nothing now.
     generation: u64,
+    /// The farthest any key of this generation sits from its home slot.
+    max_probe: usize,
 }
 
 impl Table {
@@ -125,17 +127,33 @@ impl Table {
     pub(crate) fn insert_new_at(&mut self, slot: Entry) -> usize {
         debug_assert!(!self.is_full() && slot.key != EMPTY);
         self.len += 1;
-        Self::place(&mut self.slots, self.seed, slot)
+        let (i, probe) = Self::place(&mut self.slots, self.seed, slot);
+        self.max_probe = self.max_probe.max(probe);
+        i
     }
 
-    fn place(slots: &mut [Entry], seed: u64, slot: Entry) -> usize {
+    /// Puts `slot` in the first free slot from its home; returns where, and how far
+    /// from home.
+    fn place(slots: &mut [Entry], seed: u64, slot: Entry) -> (usize, usize) {
         let mask = slots.len() - 1;
-        let mut i = Self::home(seed, slot.key, slots.len());
+        let home = Self::home(seed, slot.key, slots.len());
+        let mut i = home;
         while slots[i].key != EMPTY {
             i = (i + 1) & mask;
         }
         slots[i] = slot;
-        i
+        (i, i.wrapping_sub(home) & mask)
+    }
+
+    /// The farthest any key sits from its home slot (see [`entry`](Self::entry)): a key
+    /// in slot `i` has its home in `i - max_probe ..= i` (around the end).
+    pub(crate) fn max_probe(&self) -> usize {
+        self.max_probe
+    }
+
+    /// Whether the key in slot `i` wrapped around the end: its home is after `i`.
+    pub(crate) fn wrapped(&self, i: usize) -> bool {
+        self.entry(i).is_some_and(|e| Self::home(self.seed, e.key, self.slots.len()) > i)
     }
 
     /// Bytes held by the slot array.
@@ -171,8 +189,10 @@ impl Table {
         }
         let capacity = ((survivors.len() + 1) * 2).next_power_of_two().max(MIN_CAPACITY);
         let mut slots = Slots::zeroed(capacity);
+        self.max_probe = 0;
         for s in &survivors {
-            Self::place(&mut slots, self.seed, *s);
+            let (_, probe) = Self::place(&mut slots, self.seed, *s);
+            self.max_probe = self.max_probe.max(probe);
         }
         self.len = survivors.len();
         self.slots = slots;

@@ -259,7 +259,7 @@ fn a_repair_of_keys_packed_into_one_shard_is_exported_in_bounded_steps() {
     let mut n = node(1, &[2], 10);
     n.handle_message(2, &testing::counts(replica(2, 1), &[]).unwrap(), T0).unwrap();
     drain(&mut n);
-    // 100,000 keys whose shard bits (40 and up) are all zero: one shard of the 64.
+    // 100,000 keys whose shard bits (40 to 45) are all zero: one shard of the 64.
     for m in 0..25u64 {
         let entries = (0..4_000u64).map(|i| (((m * 4_000 + i + 1) << 46) | 1, 1)).collect();
         let batch = CountsBatch { replica: replica(2, 1), window_ms: 1000, window: W0, entries };
