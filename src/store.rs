@@ -833,6 +833,9 @@ pub(crate) struct Exported {
     pub count: u64,
 }
 
+/// Table slots one step of [`Store::export_from`] may look at per count of its budget.
+const SCAN_PER_COUNT: usize = 16;
+
 /// Where a step-wise export ([`Store::export_from`]) stopped: the shard, the table slot
 /// in it, and what that slot index means: the table's generation, size and farthest
 /// probe when the cursor last saw it.
@@ -1308,7 +1311,9 @@ impl Store {
     /// `out` holds at least `budget` more counts (one key's counts are never split) or the
     /// store ends; advances `cursor`. Returns whether the store is done. Lets the gossip
     /// core export in bounded steps across rounds, however the keys fall in shards: a
-    /// shard's lock is held for at most `budget` counts plus one key's. A shard whose
+    /// shard's lock is held for at most `budget` counts plus one key's, and a step looks
+    /// at most at 16 × `budget` table slots (plus the run of keys that wrap around the
+    /// end of a resumed shard), however few of them `select` takes. A shard whose
     /// table was rebuilt since the cursor stopped in it is resumed where the keys not yet
     /// exported now sit, so every key present throughout is exported, and the export ends
     /// however often tables are rebuilt.
@@ -1322,6 +1327,9 @@ impl Store {
     ) -> bool {
         let start = out.len();
         let track = self.track_changes.load(Ordering::Relaxed);
+        // Slots a step may look at, exported or not: a selection that skips most keys (a
+        // repair of one bucket) must not turn a step into a pass over the whole store.
+        let mut scan_left = budget.saturating_mul(SCAN_PER_COUNT).max(1);
         while let Some(s) = self.shards.get(cursor.shard) {
             let mut guard = s.0.lock.lock();
             guard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
@@ -1340,9 +1348,10 @@ impl Store {
             (cursor.generation, cursor.capacity, cursor.max_probe) = (table.generation(), table.capacity(), table.max_probe());
             let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
             while cursor.slot < table.capacity() {
-                if out.len() - start >= budget {
+                if out.len() - start >= budget || scan_left == 0 {
                     return false;
                 }
+                scan_left -= 1;
                 let e = table.entry(cursor.slot);
                 cursor.slot += 1;
                 if let Some(e) = e.filter(|e| select(e.key)) {
@@ -2314,5 +2323,29 @@ mod tests {
             let missed = keys.iter().filter(|k| !seen.contains(k)).count();
             assert_eq!(missed, 0, "{keys_per_step} new keys a step: {missed} keys never exported in {steps} steps");
         }
+    }
+
+    /// A step looks at a bounded number of table slots even when the selection takes
+    /// none of them (a repair of a bucket this node has no keys in).
+    #[test]
+    fn a_step_wise_export_that_selects_nothing_still_stops_at_its_scan_budget() {
+        let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
+        let s = Store::new(4, KeyCap::new(1_000_000), tol, 7, Quota::new(10, Duration::from_secs(1)).unwrap(), Strategy::FixedWindow);
+        for k in 1..=50_000u64 {
+            assert!(s.admit(k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, T0, T0, None, None).unwrap());
+        }
+        let (mut cursor, mut steps) = (ExportCursor::default(), 0);
+        let slots: usize = s.shards.iter().map(|sh| sh.0.lock.lock().table.capacity()).sum();
+        loop {
+            let mut out = Vec::new();
+            let done = s.export_from(&mut cursor, 100, T0, |_| false, &mut out);
+            assert!(out.is_empty());
+            steps += 1;
+            if done {
+                break;
+            }
+        }
+        let least = slots.div_ceil(100 * SCAN_PER_COUNT);
+        assert!((least..=least + 1).contains(&steps), "{steps} steps for {slots} slots, {} a step", 100 * SCAN_PER_COUNT);
     }
 }
