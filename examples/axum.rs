@@ -3,6 +3,8 @@
 //! Run: `cargo run --example axum --features tower`, then
 //! `curl -i http://127.0.0.1:3000/` a few times (5 requests per 10 s per IP).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,18 +13,11 @@ use axum::routing::get;
 use axum::Router;
 use crdt_rate_limiter::middleware::RateLimitOutcome;
 use crdt_rate_limiter::{KeyExtractor, RateLimitLayer, RateLimiter};
+use tracing_subscriber::filter::LevelFilter;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::builder()
-                .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
-                .from_env_lossy(),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    common::init_logs(LevelFilter::INFO);
     let limiter = RateLimiter::new(5, Duration::from_secs(10))?;
     // axum puts the peer address in a `ConnectInfo<SocketAddr>` extension when served
     // with `into_make_service_with_connect_info::<SocketAddr>()` (below).

@@ -2,20 +2,15 @@
 //!
 //! Run: `cargo run --release --example basic`
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use crdt_rate_limiter::{ManualClock, Quota, RateLimiter, Strategy};
+use tracing_subscriber::filter::LevelFilter;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::builder()
-                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    common::init_logs(LevelFilter::WARN);
     let start = 1_700_000_000_000;
     let clock = ManualClock::new(start);
     for strategy in [Strategy::FixedWindow, Strategy::SlidingWindow, Strategy::TokenBucket] {

@@ -5,6 +5,8 @@
 //! cargo run --release --example certs -- --help
 //! ```
 
+mod common;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use crdt_rate_limiter::transport::certs;
 use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::EnvFilter;
 
 /// Writes a cluster CA and one certificate per node name:
 /// DIR/ca.pem, DIR/ca.key (the cluster CA certificate and private key) and
@@ -101,11 +102,7 @@ fn run(args: Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::builder().with_default_directive(LevelFilter::WARN.into()).from_env_lossy())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    common::init_logs(LevelFilter::WARN);
     let mut seen = std::collections::HashSet::new();
     args.names.retain(|n| seen.insert(n.clone()));
     match run(args) {

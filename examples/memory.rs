@@ -12,11 +12,14 @@
 //!
 //! Key strings are generated on the fly and dropped.
 
+mod common;
+
 use std::time::Duration;
 
 use crdt_rate_limiter::counter::ReplicaId;
 use crdt_rate_limiter::gossip::PeerId;
 use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter};
+use tracing_subscriber::filter::LevelFilter;
 
 fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -62,15 +65,7 @@ fn usage() -> ! {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::builder()
-                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    common::init_logs(LevelFilter::WARN);
     let mut args = std::env::args().skip(1);
     let keys: usize = match args.next().map(|a| a.parse()) {
         None => 1_000_000,

@@ -28,6 +28,8 @@
 //! or by default one derived from the cluster CA certificate, which every member shares.
 //! `RUST_LOG` sets the log filter (default `info`), for example `RUST_LOG=crdt_rate_limiter=debug`.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
@@ -48,7 +50,6 @@ use crdt_rate_limiter::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::EnvFilter;
 
 /// An HTTP service node: axum, the rate-limit middleware, a cluster member over QUIC.
 #[derive(Parser, Debug)]
@@ -146,11 +147,7 @@ struct App {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env_lossy())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    common::init_logs(LevelFilter::INFO);
     if let Err(e) = run(args).await {
         eprintln!("node: {e}");
         std::process::exit(1);
