@@ -224,12 +224,12 @@ fn a_restarted_node_takes_a_new_incarnation_and_does_not_hand_out_a_second_quota
     assert!(c.converged());
 }
 
-#[test]
-fn anti_entropy_repairs_what_a_dropped_delta_lost() {
-    let mut c = Cluster::new(&[1, 2], 100, Admission::Optimistic);
+/// Node 1 counts 5 for one client while every message from it is lost (for less than the
+/// suspicion timeout, so the link stays "up" and no full sync is triggered); anti-entropy,
+/// every 10 rounds (200 ms), repairs it. Returns the converged cluster.
+fn lose_a_delta_then_repair(strategy: Strategy) -> Cluster {
+    let mut c = Cluster::with_strategy(&[1, 2], 100, Admission::Optimistic, strategy);
     c.run_until(T0 + 50);
-    // Every message from node 1 is lost for a while, but the link stays "up" (shorter
-    // than the suspicion timeout), so no full sync is triggered.
     c.cut = vec![1];
     for _ in 0..5 {
         c.allow(1, "client");
@@ -238,9 +238,14 @@ fn anti_entropy_repairs_what_a_dropped_delta_lost() {
     c.cut.clear();
     c.run_until(T0 + 90);
     assert!(!c.converged(), "the delta was lost and nothing has changed since");
-    // Anti-entropy runs every 10 rounds (200 ms).
     c.run_until(T0 + 500);
     assert!(c.converged());
+    c
+}
+
+#[test]
+fn anti_entropy_repairs_what_a_dropped_delta_lost() {
+    let c = lose_a_delta_then_repair(Strategy::FixedWindow);
     assert_eq!(c.state(2).iter().map(|e| e.count).sum::<u64>(), 5);
 }
 
@@ -429,18 +434,7 @@ fn two_nodes_converge_on_the_sliding_logs_bucket_counts() {
 
 #[test]
 fn anti_entropy_repairs_a_lost_sliding_log_bucket() {
-    let mut c = Cluster::with_strategy(&[1, 2], 100, Admission::Optimistic, Strategy::SlidingLog);
-    c.run_until(T0 + 50);
-    c.cut = vec![1];
-    for _ in 0..5 {
-        c.allow(1, "client");
-    }
-    c.run_until(T0 + 70);
-    c.cut.clear();
-    c.run_until(T0 + 90);
-    assert!(!c.converged(), "the delta was lost and nothing has changed since");
     // The lost bucket is older than the previous one before anti-entropy runs.
-    c.run_until(T0 + 500);
-    assert!(c.converged());
+    let c = lose_a_delta_then_repair(Strategy::SlidingLog);
     assert_eq!(c.state(2).iter().map(|e| (e.window, e.count)).collect::<Vec<_>>(), vec![(T0 / 100, 5)]);
 }
