@@ -1005,8 +1005,7 @@ impl Store {
     /// above stays small).
     #[inline(never)]
     fn decide_locked(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<Verdict, Error> {
-        let lease = quota.is_none();
-        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate, lease)
+        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::evaluate)
     }
 
     /// Like [`decide`](Self::decide) but computes only whether to admit.
@@ -1015,15 +1014,14 @@ impl Store {
     /// decided without the lock while its thread's lease lasts (see the module doc).
     #[inline]
     pub(crate) fn admit(&self, key: u64, ts_ms: i64, now_ms: i64, quota: Option<&Quota>, budget: Option<&Budget>) -> Result<bool, Error> {
-        let lease = quota.is_none();
-        if lease {
+        if quota.is_none() {
             if let Some(cell) = self.shard(key.max(1)).hot.0.get() {
                 if let Some(v) = cell.try_admit(key.max(1), ts_ms, budget.map(|b| b.round)) {
                     return Ok(v);
                 }
             }
         }
-        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::admits, lease)
+        self.decide_with(key, ts_ms, now_ms, quota, budget, algorithm::admits)
     }
 
     /// The oldest window a request accepted at `now_ms` can fall in: keys whose newest
@@ -1053,7 +1051,6 @@ impl Store {
     }
 
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     fn decide_with<V: Outcome>(
         &self,
         key: u64,
@@ -1062,8 +1059,9 @@ impl Store {
         quota: Option<&Quota>,
         budget: Option<&Budget>,
         f: fn(Strategy, &Quota, Counts, u64) -> V,
-        lease: bool,
     ) -> Result<V, Error> {
+        // Leases serve the store's own quota only.
+        let lease = quota.is_none();
         let key = key.max(1);
         let track = self.track_changes.load(Ordering::Relaxed);
         let cell = self.shard(key);
