@@ -268,6 +268,12 @@ impl RateLimiter {
     /// [`check`](Self::check) to see why.
     #[inline]
     pub fn allow(&self, client: &str, timestamp_ms: i64) -> bool {
+        self.allow_at(client, Some(timestamp_ms))
+    }
+
+    /// [`allow`](Self::allow) at `timestamp_ms`, or (`None`) at the clock's reading.
+    #[inline]
+    fn allow_at(&self, client: &str, timestamp_ms: Option<i64>) -> bool {
         #[cfg(feature = "metrics")]
         return crate::metrics::sampled(|| self.allow_inner(client, timestamp_ms));
         #[cfg(not(feature = "metrics"))]
@@ -275,7 +281,7 @@ impl RateLimiter {
     }
 
     #[inline]
-    fn allow_inner(&self, client: &str, timestamp_ms: i64) -> bool {
+    fn allow_inner(&self, client: &str, timestamp_ms: Option<i64>) -> bool {
         match self.validate(client.as_bytes(), timestamp_ms) {
             Ok((key, ts, now, local)) => match self.override_of(key) {
                 None => self.inner.store.admit(key, ts, now, None, self.budget(local).as_ref()).unwrap_or(false),
@@ -366,6 +372,12 @@ impl RateLimiter {
     /// [`Error::TimestampInFuture`], [`Error::KeyCapacity`].
     #[inline]
     pub fn check(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
+        self.check_at(client, Some(timestamp_ms))
+    }
+
+    /// [`check`](Self::check) at `timestamp_ms`, or (`None`) at the clock's reading.
+    #[inline]
+    fn check_at(&self, client: &str, timestamp_ms: Option<i64>) -> Result<Decision, Error> {
         #[cfg(feature = "metrics")]
         return crate::metrics::sampled(|| self.check_inner(client, timestamp_ms));
         #[cfg(not(feature = "metrics"))]
@@ -373,7 +385,7 @@ impl RateLimiter {
     }
 
     #[inline]
-    fn check_inner(&self, client: &str, timestamp_ms: i64) -> Result<Decision, Error> {
+    fn check_inner(&self, client: &str, timestamp_ms: Option<i64>) -> Result<Decision, Error> {
         let (key, ts, now, local) = self.validate(client.as_bytes(), timestamp_ms)?;
         if let Some(q) = self.override_of(key) {
             return self.decide_override(key, q, ts, now, local);
@@ -389,7 +401,7 @@ impl RateLimiter {
     /// [`allow`](Self::allow) at the limiter's own clock ([`now_ms`](Self::now_ms)).
     #[inline]
     pub fn allow_now(&self, client: &str) -> bool {
-        self.allow(client, self.now_ms())
+        self.allow_at(client, None)
     }
 
     /// [`check`](Self::check) at the limiter's own clock ([`now_ms`](Self::now_ms)).
@@ -397,7 +409,7 @@ impl RateLimiter {
     /// # Errors
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::KeyCapacity`].
     pub fn check_now(&self, client: &str) -> Result<Decision, Error> {
-        self.check(client, self.now_ms())
+        self.check_at(client, None)
     }
 
     /// Decides a request from `client` now, against `limit` per `window` given with the
@@ -420,9 +432,7 @@ impl RateLimiter {
         let local = self.inner.clock.now_ms();
         let now = self.observe(local.saturating_add(self.cluster_offset_ms()));
         let key = self.validate_key(client.as_bytes())?;
-        let store = self.store_for_window(quota)?;
-        let v = store.decide(key, now, now, Some(&quota), self.budget(local).as_ref())?;
-        Ok(Decision::from_verdict(v, quota))
+        self.decide_override(key, quota, now, now, local)
     }
 
     /// The store for `quota`'s window, whoever asks (a client's override, `allow_with`):
@@ -463,14 +473,16 @@ impl RateLimiter {
         Ok(self.inner.hasher.hash(client))
     }
 
-    /// Checks the id and the timestamp; returns the key hash, the timestamp and the
-    /// clock's reading on cluster time (both plus the cluster offset), and the clock's own
-    /// reading. The tolerances compare the timestamp with the clock, as given.
+    /// Checks the id and the timestamp (`None`: the clock's reading, read once); returns
+    /// the key hash, the timestamp and the clock's reading on cluster time (both plus the
+    /// cluster offset), and the clock's own reading. The tolerances compare the timestamp
+    /// with the clock, as given.
     #[inline]
-    fn validate(&self, client: &[u8], timestamp_ms: i64) -> Result<(u64, i64, i64, i64), Error> {
+    fn validate(&self, client: &[u8], timestamp_ms: Option<i64>) -> Result<(u64, i64, i64, i64), Error> {
         let key = self.validate_key(client)?;
         let inner = &*self.inner;
         let now_ms = inner.clock.now_ms();
+        let timestamp_ms = timestamp_ms.unwrap_or(now_ms);
         let delta = i128::from(timestamp_ms) - i128::from(now_ms);
         let Tolerances { max_age_ms, max_skew_ms } = inner.tolerances;
         if delta < -i128::from(max_age_ms) {
