@@ -1300,9 +1300,8 @@ impl Store {
     /// Appends every non-zero count of the keys `select` accepts — local and remote, for
     /// every retained window — to `out`. Locks one shard at a time, while it copies.
     pub(crate) fn export(&self, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
-        for i in 0..self.shards.len() {
-            self.export_shard(i, now_ms, &select, out);
-        }
+        // One step without a budget: every shard, one lock at a time.
+        self.export_from(&mut ExportCursor::default(), usize::MAX, now_ms, select, out);
     }
 
     /// [`Store::export`] of the keys from `cursor` on, in shard and table order, until
@@ -1367,18 +1366,6 @@ impl Store {
             *cursor = ExportCursor { shard: cursor.shard + 1, ..ExportCursor::default() };
         }
         true
-    }
-
-    /// [`Store::export`] of shard `i` only (none past the last).
-    fn export_shard(&self, i: usize, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
-        let Some(s) = self.shards.get(i) else { return };
-        let track = self.track_changes.load(Ordering::Relaxed);
-        let mut shard = s.0.lock.lock();
-        shard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
-        let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
-        for e in shard.table.slots().filter(|e| select(e.key)) {
-            shard.export_entry(e, now, out);
-        }
     }
 
     /// Drops every key that no request accepted at `now_ms` can reach; locks one shard

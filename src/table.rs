@@ -172,6 +172,7 @@ impl Table {
     }
 
     /// The occupied slots.
+    #[cfg(test)]
     pub(crate) fn slots(&self) -> impl Iterator<Item = &Entry> {
         self.slots.iter().filter(|s| s.key != EMPTY)
     }
