@@ -155,9 +155,10 @@ fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b:
         let draw = u128::from(splitmix64(view.key ^ round ^ splitmix64(b.live_index ^ 0xB0DE))) % total;
         draw < 2 * frac
     } else {
-        let given: u64 = mine + view.others.clone().filter(|&c| c > 0).map(|c| part(c + 1)).sum::<u64>() + idle_others * part(1);
-        let left = remaining.saturating_sub(given);
-        (b.live_index + splitmix64(view.key ^ u64::from(view.window).rotate_left(32))) % live < left
+        // Nobody has counted it: every live replica weighs one (the total is `live`), each
+        // gets `⌊R / live⌋`, and `R mod live` requests are left over.
+        debug_assert!(view.own == 0 && with_counts == 0);
+        (b.live_index + splitmix64(view.key ^ u64::from(view.window).rotate_left(32))) % live < remaining % live
     };
     let budget = (mine + u64::from(extra)).min(remaining);
     (budget, remaining - budget)
