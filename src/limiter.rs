@@ -737,6 +737,7 @@ pub struct Builder {
     max_keys: usize,
     shards: Option<usize>,
     hash_secret: Option<[u8; 16]>,
+    table_seed: Option<u64>,
     admission: Admission,
 }
 
@@ -758,6 +759,7 @@ impl Default for Builder {
             max_keys: DEFAULT_MAX_KEYS,
             shards: None,
             hash_secret: None,
+            table_seed: None,
             admission: Admission::default(),
         }
     }
@@ -832,6 +834,15 @@ impl Builder {
         self
     }
 
+    /// Where keys start probing in the store's tables. Default: drawn per process, so
+    /// that no peer can line keys up in one table's probe sequences. The layout changes
+    /// no decision, but a full sync or repair is sent in steps cut in table order: give a
+    /// seed (a simulator does, from its own) for runs that repeat byte for byte.
+    pub fn table_seed(mut self, seed: u64) -> Self {
+        self.table_seed = Some(seed);
+        self
+    }
+
     /// The admission policy as a cluster member. Default: [`Admission::Bounded`].
     pub fn admission(mut self, admission: Admission) -> Self {
         self.admission = admission;
@@ -873,9 +884,9 @@ impl Builder {
         let cap = KeyCap::new(self.max_keys);
         let tolerances =
             Tolerances { max_age_ms: self.max_timestamp_age.as_millis() as u64, max_skew_ms: self.max_clock_skew.as_millis() as u64 };
-        // Where keys start probing in the store's tables: per process, so no peer can
-        // line keys up. It changes no decision, only the memory layout.
-        let probe_seed = u64::from_le_bytes(KeyHasher::random_secret()[..8].try_into().unwrap_or([0; 8]));
+        // Where keys start probing in the store's tables (see `table_seed`).
+        let probe_seed =
+            self.table_seed.unwrap_or_else(|| u64::from_le_bytes(KeyHasher::random_secret()[..8].try_into().unwrap_or([0; 8])));
         Ok(RateLimiter {
             inner: Arc::new(Inner {
                 store: Arc::new(Store::new(shards, cap.clone(), tolerances, probe_seed, quota, self.strategy)),

@@ -247,7 +247,9 @@ fn admission_of(m: Mode) -> Admission {
     }
 }
 
-fn limiter(cfg: &Config, clock: &ManualClock) -> RateLimiter {
+/// A limiter for the run; `seed` places its keys in its tables (the steps of a full sync
+/// follow table order, so the run repeats only with seeds from its own).
+fn limiter(cfg: &Config, clock: &ManualClock, seed: u64) -> RateLimiter {
     let quota = Quota::new(cfg.limit, Duration::from_millis(cfg.window_ms)).expect("validated: limit and window in range");
     RateLimiter::builder()
         .quota(quota)
@@ -255,6 +257,7 @@ fn limiter(cfg: &Config, clock: &ManualClock) -> RateLimiter {
         .admission(admission_of(cfg.mode))
         .clock(clock.clone())
         .hash_secret(HASH_SECRET)
+        .table_seed(seed)
         .shards(SHARDS)
         .build()
         .expect("validated: every limiter setting in range")
@@ -287,10 +290,10 @@ impl<'a> Sim<'a> {
             .collect();
         let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms) || !cfg.clock_step.is_empty();
         let oracle_clock = ManualClock::new(start_ms);
-        let oracle = limiter(cfg, &oracle_clock);
+        let oracle = limiter(cfg, &oracle_clock, sub_seed(cfg.seed, "oracle", 0));
         let cluster_oracle = tap.then(|| {
             let clock = ManualClock::new(start_ms);
-            (limiter(cfg, &clock), clock)
+            (limiter(cfg, &clock, sub_seed(cfg.seed, "oracle", 1)), clock)
         });
         let mut clients: Vec<String> = (0..cfg.clients).map(|c| format!("client-{c}")).collect();
         let burst_client: Vec<u32> = if cfg.burst_fresh {
@@ -509,7 +512,8 @@ impl<'a> Sim<'a> {
         gcfg.interval_ms = cfg.gossip_ms;
         let peers = (1..=cfg.nodes as u64).filter(|&p| p != replica.node);
         let seed = sub_seed(cfg.seed, "node", (n as u64) << 32 | incarnation);
-        let gossip = GossipNode::new(limiter(cfg, &node.clock), gcfg, peers, seed, now_ms).expect("validated: gossip settings in range");
+        let rl = limiter(cfg, &node.clock, sub_seed(cfg.seed, "tables", (n as u64) << 32 | incarnation));
+        let gossip = GossipNode::new(rl, gcfg, peers, seed, now_ms).expect("validated: gossip settings in range");
         node.live = Some(Live { gossip, incarnation, replica, timer_ms: None, stalled: false, newest: FxMap::default() });
         let index = self.replicas.len() as u32;
         self.replicas.push(replica);
