@@ -202,6 +202,8 @@ struct Sim<'a> {
     /// With skewed clocks: an exact limiter on the median clock, and admissions per
     /// (client, window of that clock), real and ideal.
     cluster_oracle: Option<(RateLimiter, ManualClock)>,
+    /// [`median_skew`] of the nodes' clocks, kept as they step (0 without skew).
+    median_skew_ms: i64,
     admitted_cw: FxMap<(u32, i64), u64>,
     ideal_cw: FxMap<(u32, i64), u64>,
     cluster_ideal: u64,
@@ -289,6 +291,7 @@ impl<'a> Sim<'a> {
             })
             .collect();
         let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms) || !cfg.clock_step.is_empty();
+        let median_skew_ms = if tap { median_skew(&nodes) } else { 0 };
         let oracle_clock = ManualClock::new(start_ms);
         let oracle = limiter(cfg, &oracle_clock, sub_seed(cfg.seed, "oracle", 0));
         let cluster_oracle = tap.then(|| {
@@ -349,6 +352,7 @@ impl<'a> Sim<'a> {
             favourite,
             oracle,
             oracle_clock,
+            median_skew_ms,
             cluster_oracle,
             admitted_cw: FxMap::default(),
             ideal_cw: FxMap::default(),
@@ -380,22 +384,6 @@ impl<'a> Sim<'a> {
 
     fn true_ms(&self) -> i64 {
         self.now_us.div_euclid(1000)
-    }
-
-    /// The median of the nodes' clock offsets from true time (for an even count, the mean
-    /// of the middle two): where cluster time converges. 0 without skew.
-    fn median_skew_ms(&self) -> i64 {
-        if self.cluster_oracle.is_none() {
-            return 0;
-        }
-        let mut k: Vec<i64> = self.nodes.iter().map(|n| n.skew_ms).collect();
-        k.sort_unstable();
-        let n = k.len();
-        if n % 2 == 1 {
-            k[n / 2]
-        } else {
-            (k[n / 2 - 1] + k[n / 2]).div_euclid(2)
-        }
     }
 
     /// Node `n`'s clock now (virtual time plus its skew), also set on its limiter.
@@ -477,6 +465,9 @@ impl<'a> Sim<'a> {
                     // The timer in flight fires at its old true time: early or late in
                     // the node's new time, which `timer` and `flush` handle.
                     self.nodes[n].skew_ms += delta;
+                    if self.cluster_oracle.is_some() {
+                        self.median_skew_ms = median_skew(&self.nodes);
+                    }
                     self.node_ms(n);
                 }
                 Event::Restart(n) => {
@@ -695,7 +686,7 @@ impl<'a> Sim<'a> {
             self.ideal += 1;
             *self.ideal_tw.entry((client, true_window)).or_default() += 1;
         }
-        let median_ms = true_ms + self.median_skew_ms();
+        let median_ms = true_ms + self.median_skew_ms;
         let median_window = median_ms.div_euclid(self.window_ms);
         if let Some((oracle, clock)) = &self.cluster_oracle {
             clock.set_ms(median_ms);
@@ -1163,5 +1154,18 @@ fn describe_difference(a: usize, sa: &[StateEntry], b: usize, sb: &[StateEntry])
             (Some(x), None) => return format!("node {a} holds {} for {}, node {b} nothing", x.count, show(x)),
             (None, None) => return String::new(),
         }
+    }
+}
+
+/// The median of the nodes' clock offsets from true time (for an even count, the mean of
+/// the middle two): where cluster time converges.
+fn median_skew(nodes: &[Node]) -> i64 {
+    let mut k: Vec<i64> = nodes.iter().map(|n| n.skew_ms).collect();
+    k.sort_unstable();
+    let n = k.len();
+    if n % 2 == 1 {
+        k[n / 2]
+    } else {
+        (k[n / 2 - 1] + k[n / 2]).div_euclid(2)
     }
 }
