@@ -315,7 +315,7 @@ pub(crate) fn entry_len(e: &WireEntry) -> usize {
 pub(crate) fn largest_legal_messages() -> Vec<(&'static str, Vec<u8>)> {
     use crate::limits::{ClientOverride, LimitsConfig, QuotaSpec};
     let from = ReplicaId { node: u64::MAX, incarnation: u64::MAX };
-    let try_env = |body| encode(&Envelope { version: WIRE_VERSION, from, body });
+    let try_env = |body| encode(&Envelope::new(from, body));
     let env = |body| try_env(body).expect("a legal message encodes");
     let max = u64::from(u32::MAX);
     let spec = QuotaSpec { limit: max, window_ms: max, burst: Some(max) };
@@ -446,7 +446,7 @@ mod tests {
         let bytes = encode(&sample()).unwrap();
         assert_eq!(decode(&bytes[..bytes.len() - 1]), Err(DecodeError::Malformed(Malformed::Truncated)));
         let from = ReplicaId { node: 1, incarnation: 1 };
-        let ping = |t| encode(&Envelope { version: WIRE_VERSION, from, body: Body::Ping { sent_at_ms: t, echo: None } }).unwrap();
+        let ping = |t| encode(&Envelope::new(from, Body::Ping { sent_at_ms: t, echo: None })).unwrap();
         // The last byte is the tag of `echo`'s option: 7 is neither None nor Some.
         let mut bad_tag = ping(0);
         *bad_tag.last_mut().unwrap() = 7;

@@ -348,14 +348,21 @@ struct Peer {
     sync_lossy: bool,
 }
 
-/// A repair or a full sync being exported in chunks: which store, which (replica, bucket
-/// mask) pairs (`None`: a full sync, every count), and the next shard.
+/// A repair or a full sync being exported in steps: which store, which (replica, bucket
+/// mask) pairs (`None`: a full sync, every count), and where the export stopped.
 #[derive(Debug, Clone)]
 struct RepairJob {
     window_ms: u64,
     wanted: Option<BTreeMap<ReplicaId, u8>>,
     /// Where the export stopped.
     cursor: ExportCursor,
+}
+
+impl RepairJob {
+    /// A full sync's export of the store for `window_ms`.
+    fn full_sync(window_ms: u64) -> Self {
+        Self { window_ms, wanted: None, cursor: ExportCursor::default() }
+    }
 }
 
 /// A remote replica this node keeps counts for.
@@ -909,8 +916,7 @@ impl GossipNode {
 
     /// Moves the cluster offset toward the peers' median clock and names every clock
     /// (this node's included) that is further from cluster time than the tolerance.
-    fn update_cluster_time(&mut self) {
-        let live: Vec<PeerId> = self.live_peers().collect();
+    fn update_cluster_time(&mut self, live: &[PeerId]) {
         let before = self.clock.offset_ms();
         let u = self.clock.update(live.iter().copied());
         if self.cfg.cluster_time {
@@ -936,7 +942,7 @@ impl GossipNode {
             self.own_clock_beyond = own;
             self.replica.set_clock_beyond(own);
         }
-        for p in live {
+        for &p in live {
             let off = self.clock.peer_offset(p).map(|(o, _)| o - u.offset_ms);
             let beyond = off.is_some_and(|o| o.abs() > tolerance);
             if beyond && self.clocks_beyond.insert(p) {
@@ -982,9 +988,9 @@ impl GossipNode {
             self.reclaim_replicas(now_ms);
         }
         self.update_liveness(now_ms);
-        self.update_cluster_time();
-        self.broadcast_limits();
         let live: Vec<PeerId> = self.live_peers().collect();
+        self.update_cluster_time(&live);
+        self.broadcast_limits();
         self.send_deltas(&live, now_ms);
         if period_start || self.round == self.last_active_round + 2 {
             self.anti_entropy(&live, now_ms);
@@ -1270,7 +1276,7 @@ impl GossipNode {
         p.last_sync_answered_ms = Some(now_ms);
         p.sync_lossy = false;
         p.jobs.clear();
-        p.jobs.extend(windows.into_iter().map(|window_ms| RepairJob { window_ms, wanted: None, cursor: ExportCursor::default() }));
+        p.jobs.extend(windows.into_iter().map(RepairJob::full_sync));
         self.stats.full_syncs_sent += 1;
         self.step_repairs(to, now_ms);
     }
@@ -1456,7 +1462,7 @@ impl GossipNode {
         }
         if sync_done && std::mem::take(&mut p.sync_lossy) {
             // Part of it never left: send it all again rather than announce it complete.
-            p.jobs.extend(windows.into_iter().map(|window_ms| RepairJob { window_ms, wanted: None, cursor: ExportCursor::default() }));
+            p.jobs.extend(windows.into_iter().map(RepairJob::full_sync));
         } else if sync_done {
             self.push_event(Event::FullSyncSent { peer: to });
         }

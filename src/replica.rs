@@ -110,9 +110,9 @@ impl Replica {
     }
 
     /// Every non-zero count of the store for `window_ms` whose key `select` accepts,
-    /// appended to `out`; false if there is no such store.
-    pub(crate) fn export(&self, window_ms: u64, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) -> bool {
-        self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, select, out)).is_some()
+    /// appended to `out` (nothing if there is no such store).
+    pub(crate) fn export(&self, window_ms: u64, now_ms: i64, select: impl Fn(u64) -> bool, out: &mut Vec<Exported>) {
+        self.limiter.with_existing_store(window_ms, |s| s.export(now_ms, select, out));
     }
 
     /// [`export`](Self::export) from `cursor` on until `out` holds at least `budget`
@@ -132,7 +132,7 @@ impl Replica {
 
     /// Merges counts of replica index `replica` into the store for `window_ms`: each
     /// `(key, window, count)` of `entries`, with `on` told of each outcome (`Ok(true)`:
-    /// the count grew). False if there is no such store (nothing is merged).
+    /// the count grew); nothing is merged if there is no such store.
     pub(crate) fn merge(
         &self,
         window_ms: u64,
@@ -140,14 +140,12 @@ impl Replica {
         now_ms: i64,
         entries: impl Iterator<Item = (u64, i64, u64)>,
         mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
-    ) -> bool {
-        self.limiter
-            .with_existing_store(window_ms, |store| {
-                for (key, window, count) in entries {
-                    on((key, window, count), store.merge(key, window, replica, count, now_ms));
-                }
-            })
-            .is_some()
+    ) {
+        self.limiter.with_existing_store(window_ms, |store| {
+            for (key, window, count) in entries {
+                on((key, window, count), store.merge(key, window, replica, count, now_ms));
+            }
+        });
     }
 
     /// The windows of the store for `window_ms` a count may still be merged for, at

@@ -2,7 +2,7 @@
 //! `testing` feature. Not a stable API: it exists so that tests can build any message a
 //! misbehaving member could send, and so that the fuzzers run the production decoders.
 
-use crate::codec::{self, Batch, Body, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS, WIRE_VERSION};
+use crate::codec::{self, Batch, Body, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS};
 use crate::codec::{DecodeError, EncodeError};
 use crate::counter::ReplicaId;
 use crate::limits::{LimitsConfig, LimitsVersion};
@@ -24,7 +24,7 @@ pub fn reencode(bytes: &[u8]) -> Option<Vec<u8>> {
 /// Every message builder below fails with [`EncodeError::TooLarge`] past
 /// [`MAX_DECODE_BYTES`](crate::codec::MAX_DECODE_BYTES), which no member accepts.
 fn env(from: ReplicaId, body: Body) -> Result<Vec<u8>, EncodeError> {
-    codec::encode(&Envelope { version: WIRE_VERSION, from, body })
+    codec::encode(&Envelope::new(from, body))
 }
 
 /// One batch of counts: the replica that made them, the window length, the window, and

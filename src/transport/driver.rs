@@ -216,6 +216,13 @@ struct SeedEntry {
     dial: Backoff,
 }
 
+impl SeedEntry {
+    /// A seed not dialled yet.
+    fn new(addr: SocketAddr) -> Self {
+        Self { addr, peer: None, is_self: false, failed_once: false, refused: None, dial: Backoff::now() }
+    }
+}
+
 struct ConnEntry {
     conn: Connection,
     peer: PeerId,
@@ -356,10 +363,7 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             seed_addrs.push(addr);
         }
     }
-    let seeds = seed_addrs
-        .iter()
-        .map(|&addr| SeedEntry { addr, peer: None, is_self: false, failed_once: false, refused: None, dial: Backoff::now() })
-        .collect();
+    let seeds = seed_addrs.iter().map(|&addr| SeedEntry::new(addr)).collect();
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             node,
@@ -734,30 +738,20 @@ impl State {
             }
             Event::Closed { conn, reason } => self.closed(sh, conn, reason),
             Event::AddSeed(addr) => {
-                if self.seeds.len() >= MAX_SEEDS && !self.seeds.iter().any(|s| s.addr == addr) {
+                if self.seeds.iter().any(|s| s.addr == addr) {
+                    return;
+                }
+                if self.seeds.len() >= MAX_SEEDS {
                     // Names re-resolved as instances come and go: make room by forgetting a
                     // seed that never answered, or skip this one.
-                    match self.seeds.iter().position(|s| s.failed_once && s.peer.is_none() && !s.is_self) {
-                        Some(i) => {
-                            self.seeds.remove(i);
-                        }
-                        None => {
-                            tracing::warn!(%addr, max = MAX_SEEDS, "seed not added: the most seeds are known");
-                            return;
-                        }
-                    }
+                    let Some(i) = self.seeds.iter().position(|s| s.failed_once && s.peer.is_none() && !s.is_self) else {
+                        tracing::warn!(%addr, max = MAX_SEEDS, "seed not added: the most seeds are known");
+                        return;
+                    };
+                    self.seeds.remove(i);
                 }
-                if !self.seeds.iter().any(|s| s.addr == addr) {
-                    self.seeds.push(SeedEntry {
-                        addr,
-                        peer: None,
-                        is_self: false,
-                        failed_once: false,
-                        refused: None,
-                        dial: Backoff::now(),
-                    });
-                    let _ = sh.joined.send_replace(false);
-                }
+                self.seeds.push(SeedEntry::new(addr));
+                let _ = sh.joined.send_replace(false);
             }
             Event::Shutdown(_) => {}
         }
