@@ -2,10 +2,10 @@
 //!
 //! One task (`run`) owns the decisions: it holds the [`State`] lock while it handles
 //! one event — a connection up, a frame or datagram in, a connection closed, a dial
-//! result, a timer — and routes what the core polls out. Per connection, four tasks:
-//! datagram reader, stream reader, stream writer (it owns the connection's one outgoing
-//! stream and drains a bounded queue), and a watcher that reports the close. The accept
-//! task caps and times incoming handshakes. No lock is held across an `.await`.
+//! result, a timer — and routes what the core polls out. Per connection, two tasks: a
+//! reader (datagrams and the peer's stream, then the close, in that order) and the
+//! stream writer (it owns the connection's one outgoing stream and drains a bounded
+//! queue). The accept task caps and times incoming handshakes. No lock is held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -1034,11 +1034,7 @@ impl State {
         let close_code = Arc::new(AtomicU32::new(close::REPLACED.into_inner() as u32));
         let hello = sh.hello(if outgoing { seq } else { 0 });
         let writer = tokio::spawn(write_stream(conn.clone(), hello, rx, close_code.clone()));
-        let tasks = vec![
-            sh.spawn(read_datagrams(sh.clone(), conn.clone(), conn_id)),
-            sh.spawn(read_streams(sh.clone(), conn.clone(), conn_id)),
-            sh.spawn(watch_close(sh.clone(), conn.clone(), conn_id)),
-        ];
+        let tasks = vec![sh.spawn(read_until_closed(sh.clone(), conn.clone(), conn_id))];
         tracing::debug!(peer = %name, remote = %conn.remote_address(), outgoing, "connection established");
         self.conns.insert(
             conn_id,
@@ -1450,7 +1446,12 @@ async fn write_stream(conn: Connection, hello: Frame, mut rx: mpsc::Receiver<Vec
     conn.close(code, b"retired");
 }
 
-async fn watch_close(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
+/// Runs the connection's two readers, then reports the close. One task sends both, so
+/// the node task sees every frame the peer got through before it sees the close: a
+/// leaving peer's last counts are merged before the peer is removed (and its readers
+/// aborted), never lost to a race between tasks.
+async fn read_until_closed(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
+    tokio::join!(read_datagrams(sh.clone(), conn.clone(), conn_id), read_streams(sh.clone(), conn.clone(), conn_id));
     let reason = conn.closed().await;
     let _ = sh.events.send(Event::Closed { conn: conn_id, reason }).await;
 }
