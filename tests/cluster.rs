@@ -497,7 +497,7 @@ async fn graceful_leave_removes_the_peer_at_once_and_keeps_its_counts() {
         let b_replica = b.replica();
         // Counted just before leaving: the last round carries it.
         b.shutdown().await;
-        eventually("the leave", Duration::from_millis(800), || a.live_peers().is_empty() && a.members().iter().all(|m| m.left)).await;
+        eventually("the leave", Duration::from_secs(3), || a.live_peers().is_empty() && a.members().iter().all(|m| m.left)).await;
         let held: u64 = counts_of(&a.state(), b_replica).values().sum();
         assert_eq!(held, 7);
         a.shutdown().await;
