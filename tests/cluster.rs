@@ -438,6 +438,37 @@ async fn killed_node_keeps_its_counts_and_restarts_without_a_second_quota() {
     .await;
 }
 
+/// Two members that learned of each other through a third, cut off from each other
+/// longer than `forget_after`, forget each other; the third stays connected to both and
+/// never reconnects, so only membership anti-entropy can introduce them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_that_forgot_each_other_meet_again_through_the_member_exchange() {
+    bounded(40, async {
+        let ca = Ca::new();
+        let (limit, window) = (1000u64, Duration::from_secs(60));
+        let cfg = |name: &str, seeds: &[&Cluster]| ClusterConfig {
+            forget_after: Duration::from_millis(800),
+            member_exchange: Duration::from_millis(300),
+            ..config(ca.identity(name), seeds)
+        };
+        let a = Cluster::start(limiter(limit, window), cfg("node-a", &[])).await.unwrap();
+        let b = Cluster::start(limiter(limit, window), cfg("node-b", &[&a])).await.unwrap();
+        let c = Cluster::start(limiter(limit, window), cfg("node-c", &[&a])).await.unwrap();
+        full_mesh(&[&a, &b, &c]).await;
+        assert!(b.block_peer(c.node_id()) && c.block_peer(b.node_id()));
+        let knows = |x: &Cluster, y: &Cluster| x.members().iter().any(|m| m.id == y.node_id());
+        eventually("b and c to forget each other", Duration::from_secs(15), || !knows(&b, &c) && !knows(&c, &b)).await;
+        assert_eq!(a.live_peers().len(), 2, "a stays connected to both");
+        b.heal();
+        c.heal();
+        full_mesh(&[&a, &b, &c]).await;
+        for n in [a, b, c] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_then_heal_converges_every_replica() {
     bounded(45, async {

@@ -21,7 +21,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use super::socket::{Faults, FaultySocket};
-use super::wire::{Frame, FrameDecoder, Hello, MemberEntry};
+use super::wire::{Frame, FrameDecoder, Hello, MemberEntry, MAX_MEMBERS_PER_FRAME};
 use super::{
     certs, next_incarnation, node_id, tls, ClusterConfig, ClusterError, ClusterStats, Member, Refusal, RefusalReason,
     MAX_ADDRS_PER_SEED_NAME,
@@ -89,6 +89,7 @@ struct Settings {
     stream_queue: usize,
     forget_after: Duration,
     max_dials_per_sec: u32,
+    member_exchange: Duration,
 }
 
 /// Transport counters; see [`ClusterStats`] for each.
@@ -203,6 +204,13 @@ struct PeerEntry {
     unreachable_since: Option<Instant>,
 }
 
+impl PeerEntry {
+    /// How a member list names it, once it has said who it is and where.
+    fn member(&self) -> Option<MemberEntry> {
+        self.incarnation.zip(self.addr).map(|(incarnation, addr)| MemberEntry { name: self.name.clone(), incarnation, addr })
+    }
+}
+
 #[derive(Debug)]
 struct SeedEntry {
     addr: SocketAddr,
@@ -296,6 +304,8 @@ pub(super) struct State {
     /// Dials that may start now (refilled to `max_dials_per_sec` every second).
     dial_tokens: u32,
     dial_refill_at: Instant,
+    /// When this node next sends its member list to a random member.
+    next_member_exchange: Instant,
 }
 
 /// What the handle and every task share.
@@ -376,6 +386,7 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             leaving: false,
             dial_tokens: cfg.max_dials_per_sec,
             dial_refill_at: Instant::now() + Duration::from_secs(1),
+            next_member_exchange: Instant::now() + cfg.member_exchange,
         }),
         me: Me {
             id,
@@ -395,6 +406,7 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             stream_queue: cfg.stream_queue,
             forget_after: cfg.forget_after,
             max_dials_per_sec: cfg.max_dials_per_sec,
+            member_exchange: cfg.member_exchange,
         },
         counters: Counters::default(),
         events,
@@ -857,6 +869,10 @@ impl State {
             self.dial_refill_at = now + Duration::from_secs(1);
         }
         self.forget_unreachable(sh, now);
+        if !self.leaving && !sh.settings.member_exchange.is_zero() && now >= self.next_member_exchange {
+            self.next_member_exchange = now + sh.settings.member_exchange;
+            self.exchange_members(sh);
+        }
         if !self.leaving {
             for i in 0..self.seeds.len() {
                 let s = &self.seeds[i];
@@ -1241,19 +1257,36 @@ impl State {
         self.node.add_peer(peer);
         tracing::info!(peer = %name, incarnation = h.incarnation, %addr, restarted, "peer connected");
         // Tell the newcomer who else is here, and everyone else about the newcomer.
-        let entry =
-            |p: &PeerEntry| p.incarnation.zip(p.addr).map(|(incarnation, addr)| MemberEntry { name: p.name.clone(), incarnation, addr });
-        let others: Vec<MemberEntry> =
-            self.peers.iter().filter(|(id, p)| **id != peer && p.active.is_some()).filter_map(|(_, p)| entry(p)).collect();
-        if !others.is_empty() {
-            self.send_frame(sh, peer, &Frame::Members(others));
-        }
-        if let Some(me) = self.peers.get(&peer).and_then(entry) {
+        self.send_members(sh, peer);
+        if let Some(me) = self.peers.get(&peer).and_then(PeerEntry::member) {
             let to: Vec<PeerId> = self.peers.iter().filter(|(id, p)| **id != peer && p.active.is_some()).map(|(id, _)| *id).collect();
             for other in to {
                 self.send_frame(sh, other, &Frame::Members(vec![me.clone()]));
             }
         }
+    }
+
+    /// Sends `to` every other member this node is connected to, in frames of at most
+    /// [`MAX_MEMBERS_PER_FRAME`].
+    fn send_members(&self, sh: &Shared, to: PeerId) {
+        let others: Vec<MemberEntry> =
+            self.peers.iter().filter(|(id, p)| **id != to && p.active.is_some()).filter_map(|(_, p)| p.member()).collect();
+        for frame in member_frames(others) {
+            self.send_frame(sh, to, &frame);
+        }
+    }
+
+    /// Membership anti-entropy: the member list goes to one connected member drawn at
+    /// random. Members learn of each other on connect; this repairs what that misses (an
+    /// announcement dropped on a full queue, two members that forgot each other across a
+    /// long partition while a third stayed connected to both).
+    fn exchange_members(&mut self, sh: &Shared) {
+        let connected: Vec<PeerId> = self.peers.iter().filter(|(_, p)| p.active.is_some()).map(|(id, _)| *id).collect();
+        if connected.is_empty() {
+            return;
+        }
+        let to = connected[(self.random() % connected.len() as u64) as usize];
+        self.send_members(sh, to);
     }
 
     fn members_in(&mut self, sh: &Shared, from: PeerId, list: Vec<MemberEntry>) {
@@ -1386,6 +1419,12 @@ fn prefer(new: Option<&ConnEntry>, old: &ConnEntry, me: PeerId) -> bool {
         return dialer(new) < dialer(old);
     }
     new.dial_seq > old.dial_seq
+}
+
+/// A member list as frames of at most [`MAX_MEMBERS_PER_FRAME`] entries each (none for
+/// an empty list): a list of any length arrives whole.
+fn member_frames(list: Vec<MemberEntry>) -> Vec<Frame> {
+    list.chunks(MAX_MEMBERS_PER_FRAME).map(|c| Frame::Members(c.to_vec())).collect()
 }
 
 async fn read_datagrams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {

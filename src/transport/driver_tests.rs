@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::super::wire::MemberEntry;
+use super::super::wire::{Frame, FrameDecoder, MemberEntry, MAX_MEMBERS_PER_FRAME};
 use super::super::{certs, node_id, Cluster, ClusterConfig, TlsIdentity};
-use super::get;
+use super::{get, member_frames};
 use crate::{Quota, RateLimiter};
 
 fn identity(ca: &(String, String), name: &str) -> TlsIdentity {
@@ -105,4 +105,27 @@ async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
     })
     .await
     .expect("test timed out");
+}
+
+/// A member list longer than one frame goes out whole, in frames the reader accepts (it
+/// refuses a frame of more than 256 members, and the encoder once cut the list there).
+#[test]
+fn a_member_list_of_any_length_is_sent_whole_in_frames_the_reader_accepts() {
+    let addr: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+    for n in [0, 1, MAX_MEMBERS_PER_FRAME, MAX_MEMBERS_PER_FRAME + 1, 1000] {
+        let list: Vec<MemberEntry> = (0..n).map(|i| MemberEntry { name: format!("node-{i}"), incarnation: i as u64, addr }).collect();
+        let frames = member_frames(list.clone());
+        assert_eq!(frames.len(), n.div_ceil(MAX_MEMBERS_PER_FRAME), "{n} members");
+        let mut reader = FrameDecoder::default();
+        for f in &frames {
+            reader.push(&f.encode());
+        }
+        let mut got = Vec::new();
+        while let Some(frame) = reader.next_frame().unwrap() {
+            let Frame::Members(part) = frame else { panic!("not a member list") };
+            assert!(!part.is_empty() && part.len() <= MAX_MEMBERS_PER_FRAME);
+            got.extend(part);
+        }
+        assert_eq!(got, list, "{n} members");
+    }
 }

@@ -107,6 +107,8 @@ pub const MAX_ADDRS_PER_SEED_NAME: usize = 256;
 pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Default of [`ClusterConfig::max_dials_per_sec`].
 pub const DEFAULT_MAX_DIALS_PER_SEC: u32 = 20;
+/// Default of [`ClusterConfig::member_exchange`].
+pub const DEFAULT_MEMBER_EXCHANGE: Duration = Duration::from_secs(5);
 
 /// The SipHash-1-3 key of [`node_id`]: the ASCII bytes `crdt-rl/` and `node-id\0`, each
 /// read as a little-endian `u64`. Fixed forever: changing it renames every node.
@@ -250,6 +252,13 @@ pub struct ClusterConfig {
     /// second's worth; members connected before are dialed first). Default
     /// [`DEFAULT_MAX_DIALS_PER_SEC`] (20).
     pub max_dials_per_sec: u32,
+    /// Membership anti-entropy: every this long the node sends the members it is
+    /// connected to (in frames of at most 256) to one of them drawn at random, so a
+    /// member missed when it connected (an announcement dropped on a full queue, two
+    /// members that forgot each other across a partition longer than `forget_after`) is
+    /// learned within a few periods. Zero turns it off (members are then exchanged only
+    /// when a connection comes up). Default [`DEFAULT_MEMBER_EXCHANGE`] (5 s).
+    pub member_exchange: Duration,
     /// How long [`Cluster::start`] waits for every seed to answer with a full sync, to
     /// refuse this node, or to fail to connect once, before it returns; seeds that have
     /// not answered by then are logged (warn). Default [`DEFAULT_JOIN_TIMEOUT`] (3 s);
@@ -283,6 +292,7 @@ impl ClusterConfig {
             reconnect_max: DEFAULT_RECONNECT_MAX,
             forget_after: DEFAULT_FORGET_AFTER,
             max_dials_per_sec: DEFAULT_MAX_DIALS_PER_SEC,
+            member_exchange: DEFAULT_MEMBER_EXCHANGE,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             rng_seed: None,
         }

@@ -145,6 +145,9 @@ impl Frame {
                 GOSSIP
             }
             Frame::Members(members) => {
+                // Longer lists are split by the sender (`member_frames`); a longer one here
+                // would be a bug, and the receiver would refuse it whole.
+                debug_assert!(members.len() <= MAX_MEMBERS_PER_FRAME, "a member list longer than one frame");
                 let members = &members[..members.len().min(MAX_MEMBERS_PER_FRAME)];
                 p.extend_from_slice(&(members.len() as u16).to_le_bytes());
                 for m in members {
