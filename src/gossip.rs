@@ -23,7 +23,8 @@
 //!   `max_message_bytes`. A round with nothing to say sends a heartbeat.
 //! * **Targets.** Up to `full_mesh_max_peers` peers, every peer every round (full mesh:
 //!   each node hears every change first hand, one round after it happens). Beyond that,
-//!   `fanout` random live peers per round, and every node forwards what it learns once:
+//!   `fanout` live peers per round, taken in turn from a shuffled cycle of them (each
+//!   live peer once per `⌈live / fanout⌉` rounds), and every node forwards what it learns once:
 //!   a change reaches all `N` nodes in about `log(N)/log(fanout + 1)` rounds.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
@@ -456,6 +457,12 @@ pub struct GossipNode {
     events: VecDeque<Event>,
     /// Counts learned this round, forwarded next round in fan-out mode.
     relay: Vec<Outgoing>,
+    /// Fan-out mode's targets: the live peers in a shuffled order, taken `fanout` at a
+    /// time, shuffled again once all are taken (or when the live set changes).
+    cycle: Vec<PeerId>,
+    cycle_at: usize,
+    /// The live peers (sorted) the cycle was drawn from.
+    cycle_of: Vec<PeerId>,
     /// The newest limits version sent to every peer.
     limits_sent: LimitsVersion,
     /// The last round in which this node's view changed (its own counts or a merge).
@@ -505,6 +512,9 @@ impl GossipNode {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             relay: Vec::new(),
+            cycle: Vec::new(),
+            cycle_at: 0,
+            cycle_of: Vec::new(),
             limits_sent: LimitsVersion::default(),
             last_active_round: 0,
             stats: GossipStats::default(),
@@ -776,6 +786,32 @@ impl GossipNode {
             return all;
         }
         self.pick(&all, self.cfg.fanout)
+    }
+
+    /// The next `k` live peers of fan-out mode's cycle: each live peer once per
+    /// `⌈live / k⌉` rounds, in an order drawn again every cycle. Random picks would leave a
+    /// peer unvisited by a given node for `suspect_after_ms` with probability about
+    /// `e^-4` per pair and period (a false suspicion, and a full sync when it ends); a
+    /// cycle visits it at least every `2·⌈live / k⌉ − 1` rounds.
+    fn next_in_cycle(&mut self, live: &[PeerId], k: usize) -> Vec<PeerId> {
+        if self.cycle_of != live {
+            self.cycle_of = live.to_vec();
+            self.cycle.clear();
+            self.cycle_at = 0;
+        }
+        let mut out = Vec::with_capacity(k.min(live.len()));
+        while out.len() < k.min(live.len()) {
+            if self.cycle_at >= self.cycle.len() {
+                self.cycle = self.pick(live, live.len());
+                self.cycle_at = 0;
+            }
+            let p = self.cycle[self.cycle_at];
+            self.cycle_at += 1;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
     }
 
     /// `k` distinct random elements of `from` (all of them if it is shorter).
@@ -1056,7 +1092,7 @@ impl GossipNode {
             self.relay.clear();
         }
         let targets: Vec<PeerId> = if fan_out {
-            let mut t = self.pick(live, self.cfg.fanout);
+            let mut t = self.next_in_cycle(live, self.cfg.fanout);
             // Probe one peer that is down, so a healed peer is noticed.
             let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
             t.extend(self.pick(&down, 1));

@@ -67,6 +67,17 @@ fn a_fan_out_cluster_converges() {
     assert!(r.converged, "{}", r.to_text());
 }
 
+/// In fan-out mode a node sends to each live peer in turn, so without loss none goes
+/// unheard for the suspicion period (4·peers/fanout rounds). With random picks about one
+/// pair in 55 per period did: 84 false suspicions, each ending in a full sync, in 3 s at
+/// 30 nodes with 1 % loss.
+#[test]
+fn a_fan_out_cluster_without_faults_suspects_no_one() {
+    let r = run(Config { nodes: 30, clients: 3, limit: 20, duration_ms: 2_000, loss: 0.0, ..Config::default() });
+    assert!(r.converged, "{}", r.to_text());
+    assert_eq!(r.peers_down, 0, "{}", r.to_text());
+}
+
 #[test]
 fn a_hot_node_takes_most_traffic_without_breaking_anything() {
     let r = run(Config { skew_traffic: 0.9, mode: Mode::Optimistic, ..small() });
