@@ -24,8 +24,9 @@
 //! * **Targets.** Up to `full_mesh_max_peers` peers, every peer every round (full mesh:
 //!   each node hears every change first hand, one round after it happens). Beyond that,
 //!   `fanout` live peers per round, taken in turn from a shuffled cycle of them (each
-//!   live peer once per `⌈live / fanout⌉` rounds), and every node forwards what it learns once:
-//!   a change reaches all `N` nodes in about `log(N)/log(fanout + 1)` rounds.
+//!   live peer once per cycle of `⌈live / fanout⌉` rounds), and every node forwards what
+//!   it learns once: a change reaches all `N` nodes in about `log(N)/log(fanout + 1)`
+//!   rounds.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
 //!   quota. Its counts stay until their windows expire.
@@ -788,16 +789,26 @@ impl GossipNode {
         self.pick(&all, self.cfg.fanout)
     }
 
-    /// The next `k` live peers of fan-out mode's cycle: each live peer once per
-    /// `⌈live / k⌉` rounds, in an order drawn again every cycle. Random picks would leave a
-    /// peer unvisited by a given node for `suspect_after_ms` with probability about
-    /// `e^-4` per pair and period (a false suspicion, and a full sync when it ends); a
-    /// cycle visits it at least every `2·⌈live / k⌉ − 1` rounds.
+    /// The next `k` live peers of fan-out mode's cycle: each live peer once per cycle of
+    /// `⌈live / k⌉` rounds, in an order drawn again every cycle, so (without loss, while
+    /// the live set holds) a node hears from each other at least once in every
+    /// `2·⌈live / k⌉` rounds, half the suspicion period. Random picks would leave a pair
+    /// silent for a whole period with probability about `e^-4` (a false suspicion, and a
+    /// full sync when it ends). When the live set changes, the rest of the cycle is kept:
+    /// departed peers leave it, newcomers join it at random places.
     fn next_in_cycle(&mut self, live: &[PeerId], k: usize) -> Vec<PeerId> {
         if self.cycle_of != live {
-            self.cycle_of = live.to_vec();
-            self.cycle.clear();
+            let mut rest: Vec<PeerId> =
+                self.cycle[self.cycle_at.min(self.cycle.len())..].iter().copied().filter(|p| live.binary_search(p).is_ok()).collect();
+            for &p in live {
+                if self.cycle_of.binary_search(&p).is_err() {
+                    let at = (self.next_random() % (rest.len() as u64 + 1)) as usize;
+                    rest.insert(at, p);
+                }
+            }
+            self.cycle = rest;
             self.cycle_at = 0;
+            self.cycle_of = live.to_vec();
         }
         let mut out = Vec::with_capacity(k.min(live.len()));
         while out.len() < k.min(live.len()) {

@@ -1376,6 +1376,12 @@ impl State {
         let left = matches!(&reason, ConnectionError::ApplicationClosed(a) if a.error_code == close::LEAVE);
         let Some(p) = self.peers.get_mut(&peer) else { return };
         if left {
+            // A leaving peer closes every connection to this node. Its last frames came
+            // over the active one, whose close is reported after them: act on that close
+            // (or on the last connection's), so a duplicate's close cannot overtake them.
+            if !was_active && p.active.is_some() {
+                return;
+            }
             if let Some(h) = c.hello {
                 if p.incarnation.is_none_or(|i| h.incarnation >= i) {
                     p.left = Some(h.incarnation);

@@ -109,6 +109,8 @@ pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_DIALS_PER_SEC: u32 = 20;
 /// Default of [`ClusterConfig::member_exchange`].
 pub const DEFAULT_MEMBER_EXCHANGE: Duration = Duration::from_secs(5);
+/// The longest [`ClusterConfig::member_exchange`] (longer would be off in all but name).
+pub const MAX_MEMBER_EXCHANGE: Duration = Duration::from_secs(86_400);
 
 /// The SipHash-1-3 key of [`node_id`]: the ASCII bytes `crdt-rl/` and `node-id\0`, each
 /// read as a little-endian `u64`. Fixed forever: changing it renames every node.
@@ -245,8 +247,10 @@ pub struct ClusterConfig {
     /// Longest reconnection delay. Default [`DEFAULT_RECONNECT_MAX`] (1 s).
     pub reconnect_max: Duration,
     /// A member learned from another member's list (not a seed) that has been unreachable
-    /// this long is forgotten: no more dials to it until a member announces it again.
-    /// Default [`DEFAULT_FORGET_AFTER`] (60 s).
+    /// this long is forgotten: no more dials to it until a member announces it again (on
+    /// connecting, or in its periodic list, `member_exchange`, if some member is still
+    /// connected to it: dials then resume, within `max_dials_per_sec`, backing off from
+    /// `reconnect_min`). Default [`DEFAULT_FORGET_AFTER`] (60 s).
     pub forget_after: Duration,
     /// Dials started per second, every address together (a token bucket holding one
     /// second's worth; members connected before are dialed first). Default
@@ -256,8 +260,10 @@ pub struct ClusterConfig {
     /// connected to (in frames of at most 256) to one of them drawn at random, so a
     /// member missed when it connected (an announcement dropped on a full queue, two
     /// members that forgot each other across a partition longer than `forget_after`) is
-    /// learned within a few periods. Zero turns it off (members are then exchanged only
-    /// when a connection comes up). Default [`DEFAULT_MEMBER_EXCHANGE`] (5 s).
+    /// learned again once a member connected to it sends its list here: each period
+    /// with probability about `1 / members` per such member. Zero turns it off (members
+    /// are then exchanged only when a connection comes up); at most one day
+    /// ([`MAX_MEMBER_EXCHANGE`]). Default [`DEFAULT_MEMBER_EXCHANGE`] (5 s).
     pub member_exchange: Duration,
     /// How long [`Cluster::start`] waits for every seed to answer with a full sync, to
     /// refuse this node, or to fail to connect once, before it returns; seeds that have
@@ -330,6 +336,9 @@ impl ClusterConfig {
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return bad("reconnect_min", "must be more than zero and at most reconnect_max");
+        }
+        if self.member_exchange > MAX_MEMBER_EXCHANGE {
+            return bad("member_exchange", "at most MAX_MEMBER_EXCHANGE (one day); zero turns it off");
         }
         if self.forget_after.is_zero() {
             return bad("forget_after", "must be more than zero");
@@ -745,7 +754,10 @@ mod tests {
             ClusterConfig { stream_queue: 0, ..base.clone() },
             ClusterConfig { datagram_buffer_bytes: 10, ..base.clone() },
             ClusterConfig { reconnect_min: Duration::from_secs(60), ..base.clone() },
+            ClusterConfig { member_exchange: Duration::MAX, ..base.clone() },
         ];
+        assert!(ClusterConfig { member_exchange: Duration::ZERO, ..base.clone() }.validate().is_ok(), "zero is off");
+        assert!(ClusterConfig { member_exchange: MAX_MEMBER_EXCHANGE, ..base.clone() }.validate().is_ok());
         for c in cases {
             assert!(matches!(c.validate(), Err(ClusterError::Config { .. })), "{c:?}");
         }
