@@ -508,31 +508,26 @@ impl HotCell {
         let q = h.quota.load(Ordering::Acquire);
         let (limit, span) = (q >> 32, q & u64::from(u32::MAX));
         let st = &self.stripes[stripe_index()].0;
-        // Once admitted, the full quota is back at a time that does not depend on the
-        // counts (`algorithm`'s verdicts with the request counted), except for the bucket,
-        // whose refill is read once the lease is spent (the grant published it first); a
-        // bucket is always full again within the rest of this window and the next.
-        let reset_after_ms = match strategy {
-            Strategy::FixedWindow => w - elapsed,
-            Strategy::SlidingWindow => 2 * w - elapsed,
-            Strategy::SlidingLog => (w - elapsed) + algorithm::log_tick(span).1 * w,
-            Strategy::TokenBucket => w - elapsed,
-        };
-        {
-            if let Some(after) = Self::spend(st, s1 & EPOCH_MASK, elapsed) {
-                let reset_after_ms = match strategy {
-                    Strategy::TokenBucket => reset_after_ms + h.refill_ms.load(Ordering::Acquire).min(w),
-                    _ => reset_after_ms,
-                };
-                let own = lease_budget(after) - lease_spent(after);
-                // The pool counts this lease as spent; read after the spend, it is the one
-                // of a lock-path decision made after this lease was granted. Any lock-path
-                // decision since the spend that touched this stripe (a take-back) moved
-                // the unspent part into the pool: then only that part is reported.
-                let pool = h.pool.load(Ordering::Acquire);
-                let remaining = if st.lease.load(Ordering::Acquire) == after { pool.saturating_add(own) } else { own };
-                return Some(Verdict { allowed: true, limit, remaining, reset_after_ms, retry_after_ms: None });
-            }
+        if let Some(after) = Self::spend(st, s1 & EPOCH_MASK, elapsed) {
+            // Once admitted, the full quota is back at a time that does not depend on the
+            // counts (`algorithm`'s verdicts with the request counted), except for the
+            // bucket, whose refill is read now that the lease is spent (the grant published
+            // it first); a bucket is always full again within the rest of this window and
+            // the next.
+            let reset_after_ms = match strategy {
+                Strategy::FixedWindow => w - elapsed,
+                Strategy::SlidingWindow => 2 * w - elapsed,
+                Strategy::SlidingLog => (w - elapsed) + algorithm::log_tick(span).1 * w,
+                Strategy::TokenBucket => (w - elapsed) + h.refill_ms.load(Ordering::Acquire).min(w),
+            };
+            let own = lease_budget(after) - lease_spent(after);
+            // The pool counts this lease as spent; read after the spend, it is the one of a
+            // lock-path decision made after this lease was granted. Any lock-path decision
+            // since the spend that touched this stripe (a take-back) moved the unspent part
+            // into the pool: then only that part is reported.
+            let pool = h.pool.load(Ordering::Acquire);
+            let remaining = if st.lease.load(Ordering::Acquire) == after { pool.saturating_add(own) } else { own };
+            return Some(Verdict { allowed: true, limit, remaining, reset_after_ms, retry_after_ms: None });
         }
         // A standing refusal was decided on the exact count, which has not changed in this
         // epoch: its retry and reset times are absolute.
@@ -735,7 +730,7 @@ impl Shard {
         }
     }
 
-    fn free(remote: &mut [Remote], free_remote: &mut Vec<u32>, e: &Entry, dropped: &mut Dropped) {
+    fn free(remote: &mut [Remote], free_remote: &mut Vec<u32>, older: &mut Older, e: &Entry, dropped: &mut Dropped) {
         dropped.keys += 1;
         if let Some(i) = remote_of(e) {
             let r = std::mem::take(&mut remote[i]);
@@ -743,6 +738,7 @@ impl Shard {
             dropped.from_peers += usize::from(r.from_peer);
             free_remote.push(i as u32);
         }
+        dropped.cells += older.remove(&e.key).map_or(0, |bs| bucket_cells(&bs));
     }
 
     fn ensure_remote(remote: &mut Vec<Remote>, free_remote: &mut Vec<u32>, e: &mut Entry) -> usize {
@@ -794,8 +790,7 @@ impl Shard {
         self.table.rebuild(|e| {
             let keep = windows_since(e.window, horizon) < back + 1;
             if !keep {
-                Self::free(remote, free, e, &mut dropped);
-                dropped.cells += older.remove(&e.key).map_or(0, |bs| bucket_cells(&bs));
+                Self::free(remote, free, older, e, &mut dropped);
             }
             keep
         });
@@ -1242,9 +1237,10 @@ impl Store {
                 return Ok(false);
             }
             let list = older.entry(key).or_default();
-            let held = bucket_cells(list);
+            // A key's older buckets are never more than `back - 1` (`shift_older` sizes
+            // them, `set_quota` cuts them): growing a new list frees no cells.
+            debug_assert!(list.len() < back as usize, "{} older buckets, back {back}", list.len());
             list.resize_with(back as usize - 1, Bucket::default);
-            self.cap.put_cells(held - bucket_cells(list));
             let b = &mut list[age as usize - 2];
             let before = b.remote.get(replica);
             if before == 0 && (b.remote.len() >= MAX_KEY_REPLICAS || !self.cap.take_cells(1)) {
@@ -1405,7 +1401,7 @@ impl Store {
                 + shard
                     .older
                     .values()
-                    .map(|bs| 48 + bs.len() * std::mem::size_of::<Bucket>() + bs.iter().map(|b| b.remote.len() * 16).sum::<usize>())
+                    .map(|bs| 48 + bs.len() * std::mem::size_of::<Bucket>() + bucket_cells(bs) * 16)
                     .sum::<usize>()
                 + shard.dirty.capacity() * 8
                 + shard.free_remote.capacity() * 4;
@@ -1447,8 +1443,7 @@ impl Store {
             shard.table.rebuild(|e| {
                 let age = windows_since(e.window, old_now).max(0);
                 if age >= 2 && age as u64 > old_back.min(back) {
-                    Shard::free(remote, free, e, &mut dropped);
-                    dropped.cells += older.remove(&e.key).map_or(0, |bs| bucket_cells(&bs));
+                    Shard::free(remote, free, older, e, &mut dropped);
                     return false;
                 }
                 e.window = new_now.wrapping_sub(age as u32);
@@ -1648,18 +1643,23 @@ fn apply<V: Outcome>(
             hs.rearm(cell, key, e.window, req.tick_ms, round, Some(store_quota));
         }
         match lease {
-            Some(i) if rolled >= 0 && v.allowed() => {
+            Some(i) if v.allowed() => {
                 // Lease half of what remains after this request, leases out counted
-                // (and half of what is left of the round's budget).
-                let after = algorithm::evaluate(*strategy, req.quota, Counts { cur: counts.cur + 1, ..counts }, elapsed);
-                let left = after.remaining + u64::from(after.allowed);
-                let mut lease = (left / 2).min(LEASE_MAX);
-                if let Some(r) = remote_of(e).filter(|_| round.is_some()).map(|i| &remote[i]) {
-                    lease = lease.min(r.share.left(reserved) / 2);
-                }
-                // What remains with this lease counted as spent too (`counts` holds the
-                // other leases out).
-                HotState::set_pool(cell, if lease > 0 { left - lease } else { 0 });
+                // (and half of what is left of the round's budget); a late request (its
+                // window behind the key's) gets none. The pool is what remains with this
+                // lease counted as spent too (`counts` holds the other leases out).
+                let (lease, pool) = if rolled < 0 {
+                    (0, 0)
+                } else {
+                    let after = algorithm::evaluate(*strategy, req.quota, Counts { cur: counts.cur + 1, ..counts }, elapsed);
+                    let left = after.remaining + u64::from(after.allowed);
+                    let mut lease = (left / 2).min(LEASE_MAX);
+                    if let Some(r) = remote_of(e).filter(|_| round.is_some()).map(|i| &remote[i]) {
+                        lease = lease.min(r.share.left(reserved) / 2);
+                    }
+                    (lease, if lease > 0 { left - lease } else { 0 })
+                };
+                HotState::set_pool(cell, pool);
                 if *strategy == Strategy::TokenBucket {
                     // The bucket's refill with this request and every lease out spent.
                     let most = counts.cur + 1 + lease;
@@ -1674,8 +1674,9 @@ fn apply<V: Outcome>(
             Some(_) if rolled >= 0 && !rule_allowed && hs.granted == 0 => {
                 // Refused on the exact count: so is every request of this window until
                 // the strategy's retry time (counts only grow), with the same retry and
-                // reset times, as instants.
-                let exact = exact(counts, older);
+                // reset times, as instants. A refusal of the rule is `v` itself, exact
+                // already when it carries figures.
+                let exact = v.verdict().unwrap_or_else(|| exact(counts, older));
                 if let Some(retry) = exact.retry_after_ms {
                     let at = |ms: u64| req.ts_ms.saturating_add(ms as i64);
                     hs.refuse_until(cell, at(retry), at(exact.reset_after_ms));
@@ -1686,14 +1687,7 @@ fn apply<V: Outcome>(
                 // refusal's times no longer hold.
                 hs.lift_refusal(cell);
             }
-            _ => {
-                HotState::set_pool(cell, 0);
-                if lease.is_some() && v.allowed() && *strategy == Strategy::TokenBucket {
-                    // Counted without a grant (a late request): the leases out may still
-                    // be spent, on top of it.
-                    cell.head.0.refill_ms.store(algorithm::token_refill_ms(req.quota, counts.cur + 1), Ordering::Release);
-                }
-            }
+            _ => HotState::set_pool(cell, 0),
         }
     }
     v
@@ -1706,6 +1700,8 @@ pub(crate) trait Outcome: Copy {
     fn refuse(self, retry_after_ms: u64) -> Self;
     /// This outcome with the detail `exact` computes, if it carries detail.
     fn detail(self, exact: impl FnOnce() -> Verdict) -> Self;
+    /// The decision's figures, if it carries them.
+    fn verdict(&self) -> Option<Verdict>;
 }
 
 impl Outcome for bool {
@@ -1720,6 +1716,9 @@ impl Outcome for bool {
     fn detail(self, _: impl FnOnce() -> Verdict) -> Self {
         self
     }
+    fn verdict(&self) -> Option<Verdict> {
+        None
+    }
 }
 
 impl Outcome for Verdict {
@@ -1732,6 +1731,9 @@ impl Outcome for Verdict {
     }
     fn detail(self, exact: impl FnOnce() -> Verdict) -> Self {
         exact()
+    }
+    fn verdict(&self) -> Option<Verdict> {
+        Some(*self)
     }
 }
 
