@@ -384,9 +384,12 @@ struct ReplicaEntry {
 /// windows they name).
 #[derive(Debug, Default)]
 struct FingerprintCache {
-    rounds: BTreeMap<u64, u64>,
-    stores: BTreeMap<u64, BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]>>,
+    /// Per window length: the round the fingerprints were computed in, and they.
+    stores: BTreeMap<u64, (u64, Fingerprints)>,
 }
+
+/// Per replica and window, one fingerprint per key bucket.
+type Fingerprints = BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]>;
 
 /// What a node knows of one peer. See [`GossipNode::peer_stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,10 +461,9 @@ pub struct GossipNode {
     events: VecDeque<Event>,
     /// Counts learned this round, forwarded next round in fan-out mode.
     relay: Vec<Outgoing>,
-    /// Fan-out mode's targets: the live peers in a shuffled order, taken `fanout` at a
-    /// time, shuffled again once all are taken (or when the live set changes).
-    cycle: Vec<PeerId>,
-    cycle_at: usize,
+    /// Fan-out mode's targets not yet taken in this cycle: the live peers in a shuffled
+    /// order, taken `fanout` at a time, drawn again once all are taken.
+    cycle: VecDeque<PeerId>,
     /// The live peers (sorted) the cycle was drawn from.
     cycle_of: Vec<PeerId>,
     /// The newest limits version sent to every peer.
@@ -473,8 +475,6 @@ pub struct GossipNode {
     clock: Estimator,
     /// Peers whose clocks were beyond the tolerance at the last round.
     clocks_beyond: BTreeSet<PeerId>,
-    /// The live replicas and this node's place among them, as last set on the limiter.
-    published_live: (u64, u64),
     /// This node's own clock was beyond the tolerance at the last round.
     own_clock_beyond: bool,
 }
@@ -513,15 +513,13 @@ impl GossipNode {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             relay: Vec::new(),
-            cycle: Vec::new(),
-            cycle_at: 0,
+            cycle: VecDeque::new(),
             cycle_of: Vec::new(),
             limits_sent: LimitsVersion::default(),
             last_active_round: 0,
             stats: GossipStats::default(),
             clock,
             clocks_beyond: BTreeSet::new(),
-            published_live: (1, 0),
             own_clock_beyond: false,
         };
         for p in peers {
@@ -798,26 +796,21 @@ impl GossipNode {
     /// departed peers leave it, newcomers join it at random places.
     fn next_in_cycle(&mut self, live: &[PeerId], k: usize) -> Vec<PeerId> {
         if self.cycle_of != live {
-            let mut rest: Vec<PeerId> =
-                self.cycle[self.cycle_at.min(self.cycle.len())..].iter().copied().filter(|p| live.binary_search(p).is_ok()).collect();
+            self.cycle.retain(|p| live.binary_search(p).is_ok());
             for &p in live {
                 if self.cycle_of.binary_search(&p).is_err() {
-                    let at = (self.next_random() % (rest.len() as u64 + 1)) as usize;
-                    rest.insert(at, p);
+                    let at = (self.next_random() % (self.cycle.len() as u64 + 1)) as usize;
+                    self.cycle.insert(at, p);
                 }
             }
-            self.cycle = rest;
-            self.cycle_at = 0;
             self.cycle_of = live.to_vec();
         }
         let mut out = Vec::with_capacity(k.min(live.len()));
         while out.len() < k.min(live.len()) {
-            if self.cycle_at >= self.cycle.len() {
-                self.cycle = self.pick(live, live.len());
-                self.cycle_at = 0;
-            }
-            let p = self.cycle[self.cycle_at];
-            self.cycle_at += 1;
+            let Some(p) = self.cycle.pop_front() else {
+                self.cycle = self.pick(live, live.len()).into();
+                continue;
+            };
             if !out.contains(&p) {
                 out.push(p);
             }
@@ -1012,9 +1005,7 @@ impl GossipNode {
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
         let me = self.cfg.replica.node;
         let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
-        if self.published_live != (live, index) {
-            self.published_live = (live, index);
-            self.replica.set_view(live, index);
+        if self.replica.set_view(live, index) {
             self.push_event(Event::LiveChanged { live_replicas: live, index });
         }
     }
@@ -1196,9 +1187,11 @@ impl GossipNode {
         messages
     }
 
-    /// A message from this node (`None`: refused by the codec, see [`encoded`]).
+    /// A message from this node. One the codec refuses (longer than `MAX_DECODE_BYTES`,
+    /// which packing by `max_message_bytes` and the compile-time bound on limits messages
+    /// rule out) is logged and not sent (`None`), rather than sent empty.
     fn encode(&self, body: Body) -> Option<Vec<u8>> {
-        encoded(&Envelope::new(self.cfg.replica, body))
+        codec::encode(&Envelope::new(self.cfg.replica, body)).inspect_err(|e| tracing::error!(error = %e, "gossip message not sent")).ok()
     }
 
     fn send(&mut self, to: PeerId, body: Body, reliable: bool) {
@@ -1242,7 +1235,9 @@ impl GossipNode {
                 continue;
             };
             let window_of = |e: &WireEntry| b.base_window - i64::from(e.window_offset);
-            let Some(newest) = b.entries.iter().map(window_of).filter(|w| range.contains(w)).max() else {
+            let (newest, in_range) =
+                b.entries.iter().map(window_of).filter(|w| range.contains(w)).fold((None, 0), |(m, n), w| (Some(w).max(m), n + 1));
+            let Some(newest) = newest else {
                 self.stats.out_of_range += b.entries.len() as u64;
                 continue;
             };
@@ -1253,7 +1248,6 @@ impl GossipNode {
                 refused.get_or_insert(b.replica);
                 continue;
             };
-            let in_range = b.entries.iter().filter(|e| range.contains(&window_of(e))).count();
             self.stats.out_of_range += (b.entries.len() - in_range) as u64;
             let entries = b
                 .entries
@@ -1277,7 +1271,7 @@ impl GossipNode {
         }
     }
 
-    /// Everything this node holds for the keys `select` accepts, as outgoing counts.
+    /// Answers a peer's ping, or takes its answer to ours as a clock sample.
     fn answer_ping(&mut self, from: PeerId, sent_at_ms: i64, echo: Option<(i64, u32)>, now_ms: i64) {
         match echo {
             None => {
@@ -1341,10 +1335,10 @@ impl GossipNode {
         fresh: bool,
     ) -> BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> {
         let max_age = if fresh { 0 } else { self.round % self.cfg.anti_entropy_rounds };
-        let computed = self.fingerprint_cache.rounds.get(&window_ms).copied();
+        let computed = self.fingerprint_cache.stores.get(&window_ms).map(|(round, _)| *round);
         if computed.is_none_or(|r| self.round - r > max_age) {
             self.stats.store_passes += 1;
-            let mut per_window: BTreeMap<(ReplicaId, i64), [u64; DIGEST_BUCKETS]> = BTreeMap::new();
+            let mut per_window = Fingerprints::new();
             let mut buf: Vec<Exported> = Vec::new();
             // Never create a store for a window length named only by a peer's digest.
             self.replica.export(window_ms, now_ms, |_| true, &mut buf);
@@ -1354,11 +1348,10 @@ impl GossipNode {
                 row[bucket(e.key)] =
                     row[bucket(e.key)].wrapping_add(splitmix64(e.key ^ splitmix64((e.window as u64) ^ e.count.rotate_left(32))));
             }
-            self.fingerprint_cache.stores.insert(window_ms, per_window);
-            self.fingerprint_cache.rounds.insert(window_ms, self.round);
+            self.fingerprint_cache.stores.insert(window_ms, (self.round, per_window));
         }
         let mut rows: BTreeMap<ReplicaId, [u64; DIGEST_BUCKETS]> = BTreeMap::new();
-        let per_window = &self.fingerprint_cache.stores[&window_ms];
+        let (_, per_window) = &self.fingerprint_cache.stores[&window_ms];
         for (&(replica, w), fingerprints) in per_window {
             if w <= window && w > window - i64::from(span) {
                 let row = rows.entry(replica).or_default();
@@ -1469,6 +1462,7 @@ impl GossipNode {
     /// Exports the next chunk of `to`'s waiting repairs, within this round's budget.
     fn step_repairs(&mut self, to: PeerId, now_ms: i64) {
         let mut out: Vec<Outgoing> = Vec::new();
+        let mut buf: Vec<Exported> = Vec::new();
         let mut sync_done = false;
         let dropped_before = self.stats.outbox_dropped;
         loop {
@@ -1479,7 +1473,7 @@ impl GossipNode {
             }
             let Some(mut job) = p.jobs.pop_front() else { break };
             let any_bucket = job.wanted.as_ref().map_or(0xFF, |w| w.values().fold(0u8, |m, b| m | b));
-            let mut buf: Vec<Exported> = Vec::new();
+            buf.clear();
             let select = |k: u64| any_bucket & (1 << bucket(k)) != 0;
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
             out.extend(buf.iter().filter_map(|e| {
@@ -1502,14 +1496,13 @@ impl GossipNode {
             }
         }
         let lossy = self.stats.outbox_dropped > dropped_before;
-        let windows = if sync_done { self.replica.window_lengths() } else { Vec::new() };
         let Some(p) = self.peers.get_mut(&to) else { return };
         if lossy && (sync_done || p.jobs.iter().any(|j| j.wanted.is_none())) {
             p.sync_lossy = true;
         }
         if sync_done && std::mem::take(&mut p.sync_lossy) {
             // Part of it never left: send it all again rather than announce it complete.
-            p.jobs.extend(windows.into_iter().map(RepairJob::full_sync));
+            p.jobs.extend(self.replica.window_lengths().into_iter().map(RepairJob::full_sync));
         } else if sync_done {
             self.push_event(Event::FullSyncSent { peer: to });
         }
@@ -1518,13 +1511,6 @@ impl GossipNode {
 
 fn bucket(key: u64) -> usize {
     (key >> 61) as usize
-}
-
-/// Encodes a message of ours. One the codec refuses (longer than `MAX_DECODE_BYTES`,
-/// which packing by `max_message_bytes` and the compile-time bound on limits messages
-/// rule out) is logged and not sent, rather than sent empty.
-fn encoded(msg: &Envelope) -> Option<Vec<u8>> {
-    codec::encode(msg).inspect_err(|e| tracing::error!(error = %e, "gossip message not sent")).ok()
 }
 
 #[cfg(test)]

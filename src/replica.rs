@@ -58,12 +58,13 @@ impl Replica {
         &self.limiter
     }
 
-    /// What the admission policy knows of the cluster: `live` replicas share the quota,
-    /// this one at place `index` among them ordered by node id.
-    pub(crate) fn set_view(&self, live: u64, index: u64) {
+    /// What the admission policy knows of the cluster: `live` replicas (at least 1) share
+    /// the quota, this one at place `index` among them ordered by node id. Returns
+    /// whether that changed.
+    pub(crate) fn set_view(&self, live: u64, index: u64) -> bool {
         let cluster = self.limiter.cluster();
-        cluster.live_index.store(index, Ordering::Relaxed);
-        cluster.live_replicas.store(live.max(1), Ordering::Relaxed);
+        let old_index = cluster.live_index.swap(index, Ordering::Relaxed);
+        cluster.live_replicas.swap(live, Ordering::Relaxed) != live || old_index != index
     }
 
     /// Cluster time minus this node's clock, in ms: the request path cuts windows on it.

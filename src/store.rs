@@ -1398,11 +1398,7 @@ impl Store {
                 + shard.table.bytes()
                 + shard.remote.capacity() * std::mem::size_of::<Remote>()
                 + shard.remote.iter().map(Remote::heap_bytes).sum::<usize>()
-                + shard
-                    .older
-                    .values()
-                    .map(|bs| 48 + bs.len() * std::mem::size_of::<Bucket>() + bucket_cells(bs) * 16)
-                    .sum::<usize>()
+                + shard.older.values().map(|bs| 48 + bs.len() * std::mem::size_of::<Bucket>() + bucket_cells(bs) * 16).sum::<usize>()
                 + shard.dirty.capacity() * 8
                 + shard.free_remote.capacity() * 4;
         }

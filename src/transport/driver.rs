@@ -243,7 +243,8 @@ struct ConnEntry {
     stream_tx: Option<mpsc::Sender<Vec<u8>>>,
     close_code: Arc<AtomicU32>,
     writer: Option<JoinHandle<()>>,
-    tasks: Vec<AbortHandle>,
+    /// The reader task (`read_until_closed`).
+    reader: AbortHandle,
     incoming: bool,
     /// A refusal of this connection was counted.
     refused: bool,
@@ -282,9 +283,7 @@ impl ConnEntry {
     }
 
     fn abort(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.reader.abort();
         if let Some(w) = &self.writer {
             w.abort();
         }
@@ -1050,7 +1049,7 @@ impl State {
         let close_code = Arc::new(AtomicU32::new(close::REPLACED.into_inner() as u32));
         let hello = sh.hello(if outgoing { seq } else { 0 });
         let writer = tokio::spawn(write_stream(conn.clone(), hello, rx, close_code.clone()));
-        let tasks = vec![sh.spawn(read_until_closed(sh.clone(), conn.clone(), conn_id))];
+        let reader = sh.spawn(read_until_closed(sh.clone(), conn.clone(), conn_id));
         tracing::debug!(peer = %name, remote = %conn.remote_address(), outgoing, "connection established");
         self.conns.insert(
             conn_id,
@@ -1064,7 +1063,7 @@ impl State {
                 stream_tx: Some(tx),
                 close_code,
                 writer: Some(writer),
-                tasks,
+                reader,
                 incoming: incoming_slot,
                 refused: false,
             },
@@ -1259,18 +1258,22 @@ impl State {
         // Tell the newcomer who else is here, and everyone else about the newcomer.
         self.send_members(sh, peer);
         if let Some(me) = self.peers.get(&peer).and_then(PeerEntry::member) {
-            let to: Vec<PeerId> = self.peers.iter().filter(|(id, p)| **id != peer && p.active.is_some()).map(|(id, _)| *id).collect();
-            for other in to {
-                self.send_frame(sh, other, &Frame::Members(vec![me.clone()]));
+            let frame = Frame::Members(vec![me]);
+            for (other, _) in self.connected().filter(|(id, _)| *id != peer) {
+                self.send_frame(sh, other, &frame);
             }
         }
+    }
+
+    /// The members with a working connection.
+    fn connected(&self) -> impl Iterator<Item = (PeerId, &PeerEntry)> {
+        self.peers.iter().filter(|(_, p)| p.active.is_some()).map(|(id, p)| (*id, p))
     }
 
     /// Sends `to` every other member this node is connected to, in frames of at most
     /// [`MAX_MEMBERS_PER_FRAME`].
     fn send_members(&self, sh: &Shared, to: PeerId) {
-        let others: Vec<MemberEntry> =
-            self.peers.iter().filter(|(id, p)| **id != to && p.active.is_some()).filter_map(|(_, p)| p.member()).collect();
+        let others: Vec<MemberEntry> = self.connected().filter(|(id, _)| *id != to).filter_map(|(_, p)| p.member()).collect();
         for frame in member_frames(others) {
             self.send_frame(sh, to, &frame);
         }
@@ -1281,7 +1284,7 @@ impl State {
     /// announcement dropped on a full queue, two members that forgot each other across a
     /// long partition while a third stayed connected to both).
     fn exchange_members(&mut self, sh: &Shared) {
-        let connected: Vec<PeerId> = self.peers.iter().filter(|(_, p)| p.active.is_some()).map(|(id, _)| *id).collect();
+        let connected: Vec<PeerId> = self.connected().map(|(id, _)| id).collect();
         if connected.is_empty() {
             return;
         }
@@ -1430,7 +1433,8 @@ fn prefer(new: Option<&ConnEntry>, old: &ConnEntry, me: PeerId) -> bool {
 /// A member list as frames of at most [`MAX_MEMBERS_PER_FRAME`] entries each (none for
 /// an empty list): a list of any length arrives whole.
 fn member_frames(list: Vec<MemberEntry>) -> Vec<Frame> {
-    list.chunks(MAX_MEMBERS_PER_FRAME).map(|c| Frame::Members(c.to_vec())).collect()
+    let mut list = list.into_iter().peekable();
+    std::iter::from_fn(|| list.peek().is_some().then(|| Frame::Members(list.by_ref().take(MAX_MEMBERS_PER_FRAME).collect()))).collect()
 }
 
 async fn read_datagrams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
