@@ -89,6 +89,10 @@ pub(crate) enum Body {
     /// (its send time) and how long the replier held it. Gives round-trip time and
     /// clock offset, as NTP does.
     Ping { sent_at_ms: i64, echo: Option<(i64, u32)> },
+    /// Aggregated dissemination: per key and window, the total count of every replica
+    /// but the receiver's, as the sender (one of the key's aggregators) holds it. Batches
+    /// as in `Counts`, their replica being the sender; a total may exceed 2³² − 1.
+    Totals(Vec<Batch>),
 }
 
 /// Counts of one replica for one window length.
@@ -237,15 +241,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         return Err(DecodeError::Version(msg.version));
     }
     match &msg.body {
-        Body::Counts(batches) => {
+        Body::Counts(batches) | Body::Totals(batches) => {
             if batches.len() > MAX_BATCHES {
                 return Err(DecodeError::OutOfBounds(OutOfBounds::Batches));
             }
+            let max_count = if matches!(msg.body, Body::Counts(_)) { u64::from(u32::MAX) } else { u64::MAX };
             for b in batches {
                 if b.window_ms == 0 || !in_range(b.base_window) {
                     return Err(DecodeError::OutOfBounds(OutOfBounds::BatchWindow));
                 }
-                if b.entries.iter().any(|e| e.window_offset > 1 || e.count > u64::from(u32::MAX)) {
+                if b.entries.iter().any(|e| e.window_offset > 1 || e.count > max_count) {
                     return Err(DecodeError::OutOfBounds(OutOfBounds::Entry));
                 }
             }
@@ -332,18 +337,23 @@ pub(crate) fn largest_legal_messages() -> Vec<(&'static str, Vec<u8>)> {
     let limits = env(Body::Limits { version, config: limits });
     // Counts: as many of the widest entries as the decoder's limit (which also bounds
     // what decoding allocates) lets through.
-    let entry = WireEntry { key: [0xFF; 8], window_offset: 1, count: max };
-    let batch = |n: usize| Batch { replica: from, window_ms: u32::MAX, base_window: MAX_ABS_TIME, entries: vec![entry; n] };
-    let (mut ok, mut too_many) = (0, MAX_DECODE_BYTES / entry_len(&entry) + 1);
-    while too_many - ok > 1 {
-        let mid = (ok + too_many) / 2;
-        if try_env(Body::Counts(vec![batch(mid)])).is_ok_and(|bytes| decode(&bytes).is_ok()) {
-            ok = mid;
-        } else {
-            too_many = mid;
+    // Totals likewise, with the widest totals.
+    let largest = |count: u64, body: fn(Vec<Batch>) -> Body| {
+        let entry = WireEntry { key: [0xFF; 8], window_offset: 1, count };
+        let batch = |n: usize| Batch { replica: from, window_ms: u32::MAX, base_window: MAX_ABS_TIME, entries: vec![entry; n] };
+        let (mut ok, mut too_many) = (0, MAX_DECODE_BYTES / entry_len(&entry) + 1);
+        while too_many - ok > 1 {
+            let mid = (ok + too_many) / 2;
+            if try_env(body(vec![batch(mid)])).is_ok_and(|bytes| decode(&bytes).is_ok()) {
+                ok = mid;
+            } else {
+                too_many = mid;
+            }
         }
-    }
-    let counts = env(Body::Counts(vec![batch(ok)]));
+        env(body(vec![batch(ok)]))
+    };
+    let counts = largest(max, Body::Counts);
+    let totals = largest(u64::MAX, Body::Totals);
     let row = DigestRow { replica: from, buckets: [u64::MAX; DIGEST_BUCKETS] };
     let digest = env(Body::Digest {
         window_ms: u32::MAX,
@@ -358,6 +368,7 @@ pub(crate) fn largest_legal_messages() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("limits", limits),
         ("counts", counts),
+        ("totals", totals),
         ("digest", digest),
         ("repair", repair),
         ("ping", ping),

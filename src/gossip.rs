@@ -27,6 +27,24 @@
 //!   live peer once per cycle of `⌈live / fanout⌉` rounds), and every node forwards what
 //!   it learns once: a change reaches all `N` nodes in about `log(N)/log(fanout + 1)`
 //!   rounds.
+//! * **Aggregated dissemination.** Beyond `aggregate_above_peers` peers (default 16, so
+//!   it takes over from fan-out), a node sends its changed counts of a key only to the
+//!   key's `aggregators` (default 2): the first distinct members after the key's hash on a
+//!   ring of the live members. Each round the key's first aggregator sends every writer
+//!   of a key whose counts changed (a live member that counted it in a window the store
+//!   keeps) the **others' total** per window: the sum of every replica's count but the
+//!   writer's own. The writer keeps it beside any per-replica counts it holds and
+//!   decides on the larger of the two, both lower bounds of the truth (a max-register
+//!   per key and window: merges commute, are idempotent, and never lower a view). So a
+//!   node's traffic per round follows the keys it counts, not the fleet's size. Every
+//!   anti-entropy period (and when the view goes quiet, and two rounds after the ring
+//!   changes) each node sends all its own counts to their aggregators and every
+//!   aggregator its totals to the writers: loss is repaired by repetition. An aggregator
+//!   that dies is replaced once it is suspected, and the writers' own counts reach the
+//!   new one within two rounds; only counts that reached no surviving aggregator and
+//!   whose writer died too are lost. Digests are not used in this mode (nodes hold
+//!   different sets of counts by design); a full sync to a peer is this node's own
+//!   counts of the keys the peer aggregates.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
 //!   quota. Its counts stay until their windows expire.
@@ -92,6 +110,21 @@ pub const MAX_ANSWERS_PER_PERIOD: u32 = 64;
 pub const MAX_REPAIR_ENTRIES_PER_ROUND: usize = 4_096;
 /// Repair exports waiting per peer; a repair for a window length already waiting joins it.
 const MAX_REPAIR_JOBS: usize = 4;
+/// The most aggregators per key ([`GossipConfig::aggregators`]).
+pub const MAX_AGGREGATORS: usize = 8;
+
+/// Aggregated dissemination: the most keys one peer's counts make this node publish
+/// totals of in one round (each to every live member). Past it the counts are merged and
+/// their totals go out with the next periodic resend.
+pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
+
+/// Aggregated dissemination: the most counts one periodic resend exports from a store;
+/// a larger store is resent over several periods, resuming where the last one stopped.
+pub const MAX_RESEND_ENTRIES: usize = 16_384;
+
+/// Points each member has on aggregated dissemination's hash ring.
+const RING_POINTS: u64 = 16;
+
 /// The most messages waiting for [`GossipNode::poll_transmit`]; past it new ones are
 /// dropped and counted (a driver that stops polling cannot grow memory without bound).
 pub const MAX_OUTBOX: usize = 65_536;
@@ -114,6 +147,15 @@ pub struct GossipConfig {
     pub full_mesh_max_peers: usize,
     /// Peers per round in fan-out mode. Default 4; at least 1.
     pub fanout: usize,
+    /// Beyond this many peers, aggregated dissemination: a node sends its counts of a key
+    /// only to the key's `aggregators`, which send every node that counts the key the
+    /// total of the others (see the module documentation). Default 16: it replaces
+    /// fan-out, which it beats at every size measured (`docs/benchmarks.md`); a larger
+    /// value keeps fan-out up to it; up to `full_mesh_max_peers` peers, full mesh whatever
+    /// this says. Every member must run a version that speaks it (this one).
+    pub aggregate_above_peers: usize,
+    /// Aggregators per key in aggregated dissemination. Default 2; range `1..=8`.
+    pub aggregators: usize,
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
     /// and in fan-out mode four times the rounds a peer takes to pick this node.
     pub suspect_after_ms: u64,
@@ -138,6 +180,8 @@ impl GossipConfig {
             anti_entropy_rounds: 10,
             full_mesh_max_peers: 16,
             fanout: 4,
+            aggregate_above_peers: 16,
+            aggregators: 2,
             suspect_after_ms: 0,
             cluster_time: true,
             clock_max_rtt_ms: 1_000,
@@ -158,6 +202,9 @@ impl GossipConfig {
         }
         if self.fanout == 0 {
             return bad("fanout", "must be at least 1");
+        }
+        if !(1..=MAX_AGGREGATORS).contains(&self.aggregators) {
+            return bad("aggregators", "must be between 1 and 8");
         }
         if !(1..=60_000).contains(&self.clock_max_rtt_ms) {
             return bad("clock_max_rtt_ms", "must be between 1 and 60000");
@@ -326,6 +373,10 @@ pub struct GossipStats {
     pub answers_dropped: u64,
     /// Repair requests dropped because the peer already had the most exports waiting.
     pub repairs_dropped: u64,
+    /// Aggregated dissemination: others' totals sent (one per key, window and receiver).
+    pub totals_sent: u64,
+    /// Aggregated dissemination: others' totals that raised this node's view.
+    pub totals_merged: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -343,6 +394,8 @@ struct Peer {
     answers_used: u32,
     /// Counts exported to it for repairs this round.
     exported_this_round: usize,
+    /// Keys its counts made this node publish this round (aggregated dissemination).
+    published_this_round: usize,
     /// Repairs and full syncs still being exported to it, in steps.
     jobs: VecDeque<RepairJob>,
     /// A message of the full sync under way was dropped (the outbox was full): it is sent
@@ -356,14 +409,17 @@ struct Peer {
 struct RepairJob {
     window_ms: u64,
     wanted: Option<BTreeMap<ReplicaId, u8>>,
+    /// Aggregated dissemination's full sync: only this node's own counts of the keys the
+    /// peer aggregates.
+    aggregated: bool,
     /// Where the export stopped.
     cursor: ExportCursor,
 }
 
 impl RepairJob {
     /// A full sync's export of the store for `window_ms`.
-    fn full_sync(window_ms: u64) -> Self {
-        Self { window_ms, wanted: None, cursor: ExportCursor::default() }
+    fn full_sync(window_ms: u64, aggregated: bool) -> Self {
+        Self { window_ms, wanted: None, aggregated, cursor: ExportCursor::default() }
     }
 }
 
@@ -428,6 +484,22 @@ pub struct StateEntry {
     pub count: u64,
 }
 
+/// One key's view of one window, as [`GossipNode::views`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ViewEntry {
+    /// Window length of the store it belongs to.
+    pub window_ms: u64,
+    /// The key's 64-bit hash.
+    pub key: u64,
+    /// Window index (`unix_ms / window_ms`).
+    pub window: i64,
+    /// This node's own count.
+    pub own: u64,
+    /// The count the node decides on: its own plus what it knows of every other replica
+    /// (their counts, or the total an aggregator reported, whichever is larger).
+    pub total: u64,
+}
+
 /// A count on its way out.
 #[derive(Debug, Clone, Copy)]
 struct Outgoing {
@@ -438,6 +510,60 @@ struct Outgoing {
     key: u64,
     window: i64,
     count: u64,
+}
+
+/// Aggregated dissemination's assignment of keys to members: a hash ring of the live
+/// members (this node included), [`RING_POINTS`] points each. A key's aggregators are the
+/// first distinct members at or after its hash: members that agree on who is live agree
+/// on them, and a change of the live set moves only the keys next to the points that
+/// came or went.
+#[derive(Debug, Default)]
+struct Ring {
+    points: Vec<(u64, PeerId)>,
+    /// The members, sorted.
+    members: Vec<PeerId>,
+}
+
+impl Ring {
+    fn new(members: Vec<PeerId>) -> Self {
+        let mut points: Vec<(u64, PeerId)> =
+            members.iter().flat_map(|&m| (0..RING_POINTS).map(move |i| (splitmix64(m ^ splitmix64(i ^ 0xA66_0000)), m))).collect();
+        points.sort_unstable();
+        Self { points, members }
+    }
+
+    /// The first `k` (at most [`MAX_AGGREGATORS`]) distinct members at or after `key`'s
+    /// place.
+    fn aggregators(&self, key: u64, k: usize) -> Aggregators {
+        let mut out = Aggregators { ids: [0; MAX_AGGREGATORS], len: 0 };
+        let k = k.min(self.members.len()).min(MAX_AGGREGATORS);
+        let h = splitmix64(key ^ 0x5EED_0A66);
+        let start = self.points.partition_point(|p| p.0 < h);
+        let n = self.points.len();
+        for j in 0..n {
+            if out.len == k {
+                break;
+            }
+            let m = self.points[(start + j) % n].1;
+            if !out.as_slice().contains(&m) {
+                out.ids[out.len] = m;
+                out.len += 1;
+            }
+        }
+        out
+    }
+}
+
+/// A key's aggregators, as [`Ring::aggregators`] finds them.
+struct Aggregators {
+    ids: [PeerId; MAX_AGGREGATORS],
+    len: usize,
+}
+
+impl Aggregators {
+    fn as_slice(&self) -> &[PeerId] {
+        &self.ids[..self.len]
+    }
 }
 
 /// The sans-IO gossip core of one cluster member. See the module documentation.
@@ -468,6 +594,17 @@ pub struct GossipNode {
     cycle_of: Vec<PeerId>,
     /// The newest limits version sent to every peer.
     limits_sent: LimitsVersion,
+    /// Aggregated dissemination: the ring of the live members, and the round it last
+    /// changed in (this node sends every own count to its key's aggregators once the
+    /// ring has held for two rounds: a start or a healed partition changes it round after
+    /// round).
+    ring: Ring,
+    ring_changed: Option<u64>,
+    /// Aggregated dissemination: the (window length, key, window) whose counts this node
+    /// merged or made this round, whose writers get the others' totals at the next round.
+    to_publish: Vec<(u64, u64, i64)>,
+    /// Aggregated dissemination: where the periodic resend of each store stopped.
+    resend_cursors: BTreeMap<u64, ExportCursor>,
     /// The last round in which this node's view changed (its own counts or a merge).
     last_active_round: u64,
     stats: GossipStats,
@@ -516,6 +653,10 @@ impl GossipNode {
             cycle: VecDeque::new(),
             cycle_of: Vec::new(),
             limits_sent: LimitsVersion::default(),
+            ring: Ring::default(),
+            ring_changed: None,
+            to_publish: Vec::new(),
+            resend_cursors: BTreeMap::new(),
             last_active_round: 0,
             stats: GossipStats::default(),
             clock,
@@ -633,6 +774,28 @@ impl GossipNode {
         out
     }
 
+    /// Whether this node disseminates counts through aggregators (it has more peers than
+    /// [`GossipConfig::aggregate_above_peers`] and [`GossipConfig::full_mesh_max_peers`]).
+    pub fn aggregating(&self) -> bool {
+        self.aggregated()
+    }
+
+    /// Every key's view of every retained window, sorted: this node's own count and the
+    /// count it decides on. In aggregated dissemination a node holds no other replica's
+    /// counts of the keys it does not aggregate, only the others' total: this is what
+    /// two members that count the same key agree on once the cluster has converged.
+    pub fn views(&self, now_ms: i64) -> Vec<ViewEntry> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for window_ms in self.replica.window_lengths() {
+            buf.clear();
+            self.replica.views(window_ms, now_ms, &mut buf);
+            out.extend(buf.iter().map(|v| ViewEntry { window_ms, key: v.key, window: v.window, own: v.own, total: v.total }));
+        }
+        out.sort();
+        out
+    }
+
     // ----- membership -----
 
     /// Adds a peer (idempotent). It is down until heard from.
@@ -701,6 +864,13 @@ impl GossipNode {
             }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
             Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
+            Body::Totals(batches) => {
+                let merged = self.stats.totals_merged;
+                self.merge_totals(&batches, now_ms);
+                if self.stats.totals_merged > merged {
+                    self.last_active_round = self.round;
+                }
+            }
             // A version from further in the future than a day is a broken clock or a
             // hostile peer: it would freeze the register.
             Body::Limits { version, .. } if version.at_ms > (now_ms.max(0) as u64).saturating_add(86_400_000) => {
@@ -770,6 +940,12 @@ impl GossipNode {
         self.peers.len() > self.cfg.full_mesh_max_peers
     }
 
+    /// Aggregated dissemination (which takes fan-out mode's heartbeats and suspicion
+    /// period, and its place).
+    fn aggregated(&self) -> bool {
+        self.peers.len() > self.cfg.aggregate_above_peers.max(self.cfg.full_mesh_max_peers)
+    }
+
     fn suspect_after_ms(&self) -> i64 {
         if self.cfg.suspect_after_ms > 0 {
             return self.cfg.suspect_after_ms as i64;
@@ -779,9 +955,13 @@ impl GossipNode {
     }
 
     /// Peers to ask for a full sync on start: all of them in full mesh, else `fanout`.
+    /// In aggregated dissemination all of them too: the answer is only the peer's own
+    /// counts of the keys this node aggregates, and every peer hearing from this node at
+    /// once puts it on their rings at once (heartbeats would take a cycle of
+    /// `⌈peers / fanout⌉` rounds, with the members' rings disagreeing meanwhile).
     fn sync_targets(&mut self) -> Vec<PeerId> {
         let all: Vec<PeerId> = self.peers.keys().copied().collect();
-        if !self.fan_out() {
+        if !self.fan_out() || self.aggregated() {
             return all;
         }
         self.pick(&all, self.cfg.fanout)
@@ -1002,11 +1182,28 @@ impl GossipNode {
     /// node id): members that agree on who is live give the bounded policy's rounding
     /// remainders to distinct nodes.
     fn publish_live(&mut self) {
+        self.update_ring();
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
         let me = self.cfg.replica.node;
         let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
         if self.replica.set_view(live, index) {
             self.push_event(Event::LiveChanged { live_replicas: live, index });
+        }
+    }
+
+    /// Rebuilds aggregated dissemination's ring if the live members changed (only in
+    /// that mode: a smaller cluster has no use for it).
+    fn update_ring(&mut self) {
+        if !self.aggregated() {
+            return;
+        }
+        let me = self.cfg.replica.node;
+        let mut members: Vec<PeerId> = self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| *id).collect();
+        let at = members.partition_point(|&p| p < me);
+        members.insert(at, me);
+        if members != self.ring.members {
+            self.ring = Ring::new(members);
+            self.ring_changed = Some(self.round);
         }
     }
 
@@ -1026,12 +1223,31 @@ impl GossipNode {
             self.reclaim_replicas(now_ms);
         }
         self.update_liveness(now_ms);
+        // Also when a peer added (not a live change) made this node cross into the mode.
+        self.update_ring();
         let live: Vec<PeerId> = self.live_peers().collect();
         self.update_cluster_time(&live);
         self.broadcast_limits();
-        self.send_deltas(&live, now_ms);
-        if period_start || self.round == self.last_active_round + 2 {
-            self.anti_entropy(&live, now_ms);
+        // Once the node's view has been still for two rounds (see `anti_entropy`): known
+        // after this round's own counts are collected.
+        let quiet_edge = |node: &Self| node.round == node.last_active_round + 2;
+        if self.aggregated() {
+            self.send_to_aggregators(&live, now_ms);
+            // Repair by repetition: absolute values, merged idempotently.
+            let ring_settled = self.ring_changed.is_some_and(|r| self.round >= r + 2);
+            if period_start || quiet_edge(self) || ring_settled {
+                self.ring_changed = None;
+                self.resend_everything(&live, now_ms);
+            }
+            self.publish_totals(&live, now_ms);
+            if period_start {
+                self.send_pings(&live, now_ms);
+            }
+        } else {
+            self.send_deltas(&live, now_ms);
+            if period_start || quiet_edge(self) {
+                self.anti_entropy(&live, now_ms);
+            }
         }
     }
 
@@ -1039,6 +1255,7 @@ impl GossipNode {
     fn reset_budgets(&mut self, period_start: bool) {
         for p in self.peers.values_mut() {
             p.exported_this_round = 0;
+            p.published_this_round = 0;
             if period_start {
                 p.answers_used = 0;
             }
@@ -1102,7 +1319,7 @@ impl GossipNode {
         } else {
             self.peers.keys().copied().collect()
         };
-        let messages = self.pack(&mut out);
+        let messages = self.pack(&mut out, false);
         for to in targets {
             if messages.is_empty() || !self.peers.get(&to).is_some_and(|p| p.up) {
                 // It gets everything when it comes back up.
@@ -1136,8 +1353,12 @@ impl GossipNode {
         for to in targets {
             self.send_digests(to, now_ms, quiet);
         }
-        // A clock sample from every live peer (fan-out mode: the ones picked).
-        let sample = if fan_out { self.pick(live, self.cfg.fanout) } else { live.to_vec() };
+        self.send_pings(live, now_ms);
+    }
+
+    /// A clock sample from every live peer (fan-out mode: `fanout` of them).
+    fn send_pings(&mut self, live: &[PeerId], now_ms: i64) {
+        let sample = if self.fan_out() { self.pick(live, self.cfg.fanout) } else { live.to_vec() };
         for p in sample {
             if let Some(peer) = self.peers.get_mut(&p) {
                 peer.ping_sent_ms = Some(now_ms);
@@ -1147,7 +1368,8 @@ impl GossipNode {
     }
 
     /// Encodes `entries` (sorted here) as messages of at most `max_message_bytes`.
-    fn pack(&self, entries: &mut [Outgoing]) -> Vec<Vec<u8>> {
+    fn pack(&self, entries: &mut [Outgoing], totals: bool) -> Vec<Vec<u8>> {
+        let body = if totals { Body::Totals } else { Body::Counts };
         entries.sort_unstable_by_key(|o| (o.window_ms, o.replica, std::cmp::Reverse(o.window), o.key));
         let budget = self.cfg.max_message_bytes;
         let header = codec::counts_header_len(&self.cfg.replica);
@@ -1166,7 +1388,7 @@ impl GossipNode {
             let batch_len = codec::batch_header_len(&o.replica, o.window_ms as u32, o.window, 1);
             let extra = codec::entry_len(&entry) + if offset.is_some() { 0 } else { batch_len };
             if size + extra > budget && !batches.is_empty() {
-                messages.extend(self.encode(Body::Counts(std::mem::take(&mut batches))));
+                messages.extend(self.encode(body(std::mem::take(&mut batches))));
                 size = header;
             }
             match (offset, batches.last_mut()) {
@@ -1182,7 +1404,7 @@ impl GossipNode {
             }
         }
         if !batches.is_empty() {
-            messages.extend(self.encode(Body::Counts(batches)));
+            messages.extend(self.encode(body(batches)));
         }
         messages
     }
@@ -1220,7 +1442,8 @@ impl GossipNode {
 
     fn merge_batches(&mut self, from: PeerId, batches: &[Batch], now_ms: i64) {
         let now_ms = self.cluster_ms(now_ms);
-        let fan_out = self.fan_out();
+        let aggregated = self.aggregated();
+        let fan_out = self.fan_out() && !aggregated;
         let mut refused = None;
         for b in batches {
             if b.replica == self.cfg.replica {
@@ -1254,21 +1477,237 @@ impl GossipNode {
                 .iter()
                 .map(|e| (u64::from_le_bytes(e.key), window_of(e), e.count))
                 .filter(|(_, window, _)| range.contains(window));
-            let (stats, relay) = (&mut self.stats, &mut self.relay);
+            let mut publish_left = if aggregated {
+                self.peers.get(&from).map_or(0, |p| MAX_PUBLISHED_PER_PEER_ROUND.saturating_sub(p.published_this_round))
+            } else {
+                0
+            };
+            let (stats, relay, to_publish) = (&mut self.stats, &mut self.relay, &mut self.to_publish);
             self.replica.merge(window_ms, index, now_ms, entries, |(key, window, count), outcome| match outcome {
                 Ok(true) => {
                     stats.entries_merged += 1;
                     if fan_out {
                         relay.push(Outgoing { window_ms, replica: b.replica, key, window, count });
+                    } else if publish_left > 0 {
+                        publish_left -= 1;
+                        to_publish.push((window_ms, key, window));
                     }
                 }
                 Ok(false) => {}
                 Err(_) => stats.dropped_at_capacity += 1,
             });
+            if let Some(p) = self.peers.get_mut(&from).filter(|_| aggregated) {
+                p.published_this_round = MAX_PUBLISHED_PER_PEER_ROUND - publish_left;
+            }
         }
         if let Some(replica) = refused {
             self.push_event(Event::Refused { peer: from, reason: Refusal::Replica(replica) });
         }
+    }
+
+    /// Merges the others' totals an aggregator sent: each can only raise this node's view.
+    fn merge_totals(&mut self, batches: &[Batch], now_ms: i64) {
+        let now_ms = self.cluster_ms(now_ms);
+        for b in batches {
+            let window_ms = u64::from(b.window_ms);
+            let Some((range, _)) = self.replica.windows(window_ms, now_ms) else {
+                self.stats.out_of_range += b.entries.len() as u64;
+                continue;
+            };
+            let window_of = |e: &WireEntry| b.base_window - i64::from(e.window_offset);
+            let stats = &mut self.stats;
+            let entries = b.entries.iter().map(|e| (u64::from_le_bytes(e.key), window_of(e), e.count));
+            let (in_range, out_of_range): (Vec<_>, Vec<_>) = entries.partition(|(_, w, _)| range.contains(w));
+            stats.out_of_range += out_of_range.len() as u64;
+            self.replica.merge_heard(window_ms, now_ms, in_range.into_iter(), |_, outcome| match outcome {
+                Ok(true) => stats.totals_merged += 1,
+                Ok(false) => {}
+                Err(_) => stats.dropped_at_capacity += 1,
+            });
+        }
+    }
+
+    // ----- aggregated dissemination -----
+
+    /// Sends this node's changed counts to their keys' aggregators, and heartbeats to
+    /// fan-out mode's cycle of targets that got nothing this round (and to one peer that
+    /// is down, so a healed peer is noticed).
+    fn send_to_aggregators(&mut self, live: &[PeerId], now_ms: i64) {
+        let me = self.cfg.replica;
+        let mut own: Vec<Outgoing> = Vec::new();
+        self.replica.changes(now_ms, |window_ms, changed| {
+            own.extend(changed.iter().map(|e| Outgoing { window_ms, replica: me, key: e.key, window: e.window, count: e.count }));
+        });
+        if !own.is_empty() {
+            self.last_active_round = self.round;
+        }
+        self.relay.clear();
+        let messaged = self.route_own(own, true);
+        let mut targets = self.next_in_cycle(live, self.cfg.fanout);
+        let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
+        targets.extend(self.pick(&down, 1));
+        for to in targets {
+            if !messaged.contains(&to) {
+                self.send(to, Body::Counts(Vec::new()), false);
+            }
+        }
+    }
+
+    /// Sends each of this node's own counts in `own` to its key's aggregators; with
+    /// `publish`, a key this node aggregates itself is published to its writers this
+    /// round. Returns the peers sent to.
+    fn route_own(&mut self, own: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
+        let me = self.cfg.replica.node;
+        let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
+        for o in own {
+            for &a in self.ring.aggregators(o.key, self.cfg.aggregators).as_slice() {
+                if a != me {
+                    per.entry(a).or_default().push(o);
+                } else if publish {
+                    self.to_publish.push((o.window_ms, o.key, o.window));
+                }
+            }
+        }
+        self.send_packed(per, false)
+    }
+
+    /// Packs and sends each peer's counts (or, with `totals`, others' totals), to the
+    /// peers that are up. Returns the peers sent to.
+    fn send_packed(&mut self, per: BTreeMap<PeerId, Vec<Outgoing>>, totals: bool) -> BTreeSet<PeerId> {
+        let mut sent = BTreeSet::new();
+        for (to, mut entries) in per {
+            if !self.peers.get(&to).is_some_and(|p| p.up) {
+                continue;
+            }
+            for m in self.pack(&mut entries, totals) {
+                self.queue(to, m, false);
+            }
+            let n = entries.len() as u64;
+            if totals {
+                self.stats.totals_sent += n;
+            } else {
+                self.stats.entries_sent += n;
+            }
+            sent.insert(to);
+        }
+        sent
+    }
+
+    /// Sends the writers of the keys whose counts changed here this round (merged from a
+    /// writer, or counted by this node) the others' totals.
+    fn publish_totals(&mut self, live: &[PeerId], now_ms: i64) {
+        if self.to_publish.is_empty() {
+            return;
+        }
+        let me = self.cfg.replica.node;
+        let mut changed = std::mem::take(&mut self.to_publish);
+        changed.sort_unstable();
+        changed.dedup();
+        let mut per = BTreeMap::new();
+        let mut buf = Vec::new();
+        for group in changed.chunk_by(|a, b| a.0 == b.0) {
+            let window_ms = group[0].0;
+            // Each round, a key's first aggregator publishes; the others hold its counts
+            // as a standby and publish them every anti-entropy period.
+            let k = self.cfg.aggregators;
+            let mut keys: Vec<u64> =
+                group.iter().map(|&(_, key, _)| key).filter(|&key| self.ring.aggregators(key, k).as_slice().first() == Some(&me)).collect();
+            keys.dedup();
+            buf.clear();
+            self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
+            // Only the windows that changed (a writer of any window gets them).
+            let changed_window = |key: u64, window: i64| group.binary_search(&(window_ms, key, window)).is_ok();
+            self.totals_for(window_ms, &buf, changed_window, (live, |_| true), &mut per);
+        }
+        self.send_packed(per, true);
+    }
+
+    /// For every key in `exported` (each key's counts together, as the store exports
+    /// them): to each of its writers that is a live peer's current incarnation, the total
+    /// of every other replica's counts, per window that `send` accepts; and for the keys
+    /// `to_all` accepts, to every other peer in `live`, the total of all counts.
+    fn totals_for(
+        &self,
+        window_ms: u64,
+        exported: &[Exported],
+        send: impl Fn(u64, i64) -> bool,
+        (live, to_all): (&[PeerId], impl Fn(u64) -> bool),
+        per: &mut BTreeMap<PeerId, Vec<Outgoing>>,
+    ) {
+        let me = self.cfg.replica;
+        let mut writers: Vec<PeerId> = Vec::new();
+        let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
+        let mut sums: Vec<(i64, u64)> = Vec::new();
+        for counts in exported.chunk_by(|a, b| a.key == b.key) {
+            let key = counts[0].key;
+            sums.clear();
+            by_replica.clear();
+            for e in counts {
+                match sums.iter_mut().find(|s| s.0 == e.window) {
+                    Some(s) => s.1 = s.1.saturating_add(e.count),
+                    None => sums.push((e.window, e.count)),
+                }
+                if e.replica != LOCAL_REPLICA {
+                    by_replica.push((e.replica, e.window, e.count));
+                }
+            }
+            sums.retain(|&(window, _)| send(key, window));
+            by_replica.sort_unstable();
+            writers.clear();
+            for writer in by_replica.chunk_by(|a, b| a.0 == b.0) {
+                let Some(r) = self.replica_id(writer[0].0) else { continue };
+                if !self.peers.get(&r.node).is_some_and(|p| p.up && p.incarnation == Some(r.incarnation)) {
+                    continue;
+                }
+                writers.push(r.node);
+                for &(window, sum) in &sums {
+                    let own = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
+                    if sum > own {
+                        per.entry(r.node).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
+                    }
+                }
+            }
+            if to_all(key) {
+                for &p in live.iter().filter(|p| !writers.contains(p)) {
+                    for &(window, sum) in &sums {
+                        per.entry(p).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Repair by repetition, every anti-entropy period, when this node's view goes quiet,
+    /// and when the ring changed: every own count to its key's aggregators, and the
+    /// others' totals of every key this node aggregates to its writers (and, for the keys
+    /// it is the first aggregator of, the total to every other live peer).
+    fn resend_everything(&mut self, live: &[PeerId], now_ms: i64) {
+        let me = self.cfg.replica;
+        let (mut own, mut per, mut buf) = (Vec::new(), BTreeMap::new(), Vec::new());
+        for window_ms in self.replica.window_lengths() {
+            buf.clear();
+            // At most `MAX_RESEND_ENTRIES` counts per store, resuming there next time.
+            let cursor = self.resend_cursors.entry(window_ms).or_default();
+            if self.replica.export_from(window_ms, cursor, MAX_RESEND_ENTRIES, now_ms, |_| true, &mut buf) {
+                *cursor = ExportCursor::default();
+            }
+            let k = self.cfg.aggregators;
+            own.extend(buf.iter().filter(|e| e.replica == LOCAL_REPLICA).map(|e| Outgoing {
+                window_ms,
+                replica: me,
+                key: e.key,
+                window: e.window,
+                count: e.count,
+            }));
+            buf.retain(|e| self.ring.aggregators(e.key, k).as_slice().contains(&me.node));
+            // The first aggregator also tells the members that do not count the key: a
+            // node's first request for a client is then decided on a view at most a
+            // period old, not on none.
+            let first = |key: u64| self.ring.aggregators(key, k).as_slice().first() == Some(&me.node);
+            self.totals_for(window_ms, &buf, |_, _| true, (live, first), &mut per);
+        }
+        self.route_own(own, false);
+        self.send_packed(per, true);
     }
 
     /// Answers a peer's ping, or takes its answer to ours as a clock sample.
@@ -1313,11 +1752,12 @@ impl GossipNode {
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
         self.send_limits(to);
         let windows = self.replica.window_lengths();
+        let aggregated = self.aggregated();
         let Some(p) = self.peers.get_mut(&to) else { return };
         p.last_sync_answered_ms = Some(now_ms);
         p.sync_lossy = false;
         p.jobs.clear();
-        p.jobs.extend(windows.into_iter().map(RepairJob::full_sync));
+        p.jobs.extend(windows.into_iter().map(|w| RepairJob::full_sync(w, aggregated)));
         self.stats.full_syncs_sent += 1;
         self.step_repairs(to, now_ms);
     }
@@ -1450,7 +1890,7 @@ impl GossipNode {
                 *wanted.entry(r).or_default() |= m;
             }
         } else if waiting < MAX_REPAIR_JOBS {
-            p.jobs.push_back(RepairJob { window_ms, wanted: Some(masks), cursor: ExportCursor::default() });
+            p.jobs.push_back(RepairJob { window_ms, wanted: Some(masks), aggregated: false, cursor: ExportCursor::default() });
         } else {
             self.stats.repairs_dropped += 1;
             self.push_event(Event::Refused { peer: to, reason: Refusal::RepairQueue });
@@ -1474,9 +1914,12 @@ impl GossipNode {
             let Some(mut job) = p.jobs.pop_front() else { break };
             let any_bucket = job.wanted.as_ref().map_or(0xFF, |w| w.values().fold(0u8, |m, b| m | b));
             buf.clear();
-            let select = |k: u64| any_bucket & (1 << bucket(k)) != 0;
+            let (ring, k) = (&self.ring, self.cfg.aggregators);
+            // Aggregated dissemination: the keys `to` aggregates.
+            let select =
+                |key: u64| any_bucket & (1 << bucket(key)) != 0 && (!job.aggregated || ring.aggregators(key, k).as_slice().contains(&to));
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
-            out.extend(buf.iter().filter_map(|e| {
+            out.extend(buf.iter().filter(|e| !job.aggregated || e.replica == LOCAL_REPLICA).filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
                 let wanted = job.wanted.as_ref().is_none_or(|w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
                 wanted.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })
@@ -1491,7 +1934,7 @@ impl GossipNode {
         }
         if !out.is_empty() {
             self.stats.entries_sent += out.len() as u64;
-            for m in self.pack(&mut out) {
+            for m in self.pack(&mut out, false) {
                 self.queue(to, m, true);
             }
         }
@@ -1502,7 +1945,9 @@ impl GossipNode {
         }
         if sync_done && std::mem::take(&mut p.sync_lossy) {
             // Part of it never left: send it all again rather than announce it complete.
-            p.jobs.extend(self.replica.window_lengths().into_iter().map(RepairJob::full_sync));
+            let aggregated = self.aggregated();
+            let Some(p) = self.peers.get_mut(&to) else { return };
+            p.jobs.extend(self.replica.window_lengths().into_iter().map(|w| RepairJob::full_sync(w, aggregated)));
         } else if sync_done {
             self.push_event(Event::FullSyncSent { peer: to });
         }

@@ -25,7 +25,7 @@ use crate::admission::Admission;
 use crate::limits::{LimitsError, LimitsVersion};
 use crate::{ConfigError, Error, LimitsConfig, RateLimiter};
 
-pub(crate) use crate::store::{ExportCursor, Exported, LOCAL_REPLICA};
+pub(crate) use crate::store::{ExportCursor, Exported, ViewCount, LOCAL_REPLICA};
 
 /// A limiter attached to a gossip core. See the module documentation.
 #[derive(Debug)]
@@ -147,6 +147,33 @@ impl Replica {
                 on((key, window, count), store.merge(key, window, replica, count, now_ms));
             }
         });
+    }
+
+    /// Raises what the store for `window_ms` counts of the other replicas to the totals
+    /// an aggregator reported: each `(key, window, total)` of `entries`, with `on` told of
+    /// each outcome (`Ok(true)`: the view grew); nothing if there is no such store.
+    pub(crate) fn merge_heard(
+        &self,
+        window_ms: u64,
+        now_ms: i64,
+        entries: impl Iterator<Item = (u64, i64, u64)>,
+        mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
+    ) {
+        self.limiter.with_existing_store(window_ms, |store| {
+            for (key, window, total) in entries {
+                on((key, window, total), store.merge_heard(key, window, total, now_ms));
+            }
+        });
+    }
+
+    /// [`export`](Self::export) of `keys` alone, looked up one by one.
+    pub(crate) fn export_keys(&self, window_ms: u64, keys: &[u64], now_ms: i64, out: &mut Vec<Exported>) {
+        self.limiter.with_existing_store(window_ms, |s| s.export_keys(keys, now_ms, out));
+    }
+
+    /// Every key's view of every retained window of the store for `window_ms`.
+    pub(crate) fn views(&self, window_ms: u64, now_ms: i64, out: &mut Vec<ViewCount>) {
+        self.limiter.with_existing_store(window_ms, |s| s.views(now_ms, out));
     }
 
     /// The windows of the store for `window_ms` a count may still be merged for, at

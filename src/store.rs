@@ -9,7 +9,7 @@
 //! the low bits the table probes with.
 //!
 //! # What peers can make a store hold
-//! A remote slot (80 bytes) keeps the other replicas' counts of its key as 12-byte cells
+//! A remote slot (88 bytes) keeps the other replicas' counts of its key as 12-byte cells
 //! (replica, count in the newest window, count in the one before), sorted by replica in
 //! one exactly sized allocation that doubles as replicas arrive: a lookup is a binary
 //! search, and an insertion moves at most [`MAX_KEY_REPLICAS`] cells, in whatever order
@@ -170,6 +170,12 @@ struct Remote {
     /// The totals per window: the cells' counts plus any counted without a cell.
     cur_sum: u64,
     prev_sum: u64,
+    /// The other replicas' total per window as an aggregator reported it (aggregated
+    /// dissemination, `docs/design.md`): a lower bound of the truth, like `cur_sum`, so
+    /// the view takes the larger of the two. Saturates at 2³² − 1, past every limit
+    /// ([`Quota::MAX_LIMIT`]), so a saturated total still refuses as the true one would.
+    cur_heard: u32,
+    prev_heard: u32,
     /// This node's share of the key's quota in the current round (bounded admission).
     share: RoundShare,
 }
@@ -188,12 +194,35 @@ impl Remote {
                 }
             }
             self.prev_sum = self.cur_sum;
+            self.prev_heard = self.cur_heard;
         } else {
             self.prev_sum = 0;
+            self.prev_heard = 0;
         }
         self.len = kept as u32;
         self.cur_sum = 0;
+        self.cur_heard = 0;
         self.share.clear();
+    }
+
+    /// What the view counts of the other replicas in the key's newest window (or, with
+    /// `prev`, the one before): the larger of the two lower bounds it has.
+    #[inline]
+    fn seen(&self, prev: bool) -> u64 {
+        if prev {
+            self.prev_sum.max(u64::from(self.prev_heard))
+        } else {
+            self.cur_sum.max(u64::from(self.cur_heard))
+        }
+    }
+
+    /// Raises the others' total an aggregator reported for the newest window (or, with
+    /// `prev`, the one before) to `total`. Returns whether the view changed.
+    fn hear(&mut self, prev: bool, total: u64) -> bool {
+        let seen = self.seen(prev);
+        let heard = if prev { &mut self.prev_heard } else { &mut self.cur_heard };
+        *heard = saturate(total).max(*heard);
+        u64::from(*heard) > seen
     }
 
     /// The cells in use.
@@ -262,6 +291,19 @@ impl Remote {
     }
 }
 
+/// A total as a `u32`, saturated: past [`Quota::MAX_LIMIT`] it refuses all the same.
+fn saturate(total: u64) -> u32 {
+    u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+/// What holds the window a peer's count is merged into (see [`Store::merge_into`]).
+enum Target<'a> {
+    /// A sliding-log bucket older than the key's previous window.
+    Older(&'a mut Bucket),
+    /// The key's slot: its newest window, or (`true`) the one before.
+    Slot(&'a mut Remote, bool),
+}
+
 /// One sliding-log bucket older than a key's previous window: the local count and the
 /// other replicas' counts.
 #[derive(Debug, Default, Clone)]
@@ -271,16 +313,18 @@ struct Bucket {
     dirty: bool,
     remote: GCounter<u32>,
     remote_sum: u64,
+    /// The other replicas' total an aggregator reported (see [`Remote::seen`]).
+    heard: u32,
 }
 
 impl Bucket {
     fn total(&self) -> u64 {
-        u64::from(self.local) + self.remote_sum
+        u64::from(self.local) + self.remote_sum.max(u64::from(self.heard))
     }
 
-    /// No count at all: neither local, nor per replica, nor in the total alone.
+    /// No count at all: neither local, nor per replica, nor in the totals alone.
     fn is_empty(&self) -> bool {
-        self.local == 0 && self.remote.is_empty() && self.remote_sum == 0
+        self.local == 0 && self.remote.is_empty() && self.remote_sum == 0 && self.heard == 0
     }
 }
 
@@ -314,8 +358,8 @@ fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u
     let by = by.clamp(0, len as i64 + 2) as usize;
     let r = remote_of(e).map(|i| &remote[i]);
     // Remote counts held in the totals alone (no cell was left for them) count too.
-    let cur = (e.cur > 0 || r.is_some_and(|r| r.cur_sum > 0)) && by >= 2 && by - 2 < len;
-    let prev = (e.prev > 0 || r.is_some_and(|r| r.prev_sum > 0)) && by >= 1 && by - 1 < len;
+    let cur = (e.cur > 0 || r.is_some_and(|r| r.seen(false) > 0)) && by >= 2 && by - 2 < len;
+    let prev = (e.prev > 0 || r.is_some_and(|r| r.seen(true) > 0)) && by >= 1 && by - 1 < len;
     let Some(list) = (match older.get_mut(&e.key) {
         Some(l) => Some(l),
         None if cur || prev => Some(older.entry(e.key).or_default()),
@@ -338,6 +382,7 @@ fn shift_older(older: &mut Older, e: &Entry, remote: &[Remote], by: i64, back: u
             dirty: e.remote_and_dirty & if prev { DIRTY_PREV } else { DIRTY_CUR } != 0,
             remote: if n <= MAX_KEY_REPLICAS && cap.take_cells(n) { counter } else { GCounter::new() },
             remote_sum: r.map_or(0, |r| if prev { r.prev_sum } else { r.cur_sum }),
+            heard: r.map_or(0, |r| if prev { r.prev_heard } else { r.cur_heard }),
         }
     };
     if prev {
@@ -818,6 +863,17 @@ impl Shard {
     }
 }
 
+/// One key's view of one window, as [`Store::views`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ViewCount {
+    pub key: u64,
+    pub window: i64,
+    /// This node's own count.
+    pub own: u64,
+    /// What the view decides on: every replica's count it knows of.
+    pub total: u64,
+}
+
 /// One count exported by [`Store::export`] or [`Store::collect_changes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Exported {
@@ -1187,6 +1243,51 @@ impl Store {
         if count == 0 || replica == LOCAL_REPLICA {
             return Ok(false);
         }
+        self.merge_into(key, window, now_ms, |target| match target {
+            Target::Older(b) => {
+                let before = b.remote.get(replica);
+                if before == 0 && (b.remote.len() >= MAX_KEY_REPLICAS || !self.cap.take_cells(1)) {
+                    // No entry to hold it: the bucket's total takes it (stricter, never looser).
+                    b.remote_sum = b.remote_sum.saturating_add(count);
+                    return true;
+                }
+                if b.remote.merge_slot(replica, count) {
+                    b.remote_sum = b.remote_sum.saturating_add(count - before);
+                    return true;
+                }
+                false
+            }
+            Target::Slot(r, prev) => {
+                // The codec refuses counts past 2^32 - 1 (where local counts saturate too).
+                let count = u32::try_from(count).unwrap_or(u32::MAX);
+                r.merge(replica, prev, count, |n| self.cap.take_cells(n))
+            }
+        })
+    }
+
+    /// Raises what the view counts of the other replicas of `key` in `window` to `total`,
+    /// as an aggregator reported it (aggregated dissemination): kept beside the
+    /// per-replica counts, and the view takes the larger. Returns whether the view grew;
+    /// errors as [`merge`](Self::merge).
+    pub(crate) fn merge_heard(&self, key: u64, window: i64, total: u64, now_ms: i64) -> Result<bool, Error> {
+        if total == 0 {
+            return Ok(false);
+        }
+        self.merge_into(key, window, now_ms, |target| match target {
+            Target::Older(b) => {
+                let seen = b.remote_sum.max(u64::from(b.heard));
+                b.heard = b.heard.max(saturate(total));
+                u64::from(b.heard) > seen
+            }
+            Target::Slot(r, prev) => r.hear(prev, total),
+        })
+    }
+
+    /// Finds (or makes, as a key first counted by a peer) `key`, rolls it to `window` if
+    /// that is newer, takes the hot key's leases back, and lets `f` merge into what holds
+    /// `window`: an older sliding-log bucket, or the slot's newest or previous window.
+    /// Windows no request accepted at `now_ms` could fall in are ignored.
+    fn merge_into(&self, key: u64, window: i64, now_ms: i64, f: impl FnOnce(Target<'_>) -> bool) -> Result<bool, Error> {
         let key = key.max(1);
         let cell = self.shard(key);
         let hot = cell.hot.0.get().map(|c| &**c);
@@ -1241,23 +1342,10 @@ impl Store {
             // them, `set_quota` cuts them): growing a new list frees no cells.
             debug_assert!(list.len() < back as usize, "{} older buckets, back {back}", list.len());
             list.resize_with(back as usize - 1, Bucket::default);
-            let b = &mut list[age as usize - 2];
-            let before = b.remote.get(replica);
-            if before == 0 && (b.remote.len() >= MAX_KEY_REPLICAS || !self.cap.take_cells(1)) {
-                // No entry to hold it: the bucket's total takes it (stricter, never looser).
-                b.remote_sum = b.remote_sum.saturating_add(count);
-                return Ok(true);
-            }
-            if b.remote.merge_slot(replica, count) {
-                b.remote_sum = b.remote_sum.saturating_add(count - before);
-                return Ok(true);
-            }
-            return Ok(false);
+            return Ok(f(Target::Older(&mut list[age as usize - 2])));
         }
         let i = Shard::ensure_remote(remote, free_remote, e);
-        // The codec refuses counts past 2^32 - 1 (where local counts saturate too).
-        let count = u32::try_from(count).unwrap_or(u32::MAX);
-        Ok(remote[i].merge(replica, age == 1, count, |n| self.cap.take_cells(n)))
+        Ok(f(Target::Slot(&mut remote[i], age == 1)))
     }
 
     /// Appends every local count changed since the last collection to `out` and clears
@@ -1362,6 +1450,49 @@ impl Store {
             *cursor = ExportCursor { shard: cursor.shard + 1, ..ExportCursor::default() };
         }
         true
+    }
+
+    /// [`export`](Self::export) of `keys` alone (each looked up, not searched for).
+    pub(crate) fn export_keys(&self, keys: &[u64], now_ms: i64, out: &mut Vec<Exported>) {
+        let track = self.track_changes.load(Ordering::Relaxed);
+        for &key in keys {
+            let key = key.max(1);
+            let s = self.shard(key);
+            let mut guard = s.lock.lock();
+            guard.fold_hot(s.hot.0.get().map(|c| &**c), track);
+            let shard = &*guard;
+            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
+            if let Some(e) = shard.table.get(key) {
+                shard.export_entry(e, now, out);
+            }
+        }
+    }
+
+    /// Every key's view per retained window: this node's count and the total the view
+    /// decides on (this node's count plus the larger of the other replicas' counts and the
+    /// total an aggregator reported). Locks one shard at a time.
+    pub(crate) fn views(&self, now_ms: i64, out: &mut Vec<ViewCount>) {
+        let track = self.track_changes.load(Ordering::Relaxed);
+        for s in self.shards.iter() {
+            let mut guard = s.0.lock.lock();
+            guard.fold_hot(s.0.hot.0.get().map(|c| &**c), track);
+            let shard = &*guard;
+            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
+            for e in shard.table.slots() {
+                let window = now - windows_since(e.window, now as u32);
+                let r = remote_of(e).map(|i| &shard.remote[i]);
+                let mut push = |window, own: u32, others| {
+                    if own > 0 || others > 0 {
+                        out.push(ViewCount { key: e.key, window, own: u64::from(own), total: u64::from(own) + others });
+                    }
+                };
+                push(window, e.cur, r.map_or(0, |r| r.seen(false)));
+                push(window - 1, e.prev, r.map_or(0, |r| r.seen(true)));
+                for (i, b) in shard.older.get(&e.key).into_iter().flatten().enumerate() {
+                    push(window - 2 - i as i64, b.local, b.remote_sum.max(u64::from(b.heard)));
+                }
+            }
+        }
     }
 
     /// Drops every key that no request accepted at `now_ms` can reach; locks one shard
@@ -1565,8 +1696,8 @@ fn apply<V: Outcome>(
     let counts_of = |e: &Entry, remote: &[Remote], reserved: u64| {
         let (mut cur, mut prev) = (u64::from(e.cur) + reserved, u64::from(e.prev));
         if let Some(i) = remote_of(e) {
-            cur += remote[i].cur_sum;
-            prev += remote[i].prev_sum;
+            cur += remote[i].seen(false);
+            prev += remote[i].seen(true);
         }
         Counts { cur, prev: prev + older_sum }
     };
@@ -1766,6 +1897,81 @@ mod tests {
     }
 
     #[test]
+    fn an_aggregators_total_and_the_replicas_counts_are_two_lower_bounds_the_view_takes_the_larger_of() {
+        let s = store(10);
+        let view = |s: &Store| {
+            let mut v = Vec::new();
+            s.views(T0, &mut v);
+            v.iter().find(|v| v.key == 1 && v.window == W0).map_or(0, |v| v.total)
+        };
+        assert!(s.admit(1, T0, T0, None, None).unwrap());
+        assert!(s.merge_heard(1, W0, 5, T0).unwrap());
+        assert_eq!(view(&s), 6);
+        assert!(!s.merge_heard(1, W0, 4, T0).unwrap(), "a smaller total changes nothing");
+        s.merge(1, W0, 7, 3, T0).unwrap();
+        assert_eq!(view(&s), 6);
+        assert_eq!(view(&s), 6, "per-replica counts below the total do not raise the view");
+        assert!(s.merge(1, W0, 8, 3, T0).unwrap());
+        assert_eq!(view(&s), 7, "3 + 3 from replicas beat the total of 5");
+        for _ in 0..3 {
+            assert!(s.admit(1, T0, T0, None, None).unwrap());
+        }
+        assert!(!s.admit(1, T0, T0, None, None).unwrap(), "4 local + 6 others = the limit");
+        // The next window: the total moves to the previous one with the key.
+        assert!(s.merge_heard(1, W0 + 1, 2, T0 + 1000).unwrap());
+        let mut v = Vec::new();
+        s.views(T0 + 1000, &mut v);
+        assert_eq!(v.iter().map(|v| (v.window, v.own, v.total)).collect::<Vec<_>>(), vec![(W0 + 1, 0, 2), (W0, 4, 10)]);
+    }
+
+    proptest::proptest! {
+        /// Replica counts and aggregators' totals, merged in any order, any number of
+        /// times: the same view, and no window's view ever goes down.
+        #[test]
+        fn merges_of_counts_and_totals_commute_are_idempotent_and_never_lower_a_view(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0u32..4, 0i64..2, 1u64..60), 0..24),
+            order in proptest::collection::vec(proptest::num::usize::ANY, 24),
+        ) {
+            let now = T0 + 1500;
+            let apply = |s: &Store, op: &(bool, u32, i64, u64)| {
+                let &(total, replica, w, count) = op;
+                if total {
+                    s.merge_heard(1, W0 + w, count, now).unwrap();
+                } else {
+                    s.merge(1, W0 + w, replica, count, now).unwrap();
+                }
+            };
+            let views = |s: &Store| {
+                let mut v = Vec::new();
+                s.views(now, &mut v);
+                v.sort();
+                v
+            };
+            let (a, b) = (store(1_000), store(1_000));
+            let mut seen: Vec<ViewCount> = Vec::new();
+            for op in &ops {
+                apply(&a, op);
+                let now_views = views(&a);
+                for old in &seen {
+                    let new = now_views.iter().find(|v| v.window == old.window).map_or(0, |v| v.total);
+                    proptest::prop_assert!(new >= old.total, "window {} went from {} to {new}", old.window, old.total);
+                }
+                seen = now_views;
+            }
+            // The same operations shuffled, each applied twice.
+            let mut shuffled = ops.clone();
+            for (i, &j) in order.iter().enumerate().take(shuffled.len()) {
+                let j = j % shuffled.len();
+                shuffled.swap(i, j);
+            }
+            for op in shuffled.iter().chain(&shuffled) {
+                apply(&b, op);
+            }
+            proptest::prop_assert_eq!(views(&a), views(&b));
+        }
+    }
+
+    #[test]
     fn merging_is_idempotent_and_keeps_the_maximum() {
         let s = store(100);
         assert!(s.merge(1, W0, 2, 10, T0).unwrap());
@@ -1810,7 +2016,7 @@ mod tests {
 
     #[test]
     fn one_key_holds_a_bounded_number_of_replica_cells_and_counts_the_rest_in_its_total() {
-        assert_eq!(std::mem::size_of::<Remote>(), 80, "the size the module doc states");
+        assert_eq!(std::mem::size_of::<Remote>(), 88, "the size the module doc states");
         assert_eq!(std::mem::size_of::<Cell>(), 12);
         let s = store(5_001);
         let empty = bytes(&s);
@@ -2186,7 +2392,7 @@ mod tests {
     /// dropped once no decision reads them (and their side-map entry with them).
     #[test]
     fn sliding_log_buckets_roll_merge_export_and_expire() {
-        assert_eq!(std::mem::size_of::<Bucket>(), 40, "the size docs/design.md states");
+        assert_eq!(std::mem::size_of::<Bucket>(), 48, "the size docs/design.md states");
         let s = log_store(10);
         let b0 = T0 / 100;
         assert!(s.admit(1, T0, T0, None, None).unwrap());

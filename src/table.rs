@@ -111,7 +111,6 @@ impl Table {
         self.find(key).map(|i| &mut self.slots[i])
     }
 
-    #[cfg(test)]
     pub(crate) fn get(&self, key: u64) -> Option<&Entry> {
         self.find(key).map(|i| &self.slots[i])
     }
@@ -172,7 +171,6 @@ impl Table {
     }
 
     /// The occupied slots.
-    #[cfg(test)]
     pub(crate) fn slots(&self) -> impl Iterator<Item = &Entry> {
         self.slots.iter().filter(|s| s.key != EMPTY)
     }

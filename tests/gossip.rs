@@ -33,6 +33,8 @@ struct Cluster {
     strategy: Strategy,
     /// Per node, the events its core reported, in order.
     events: BTreeMap<u64, Vec<Event>>,
+    /// Aggregated dissemination beyond two peers (instead of full mesh up to 16).
+    aggregated: bool,
 }
 
 impl Cluster {
@@ -52,7 +54,18 @@ impl Cluster {
             admission,
             strategy,
             events: BTreeMap::new(),
+            aggregated: false,
         };
+        for &id in ids {
+            c.start(id, 1, ids);
+        }
+        c
+    }
+
+    /// A cluster in aggregated dissemination (more than two peers each).
+    fn aggregated(ids: &[u64], limit: u64) -> Self {
+        let mut c = Self::new(&[], limit, Admission::Optimistic);
+        c.aggregated = true;
         for &id in ids {
             c.start(id, 1, ids);
         }
@@ -69,7 +82,10 @@ impl Cluster {
             .hash_secret(SECRET)
             .build()
             .unwrap();
-        let cfg = GossipConfig::new(ReplicaId { node: id, incarnation });
+        let mut cfg = GossipConfig::new(ReplicaId { node: id, incarnation });
+        if self.aggregated {
+            (cfg.full_mesh_max_peers, cfg.aggregate_above_peers, cfg.fanout) = (2, 2, 2);
+        }
         let peers = ids.iter().copied().filter(|&p| p != id);
         let gossip = GossipNode::new(limiter, cfg, peers, id, self.now).unwrap();
         self.nodes.insert(id, Node { gossip, clock });
@@ -131,6 +147,14 @@ impl Cluster {
 
     fn state(&self, node: u64) -> Vec<StateEntry> {
         self.nodes[&node].gossip.state(self.now)
+    }
+
+    /// What `node` decides `client` on in the current window (its own count and the
+    /// others'), or 0.
+    fn view(&self, node: u64, client: &str) -> u64 {
+        let key = self.nodes[&node].gossip.limiter().key_hash(client);
+        let window = self.now.div_euclid(1000);
+        self.nodes[&node].gossip.views(self.now).iter().find(|v| v.key == key && v.window == window).map_or(0, |v| v.total)
     }
 
     fn converged(&self) -> bool {
@@ -437,4 +461,66 @@ fn anti_entropy_repairs_a_lost_sliding_log_bucket() {
     // The lost bucket is older than the previous one before anti-entropy runs.
     let c = lose_a_delta_then_repair(Strategy::SlidingLog);
     assert_eq!(c.state(2).iter().map(|e| (e.window, e.count)).collect::<Vec<_>>(), vec![(T0 / 100, 5)]);
+}
+
+#[test]
+fn aggregated_dissemination_gives_every_writer_the_global_count_and_keeps_counts_at_few_nodes() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let mut c = Cluster::aggregated(&ids, 1_000);
+    c.run_until(T0 + 100);
+    assert!(c.nodes.values().all(|n| n.gossip.aggregating()));
+    // Nodes 1 to 6 count "a", 2 requests each; 7 and 8 never see it.
+    for round in 0..2 {
+        for node in 1..=6 {
+            assert!(c.allow(node, "a"));
+        }
+        c.run_until(T0 + 120 + round * 20);
+    }
+    c.run_until(T0 + 200);
+    for node in 1..=6 {
+        assert_eq!(c.view(node, "a"), 12, "node {node}'s view");
+    }
+    // Each writer's count is held by the key's aggregators alone (2 by default), not by
+    // every node as in full mesh.
+    for writer in 1..=6u64 {
+        let holders = ids.iter().filter(|&&n| n != writer && c.state(n).iter().any(|e| e.replica.node == writer)).count();
+        assert!((1..=2).contains(&holders), "node {writer}'s count is held by {holders} other nodes");
+    }
+    let silent: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().all(|e| e.replica.node == n)).collect();
+    assert!(silent.len() >= 4, "only {silent:?} hold no other node's count");
+}
+
+#[test]
+fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let mut c = Cluster::aggregated(&ids, 1_000);
+    c.run_until(T0 + 100);
+    for node in 1..=8 {
+        assert!(c.allow(node, "b"));
+    }
+    c.run_until(T0 + 160);
+    // Cut off every node that holds another's count of "b": its aggregators.
+    let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+    assert!(!aggregators.is_empty() && aggregators.len() <= 2, "{aggregators:?}");
+    c.cut = aggregators.clone();
+    let writers: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
+    // They are suspected after four cycles of two targets among seven peers (16 rounds);
+    // meanwhile and after, the others keep counting.
+    for step in 0..30 {
+        for &w in &writers {
+            if step % 10 == 0 {
+                assert!(c.allow(w, "b"));
+            }
+        }
+        let t = c.now + 20;
+        c.run_until(t);
+    }
+    c.run_until(c.now + 200);
+    // Every surviving writer counted 1 + 3; the aggregators' own count of 1 each was
+    // sent to the other aggregator (if any) and to no writer: it may be missing.
+    let made = 4 * writers.len() as u64;
+    for &w in &writers {
+        let view = c.view(w, "b");
+        assert!(view >= made && view <= made + aggregators.len() as u64, "node {w} decides on {view}, survivors made {made}");
+    }
 }

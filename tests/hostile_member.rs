@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crdt_rate_limiter::counter::ReplicaId;
 use crdt_rate_limiter::gossip::{
-    Event, Refusal, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_RELAYED_PER_PEER, MAX_REPAIR_ENTRIES_PER_ROUND,
+    Event, Refusal, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_PUBLISHED_PER_PEER_ROUND, MAX_RELAYED_PER_PEER,
+    MAX_REPAIR_ENTRIES_PER_ROUND, MAX_RESEND_ENTRIES,
 };
 use crdt_rate_limiter::testing::{self, CountsBatch};
 use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
@@ -106,6 +107,65 @@ fn replicas_whose_counts_expired_are_reclaimed_and_the_budget_frees_up() {
 
 /// A node holding 20,000 keys, and a peer (node 2) that is up: its full sync, made
 /// before the keys were counted, is complete, so what follows exercises repairs alone.
+/// Aggregated dissemination sends totals to every live member: what one member's counts
+/// can make a node publish is bounded per round, and the periodic resend per period.
+#[test]
+fn a_member_cannot_make_an_aggregator_publish_without_bound() {
+    let peers: Vec<u64> = (2..=21).collect();
+    let mut n = node(1, &peers, 1_000_000);
+    let mut t = T0;
+    for round in 1..=4 {
+        for &p in &peers {
+            n.handle_message(p, &heartbeat_from(p), t).unwrap();
+        }
+        t = T0 + round * 20;
+        n.handle_timeout(t);
+        drain(&mut n);
+    }
+    assert!(n.aggregating());
+    // Member 2 counts 800,000 keys at once: about 1 in 21 has this node as its first
+    // aggregator, 37 times the per-round budget, and the store now holds 49 times what a
+    // resend passes over.
+    for part in 0..16u64 {
+        let entries = (0..50_000u64).map(|i| (splitmix(part * 50_000 + i), 1)).collect();
+        let batch = CountsBatch { replica: replica(2, 1), window_ms: 1000, window: W0, entries };
+        n.handle_message(2, &testing::counts(replica(2, 1), &[batch]).unwrap(), t).unwrap();
+    }
+    n.handle_message(3, &heartbeat_from(3), t).unwrap();
+    let before = n.stats().totals_sent;
+    n.handle_timeout(t + 20);
+    let sent = n.stats().totals_sent - before;
+    drain(&mut n);
+    assert!(sent > 0, "the budget's worth is published");
+    assert!(sent <= (MAX_PUBLISHED_PER_PEER_ROUND * peers.len()) as u64, "{sent} totals in one round");
+    // The periodic resend (every 10 rounds) passes over at most MAX_RESEND_ENTRIES counts.
+    let mut t = t + 20;
+    let mut most = 0;
+    for _ in 0..12 {
+        for &p in &peers {
+            n.handle_message(p, &heartbeat_from(p), t).unwrap();
+        }
+        let before = n.stats().totals_sent;
+        t += 20;
+        n.handle_timeout(t);
+        most = most.max(n.stats().totals_sent - before);
+        drain(&mut n);
+    }
+    assert!(most > 0);
+    assert!(most <= ((MAX_RESEND_ENTRIES + 1) * peers.len()) as u64, "{most} totals in one round");
+}
+
+fn heartbeat_from(p: u64) -> Vec<u8> {
+    testing::counts(replica(p, 1), &[]).unwrap()
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)).max(1)
+}
+
 fn busy_node() -> GossipNode {
     let mut n = node(1, &[2], 10);
     let hb = testing::counts(replica(2, 1), &[]).unwrap();

@@ -114,8 +114,9 @@ pub struct Config {
     /// Drives every random choice of the run. Default 1.
     #[arg(long, help = "drives every random choice", value_name = "N", default_value_t = 1, help_heading = "Run")]
     pub seed: u64,
-    /// Cluster size. Default 5; `1..=1000`. Above 16 the core gossips in fan-out mode.
-    #[arg(long, help = "cluster size (above 16 the core gossips in fan-out mode)", value_name = "N", default_value_t = 5, value_parser = int_in::<usize, 1, { NODES_MAX as u64 }>, help_heading = "Cluster and load")]
+    /// Cluster size. Default 5; `1..=1000`. Above 16 the core disseminates through
+    /// aggregators (or in fan-out mode, with `--aggregate-above`).
+    #[arg(long, help = "cluster size (above 16 counts go through aggregators)", value_name = "N", default_value_t = 5, value_parser = int_in::<usize, 1, { NODES_MAX as u64 }>, help_heading = "Cluster and load")]
     pub nodes: usize,
     /// Distinct clients. Default 100; `1..=1_000_000`.
     #[arg(long, help = "distinct steady clients", value_name = "N", default_value_t = 100, value_parser = int_in::<usize, 1, { CLIENTS_MAX as u64 }>, help_heading = "Cluster and load")]
@@ -136,6 +137,15 @@ pub struct Config {
     /// Gossip interval. Default 20 ms; `1..=60_000`.
     #[arg(long, help = "gossip interval", value_name = "MS", default_value_t = 20, value_parser = int_in::<u64, 1, GOSSIP_MS_MAX>, help_heading = "Gossip and network")]
     pub gossip_ms: u64,
+    /// Beyond this many peers, nodes use aggregated dissemination (the library's
+    /// `GossipConfig::aggregate_above_peers`; at least 16). Default: the library's.
+    #[arg(long, help = "beyond this many peers, aggregated dissemination (default: the library's)", value_name = "PEERS", value_parser = int_in::<usize, 16, { NODES_MAX as u64 }>, help_heading = "Gossip and network")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregate_above: Option<usize>,
+    /// Aggregators per key in aggregated dissemination. Default: the library's (2).
+    #[arg(long, help = "aggregators per key in aggregated dissemination (default: the library's)", value_name = "K", value_parser = int_in::<usize, 1, 8>, help_heading = "Gossip and network")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregators: Option<usize>,
     /// One-way latency range `[min, max]`, uniform. Default `[1, 5]` ms.
     #[arg(long, help = "one-way latency, uniform in A..=B", value_name = "A..B", default_value = "1..5", value_parser = latency, help_heading = "Gossip and network")]
     pub latency_ms: (u64, u64),
@@ -221,6 +231,8 @@ impl Default for Config {
             rate: 3.0,
             skew_traffic: 0.0,
             gossip_ms: 20,
+            aggregate_above: None,
+            aggregators: None,
             latency_ms: (1, 5),
             loss: 0.0,
             duplicate: 0.0,
@@ -655,6 +667,12 @@ impl Config {
         push("--rate", format!("{:?}", self.rate));
         push("--skew-traffic", format!("{:?}", self.skew_traffic));
         push("--gossip-ms", self.gossip_ms.to_string());
+        if let Some(above) = self.aggregate_above {
+            push("--aggregate-above", above.to_string());
+        }
+        if let Some(k) = self.aggregators {
+            push("--aggregators", k.to_string());
+        }
         push("--latency-ms", format!("{}..{}", self.latency_ms.0, self.latency_ms.1));
         push("--loss", format!("{:?}", self.loss));
         push("--duplicate", format!("{:?}", self.duplicate));

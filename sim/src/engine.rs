@@ -7,7 +7,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use crdt_rate_limiter::counter::ReplicaId;
-use crdt_rate_limiter::gossip::{Event as GossipEvent, StateEntry, Transmit};
+use crdt_rate_limiter::gossip::{Event as GossipEvent, StateEntry, Transmit, ViewEntry};
 use crdt_rate_limiter::limits::{DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE};
 use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
@@ -212,6 +212,9 @@ struct Sim<'a> {
     replica_live: Vec<bool>,
     /// Admissions per (client, window the node counted them in, replica).
     truth: FxMap<(u32, i64, u32), u64>,
+    /// The same per (client, window), all replicas together: what a view's total is
+    /// checked against.
+    truth_cw: FxMap<(u32, i64), u64>,
     /// Admissions per (client, window of true time).
     admitted_tw: FxMap<(u32, i64), u64>,
     ideal_tw: FxMap<(u32, i64), u64>,
@@ -361,6 +364,7 @@ impl<'a> Sim<'a> {
             replica_index: BTreeMap::new(),
             replica_live: Vec::new(),
             truth: FxMap::default(),
+            truth_cw: FxMap::default(),
             admitted_tw: FxMap::default(),
             ideal_tw: FxMap::default(),
             offered: 0,
@@ -501,6 +505,12 @@ impl<'a> Sim<'a> {
         let replica = ReplicaId { node: n as u64 + 1, incarnation };
         let mut gcfg = GossipConfig::new(replica);
         gcfg.interval_ms = cfg.gossip_ms;
+        if let Some(above) = cfg.aggregate_above {
+            gcfg.aggregate_above_peers = above;
+        }
+        if let Some(k) = cfg.aggregators {
+            gcfg.aggregators = k;
+        }
         let peers = (1..=cfg.nodes as u64).filter(|&p| p != replica.node);
         let seed = sub_seed(cfg.seed, "node", (n as u64) << 32 | incarnation);
         let rl = limiter(cfg, &node.clock, sub_seed(cfg.seed, "tables", (n as u64) << 32 | incarnation));
@@ -728,6 +738,7 @@ impl<'a> Sim<'a> {
         if self.timeline.is_some() {
             *self.truth_total.entry((client, window)).or_default() += 1;
         }
+        *self.truth_cw.entry((client, window)).or_default() += 1;
         let count = self.truth.entry((client, window, r)).or_default();
         *count += 1;
         let count = *count;
@@ -979,8 +990,60 @@ impl<'a> Sim<'a> {
         let now_ms = self.node_ms(n);
         let Some(live) = self.nodes[n].live.as_ref() else { return };
         let (state, own) = (live.gossip.state(now_ms), live.replica);
+        let views = live.gossip.views(now_ms);
         self.totals.safety_checks += 1;
         self.check_view(&format!("node {n}"), &state, |r| r == own);
+        self.check_totals(&format!("node {n}"), &views);
+    }
+
+    /// Checks a node's view totals: none above what all replicas admitted.
+    fn check_totals(&mut self, who: &str, views: &[ViewEntry]) {
+        for v in views {
+            let Some(&c) = self.client_of_key.get(&v.key) else { continue };
+            let all = self.truth_cw.get(&(c, v.window)).copied().unwrap_or(0);
+            if v.total > all {
+                self.violation(format!(
+                    "{who} decides client {c} in window {} on {} admissions; all replicas made {all}",
+                    v.window, v.total
+                ));
+            }
+        }
+    }
+
+    /// Aggregated dissemination's convergence: every live node decides every client, in
+    /// every compared window, on at least what the live replicas admitted (and, as the
+    /// safety check holds, at most what all did), and holds its own counts exactly. Nodes
+    /// hold other replicas' counts only of the keys they aggregate, so their states are
+    /// not compared. Returns what is still missing, if anything.
+    fn aggregated_disagreement(&mut self, lo: i64) -> Option<String> {
+        let mut live_cw: FxMap<(u32, i64), u64> = FxMap::default();
+        for (&(c, w, r), &n) in &self.truth {
+            if w >= lo && self.replica_live[r as usize] {
+                *live_cw.entry((c, w)).or_default() += n;
+            }
+        }
+        let mut windows: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
+        for &(c, w) in live_cw.keys() {
+            windows.entry(c).or_default().push(w);
+        }
+        for i in 0..self.up.len() {
+            let n = self.up[i];
+            let now_ms = self.node_ms(n);
+            let Some(live) = self.nodes[n].live.as_ref() else { continue };
+            // Every client's total: its first aggregator sends it to every live member.
+            let views: FxMap<(u64, i64), u64> = live.gossip.views(now_ms).into_iter().map(|v| ((v.key, v.window), v.total)).collect();
+            for (&c, ws) in &windows {
+                let key = self.keys[c as usize];
+                for &w in ws {
+                    let want = live_cw[&(c, w)];
+                    let total = views.get(&(key, w)).copied().unwrap_or(0);
+                    if total < want {
+                        return Some(format!("node {n} decides client {c} in window {w} on {total} admissions, live replicas made {want}"));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// The oldest window compared for convergence: the one before the newest window any
@@ -991,6 +1054,27 @@ impl<'a> Sim<'a> {
 
     fn convergence_check(&mut self) {
         let lo = self.oldest_compared_window();
+        let aggregated = self.up.iter().any(|&n| self.nodes[n].live.as_ref().is_some_and(|l| l.gossip.aggregating()));
+        if aggregated {
+            let disagreement = self.aggregated_disagreement(lo);
+            return self.conclude(disagreement, |sim| {
+                // Every live replica's own counts, exactly (the others' are in the totals).
+                for i in 0..sim.up.len() {
+                    let n = sim.up[i];
+                    let now_ms = sim.node_ms(n);
+                    let Some(live) = sim.nodes[n].live.as_ref() else { continue };
+                    let own = live.replica;
+                    let mine: Vec<StateEntry> =
+                        live.gossip.state(now_ms).into_iter().filter(|e| e.window >= lo && e.replica == own).collect();
+                    let seen = sim.check_view(&format!("node {n}'s converged state"), &mine, |r| r == own);
+                    let r = sim.replica_index[&own];
+                    let expected = sim.truth.keys().filter(|(_, w, by)| *w >= lo && *by == r).count();
+                    if seen != expected {
+                        sim.violation(format!("node {n} holds {seen} of its own counts once converged; it made {expected}"));
+                    }
+                }
+            });
+        }
         let mut reference: Option<(usize, Vec<StateEntry>)> = None;
         let mut disagreement = None;
         for i in 0..self.up.len() {
@@ -1007,19 +1091,27 @@ impl<'a> Sim<'a> {
                 Some(_) => {}
             }
         }
+        self.conclude(disagreement, |sim| {
+            let state = reference.map(|(_, s)| s).unwrap_or_default();
+            // Live replicas' counts must all be there, exactly; dead ones' may lag.
+            let live: BTreeSet<ReplicaId> = sim.replicas.iter().zip(&sim.replica_live).filter(|(_, &up)| up).map(|(r, _)| *r).collect();
+            let seen = sim.check_view("the converged state", &state, |r| live.contains(&r));
+            let expected = sim.truth.keys().filter(|(_, w, r)| *w >= lo && sim.replica_live[*r as usize]).count();
+            if seen != expected {
+                sim.violation(format!("the converged state holds {seen} counts of live replicas; they made {expected}"));
+            }
+        });
+    }
+
+    /// Ends the run as converged (after `verify`) if nothing disagrees, or as not
+    /// converged once the tail cap is reached; else checks again a round later.
+    fn conclude(&mut self, disagreement: Option<String>, verify: impl FnOnce(&mut Self)) {
         let waited_ms = ((self.now_us - self.end_us) / 1000) as u64;
         if disagreement.is_none() {
             self.converged = true;
             self.convergence_ms = Some(waited_ms);
             self.done = true;
-            let state = reference.map(|(_, s)| s).unwrap_or_default();
-            // Live replicas' counts must all be there, exactly; dead ones' may lag.
-            let live: BTreeSet<ReplicaId> = self.replicas.iter().zip(&self.replica_live).filter(|(_, &up)| up).map(|(r, _)| *r).collect();
-            let seen = self.check_view("the converged state", &state, |r| live.contains(&r));
-            let expected = self.truth.keys().filter(|(_, w, r)| *w >= lo && self.replica_live[*r as usize]).count();
-            if seen != expected {
-                self.violation(format!("the converged state holds {seen} counts of live replicas; they made {expected}"));
-            }
+            verify(self);
         } else if waited_ms >= self.cfg.tail_cap_ms {
             self.done = true;
             let what = disagreement.unwrap_or_default();

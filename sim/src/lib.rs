@@ -191,8 +191,8 @@ pub fn try_run_traced(cfg: &Config) -> Result<(Report, Timeline), ConfigError> {
 /// its favourite node.
 ///
 /// An estimate, not a bound: arrivals are Poisson, so in some windows a node is offered
-/// more than `ρⱼ·S` within `S`; fan-out mode (more than 16 peers) takes several rounds per
-/// hop; loss lengthens `S` for the lost count; a partition lets each side admit up to the
+/// more than `ρⱼ·S` within `S`; beyond 16 peers a count reaches the others through its key's
+/// aggregator, two rounds (in fan-out mode, several rounds per hop); loss lengthens `S` for the lost count; a partition lets each side admit up to the
 /// whole limit. The bounded policy is expected to stay below it.
 pub fn predicted_max_overshoot(cfg: &Config) -> u64 {
     let lag_ms = (cfg.gossip_ms + cfg.latency_ms.1) as f64;

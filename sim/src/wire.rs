@@ -24,6 +24,9 @@ const CONFIG: Configuration<config::LittleEndian, config::Varint, config::Limit<
 
 /// The body variant carrying counts (`Body::Counts`, the first variant).
 const COUNTS_VARIANT: u32 = 0;
+/// The body variant carrying others' totals (`Body::Totals`, the seventh): batches of
+/// the same shape, whose windows roll keys forward alike.
+const TOTALS_VARIANT: u32 = 6;
 
 /// Counts of one replica for one window length (`codec::Batch`).
 #[derive(Deserialize)]
@@ -45,8 +48,8 @@ struct WireEntry {
 /// `receiver`, for windows of length `window_ms` within `acceptable`: the counts a node
 /// merges when it accepts the message.
 ///
-/// Only the envelope's header (version, sender, body variant) and the `Counts` body are
-/// read, so other kinds of messages need no mirror here.
+/// Only the envelope's header (version, sender, body variant) and the `Counts` and
+/// `Totals` bodies are read, so other kinds of messages need no mirror here.
 ///
 /// # Errors
 /// The message does not decode with this mirror of the wire format.
@@ -59,7 +62,7 @@ pub(crate) fn for_each_count(
 ) -> Result<(), String> {
     let ((_version, _from, variant), used): ((u8, ReplicaId, u32), usize) =
         bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| e.to_string())?;
-    if variant != COUNTS_VARIANT {
+    if variant != COUNTS_VARIANT && variant != TOTALS_VARIANT {
         return Ok(());
     }
     let (batches, body): (Vec<Batch>, usize) = bincode::serde::decode_from_slice(&bytes[used..], CONFIG).map_err(|e| e.to_string())?;

@@ -70,7 +70,7 @@ use std::time::Duration;
 use siphasher::sip::SipHasher13;
 
 use crate::counter::ReplicaId;
-use crate::gossip::{GossipConfig, GossipStats, PeerId, PeerStats, StateEntry};
+use crate::gossip::{GossipConfig, GossipStats, PeerId, PeerStats, StateEntry, ViewEntry};
 use crate::{Builder, RateLimiter};
 use driver::Shared;
 pub use tls::{TlsError, TlsIdentity};
@@ -656,9 +656,18 @@ impl Cluster {
     }
 
     /// Every count this node holds ([`GossipNode::state`](crate::GossipNode::state) at
-    /// the current time): equal on every member once gossip has converged.
+    /// the current time): equal on every member of a full mesh once gossip has
+    /// converged (beyond 16 peers, where counts go through aggregators, members hold
+    /// different counts and agree on [`views`](Self::views) instead).
     pub fn state(&self) -> Vec<StateEntry> {
         self.shared.state.lock().node.state(driver::now_ms())
+    }
+
+    /// What this node decides each key on, per window
+    /// ([`GossipNode::views`](crate::GossipNode::views) at the current time): the totals
+    /// are equal on every member once gossip has converged, whatever the cluster's size.
+    pub fn views(&self) -> Vec<ViewEntry> {
+        self.shared.state.lock().node.views(driver::now_ms())
     }
 
     /// Dials one more seed (a runtime join through `addr`).
