@@ -30,21 +30,24 @@
 //! * **Aggregated dissemination.** Beyond `aggregate_above_peers` peers (default 16, so
 //!   it takes over from fan-out), a node sends its changed counts of a key only to the
 //!   key's `aggregators` (default 2): the first distinct members after the key's hash on a
-//!   ring of the live members. Each round the key's first aggregator sends every writer
-//!   of a key whose counts changed (a live member that counted it in a window the store
-//!   keeps) the **others' total** per window: the sum of every replica's count but the
-//!   writer's own. The writer keeps it beside any per-replica counts it holds and
+//!   ring of the live members. Each round, for every key and window whose counts changed
+//!   on it, the key's first aggregator sends every live member the **others' total**:
+//!   the sum of every replica's count but the receiver's own (all of them, for a member
+//!   that has none). The member keeps it beside any per-replica counts it holds and
 //!   decides on the larger of the two, both lower bounds of the truth (a max-register
-//!   per key and window: merges commute, are idempotent, and never lower a view). So a
-//!   node's traffic per round follows the keys it counts, not the fleet's size. Every
-//!   anti-entropy period (and when the view goes quiet, and two rounds after the ring
-//!   changes) each node sends all its own counts to their aggregators and every
-//!   aggregator its totals to the writers: loss is repaired by repetition. An aggregator
-//!   that dies is replaced once it is suspected, and the writers' own counts reach the
-//!   new one within two rounds; only counts that reached no surviving aggregator and
-//!   whose writer died too are lost. Digests are not used in this mode (nodes hold
-//!   different sets of counts by design); a full sync to a peer is this node's own
-//!   counts of the keys the peer aggregates.
+//!   per key and window: merges commute, are idempotent, and never lower a view). So the
+//!   entries a node sends and receives per round follow the keys that change, not the
+//!   fleet's size (the messages do not: up to one per aggregator). Every anti-entropy
+//!   period (and when the view goes quiet, and two rounds after the ring changes) each
+//!   node sends every replica's counts it holds (its own, and as an aggregator or a
+//!   former one, others', including replicas that are gone) to their keys' aggregators,
+//!   and every aggregator its totals: loss is repaired by repetition, and a key's new
+//!   aggregator learns what the old ones held. A resend passes over at most
+//!   [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time. An aggregator
+//!   that dies is replaced once it is suspected; counts are lost only if no live member
+//!   holds them. Digests are not used in this mode (nodes hold different sets of counts
+//!   by design); a full sync to a peer is every count this node holds of the keys the
+//!   peer aggregates.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
 //!   quota. Its counts stay until their windows expire.
@@ -113,9 +116,10 @@ const MAX_REPAIR_JOBS: usize = 4;
 /// The most aggregators per key ([`GossipConfig::aggregators`]).
 pub const MAX_AGGREGATORS: usize = 8;
 
-/// Aggregated dissemination: the most keys one peer's counts make this node publish
-/// totals of in one round (each to every live member). Past it the counts are merged and
-/// their totals go out with the next periodic resend.
+/// Aggregated dissemination: the most (key, window) pairs one peer's counts make this node
+/// publish totals of in one round, counting only keys this node is the first aggregator
+/// of (each goes to every live member). Past it the counts are merged and their totals go
+/// out with the next periodic resend.
 pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 
 /// Aggregated dissemination: the most counts one periodic resend exports from a store;
@@ -148,8 +152,8 @@ pub struct GossipConfig {
     /// Peers per round in fan-out mode. Default 4; at least 1.
     pub fanout: usize,
     /// Beyond this many peers, aggregated dissemination: a node sends its counts of a key
-    /// only to the key's `aggregators`, which send every node that counts the key the
-    /// total of the others (see the module documentation). Default 16: it replaces
+    /// only to the key's `aggregators`, and the first of them sends every live member the
+    /// total of the others' counts (see the module documentation). Default 16: it replaces
     /// fan-out, which it beats at every size measured (`docs/benchmarks.md`); a larger
     /// value keeps fan-out up to it; up to `full_mesh_max_peers` peers, full mesh whatever
     /// this says. Every member must run a version that speaks it (this one).
@@ -409,8 +413,8 @@ struct Peer {
 struct RepairJob {
     window_ms: u64,
     wanted: Option<BTreeMap<ReplicaId, u8>>,
-    /// Aggregated dissemination's full sync: only this node's own counts of the keys the
-    /// peer aggregates.
+    /// Aggregated dissemination's full sync: only the counts (every replica's this node
+    /// holds) of the keys the peer aggregates.
     aggregated: bool,
     /// Where the export stopped.
     cursor: ExportCursor,
@@ -1483,12 +1487,13 @@ impl GossipNode {
                 0
             };
             let (stats, relay, to_publish) = (&mut self.stats, &mut self.relay, &mut self.to_publish);
+            let (ring, k, me) = (&self.ring, self.cfg.aggregators, self.cfg.replica.node);
             self.replica.merge(window_ms, index, now_ms, entries, |(key, window, count), outcome| match outcome {
                 Ok(true) => {
                     stats.entries_merged += 1;
                     if fan_out {
                         relay.push(Outgoing { window_ms, replica: b.replica, key, window, count });
-                    } else if publish_left > 0 {
+                    } else if publish_left > 0 && ring.aggregators(key, k).as_slice().first() == Some(&me) {
                         publish_left -= 1;
                         to_publish.push((window_ms, key, window));
                     }
@@ -1553,9 +1558,9 @@ impl GossipNode {
         }
     }
 
-    /// Sends each of this node's own counts in `own` to its key's aggregators; with
-    /// `publish`, a key this node aggregates itself is published to its writers this
-    /// round. Returns the peers sent to.
+    /// Sends each count in `own` (this node's, or in a resend any replica's it holds) to its
+    /// key's aggregators other than this node; with `publish`, a key this node aggregates
+    /// itself is published this round. Returns the peers sent to.
     fn route_own(&mut self, own: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
         let me = self.cfg.replica.node;
         let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
@@ -1668,7 +1673,8 @@ impl GossipNode {
                 }
             }
             if to_all(key) {
-                for &p in live.iter().filter(|p| !writers.contains(p)) {
+                writers.sort_unstable();
+                for &p in live.iter().filter(|p| writers.binary_search(p).is_err()) {
                     for &(window, sum) in &sums {
                         per.entry(p).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum });
                     }
@@ -1692,12 +1698,12 @@ impl GossipNode {
                 *cursor = ExportCursor::default();
             }
             let k = self.cfg.aggregators;
-            own.extend(buf.iter().filter(|e| e.replica == LOCAL_REPLICA).map(|e| Outgoing {
-                window_ms,
-                replica: me,
-                key: e.key,
-                window: e.window,
-                count: e.count,
+            // Every replica's counts this node holds, its own and (as an aggregator, or one
+            // that was) others', including replicas that are gone: a key's new aggregator
+            // gets them from whoever held them, so no total leaves them out for good.
+            own.extend(buf.iter().filter_map(|e| {
+                let replica = self.replica_id(e.replica)?;
+                Some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
             buf.retain(|e| self.ring.aggregators(e.key, k).as_slice().contains(&me.node));
             // The first aggregator also tells the members that do not count the key: a
@@ -1919,7 +1925,7 @@ impl GossipNode {
             let select =
                 |key: u64| any_bucket & (1 << bucket(key)) != 0 && (!job.aggregated || ring.aggregators(key, k).as_slice().contains(&to));
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
-            out.extend(buf.iter().filter(|e| !job.aggregated || e.replica == LOCAL_REPLICA).filter_map(|e| {
+            out.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
                 let wanted = job.wanted.as_ref().is_none_or(|w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
                 wanted.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })

@@ -35,6 +35,8 @@ struct Cluster {
     events: BTreeMap<u64, Vec<Event>>,
     /// Aggregated dissemination beyond two peers (instead of full mesh up to 16).
     aggregated: bool,
+    /// The quota's window, in ms (default 1 s).
+    window_ms: u64,
 }
 
 impl Cluster {
@@ -55,6 +57,7 @@ impl Cluster {
             strategy,
             events: BTreeMap::new(),
             aggregated: false,
+            window_ms: 1000,
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -64,8 +67,12 @@ impl Cluster {
 
     /// A cluster in aggregated dissemination (more than two peers each).
     fn aggregated(ids: &[u64], limit: u64) -> Self {
+        Self::aggregated_with_window(ids, limit, 1000)
+    }
+
+    fn aggregated_with_window(ids: &[u64], limit: u64, window_ms: u64) -> Self {
         let mut c = Self::new(&[], limit, Admission::Optimistic);
-        c.aggregated = true;
+        (c.aggregated, c.window_ms) = (true, window_ms);
         for &id in ids {
             c.start(id, 1, ids);
         }
@@ -75,7 +82,7 @@ impl Cluster {
     fn start(&mut self, id: u64, incarnation: u64, ids: &[u64]) {
         let clock = ManualClock::new(self.now);
         let limiter = RateLimiter::builder()
-            .quota(Quota::new(self.limit, Duration::from_secs(1)).unwrap())
+            .quota(Quota::new(self.limit, Duration::from_millis(self.window_ms)).unwrap())
             .strategy(self.strategy)
             .admission(self.admission)
             .clock(clock.clone())
@@ -153,7 +160,7 @@ impl Cluster {
     /// others'), or 0.
     fn view(&self, node: u64, client: &str) -> u64 {
         let key = self.nodes[&node].gossip.limiter().key_hash(client);
-        let window = self.now.div_euclid(1000);
+        let window = self.now.div_euclid(self.window_ms as i64);
         self.nodes[&node].gossip.views(self.now).iter().find(|v| v.key == key && v.window == window).map_or(0, |v| v.total)
     }
 
@@ -522,5 +529,49 @@ fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again(
     for &w in &writers {
         let view = c.view(w, "b");
         assert!(view >= made && view <= made + aggregators.len() as u64, "node {w} decides on {view}, survivors made {made}");
+    }
+}
+
+/// A key's aggregators are cut off long enough to be replaced; a writer's counts reach
+/// the replacements; the writer dies; the old aggregators come back and are the key's
+/// aggregators again. They must get the dead writer's counts from the replacements
+/// (a full sync to a member that comes up carries every replica's counts of the keys it
+/// aggregates, and so does the periodic resend), or every total would leave them out for
+/// good and hide the live writers' new counts behind the higher total heard before.
+#[test]
+fn a_dead_writers_counts_follow_its_key_to_aggregators_that_come_back() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let mut c = Cluster::aggregated_with_window(&ids, 100_000, 10_000);
+    let mut made = 0;
+    c.run_until(T0 + 100);
+    for node in 1..=8 {
+        assert!(c.allow(node, "k"));
+        made += 1;
+    }
+    c.run_until(T0 + 200);
+    let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+    assert!(!aggregators.is_empty() && aggregators.len() <= 2, "{aggregators:?}");
+    let writer = *ids.iter().find(|n| !aggregators.contains(n)).unwrap();
+    // Cut the aggregators off until every other member has replaced them.
+    c.cut = aggregators.clone();
+    c.run_until(T0 + 700);
+    for _ in 0..50 {
+        assert!(c.allow(writer, "k"));
+        made += 1;
+    }
+    c.run_until(T0 + 900);
+    // The writer dies; the aggregators come back.
+    c.cut = vec![writer];
+    c.run_until(T0 + 1_600);
+    let survivors: Vec<u64> = ids.iter().copied().filter(|&n| n != writer).collect();
+    for &n in &survivors {
+        for _ in 0..8 {
+            assert!(c.allow(n, "k"));
+            made += 1;
+        }
+    }
+    c.run_until(T0 + 2_200);
+    for &n in &survivors {
+        assert_eq!(c.view(n, "k"), made, "node {n}'s view (aggregators {aggregators:?}, dead writer {writer})");
     }
 }

@@ -105,8 +105,6 @@ fn replicas_whose_counts_expired_are_reclaimed_and_the_budget_frees_up() {
     assert_eq!(n.limiter().check("c", later + 200).unwrap().remaining, 98, "its count and this request");
 }
 
-/// A node holding 20,000 keys, and a peer (node 2) that is up: its full sync, made
-/// before the keys were counted, is complete, so what follows exercises repairs alone.
 /// Aggregated dissemination sends totals to every live member: what one member's counts
 /// can make a node publish is bounded per round, and the periodic resend per period.
 #[test]
@@ -166,6 +164,8 @@ fn splitmix(x: u64) -> u64 {
     (z ^ (z >> 31)).max(1)
 }
 
+/// A node holding 20,000 keys, and a peer (node 2) that is up: its full sync, made
+/// before the keys were counted, is complete, so what follows exercises repairs alone.
 fn busy_node() -> GossipNode {
     let mut n = node(1, &[2], 10);
     let hb = testing::counts(replica(2, 1), &[]).unwrap();
