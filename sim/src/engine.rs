@@ -537,8 +537,9 @@ impl<'a> Sim<'a> {
 
     fn add_stats(&mut self, gossip: &GossipNode) {
         let s = gossip.stats();
-        self.totals.entries_sent += s.entries_sent;
-        self.totals.entries_merged += s.entries_merged;
+        // An aggregator's totals are counts on the wire too (aggregated dissemination).
+        self.totals.entries_sent += s.entries_sent + s.totals_sent;
+        self.totals.entries_merged += s.entries_merged + s.totals_merged;
         self.totals.full_syncs += s.full_syncs_sent;
         self.totals.digests += s.digests_sent;
         self.totals.buckets_repaired += s.buckets_repaired;
@@ -948,14 +949,7 @@ impl<'a> Sim<'a> {
     fn check_view(&mut self, who: &str, entries: &[StateEntry], exact: impl Fn(ReplicaId) -> bool) -> usize {
         let mut exact_seen = 0;
         for e in entries {
-            if e.window_ms != self.cfg.window_ms {
-                self.violation(format!("{who} holds a count for an unknown window length {} ms", e.window_ms));
-                continue;
-            }
-            let Some(&c) = self.client_of_key.get(&e.key) else {
-                self.violation(format!("{who} holds a count for key {:#x}, which is no client's", e.key));
-                continue;
-            };
+            let Some(c) = self.client_of(&format!("{who} holds a count"), e.window_ms, e.key) else { continue };
             let Some(&r) = self.replica_index.get(&e.replica) else {
                 self.violation(format!("{who} holds a count of replica {:?}, which never ran", e.replica));
                 continue;
@@ -980,6 +974,20 @@ impl<'a> Sim<'a> {
         exact_seen
     }
 
+    /// The client `key` (of a store for `window_ms`) belongs to; a violation naming `what`
+    /// if the window length or the key is no client's.
+    fn client_of(&mut self, what: &str, window_ms: u64, key: u64) -> Option<u32> {
+        if window_ms != self.cfg.window_ms {
+            self.violation(format!("{what} for an unknown window length {window_ms} ms"));
+            return None;
+        }
+        let c = self.client_of_key.get(&key).copied();
+        if c.is_none() {
+            self.violation(format!("{what} for key {key:#x}, which is no client's"));
+        }
+        c
+    }
+
     /// One node's whole view against the truth, nodes in turn.
     fn safety_check(&mut self) {
         if self.up.is_empty() {
@@ -996,10 +1004,11 @@ impl<'a> Sim<'a> {
         self.check_totals(&format!("node {n}"), &views);
     }
 
-    /// Checks a node's view totals: none above what all replicas admitted.
+    /// Checks a node's view totals: none above what all replicas admitted, none for a key
+    /// or a window length no client has.
     fn check_totals(&mut self, who: &str, views: &[ViewEntry]) {
         for v in views {
-            let Some(&c) = self.client_of_key.get(&v.key) else { continue };
+            let Some(c) = self.client_of(&format!("{who} decides on a total"), v.window_ms, v.key) else { continue };
             let all = self.truth_cw.get(&(c, v.window)).copied().unwrap_or(0);
             if v.total > all {
                 self.violation(format!(
@@ -1011,8 +1020,9 @@ impl<'a> Sim<'a> {
     }
 
     /// Aggregated dissemination's convergence: every live node decides every client, in
-    /// every compared window, on at least what the live replicas admitted (and, as the
-    /// safety check holds, at most what all did), and holds its own counts exactly. Nodes
+    /// every compared window, on at least what the live replicas admitted plus what any
+    /// live node still holds of replicas that are gone (and, as the safety check holds, at
+    /// most what all did), and holds its own counts exactly. Nodes
     /// hold other replicas' counts only of the keys they aggregate, so their states are
     /// not compared. Returns what is still missing, if anything.
     fn aggregated_disagreement(&mut self, lo: i64) -> Option<String> {
@@ -1021,6 +1031,23 @@ impl<'a> Sim<'a> {
             if w >= lo && self.replica_live[r as usize] {
                 *live_cw.entry((c, w)).or_default() += n;
             }
+        }
+        // Counts of replicas that are gone, as far as some live node still holds them:
+        // every total must include those too (a key's new aggregator gets them from
+        // whoever held them).
+        let mut held: FxMap<(u32, i64, u32), u64> = FxMap::default();
+        for &n in &self.up {
+            let Some(live) = self.nodes[n].live.as_ref() else { continue };
+            for e in live.gossip.state(self.node_ms(n)) {
+                let (Some(&c), Some(&r)) = (self.client_of_key.get(&e.key), self.replica_index.get(&e.replica)) else { continue };
+                if e.window >= lo && !self.replica_live[r as usize] {
+                    let h = held.entry((c, e.window, r)).or_default();
+                    *h = (*h).max(e.count);
+                }
+            }
+        }
+        for (&(c, w, _), &n) in &held {
+            *live_cw.entry((c, w)).or_default() += n;
         }
         let mut windows: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
         for &(c, w) in live_cw.keys() {

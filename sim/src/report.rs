@@ -63,9 +63,11 @@ pub struct Report {
     pub duplicated: u64,
     /// Reliable messages delayed by at least one retransmission.
     pub retransmitted: u64,
-    /// Counts the nodes sent (one per key, window, replica and receiving peer).
+    /// Counts the nodes sent (one per key, window, replica and receiving peer; in
+    /// aggregated dissemination, aggregators' totals included, one per key, window and
+    /// receiving peer).
     pub entries_sent: u64,
-    /// Counts received that raised the receiver's view.
+    /// Counts (and totals) received that raised the receiver's view.
     pub entries_merged: u64,
     /// Full syncs the nodes sent (on start, on a peer coming up or back).
     pub full_syncs: u64,
