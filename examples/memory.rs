@@ -17,7 +17,7 @@ mod common;
 use std::time::Duration;
 
 use crdt_rate_limiter::counter::ReplicaId;
-use crdt_rate_limiter::gossip::PeerId;
+use crdt_rate_limiter::gossip::{Event, PeerId};
 use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter};
 use tracing_subscriber::filter::LevelFilter;
 
@@ -102,9 +102,19 @@ fn main() {
             let g = &mut members[(t.to - 1) as usize];
             g.handle_message(RECEIVER, &t.bytes, NOW_MS).expect("the receiver's messages are accepted");
         }
+        // A full sync goes out in bounded steps, one per round: run each member's rounds
+        // until it says the last step is queued.
         for (i, g) in members.iter_mut().enumerate() {
-            while let Some(t) = g.poll_transmit() {
-                inbox.push((i as PeerId + 1, t.bytes));
+            let mut now = NOW_MS;
+            loop {
+                while let Some(t) = g.poll_transmit() {
+                    inbox.push((i as PeerId + 1, t.bytes));
+                }
+                if std::iter::from_fn(|| g.poll_event()).any(|e| matches!(e, Event::FullSyncSent { .. })) {
+                    break;
+                }
+                now += 20;
+                g.handle_timeout(now);
             }
         }
         node = Some(receiver);

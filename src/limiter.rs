@@ -808,7 +808,7 @@ impl Builder {
     /// Cap on keys first counted locally; a new key past it gets [`Error::KeyCapacity`].
     /// Keys first counted by peers have a budget as large of their own, and their replicas'
     /// counts one of 8 cells per key of the cap (`docs/design.md`, "Memory model"). Default
-    /// 4,194,304 (about 200 MiB of local keys; 2.75 GiB at most under any peer input); at
+    /// 4,194,304 (about 200 MiB of local keys; 2.87 GiB at most under any peer input); at
     /// least 1.
     pub fn max_keys(mut self, keys: usize) -> Self {
         self.max_keys = keys;

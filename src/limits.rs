@@ -43,7 +43,7 @@ pub const DEFAULT_MAX_TIMESTAMP_AGE: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
 /// Default cap on keys first counted locally (keys first counted by peers have a budget
 /// as large of their own). At about 50 bytes per local key this is about 200 MiB; the
-/// bound under any peer input is 2.75 GiB (`docs/design.md`, "Memory model").
+/// bound under any peer input is 2.87 GiB (`docs/design.md`, "Memory model").
 pub const DEFAULT_MAX_KEYS: usize = 4 * 1024 * 1024;
 /// How many distinct window lengths [`RateLimiter::allow_with`](crate::RateLimiter::allow_with) keeps counters for.
 pub const MAX_AD_HOC_WINDOWS: usize = 64;

@@ -147,7 +147,7 @@ pub enum Strategy {
     /// `L/k` under even load), and an admission is never later than one bucket (`b`) after
     /// the exact log's. Memory per key: `n + 1 ≤ k + 1` buckets, the two newest in the
     /// key's slot as the two windows of the other strategies, the older ones (while one of
-    /// them is not empty) in a side map at 40 bytes per bucket, plus 16 bytes per (remote
+    /// them is not empty) in a side map at 48 bytes per bucket, plus 16 bytes per (remote
     /// replica, bucket) that counted. `k` is fixed; `docs/design.md` weighs it.
     SlidingLog,
 }
