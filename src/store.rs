@@ -131,10 +131,6 @@ const DIRTY: u32 = DIRTY_CUR | DIRTY_PREV;
 const MAX_STEP_BACK_MS: i64 = 86_400_000;
 /// The replica index [`Store::export`] gives the local replica's counts.
 pub(crate) const LOCAL_REPLICA: u32 = u32::MAX;
-/// The replica index [`Store::export`] gives the counts a window's total holds without a
-/// cell (past [`MAX_KEY_REPLICAS`] or the cell budget): no replica's, so never relayed as
-/// one, but part of the total an aggregator publishes.
-pub(crate) const UNCELLED: u32 = u32::MAX - 1;
 
 #[inline]
 fn remote_of(e: &Entry) -> Option<usize> {
@@ -761,22 +757,12 @@ impl Shard {
             out.push(Exported { key, window: window - 1, replica, count: u64::from(e.prev) });
         }
         if let Some(i) = remote_of(e) {
-            let r = &self.remote[i];
-            let (mut in_cells_cur, mut in_cells_prev) = (0u64, 0u64);
-            for c in r.cells() {
+            for c in self.remote[i].cells() {
                 if c.cur > 0 {
                     out.push(Exported { key, window, replica: c.replica, count: u64::from(c.cur) });
                 }
                 if c.prev > 0 {
                     out.push(Exported { key, window: window - 1, replica: c.replica, count: u64::from(c.prev) });
-                }
-                (in_cells_cur, in_cells_prev) = (in_cells_cur + u64::from(c.cur), in_cells_prev + u64::from(c.prev));
-            }
-            for (window, uncelled) in
-                [(window, r.cur_sum.saturating_sub(in_cells_cur)), (window - 1, r.prev_sum.saturating_sub(in_cells_prev))]
-            {
-                if uncelled > 0 {
-                    out.push(Exported { key, window, replica: UNCELLED, count: uncelled });
                 }
             }
         }
@@ -786,10 +772,6 @@ impl Shard {
                 out.push(Exported { key, window, replica, count: u64::from(b.local) });
             }
             out.extend(b.remote.iter().map(|(replica, count)| Exported { key, window, replica, count }));
-            let uncelled = b.remote_sum.saturating_sub(b.remote.iter().map(|(_, c)| c).sum::<u64>());
-            if uncelled > 0 {
-                out.push(Exported { key, window, replica: UNCELLED, count: uncelled });
-            }
         }
     }
 
@@ -1989,26 +1971,6 @@ mod tests {
         }
     }
 
-    /// An aggregator publishes the total of everything its view counts, the counts held
-    /// without a cell included: an export names them (no replica's), so that a member that
-    /// exhausts the cell budget cannot make every other node's view looser.
-    #[test]
-    fn counts_held_without_a_cell_are_exported_as_such_so_totals_include_them() {
-        let tol = Tolerances { max_age_ms: 5_000, max_skew_ms: 2_000 };
-        let quota = Quota::new(1_000, Duration::from_secs(1)).unwrap();
-        let s = Store::new(1, KeyCap::new(1), tol, 7, quota, Strategy::FixedWindow);
-        for replica in 0..20 {
-            assert!(s.merge(1, W0, replica, 3, T0).unwrap());
-            assert!(s.merge(1, W0 - 1, replica, 2, T0).unwrap());
-        }
-        let mut out = Vec::new();
-        s.export(T0, |_| true, &mut out);
-        let sum = |w: i64| out.iter().filter(|e| e.window == w).map(|e| e.count).sum::<u64>();
-        assert_eq!((sum(W0), sum(W0 - 1)), (60, 40), "every count, in cells or not");
-        assert!(out.iter().any(|e| e.replica == UNCELLED), "the cell budget (8) was exhausted");
-        assert!(out.iter().filter(|e| e.replica != UNCELLED).count() <= 2 * CELLS_PER_KEY);
-    }
-
     #[test]
     fn merging_is_idempotent_and_keeps_the_maximum() {
         let s = store(100);
@@ -2077,10 +2039,8 @@ mod tests {
             s.merge(1, W0, slot, 2, T0).unwrap();
         }
         let exported = counts(&s, 1, T0);
-        let (cells, uncelled): (Vec<_>, Vec<_>) = exported.iter().partition(|e| e.1 != UNCELLED);
-        assert_eq!(cells.len(), MAX_KEY_REPLICAS, "one cell per replica up to the bound");
-        assert!(cells.iter().all(|&&(w, slot, c)| w == W0 && slot <= MAX_KEY_REPLICAS as u32 && c == 2));
-        assert_eq!(uncelled, vec![&(W0, UNCELLED, 20)], "the other 10 replicas' counts, without a cell");
+        assert_eq!(exported.len(), MAX_KEY_REPLICAS, "one cell per replica up to the bound");
+        assert!(exported.iter().all(|&(w, slot, c)| w == W0 && slot <= MAX_KEY_REPLICAS as u32 && c == 2));
         // Replicas with a cell merge exactly; one without is counted again when resent.
         assert!(!s.merge(1, W0, 1, 2, T0).unwrap());
         let total = |s: &Store| s.decide(1, T0, T0, None, None).unwrap().remaining;
@@ -2091,7 +2051,7 @@ mod tests {
         let t1 = T0 + 1_000;
         assert!(s.merge(1, W0 + 1, 7, 3, t1).unwrap());
         let c = counts(&s, 1, t1);
-        assert_eq!(c.iter().filter(|e| e.0 == W0 && e.1 != LOCAL_REPLICA && e.1 != UNCELLED).count(), MAX_KEY_REPLICAS);
+        assert_eq!(c.iter().filter(|e| e.0 == W0 && e.1 != LOCAL_REPLICA).count(), MAX_KEY_REPLICAS);
         assert_eq!(c.iter().filter(|e| e.0 == W0 + 1).collect::<Vec<_>>(), vec![&(W0 + 1, 7, 3)]);
     }
 

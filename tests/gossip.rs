@@ -37,6 +37,8 @@ struct Cluster {
     aggregated: bool,
     /// The quota's window, in ms (default 1 s).
     window_ms: u64,
+    /// The limiters' key cap (default: the library's).
+    max_keys: Option<usize>,
 }
 
 impl Cluster {
@@ -58,6 +60,7 @@ impl Cluster {
             events: BTreeMap::new(),
             aggregated: false,
             window_ms: 1000,
+            max_keys: None,
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -86,9 +89,13 @@ impl Cluster {
             .strategy(self.strategy)
             .admission(self.admission)
             .clock(clock.clone())
-            .hash_secret(SECRET)
-            .build()
-            .unwrap();
+            .hash_secret(SECRET);
+        let limiter = match self.max_keys {
+            Some(keys) => limiter.max_keys(keys),
+            None => limiter,
+        }
+        .build()
+        .unwrap();
         let mut cfg = GossipConfig::new(ReplicaId { node: id, incarnation });
         if self.aggregated {
             (cfg.full_mesh_max_peers, cfg.aggregate_above_peers, cfg.fanout) = (2, 2, 2);
@@ -573,5 +580,39 @@ fn a_dead_writers_counts_follow_its_key_to_aggregators_that_come_back() {
     c.run_until(T0 + 2_200);
     for &n in &survivors {
         assert_eq!(c.view(n, "k"), made, "node {n}'s view (aggregators {aggregators:?}, dead writer {writer})");
+    }
+}
+
+/// With its cell budget spent (a key cap of 1 leaves 8 cells), an aggregator keeps the
+/// counts of replicas it has no cell for only in the window's total, which every resend
+/// adds to again: its own view of the key is stricter than the truth, as documented for
+/// counts without a cell. Those counts must not reach the totals it publishes, or every
+/// member's view would be inflated with it (a change that published them had every view
+/// at 13 times the truth here).
+#[test]
+fn counts_an_aggregator_holds_without_a_cell_do_not_inflate_the_totals_it_publishes() {
+    let ids: Vec<u64> = (1..=12).collect();
+    let mut c = Cluster::new(&[], 100_000, Admission::Optimistic);
+    (c.aggregated, c.window_ms, c.max_keys) = (true, 10_000, Some(1));
+    for &id in &ids {
+        c.start(id, 1, &ids);
+    }
+    let mut made = 0;
+    let mut t = T0 + 100;
+    for _ in 0..20 {
+        c.run_until(t);
+        for &n in &ids {
+            assert!(c.allow(n, "k"));
+            made += 1;
+        }
+        t += 100;
+    }
+    c.run_until(t + 1_500);
+    let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+    assert!(!aggregators.is_empty());
+    for &n in ids.iter().filter(|n| !aggregators.contains(n)) {
+        let view = c.view(n, "k");
+        assert!(view <= made, "node {n} decides on {view}; {made} were made");
+        assert!(view > 0, "node {n} heard a total");
     }
 }
