@@ -1488,7 +1488,7 @@ impl GossipNode {
             };
             let (stats, relay, to_publish) = (&mut self.stats, &mut self.relay, &mut self.to_publish);
             let (ring, k, me) = (&self.ring, self.cfg.aggregators, self.cfg.replica.node);
-            self.replica.merge(window_ms, index, now_ms, entries, |(key, window, count), outcome| match outcome {
+            self.replica.merge(window_ms, Some(index), now_ms, entries, |(key, window, count), outcome| match outcome {
                 Ok(true) => {
                     stats.entries_merged += 1;
                     if fan_out {
@@ -1524,7 +1524,7 @@ impl GossipNode {
             let entries = b.entries.iter().map(|e| (u64::from_le_bytes(e.key), window_of(e), e.count));
             let (in_range, out_of_range): (Vec<_>, Vec<_>) = entries.partition(|(_, w, _)| range.contains(w));
             stats.out_of_range += out_of_range.len() as u64;
-            self.replica.merge_heard(window_ms, now_ms, in_range.into_iter(), |_, outcome| match outcome {
+            self.replica.merge(window_ms, None, now_ms, in_range.into_iter(), |_, outcome| match outcome {
                 Ok(true) => stats.totals_merged += 1,
                 Ok(false) => {}
                 Err(_) => stats.dropped_at_capacity += 1,

@@ -131,37 +131,25 @@ impl Replica {
         self.limiter.with_existing_store(window_ms, |s| s.export_from(cursor, budget, now_ms, select, out)).unwrap_or(true)
     }
 
-    /// Merges counts of replica index `replica` into the store for `window_ms`: each
-    /// `(key, window, count)` of `entries`, with `on` told of each outcome (`Ok(true)`:
-    /// the count grew); nothing is merged if there is no such store.
+    /// Merges into the store for `window_ms` each `(key, window, count)` of `entries`: the
+    /// counts of replica index `Some(replica)`, or (`None`) the others' totals an
+    /// aggregator reported, kept beside the per-replica counts. `on` is told of each
+    /// outcome (`Ok(true)`: the view grew); nothing is merged if there is no such store.
     pub(crate) fn merge(
         &self,
         window_ms: u64,
-        replica: u32,
+        replica: Option<u32>,
         now_ms: i64,
         entries: impl Iterator<Item = (u64, i64, u64)>,
         mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
     ) {
         self.limiter.with_existing_store(window_ms, |store| {
             for (key, window, count) in entries {
-                on((key, window, count), store.merge(key, window, replica, count, now_ms));
-            }
-        });
-    }
-
-    /// Raises what the store for `window_ms` counts of the other replicas to the totals
-    /// an aggregator reported: each `(key, window, total)` of `entries`, with `on` told of
-    /// each outcome (`Ok(true)`: the view grew); nothing if there is no such store.
-    pub(crate) fn merge_heard(
-        &self,
-        window_ms: u64,
-        now_ms: i64,
-        entries: impl Iterator<Item = (u64, i64, u64)>,
-        mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
-    ) {
-        self.limiter.with_existing_store(window_ms, |store| {
-            for (key, window, total) in entries {
-                on((key, window, total), store.merge_heard(key, window, total, now_ms));
+                let outcome = match replica {
+                    Some(r) => store.merge(key, window, r, count, now_ms),
+                    None => store.merge_heard(key, window, count, now_ms),
+                };
+                on((key, window, count), outcome);
             }
         });
     }
