@@ -1547,7 +1547,7 @@ impl GossipNode {
             self.last_active_round = self.round;
         }
         self.relay.clear();
-        let messaged = self.route_own(own, true);
+        let messaged = self.route_to_aggregators(own, true);
         let mut targets = self.next_in_cycle(live, self.cfg.fanout);
         let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
         targets.extend(self.pick(&down, 1));
@@ -1558,13 +1558,13 @@ impl GossipNode {
         }
     }
 
-    /// Sends each count in `own` (this node's, or in a resend any replica's it holds) to its
+    /// Sends each of `counts` (this node's, or in a resend any replica's it holds) to its
     /// key's aggregators other than this node; with `publish`, a key this node aggregates
     /// itself is published this round. Returns the peers sent to.
-    fn route_own(&mut self, own: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
+    fn route_to_aggregators(&mut self, counts: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
         let me = self.cfg.replica.node;
         let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
-        for o in own {
+        for o in counts {
             for &a in self.ring.aggregators(o.key, self.cfg.aggregators).as_slice() {
                 if a != me {
                     per.entry(a).or_default().push(o);
@@ -1689,7 +1689,7 @@ impl GossipNode {
     /// it is the first aggregator of, the total to every other live peer).
     fn resend_everything(&mut self, live: &[PeerId], now_ms: i64) {
         let me = self.cfg.replica;
-        let (mut own, mut per, mut buf) = (Vec::new(), BTreeMap::new(), Vec::new());
+        let (mut held, mut per, mut buf) = (Vec::new(), BTreeMap::new(), Vec::new());
         for window_ms in self.replica.window_lengths() {
             buf.clear();
             // At most `MAX_RESEND_ENTRIES` counts per store, resuming there next time.
@@ -1701,7 +1701,7 @@ impl GossipNode {
             // Every replica's counts this node holds, its own and (as an aggregator, or one
             // that was) others', including replicas that are gone: a key's new aggregator
             // gets them from whoever held them, so no total leaves them out for good.
-            own.extend(buf.iter().filter_map(|e| {
+            held.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
                 Some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
@@ -1712,7 +1712,7 @@ impl GossipNode {
             let first = |key: u64| self.ring.aggregators(key, k).as_slice().first() == Some(&me.node);
             self.totals_for(window_ms, &buf, |_, _| true, (live, first), &mut per);
         }
-        self.route_own(own, false);
+        self.route_to_aggregators(held, false);
         self.send_packed(per, true);
     }
 
