@@ -556,6 +556,17 @@ impl Ring {
         }
         out
     }
+
+    /// Whether `member` is one of `key`'s first `k` aggregators.
+    fn aggregates(&self, key: u64, k: usize, member: PeerId) -> bool {
+        self.aggregators(key, k).as_slice().contains(&member)
+    }
+
+    /// Whether `member` is `key`'s first aggregator, the one that publishes its totals
+    /// every round.
+    fn publishes(&self, key: u64, k: usize, member: PeerId) -> bool {
+        self.aggregators(key, k).as_slice().first() == Some(&member)
+    }
 }
 
 /// A key's aggregators, as [`Ring::aggregators`] finds them.
@@ -1493,7 +1504,7 @@ impl GossipNode {
                     stats.entries_merged += 1;
                     if fan_out {
                         relay.push(Outgoing { window_ms, replica: b.replica, key, window, count });
-                    } else if publish_left > 0 && ring.aggregators(key, k).as_slice().first() == Some(&me) {
+                    } else if publish_left > 0 && ring.publishes(key, k, me) {
                         publish_left -= 1;
                         to_publish.push((window_ms, key, window));
                     }
@@ -1521,10 +1532,13 @@ impl GossipNode {
             };
             let window_of = |e: &WireEntry| b.base_window - i64::from(e.window_offset);
             let stats = &mut self.stats;
-            let entries = b.entries.iter().map(|e| (u64::from_le_bytes(e.key), window_of(e), e.count));
-            let (in_range, out_of_range): (Vec<_>, Vec<_>) = entries.partition(|(_, w, _)| range.contains(w));
-            stats.out_of_range += out_of_range.len() as u64;
-            self.replica.merge(window_ms, None, now_ms, in_range.into_iter(), |_, outcome| match outcome {
+            stats.out_of_range += b.entries.iter().filter(|e| !range.contains(&window_of(e))).count() as u64;
+            let entries = b
+                .entries
+                .iter()
+                .map(|e| (u64::from_le_bytes(e.key), window_of(e), e.count))
+                .filter(|(_, window, _)| range.contains(window));
+            self.replica.merge(window_ms, None, now_ms, entries, |_, outcome| match outcome {
                 Ok(true) => stats.totals_merged += 1,
                 Ok(false) => {}
                 Err(_) => stats.dropped_at_capacity += 1,
@@ -1560,7 +1574,7 @@ impl GossipNode {
 
     /// Sends each of `counts` (this node's, or in a resend any replica's it holds) to its
     /// key's aggregators other than this node; with `publish`, a key this node aggregates
-    /// itself is published this round. Returns the peers sent to.
+    /// itself is marked for publishing this round. Returns the peers sent to.
     fn route_to_aggregators(&mut self, counts: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
         let me = self.cfg.replica.node;
         let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
@@ -1598,8 +1612,10 @@ impl GossipNode {
         sent
     }
 
-    /// Sends the writers of the keys whose counts changed here this round (merged from a
-    /// writer, or counted by this node) the others' totals.
+    /// Sends every live member the others' totals of the keys this node is the first
+    /// aggregator of whose counts changed here this round (merged from a writer, or
+    /// counted by this node); the other aggregators hold their counts as a standby and
+    /// publish them every anti-entropy period.
     fn publish_totals(&mut self, live: &[PeerId], now_ms: i64) {
         if self.to_publish.is_empty() {
             return;
@@ -1612,11 +1628,9 @@ impl GossipNode {
         let mut buf = Vec::new();
         for group in changed.chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
-            // Each round, a key's first aggregator publishes; the others hold its counts
-            // as a standby and publish them every anti-entropy period.
+            // Only the keys this node is (still) the first aggregator of.
             let k = self.cfg.aggregators;
-            let mut keys: Vec<u64> =
-                group.iter().map(|&(_, key, _)| key).filter(|&key| self.ring.aggregators(key, k).as_slice().first() == Some(&me)).collect();
+            let mut keys: Vec<u64> = group.iter().map(|&(_, key, _)| key).filter(|&key| self.ring.publishes(key, k, me)).collect();
             keys.dedup();
             buf.clear();
             self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
@@ -1705,11 +1719,11 @@ impl GossipNode {
                 let replica = self.replica_id(e.replica)?;
                 Some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
-            buf.retain(|e| self.ring.aggregators(e.key, k).as_slice().contains(&me.node));
+            buf.retain(|e| self.ring.aggregates(e.key, k, me.node));
             // The first aggregator also tells the members that do not count the key: a
             // node's first request for a client is then decided on a view at most a
             // period old, not on none.
-            let first = |key: u64| self.ring.aggregators(key, k).as_slice().first() == Some(&me.node);
+            let first = |key: u64| self.ring.publishes(key, k, me.node);
             self.totals_for(window_ms, &buf, |_, _| true, (live, first), &mut per);
         }
         self.route_to_aggregators(held, false);
@@ -1922,8 +1936,7 @@ impl GossipNode {
             buf.clear();
             let (ring, k) = (&self.ring, self.cfg.aggregators);
             // Aggregated dissemination: the keys `to` aggregates.
-            let select =
-                |key: u64| any_bucket & (1 << bucket(key)) != 0 && (!job.aggregated || ring.aggregators(key, k).as_slice().contains(&to));
+            let select = |key: u64| any_bucket & (1 << bucket(key)) != 0 && (!job.aggregated || ring.aggregates(key, k, to));
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
             out.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;

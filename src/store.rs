@@ -318,8 +318,14 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// What the view counts of the other replicas: the larger of the two lower bounds (as
+    /// [`Remote::seen`]).
+    fn others(&self) -> u64 {
+        self.remote_sum.max(u64::from(self.heard))
+    }
+
     fn total(&self) -> u64 {
-        u64::from(self.local) + self.remote_sum.max(u64::from(self.heard))
+        u64::from(self.local) + self.others()
     }
 
     /// No count at all: neither local, nor per replica, nor in the totals alone.
@@ -1275,9 +1281,9 @@ impl Store {
         }
         self.merge_into(key, window, now_ms, |target| match target {
             Target::Older(b) => {
-                let seen = b.remote_sum.max(u64::from(b.heard));
+                let seen = b.others();
                 b.heard = b.heard.max(saturate(total));
-                u64::from(b.heard) > seen
+                b.others() > seen
             }
             Target::Slot(r, prev) => r.hear(prev, total),
         })
@@ -1489,7 +1495,7 @@ impl Store {
                 push(window, e.cur, r.map_or(0, |r| r.seen(false)));
                 push(window - 1, e.prev, r.map_or(0, |r| r.seen(true)));
                 for (i, b) in shard.older.get(&e.key).into_iter().flatten().enumerate() {
-                    push(window - 2 - i as i64, b.local, b.remote_sum.max(u64::from(b.heard)));
+                    push(window - 2 - i as i64, b.local, b.others());
                 }
             }
         }

@@ -34,6 +34,11 @@ fn logs() -> &'static Mutex<Vec<String>> {
     logs
 }
 
+/// Whether a captured log line satisfies `pred`.
+fn logged(pred: impl Fn(&str) -> bool) -> bool {
+    logs().lock().unwrap().iter().any(|l| pred(l))
+}
+
 /// A minimal `tracing` subscriber that keeps events as text.
 struct Capture;
 
@@ -460,8 +465,10 @@ async fn members_that_forgot_each_other_meet_again_through_the_member_exchange()
         assert!(b.block_peer(c.node_id()) && c.block_peer(b.node_id()));
         // While they are cut off the exchange keeps reintroducing them, and each forgets
         // the other again: wait until each has forgotten the other once.
-        let forgot =
-            |name: &str| logs().lock().unwrap().iter().any(|l| l.contains("forgot a member") && l.contains(&format!("peer={name} ")));
+        let forgot = |name: &str| {
+            let peer = format!("peer={name} ");
+            logged(|l| l.contains("forgot a member") && l.contains(&peer))
+        };
         eventually("b and c to forget each other", Duration::from_secs(15), || forgot("forget-b") && forgot("forget-c")).await;
         assert_eq!(a.live_peers().len(), 2, "a stays connected to both");
         b.heal();
@@ -615,7 +622,7 @@ async fn member_with_another_hash_secret_is_refused_and_pem_files_load() {
         let refused = a.refusals();
         assert!(refused.iter().any(|r| r.peer.as_deref() == Some("node-b") && r.reason == RefusalReason::HashSecret), "{refused:?}");
         assert!(a.live_peers().is_empty() && a.state().is_empty());
-        assert!(logs().lock().unwrap().iter().any(|l| l.starts_with("ERROR") && l.contains("another secret")));
+        assert!(logged(|l| l.starts_with("ERROR") && l.contains("another secret")));
         a.shutdown().await;
     })
     .await;
@@ -746,7 +753,7 @@ async fn an_unreachable_seed_is_named_in_a_warning_and_does_not_fail_the_start()
         let a = Cluster::start(limiter(10, Duration::from_secs(1)), cfg).await.unwrap();
         let seed = addr.to_string();
         assert!(
-            logs().lock().unwrap().iter().any(|l| l.starts_with("WARN") && l.contains("no full sync from seed") && l.contains(&seed)),
+            logged(|l| l.starts_with("WARN") && l.contains("no full sync from seed") && l.contains(&seed)),
             "the unreachable seed {seed} was not named"
         );
         assert!(a.refusals().is_empty(), "silence is not a refusal");

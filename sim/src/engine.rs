@@ -468,10 +468,9 @@ impl<'a> Sim<'a> {
                 Event::ClockStep(n, delta) => {
                     // The timer in flight fires at its old true time: early or late in
                     // the node's new time, which `timer` and `flush` handle.
+                    // Clock steps make a run tapped, so the median clock is tracked.
                     self.nodes[n].skew_ms += delta;
-                    if self.cluster_oracle.is_some() {
-                        self.median_skew_ms = median_skew(&self.nodes);
-                    }
+                    self.median_skew_ms = median_skew(&self.nodes);
                     self.node_ms(n);
                 }
                 Event::Restart(n) => {
@@ -948,25 +947,29 @@ impl<'a> Sim<'a> {
     /// equal to it. Returns how many counts of `exact` replicas it saw.
     fn check_view(&mut self, who: &str, entries: &[StateEntry], exact: impl Fn(ReplicaId) -> bool) -> usize {
         let mut exact_seen = 0;
+        let what = format!("{who} holds a count");
         for e in entries {
-            let Some(c) = self.client_of(&format!("{who} holds a count"), e.window_ms, e.key) else { continue };
+            let Some(c) = self.client_of(&what, e.window_ms, e.key) else { continue };
             let Some(&r) = self.replica_index.get(&e.replica) else {
                 self.violation(format!("{who} holds a count of replica {:?}, which never ran", e.replica));
                 continue;
             };
             let truth = self.truth.get(&(c, e.window, r)).copied().unwrap_or(0);
-            let who_counted = replica_name(e.replica);
             if e.count > truth {
                 self.violation(format!(
-                    "{who} sees {} admissions of client {c} in window {} by {who_counted}, which made {truth}",
-                    e.count, e.window
+                    "{who} sees {} admissions of client {c} in window {} by {}, which made {truth}",
+                    e.count,
+                    e.window,
+                    replica_name(e.replica)
                 ));
             } else if exact(e.replica) {
                 exact_seen += 1;
                 if e.count != truth {
                     self.violation(format!(
-                        "{who} holds {} admissions of client {c} in window {} by {who_counted}, which made {truth}",
-                        e.count, e.window
+                        "{who} holds {} admissions of client {c} in window {} by {}, which made {truth}",
+                        e.count,
+                        e.window,
+                        replica_name(e.replica)
                     ));
                 }
             }
@@ -1007,8 +1010,9 @@ impl<'a> Sim<'a> {
     /// Checks a node's view totals: none above what all replicas admitted, none for a key
     /// or a window length no client has.
     fn check_totals(&mut self, who: &str, views: &[ViewEntry]) {
+        let what = format!("{who} decides on a total");
         for v in views {
-            let Some(c) = self.client_of(&format!("{who} decides on a total"), v.window_ms, v.key) else { continue };
+            let Some(c) = self.client_of(&what, v.window_ms, v.key) else { continue };
             let all = self.truth_cw.get(&(c, v.window)).copied().unwrap_or(0);
             if v.total > all {
                 self.violation(format!(

@@ -868,11 +868,11 @@ impl State {
             self.dial_refill_at = now + Duration::from_secs(1);
         }
         self.forget_unreachable(sh, now);
-        if !self.leaving && !sh.settings.member_exchange.is_zero() && now >= self.next_member_exchange {
-            self.next_member_exchange = now + sh.settings.member_exchange;
-            self.exchange_members(sh);
-        }
         if !self.leaving {
+            if !sh.settings.member_exchange.is_zero() && now >= self.next_member_exchange {
+                self.next_member_exchange = now + sh.settings.member_exchange;
+                self.exchange_members(sh);
+            }
             for i in 0..self.seeds.len() {
                 let s = &self.seeds[i];
                 if s.peer.is_none() && !s.is_self && s.dial.due(now) && self.dial_tokens > 0 {
@@ -1386,7 +1386,8 @@ impl State {
                 return;
             }
             if let Some(h) = c.hello {
-                if p.incarnation.is_none_or(|i| h.incarnation >= i) {
+                // Once per leave: a duplicate connection that took over closes too.
+                if p.incarnation.is_none_or(|i| h.incarnation >= i) && p.left.is_none_or(|l| l < h.incarnation) {
                     p.left = Some(h.incarnation);
                     p.synced = false;
                     self.node.remove_peer(peer);
