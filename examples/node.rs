@@ -102,8 +102,11 @@ struct Args {
 enum AdmissionArg {
     /// Admit while the local view of the global count is under the limit.
     Optimistic,
-    /// Spend only this node's share of what remains between rounds (the default).
+    /// Spend only this node's share of what remains between rounds, and one request more
+    /// when the view shows room beyond the key's rate (the default).
     Bounded,
+    /// Spend only this node's share: for bursty clients on many nodes.
+    Shares,
 }
 
 fn parse_secret(hex: &str) -> Result<[u8; 16], String> {
@@ -178,6 +181,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let admission = match args.admission {
         AdmissionArg::Optimistic => Admission::Optimistic,
         AdmissionArg::Bounded => Admission::Bounded,
+        AdmissionArg::Shares => Admission::Shares,
     };
     let (limiter, cluster) = RateLimiter::builder().quota(quota).admission(admission).hash_secret(secret).cluster(config).start().await?;
     let cluster = Arc::new(cluster);

@@ -23,10 +23,19 @@ pub enum Admission {
     /// side admits up to the full limit).
     Optimistic,
     /// Between gossip rounds, spend only this node's share of what the view says
-    /// remains, shares following each node's observed demand. Over-admission is set by
-    /// the view's lag, not by the offered rate. The default.
+    /// remains, shares following each node's observed demand, and one request more when
+    /// the view shows room beyond what the key's rate says the others may take meanwhile
+    /// (so that a client whose requests reach each node less than once a round, as on a
+    /// large cluster, still gets its quota). Over-admission is set by the view's lag, not
+    /// by the offered rate. The default.
     #[default]
     Bounded,
+    /// [`Bounded`](Self::Bounded) without the forecast: a node spends only its share, its
+    /// fraction rounded up with twice its probability. A burst from a known client that
+    /// reaches many nodes within one round then gets about the shares, not up to one
+    /// request per node; the price is quota left unused when a client's requests reach
+    /// each node less than once a round (`docs/design.md`, "Bounded").
+    Shares,
 }
 
 /// The bounded policy's view of one request: which gossip round it falls in and how many
@@ -36,6 +45,13 @@ pub(crate) struct Budget {
     pub round: u32,
     /// Time left in the round (the wait a budget refusal reports).
     pub round_left_ms: u64,
+    /// The round's length.
+    pub round_ms: u64,
+    /// How long the others' admissions take to show in this node's view.
+    pub lag_ms: u64,
+    /// Whether one request more may be taken on the key's rate ([`Admission::Bounded`]),
+    /// or only the share ([`Admission::Shares`]).
+    pub forecast: bool,
     /// Live replicas, this one included (at least 1).
     pub live_replicas: u64,
     /// This replica's place among the live ones ordered by node id (`0..live_replicas`):
@@ -141,7 +157,8 @@ impl RoundShare {
 ///   gives the under- and over-admission measured for each choice.
 fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b: &Budget) -> (u64, u64) {
     let v = algorithm::evaluate(view.strategy, &view.quota, view.counts, view.elapsed);
-    let remaining = (v.remaining + u64::from(v.allowed)).saturating_sub(reserve);
+    let unreserved = v.remaining + u64::from(v.allowed);
+    let remaining = unreserved.saturating_sub(reserve);
     let live = b.live_replicas.max(1);
     let with_counts = view.others.clone().filter(|&c| c > 0).count() as u64;
     let idle_others = (live - 1).saturating_sub(with_counts);
@@ -153,7 +170,11 @@ fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b:
         let round = u64::from(b.round).rotate_left(32);
         let frac = u128::from(remaining) * u128::from(view.own + 1) % total;
         let draw = u128::from(splitmix64(view.key ^ round ^ splitmix64(b.live_index ^ 0xB0DE))) % total;
-        draw < 2 * frac
+        if b.forecast {
+            draw < frac || draw < within_forecast(view, unreserved, b, total)
+        } else {
+            draw < 2 * frac
+        }
     } else {
         // Nobody has counted it: every live replica weighs one (the total is `live`), each
         // gets `⌊R / live⌋`, and `R mod live` requests are left over.
@@ -162,4 +183,135 @@ fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b:
     };
     let budget = (mine + u64::from(extra)).min(remaining);
     (budget, remaining - budget)
+}
+
+/// `p · total`, where `p` is the chance this node takes one more admission this round:
+/// `p = (R − Λ·lag) / (Λ·g)`, clamped to `[0, 1]`. `Λ` is the key's admission rate over
+/// the cluster, so `Λ·lag` is what the others have admitted and this node cannot see yet
+/// (taken off the remainder `R`), and `Λ·g` is what the nodes are asked for in a round,
+/// among which the rest is shared; for a fixed window both are cut at the window's
+/// edges, where its count starts again. `Λ` is the larger of two estimates from the view:
+/// the current window's count over its elapsed time (at least one lag, so that a few early
+/// requests do not pass for a rate) and the two windows' count over their span.
+///
+/// This is what keeps the bounded policy's shares from starving a key whose requests
+/// reach each node less than once a round, as on a large cluster: its shares are then
+/// fractions of a request, but only the nodes that get a request spend them, and they are
+/// about `Λ·g` in a round, not `N`. The hard bound is unchanged (at most one request per
+/// node per round beyond the shares, `docs/design.md`, "Bounded").
+fn within_forecast<I>(view: &RoundView<I>, remaining: u64, b: &Budget, total: u128) -> u128 {
+    let (tick, before) = match view.strategy {
+        Strategy::SlidingLog => {
+            let (bucket, n) = algorithm::log_tick(view.quota.window_ms());
+            (bucket, bucket * n)
+        }
+        _ => (view.quota.window_ms(), view.quota.window_ms()),
+    };
+    let elapsed = view.elapsed.min(tick);
+    // A count waits on average half a round before it is sent.
+    let lag = b.lag_ms.saturating_sub(b.round_ms / 2);
+    let (past, future) = match view.strategy {
+        Strategy::FixedWindow => (lag.min(elapsed), b.round_ms.min(tick - elapsed)),
+        // Room comes back a bucket at a time, and until the view shows who took it, none.
+        Strategy::SlidingLog if elapsed < b.lag_ms => return 0,
+        Strategy::SlidingLog => (2 * b.lag_ms, b.round_ms),
+        _ => (lag, b.round_ms),
+    };
+    let estimates = [(view.counts.cur, elapsed.max(b.lag_ms).max(1)), (view.counts.cur + view.counts.prev, before + elapsed)];
+    // For each estimate (n admissions in `span` ms): p·total = (R·span − n·past)·total / (n·future).
+    let mut cap = total;
+    for (n, span) in estimates {
+        let n = u128::from(n);
+        if n > 0 {
+            let room = (u128::from(remaining) * u128::from(span)).saturating_sub(n * u128::from(past));
+            cap = cap.min(room * total / (n * 2 * u128::from(future.max(1))));
+        }
+    }
+    cap
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// 300 live replicas, gossip every 20 ms, a view two rounds behind (aggregators).
+    fn budget(round: u32, forecast: bool) -> Budget {
+        Budget { round, round_left_ms: 10, round_ms: 20, lag_ms: 40, forecast, live_replicas: 300, live_index: 7 }
+    }
+
+    /// In how many of 10,000 rounds this node's budget for a key it has no count of is
+    /// one, on a view of `counts` (the others' counts spread over 100 replicas) and
+    /// `elapsed` ms into a fixed window of 1 s with limit `limit`.
+    fn rounds_with_a_budget(limit: u64, counts: Counts, elapsed: u64) -> usize {
+        rounds_with(true, limit, counts, elapsed)
+    }
+
+    fn rounds_with(forecast: bool, limit: u64, counts: Counts, elapsed: u64) -> usize {
+        let quota = Quota::new(limit, Duration::from_secs(1)).unwrap();
+        let others = (counts.cur + counts.prev) / 100;
+        (0..10_000)
+            .filter(|&r| {
+                let view = RoundView {
+                    strategy: Strategy::FixedWindow,
+                    quota,
+                    counts,
+                    own: 0,
+                    others: std::iter::repeat_n(others, 100),
+                    key: 42,
+                    window: 3,
+                    elapsed,
+                };
+                let (b, _) = shares(&view, 0, &budget(r, forecast));
+                assert!(b <= 1, "a share of {b}");
+                b == 1
+            })
+            .count()
+    }
+
+    /// A client's 100 requests a second spread over 300 nodes reach a node about once in
+    /// 60 rounds: the node's share of what remains is a fraction of a request, but while
+    /// the view shows room beyond what the others may have admitted unseen and will be
+    /// asked this round, it may take the request.
+    #[test]
+    fn a_share_below_one_request_is_taken_while_the_view_shows_room() {
+        // 50 admitted in 500 ms: 0.1/ms, so about 3 unseen and 4 asked of the whole
+        // cluster in a round (twice the rate); 50 remain.
+        assert_eq!(rounds_with_a_budget(100, Counts { cur: 50, prev: 0 }, 500), 10_000);
+        // The floors alone round 50/351 up in expectation: about 14 % of rounds.
+        let floors_alone = 10_000 * 50 / 351;
+        assert!(rounds_with_a_budget(100, Counts { cur: 50, prev: 0 }, 500) > 5 * floors_alone);
+        // `Admission::Shares`: the share alone, its fraction rounded up with twice its
+        // probability.
+        let shares_alone = rounds_with(false, 100, Counts { cur: 50, prev: 0 }, 500);
+        assert!(shares_alone.abs_diff(2 * floors_alone) < 300, "{shares_alone} against {}", 2 * floors_alone);
+    }
+
+    /// When what remains is no more than what the others have admitted unseen at the
+    /// key's rate, only the floors' rounding is left; in between, the chance is the
+    /// remainder past the unseen part over twice what the cluster is asked in a round.
+    #[test]
+    fn the_chance_of_one_more_falls_with_the_room_past_the_unseen_admissions() {
+        // 0.1/ms: 3 unseen (30 ms: the lag less half a round), 2 asked per round.
+        let chance = |remaining: u64| rounds_with_a_budget(50 + remaining, Counts { cur: 50, prev: 0 }, 500) as f64 / 10_000.0;
+        let floors = |remaining: u64| remaining as f64 / 351.0;
+        assert!(chance(3) < floors(3) + 0.01, "{}", chance(3));
+        // (5 − 3) / (2 · 2) = 0.5, plus the floors' rounding on the rest.
+        let half = 0.5 + 0.5 * floors(5);
+        assert!((chance(5) - half).abs() < 0.03, "{} against {half}", chance(5));
+        assert_eq!(chance(7), 1.0);
+    }
+
+    /// For a fixed window, the requests of the round after the window ends do not
+    /// compete for what remains of it.
+    #[test]
+    fn at_the_end_of_a_fixed_window_only_what_is_left_of_it_is_asked_for() {
+        // 2 remain, 3 may be unseen; the same view 5 ms before the end is asked for less
+        // than in the middle of a round, but the unseen part is the same: no room.
+        assert!(rounds_with_a_budget(102, Counts { cur: 100, prev: 0 }, 995) < 100);
+        // 5 remain: mid-window, (5 − 3)/(2 · 2) = 0.5; 5 ms before the end,
+        // (5 − 3)/(2 · 0.5) ≥ 1.
+        assert!(rounds_with_a_budget(105, Counts { cur: 100, prev: 0 }, 500) < 6_000);
+        assert_eq!(rounds_with_a_budget(105, Counts { cur: 100, prev: 0 }, 995), 10_000);
+    }
 }

@@ -961,6 +961,26 @@ impl GossipNode {
         self.peers.len() > self.cfg.aggregate_above_peers.max(self.cfg.full_mesh_max_peers)
     }
 
+    /// Rounds until a count made here shows in every live member's view (`docs/design.md`,
+    /// "Fan-out and convergence time"): one in full mesh, two through aggregators (to
+    /// them, then in their totals), and with fan-out the rounds an infection takes to
+    /// reach `live` members, `⌈log_{fanout+1} live⌉ + 1`.
+    fn lag_rounds(&self, live: u64) -> u64 {
+        if self.aggregated() {
+            2
+        } else if self.fan_out() {
+            let reach = self.cfg.fanout.max(1) as u64 + 1;
+            let (mut rounds, mut covered) = (1, 1u64);
+            while covered < live {
+                covered = covered.saturating_mul(reach);
+                rounds += 1;
+            }
+            rounds
+        } else {
+            1
+        }
+    }
+
     fn suspect_after_ms(&self) -> i64 {
         if self.cfg.suspect_after_ms > 0 {
             return self.cfg.suspect_after_ms as i64;
@@ -1201,7 +1221,7 @@ impl GossipNode {
         let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
         let me = self.cfg.replica.node;
         let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
-        if self.replica.set_view(live, index) {
+        if self.replica.set_view(live, index, self.lag_rounds(live) * self.cfg.interval_ms) {
             self.push_event(Event::LiveChanged { live_replicas: live, index });
         }
     }

@@ -45,9 +45,11 @@ impl Replica {
             return Err(ConfigError::Invalid { field: "limiter", reason: "already has a gossip node" });
         }
         cluster.round_ms.store(round_ms, Ordering::Relaxed);
+        cluster.lag_ms.store(round_ms, Ordering::Relaxed);
         cluster.live_replicas.store(1, Ordering::Relaxed);
         cluster.live_index.store(0, Ordering::Relaxed);
-        cluster.bounded.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
+        cluster.bounded.store(limiter.admission() != Admission::Optimistic, Ordering::Relaxed);
+        cluster.forecast.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
         cluster.node.store(node, Ordering::Relaxed);
         limiter.for_each_store(|_, s| s.track_changes());
         Ok(Self { limiter })
@@ -59,10 +61,12 @@ impl Replica {
     }
 
     /// What the admission policy knows of the cluster: `live` replicas (at least 1) share
-    /// the quota, this one at place `index` among them ordered by node id. Returns
-    /// whether that changed.
-    pub(crate) fn set_view(&self, live: u64, index: u64) -> bool {
+    /// the quota, this one at place `index` among them ordered by node id, and the
+    /// others' admissions take up to `lag_ms` to show in this node's view. Returns
+    /// whether the live replicas or the place changed.
+    pub(crate) fn set_view(&self, live: u64, index: u64, lag_ms: u64) -> bool {
         let cluster = self.limiter.cluster();
+        cluster.lag_ms.store(lag_ms, Ordering::Relaxed);
         let old_index = cluster.live_index.swap(index, Ordering::Relaxed);
         cluster.live_replicas.swap(live, Ordering::Relaxed) != live || old_index != index
     }

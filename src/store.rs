@@ -2164,7 +2164,7 @@ mod tests {
     fn a_round_budget_caps_local_admissions_until_the_next_round() {
         let s = store(100);
         // Four live replicas, no history: each gets about a quarter of 100 per round.
-        let b = |round| Budget { round, round_left_ms: 7, live_replicas: 4, live_index: 1 };
+        let b = |round| Budget { round, round_left_ms: 7, round_ms: 10, lag_ms: 10, forecast: true, live_replicas: 4, live_index: 1 };
         let first = (0..100).take_while(|_| s.admit(1, T0, T0, None, Some(&b(0))).unwrap()).count();
         assert!((24..=26).contains(&first), "admitted {first} of a 25 share");
         let d = s.decide(1, T0, T0, None, Some(&b(0))).unwrap();
@@ -2191,7 +2191,15 @@ mod tests {
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        let b = Budget { round: 9, round_left_ms: 7, live_replicas: 3, live_index: i as u64 };
+                        let b = Budget {
+                            round: 9,
+                            round_left_ms: 7,
+                            round_ms: 10,
+                            lag_ms: 10,
+                            forecast: true,
+                            live_replicas: 3,
+                            live_index: i as u64,
+                        };
                         (0..2 * limit).filter(|_| s.admit(key, T0, T0, None, Some(&b)).unwrap()).count() as u64
                     })
                     .collect();
@@ -2234,7 +2242,7 @@ mod tests {
     /// after round.
     #[test]
     fn a_hot_key_under_bounded_admission_spends_exactly_its_round_budget() {
-        let b = |round| Budget { round, round_left_ms: 7, live_replicas: 4, live_index: 1 };
+        let b = |round| Budget { round, round_left_ms: 7, round_ms: 10, lag_ms: 10, forecast: true, live_replicas: 4, live_index: 1 };
         let (one, many) = (store(1_000), store(1_000));
         let (_, mut promoted) = promote_with(&many, 1, T0, Some(&b(0)));
         for round in [0, 1, 3, 4] {

@@ -16,6 +16,8 @@ pub enum Mode {
     Bounded,
     /// Each node admits while its view of the global count is under the limit.
     Optimistic,
+    /// Bounded without the forecast: each node spends only its share.
+    Shares,
 }
 
 /// The strategy every limiter (and the oracle) uses.
@@ -42,6 +44,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Bounded => "bounded",
             Mode::Optimistic => "optimistic",
+            Mode::Shares => "shares",
         })
     }
 }

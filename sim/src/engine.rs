@@ -249,6 +249,7 @@ fn admission_of(m: Mode) -> Admission {
     match m {
         Mode::Bounded => Admission::Bounded,
         Mode::Optimistic => Admission::Optimistic,
+        Mode::Shares => Admission::Shares,
     }
 }
 

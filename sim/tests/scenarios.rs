@@ -118,6 +118,18 @@ fn aggregated_dissemination_sends_a_fraction_of_fan_outs_bytes_for_the_same_accu
     assert!(agg.over_admission_ratio <= fan.over_admission_ratio + 0.005, "{}\n{}", agg.to_text(), fan.to_text());
 }
 
+/// The scaling targets of bounded admission: a client offering its limit, or three times
+/// it, spread over 100 nodes (about once a window per node) with 1 % loss, loses at most
+/// 3 % of what an exact limiter admits and over-admits at most 1 %.
+#[test]
+fn bounded_admission_spends_the_quota_of_clients_spread_over_a_hundred_nodes() {
+    for rate in [1.0, 3.0] {
+        let r = run(Config { nodes: 100, clients: 100, rate, loss: 0.01, duration_ms: 2_000, ..Config::default() });
+        assert!(r.under_admission_ratio <= 0.03 && r.over_admission_ratio <= 0.01, "rate {rate}: {}", r.to_text());
+        assert!(r.converged && r.violation_count == 0, "{}", r.to_text());
+    }
+}
+
 #[test]
 fn a_hot_node_takes_most_traffic_without_breaking_anything() {
     let r = run(Config { skew_traffic: 0.9, mode: Mode::Optimistic, ..small() });
