@@ -84,7 +84,7 @@ use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntr
 use crate::counter::ReplicaId;
 use crate::key::splitmix64;
 use crate::limits::LimitsVersion;
-use crate::replica::{ExportCursor, Exported, Replica, LOCAL_REPLICA};
+use crate::replica::{ExportCursor, Exported, OthersCount, Replica, LOCAL_REPLICA};
 use crate::{ConfigError, RateLimiter};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
@@ -381,6 +381,9 @@ pub struct GossipStats {
     pub totals_sent: u64,
     /// Aggregated dissemination: others' totals that raised this node's view.
     pub totals_merged: u64,
+    /// Aggregated dissemination: keys and windows whose totals this node published as a
+    /// standby aggregator, the first aggregator's totals lagging the counts it held.
+    pub standby_published: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -618,6 +621,13 @@ pub struct GossipNode {
     /// Aggregated dissemination: the (window length, key, window) whose counts this node
     /// merged or made this round, whose writers get the others' totals at the next round.
     to_publish: Vec<(u64, u64, i64)>,
+    /// Aggregated dissemination: the (round due, window length, key, window, others'
+    /// counts held then) whose counts changed here while another member is the key's
+    /// first aggregator. At the round due (two later), this node publishes the totals of
+    /// those for which the first aggregator's total has not reached what this node held,
+    /// as if it were first: a standby takes over within three rounds of the first
+    /// aggregator going silent, without waiting for it to be suspected.
+    standby: Vec<(u64, u64, u64, i64, u64)>,
     /// Aggregated dissemination: where the periodic resend of each store stopped.
     resend_cursors: BTreeMap<u64, ExportCursor>,
     /// The last round in which this node's view changed (its own counts or a merge).
@@ -671,6 +681,7 @@ impl GossipNode {
             ring: Ring::default(),
             ring_changed: None,
             to_publish: Vec::new(),
+            standby: Vec::new(),
             resend_cursors: BTreeMap::new(),
             last_active_round: 0,
             stats: GossipStats::default(),
@@ -1524,7 +1535,7 @@ impl GossipNode {
                     stats.entries_merged += 1;
                     if fan_out {
                         relay.push(Outgoing { window_ms, replica: b.replica, key, window, count });
-                    } else if publish_left > 0 && ring.publishes(key, k, me) {
+                    } else if publish_left > 0 && ring.aggregates(key, k, me) {
                         publish_left -= 1;
                         to_publish.push((window_ms, key, window));
                     }
@@ -1632,25 +1643,88 @@ impl GossipNode {
         sent
     }
 
+    /// Puts the keys of `changed` another member is first aggregator of on standby, with
+    /// the others' counts this node holds of them now, and returns the (window length,
+    /// key, window) on standby since two rounds whose heard total is still below what
+    /// this node held then: the first aggregator has not published them.
+    fn stand_by(&mut self, changed: &[(u64, u64, i64)], now_ms: i64) -> Vec<(u64, u64, i64)> {
+        let (me, k) = (self.cfg.replica.node, self.cfg.aggregators);
+        let mut held = Vec::new();
+        let mut keys = Vec::new();
+        let due = self.round + 2;
+        let take = |node: &Self, window_ms: u64, keys: &[u64], out: &mut Vec<OthersCount>| {
+            out.clear();
+            node.replica.others_of(window_ms, keys, now_ms, out);
+            out.sort_unstable();
+        };
+        let find = |held: &[OthersCount], key: u64, window: i64| {
+            held.binary_search_by(|h| (h.key, h.window).cmp(&(key, window))).ok().map(|i| held[i])
+        };
+        for group in changed.chunk_by(|a, b| a.0 == b.0) {
+            let window_ms = group[0].0;
+            keys.clear();
+            keys.extend(group.iter().map(|c| c.1).filter(|&key| !self.ring.publishes(key, k, me)));
+            keys.dedup();
+            take(self, window_ms, &keys, &mut held);
+            for &(_, key, window) in group {
+                if let Some(h) = find(&held, key, window).filter(|h| h.held > h.heard) {
+                    self.standby.push((due, window_ms, key, window, h.held));
+                }
+            }
+        }
+        let taken = self.standby.iter().take_while(|s| s.0 <= self.round).count();
+        let mut waited: Vec<(u64, u64, i64, u64)> =
+            self.standby.drain(..taken).map(|(_, w, key, window, held)| (w, key, window, held)).collect();
+        waited.sort_unstable();
+        let mut lagging = Vec::new();
+        for group in waited.chunk_by(|a, b| a.0 == b.0) {
+            let window_ms = group[0].0;
+            keys.clear();
+            keys.extend(group.iter().map(|c| c.1).filter(|&key| self.ring.aggregates(key, k, me) && !self.ring.publishes(key, k, me)));
+            keys.dedup();
+            take(self, window_ms, &keys, &mut held);
+            for &(_, key, window, then) in group {
+                if find(&held, key, window).is_some_and(|h| h.heard < then) {
+                    lagging.push((window_ms, key, window));
+                }
+            }
+        }
+        lagging.sort_unstable();
+        lagging.dedup();
+        lagging
+    }
+
     /// Sends every live member the others' totals of the keys this node is the first
     /// aggregator of whose counts changed here this round (merged from a writer, or
     /// counted by this node); the other aggregators hold their counts as a standby and
     /// publish them every anti-entropy period.
     fn publish_totals(&mut self, live: &[PeerId], now_ms: i64) {
-        if self.to_publish.is_empty() {
+        if self.to_publish.is_empty() && self.standby.is_empty() {
             return;
         }
-        let me = self.cfg.replica.node;
+        let (me, k) = (self.cfg.replica.node, self.cfg.aggregators);
         let mut changed = std::mem::take(&mut self.to_publish);
+        changed.sort_unstable();
+        changed.dedup();
+        // The keys another member is first aggregator of wait two rounds as a standby;
+        // those due now whose totals have not caught up are published as well.
+        let mut lagging = self.stand_by(&changed, now_ms);
+        self.stats.standby_published += lagging.len() as u64;
+        let standby_keys: BTreeSet<(u64, u64)> = lagging.iter().map(|&(w, key, _)| (w, key)).collect();
+        changed.retain(|c| self.ring.publishes(c.1, k, me));
+        changed.append(&mut lagging);
         changed.sort_unstable();
         changed.dedup();
         let mut per = BTreeMap::new();
         let mut buf = Vec::new();
         for group in changed.chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
-            // Only the keys this node is (still) the first aggregator of.
-            let k = self.cfg.aggregators;
-            let mut keys: Vec<u64> = group.iter().map(|&(_, key, _)| key).filter(|&key| self.ring.publishes(key, k, me)).collect();
+            // The keys this node is (still) the first aggregator of, and those it stands in for.
+            let mut keys: Vec<u64> = group
+                .iter()
+                .map(|&(_, key, _)| key)
+                .filter(|&key| self.ring.publishes(key, k, me) || standby_keys.contains(&(window_ms, key)))
+                .collect();
             keys.dedup();
             buf.clear();
             self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);

@@ -25,7 +25,7 @@ use crate::admission::Admission;
 use crate::limits::{LimitsError, LimitsVersion};
 use crate::{ConfigError, Error, LimitsConfig, RateLimiter};
 
-pub(crate) use crate::store::{ExportCursor, Exported, ViewCount, LOCAL_REPLICA};
+pub(crate) use crate::store::{ExportCursor, Exported, OthersCount, ViewCount, LOCAL_REPLICA};
 
 /// A limiter attached to a gossip core. See the module documentation.
 #[derive(Debug)]
@@ -156,6 +156,12 @@ impl Replica {
                 on((key, window, count), outcome);
             }
         });
+    }
+
+    /// For `keys` of the store for `window_ms`, per retained window: the other replicas'
+    /// counts held here and the others' total an aggregator reported.
+    pub(crate) fn others_of(&self, window_ms: u64, keys: &[u64], now_ms: i64, out: &mut Vec<OthersCount>) {
+        self.limiter.with_existing_store(window_ms, |s| s.others_of(keys, now_ms, out));
     }
 
     /// [`export`](Self::export) of `keys` alone, looked up one by one.

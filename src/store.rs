@@ -880,6 +880,17 @@ pub(crate) struct ViewCount {
     pub total: u64,
 }
 
+/// What [`Store::others_of`] reports of one key and window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct OthersCount {
+    pub key: u64,
+    pub window: i64,
+    /// The other replicas' counts this node holds.
+    pub held: u64,
+    /// The others' total an aggregator reported.
+    pub heard: u64,
+}
+
 /// One count exported by [`Store::export`] or [`Store::collect_changes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Exported {
@@ -1470,6 +1481,35 @@ impl Store {
             let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
             if let Some(e) = shard.table.get(key) {
                 shard.export_entry(e, now, out);
+            }
+        }
+    }
+
+    /// For each of `keys` and each retained window with a count of another replica: the
+    /// other replicas' counts held here and the others' total an aggregator reported, as
+    /// [`OthersCount`]s appended to `out` (a standby aggregator compares the two).
+    pub(crate) fn others_of(&self, keys: &[u64], now_ms: i64, out: &mut Vec<OthersCount>) {
+        let track = self.track_changes.load(Ordering::Relaxed);
+        for &key in keys {
+            let key = key.max(1);
+            let s = self.shard(key);
+            let mut guard = s.lock.lock();
+            guard.fold_hot(s.hot.0.get().map(|c| &**c), track);
+            let shard = &*guard;
+            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
+            let Some(e) = shard.table.get(key) else { continue };
+            let window = now - windows_since(e.window, now as u32);
+            let mut push = |window, held: u64, heard: u32| {
+                if held > 0 || heard > 0 {
+                    out.push(OthersCount { key: e.key, window, held, heard: u64::from(heard) });
+                }
+            };
+            if let Some(r) = remote_of(e).map(|i| &shard.remote[i]) {
+                push(window, r.cur_sum, r.cur_heard);
+                push(window - 1, r.prev_sum, r.prev_heard);
+            }
+            for (i, b) in shard.older.get(&e.key).into_iter().flatten().enumerate() {
+                push(window - 2 - i as i64, b.remote_sum, b.heard);
             }
         }
     }

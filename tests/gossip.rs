@@ -539,6 +539,45 @@ fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again(
     }
 }
 
+/// A key's first aggregator goes silent (or its standby does) while the writers count
+/// every round, so no view goes quiet and no resend comes. The standby holds the same
+/// counts and publishes what it sees no total for within two rounds, so the writers'
+/// views lag by at most four rounds, long before the 16 rounds after which the silent
+/// member is suspected and the ring moves.
+#[test]
+fn a_standby_aggregator_publishes_for_a_first_aggregator_gone_silent_within_rounds() {
+    let ids: Vec<u64> = (1..=8).collect();
+    for silent in 0..2 {
+        let mut c = Cluster::aggregated(&ids, 1_000);
+        c.run_until(T0 + 100);
+        for node in 1..=8 {
+            assert!(c.allow(node, "b"));
+        }
+        c.run_until(T0 + 160);
+        let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+        assert_eq!(aggregators.len(), 2, "{aggregators:?}");
+        c.cut = vec![aggregators[silent]];
+        let writers: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
+        for round in 1..=12u64 {
+            for &w in &writers {
+                assert!(c.allow(w, "b"));
+            }
+            let t = c.now + 20;
+            c.run_until(t);
+            // 8 before the cut, and every writer's counts of the rounds four back.
+            let seen = 8 + writers.len() as u64 * round.saturating_sub(4);
+            for &w in &writers {
+                let view = c.view(w, "b");
+                assert!(
+                    view >= seen,
+                    "aggregator {} silent, round {round}: node {w}'s view {view}, made {seen} by four rounds ago",
+                    aggregators[silent]
+                );
+            }
+        }
+    }
+}
+
 /// A key's aggregators are cut off long enough to be replaced; a writer's counts reach
 /// the replacements; the writer dies; the old aggregators come back and are the key's
 /// aggregators again. They must get the dead writer's counts from the replacements
