@@ -69,6 +69,10 @@ pub(crate) struct RoundView<I> {
     pub own: u64,
     /// The other replicas' counts, each over both windows.
     pub others: I,
+    /// This node's own count over the key's two newest windows, and the requests it
+    /// refused in them: what it has seen of the key's demand.
+    pub taken: u64,
+    pub refused: u64,
     /// The key and its window (low 32 bits of its index): they pick who gets a remainder.
     pub key: u64,
     pub window: u32,
@@ -82,10 +86,13 @@ pub(crate) struct RoundView<I> {
 pub(crate) struct RoundShare {
     /// Round (low 32 bits) the share belongs to, if any.
     round: Option<u32>,
-    budget: u64,
-    spent: u64,
+    /// Budget, spent and allotted are at most the limit ([`Quota::MAX_LIMIT`] fits).
+    budget: u32,
+    spent: u32,
     /// What this node's view allotted the other replicas in that round.
-    allotted_others: u64,
+    allotted_others: u32,
+    /// Requests this node refused for the key in its newest window and the one before.
+    refused: [u32; 2],
     /// The others' counts (both windows) this node could see at that round's start.
     others_seen: u64,
 }
@@ -103,12 +110,20 @@ impl RoundShare {
         // counts' growth), which the view already subtracts.
         let others = (view.counts.cur + view.counts.prev).saturating_sub(view.own);
         let reserve = if self.round == Some(b.round.wrapping_sub(1)) {
-            self.allotted_others.saturating_sub(others.saturating_sub(self.others_seen))
+            u64::from(self.allotted_others).saturating_sub(others.saturating_sub(self.others_seen))
         } else {
             0
         };
         let (budget, allotted_others) = shares(view, reserve, b);
-        *self = Self { round: Some(b.round), budget, spent: 0, allotted_others, others_seen: others };
+        let narrow = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        *self = Self {
+            round: Some(b.round),
+            budget: narrow(budget),
+            spent: 0,
+            allotted_others: narrow(allotted_others),
+            refused: self.refused,
+            others_seen: others,
+        };
     }
 
     /// The round the share is set for.
@@ -118,17 +133,29 @@ impl RoundShare {
 
     /// What is left of the share with `reserved` admissions out in leases.
     pub(crate) fn left(&self, reserved: u64) -> u64 {
-        self.budget.saturating_sub(self.spent + reserved)
+        u64::from(self.budget).saturating_sub(u64::from(self.spent) + reserved)
     }
 
     /// Charges `n` admissions to the share.
     pub(crate) fn spend(&mut self, n: u64) {
-        self.spent += n;
+        self.spent = u32::try_from(u64::from(self.spent) + n).unwrap_or(u32::MAX);
     }
 
-    /// A share belongs to one window: a new window starts without one.
-    pub(crate) fn clear(&mut self) {
+    /// Counts `n` requests of the key this node refused in its newest window.
+    pub(crate) fn refuse(&mut self, n: u64) {
+        self.refused[0] = u32::try_from(u64::from(self.refused[0]) + n).unwrap_or(u32::MAX);
+    }
+
+    /// The requests this node refused in the key's two newest windows.
+    pub(crate) fn refused(&self) -> u64 {
+        u64::from(self.refused[0]) + u64::from(self.refused[1])
+    }
+
+    /// The key's newest window moved `by` windows on: a share belongs to one window, so
+    /// the new one starts without one, and the refusals move with their windows.
+    pub(crate) fn roll(&mut self, by: i64) {
         self.round = None;
+        self.refused = if by == 1 { [0, self.refused[0]] } else { [0, 0] };
     }
 }
 
@@ -185,14 +212,24 @@ fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b:
     (budget, remaining - budget)
 }
 
+/// Twice the demand per admission assumed of a key this node has seen little of: a view
+/// shows admissions, not demand, and a saturated key is asked for more than it admits.
+const DEMAND_PRIOR_X2: u64 = 5;
+/// How many requests' worth of belief the prior holds against this node's own tally.
+const DEMAND_WEIGHT: u64 = 2;
+
 /// `p · total`, where `p` is the chance this node takes one more admission this round:
-/// `p = (R − Λ·lag) / (Λ·g)`, clamped to `[0, 1]`. `Λ` is the key's admission rate over
-/// the cluster, so `Λ·lag` is what the others have admitted and this node cannot see yet
-/// (taken off the remainder `R`), and `Λ·g` is what the nodes are asked for in a round,
-/// among which the rest is shared; for a fixed window both are cut at the window's
-/// edges, where its count starts again. `Λ` is the larger of two estimates from the view:
-/// the current window's count over its elapsed time (at least one lag, so that a few early
-/// requests do not pass for a rate) and the two windows' count over their span.
+/// `p = (R − Λ·s) / (m·Λ·g)`, clamped to `[0, 1]`. `Λ` is the key's admission rate over
+/// the cluster, so `Λ·s` is what the others have admitted and this node cannot see yet
+/// (`s` the mean lag: taken off the remainder `R`), and `m·Λ·g` is what the nodes are
+/// asked for in a round, among which the rest is shared, `m` the demand per admission;
+/// for a fixed window both are cut at the window's edges, where its count starts again.
+/// `Λ` is the larger of two estimates from the view: the current window's count over its
+/// elapsed time (at least one lag, so that a few early requests do not pass for a rate)
+/// and the two windows' count over their span. `m` is what this node was asked for the
+/// key in its two newest windows over what it admitted, with two requests' worth of a
+/// prior of 2.5 (a view shows admissions, not demand). The sliding log's room comes back
+/// a bucket at a time: there the forecast waits one lag into each bucket.
 ///
 /// This is what keeps the bounded policy's shares from starving a key whose requests
 /// reach each node less than once a round, as on a large cluster: its shares are then
@@ -218,13 +255,17 @@ fn within_forecast<I>(view: &RoundView<I>, remaining: u64, b: &Budget, total: u1
         _ => (lag, b.round_ms),
     };
     let estimates = [(view.counts.cur, elapsed.max(b.lag_ms).max(1)), (view.counts.cur + view.counts.prev, before + elapsed)];
+    // The demand per admission, from what this node was asked for the key and admitted,
+    // pulled towards DEMAND_PRIOR by DEMAND_WEIGHT requests' worth of belief: a node that
+    // sees a client seldom (many nodes, a low rate) keeps near the prior.
+    let (asked, taken) = (view.taken + view.refused + DEMAND_PRIOR_X2 * DEMAND_WEIGHT / 2, view.taken + DEMAND_WEIGHT);
     // For each estimate (n admissions in `span` ms): p·total = (R·span − n·past)·total / (n·future).
     let mut cap = total;
     for (n, span) in estimates {
         let n = u128::from(n);
         if n > 0 {
             let room = (u128::from(remaining) * u128::from(span)).saturating_sub(n * u128::from(past));
-            cap = cap.min(room * total / (n * 2 * u128::from(future.max(1))));
+            cap = cap.min(room * total * u128::from(taken) / (n * u128::from(asked) * u128::from(future.max(1))));
         }
     }
     cap
@@ -242,12 +283,14 @@ mod tests {
 
     /// In how many of 10,000 rounds this node's budget for a key it has no count of is
     /// one, on a view of `counts` (the others' counts spread over 100 replicas) and
-    /// `elapsed` ms into a fixed window of 1 s with limit `limit`.
+    /// `elapsed` ms into a fixed window of 1 s with limit `limit`; the node has taken and
+    /// refused nothing of the key itself.
     fn rounds_with_a_budget(limit: u64, counts: Counts, elapsed: u64) -> usize {
-        rounds_with(true, limit, counts, elapsed)
+        rounds_with(true, (0, 0), limit, counts, elapsed)
     }
 
-    fn rounds_with(forecast: bool, limit: u64, counts: Counts, elapsed: u64) -> usize {
+    /// [`rounds_with_a_budget`] with the node's own `(taken, refused)` tally of the key.
+    fn rounds_with(forecast: bool, (taken, refused): (u64, u64), limit: u64, counts: Counts, elapsed: u64) -> usize {
         let quota = Quota::new(limit, Duration::from_secs(1)).unwrap();
         let others = (counts.cur + counts.prev) / 100;
         (0..10_000)
@@ -258,6 +301,8 @@ mod tests {
                     counts,
                     own: 0,
                     others: std::iter::repeat_n(others, 100),
+                    taken,
+                    refused,
                     key: 42,
                     window: 3,
                     elapsed,
@@ -275,31 +320,47 @@ mod tests {
     /// asked this round, it may take the request.
     #[test]
     fn a_share_below_one_request_is_taken_while_the_view_shows_room() {
-        // 50 admitted in 500 ms: 0.1/ms, so about 3 unseen and 4 asked of the whole
-        // cluster in a round (twice the rate); 50 remain.
+        // 50 admitted in 500 ms: 0.1/ms, so about 3 unseen and 2 admitted per round,
+        // asked 2.5 times that (the prior, with no tally of its own); 50 remain.
         assert_eq!(rounds_with_a_budget(100, Counts { cur: 50, prev: 0 }, 500), 10_000);
         // The floors alone round 50/351 up in expectation: about 14 % of rounds.
         let floors_alone = 10_000 * 50 / 351;
         assert!(rounds_with_a_budget(100, Counts { cur: 50, prev: 0 }, 500) > 5 * floors_alone);
         // `Admission::Shares`: the share alone, its fraction rounded up with twice its
         // probability.
-        let shares_alone = rounds_with(false, 100, Counts { cur: 50, prev: 0 }, 500);
+        let shares_alone = rounds_with(false, (0, 0), 100, Counts { cur: 50, prev: 0 }, 500);
         assert!(shares_alone.abs_diff(2 * floors_alone) < 300, "{shares_alone} against {}", 2 * floors_alone);
     }
 
     /// When what remains is no more than what the others have admitted unseen at the
     /// key's rate, only the floors' rounding is left; in between, the chance is the
-    /// remainder past the unseen part over twice what the cluster is asked in a round.
+    /// remainder past the unseen part over what the cluster is asked for in a round.
     #[test]
     fn the_chance_of_one_more_falls_with_the_room_past_the_unseen_admissions() {
-        // 0.1/ms: 3 unseen (30 ms: the lag less half a round), 2 asked per round.
+        // 0.1/ms: 3 unseen (30 ms: the lag less half a round), 2 admitted per round and
+        // 2.5 times that asked (the prior).
         let chance = |remaining: u64| rounds_with_a_budget(50 + remaining, Counts { cur: 50, prev: 0 }, 500) as f64 / 10_000.0;
         let floors = |remaining: u64| remaining as f64 / 351.0;
         assert!(chance(3) < floors(3) + 0.01, "{}", chance(3));
-        // (5 − 3) / (2 · 2) = 0.5, plus the floors' rounding on the rest.
-        let half = 0.5 + 0.5 * floors(5);
-        assert!((chance(5) - half).abs() < 0.03, "{} against {half}", chance(5));
-        assert_eq!(chance(7), 1.0);
+        // (5 − 3) / (2.5 · 2) = 0.4, plus the floors' rounding on the rest.
+        let expected = 0.4 + 0.6 * floors(5);
+        assert!((chance(5) - expected).abs() < 0.03, "{} against {expected}", chance(5));
+        assert_eq!(chance(8), 1.0);
+    }
+
+    /// The demand per admission comes from what this node was asked for the key: a node
+    /// that refused nothing of 30 takes the room past the unseen part nearly at once, one
+    /// that refused two thirds of what it was asked holds back nearly three times as
+    /// much.
+    #[test]
+    fn what_this_node_was_asked_sets_the_demand_it_shares_the_room_with() {
+        let chance = |tally| rounds_with(true, tally, 55, Counts { cur: 50, prev: 0 }, 500) as f64 / 10_000.0;
+        let floors = 5.0 / 351.0;
+        // (5 − 3) / (2 · 35/32) ≈ 0.91 and (5 − 3) / (2 · 35/12) ≈ 0.34.
+        for (tally, p) in [((30, 0), 0.914), ((10, 20), 0.343), ((0, 0), 0.4)] {
+            let expected = p + (1.0 - p) * floors;
+            assert!((chance(tally) - expected).abs() < 0.03, "{tally:?}: {} against {expected}", chance(tally));
+        }
     }
 
     /// For a fixed window, the requests of the round after the window ends do not

@@ -202,7 +202,7 @@ impl Remote {
         self.len = kept as u32;
         self.cur_sum = 0;
         self.cur_heard = 0;
-        self.share.clear();
+        self.share.roll(by);
     }
 
     /// What the view counts of the other replicas in the key's newest window (or, with
@@ -610,6 +610,9 @@ struct HotState {
     /// The last contended key that was not promoted: a second contention in a row
     /// promotes it.
     candidate: u64,
+    /// The stripes' refusals counted so far (the bounded policy's tally of the hot key's
+    /// refusals takes what is new).
+    denied_seen: u64,
 }
 
 impl HotState {
@@ -620,6 +623,15 @@ impl HotState {
         }
         self.granted &= !(1 << i);
         lease_spent(cell.stripes[i].0.lease.swap(lease_word(self.epoch, 0, 0), Ordering::AcqRel))
+    }
+
+    /// Refusals the lock-free path served since the last call, or since the cell was
+    /// pointed at its key.
+    fn new_denials(&mut self, cell: &HotCell) -> u64 {
+        let total: u64 = cell.stripes.iter().map(|st| st.0.denied.load(Ordering::Relaxed)).sum();
+        let new = total.wrapping_sub(self.denied_seen);
+        self.denied_seen = total;
+        new
     }
 
     fn reclaim_all(&mut self, cell: &HotCell) -> u64 {
@@ -657,6 +669,7 @@ impl HotState {
         self.key = key;
         self.window = window;
         self.round = round;
+        self.new_denials(cell);
         h.key.store(key, Ordering::SeqCst);
         h.window_ms.store(window_ms, Ordering::SeqCst);
         h.round.store(round_word(round), Ordering::SeqCst);
@@ -1733,6 +1746,10 @@ fn apply<V: Outcome>(
         }
     }
     let rolled = Shard::roll(e, remote, req.window);
+    if let (Some(cell), Some(i)) = (hot.filter(|_| req.budget.is_some()), remote_of(e)) {
+        // The bounded policy's tally of refusals includes those served without the lock.
+        remote[i].share.refuse(hs.new_denials(cell));
+    }
     if rolled < 0 {
         // A late request: charged to the key's newest window, at its start.
         elapsed = 0;
@@ -1781,8 +1798,19 @@ fn apply<V: Outcome>(
             let i = Shard::ensure_remote(remote, free_remote, e);
             let Remote { share, cells, len, .. } = &mut remote[i];
             let others = cells[..*len as usize].iter().map(|c| u64::from(c.cur) + u64::from(c.prev));
-            let own = u64::from(e.cur) + u64::from(e.prev) + older_local;
-            let view = RoundView { strategy: *strategy, quota: *req.quota, counts, own, others, key, window: e.window, elapsed };
+            let taken = u64::from(e.cur) + u64::from(e.prev);
+            let view = RoundView {
+                strategy: *strategy,
+                quota: *req.quota,
+                counts,
+                own: taken + older_local,
+                others,
+                taken,
+                refused: share.refused(),
+                key,
+                window: e.window,
+                elapsed,
+            };
             share.open(b, &view);
             let r = &mut remote[i];
             if let Some(cell) = hot.filter(|_| r.share.left(reserved) == 0 && reserved > 0) {
@@ -1803,6 +1831,9 @@ fn apply<V: Outcome>(
     }
     if !v.allowed() {
         tally.denied += 1;
+        if let Some(i) = remote_of(e).filter(|_| req.budget.is_some()) {
+            remote[i].share.refuse(1);
+        }
     } else {
         tally.allowed += 1;
         if (counts.cur + 1) * 10 >= req.quota.limit() * 9 {
@@ -2198,6 +2229,34 @@ mod tests {
         s.collect_changes(T0 + 1_005, &mut out);
         out.sort();
         assert_eq!(out.iter().map(|e| (e.key, e.window, e.count)).collect::<Vec<_>>(), vec![(1, W0, 4), (1, W0 + 1, 1)]);
+    }
+
+    /// The forecast's tally of what this node refused of a key: counted per window under
+    /// a budget, moved along when the key's window rolls, and gone two windows on.
+    #[test]
+    fn refusals_under_a_budget_are_tallied_per_window() {
+        let s = store(10);
+        let b = |round| Budget { round, round_left_ms: 7, round_ms: 10, lag_ms: 10, forecast: true, live_replicas: 2, live_index: 0 };
+        let refused = |s: &Store| {
+            let shard = s.shard(1).lock.lock();
+            let e = shard.table.get(1).unwrap();
+            shard.remote[remote_of(e).unwrap()].share.refused()
+        };
+        // Another replica counted the limit: every request here is refused.
+        s.merge(1, W0, 7, 10, T0).unwrap();
+        for _ in 0..5 {
+            assert!(!s.admit(1, T0, T0, None, Some(&b(0))).unwrap());
+        }
+        // Without a budget (not a bounded member) nothing is tallied.
+        assert!(!s.admit(1, T0, T0, None, None).unwrap());
+        assert_eq!(refused(&s), 5);
+        // The next window: they are the previous window's, and this one's are added.
+        s.merge(1, W0 + 1, 7, 10, T0 + 1_000).unwrap();
+        assert!(!s.admit(1, T0 + 1_000, T0 + 1_000, None, Some(&b(100))).unwrap());
+        assert_eq!(refused(&s), 6);
+        // Two windows on, neither is in the tally.
+        s.merge(1, W0 + 3, 7, 10, T0 + 3_000).unwrap();
+        assert_eq!(refused(&s), 0);
     }
 
     #[test]
