@@ -1482,8 +1482,9 @@ impl Store {
         true
     }
 
-    /// [`export`](Self::export) of `keys` alone (each looked up, not searched for).
-    pub(crate) fn export_keys(&self, keys: &[u64], now_ms: i64, out: &mut Vec<Exported>) {
+    /// Runs `f` on each of `keys` this store holds, under its shard's lock (the hot cell
+    /// folded in), with the index of the window `now_ms` falls in.
+    fn with_keys(&self, keys: &[u64], now_ms: i64, mut f: impl FnMut(&Shard, &Entry, i64)) {
         let track = self.track_changes.load(Ordering::Relaxed);
         for &key in keys {
             let key = key.max(1);
@@ -1493,24 +1494,21 @@ impl Store {
             let shard = &*guard;
             let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
             if let Some(e) = shard.table.get(key) {
-                shard.export_entry(e, now, out);
+                f(shard, e, now);
             }
         }
+    }
+
+    /// [`export`](Self::export) of `keys` alone (each looked up, not searched for).
+    pub(crate) fn export_keys(&self, keys: &[u64], now_ms: i64, out: &mut Vec<Exported>) {
+        self.with_keys(keys, now_ms, |shard, e, now| shard.export_entry(e, now, out));
     }
 
     /// For each of `keys` and each retained window with a count of another replica: the
     /// other replicas' counts held here and the others' total an aggregator reported, as
     /// [`OthersCount`]s appended to `out` (a standby aggregator compares the two).
     pub(crate) fn others_of(&self, keys: &[u64], now_ms: i64, out: &mut Vec<OthersCount>) {
-        let track = self.track_changes.load(Ordering::Relaxed);
-        for &key in keys {
-            let key = key.max(1);
-            let s = self.shard(key);
-            let mut guard = s.lock.lock();
-            guard.fold_hot(s.hot.0.get().map(|c| &**c), track);
-            let shard = &*guard;
-            let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
-            let Some(e) = shard.table.get(key) else { continue };
+        self.with_keys(keys, now_ms, |shard, e, now| {
             let window = now - windows_since(e.window, now as u32);
             let mut push = |window, held: u64, heard: u32| {
                 if held > 0 || heard > 0 {
@@ -1524,7 +1522,7 @@ impl Store {
             for (i, b) in shard.older.get(&e.key).into_iter().flatten().enumerate() {
                 push(window - 2 - i as i64, b.remote_sum, b.heard);
             }
-        }
+        });
     }
 
     /// Every key's view per retained window: this node's count and the total the view

@@ -504,17 +504,24 @@ fn aggregated_dissemination_gives_every_writer_the_global_count_and_keeps_counts
     assert!(silent.len() >= 4, "only {silent:?} hold no other node's count");
 }
 
-#[test]
-fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again() {
-    let ids: Vec<u64> = (1..=8).collect();
-    let mut c = Cluster::aggregated(&ids, 1_000);
+/// Eight aggregated nodes `ids` that each counted "b" once, 60 ms later: the cluster, and
+/// the nodes that hold another's count of "b" (its aggregators).
+fn eight_that_counted_b(ids: &[u64]) -> (Cluster, Vec<u64>) {
+    let mut c = Cluster::aggregated(ids, 1_000);
     c.run_until(T0 + 100);
-    for node in 1..=8 {
+    for &node in ids {
         assert!(c.allow(node, "b"));
     }
     c.run_until(T0 + 160);
-    // Cut off every node that holds another's count of "b": its aggregators.
     let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+    (c, aggregators)
+}
+
+#[test]
+fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let (mut c, aggregators) = eight_that_counted_b(&ids);
+    // Cut off every node that holds another's count of "b": its aggregators.
     assert!(!aggregators.is_empty() && aggregators.len() <= 2, "{aggregators:?}");
     c.cut = aggregators.clone();
     let writers: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
@@ -548,13 +555,7 @@ fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again(
 fn a_standby_aggregator_publishes_for_a_first_aggregator_gone_silent_within_rounds() {
     let ids: Vec<u64> = (1..=8).collect();
     for silent in 0..2 {
-        let mut c = Cluster::aggregated(&ids, 1_000);
-        c.run_until(T0 + 100);
-        for node in 1..=8 {
-            assert!(c.allow(node, "b"));
-        }
-        c.run_until(T0 + 160);
-        let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+        let (mut c, aggregators) = eight_that_counted_b(&ids);
         assert_eq!(aggregators.len(), 2, "{aggregators:?}");
         c.cut = vec![aggregators[silent]];
         let writers: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
