@@ -1114,6 +1114,8 @@ impl GossipNode {
     /// that can still hold its counts are dead, and a sweep drops them before the index is
     /// reused. O(replicas), once per anti-entropy period; the sweep only when one expired.
     fn reclaim_replicas(&mut self, now_ms: i64) {
+        // Windows are cut on cluster time (merges, the limiter, its sweep): so is expiry.
+        let now_ms = self.cluster_ms(now_ms);
         let replica = &self.replica;
         let expired: Vec<u32> = self
             .replicas

@@ -852,9 +852,20 @@ impl Shard {
         let (remote, free, older) = (&mut self.remote, &mut self.free_remote, &mut self.older);
         let mut dropped = Dropped::default();
         self.table.rebuild(|e| {
-            let keep = windows_since(e.window, horizon) < back + 1;
+            let age = windows_since(e.window, horizon);
+            let keep = age < back + 1;
             if !keep {
                 Self::free(remote, free, older, e, &mut dropped);
+            } else if let Some(bs) = older.get_mut(&e.key).filter(|_| age > 0) {
+                // Buckets before the oldest acceptable window (horizon - back) are read by
+                // no decision: drop them, so no cell of a replica whose index is freed
+                // after this sweep survives in a key that lives on.
+                let before = bucket_cells(bs);
+                bs.truncate((back - 1 - age).max(0) as usize);
+                dropped.cells += before - bucket_cells(bs);
+                if bs.iter().all(Bucket::is_empty) {
+                    older.remove(&e.key);
+                }
             }
             keep
         });
