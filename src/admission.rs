@@ -176,12 +176,14 @@ impl RoundShare {
 ///   more (`docs/design.md`, "Bursts"). The rotation stays the same for the whole
 ///   window: a node that first sees the burst a round later, on a view that does not
 ///   show it yet, computes the share it would have had in the first round, not another.
-/// * For a client with counts, the fraction is rounded up with twice its probability
-///   (capped at 1), seeded per (node, key, round). In a round only the nodes that get
-///   requests use their shares, so rounding exactly (in expectation, or by rank) would
-///   under-spend the remainder under steady traffic, and rounding every share up would
-///   over-admit by up to one request per node per round; `docs/design.md` ("Bounded")
-///   gives the under- and over-admission measured for each choice.
+/// * For a client with counts, the fraction is rounded up, seeded per (node, key, round):
+///   under [`Admission::Bounded`] with its probability, or else with the forecast's
+///   ([`within_forecast`]), whichever is larger; under [`Admission::Shares`] with twice
+///   its probability (capped at 1). In a round only the nodes that get requests use their
+///   shares, so rounding exactly (in expectation, or by rank) alone would under-spend the
+///   remainder under steady traffic, and rounding every share up would over-admit by up to
+///   one request per node per round; `docs/design.md` ("Bounded") gives the under- and
+///   over-admission measured for each choice.
 fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b: &Budget) -> (u64, u64) {
     let v = algorithm::evaluate(view.strategy, &view.quota, view.counts, view.elapsed);
     let unreserved = v.remaining + u64::from(v.allowed);
@@ -265,7 +267,10 @@ fn within_forecast<I>(view: &RoundView<I>, remaining: u64, b: &Budget, total: u1
         let n = u128::from(n);
         if n > 0 {
             let room = (u128::from(remaining) * u128::from(span)).saturating_sub(n * u128::from(past));
-            cap = cap.min(room * total * u128::from(taken) / (n * u128::from(asked) * u128::from(future.max(1))));
+            // Saturating: a product past u128 (a limit near `Quota::MAX_LIMIT` over a
+            // window of weeks, or counts a peer inflated) only lowers the cap.
+            let num = room.saturating_mul(total).saturating_mul(u128::from(taken));
+            cap = cap.min(num / (n.saturating_mul(u128::from(asked)).saturating_mul(u128::from(future.max(1)))));
         }
     }
     cap
@@ -360,6 +365,31 @@ mod tests {
         for (tally, p) in [((30, 0), 0.914), ((10, 20), 0.343), ((0, 0), 0.4)] {
             let expected = p + (1.0 - p) * floors;
             assert!((chance(tally) - expected).abs() < 0.03, "{tally:?}: {} against {expected}", chance(tally));
+        }
+    }
+
+    /// The largest quota, a node that took the whole previous window and one request of
+    /// this one, counts a peer inflated: the forecast's products pass `u128` and saturate
+    /// (a panic in a build with overflow checks before), and the share stays within one.
+    #[test]
+    fn the_forecast_saturates_on_the_largest_quotas_and_counts() {
+        let quota = Quota::new(Quota::MAX_LIMIT, Quota::MAX_WINDOW).unwrap();
+        for (prev, elapsed) in [(Quota::MAX_LIMIT, 1), (Quota::MAX_LIMIT, 2_000_000_000), (u64::MAX / 4, 4_000_000_000)] {
+            let counts = Counts { cur: 1, prev };
+            let view = RoundView {
+                strategy: Strategy::FixedWindow,
+                quota,
+                counts,
+                own: prev,
+                others: std::iter::repeat_n(1u64, 3),
+                taken: prev,
+                refused: 0,
+                key: 42,
+                window: 3,
+                elapsed,
+            };
+            let (b, _) = shares(&view, 0, &budget(1, true));
+            assert!(b <= Quota::MAX_LIMIT, "{b}");
         }
     }
 

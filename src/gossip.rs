@@ -828,6 +828,9 @@ impl GossipNode {
     pub fn add_peer(&mut self, peer: PeerId) {
         if peer != self.cfg.replica.node {
             self.peers.entry(peer).or_default();
+            // One more peer may move the node to aggregated dissemination: the lag the
+            // admission policy plans for moves with it.
+            self.publish_live();
         }
     }
 
@@ -1698,8 +1701,9 @@ impl GossipNode {
 
     /// Sends every live member the others' totals of the keys this node is the first
     /// aggregator of whose counts changed here this round (merged from a writer, or
-    /// counted by this node); the other aggregators hold their counts as a standby and
-    /// publish them every anti-entropy period.
+    /// counted by this node), and of the keys it stands by for whose first aggregator's
+    /// totals still lag two rounds on ([`stand_by`](Self::stand_by)); the standby
+    /// aggregators also publish every count they hold with each periodic resend.
     fn publish_totals(&mut self, live: &[PeerId], now_ms: i64) {
         if self.to_publish.is_empty() && self.standby.is_empty() {
             return;

@@ -1748,6 +1748,14 @@ fn apply<V: Outcome>(
         settle(e, remote, hs.round, spent, dirty, req.track);
         reserved = hs.reserved(cell);
     }
+    if let Some(cell) = hot.filter(|_| req.budget.is_some()) {
+        // The bounded policy's tally of refusals includes those served without the lock,
+        // all in the cell's window: counted there, before the key rolls on.
+        let n = hs.new_denials(cell);
+        if let Some(i) = remote_of(e).filter(|_| hs.window == e.window) {
+            remote[i].share.refuse(n);
+        }
+    }
     if req.back >= 2 {
         let by = windows_since(e.window, req.window);
         if by > 0 {
@@ -1755,10 +1763,6 @@ fn apply<V: Outcome>(
         }
     }
     let rolled = Shard::roll(e, remote, req.window);
-    if let (Some(cell), Some(i)) = (hot.filter(|_| req.budget.is_some()), remote_of(e)) {
-        // The bounded policy's tally of refusals includes those served without the lock.
-        remote[i].share.refuse(hs.new_denials(cell));
-    }
     if rolled < 0 {
         // A late request: charged to the key's newest window, at its start.
         elapsed = 0;
