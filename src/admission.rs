@@ -199,10 +199,9 @@ fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b:
         let round = u64::from(b.round).rotate_left(32);
         let frac = u128::from(remaining) * u128::from(view.own + 1) % total;
         let draw = u128::from(splitmix64(view.key ^ round ^ splitmix64(b.live_index ^ 0xB0DE))) % total;
-        if b.forecast {
-            draw < frac || draw < within_forecast(view, unreserved, b, total)
-        } else {
-            draw < 2 * frac
+        match within_forecast(view, unreserved, b, total).filter(|_| b.forecast) {
+            Some(cap) => draw < frac || draw < cap,
+            None => draw < 2 * frac,
         }
     } else {
         // Nobody has counted it: every live replica weighs one (the total is `live`), each
@@ -231,14 +230,15 @@ const DEMAND_WEIGHT: u64 = 2;
 /// and the two windows' count over their span. `m` is what this node was asked for the
 /// key in its two newest windows over what it admitted, with two requests' worth of a
 /// prior of 2.5 (a view shows admissions, not demand). The sliding log's room comes back
-/// a bucket at a time: there the forecast waits one lag into each bucket.
+/// a bucket at a time: there the forecast waits one lag into each bucket (`None`:
+/// meanwhile the share is rounded as under [`Admission::Shares`]).
 ///
 /// This is what keeps the bounded policy's shares from starving a key whose requests
 /// reach each node less than once a round, as on a large cluster: its shares are then
 /// fractions of a request, but only the nodes that get a request spend them, and they are
 /// about `Λ·g` in a round, not `N`. The hard bound is unchanged (at most one request per
 /// node per round beyond the shares, `docs/design.md`, "Bounded").
-fn within_forecast<I>(view: &RoundView<I>, remaining: u64, b: &Budget, total: u128) -> u128 {
+fn within_forecast<I>(view: &RoundView<I>, remaining: u64, b: &Budget, total: u128) -> Option<u128> {
     let (tick, before) = match view.strategy {
         Strategy::SlidingLog => {
             let (bucket, n) = algorithm::log_tick(view.quota.window_ms());
@@ -252,7 +252,7 @@ fn within_forecast<I>(view: &RoundView<I>, remaining: u64, b: &Budget, total: u1
     let (past, future) = match view.strategy {
         Strategy::FixedWindow => (lag.min(elapsed), b.round_ms.min(tick - elapsed)),
         // Room comes back a bucket at a time, and until the view shows who took it, none.
-        Strategy::SlidingLog if elapsed < b.lag_ms => return 0,
+        Strategy::SlidingLog if elapsed < b.lag_ms => return None,
         Strategy::SlidingLog => (2 * b.lag_ms, b.round_ms),
         _ => (lag, b.round_ms),
     };
@@ -273,7 +273,7 @@ fn within_forecast<I>(view: &RoundView<I>, remaining: u64, b: &Budget, total: u1
             cap = cap.min(num / (n.saturating_mul(u128::from(asked)).saturating_mul(u128::from(future.max(1)))));
         }
     }
-    cap
+    Some(cap)
 }
 
 #[cfg(test)]
