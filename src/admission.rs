@@ -9,6 +9,7 @@
 
 use crate::algorithm::{self, Counts};
 use crate::key::splitmix64;
+use crate::store::saturate;
 use crate::{Quota, Strategy};
 
 /// How a cluster member decides on a view of the global counts that lags the truth.
@@ -115,12 +116,11 @@ impl RoundShare {
             0
         };
         let (budget, allotted_others) = shares(view, reserve, b);
-        let narrow = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         *self = Self {
             round: Some(b.round),
-            budget: narrow(budget),
+            budget: saturate(budget),
             spent: 0,
-            allotted_others: narrow(allotted_others),
+            allotted_others: saturate(allotted_others),
             refused: self.refused,
             others_seen: others,
         };
@@ -138,12 +138,12 @@ impl RoundShare {
 
     /// Charges `n` admissions to the share.
     pub(crate) fn spend(&mut self, n: u64) {
-        self.spent = u32::try_from(u64::from(self.spent) + n).unwrap_or(u32::MAX);
+        self.spent = saturate(u64::from(self.spent) + n);
     }
 
     /// Counts `n` requests of the key this node refused in its newest window.
     pub(crate) fn refuse(&mut self, n: u64) {
-        self.refused[0] = u32::try_from(u64::from(self.refused[0]) + n).unwrap_or(u32::MAX);
+        self.refused[0] = saturate(u64::from(self.refused[0]) + n);
     }
 
     /// The requests this node refused in the key's two newest windows.
@@ -199,7 +199,7 @@ fn shares<I: Iterator<Item = u64> + Clone>(view: &RoundView<I>, reserve: u64, b:
         let round = u64::from(b.round).rotate_left(32);
         let frac = u128::from(remaining) * u128::from(view.own + 1) % total;
         let draw = u128::from(splitmix64(view.key ^ round ^ splitmix64(b.live_index ^ 0xB0DE))) % total;
-        match within_forecast(view, unreserved, b, total).filter(|_| b.forecast) {
+        match b.forecast.then(|| within_forecast(view, unreserved, b, total)).flatten() {
             Some(cap) => draw < frac || draw < cap,
             None => draw < 2 * frac,
         }

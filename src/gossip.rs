@@ -410,23 +410,41 @@ struct Peer {
     sync_lossy: bool,
 }
 
-/// A repair or a full sync being exported in steps: which store, which (replica, bucket
-/// mask) pairs (`None`: a full sync, every count), and where the export stopped.
+/// A repair or a full sync being exported in steps: which store, which counts, and where
+/// the export stopped.
 #[derive(Debug, Clone)]
 struct RepairJob {
     window_ms: u64,
-    wanted: Option<BTreeMap<ReplicaId, u8>>,
-    /// Aggregated dissemination's full sync: only the counts (every replica's this node
-    /// holds) of the keys the peer aggregates.
-    aggregated: bool,
+    wanted: Wanted,
     /// Where the export stopped.
     cursor: ExportCursor,
 }
 
+/// The counts a [`RepairJob`] exports.
+#[derive(Debug, Clone)]
+enum Wanted {
+    /// A repair: the (replica, bucket mask) pairs a digest found different.
+    Buckets(BTreeMap<ReplicaId, u8>),
+    /// A full sync: every count.
+    All,
+    /// Aggregated dissemination's full sync: every replica's counts this node holds of
+    /// the keys the peer aggregates.
+    Aggregated,
+}
+
+impl Wanted {
+    /// Whether the job is a full sync (of either kind), not a repair.
+    fn is_sync(&self) -> bool {
+        !matches!(self, Wanted::Buckets(_))
+    }
+}
+
 impl RepairJob {
-    /// A full sync's export of the store for `window_ms`.
+    /// A full sync's export of the store for `window_ms` (`aggregated`: of the keys the
+    /// peer aggregates).
     fn full_sync(window_ms: u64, aggregated: bool) -> Self {
-        Self { window_ms, wanted: None, aggregated, cursor: ExportCursor::default() }
+        let wanted = if aggregated { Wanted::Aggregated } else { Wanted::All };
+        Self { window_ms, wanted, cursor: ExportCursor::default() }
     }
 }
 
@@ -1648,10 +1666,10 @@ impl GossipNode {
         sent
     }
 
-    /// Puts the keys of `changed` another member is first aggregator of on standby, with
-    /// the others' counts this node holds of them now, and returns the (window length,
-    /// key, window) on standby since two rounds whose heard total is still below what
-    /// this node held then: the first aggregator has not published them.
+    /// Puts `changed` (sorted; keys another member is first aggregator of) on standby,
+    /// with the others' counts this node holds of them now, and returns the (window
+    /// length, key, window) on standby since two rounds whose heard total is still below
+    /// what this node held then: the first aggregator has not published them.
     fn stand_by(&mut self, changed: &[(u64, u64, i64)], now_ms: i64) -> Vec<(u64, u64, i64)> {
         let (me, k) = (self.cfg.replica.node, self.cfg.aggregators);
         let mut held = Vec::new();
@@ -1668,7 +1686,7 @@ impl GossipNode {
         for group in changed.chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
             keys.clear();
-            keys.extend(group.iter().map(|c| c.1).filter(|&key| !self.ring.publishes(key, k, me)));
+            keys.extend(group.iter().map(|c| c.1));
             keys.dedup();
             take(self, window_ms, &keys, &mut held);
             for &(_, key, window) in group {
@@ -1685,7 +1703,11 @@ impl GossipNode {
         for group in waited.chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
             keys.clear();
-            keys.extend(group.iter().map(|c| c.1).filter(|&key| self.ring.aggregates(key, k, me) && !self.ring.publishes(key, k, me)));
+            // Still a standby for the key (the ring may have moved in two rounds).
+            keys.extend(group.iter().map(|c| c.1).filter(|&key| {
+                let a = self.ring.aggregators(key, k);
+                a.as_slice().first() != Some(&me) && a.as_slice().contains(&me)
+            }));
             keys.dedup();
             take(self, window_ms, &keys, &mut held);
             for &(_, key, window, then) in group {
@@ -1713,11 +1735,10 @@ impl GossipNode {
         changed.sort_unstable();
         changed.dedup();
         // The keys another member is first aggregator of wait two rounds as a standby;
-        // those due now whose totals have not caught up are published as well.
-        let mut lagging = self.stand_by(&changed, now_ms);
+        // those due now whose totals have not caught up are published with this node's.
+        let (mut changed, standby): (Vec<_>, Vec<_>) = changed.into_iter().partition(|c| self.ring.publishes(c.1, k, me));
+        let mut lagging = self.stand_by(&standby, now_ms);
         self.stats.standby_published += lagging.len() as u64;
-        let standby_keys: BTreeSet<(u64, u64)> = lagging.iter().map(|&(w, key, _)| (w, key)).collect();
-        changed.retain(|c| self.ring.publishes(c.1, k, me));
         changed.append(&mut lagging);
         changed.sort_unstable();
         changed.dedup();
@@ -1725,12 +1746,7 @@ impl GossipNode {
         let mut buf = Vec::new();
         for group in changed.chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
-            // The keys this node is (still) the first aggregator of, and those it stands in for.
-            let mut keys: Vec<u64> = group
-                .iter()
-                .map(|&(_, key, _)| key)
-                .filter(|&key| self.ring.publishes(key, k, me) || standby_keys.contains(&(window_ms, key)))
-                .collect();
+            let mut keys: Vec<u64> = group.iter().map(|&(_, key, _)| key).collect();
             keys.dedup();
             buf.clear();
             self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
@@ -2002,15 +2018,19 @@ impl GossipNode {
         }
         // A full sync under way may have passed the shards a repair names: repairs queue
         // behind it, on their own budget.
-        let waiting = p.jobs.iter().filter(|j| j.wanted.is_some()).count();
-        let joinable =
-            p.jobs.iter_mut().filter(|j| j.window_ms == window_ms && j.cursor == ExportCursor::default()).find_map(|j| j.wanted.as_mut());
+        let waiting = p.jobs.iter().filter(|j| !j.wanted.is_sync()).count();
+        let joinable = p.jobs.iter_mut().filter(|j| j.window_ms == window_ms && j.cursor == ExportCursor::default()).find_map(|j| {
+            match &mut j.wanted {
+                Wanted::Buckets(w) => Some(w),
+                _ => None,
+            }
+        });
         if let Some(wanted) = joinable {
             for (r, m) in masks {
                 *wanted.entry(r).or_default() |= m;
             }
         } else if waiting < MAX_REPAIR_JOBS {
-            p.jobs.push_back(RepairJob { window_ms, wanted: Some(masks), aggregated: false, cursor: ExportCursor::default() });
+            p.jobs.push_back(RepairJob { window_ms, wanted: Wanted::Buckets(masks), cursor: ExportCursor::default() });
         } else {
             self.stats.repairs_dropped += 1;
             self.push_event(Event::Refused { peer: to, reason: Refusal::RepairQueue });
@@ -2032,22 +2052,29 @@ impl GossipNode {
                 break;
             }
             let Some(mut job) = p.jobs.pop_front() else { break };
-            let any_bucket = job.wanted.as_ref().map_or(0xFF, |w| w.values().fold(0u8, |m, b| m | b));
+            let any_bucket = match &job.wanted {
+                Wanted::Buckets(w) => w.values().fold(0u8, |m, b| m | b),
+                Wanted::All | Wanted::Aggregated => 0xFF,
+            };
             buf.clear();
             let (ring, k) = (&self.ring, self.cfg.aggregators);
             // Aggregated dissemination: the keys `to` aggregates.
-            let select = |key: u64| any_bucket & (1 << bucket(key)) != 0 && (!job.aggregated || ring.aggregates(key, k, to));
+            let aggregated = matches!(job.wanted, Wanted::Aggregated);
+            let select = |key: u64| any_bucket & (1 << bucket(key)) != 0 && (!aggregated || ring.aggregates(key, k, to));
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
             out.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
-                let wanted = job.wanted.as_ref().is_none_or(|w| w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0));
+                let wanted = match &job.wanted {
+                    Wanted::Buckets(w) => w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0),
+                    Wanted::All | Wanted::Aggregated => true,
+                };
                 wanted.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
             let Some(p) = self.peers.get_mut(&to) else { return };
             p.exported_this_round += buf.len().max(1);
             if !done {
                 p.jobs.push_front(job);
-            } else if job.wanted.is_none() && !p.jobs.iter().any(|j| j.wanted.is_none()) {
+            } else if job.wanted.is_sync() && !p.jobs.iter().any(|j| j.wanted.is_sync()) {
                 sync_done = true;
             }
         }
@@ -2059,7 +2086,7 @@ impl GossipNode {
         }
         let lossy = self.stats.outbox_dropped > dropped_before;
         let Some(p) = self.peers.get_mut(&to) else { return };
-        if lossy && (sync_done || p.jobs.iter().any(|j| j.wanted.is_none())) {
+        if lossy && (sync_done || p.jobs.iter().any(|j| j.wanted.is_sync())) {
             p.sync_lossy = true;
         }
         if sync_done && std::mem::take(&mut p.sync_lossy) {

@@ -95,8 +95,6 @@ pub(crate) struct ClusterState {
     /// How long the others' admissions take to show in this node's view, in ms (the
     /// dissemination's lag: one round in full mesh, two through aggregators).
     pub(crate) lag_ms: AtomicU64,
-    /// Bounded admission takes one request more on the key's rate ([`Admission::Bounded`]).
-    pub(crate) forecast: AtomicBool,
     pub(crate) live_replicas: AtomicU64,
     /// This node's place among the live replicas ordered by node id (`0..live_replicas`).
     pub(crate) live_index: AtomicU64,
@@ -367,7 +365,7 @@ impl RateLimiter {
             round_left_ms: (round_ms - now_ms.rem_euclid(round_ms)) as u64,
             round_ms: round_ms as u64,
             lag_ms: c.lag_ms.load(Ordering::Relaxed),
-            forecast: c.forecast.load(Ordering::Relaxed),
+            forecast: self.inner.admission == Admission::Bounded,
             live_replicas: c.live_replicas.load(Ordering::Relaxed),
             live_index: c.live_index.load(Ordering::Relaxed),
         })
@@ -909,7 +907,6 @@ impl Builder {
                     bounded: AtomicBool::new(false),
                     round_ms: AtomicU64::new(1),
                     lag_ms: AtomicU64::new(0),
-                    forecast: AtomicBool::new(false),
                     live_replicas: AtomicU64::new(1),
                     live_index: AtomicU64::new(0),
                     node: AtomicU64::new(0),

@@ -49,7 +49,6 @@ impl Replica {
         cluster.live_replicas.store(1, Ordering::Relaxed);
         cluster.live_index.store(0, Ordering::Relaxed);
         cluster.bounded.store(limiter.admission() != Admission::Optimistic, Ordering::Relaxed);
-        cluster.forecast.store(limiter.admission() == Admission::Bounded, Ordering::Relaxed);
         cluster.node.store(node, Ordering::Relaxed);
         limiter.for_each_store(|_, s| s.track_changes());
         Ok(Self { limiter })

@@ -291,8 +291,8 @@ impl Remote {
     }
 }
 
-/// A total as a `u32`, saturated: past [`Quota::MAX_LIMIT`] it refuses all the same.
-fn saturate(total: u64) -> u32 {
+/// A count as a `u32`, saturated: past [`Quota::MAX_LIMIT`] it refuses all the same.
+pub(crate) fn saturate(total: u64) -> u32 {
     u32::try_from(total).unwrap_or(u32::MAX)
 }
 
@@ -791,6 +791,19 @@ impl Shard {
                 out.push(Exported { key, window, replica, count: u64::from(b.local) });
             }
             out.extend(b.remote.iter().map(|(replica, count)| Exported { key, window, replica, count }));
+        }
+    }
+
+    /// Calls `f` with each retained window of `e` (now at window index `now`): the window,
+    /// this node's count in it, the other replicas' counts held here, and the others' total
+    /// an aggregator reported.
+    fn windows_of(&self, e: &Entry, now: i64, mut f: impl FnMut(i64, u32, u64, u32)) {
+        let window = now - windows_since(e.window, now as u32);
+        let r = remote_of(e).map(|i| &self.remote[i]);
+        f(window, e.cur, r.map_or(0, |r| r.cur_sum), r.map_or(0, |r| r.cur_heard));
+        f(window - 1, e.prev, r.map_or(0, |r| r.prev_sum), r.map_or(0, |r| r.prev_heard));
+        for (i, b) in self.older.get(&e.key).into_iter().flatten().enumerate() {
+            f(window - 2 - i as i64, b.local, b.remote_sum, b.heard);
         }
     }
 
@@ -1520,19 +1533,11 @@ impl Store {
     /// [`OthersCount`]s appended to `out` (a standby aggregator compares the two).
     pub(crate) fn others_of(&self, keys: &[u64], now_ms: i64, out: &mut Vec<OthersCount>) {
         self.with_keys(keys, now_ms, |shard, e, now| {
-            let window = now - windows_since(e.window, now as u32);
-            let mut push = |window, held: u64, heard: u32| {
+            shard.windows_of(e, now, |window, _, held, heard| {
                 if held > 0 || heard > 0 {
                     out.push(OthersCount { key: e.key, window, held, heard: u64::from(heard) });
                 }
-            };
-            if let Some(r) = remote_of(e).map(|i| &shard.remote[i]) {
-                push(window, r.cur_sum, r.cur_heard);
-                push(window - 1, r.prev_sum, r.prev_heard);
-            }
-            for (i, b) in shard.older.get(&e.key).into_iter().flatten().enumerate() {
-                push(window - 2 - i as i64, b.remote_sum, b.heard);
-            }
+            });
         });
     }
 
@@ -1547,18 +1552,12 @@ impl Store {
             let shard = &*guard;
             let now = now_ms.div_euclid(self.tick_ms(shard.quota.window_ms()) as i64);
             for e in shard.table.slots() {
-                let window = now - windows_since(e.window, now as u32);
-                let r = remote_of(e).map(|i| &shard.remote[i]);
-                let mut push = |window, own: u32, others| {
+                shard.windows_of(e, now, |window, own, held, heard| {
+                    let others = held.max(u64::from(heard));
                     if own > 0 || others > 0 {
                         out.push(ViewCount { key: e.key, window, own: u64::from(own), total: u64::from(own) + others });
                     }
-                };
-                push(window, e.cur, r.map_or(0, |r| r.seen(false)));
-                push(window - 1, e.prev, r.map_or(0, |r| r.seen(true)));
-                for (i, b) in shard.older.get(&e.key).into_iter().flatten().enumerate() {
-                    push(window - 2 - i as i64, b.local, b.others());
-                }
+                });
             }
         }
     }

@@ -163,6 +163,12 @@ impl Cluster {
         self.nodes[&node].gossip.state(self.now)
     }
 
+    /// The nodes of `ids` that hold another node's count: in aggregated dissemination
+    /// with one key counted, that key's aggregators.
+    fn aggregators(&self, ids: &[u64]) -> Vec<u64> {
+        ids.iter().copied().filter(|&n| self.state(n).iter().any(|e| e.replica.node != n)).collect()
+    }
+
     /// What `node` decides `client` on in the current window (its own count and the
     /// others'), or 0.
     fn view(&self, node: u64, client: &str) -> u64 {
@@ -513,7 +519,7 @@ fn eight_that_counted_b(ids: &[u64]) -> (Cluster, Vec<u64>) {
         assert!(c.allow(node, "b"));
     }
     c.run_until(T0 + 160);
-    let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+    let aggregators = c.aggregators(ids);
     (c, aggregators)
 }
 
@@ -596,7 +602,7 @@ fn a_dead_writers_counts_follow_its_key_to_aggregators_that_come_back() {
         made += 1;
     }
     c.run_until(T0 + 200);
-    let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+    let aggregators = c.aggregators(&ids);
     assert!(!aggregators.is_empty() && aggregators.len() <= 2, "{aggregators:?}");
     let writer = *ids.iter().find(|n| !aggregators.contains(n)).unwrap();
     // Cut the aggregators off until every other member has replaced them.
@@ -648,7 +654,7 @@ fn counts_an_aggregator_holds_without_a_cell_do_not_inflate_the_totals_it_publis
         t += 100;
     }
     c.run_until(t + 1_500);
-    let aggregators: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.replica.node != n)).collect();
+    let aggregators = c.aggregators(&ids);
     assert!(!aggregators.is_empty());
     for &n in ids.iter().filter(|n| !aggregators.contains(n)) {
         let view = c.view(n, "k");

@@ -660,14 +660,16 @@ impl Cluster {
     /// converged (beyond 16 peers, where counts go through aggregators, members hold
     /// different counts and agree on [`views`](Self::views) instead).
     pub fn state(&self) -> Vec<StateEntry> {
-        self.shared.state.lock().node.state(driver::now_ms())
+        let now_ms = driver::now_ms();
+        self.shared.state.lock().node.state(now_ms)
     }
 
     /// What this node decides each key on, per window
     /// ([`GossipNode::views`](crate::GossipNode::views) at the current time): the totals
     /// are equal on every member once gossip has converged, whatever the cluster's size.
     pub fn views(&self) -> Vec<ViewEntry> {
-        self.shared.state.lock().node.views(driver::now_ms())
+        let now_ms = driver::now_ms();
+        self.shared.state.lock().node.views(now_ms)
     }
 
     /// Dials one more seed (a runtime join through `addr`).
