@@ -93,6 +93,10 @@ pub(crate) enum Body {
     /// but the receiver's, as the sender (one of the key's aggregators) holds it. Batches
     /// as in `Counts`, their replica being the sender; a total may exceed 2³² − 1.
     Totals(Vec<Batch>),
+    /// A SWIM packet (`src/swim.rs`): membership and failure detection beyond
+    /// `swim_above_peers` peers, encoded by [`SwimCodec`]; at most `max_message_bytes`
+    /// with its envelope.
+    Swim(Vec<u8>),
 }
 
 /// Counts of one replica for one window length.
@@ -275,9 +279,71 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
                 return Err(DecodeError::OutOfBounds(OutOfBounds::PingTime));
             }
         }
-        Body::SyncRequest => {}
+        Body::SyncRequest | Body::Swim(_) => {}
     }
     Ok(msg)
+}
+
+/// foca's codec: headers and member updates in bincode 2's standard configuration, with
+/// the same decoding limit as the envelopes they travel in. A member update naming a node
+/// outside the gate's known set is refused once SWIM would know of more than
+/// [`MAX_UNKNOWN_MEMBERS`](crate::swim::MAX_UNKNOWN_MEMBERS) such members.
+pub(crate) struct SwimCodec {
+    gate: std::sync::Arc<parking_lot::Mutex<crate::swim::Gate>>,
+}
+
+impl SwimCodec {
+    pub(crate) fn new(gate: std::sync::Arc<parking_lot::Mutex<crate::swim::Gate>>) -> Self {
+        Self { gate }
+    }
+}
+
+/// Why foca's codec refused a SWIM packet.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SwimCodecError {
+    #[error("SWIM packet does not decode: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("SWIM packet cannot be encoded: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("SWIM update names node {0}, unknown, past the bound on unknown members")]
+    Unknown(u64),
+}
+
+impl foca::Codec<crate::swim::SwimId> for SwimCodec {
+    type Error = SwimCodecError;
+
+    fn encode_header(&mut self, header: &foca::Header<crate::swim::SwimId>, buf: impl bytes::BufMut) -> Result<(), Self::Error> {
+        bincode::serde::encode_into_std_write(header, &mut bytes::BufMut::writer(buf), CONFIG)?;
+        Ok(())
+    }
+
+    fn decode_header(&mut self, buf: impl bytes::Buf) -> Result<foca::Header<crate::swim::SwimId>, Self::Error> {
+        Ok(bincode::serde::decode_from_std_read(&mut bytes::Buf::reader(buf), CONFIG)?)
+    }
+
+    fn encode_member(&mut self, member: &foca::Member<crate::swim::SwimId>, buf: impl bytes::BufMut) -> Result<(), Self::Error> {
+        bincode::serde::encode_into_std_write(member, &mut bytes::BufMut::writer(buf), CONFIG)?;
+        Ok(())
+    }
+
+    fn decode_member(&mut self, buf: impl bytes::Buf) -> Result<foca::Member<crate::swim::SwimId>, Self::Error> {
+        let m: foca::Member<crate::swim::SwimId> = bincode::serde::decode_from_std_read(&mut bytes::Buf::reader(buf), CONFIG)?;
+        let mut g = self.gate.lock();
+        if !g.known.contains(&m.id().node) {
+            if g.unknown_room == 0 {
+                return Err(SwimCodecError::Unknown(m.id().node));
+            }
+            g.unknown_room -= 1;
+        }
+        Ok(m)
+    }
+}
+
+/// The node a SWIM packet's header names as its sender.
+pub(crate) fn swim_sender(packet: &[u8]) -> Result<u64, DecodeError> {
+    let (h, _): (foca::Header<crate::swim::SwimId>, usize) =
+        bincode::serde::decode_from_slice(packet, CONFIG).map_err(|e| DecodeError::Malformed(e.into()))?;
+    Ok(h.src.node)
 }
 
 /// Bytes bincode's standard configuration uses for an unsigned integer.

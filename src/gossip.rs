@@ -50,7 +50,14 @@
 //!   peer aggregates.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
-//!   quota. Its counts stay until their windows expire.
+//!   quota. Its counts stay until their windows expire. Beyond `swim_above_peers` peers
+//!   (default 128) SWIM decides instead ([`crate::swim`], foca): each peer heard from
+//!   first hand is handed to SWIM, which probes one member per probe period, probes
+//!   indirectly through others when an ack is late, and spreads suspicions that a live
+//!   member refutes. A peer SWIM declares down is asked first and taken down a probe
+//!   period later unless it answers; an answer (any message, first hand) clears the
+//!   verdict, and the peer rejoins SWIM as a new identity. A crash is noticed in
+//!   `O(log N)` probe periods rather than `O(N)` rounds of silence.
 //! * **Full sync.** A node asks its peers (in fan-out mode, `fanout` of them) for
 //!   everything on start; a peer that comes up, or comes back with a new incarnation, is
 //!   sent everything this node holds, in steps within the per-round export
@@ -85,6 +92,7 @@ use crate::counter::ReplicaId;
 use crate::key::splitmix64;
 use crate::limits::LimitsVersion;
 use crate::replica::{ExportCursor, Exported, OthersCount, Replica, LOCAL_REPLICA};
+use crate::swim::{self, Swim, SwimId};
 use crate::{ConfigError, RateLimiter};
 
 /// How a driver names a peer: the node id it authenticated (for QUIC, from the peer's
@@ -126,6 +134,10 @@ pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 /// a larger store is resent over several periods, resuming where the last one stopped.
 pub const MAX_RESEND_ENTRIES: usize = 16_384;
 
+/// What a SWIM packet's envelope may add to it (version, sender, variant, length): its
+/// packets are kept this much below `max_message_bytes`.
+const SWIM_ENVELOPE_BYTES: usize = 32;
+
 /// Points each member has on aggregated dissemination's hash ring.
 const RING_POINTS: u64 = 16;
 
@@ -160,8 +172,20 @@ pub struct GossipConfig {
     pub aggregate_above_peers: usize,
     /// Aggregators per key in aggregated dissemination. Default 2; range `1..=8`.
     pub aggregators: usize,
+    /// Beyond this many peers (and `full_mesh_max_peers`), liveness comes from SWIM
+    /// (foca, [`crate::swim`]): probes of one member per probe period (ten rounds, at
+    /// least 200 ms) with indirect probes, and suspicion that a member refutes, instead of
+    /// a silence whose length grows with `N` (heartbeats to `fanout` peers per round go on:
+    /// they keep members that judge by silence informed). Default 128: SWIM notices a
+    /// crash in `O(log N)` probe periods, silence in `O(N)` rounds, and in the simulator
+    /// silence is faster up to about 120 members (0.6 s against 2.2 s at 30, 2.0 against
+    /// 2.4 at 100, 6.0 against 3.0 at 300; `docs/benchmarks.md`). Every member must run a
+    /// version that speaks it (this one).
+    pub swim_above_peers: usize,
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
-    /// and in fan-out mode four times the rounds a peer takes to pick this node.
+    /// and in fan-out mode four times the rounds a peer takes to pick this node. With
+    /// SWIM, how long a suspected member has to refute the suspicion (0: foca's rule,
+    /// `4 · max(1, log10 N)` probe periods).
     pub suspect_after_ms: u64,
     /// Cut windows on cluster time (this node's clock plus its estimated offset from the
     /// cluster's median clock). Default true; false: on this node's own clock.
@@ -186,6 +210,7 @@ impl GossipConfig {
             fanout: 4,
             aggregate_above_peers: 16,
             aggregators: 2,
+            swim_above_peers: 128,
             suspect_after_ms: 0,
             cluster_time: true,
             clock_max_rtt_ms: 1_000,
@@ -295,6 +320,9 @@ pub enum Refusal {
     /// A repair while the most repairs were already waiting for the sender
     /// ([`GossipStats::repairs_dropped`]).
     RepairQueue,
+    /// A SWIM packet foca refused, or whose header named another sender
+    /// ([`GossipStats::swim_refused`]).
+    Swim,
 }
 
 /// The most events waiting for [`GossipNode::poll_event`]; past it new ones are dropped
@@ -384,12 +412,37 @@ pub struct GossipStats {
     /// Aggregated dissemination: keys and windows whose totals this node published as a
     /// standby aggregator, the first aggregator's totals lagging the counts it held.
     pub standby_published: u64,
+    /// SWIM packets sent (membership and failure detection beyond `swim_above_peers`).
+    pub swim_sent: u64,
+    /// SWIM packets received and handed to foca.
+    pub swim_received: u64,
+    /// SWIM packets refused (malformed, spoofed, or naming too many unknown members).
+    pub swim_refused: u64,
+}
+
+impl Peer {
+    /// Whether to announce this node to it over SWIM now (at most once per probe period),
+    /// noting that it was.
+    fn announce_due(&mut self, now_ms: i64, probe_ms: i64) -> bool {
+        let due = self.swim_announced_ms.is_none_or(|t| now_ms - t >= probe_ms);
+        if due {
+            self.swim_announced_ms = Some(now_ms);
+        }
+        due
+    }
 }
 
 #[derive(Debug, Clone, Default)]
 struct Peer {
     last_heard_ms: Option<i64>,
     up: bool,
+    /// SWIM's verdict (None: SWIM has none yet); in SWIM mode it decides `up`.
+    swim: Option<bool>,
+    /// When this node last announced itself to it over SWIM because SWIM held it down
+    /// (at most once per probe period).
+    swim_announced_ms: Option<i64>,
+    /// When SWIM's last verdict that it is down came.
+    swim_down_since_ms: Option<i64>,
     incarnation: Option<u64>,
     rtt_ms: Option<i64>,
     clock_offset_ms: Option<i64>,
@@ -657,6 +710,12 @@ pub struct GossipNode {
     clocks_beyond: BTreeSet<PeerId>,
     /// This node's own clock was beyond the tolerance at the last round.
     own_clock_beyond: bool,
+    /// SWIM membership: answers probes always; decides liveness in SWIM mode.
+    swim: Swim,
+    /// SWIM mode has started (this node announced itself to its peers).
+    swim_started: bool,
+    /// Peers added since SWIM started, to announce this node to.
+    swim_to_announce: BTreeSet<PeerId>,
 }
 
 impl GossipNode {
@@ -677,6 +736,11 @@ impl GossipNode {
         let replica = Replica::attach(limiter, cfg.replica.node, cfg.interval_ms)?;
         let clock =
             Estimator::new(cluster_time::Settings { max_rtt_ms: cfg.clock_max_rtt_ms as i64, max_step_ms: cfg.clock_max_step_ms as i64 });
+        let swim = Swim::new(
+            SwimId { node: cfg.replica.node, incarnation: cfg.replica.incarnation, bump: 0 },
+            swim::Settings::new(cfg.interval_ms, cfg.suspect_after_ms, 1, cfg.max_message_bytes - SWIM_ENVELOPE_BYTES),
+            seed,
+        );
         let mut node = Self {
             replica,
             cfg,
@@ -706,6 +770,9 @@ impl GossipNode {
             clock,
             clocks_beyond: BTreeSet::new(),
             own_clock_beyond: false,
+            swim,
+            swim_started: false,
+            swim_to_announce: BTreeSet::new(),
         };
         for p in peers {
             node.add_peer(p);
@@ -818,6 +885,12 @@ impl GossipNode {
         out
     }
 
+    /// Members SWIM holds active, in SWIM mode (more peers than
+    /// [`GossipConfig::swim_above_peers`]); `None` otherwise.
+    pub fn swim_members(&self) -> Option<usize> {
+        self.swim_mode().then(|| self.swim.active_members())
+    }
+
     /// Whether this node disseminates counts through aggregators (it has more peers than
     /// [`GossipConfig::aggregate_above_peers`] and [`GossipConfig::full_mesh_max_peers`]).
     pub fn aggregating(&self) -> bool {
@@ -846,6 +919,10 @@ impl GossipNode {
     pub fn add_peer(&mut self, peer: PeerId) {
         if peer != self.cfg.replica.node {
             self.peers.entry(peer).or_default();
+            self.swim.know(peer, true);
+            if self.swim_started {
+                self.swim_to_announce.insert(peer);
+            }
             // One more peer may move the node to aggregated dissemination: the lag the
             // admission policy plans for moves with it.
             self.publish_live();
@@ -855,6 +932,8 @@ impl GossipNode {
     /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
+        self.swim.know(peer, false);
+        self.swim_to_announce.remove(&peer);
         self.clock.forget(peer);
         self.clocks_beyond.remove(&peer);
         self.publish_live();
@@ -911,6 +990,18 @@ impl GossipNode {
             }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
             Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
+            Body::Swim(packet) => {
+                let mut out = swim::Output::default();
+                match self.swim.handle(from, &packet, now_ms, &mut out) {
+                    Ok(()) => self.stats.swim_received += 1,
+                    Err(e) => {
+                        tracing::debug!(peer = from, error = %e, "SWIM packet refused");
+                        self.stats.swim_refused += 1;
+                        self.push_event(Event::Refused { peer: from, reason: Refusal::Swim });
+                    }
+                }
+                self.apply_swim(out, now_ms);
+            }
             Body::Totals(batches) => {
                 let merged = self.stats.totals_merged;
                 self.merge_totals(&batches, now_ms);
@@ -945,6 +1036,11 @@ impl GossipNode {
 
     /// Runs the round(s) due at `now_ms`.
     pub fn handle_timeout(&mut self, now_ms: i64) {
+        if self.swim.next_deadline().is_some_and(|t| t <= now_ms) {
+            let mut out = swim::Output::default();
+            self.swim.fire(now_ms, &mut out);
+            self.apply_swim(out, now_ms);
+        }
         if now_ms < self.next_round_ms {
             return;
         }
@@ -973,7 +1069,7 @@ impl GossipNode {
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<i64> {
-        Some(self.next_round_ms)
+        Some(self.swim.next_deadline().map_or(self.next_round_ms, |t| t.min(self.next_round_ms)))
     }
 
     // ----- internals -----
@@ -1187,20 +1283,165 @@ impl GossipNode {
     }
 
     fn heard(&mut self, from: PeerId, incarnation: u64, now_ms: i64) {
+        let swim_mode = self.swim_mode();
+        let probe_ms = self.swim.settings().probe_period_ms as i64;
         let Some(p) = self.peers.get_mut(&from) else { return };
-        let came_up = !p.up;
         let new_incarnation = p.incarnation.is_some_and(|i| incarnation > i);
+        if new_incarnation {
+            // SWIM's verdicts were on the incarnation the peer restarted from.
+            p.swim = None;
+        }
+        // A member SWIM holds down that this node hears from is alive (see
+        // `update_liveness`): this node announces itself to it, which tells it it was
+        // declared down, and it rejoins as a new SWIM identity at once.
+        let announce = swim_mode && p.swim == Some(false) && p.announce_due(now_ms, probe_ms);
+        if p.swim == Some(false) {
+            // First-hand evidence: alive. Silence judges it until SWIM's next verdict
+            // (its new identity's, once it has rejoined).
+            (p.swim, p.swim_down_since_ms) = (None, None);
+        }
+        let came_up = !p.up;
         p.last_heard_ms = Some(now_ms);
         p.up = true;
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
-        if came_up || new_incarnation {
-            self.push_event(Event::PeerUp { peer: from, incarnation, restarted: new_incarnation });
-            if came_up {
-                self.publish_live();
+        // A peer heard from first hand that SWIM has no verdict on: SWIM judges it from
+        // now on (it probes it, and its verdict comes at once).
+        let introduce = (swim_mode && p.swim.is_none()).then_some(p.incarnation.unwrap_or(incarnation));
+        if announce || introduce.is_some() {
+            let mut out = swim::Output::default();
+            if announce {
+                self.swim.announce(from, incarnation, now_ms, &mut out);
             }
-            // A peer that joins, heals from a partition or restarts gets everything.
-            self.send_everything(from, now_ms);
+            if let Some(i) = introduce {
+                self.swim.introduce(from, i, now_ms, &mut out);
+            }
+            self.apply_swim(out, now_ms);
         }
+        if came_up || new_incarnation {
+            self.peer_up(from, incarnation, came_up, new_incarnation, now_ms);
+        }
+    }
+
+    /// A peer came up (`came_up`), or back as a new incarnation.
+    fn peer_up(&mut self, peer: PeerId, incarnation: u64, came_up: bool, restarted: bool, now_ms: i64) {
+        self.push_event(Event::PeerUp { peer, incarnation, restarted });
+        if came_up {
+            self.publish_live();
+        }
+        // A peer that joins, heals from a partition or restarts gets everything.
+        self.send_everything(peer, now_ms);
+    }
+
+    /// Liveness from SWIM beyond `swim_above_peers` peers (see [`GossipConfig::swim_above_peers`]).
+    fn swim_mode(&self) -> bool {
+        self.peers.len() > self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers)
+    }
+
+    /// Sends SWIM's packets, and in SWIM mode applies its verdicts.
+    fn apply_swim(&mut self, out: swim::Output, now_ms: i64) {
+        for (to, packet) in out.sends {
+            // SWIM may name members the driver has not told this node of yet.
+            if self.peers.contains_key(&to) {
+                self.stats.swim_sent += 1;
+                self.send(to, Body::Swim(packet), false);
+            }
+        }
+        let swim_mode = self.swim_mode();
+        let probe_ms = self.swim.settings().probe_period_ms as i64;
+        let mut changed = false;
+        let (mut unheard, mut declared) = (Vec::new(), Vec::new());
+        for (id, up) in out.verdicts {
+            let peer = id.node;
+            let Some(p) = self.peers.get_mut(&peer) else { continue };
+            // A verdict on an incarnation the peer has restarted from says nothing of it.
+            if p.incarnation.is_some_and(|i| id.incarnation < i) {
+                continue;
+            }
+            p.swim = Some(up);
+            p.swim_down_since_ms = (!up).then_some(now_ms);
+            if !swim_mode {
+                continue;
+            }
+            if up && p.incarnation != Some(id.incarnation) {
+                // Up once heard from first hand: totals leave out a writer's own counts
+                // by its incarnation, which only its own messages establish. A ping
+                // asks it for one.
+                unheard.push(peer);
+                continue;
+            }
+            if !up && p.up {
+                // Asked first (see `update_liveness`): an announce gets an answer from a
+                // member that is alive, and tells it it was declared down.
+                if p.announce_due(now_ms, probe_ms) {
+                    declared.push((peer, p.incarnation.unwrap_or(0)));
+                }
+                continue;
+            }
+            if p.up == up {
+                continue;
+            }
+            p.up = up;
+            if up {
+                let incarnation = p.incarnation.unwrap_or(0);
+                self.push_event(Event::PeerUp { peer, incarnation, restarted: false });
+                self.send_everything(peer, now_ms);
+            } else {
+                let silent_ms = p.last_heard_ms.map(|t| now_ms - t);
+                self.push_event(Event::PeerDown { peer, silent_ms });
+            }
+            changed = true;
+        }
+        if changed {
+            self.publish_live();
+        }
+        for peer in unheard {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.ping_sent_ms = Some(now_ms);
+            }
+            self.send(peer, Body::Ping { sent_at_ms: now_ms, echo: None }, false);
+        }
+        if !declared.is_empty() {
+            let mut out = swim::Output::default();
+            for (peer, incarnation) in declared {
+                self.swim.announce(peer, incarnation, now_ms, &mut out);
+            }
+            // Its packets and verdicts (an announce makes none at once).
+            self.apply_swim(out, now_ms);
+        }
+    }
+
+    /// In SWIM mode: on entering it, announces this node to `fanout` random peers, and
+    /// later to peers added since; keeps the suspicion period on the member count.
+    fn swim_round(&mut self, now_ms: i64) {
+        if !self.swim_mode() {
+            return;
+        }
+        let targets: Vec<PeerId> = if self.swim_started {
+            std::mem::take(&mut self.swim_to_announce).into_iter().collect()
+        } else {
+            // A few: each answer is a sample of the members the peer knows, and this
+            // node's join spreads from them by infection.
+            self.swim_started = true;
+            self.swim_to_announce.clear();
+            let all: Vec<PeerId> = self.peers.keys().copied().collect();
+            self.pick(&all, self.cfg.fanout)
+        };
+        let settings =
+            swim::Settings::new(self.cfg.interval_ms, self.cfg.suspect_after_ms, self.peers.len() + 1, self.swim.settings().max_packet);
+        self.swim.set_settings(settings);
+        let mut out = swim::Output::default();
+        // Every peer heard from first hand that SWIM has no verdict on (on entering SWIM
+        // mode, all of them) is SWIM's to judge from now on.
+        let heard: Vec<(PeerId, u64)> =
+            self.peers.iter().filter(|(_, p)| p.up && p.swim.is_none()).filter_map(|(&id, p)| Some((id, p.incarnation?))).collect();
+        for (peer, incarnation) in heard {
+            self.swim.introduce(peer, incarnation, now_ms, &mut out);
+        }
+        for to in targets {
+            let incarnation = self.peers.get(&to).and_then(|p| p.incarnation).unwrap_or(0);
+            self.swim.announce(to, incarnation, now_ms, &mut out);
+        }
+        self.apply_swim(out, now_ms);
     }
 
     /// Moves the cluster offset toward the peers' median clock and names every clock
@@ -1291,6 +1532,7 @@ impl GossipNode {
         if period_start {
             self.reclaim_replicas(now_ms);
         }
+        self.swim_round(now_ms);
         self.update_liveness(now_ms);
         // Also when a peer added (not a live change) made this node cross into the mode.
         self.update_ring();
@@ -1335,13 +1577,29 @@ impl GossipNode {
     /// set if it changed.
     fn update_liveness(&mut self, now_ms: i64) {
         let suspect = self.suspect_after_ms();
+        let swim_mode = self.swim_mode();
+        let grace = self.swim.settings().probe_period_ms as i64;
         let mut down = Vec::new();
         for (id, p) in self.peers.iter_mut() {
-            let up = p.last_heard_ms.is_some_and(|t| now_ms - t <= suspect);
+            let heard_within = |ms: i64| p.last_heard_ms.is_some_and(|t| now_ms - t <= ms);
+            // SWIM's verdict where it has one; silence where it has none (a peer it has
+            // not heard of yet, one heard from first hand since SWIM declared it down, or
+            // a cluster too small for SWIM). A peer SWIM declares down is asked first
+            // (`apply_swim`) and stays up for a probe period: one declared down across a
+            // healed partition, alive, answers, which clears the verdict (`heard`), and
+            // rejoins SWIM as a new identity. Peers come up in `heard` and `apply_swim`
+            // only, with their events.
+            let up = match p.swim.filter(|_| swim_mode) {
+                Some(true) => true,
+                Some(false) => p.swim_down_since_ms.is_some_and(|t| now_ms - t <= grace),
+                None => heard_within(suspect),
+            };
             if p.up && !up {
+                let by = if p.swim.is_some() && swim_mode { "SWIM's verdict" } else { "silence" };
+                tracing::debug!(peer = id, by, swim = swim_mode, suspect_ms = suspect, "peer down");
                 down.push(Event::PeerDown { peer: *id, silent_ms: p.last_heard_ms.map(|t| now_ms - t) });
+                p.up = false;
             }
-            p.up = up;
         }
         if !down.is_empty() {
             for e in down {
@@ -1616,6 +1874,10 @@ impl GossipNode {
         }
         self.relay.clear();
         let messaged = self.route_to_aggregators(own, true);
+        // Heartbeats in turn, SWIM or not: while a cluster grows past the threshold some
+        // members judge by silence (they have 16 peers or fewer, or SWIM has no verdict on
+        // a peer yet), and no member can tell which. One peer that is down is probed each
+        // round, so a healed one is heard from (and, in SWIM mode, announced to) at once.
         let mut targets = self.next_in_cycle(live, self.cfg.fanout);
         let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
         targets.extend(self.pick(&down, 1));
@@ -1791,10 +2053,15 @@ impl GossipNode {
             writers.clear();
             for writer in by_replica.chunk_by(|a, b| a.0 == b.0) {
                 let Some(r) = self.replica_id(writer[0].0) else { continue };
-                if !self.peers.get(&r.node).is_some_and(|p| p.up && p.incarnation == Some(r.incarnation)) {
+                let Some(p) = self.peers.get(&r.node) else { continue };
+                if p.incarnation.is_none_or(|i| r.incarnation >= i) {
+                    // Counts of the peer's current incarnation, or of one it may have
+                    // restarted as unheard here: no total that holds them goes to it.
+                    writers.push(r.node);
+                }
+                if !(p.up && p.incarnation == Some(r.incarnation)) {
                     continue;
                 }
-                writers.push(r.node);
                 for &(window, sum) in &sums {
                     let own = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
                     if sum > own {
@@ -1804,6 +2071,9 @@ impl GossipNode {
             }
             if to_all(key) {
                 writers.sort_unstable();
+                // A peer with counts here of its current incarnation (or a later one) is a
+                // writer above: never sent a total that holds its own counts.
+                writers.dedup();
                 for &p in live.iter().filter(|p| writers.binary_search(p).is_err()) {
                     for &(window, sum) in &sums {
                         per.entry(p).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum });

@@ -28,6 +28,7 @@ mod quota;
 mod replica;
 mod slots;
 mod store;
+pub mod swim;
 mod table;
 #[cfg(feature = "testing")]
 #[doc(hidden)]

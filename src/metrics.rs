@@ -43,6 +43,9 @@ pub const GOSSIP_MESSAGES: &str = "crl_gossip_messages_total";
 pub const GOSSIP_BYTES: &str = "crl_gossip_bytes_total";
 /// Gossip messages dropped, by `reason`: `decode`, `unknown_peer`, `spoofed`, `limit`. Counter.
 pub const GOSSIP_DROPPED: &str = "crl_gossip_dropped_total";
+/// SWIM packets (membership beyond `swim_above_peers` peers), by `direction`: `in`,
+/// `out`, or `refused` (received and refused). Counter.
+pub const SWIM_PACKETS: &str = "crl_swim_packets_total";
 /// Peers, by `state`: `up` or `down`. Gauge.
 pub const PEERS: &str = "crl_peers";
 /// Estimated staleness of this node's view of the cluster. Gauge, seconds.
@@ -113,6 +116,9 @@ fn record_core(s: &GossipStats, peers: &[PeerStats], view_lag_ms: i64) {
     counter!(GOSSIP_DROPPED, "reason" => "unknown_peer").absolute(s.unknown_peers);
     counter!(GOSSIP_DROPPED, "reason" => "spoofed").absolute(s.spoofed);
     counter!(GOSSIP_DROPPED, "reason" => "limit").absolute(s.refused);
+    counter!(SWIM_PACKETS, "direction" => "out").absolute(s.swim_sent);
+    counter!(SWIM_PACKETS, "direction" => "in").absolute(s.swim_received);
+    counter!(SWIM_PACKETS, "direction" => "refused").absolute(s.swim_refused);
     let up = peers.iter().filter(|p| p.up).count();
     gauge!(PEERS, "state" => "up").set(up as f64);
     gauge!(PEERS, "state" => "down").set((peers.len() - up) as f64);

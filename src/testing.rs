@@ -144,3 +144,39 @@ pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(payload);
     out
 }
+
+/// A `Swim` message from `from` carrying `packet` as it is.
+pub fn swim_raw(from: ReplicaId, packet: &[u8]) -> Result<Vec<u8>, EncodeError> {
+    env(from, Body::Swim(packet.to_vec()))
+}
+
+/// A `Swim` message from `from` whose SWIM packet's header names node `src` as its
+/// sender and `to` as its addressee, gossiping `members` (node ids) as alive.
+pub fn swim_gossip(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) -> Result<Vec<u8>, EncodeError> {
+    swim_raw(from, &swim_gossip_packet(from, src, to, members)?)
+}
+
+/// The SWIM packet of [`swim_gossip`] alone.
+pub fn swim_gossip_packet(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) -> Result<Vec<u8>, EncodeError> {
+    use crate::swim::SwimId;
+    use bytes::BufMut;
+    use foca::Codec;
+    let id = |node, incarnation| SwimId { node, incarnation, bump: 0 };
+    let header = foca::Header {
+        src: id(src, from.incarnation),
+        src_incarnation: 0,
+        dst: id(to.node, to.incarnation),
+        message: foca::Message::Gossip,
+    };
+    let mut codec = codec::SwimCodec::new(std::sync::Arc::new(parking_lot::Mutex::new(crate::swim::Gate {
+        known: members.iter().copied().collect(),
+        unknown_room: 0,
+    })));
+    let mut packet = bytes::BytesMut::new();
+    codec.encode_header(&header, &mut packet).map_err(|_| EncodeError::Other)?;
+    packet.put_u16(u16::try_from(members.len()).map_err(|_| EncodeError::TooLarge)?);
+    for &m in members {
+        codec.encode_member(&foca::Member::new(id(m, 1), 0, foca::State::Alive), &mut packet).map_err(|_| EncodeError::Other)?;
+    }
+    Ok(packet.to_vec())
+}

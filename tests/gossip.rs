@@ -39,6 +39,8 @@ struct Cluster {
     window_ms: u64,
     /// The limiters' key cap (default: the library's).
     max_keys: Option<usize>,
+    /// SWIM beyond this many peers (default: the library's).
+    swim_above: Option<usize>,
 }
 
 impl Cluster {
@@ -61,6 +63,7 @@ impl Cluster {
             aggregated: false,
             window_ms: 1000,
             max_keys: None,
+            swim_above: None,
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -97,6 +100,9 @@ impl Cluster {
         .build()
         .unwrap();
         let mut cfg = GossipConfig::new(ReplicaId { node: id, incarnation });
+        if let Some(above) = self.swim_above {
+            cfg.swim_above_peers = above;
+        }
         if self.aggregated {
             (cfg.full_mesh_max_peers, cfg.aggregate_above_peers, cfg.fanout) = (2, 2, 2);
         }
@@ -661,4 +667,62 @@ fn counts_an_aggregator_holds_without_a_cell_do_not_inflate_the_totals_it_publis
         assert!(view <= made, "node {n} decides on {view}; {made} were made");
         assert!(view > 0, "node {n} heard a total");
     }
+}
+
+/// With `swim_above_peers` at 16, SWIM decides liveness in a cluster of 24: a member cut
+/// off is marked down by every other within 3 s, no other member is (no loss here), and
+/// once the cut heals it is back up everywhere within a second, with no member marked
+/// down by the isolated one's stale verdicts.
+#[test]
+fn beyond_swim_above_peers_swim_marks_a_silent_member_down_everywhere_and_up_again_when_it_returns() {
+    let ids: Vec<u64> = (1..=24).collect();
+    let mut c = Cluster::new(&[], 100, Admission::Bounded);
+    c.swim_above = Some(16);
+    for &id in &ids {
+        c.start(id, 1, &ids);
+    }
+    c.run_until(T0 + 2_000);
+    for &n in &ids {
+        assert_eq!(c.nodes[&n].gossip.swim_members(), Some(23), "node {n}");
+        assert_eq!(c.nodes[&n].gossip.live_peers().count(), 23, "node {n}");
+        assert!(c.nodes[&n].gossip.stats().swim_sent > 0, "node {n}");
+    }
+    let downs = |c: &Cluster, n: u64| -> Vec<u64> {
+        let events = c.events.get(&n).map_or(&[][..], |e| &e[..]);
+        events.iter().filter_map(|e| if let Event::PeerDown { peer, .. } = e { Some(*peer) } else { None }).collect()
+    };
+    for &n in &ids {
+        assert!(downs(&c, n).is_empty(), "node {n} suspected a live member: {:?}", downs(&c, n));
+    }
+    c.events.clear();
+    c.cut = vec![24];
+    let cut_at = c.now;
+    let mut noticed = BTreeMap::new();
+    while noticed.len() < 23 && c.now < cut_at + 6_000 {
+        c.run_until(c.now + 10);
+        for n in 1..=23 {
+            if !c.nodes[&n].gossip.live_peers().any(|p| p == 24) {
+                noticed.entry(n).or_insert(c.now - cut_at);
+            }
+        }
+    }
+    // A probe period (200 ms) until someone probes it, another for the direct and
+    // indirect probes, the suspicion (4 · log10 24 periods: 1.1 s), a few periods for the
+    // verdict to spread by infection and one in which each member asks it first: 1.5–2.0 s
+    // here.
+    assert_eq!(noticed.len(), 23, "{noticed:?}");
+    assert!(noticed.values().all(|&ms| ms <= 3_000), "{noticed:?}");
+    for n in 1..=23 {
+        assert_eq!(downs(&c, n), vec![24], "node {n}");
+        assert!(!c.nodes[&n].gossip.live_peers().any(|p| p == 24), "node {n}");
+    }
+    c.events.clear();
+    c.cut.clear();
+    c.run_until(c.now + 1_000);
+    for n in 1..=23 {
+        assert!(c.nodes[&n].gossip.live_peers().any(|p| p == 24), "node {n} still holds 24 down");
+        assert!(c.events[&n].iter().any(|e| matches!(e, Event::PeerUp { peer: 24, .. })), "node {n}");
+        assert!(downs(&c, n).is_empty(), "node {n}: {:?}", c.events[&n]);
+    }
+    assert_eq!(c.nodes[&24].gossip.live_peers().count(), 23);
 }

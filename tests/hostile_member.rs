@@ -9,6 +9,7 @@ use crdt_rate_limiter::gossip::{
     Event, Refusal, MAX_ANSWERS_PER_PERIOD, MAX_INCARNATIONS_PER_PEER, MAX_OUTBOX, MAX_PUBLISHED_PER_PEER_ROUND, MAX_RELAYED_PER_PEER,
     MAX_REPAIR_ENTRIES_PER_ROUND, MAX_RESEND_ENTRIES,
 };
+use crdt_rate_limiter::swim::MAX_UNKNOWN_MEMBERS;
 use crdt_rate_limiter::testing::{self, CountsBatch};
 use crdt_rate_limiter::{GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
@@ -471,5 +472,104 @@ proptest::proptest! {
         };
         let whole = read(&[stream.len().max(1)]);
         proptest::prop_assert_eq!(read(&cuts), whole);
+    }
+}
+
+/// A node in SWIM mode (`swim_above_peers` at 16, and peers 2..=21) with its SWIM
+/// started and every peer known to SWIM as alive.
+fn swim_node() -> GossipNode {
+    let peers: Vec<u64> = (2..=21).collect();
+    let limiter = RateLimiter::builder()
+        .quota(Quota::new(10, Duration::from_secs(1)).unwrap())
+        .clock(ManualClock::new(T0))
+        .hash_secret([7; 16])
+        .build()
+        .unwrap();
+    let mut cfg = GossipConfig::new(replica(1, 1));
+    cfg.swim_above_peers = 16;
+    let mut n = GossipNode::new(limiter, cfg, peers.iter().copied(), 1, T0).unwrap();
+    n.handle_timeout(T0);
+    drain(&mut n);
+    for &p in &peers {
+        let gossip = testing::swim_gossip(replica(p, 1), p, replica(1, 1), &[]).unwrap();
+        n.handle_message(p, &gossip, T0).unwrap();
+    }
+    drain(&mut n);
+    assert_eq!(n.swim_members(), Some(peers.len()));
+    n
+}
+
+fn swim_refusals(n: &mut GossipNode) -> usize {
+    std::iter::from_fn(|| n.poll_event()).filter(|e| matches!(e, Event::Refused { reason: Refusal::Swim, .. })).count()
+}
+
+#[test]
+fn a_swim_packet_whose_header_names_another_member_is_refused() {
+    let mut n = swim_node();
+    swim_refusals(&mut n);
+    // Peer 2 speaks for peer 3 in the SWIM header (its envelope is its own, as the
+    // transport authenticates): the packet is refused before foca reads it.
+    let forged = testing::swim_gossip(replica(2, 1), 3, replica(1, 1), &[1000]).unwrap();
+    n.handle_message(2, &forged, T0 + 1).unwrap();
+    assert_eq!(n.stats().swim_refused, 1);
+    assert_eq!(swim_refusals(&mut n), 1);
+    assert_eq!(n.swim_members(), Some(20), "the member it named was not learned");
+}
+
+#[test]
+fn garbage_swim_packets_are_refused_without_panicking_or_changing_membership() {
+    let mut n = swim_node();
+    let mut refused = 0;
+    let valid = testing::swim_gossip_packet(replica(2, 1), 2, replica(1, 1), &[5, 6, 7]).unwrap();
+    for i in 0..2_000u64 {
+        let packet: Vec<u8> = if i % 2 == 0 {
+            // Noise of any length up to a datagram's.
+            let len = (splitmix(i) % 1_100) as usize;
+            (0..len as u64).map(|j| splitmix(i << 20 | j) as u8).collect()
+        } else {
+            // A valid packet with one to four bytes changed, or cut short.
+            let mut p = valid.clone();
+            for j in 0..=splitmix(i) % 4 {
+                let r = splitmix(i << 8 | j);
+                let at = (r % p.len() as u64) as usize;
+                p[at] = (r >> 32) as u8;
+            }
+            if i % 3 == 0 {
+                p.truncate((splitmix(i + 7) % p.len() as u64) as usize);
+            }
+            p
+        };
+        let msg = testing::swim_raw(replica(2, 1), &packet).unwrap();
+        n.handle_message(2, &msg, T0 + 1).unwrap();
+        refused = n.stats().swim_refused;
+    }
+    // Noise never decodes; a changed valid packet may (a changed probe number or member
+    // incarnation is still a packet), and its members are known peers, or unknown ones
+    // within the bound.
+    assert!(refused >= 1_000, "{refused} of 2000 refused");
+    let members = n.swim_members().unwrap();
+    assert!((20..=20 + MAX_UNKNOWN_MEMBERS).contains(&members), "{members} members");
+}
+
+#[test]
+fn a_member_cannot_make_swim_remember_more_than_the_bound_of_unknown_members() {
+    let mut n = swim_node();
+    // 40 members per packet fit in a datagram; 20 packets name 800 made-up members.
+    for p in 0..20u64 {
+        let made_up: Vec<u64> = (0..40).map(|i| 1_000_000 + p * 40 + i).collect();
+        let gossip = testing::swim_gossip(replica(2, 1), 2, replica(1, 1), &made_up).unwrap();
+        assert!(gossip.len() <= 1200, "{} bytes", gossip.len());
+        n.handle_message(2, &gossip, T0 + 1 + p as i64).unwrap();
+    }
+    let members = n.swim_members().unwrap();
+    assert!(members <= 20 + MAX_UNKNOWN_MEMBERS, "{members} members");
+    assert!(members >= 20 + MAX_UNKNOWN_MEMBERS - 40, "honest updates below the bound are taken: {members}");
+    assert!(n.stats().swim_refused >= 13, "{} refused", n.stats().swim_refused);
+    // SWIM probes none of them: nothing goes to a node the driver did not name.
+    for t in (T0..T0 + 3_000).step_by(10) {
+        n.handle_timeout(t);
+        while let Some(tx) = n.poll_transmit() {
+            assert!((2..=21).contains(&tx.to), "a message to {}", tx.to);
+        }
     }
 }
