@@ -145,6 +145,11 @@ pub struct Config {
     #[arg(long, help = "beyond this many peers, aggregated dissemination (default: the library's)", value_name = "PEERS", value_parser = int_in::<usize, 16, { NODES_MAX as u64 }>, help_heading = "Gossip and network")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aggregate_above: Option<usize>,
+    /// Beyond this many peers, liveness comes from SWIM (the library's
+    /// `GossipConfig::swim_above_peers`; at least 16). Default: the library's.
+    #[arg(long, help = "beyond this many peers, SWIM decides liveness (default: the library's)", value_name = "PEERS", value_parser = int_in::<usize, 16, { NODES_MAX as u64 }>, help_heading = "Gossip and network")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swim_above: Option<usize>,
     /// Aggregators per key in aggregated dissemination. Default: the library's (2).
     #[arg(long, help = "aggregators per key in aggregated dissemination (default: the library's)", value_name = "K", value_parser = int_in::<usize, 1, 8>, help_heading = "Gossip and network")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,6 +240,7 @@ impl Default for Config {
             skew_traffic: 0.0,
             gossip_ms: 20,
             aggregate_above: None,
+            swim_above: None,
             aggregators: None,
             latency_ms: (1, 5),
             loss: 0.0,
@@ -672,6 +678,9 @@ impl Config {
         push("--gossip-ms", self.gossip_ms.to_string());
         if let Some(above) = self.aggregate_above {
             push("--aggregate-above", above.to_string());
+        }
+        if let Some(above) = self.swim_above {
+            push("--swim-above", above.to_string());
         }
         if let Some(k) = self.aggregators {
             push("--aggregators", k.to_string());

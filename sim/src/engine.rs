@@ -129,6 +129,8 @@ struct Live {
 }
 
 struct Node {
+    /// When it crashed, while it is down (for the time its peers take to notice).
+    crashed_at_us: Option<i64>,
     skew_ms: i64,
     clock: ManualClock,
     incarnations: u64,
@@ -153,6 +155,10 @@ struct Totals {
     digests: u64,
     buckets_repaired: u64,
     peers_down: u64,
+    /// `PeerDown` events about a crashed node, and the longest time one took.
+    crash_detections: u64,
+    detection_ms_max: i64,
+    swim_sent: u64,
     safety_checks: u64,
 }
 
@@ -288,7 +294,7 @@ impl<'a> Sim<'a> {
         let nodes: Vec<Node> = (0..cfg.nodes)
             .map(|_| {
                 let skew_ms = if span > 0 { skews.between(-span, span) } else { 0 };
-                Node { skew_ms, clock: ManualClock::new(start_ms + skew_ms), incarnations: 0, live: None }
+                Node { crashed_at_us: None, skew_ms, clock: ManualClock::new(start_ms + skew_ms), incarnations: 0, live: None }
             })
             .collect();
         let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms) || !cfg.clock_step.is_empty();
@@ -496,6 +502,7 @@ impl<'a> Sim<'a> {
         let cfg = self.cfg;
         let now_ms = self.node_ms(n);
         let node = &mut self.nodes[n];
+        node.crashed_at_us = None;
         node.incarnations += 1;
         let incarnation = node.incarnations;
         let replica = ReplicaId { node: n as u64 + 1, incarnation };
@@ -503,6 +510,9 @@ impl<'a> Sim<'a> {
         gcfg.interval_ms = cfg.gossip_ms;
         if let Some(above) = cfg.aggregate_above {
             gcfg.aggregate_above_peers = above;
+        }
+        if let Some(above) = cfg.swim_above {
+            gcfg.swim_above_peers = above;
         }
         if let Some(k) = cfg.aggregators {
             gcfg.aggregators = k;
@@ -524,6 +534,7 @@ impl<'a> Sim<'a> {
 
     fn crash(&mut self, n: usize) {
         let Some(live) = self.nodes[n].live.take() else { return };
+        self.nodes[n].crashed_at_us = Some(self.now_us);
         self.add_stats(&live.gossip);
         self.replica_live[self.replica_index[&live.replica] as usize] = false;
         if let Ok(i) = self.up.binary_search(&n) {
@@ -539,6 +550,7 @@ impl<'a> Sim<'a> {
         self.totals.full_syncs += s.full_syncs_sent;
         self.totals.digests += s.digests_sent;
         self.totals.buckets_repaired += s.buckets_repaired;
+        self.totals.swim_sent += s.swim_sent;
     }
 
     /// Sends what node `n` has to send and arms its timer.
@@ -546,19 +558,28 @@ impl<'a> Sim<'a> {
         let mut out = std::mem::take(&mut self.transmits);
         let skew_ms = self.nodes[n].skew_ms;
         let mut timer = None;
+        let mut downs = Vec::new();
         if let Some(live) = self.nodes[n].live.as_mut() {
             while let Some(t) = live.gossip.poll_transmit() {
                 out.push(t);
             }
             while let Some(e) = live.gossip.poll_event() {
-                if let GossipEvent::PeerDown { .. } = e {
-                    self.totals.peers_down += 1;
+                if let GossipEvent::PeerDown { peer, .. } = e {
+                    downs.push(peer);
                 }
             }
             let deadline = live.gossip.poll_timeout();
             if deadline.is_some() && deadline != live.timer_ms && !live.stalled {
                 live.timer_ms = deadline;
                 timer = deadline.map(|d| (live.incarnation, d));
+            }
+        }
+        for peer in downs {
+            self.totals.peers_down += 1;
+            // Node `i` is replica `{node: i + 1}`.
+            if let Some(at) = peer.checked_sub(1).and_then(|i| self.nodes.get(i as usize)).and_then(|p| p.crashed_at_us) {
+                self.totals.crash_detections += 1;
+                self.totals.detection_ms_max = self.totals.detection_ms_max.max((self.now_us - at) / 1000);
             }
         }
         for t in out.drain(..) {
@@ -1215,6 +1236,9 @@ impl<'a> Sim<'a> {
             digests: t.digests,
             buckets_repaired: t.buckets_repaired,
             peers_down: t.peers_down,
+            crash_detections: t.crash_detections,
+            detection_ms_max: t.detection_ms_max,
+            swim_sent: t.swim_sent,
             safety_checks: t.safety_checks,
             bursts: self.burst_count,
             burst_offered: self.burst_offered,

@@ -78,6 +78,12 @@ pub struct Report {
     /// Times a node marked a peer down (silent past the suspicion period), from the
     /// cores' `PeerDown` events: crashes and partitions, and false suspicions under loss.
     pub peers_down: u64,
+    /// Of those, the events about a node that had crashed (`--crash`, `--restart`).
+    pub crash_detections: u64,
+    /// The longest a live node took to mark a crashed one down, in ms of virtual time.
+    pub detection_ms_max: i64,
+    /// SWIM packets sent (membership and failure detection beyond `swim_above_peers`).
+    pub swim_sent: u64,
     /// Safety checks run (one node's whole view against the truth each).
     pub safety_checks: u64,
     /// Bursts sent (`--burst-clients`).
@@ -202,6 +208,13 @@ impl Report {
                 format!(
                     "{} full syncs, {} digests, {} buckets repaired; {} peers marked down",
                     self.full_syncs, self.digests, self.buckets_repaired, self.peers_down
+                ),
+            ),
+            (
+                "membership",
+                format!(
+                    "{} SWIM packets; {} crashes noticed, the slowest after {} ms",
+                    self.swim_sent, self.crash_detections, self.detection_ms_max
                 ),
             ),
             ("safety checks", format!("{}, {} violations", self.safety_checks, self.violation_count)),

@@ -107,6 +107,32 @@ fn an_aggregated_cluster_survives_loss_a_crash_a_restart_and_a_partition() {
     assert!(r.to_down_node > 0 && r.partitioned > 0, "{}", r.to_text());
 }
 
+/// The same faults with SWIM deciding liveness (`--swim-above 16`): no invariant breaks,
+/// it converges, the crashed members are noticed by every live one within the SWIM
+/// bound, and only those and the partition's far side are ever marked down.
+#[test]
+fn with_swim_an_aggregated_cluster_survives_loss_crashes_a_restart_and_a_partition() {
+    let cfg = Config {
+        nodes: 24,
+        clients: 50,
+        duration_ms: 5_000,
+        loss: 0.02,
+        swim_above: Some(16),
+        crash: vec![(3, 800), (7, 1_200)],
+        restart: vec![(3, 3_500)],
+        partition: vec![(3_800, 4_400)],
+        ..Config::default()
+    };
+    let r = run(cfg);
+    assert!(r.converged, "{}", r.to_text());
+    assert!(r.swim_sent > 0 && r.to_down_node > 0 && r.partitioned > 0, "{}", r.to_text());
+    // 22 or 23 members notice each crash (node 3 restarts after node 7's is noticed).
+    assert!(r.crash_detections >= 2 * 22, "{}", r.to_text());
+    // A probe period (200 ms) or two to be probed, the direct and indirect probes, the
+    // suspicion (4 · log10 24 periods), a few periods to spread, one to ask first.
+    assert!(r.detection_ms_max <= 3_000, "{}", r.to_text());
+}
+
 /// Aggregated dissemination's reason to be: at 30 nodes it sends a fraction of what
 /// fan-out sends, for the same accuracy (docs/benchmarks.md has the figures by size).
 #[test]
