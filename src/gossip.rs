@@ -2034,6 +2034,7 @@ impl GossipNode {
         let me = self.cfg.replica;
         let mut writers: Vec<PeerId> = Vec::new();
         let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
+        let mut newest: Vec<(u64, std::cmp::Reverse<u64>, std::ops::Range<usize>)> = Vec::new();
         let mut sums: Vec<(i64, u64)> = Vec::new();
         for counts in exported.chunk_by(|a, b| a.key == b.key) {
             let key = counts[0].key;
@@ -2051,21 +2052,36 @@ impl GossipNode {
             sums.retain(|&(window, _)| send(key, window));
             by_replica.sort_unstable();
             writers.clear();
+            // Per node, its replicas here, newest incarnation first: a total goes to a
+            // node, whichever incarnation runs there, so it must leave out the newest
+            // one's counts (an older incarnation's are others' to it, as anyone's).
+            newest.clear();
+            let mut at = 0;
             for writer in by_replica.chunk_by(|a, b| a.0 == b.0) {
-                let Some(r) = self.replica_id(writer[0].0) else { continue };
-                let Some(p) = self.peers.get(&r.node) else { continue };
-                if p.incarnation.is_none_or(|i| r.incarnation >= i) {
-                    // Counts of the peer's current incarnation, or of one it may have
-                    // restarted as unheard here: no total that holds them goes to it.
-                    writers.push(r.node);
+                if let Some(r) = self.replica_id(writer[0].0) {
+                    newest.push((r.node, std::cmp::Reverse(r.incarnation), at..at + writer.len()));
                 }
-                if !(p.up && p.incarnation == Some(r.incarnation)) {
+                at += writer.len();
+            }
+            newest.sort_unstable_by_key(|(node, inc, _)| (*node, *inc));
+            for group in newest.chunk_by(|a, b| a.0 == b.0) {
+                let (node, std::cmp::Reverse(incarnation), ref range) = group[0];
+                let writer = &by_replica[range.clone()];
+                let Some(p) = self.peers.get(&node) else { continue };
+                if p.incarnation.is_some_and(|i| incarnation < i) {
+                    // Only incarnations it has restarted from: others' counts to it.
+                    continue;
+                }
+                // Its current incarnation's counts, or a later one's not heard from
+                // here yet (it restarted): no total that holds them goes to it.
+                writers.push(node);
+                if !p.up {
                     continue;
                 }
                 for &(window, sum) in &sums {
                     let own = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
                     if sum > own {
-                        per.entry(r.node).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
+                        per.entry(node).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
                     }
                 }
             }
@@ -2073,7 +2089,6 @@ impl GossipNode {
                 writers.sort_unstable();
                 // A peer with counts here of its current incarnation (or a later one) is a
                 // writer above: never sent a total that holds its own counts.
-                writers.dedup();
                 for &p in live.iter().filter(|p| writers.binary_search(p).is_err()) {
                     for &(window, sum) in &sums {
                         per.entry(p).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum });
