@@ -62,6 +62,9 @@ struct Args {
     /// between 16 and it, fan-out gossip. For comparing the two.
     #[arg(long, value_name = "PEERS")]
     aggregate_above: Option<usize>,
+    /// Beyond this many peers, SWIM decides liveness (the library's default: 128).
+    #[arg(long, value_name = "PEERS")]
+    swim_above: Option<usize>,
     /// Print only a JSON summary object at the end.
     #[arg(long)]
     json: bool,
@@ -191,6 +194,9 @@ async fn run(args: Args) -> Result<(), String> {
         let mut config = ClusterConfig { seeds: nodes.iter().map(Cluster::local_addr).collect(), ..ClusterConfig::new(identity, listen) };
         if let Some(peers) = args.aggregate_above {
             config.gossip.aggregate_above_peers = peers;
+        }
+        if let Some(peers) = args.swim_above {
+            config.gossip.swim_above_peers = peers;
         }
         let quota = Quota::new(LIMIT, Duration::from_millis(WINDOW_MS)).map_err(|e| err(&e))?;
         let (_, cluster) = RateLimiter::builder()
