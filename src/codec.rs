@@ -339,11 +339,12 @@ impl foca::Codec<crate::swim::SwimId> for SwimCodec {
     }
 }
 
-/// The node a SWIM packet's header names as its sender.
-pub(crate) fn swim_sender(packet: &[u8]) -> Result<u64, DecodeError> {
+/// The node a SWIM packet's header names as its sender, and whether the packet tells
+/// the receiver it was declared down (`TurnUndead`).
+pub(crate) fn swim_sender(packet: &[u8]) -> Result<(u64, bool), DecodeError> {
     let (h, _): (foca::Header<crate::swim::SwimId>, usize) =
         bincode::serde::decode_from_slice(packet, CONFIG).map_err(|e| DecodeError::Malformed(e.into()))?;
-    Ok(h.src.node)
+    Ok((h.src.node, h.message == foca::Message::TurnUndead))
 }
 
 /// Bytes bincode's standard configuration uses for an unsigned integer.

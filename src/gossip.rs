@@ -54,10 +54,11 @@
 //!   (default 128) SWIM decides instead ([`crate::swim`], foca): each peer heard from
 //!   first hand is handed to SWIM, which probes one member per probe period, probes
 //!   indirectly through others when an ack is late, and spreads suspicions that a live
-//!   member refutes. A peer SWIM declares down is asked first and taken down a probe
-//!   period later unless it answers; an answer (any message, first hand) clears the
-//!   verdict, and the peer rejoins SWIM as a new identity. A crash is noticed in
-//!   `O(log N)` probe periods rather than `O(N)` rounds of silence.
+//!   member refutes. A peer SWIM declares down is asked first and taken down two probe
+//!   periods after an unanswered ask; an answer (any message, first hand) clears the
+//!   verdict, and the peer rejoins SWIM as a new identity. Silence still takes a peer
+//!   down (heartbeats in turn go on): SWIM only makes detection faster, `O(log N)`
+//!   probe periods where silence takes `O(N)` rounds.
 //! * **Full sync.** A node asks its peers (in fan-out mode, `fanout` of them) for
 //!   everything on start; a peer that comes up, or comes back with a new incarnation, is
 //!   sent everything this node holds, in steps within the per-round export
@@ -176,11 +177,12 @@ pub struct GossipConfig {
     /// (foca, [`crate::swim`]): probes of one member per probe period (ten rounds, at
     /// least 200 ms) with indirect probes, and suspicion that a member refutes, instead of
     /// a silence whose length grows with `N` (heartbeats to `fanout` peers per round go on:
-    /// they keep members that judge by silence informed). Default 128: SWIM notices a
-    /// crash in `O(log N)` probe periods, silence in `O(N)` rounds, and in the simulator
-    /// silence is faster up to about 120 members (0.6 s against 2.2 s at 30, 2.0 against
-    /// 2.4 at 100, 6.0 against 3.0 at 300; `docs/benchmarks.md`). Every member must run a
-    /// version that speaks it (this one).
+    /// they keep members that judge by silence informed, and silence still takes a
+    /// peer down: SWIM only makes detection faster). Default 128: SWIM notices a crash
+    /// in `O(log N)` probe periods, silence in `O(N)` rounds; in the simulator silence
+    /// noticed it in 0.6 s at 30 members and 2.0 s at 100, where SWIM only added bytes,
+    /// and SWIM in 3.2 s at 300, where silence took 6.0 (`docs/benchmarks.md`). Every
+    /// member must run a version that speaks it (this one).
     pub swim_above_peers: usize,
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
     /// and in fan-out mode four times the rounds a peer takes to pick this node. With
@@ -891,6 +893,20 @@ impl GossipNode {
         self.swim_mode().then(|| self.swim.active_members())
     }
 
+    /// SWIM's verdict on `peer` (None: none yet). For the hostile-member tests.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn swim_verdict(&self, peer: PeerId) -> Option<bool> {
+        self.peers.get(&peer).and_then(|p| p.swim)
+    }
+
+    /// SWIM's pending timers. For the hostile-member tests.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn swim_timers(&self) -> usize {
+        self.swim.timers()
+    }
+
     /// Whether this node disseminates counts through aggregators (it has more peers than
     /// [`GossipConfig::aggregate_above_peers`] and [`GossipConfig::full_mesh_max_peers`]).
     pub fn aggregating(&self) -> bool {
@@ -919,7 +935,7 @@ impl GossipNode {
     pub fn add_peer(&mut self, peer: PeerId) {
         if peer != self.cfg.replica.node {
             self.peers.entry(peer).or_default();
-            self.swim.know(peer, true);
+            self.swim.know(peer);
             if self.swim_started {
                 self.swim_to_announce.insert(peer);
             }
@@ -932,7 +948,6 @@ impl GossipNode {
     /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
-        self.swim.know(peer, false);
         self.swim_to_announce.remove(&peer);
         self.clock.forget(peer);
         self.clocks_beyond.remove(&peer);
@@ -1294,8 +1309,9 @@ impl GossipNode {
         // A member SWIM holds down that this node hears from is alive (see
         // `update_liveness`): this node announces itself to it, which tells it it was
         // declared down, and it rejoins as a new SWIM identity at once.
-        let announce = swim_mode && p.swim == Some(false) && p.announce_due(now_ms, probe_ms);
-        if p.swim == Some(false) {
+        let current = p.incarnation.is_none_or(|i| incarnation >= i);
+        let announce = swim_mode && current && p.swim == Some(false) && p.announce_due(now_ms, probe_ms);
+        if current && p.swim == Some(false) {
             // First-hand evidence: alive. Silence judges it until SWIM's next verdict
             // (its new identity's, once it has rejoined).
             (p.swim, p.swim_down_since_ms) = (None, None);
@@ -1426,6 +1442,16 @@ impl GossipNode {
             let all: Vec<PeerId> = self.peers.keys().copied().collect();
             self.pick(&all, self.cfg.fanout)
         };
+        // Peers up that SWIM holds down since after they were last asked: asked now, if
+        // an ask is due (at most one per probe period each; see `update_liveness`).
+        let probe_ms = self.swim.settings().probe_period_ms as i64;
+        let mut asks = Vec::new();
+        for (&id, p) in self.peers.iter_mut() {
+            let unasked = p.swim_announced_ms < p.swim_down_since_ms;
+            if p.up && p.swim == Some(false) && unasked && p.announce_due(now_ms, probe_ms) {
+                asks.push((id, p.incarnation.unwrap_or(0)));
+            }
+        }
         let settings =
             swim::Settings::new(self.cfg.interval_ms, self.cfg.suspect_after_ms, self.peers.len() + 1, self.swim.settings().max_packet);
         self.swim.set_settings(settings);
@@ -1439,6 +1465,9 @@ impl GossipNode {
         }
         for to in targets {
             let incarnation = self.peers.get(&to).and_then(|p| p.incarnation).unwrap_or(0);
+            self.swim.announce(to, incarnation, now_ms, &mut out);
+        }
+        for (to, incarnation) in asks {
             self.swim.announce(to, incarnation, now_ms, &mut out);
         }
         self.apply_swim(out, now_ms);
@@ -1578,22 +1607,24 @@ impl GossipNode {
     fn update_liveness(&mut self, now_ms: i64) {
         let suspect = self.suspect_after_ms();
         let swim_mode = self.swim_mode();
-        let grace = self.swim.settings().probe_period_ms as i64;
+        let grace = 2 * self.swim.settings().probe_period_ms as i64;
         let mut down = Vec::new();
         for (id, p) in self.peers.iter_mut() {
             let heard_within = |ms: i64| p.last_heard_ms.is_some_and(|t| now_ms - t <= ms);
-            // SWIM's verdict where it has one; silence where it has none (a peer it has
-            // not heard of yet, one heard from first hand since SWIM declared it down, or
-            // a cluster too small for SWIM). A peer SWIM declares down is asked first
-            // (`apply_swim`) and stays up for a probe period: one declared down across a
-            // healed partition, alive, answers, which clears the verdict (`heard`), and
+            // Silence takes a peer down, SWIM or not (heartbeats in turn go on, so a live
+            // peer is heard within the period): SWIM can only make detection faster, and
+            // no verdict gossiped by others keeps a silent peer up. A peer SWIM declares
+            // down is asked first (`apply_swim`, `swim_round`) and taken down only when
+            // an ask made after the verdict has gone unanswered for `grace`: an answer
+            // (any message, first hand) clears the verdict (`heard`), and a member
+            // declared down across a healed partition, or by a hostile member's word,
             // rejoins SWIM as a new identity. Peers come up in `heard` and `apply_swim`
             // only, with their events.
-            let up = match p.swim.filter(|_| swim_mode) {
-                Some(true) => true,
-                Some(false) => p.swim_down_since_ms.is_some_and(|t| now_ms - t <= grace),
-                None => heard_within(suspect),
+            let asked_unanswered = || {
+                let (since, asked) = (p.swim_down_since_ms, p.swim_announced_ms);
+                since.zip(asked).is_some_and(|(since, asked)| asked >= since && now_ms - asked > grace)
             };
+            let up = heard_within(suspect) && !(swim_mode && p.swim == Some(false) && asked_unanswered());
             if p.up && !up {
                 let by = if p.swim.is_some() && swim_mode { "SWIM's verdict" } else { "silence" };
                 tracing::debug!(peer = id, by, swim = swim_mode, suspect_ms = suspect, "peer down");

@@ -2,7 +2,7 @@
 //! of the core (no sockets, no OS clock, no OS randomness), so the simulator runs it too.
 //!
 //! Beyond [`GossipConfig::swim_above_peers`](crate::GossipConfig::swim_above_peers) peers
-//! a node's liveness verdicts come from here instead of from silence: every probe period
+//! a node's liveness verdicts come from here as well as from silence: every probe period
 //! each member pings one member (in a shuffled round-robin), asks
 //! `num_indirect_probes` others to ping it when the ack is late, suspects it when none
 //! answers, and declares it down if the suspicion is not refuted in time; membership
@@ -48,7 +48,9 @@ pub const ROUNDS_PER_PROBE: u64 = 10;
 pub(crate) struct SwimId {
     pub node: u64,
     pub incarnation: u64,
-    pub bump: u16,
+    /// 64 bits: no flood of "you are down" can use the bumps up (foca gives up on an
+    /// identity that cannot renew).
+    pub bump: u64,
 }
 
 impl Identity for SwimId {
@@ -107,6 +109,11 @@ pub(crate) struct Output {
     pub sends: Vec<(u64, Vec<u8>)>,
     /// Verdicts, in order: (identity, up).
     pub verdicts: Vec<(SwimId, bool)>,
+    /// Identities that replaced another of the same node (foca says `Rename`, not
+    /// `MemberUp`): their verdict is taken from foca once the step is over.
+    renamed: Vec<SwimId>,
+    /// This node renewed its own identity (it had been declared down).
+    rejoined: bool,
 }
 
 /// Timing of the protocol, from the core's settings.
@@ -176,8 +183,15 @@ pub(crate) struct Swim {
     gate: Arc<Mutex<Gate>>,
     /// foca's timers: (deadline, sequence) → timer.
     timers: BTreeMap<(i64, u64), Timer<SwimId>>,
+    /// The pending timer of each kind and member (see `Collect::submit_after`).
+    latest: BTreeMap<(u8, u64), (i64, u64)>,
     seq: u64,
     settings: Settings,
+    /// The incarnation of each node introduced (each is introduced once).
+    introduced: BTreeMap<u64, u64>,
+    /// When this node last renewed its identity: a "you are down" within a probe
+    /// period of it is stale (or hostile) and dropped.
+    rejoined_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for Swim {
@@ -195,7 +209,21 @@ struct Collect<'a> {
     now_ms: i64,
     out: &'a mut Output,
     timers: &'a mut BTreeMap<(i64, u64), Timer<SwimId>>,
+    latest: &'a mut BTreeMap<(u8, u64), (i64, u64)>,
     seq: &'a mut u64,
+}
+
+/// A timer's kind, and the member it is about (0 for the others).
+fn timer_slot(t: &Timer<SwimId>) -> (u8, u64) {
+    match t {
+        Timer::ProbeRandomMember(_) => (0, 0),
+        Timer::SendIndirectProbe { .. } => (1, 0),
+        Timer::ChangeSuspectToDown { member_id, .. } => (2, member_id.node),
+        Timer::PeriodicAnnounce(_) => (3, 0),
+        Timer::PeriodicAnnounceDown(_) => (4, 0),
+        Timer::PeriodicGossip(_) => (5, 0),
+        Timer::RemoveDown(id) => (6, id.node),
+    }
 }
 
 impl Runtime<SwimId> for Collect<'_> {
@@ -203,9 +231,13 @@ impl Runtime<SwimId> for Collect<'_> {
         match notification {
             Notification::MemberUp(id) => self.out.verdicts.push((*id, true)),
             Notification::MemberDown(id) => self.out.verdicts.push((*id, false)),
+            Notification::Rename(_, new) => self.out.renamed.push(*new),
             Notification::Idle => tracing::debug!("SWIM: no active member"),
             Notification::Defunct => tracing::warn!("SWIM: this node was declared down and cannot rejoin"),
-            Notification::Rejoin(id) => tracing::info!(bump = id.bump, "SWIM: declared down, rejoined as a new identity"),
+            Notification::Rejoin(id) => {
+                self.out.rejoined = true;
+                tracing::info!(bump = id.bump, "SWIM: declared down, rejoined as a new identity");
+            }
             _ => {}
         }
     }
@@ -217,6 +249,12 @@ impl Runtime<SwimId> for Collect<'_> {
     fn submit_after(&mut self, event: Timer<SwimId>, after: Duration) {
         *self.seq += 1;
         let at = self.now_ms.saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
+        // One pending timer per kind and member: a newer one supersedes the older (foca
+        // ignores a timer of an older token, incarnation or identity), so forged
+        // verdicts or renewals cannot pile timers up.
+        if let Some(old) = self.latest.insert(timer_slot(&event), (at, *self.seq)) {
+            self.timers.remove(&old);
+        }
         self.timers.insert((at, *self.seq), event);
     }
 }
@@ -224,9 +262,20 @@ impl Runtime<SwimId> for Collect<'_> {
 impl Swim {
     pub(crate) fn new(me: SwimId, settings: Settings, seed: u64) -> Self {
         let gate = Arc::new(Mutex::new(Gate::default()));
+        // This node is no stranger: updates about it are SWIM's business.
+        gate.lock().known.insert(me.node);
         let codec = SwimCodec::new(Arc::clone(&gate));
         let foca = Foca::new(me, settings.config(), SwimRng(splitmix64(seed ^ 0x5357_494D)), codec);
-        Self { foca, gate, timers: BTreeMap::new(), seq: 0, settings }
+        Self {
+            foca,
+            gate,
+            timers: BTreeMap::new(),
+            latest: BTreeMap::new(),
+            seq: 0,
+            settings,
+            introduced: BTreeMap::new(),
+            rejoined_ms: None,
+        }
     }
 
     pub(crate) fn settings(&self) -> Settings {
@@ -243,13 +292,11 @@ impl Swim {
         }
     }
 
-    pub(crate) fn know(&self, node: u64, known: bool) {
-        let mut g = self.gate.lock();
-        if known {
-            g.known.insert(node);
-        } else {
-            g.known.remove(&node);
-        }
+    /// Counts `node` among the members the driver named. Never undone: a member removed
+    /// (a scale-down, a leave) stays in SWIM's memory until it is forgotten, and updates
+    /// about it are not strangers' (the bound is on made-up members).
+    pub(crate) fn know(&self, node: u64) {
+        self.gate.lock().known.insert(node);
     }
 
     fn run<R>(
@@ -258,8 +305,18 @@ impl Swim {
         out: &mut Output,
         f: impl FnOnce(&mut Foca<SwimId, SwimCodec, SwimRng, NoCustomBroadcast>, Collect<'_>) -> R,
     ) -> R {
-        let rt = Collect { now_ms, out, timers: &mut self.timers, seq: &mut self.seq };
-        f(&mut self.foca, rt)
+        let renamed_before = out.renamed.len();
+        let rt = Collect { now_ms, out, timers: &mut self.timers, latest: &mut self.latest, seq: &mut self.seq };
+        let r = f(&mut self.foca, rt);
+        // A renamed member's verdict: whether its new identity is active.
+        for id in out.renamed.drain(renamed_before..).collect::<Vec<_>>() {
+            let active = self.foca.iter_members().any(|m| *m.id() == id);
+            out.verdicts.push((id, active));
+        }
+        if std::mem::take(&mut out.rejoined) {
+            self.rejoined_ms = Some(now_ms);
+        }
+        r
     }
 
     /// Introduces this node to `node` (whose incarnation is `incarnation` as far as the
@@ -275,6 +332,9 @@ impl Swim {
     /// from it): SWIM probes it from now on and has a verdict on it at once. Not
     /// broadcast: its peers learn of it first hand too, or by SWIM's own dissemination.
     pub(crate) fn introduce(&mut self, node: u64, incarnation: u64, now_ms: i64, out: &mut Output) {
+        if self.introduced.insert(node, incarnation) == Some(incarnation) {
+            return; // foca knows it (or knows it down: an announce brings it back)
+        }
         let member = foca::Member::new(SwimId { node, incarnation, bump: 0 }, 0, foca::State::Alive);
         if let Err(e) = self.run(now_ms, out, |f, rt| f.apply_many(std::iter::once(member), false, rt)) {
             tracing::debug!(node, error = %e, "SWIM member not introduced");
@@ -283,9 +343,13 @@ impl Swim {
 
     /// Handles one SWIM packet from the authenticated peer `from`.
     pub(crate) fn handle(&mut self, from: u64, data: &[u8], now_ms: i64, out: &mut Output) -> Result<(), SwimError> {
-        let claimed = codec::swim_sender(data).map_err(|e| SwimError::Refused(e.to_string()))?;
+        let (claimed, turn_undead) = codec::swim_sender(data).map_err(|e| SwimError::Refused(e.to_string()))?;
         if claimed != from {
             return Err(SwimError::Spoofed { peer: from, claimed });
+        }
+        let probe_ms = self.settings.probe_period_ms as i64;
+        if turn_undead && self.rejoined_ms.is_some_and(|t| now_ms - t < probe_ms) {
+            return Err(SwimError::Refused("\"you are down\" within a probe period of a rejoin".into()));
         }
         {
             let mut g = self.gate.lock();
@@ -311,6 +375,12 @@ impl Swim {
     /// When [`fire`](Self::fire) is next due.
     pub(crate) fn next_deadline(&self) -> Option<i64> {
         self.timers.keys().next().map(|&(at, _)| at)
+    }
+
+    /// foca's pending timers.
+    #[cfg(feature = "testing")]
+    pub(crate) fn timers(&self) -> usize {
+        self.timers.len()
     }
 
     /// Members SWIM holds active (not this node).

@@ -158,25 +158,66 @@ pub fn swim_gossip(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) ->
 
 /// The SWIM packet of [`swim_gossip`] alone.
 pub fn swim_gossip_packet(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) -> Result<Vec<u8>, EncodeError> {
+    let updates: Vec<SwimUpdate> = members.iter().map(|&node| SwimUpdate { node, incarnation: 1, bump: 0, down: false }).collect();
+    swim_packet(from, src, (to, 0), SwimKind::Gossip, &updates)
+}
+
+/// One member update in a SWIM packet: the member's SWIM identity (node, incarnation,
+/// bump) and whether it says the member is down (else alive).
+#[derive(Debug, Clone, Copy)]
+pub struct SwimUpdate {
+    /// The member's node id.
+    pub node: u64,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Its SWIM identity's bump (renewals after being declared down).
+    pub bump: u64,
+    /// Down, else alive.
+    pub down: bool,
+}
+
+/// What a SWIM packet of [`swim_packet`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwimKind {
+    /// Updates only.
+    Gossip,
+    /// "You were declared down" (the receiver renews its identity).
+    TurnUndead,
+}
+
+/// A SWIM packet from `from` whose header names node `src` as its sender and `to` (a
+/// replica and a bump) as its addressee, carrying `updates`.
+pub fn swim_packet(
+    from: ReplicaId,
+    src: u64,
+    to: (ReplicaId, u64),
+    kind: SwimKind,
+    updates: &[SwimUpdate],
+) -> Result<Vec<u8>, EncodeError> {
     use crate::swim::SwimId;
     use bytes::BufMut;
     use foca::Codec;
-    let id = |node, incarnation| SwimId { node, incarnation, bump: 0 };
-    let header = foca::Header {
-        src: id(src, from.incarnation),
-        src_incarnation: 0,
-        dst: id(to.node, to.incarnation),
-        message: foca::Message::Gossip,
+    let message = match kind {
+        SwimKind::Gossip => foca::Message::Gossip,
+        SwimKind::TurnUndead => foca::Message::TurnUndead,
     };
-    let mut codec = codec::SwimCodec::new(std::sync::Arc::new(parking_lot::Mutex::new(crate::swim::Gate {
-        known: members.iter().copied().collect(),
-        unknown_room: 0,
-    })));
+    let header = foca::Header {
+        src: SwimId { node: src, incarnation: from.incarnation, bump: 0 },
+        src_incarnation: 0,
+        dst: SwimId { node: to.0.node, incarnation: to.0.incarnation, bump: to.1 },
+        message,
+    };
+    let gate = crate::swim::Gate { known: updates.iter().map(|u| u.node).collect(), unknown_room: 0 };
+    let mut codec = codec::SwimCodec::new(std::sync::Arc::new(parking_lot::Mutex::new(gate)));
     let mut packet = bytes::BytesMut::new();
     codec.encode_header(&header, &mut packet).map_err(|_| EncodeError::Other)?;
-    packet.put_u16(u16::try_from(members.len()).map_err(|_| EncodeError::TooLarge)?);
-    for &m in members {
-        codec.encode_member(&foca::Member::new(id(m, 1), 0, foca::State::Alive), &mut packet).map_err(|_| EncodeError::Other)?;
+    if !updates.is_empty() {
+        packet.put_u16(u16::try_from(updates.len()).map_err(|_| EncodeError::TooLarge)?);
+    }
+    for u in updates {
+        let state = if u.down { foca::State::Down } else { foca::State::Alive };
+        let id = SwimId { node: u.node, incarnation: u.incarnation, bump: u.bump };
+        codec.encode_member(&foca::Member::new(id, 0, state), &mut packet).map_err(|_| EncodeError::Other)?;
     }
     Ok(packet.to_vec())
 }

@@ -573,3 +573,150 @@ fn a_member_cannot_make_swim_remember_more_than_the_bound_of_unknown_members() {
         }
     }
 }
+
+/// Runs `n` from `from` to `to` in 10 ms steps with no input; returns the peers it took
+/// down, in order.
+fn run_quiet(n: &mut GossipNode, from: i64, to: i64) -> Vec<u64> {
+    let mut downs = Vec::new();
+    for t in (from..=to).step_by(10) {
+        n.handle_timeout(t);
+        drain(n);
+        downs.extend(std::iter::from_fn(|| n.poll_event()).filter_map(|e| {
+            if let Event::PeerDown { peer, .. } = e {
+                Some(peer)
+            } else {
+                None
+            }
+        }));
+    }
+    downs
+}
+
+fn turn_undead(bump: u64) -> Vec<u8> {
+    let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), bump), testing::SwimKind::TurnUndead, &[]).unwrap();
+    testing::swim_raw(replica(2, 1), &p).unwrap()
+}
+
+#[test]
+fn a_flood_of_you_are_down_neither_exhausts_swim_nor_keeps_silent_peers_up() {
+    let mut n = swim_node();
+    // 65,536 "you were declared down", each to the identity the last one made it take.
+    for bump in 0..65_536u64 {
+        n.handle_message(2, &turn_undead(bump), T0 + 1 + (bump / 1024) as i64).unwrap();
+        drain(&mut n);
+    }
+    // At most one renewal per probe period was taken; the rest were refused.
+    assert!(n.stats().swim_refused >= 65_000, "{} refused", n.stats().swim_refused);
+    assert!(n.swim_timers() <= 64, "{} timers", n.swim_timers());
+    // Every peer then falls silent: every one is taken down (silence is the backstop;
+    // no verdict keeps a silent peer up).
+    let downs = run_quiet(&mut n, T0 + 100, T0 + 10_000);
+    assert_eq!(n.live_peers().count(), 0, "{downs:?}");
+    // One "you are down" every 500 ms (to the current identity) does not keep them up
+    // either.
+    let mut n = swim_node();
+    for (k, t) in (T0 + 10..T0 + 10_000).step_by(500).enumerate() {
+        n.handle_message(2, &turn_undead(k as u64), t).unwrap();
+        run_quiet(&mut n, t, t + 490);
+    }
+    assert_eq!(n.live_peers().filter(|&p| p != 2).count(), 0);
+}
+
+#[test]
+fn forged_down_verdicts_do_not_take_down_a_member_that_answers() {
+    let mut n = swim_node();
+    let down = |bump| testing::SwimUpdate { node: 3, incarnation: 1, bump, down: true };
+    let mut downs = Vec::new();
+    let mut asked = 0;
+    let mut t = T0 + 10;
+    let mut bump = 1;
+    while t < T0 + 5_000 {
+        // Every member talks now and then (heartbeats in turn); peer 2 forges a "3 is
+        // down" every 50 ms, each about a newer identity of 3.
+        if (t - T0) % 100 == 0 {
+            for p in 2..=21u64 {
+                n.handle_message(p, &heartbeat_from(p), t).unwrap();
+            }
+        }
+        if (t - T0) % 50 == 0 {
+            let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &[down(bump)]).unwrap();
+            n.handle_message(2, &testing::swim_raw(replica(2, 1), &p).unwrap(), t).unwrap();
+            bump += 1;
+        }
+        n.handle_timeout(t);
+        // Member 3 answers whatever this node sends it, 5 ms later.
+        let mut to_3 = false;
+        while let Some(tx) = n.poll_transmit() {
+            to_3 |= tx.to == 3;
+        }
+        if to_3 {
+            asked += 1;
+            let answer = testing::swim_gossip(replica(3, 1), 3, replica(1, 1), &[]).unwrap();
+            n.handle_message(3, &answer, t + 5).unwrap();
+            drain(&mut n);
+        }
+        downs.extend(std::iter::from_fn(|| n.poll_event()).filter_map(|e| {
+            if let Event::PeerDown { peer, .. } = e {
+                Some(peer)
+            } else {
+                None
+            }
+        }));
+        t += 10;
+    }
+    assert!(downs.is_empty(), "{downs:?}");
+    assert!(asked > 0);
+    // The forged verdicts kept nothing pending: no timer per forged identity.
+    assert!(n.swim_timers() <= 64, "{} timers", n.swim_timers());
+}
+
+#[test]
+fn forged_down_updates_do_not_pile_up_timers() {
+    let mut n = swim_node();
+    let mut incarnation = 1_000;
+    for k in 0..1_000i64 {
+        let updates: Vec<_> = (0..60u64)
+            .map(|j| {
+                incarnation += 1;
+                testing::SwimUpdate { node: 3 + j % 19, incarnation, bump: 0, down: true }
+            })
+            .collect();
+        let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
+        let msg = testing::swim_raw(replica(2, 1), &p).unwrap();
+        assert!(msg.len() <= 1200, "{} bytes", msg.len());
+        n.handle_message(2, &msg, T0 + 1 + k).unwrap();
+        drain(&mut n);
+    }
+    // One pending timer per kind and member at most.
+    assert!(n.swim_timers() <= 6 + 2 * 21, "{} timers", n.swim_timers());
+}
+
+#[test]
+fn an_update_naming_this_node_is_never_a_stranger_past_the_bound() {
+    let mut n = swim_node();
+    // The bound of unknown members reached.
+    for p in 0..8u64 {
+        let made_up: Vec<u64> = (0..32).map(|i| 1_000_000 + p * 32 + i).collect();
+        n.handle_message(2, &testing::swim_gossip(replica(2, 1), 2, replica(1, 1), &made_up).unwrap(), T0 + 1).unwrap();
+    }
+    let refused = n.stats().swim_refused;
+    // Honest updates naming this node, and a member the driver removed since.
+    n.remove_peer(21);
+    let honest = testing::swim_gossip(replica(3, 1), 3, replica(1, 1), &[1, 21]).unwrap();
+    n.handle_message(3, &honest, T0 + 2).unwrap();
+    assert_eq!(n.stats().swim_refused, refused);
+}
+
+#[test]
+fn a_restarted_peer_gets_swims_verdict_on_its_new_incarnation() {
+    let mut n = swim_node();
+    assert_eq!(n.swim_verdict(3), Some(true));
+    // Peer 3 restarts: its first message is its new incarnation's. SWIM renames the
+    // member (no "member up"), and its verdict on the new identity is taken all the same.
+    let g = testing::swim_gossip(replica(3, 2), 3, replica(1, 1), &[]).unwrap();
+    n.handle_message(3, &g, T0 + 100).unwrap();
+    drain(&mut n);
+    n.handle_timeout(T0 + 120);
+    drain(&mut n);
+    assert_eq!(n.swim_verdict(3), Some(true));
+}

@@ -127,7 +127,7 @@ async fn a_cluster_member_exports_every_documented_series() {
     for reason in ["decode", "unknown_peer", "spoofed", "limit"] {
         sample(&text, &format!(r#"crl_gossip_dropped_total{{reason="{reason}"}}"#));
     }
-    // Two members: no SWIM (it starts beyond 16 peers), but its series are there.
+    // Two members: no SWIM (it starts beyond 128 peers), but its series are there.
     for direction in ["in", "out", "refused"] {
         assert_eq!(sample(&text, &format!(r#"crl_swim_packets_total{{direction="{direction}"}}"#)), 0.0);
     }
