@@ -129,8 +129,10 @@ struct Live {
 }
 
 struct Node {
-    /// When it crashed, while it is down (for the time its peers take to notice).
+    /// When it crashed, while it is down (for the time its peers take to notice), and
+    /// the live nodes that have marked it down since.
     crashed_at_us: Option<i64>,
+    noticed_by: BTreeSet<usize>,
     skew_ms: i64,
     clock: ManualClock,
     incarnations: u64,
@@ -294,7 +296,14 @@ impl<'a> Sim<'a> {
         let nodes: Vec<Node> = (0..cfg.nodes)
             .map(|_| {
                 let skew_ms = if span > 0 { skews.between(-span, span) } else { 0 };
-                Node { crashed_at_us: None, skew_ms, clock: ManualClock::new(start_ms + skew_ms), incarnations: 0, live: None }
+                Node {
+                    crashed_at_us: None,
+                    noticed_by: BTreeSet::new(),
+                    skew_ms,
+                    clock: ManualClock::new(start_ms + skew_ms),
+                    incarnations: 0,
+                    live: None,
+                }
             })
             .collect();
         let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms) || !cfg.clock_step.is_empty();
@@ -503,6 +512,7 @@ impl<'a> Sim<'a> {
         let now_ms = self.node_ms(n);
         let node = &mut self.nodes[n];
         node.crashed_at_us = None;
+        node.noticed_by.clear();
         node.incarnations += 1;
         let incarnation = node.incarnations;
         let replica = ReplicaId { node: n as u64 + 1, incarnation };
@@ -577,7 +587,10 @@ impl<'a> Sim<'a> {
         for peer in downs {
             self.totals.peers_down += 1;
             // Node `i` is replica `{node: i + 1}`.
-            if let Some(at) = peer.checked_sub(1).and_then(|i| self.nodes.get(i as usize)).and_then(|p| p.crashed_at_us) {
+            // Each live node's first mark of each crash.
+            let crashed = peer.checked_sub(1).and_then(|i| self.nodes.get_mut(i as usize));
+            let first = crashed.and_then(|p| Some((p.crashed_at_us?, &mut p.noticed_by))).and_then(|(at, by)| by.insert(n).then_some(at));
+            if let Some(at) = first {
                 self.totals.crash_detections += 1;
                 self.totals.detection_ms_max = self.totals.detection_ms_max.max((self.now_us - at) / 1000);
             }

@@ -78,7 +78,8 @@ pub struct Report {
     /// Times a node marked a peer down (silent past the suspicion period), from the
     /// cores' `PeerDown` events: crashes and partitions, and false suspicions under loss.
     pub peers_down: u64,
-    /// Of those, the events about a node that had crashed (`--crash`, `--restart`).
+    /// Live nodes that marked a crashed node down (`--crash`, `--restart`), each counted
+    /// once per crash.
     pub crash_detections: u64,
     /// The longest a live node took to mark a crashed one down, in ms of virtual time.
     pub detection_ms_max: i64,
