@@ -186,8 +186,9 @@ pub struct GossipConfig {
     pub swim_above_peers: usize,
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
     /// and in fan-out mode four times the rounds a peer takes to pick this node. With
-    /// SWIM, how long a suspected member has to refute the suspicion (0: foca's rule,
-    /// `4 · max(1, log10 N)` probe periods).
+    /// SWIM, also how long a suspected member has to refute the suspicion (0: foca's
+    /// rule, `4 · max(1, log10 N)` probe periods); silence stays the backstop there, so
+    /// a value set for a small cluster takes silent peers down as quickly in a large one.
     pub suspect_after_ms: u64,
     /// Cut windows on cluster time (this node's clock plus its estimated offset from the
     /// cluster's median clock). Default true; false: on this node's own clock.
