@@ -1365,6 +1365,7 @@ impl GossipNode {
         }
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
+        let suspect = self.suspect_after_ms();
         let mut changed = false;
         let (mut unheard, mut declared) = (Vec::new(), Vec::new());
         for (id, up) in out.verdicts {
@@ -1394,18 +1395,18 @@ impl GossipNode {
                 }
                 continue;
             }
-            if p.up == up {
+            // Silence is the backstop (`update_liveness`): a verdict brings up no peer
+            // silent past it (that one comes up when it is heard).
+            let silent = p.last_heard_ms.is_none_or(|t| now_ms - t > suspect);
+            if !up || p.up || silent {
                 continue;
             }
-            p.up = up;
-            if up {
-                let incarnation = p.incarnation.unwrap_or(0);
-                self.push_event(Event::PeerUp { peer, incarnation, restarted: false });
-                self.send_everything(peer, now_ms);
-            } else {
-                let silent_ms = p.last_heard_ms.map(|t| now_ms - t);
-                self.push_event(Event::PeerDown { peer, silent_ms });
-            }
+            // Down verdicts take effect in `update_liveness`, after the ask; this is a
+            // peer heard from lately that SWIM brings back up.
+            p.up = true;
+            let incarnation = p.incarnation.unwrap_or(0);
+            self.push_event(Event::PeerUp { peer, incarnation, restarted: false });
+            self.send_everything(peer, now_ms);
             changed = true;
         }
         if changed {
