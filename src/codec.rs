@@ -339,12 +339,27 @@ impl foca::Codec<crate::swim::SwimId> for SwimCodec {
     }
 }
 
-/// The node a SWIM packet's header names as its sender, and whether the packet tells
-/// the receiver it was declared down (`TurnUndead`).
-pub(crate) fn swim_sender(packet: &[u8]) -> Result<(u64, bool), DecodeError> {
-    let (h, _): (foca::Header<crate::swim::SwimId>, usize) =
-        bincode::serde::decode_from_slice(packet, CONFIG).map_err(|e| DecodeError::Malformed(e.into()))?;
-    Ok((h.src.node, h.message == foca::Message::TurnUndead))
+/// The node a SWIM packet's header names as its sender, and whether the packet would
+/// make node `me` renew its identity: a `TurnUndead`, or an update declaring `me` down
+/// (or suspect at the last incarnation, which it cannot refute). Reads the packet as
+/// foca does (header, then a big-endian count and the updates); a packet that does not
+/// read is refused by foca too.
+pub(crate) fn swim_scan(packet: &[u8], me: u64) -> Result<(u64, bool), DecodeError> {
+    let malformed = |e: bincode::error::DecodeError| DecodeError::Malformed(e.into());
+    let (h, mut at): (foca::Header<crate::swim::SwimId>, usize) = bincode::serde::decode_from_slice(packet, CONFIG).map_err(malformed)?;
+    let mut threatens = h.message == foca::Message::TurnUndead;
+    if packet.len() >= at + 2 {
+        let n = u16::from_be_bytes([packet[at], packet[at + 1]]);
+        at += 2;
+        for _ in 0..n {
+            let (m, used): (foca::Member<crate::swim::SwimId>, usize) =
+                bincode::serde::decode_from_slice(&packet[at..], CONFIG).map_err(malformed)?;
+            at += used;
+            let about_me = m.id().node == me;
+            threatens |= about_me && (m.state() == foca::State::Down || (m.state() == foca::State::Suspect && m.incarnation() == u16::MAX));
+        }
+    }
+    Ok((h.src.node, threatens))
 }
 
 /// Bytes bincode's standard configuration uses for an unsigned integer.

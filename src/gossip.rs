@@ -1365,8 +1365,6 @@ impl GossipNode {
         }
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
-        let suspect = self.suspect_after_ms();
-        let mut changed = false;
         let (mut unheard, mut declared) = (Vec::new(), Vec::new());
         for (id, up) in out.verdicts {
             let peer = id.node;
@@ -1387,30 +1385,13 @@ impl GossipNode {
                 unheard.push(peer);
                 continue;
             }
-            if !up && p.up {
-                // Asked first (see `update_liveness`): an announce gets an answer from a
-                // member that is alive, and tells it it was declared down.
-                if p.announce_due(now_ms, probe_ms) {
-                    declared.push((peer, p.incarnation.unwrap_or(0)));
-                }
-                continue;
+            // A down verdict takes effect in `update_liveness`, after an ask: an announce
+            // gets an answer from a member that is alive, and tells it it was declared
+            // down. A peer comes up only on a message of its own (`heard`), never on
+            // others' word.
+            if !up && p.up && p.announce_due(now_ms, probe_ms) {
+                declared.push((peer, p.incarnation.unwrap_or(0)));
             }
-            // Silence is the backstop (`update_liveness`): a verdict brings up no peer
-            // silent past it (that one comes up when it is heard).
-            let silent = p.last_heard_ms.is_none_or(|t| now_ms - t > suspect);
-            if !up || p.up || silent {
-                continue;
-            }
-            // Down verdicts take effect in `update_liveness`, after the ask; this is a
-            // peer heard from lately that SWIM brings back up.
-            p.up = true;
-            let incarnation = p.incarnation.unwrap_or(0);
-            self.push_event(Event::PeerUp { peer, incarnation, restarted: false });
-            self.send_everything(peer, now_ms);
-            changed = true;
-        }
-        if changed {
-            self.publish_live();
         }
         for peer in unheard {
             if let Some(p) = self.peers.get_mut(&peer) {
@@ -1907,10 +1888,10 @@ impl GossipNode {
         }
         self.relay.clear();
         let messaged = self.route_to_aggregators(own, true);
-        // Heartbeats in turn, SWIM or not: while a cluster grows past the threshold some
-        // members judge by silence (they have 16 peers or fewer, or SWIM has no verdict on
-        // a peer yet), and no member can tell which. One peer that is down is probed each
-        // round, so a healed one is heard from (and, in SWIM mode, announced to) at once.
+        // Heartbeats in turn, SWIM or not: every member judges by silence too (below
+        // `swim_above_peers`, only by it; beyond, as SWIM's backstop). One peer that is
+        // down is probed each round, so a healed one is heard from (and, in SWIM mode,
+        // announced to) at once.
         let mut targets = self.next_in_cycle(live, self.cfg.fanout);
         let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
         targets.extend(self.pick(&down, 1));

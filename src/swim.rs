@@ -251,10 +251,17 @@ impl Runtime<SwimId> for Collect<'_> {
         let at = self.now_ms.saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
         // One pending timer per kind and member: a newer one supersedes the older (foca
         // ignores a timer of an older token, incarnation or identity), so forged
-        // verdicts or renewals cannot pile timers up.
-        if let Some(old) = self.latest.insert(timer_slot(&event), (at, *self.seq)) {
-            self.timers.remove(&old);
+        // verdicts or renewals cannot pile timers up. The same timer again (foca
+        // re-arms a suspicion each time it probes the suspect) keeps the earlier
+        // deadline, or the suspicion would never run out.
+        let slot = timer_slot(&event);
+        if let Some(old) = self.latest.get(&slot) {
+            if self.timers.get(old) == Some(&event) {
+                return;
+            }
+            self.timers.remove(old);
         }
+        self.latest.insert(slot, (at, *self.seq));
         self.timers.insert((at, *self.seq), event);
     }
 }
@@ -343,13 +350,16 @@ impl Swim {
 
     /// Handles one SWIM packet from the authenticated peer `from`.
     pub(crate) fn handle(&mut self, from: u64, data: &[u8], now_ms: i64, out: &mut Output) -> Result<(), SwimError> {
-        let (claimed, turn_undead) = codec::swim_sender(data).map_err(|e| SwimError::Refused(e.to_string()))?;
+        let (claimed, threatens) = codec::swim_scan(data, self.foca.identity().node).map_err(|e| SwimError::Refused(e.to_string()))?;
         if claimed != from {
             return Err(SwimError::Spoofed { peer: from, claimed });
         }
-        let probe_ms = self.settings.probe_period_ms as i64;
-        if turn_undead && self.rejoined_ms.is_some_and(|t| now_ms - t < probe_ms) {
-            return Err(SwimError::Refused("\"you are down\" within a probe period of a rejoin".into()));
+        // Each rejoin voids foca's pending suspicions and probe: "you are down" (a
+        // `TurnUndead`, or an update declaring this node down) within a suspicion period
+        // of the last rejoin is refused, so no member can keep this node's SWIM from
+        // ever reaching a verdict.
+        if threatens && self.rejoined_ms.is_some_and(|t| now_ms - t < self.settings.suspect_ms as i64) {
+            return Err(SwimError::Refused("\"you are down\" within a suspicion period of a rejoin".into()));
         }
         {
             let mut g = self.gate.lock();
@@ -365,7 +375,12 @@ impl Swim {
             if entry.key().0 > now_ms {
                 break;
             }
+            let key = *entry.key();
             let timer = entry.remove();
+            let slot = timer_slot(&timer);
+            if self.latest.get(&slot) == Some(&key) {
+                self.latest.remove(&slot);
+            }
             if let Err(e) = self.run(now_ms, out, |f, rt| f.handle_timer(timer, rt)) {
                 tracing::debug!(error = %e, "SWIM timer failed");
             }

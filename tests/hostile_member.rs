@@ -720,3 +720,24 @@ fn a_restarted_peer_gets_swims_verdict_on_its_new_incarnation() {
     drain(&mut n);
     assert_eq!(n.swim_verdict(3), Some(true));
 }
+
+#[test]
+fn an_update_declaring_this_node_down_right_after_a_rejoin_is_refused() {
+    let mut n = swim_node();
+    let me_down = |bump| {
+        let u = testing::SwimUpdate { node: 1, incarnation: 1, bump, down: true };
+        let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), bump), testing::SwimKind::Gossip, &[u]).unwrap();
+        testing::swim_raw(replica(2, 1), &p).unwrap()
+    };
+    // The first makes this node renew its SWIM identity (bump 1).
+    n.handle_message(2, &me_down(0), T0 + 10).unwrap();
+    assert_eq!(n.stats().swim_refused, 0);
+    // Within a suspicion period of that rejoin (4 · log10 21 probe periods of 200 ms,
+    // 1.06 s) another is refused, whichever identity it names.
+    n.handle_message(2, &me_down(1), T0 + 500).unwrap();
+    n.handle_message(2, &turn_undead(1), T0 + 600).unwrap();
+    assert_eq!(n.stats().swim_refused, 2);
+    // After it, one is taken again.
+    n.handle_message(2, &me_down(1), T0 + 1_200).unwrap();
+    assert_eq!(n.stats().swim_refused, 2);
+}
