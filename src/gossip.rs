@@ -1006,18 +1006,14 @@ impl GossipNode {
             }
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
             Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
-            Body::Swim(packet) => {
-                let mut out = swim::Output::default();
-                match self.swim.handle(from, &packet, now_ms, &mut out) {
-                    Ok(()) => self.stats.swim_received += 1,
-                    Err(e) => {
-                        tracing::debug!(peer = from, error = %e, "SWIM packet refused");
-                        self.stats.swim_refused += 1;
-                        self.push_event(Event::Refused { peer: from, reason: Refusal::Swim });
-                    }
+            Body::Swim(packet) => match self.swim_step(now_ms, |swim, out| swim.handle(from, &packet, now_ms, out)) {
+                Ok(()) => self.stats.swim_received += 1,
+                Err(e) => {
+                    tracing::debug!(peer = from, error = %e, "SWIM packet refused");
+                    self.stats.swim_refused += 1;
+                    self.push_event(Event::Refused { peer: from, reason: Refusal::Swim });
                 }
-                self.apply_swim(out, now_ms);
-            }
+            },
             Body::Totals(batches) => {
                 let merged = self.stats.totals_merged;
                 self.merge_totals(&batches, now_ms);
@@ -1053,9 +1049,7 @@ impl GossipNode {
     /// Runs the round(s) due at `now_ms`.
     pub fn handle_timeout(&mut self, now_ms: i64) {
         if self.swim.next_deadline().is_some_and(|t| t <= now_ms) {
-            let mut out = swim::Output::default();
-            self.swim.fire(now_ms, &mut out);
-            self.apply_swim(out, now_ms);
+            self.swim_step(now_ms, |swim, out| swim.fire(now_ms, out));
         }
         if now_ms < self.next_round_ms {
             return;
@@ -1325,14 +1319,14 @@ impl GossipNode {
         // now on (it probes it, and its verdict comes at once).
         let introduce = (swim_mode && p.swim.is_none()).then_some(p.incarnation.unwrap_or(incarnation));
         if announce || introduce.is_some() {
-            let mut out = swim::Output::default();
-            if announce {
-                self.swim.announce(from, incarnation, now_ms, &mut out);
-            }
-            if let Some(i) = introduce {
-                self.swim.introduce(from, i, now_ms, &mut out);
-            }
-            self.apply_swim(out, now_ms);
+            self.swim_step(now_ms, |swim, out| {
+                if announce {
+                    swim.announce(from, incarnation, now_ms, out);
+                }
+                if let Some(i) = introduce {
+                    swim.introduce(from, i, now_ms, out);
+                }
+            });
         }
         if came_up || new_incarnation {
             self.peer_up(from, incarnation, came_up, new_incarnation, now_ms);
@@ -1394,19 +1388,24 @@ impl GossipNode {
             }
         }
         for peer in unheard {
-            if let Some(p) = self.peers.get_mut(&peer) {
-                p.ping_sent_ms = Some(now_ms);
-            }
-            self.send(peer, Body::Ping { sent_at_ms: now_ms, echo: None }, false);
+            self.send_ping(peer, now_ms);
         }
         if !declared.is_empty() {
-            let mut out = swim::Output::default();
-            for (peer, incarnation) in declared {
-                self.swim.announce(peer, incarnation, now_ms, &mut out);
-            }
-            // Its packets and verdicts (an announce makes none at once).
-            self.apply_swim(out, now_ms);
+            // Its packets (an announce makes no verdict at once).
+            self.swim_step(now_ms, |swim, out| {
+                for (peer, incarnation) in declared {
+                    swim.announce(peer, incarnation, now_ms, out);
+                }
+            });
         }
+    }
+
+    /// Runs one SWIM step, then sends its packets and applies its verdicts.
+    fn swim_step<R>(&mut self, now_ms: i64, f: impl FnOnce(&mut Swim, &mut swim::Output) -> R) -> R {
+        let mut out = swim::Output::default();
+        let r = f(&mut self.swim, &mut out);
+        self.apply_swim(out, now_ms);
+        r
     }
 
     /// In SWIM mode: on entering it, announces this node to `fanout` random peers, and
@@ -1438,22 +1437,19 @@ impl GossipNode {
         let settings =
             swim::Settings::new(self.cfg.interval_ms, self.cfg.suspect_after_ms, self.peers.len() + 1, self.swim.settings().max_packet);
         self.swim.set_settings(settings);
-        let mut out = swim::Output::default();
         // Every peer heard from first hand that SWIM has no verdict on (on entering SWIM
         // mode, all of them) is SWIM's to judge from now on.
         let heard: Vec<(PeerId, u64)> =
             self.peers.iter().filter(|(_, p)| p.up && p.swim.is_none()).filter_map(|(&id, p)| Some((id, p.incarnation?))).collect();
-        for (peer, incarnation) in heard {
-            self.swim.introduce(peer, incarnation, now_ms, &mut out);
-        }
-        for to in targets {
-            let incarnation = self.peers.get(&to).and_then(|p| p.incarnation).unwrap_or(0);
-            self.swim.announce(to, incarnation, now_ms, &mut out);
-        }
-        for (to, incarnation) in asks {
-            self.swim.announce(to, incarnation, now_ms, &mut out);
-        }
-        self.apply_swim(out, now_ms);
+        asks.splice(0..0, targets.into_iter().map(|to| (to, self.peers.get(&to).and_then(|p| p.incarnation).unwrap_or(0))));
+        self.swim_step(now_ms, |swim, out| {
+            for (peer, incarnation) in heard {
+                swim.introduce(peer, incarnation, now_ms, out);
+            }
+            for (to, incarnation) in asks {
+                swim.announce(to, incarnation, now_ms, out);
+            }
+        });
     }
 
     /// Moves the cluster offset toward the peers' median clock and names every clock
@@ -1701,10 +1697,7 @@ impl GossipNode {
     fn send_pings(&mut self, live: &[PeerId], now_ms: i64) {
         let sample = if self.fan_out() { self.pick(live, self.cfg.fanout) } else { live.to_vec() };
         for p in sample {
-            if let Some(peer) = self.peers.get_mut(&p) {
-                peer.ping_sent_ms = Some(now_ms);
-            }
-            self.send(p, Body::Ping { sent_at_ms: now_ms, echo: None }, false);
+            self.send_ping(p, now_ms);
         }
     }
 
@@ -2143,6 +2136,14 @@ impl GossipNode {
         }
         self.route_to_aggregators(held, false);
         self.send_packed(per, true);
+    }
+
+    /// A clock sample asked of `to` (its answer also counts as hearing from it).
+    fn send_ping(&mut self, to: PeerId, now_ms: i64) {
+        if let Some(p) = self.peers.get_mut(&to) {
+            p.ping_sent_ms = Some(now_ms);
+        }
+        self.send(to, Body::Ping { sent_at_ms: now_ms, echo: None }, false);
     }
 
     /// Answers a peer's ping, or takes its answer to ours as a clock sample.
