@@ -37,13 +37,16 @@
 //!   decides on the larger of the two, both lower bounds of the truth (a max-register
 //!   per key and window: merges commute, are idempotent, and never lower a view). So the
 //!   entries a node sends and receives per round follow the keys that change, not the
-//!   fleet's size (the messages do not: up to one per aggregator). Every anti-entropy
-//!   period (and when the view goes quiet, and two rounds after the ring changes) each
-//!   node sends every replica's counts it holds (its own, and as an aggregator or a
-//!   former one, others', including replicas that are gone) to their keys' aggregators,
-//!   and every aggregator its totals: loss is repaired by repetition, and a key's new
-//!   aggregator learns what the old ones held. A resend passes over at most
-//!   [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time. An aggregator
+//!   fleet's size (the messages do not: up to one per aggregator). Every
+//!   [`FULL_RESEND_PERIODS`] anti-entropy periods (and when the view goes quiet, and two
+//!   rounds after the ring changes) each node sends every replica's counts it holds (its
+//!   own, and as an aggregator or a former one, others', including replicas that are
+//!   gone) to their keys' aggregators, and every aggregator its totals: loss is repaired
+//!   by repetition, and a key's new aggregator learns what the old ones held. In the
+//!   periods between, each node resends its own counts, and an aggregator the totals it
+//!   did not publish in the round before (a busy key's next total supersedes a lost
+//!   one), but not the others' counts it holds (their writers resend them). A resend
+//!   passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time. An aggregator
 //!   that dies is replaced once it is suspected; counts are lost only if no live member
 //!   holds them. Digests are not used in this mode (nodes hold different sets of counts
 //!   by design); a full sync to a peer is every count this node holds of the keys the
@@ -134,6 +137,13 @@ pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 /// Aggregated dissemination: the most counts one periodic resend exports from a store;
 /// a larger store is resent over several periods, resuming where the last one stopped.
 pub const MAX_RESEND_ENTRIES: usize = 16_384;
+
+/// Aggregated dissemination: every this many anti-entropy periods the periodic resend
+/// passes over every count held. In the periods between, it sends this node's own counts
+/// and, as an aggregator, the totals of the (key, window)s it did not publish in the
+/// round before (a busy one's next total supersedes a lost one), but not the others'
+/// counts it holds, which their writers resend themselves.
+pub const FULL_RESEND_PERIODS: u64 = 5;
 
 /// What a SWIM packet's envelope may add to it (version, sender, variant, length): its
 /// packets are kept this much below `max_message_bytes`.
@@ -704,6 +714,9 @@ pub struct GossipNode {
     standby: Vec<(u64, u64, u64, i64, u64)>,
     /// Aggregated dissemination: where the periodic resend of each store stopped.
     resend_cursors: BTreeMap<u64, ExportCursor>,
+    /// Aggregated dissemination: the (window length, key, window)s whose totals this node
+    /// published in its last round, sorted.
+    published: Vec<(u64, u64, i64)>,
     /// The last round in which this node's view changed (its own counts or a merge).
     last_active_round: u64,
     stats: GossipStats,
@@ -768,6 +781,7 @@ impl GossipNode {
             to_publish: Vec::new(),
             standby: Vec::new(),
             resend_cursors: BTreeMap::new(),
+            published: Vec::new(),
             last_active_round: 0,
             stats: GossipStats::default(),
             clock,
@@ -1554,9 +1568,15 @@ impl GossipNode {
             self.send_to_aggregators(&live, now_ms);
             // Repair by repetition: absolute values, merged idempotently.
             let ring_settled = self.ring_changed.is_some_and(|r| self.round >= r + 2);
-            if period_start || quiet_edge(self) || ring_settled {
+            // A period resends everything every `FULL_RESEND_PERIODS`, and while the ring
+            // has not held still since it changed (members coming or going round after
+            // round hold off `ring_settled`).
+            let full_period = self.round % (self.cfg.anti_entropy_rounds * FULL_RESEND_PERIODS) == 0 || self.ring_changed.is_some();
+            if (period_start && full_period) || quiet_edge(self) || ring_settled {
                 self.ring_changed = None;
-                self.resend_everything(&live, now_ms);
+                self.resend_everything(&live, now_ms, true);
+            } else if period_start {
+                self.resend_everything(&live, now_ms, false);
             }
             self.publish_totals(&live, now_ms);
             if period_start {
@@ -1996,6 +2016,7 @@ impl GossipNode {
     /// totals still lag two rounds on ([`stand_by`](Self::stand_by)); the standby
     /// aggregators also publish every count they hold with each periodic resend.
     fn publish_totals(&mut self, live: &[PeerId], now_ms: i64) {
+        self.published.clear();
         if self.to_publish.is_empty() && self.standby.is_empty() {
             return;
         }
@@ -2024,6 +2045,7 @@ impl GossipNode {
             self.totals_for(window_ms, &buf, changed_window, (live, |_| true), &mut per);
         }
         self.send_packed(per, true);
+        self.published = changed;
     }
 
     /// For every key in `exported` (each key's counts together, as the store exports
@@ -2108,8 +2130,10 @@ impl GossipNode {
     /// Repair by repetition, every anti-entropy period, when this node's view goes quiet,
     /// and when the ring changed: every own count to its key's aggregators, and the
     /// others' totals of every key this node aggregates to its writers (and, for the keys
-    /// it is the first aggregator of, the total to every other live peer).
-    fn resend_everything(&mut self, live: &[PeerId], now_ms: i64) {
+    /// it is the first aggregator of, the total to every other live peer). A resend that
+    /// is not `full` (see [`FULL_RESEND_PERIODS`]) leaves out the others' counts this node
+    /// holds and the totals it published in the round before.
+    fn resend_everything(&mut self, live: &[PeerId], now_ms: i64, full: bool) {
         let me = self.cfg.replica;
         let (mut held, mut per, mut buf) = (Vec::new(), BTreeMap::new(), Vec::new());
         for window_ms in self.replica.window_lengths() {
@@ -2123,7 +2147,8 @@ impl GossipNode {
             // Every replica's counts this node holds, its own and (as an aggregator, or one
             // that was) others', including replicas that are gone: a key's new aggregator
             // gets them from whoever held them, so no total leaves them out for good.
-            held.extend(buf.iter().filter_map(|e| {
+            // Between full resends, writers resend their own counts themselves.
+            held.extend(buf.iter().filter(|e| full || e.replica == LOCAL_REPLICA).filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
                 Some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
@@ -2132,7 +2157,11 @@ impl GossipNode {
             // node's first request for a client is then decided on a view at most a
             // period old, not on none.
             let first = |key: u64| self.ring.publishes(key, k, me.node);
-            self.totals_for(window_ms, &buf, |_, _| true, (live, first), &mut per);
+            // A total published in the round before goes out again with its key's next
+            // change: between full resends only one gone quiet is resent.
+            let busy = &self.published;
+            let resend = |key: u64, window: i64| full || busy.binary_search(&(window_ms, key, window)).is_err();
+            self.totals_for(window_ms, &buf, resend, (live, first), &mut per);
         }
         self.route_to_aggregators(held, false);
         self.send_packed(per, true);

@@ -558,6 +558,70 @@ fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again(
     }
 }
 
+/// Between full resends (every `FULL_RESEND_PERIODS` anti-entropy periods) the periodic
+/// resend leaves out what is sent again anyway: an aggregator does not resend the
+/// writers' counts it holds (the writers resend their own), nor the totals it published
+/// in the round before (the key's next change publishes them again). A writer's lost
+/// last count is still repaired at the next period, not at the next full resend.
+#[test]
+fn between_full_resends_aggregators_resend_no_writers_counts_nor_busy_totals_and_lost_counts_are_repaired() {
+    let ids: Vec<u64> = (1..=8).collect();
+    // A one-minute window: every count of the test stays in one window.
+    let mut c = Cluster::aggregated_with_window(&ids, 1_000_000, 60_000);
+    c.run_until(T0 + 200);
+    for &n in &ids {
+        assert!(c.allow(n, "busy"));
+    }
+    c.run_until(T0 + 230);
+    let aggregators = c.aggregators(&ids);
+    assert_eq!(aggregators.len(), 2, "{aggregators:?}");
+    let writers: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
+    let w = writers[0];
+    let stats = |c: &Cluster| aggregators.iter().map(|a| c.nodes[a].gossip.stats().clone()).collect::<Vec<_>>();
+    let mut before = Vec::new();
+    // The writers count "busy" every round, rounds 12 to 42: the anti-entropy periods
+    // start at rounds 20, 30 and 40, the next full resend at 50. In the first round,
+    // the one count of "quiet" a writer makes is lost on the wire.
+    let steps = 31;
+    for step in 0..steps {
+        c.cut = if step == 0 { vec![w] } else { Vec::new() };
+        if step == 0 {
+            assert!(c.allow(w, "quiet"));
+        }
+        for &n in &writers {
+            assert!(c.allow(n, "busy"));
+        }
+        let t = c.now + 20;
+        c.run_until(t);
+        if step == 1 {
+            before = stats(&c);
+        }
+        if c.now == T0 + 370 {
+            assert_eq!(c.view(aggregators[0], "quiet"), 0, "lost, and not yet repaired");
+        }
+    }
+    assert!(c.now < T0 + 50 * 20, "before the full resend");
+    let after = stats(&c);
+    // The lost count reached every member at the period that followed it.
+    for node in ids.iter().copied().filter(|&n| n != w) {
+        assert_eq!(c.view(node, "quiet"), 1, "node {node}'s view of the lost count");
+    }
+    // Each aggregator resent only its own count of "busy", once a period (three periods):
+    // resending the six writers' counts as well would have made it at least 42.
+    let counts_sent: u64 = (0..2).map(|i| after[i].entries_sent - before[i].entries_sent).sum();
+    assert!(counts_sent <= 2 * 3, "the aggregators sent {counts_sent} counts");
+    // The first aggregator of "busy" sends one total of it per round to each of the 7
+    // other members, and no more (each period's resend of it would add 7); "quiet" to
+    // the 7 at most twice (published, then resent once it is quiet). The standby resends
+    // its totals to the 7 writers every period: they cover for a lost total of the first.
+    let totals: Vec<u64> = (0..2).map(|i| after[i].totals_sent - before[i].totals_sent).collect();
+    let (first, standby) = (totals[0].max(totals[1]), totals[0].min(totals[1]));
+    let rounds = steps as u64 - 2;
+    assert!(first <= rounds * 7 + 2 * 7, "{first} totals sent in {rounds} rounds");
+    assert!(first >= (rounds - 1) * 7, "{first} totals sent in {rounds} rounds");
+    assert!(standby <= 3 * 7 + 2 * 7, "the standby sent {standby} totals");
+}
+
 /// A key's first aggregator goes silent (or its standby does) while the writers count
 /// every round, so no view goes quiet and no resend comes. The standby holds the same
 /// counts and publishes what it sees no total for within two rounds, so the writers'
