@@ -46,9 +46,10 @@
 //!   periods between, each node resends its own counts, and an aggregator the totals it
 //!   did not publish in the round before (a busy key's next total supersedes a lost
 //!   one), but not the others' counts it holds (their writers resend them). A resend
-//!   passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time. An aggregator
-//!   that dies is replaced once it is suspected; counts are lost only if no live member
-//!   holds them. Digests are not used in this mode (nodes hold different sets of counts
+//!   passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next
+//!   time (full resends and the others each where they stopped). An aggregator that
+//!   dies is replaced once it is suspected; counts are lost only if no live member holds
+//!   them. Digests are not used in this mode (nodes hold different sets of counts
 //!   by design); a full sync to a peer is every count this node holds of the keys the
 //!   peer aggregates.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
@@ -726,7 +727,9 @@ pub struct GossipNode {
     /// aggregator going silent, without waiting for it to be suspected.
     standby: Vec<(u64, u64, u64, i64, u64)>,
     /// Aggregated dissemination: where the periodic resend of each store stopped.
-    resend_cursors: BTreeMap<u64, ExportCursor>,
+    /// Full resends and the others keep a cursor each, so that a store larger than one
+    /// resend is passed over whole by full resends too.
+    resend_cursors: BTreeMap<(u64, bool), ExportCursor>,
     /// Aggregated dissemination: the (window length, key, window)s whose totals this node
     /// published in its last round, sorted.
     published: Vec<(u64, u64, i64)>,
@@ -2152,7 +2155,7 @@ impl GossipNode {
         for window_ms in self.replica.window_lengths() {
             buf.clear();
             // At most `MAX_RESEND_ENTRIES` counts per store, resuming there next time.
-            let cursor = self.resend_cursors.entry(window_ms).or_default();
+            let cursor = self.resend_cursors.entry((window_ms, full)).or_default();
             if self.replica.export_from(window_ms, cursor, MAX_RESEND_ENTRIES, now_ms, |_| true, &mut buf) {
                 *cursor = ExportCursor::default();
             }
