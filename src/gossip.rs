@@ -627,7 +627,14 @@ impl Ring {
             members.iter().flat_map(|&m| (0..RING_POINTS).map(move |i| (splitmix64(m ^ splitmix64(i ^ 0xA66_0000)), m))).collect();
         points.sort_unstable();
         let bits = points.len().next_power_of_two().trailing_zeros().clamp(1, 16);
-        let mut starts: Vec<u32> = (0..1u64 << bits).map(|i| points.partition_point(|p| p.0 < i << (64 - bits)) as u32).collect();
+        let mut starts = Vec::with_capacity((1 << bits) + 1);
+        let mut at = 0;
+        for slice in 0..1u64 << bits {
+            while points.get(at).is_some_and(|p| p.0 < slice << (64 - bits)) {
+                at += 1;
+            }
+            starts.push(at as u32);
+        }
         starts.push(points.len() as u32);
         Self { points, members, starts, bits }
     }
