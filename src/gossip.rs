@@ -43,9 +43,9 @@
 //!   own, and as an aggregator or a former one, others', including replicas that are
 //!   gone) to their keys' aggregators, and every aggregator its totals: loss is repaired
 //!   by repetition, and a key's new aggregator learns what the old ones held. In the
-//!   periods between, each node resends its own counts, and an aggregator the totals it
-//!   did not publish in the round before (a busy key's next total supersedes a lost
-//!   one), but not the others' counts it holds (their writers resend them). A resend
+//!   periods between, a node leaves out the counts it holds of live peers' current
+//!   incarnations (they resend their own) and the totals it published in the round
+//!   before (a busy key's next total supersedes a lost one). A resend
 //!   passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next
 //!   time (full resends and the others each where they stopped). An aggregator that
 //!   dies is replaced once it is suspected; counts are lost only if no live member holds
@@ -140,10 +140,10 @@ pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 pub const MAX_RESEND_ENTRIES: usize = 16_384;
 
 /// Aggregated dissemination: every this many anti-entropy periods the periodic resend
-/// passes over every count held. In the periods between, it sends this node's own counts
-/// and, as an aggregator, the totals of the (key, window)s it did not publish in the
-/// round before (a busy one's next total supersedes a lost one), but not the others'
-/// counts it holds, which their writers resend themselves.
+/// passes over every count held. In the periods between, it leaves out the counts it
+/// holds of live peers' current incarnations (they resend their own every period) and
+/// the totals it published in the round before (resent at the next period unless they
+/// are published again in the round before it).
 pub const FULL_RESEND_PERIODS: u64 = 5;
 
 /// What a SWIM packet's envelope may add to it (version, sender, variant, length): its
@@ -1594,7 +1594,11 @@ impl GossipNode {
             // A period resends everything every `FULL_RESEND_PERIODS`, and while the ring
             // has not held still since it changed (members coming or going round after
             // round hold off `ring_settled`).
-            let full_period = self.round % (self.cfg.anti_entropy_rounds * FULL_RESEND_PERIODS) == 0 || self.ring_changed.is_some();
+            // And while a full pass over a store too large for one resend is under way, so
+            // that it ends as many periods later as before.
+            let full_period = self.round % self.cfg.anti_entropy_rounds.saturating_mul(FULL_RESEND_PERIODS) == 0
+                || self.ring_changed.is_some()
+                || self.resend_cursors.iter().any(|(&(_, full), cursor)| full && *cursor != ExportCursor::default());
             if (period_start && full_period) || quiet_edge(self) || ring_settled {
                 self.ring_changed = None;
                 self.resend_everything(&live, now_ms, true);
@@ -2154,12 +2158,16 @@ impl GossipNode {
     /// and when the ring changed: every own count to its key's aggregators, and the
     /// others' totals of every key this node aggregates to its writers (and, for the keys
     /// it is the first aggregator of, the total to every other live peer). A resend that
-    /// is not `full` (see [`FULL_RESEND_PERIODS`]) leaves out the others' counts this node
-    /// holds and the totals it published in the round before.
+    /// is not `full` (see [`FULL_RESEND_PERIODS`]) leaves out the counts this node holds
+    /// of live peers' current incarnations and the totals it published in the round
+    /// before.
     fn resend_everything(&mut self, live: &[PeerId], now_ms: i64, full: bool) {
         let me = self.cfg.replica;
         let (mut held, mut per, mut buf) = (Vec::new(), BTreeMap::new(), Vec::new());
-        for window_ms in self.replica.window_lengths() {
+        let windows = self.replica.window_lengths();
+        // A store dropped (its limits removed) leaves no pass under way behind.
+        self.resend_cursors.retain(|(window_ms, _), _| windows.contains(window_ms));
+        for window_ms in windows {
             buf.clear();
             // At most `MAX_RESEND_ENTRIES` counts per store, resuming there next time.
             let cursor = self.resend_cursors.entry((window_ms, full)).or_default();
@@ -2170,10 +2178,14 @@ impl GossipNode {
             // Every replica's counts this node holds, its own and (as an aggregator, or one
             // that was) others', including replicas that are gone: a key's new aggregator
             // gets them from whoever held them, so no total leaves them out for good.
-            // Between full resends, writers resend their own counts themselves.
-            held.extend(buf.iter().filter(|e| full || e.replica == LOCAL_REPLICA).filter_map(|e| {
+            // Between full resends, a live peer's current incarnation resends its own
+            // counts itself; those of replicas that are gone (dead, or restarted from)
+            // only their holders can.
+            held.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
-                Some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
+                let resends_itself = e.replica != LOCAL_REPLICA
+                    && self.peers.get(&replica.node).is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation));
+                (full || !resends_itself).then_some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
             buf.retain(|e| self.ring.aggregates(e.key, k, me.node));
             // The first aggregator also tells the members that do not count the key: a
@@ -2506,6 +2518,59 @@ mod tests {
             .build()
             .unwrap();
         GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
+    }
+
+    /// A store too large for one resend is passed over whole in consecutive anti-entropy
+    /// periods: once a full resend has begun a pass, the periods that follow are full
+    /// until it ends (else its parts would come `FULL_RESEND_PERIODS` periods apart).
+    #[test]
+    fn a_full_pass_over_a_large_store_goes_on_at_every_period_until_it_ends() {
+        let limiter = RateLimiter::builder()
+            .quota(Quota::new(1_000_000, Duration::from_secs(60)).unwrap())
+            .clock(ManualClock::new(T0))
+            .hash_secret([7; 16])
+            .build()
+            .unwrap();
+        let peers: Vec<u64> = (2..=21).collect();
+        let cfg = GossipConfig::new(ReplicaId { node: 1, incarnation: 1 });
+        let mut n = GossipNode::new(limiter, cfg, peers.iter().copied(), 1, T0).unwrap();
+        let message = |node: u64, body: Body| codec::encode(&Envelope::new(ReplicaId { node, incarnation: 1 }, body)).unwrap();
+        let mut t = T0;
+        let round = |n: &mut GossipNode, t: &mut i64| {
+            for &p in &peers {
+                n.handle_message(p, &message(p, Body::Counts(Vec::new())), *t).unwrap();
+            }
+            *t += 20;
+            n.handle_timeout(*t);
+            while n.poll_transmit().is_some() {}
+        };
+        for _ in 0..4 {
+            round(&mut n, &mut t);
+        }
+        assert!(n.aggregating());
+        // Member 2's counts of 40,000 keys: three resends' worth.
+        for part in 0..8u64 {
+            let entries = (0..5_000u64)
+                .map(|i| WireEntry { key: splitmix64(part * 5_000 + i + 1).to_le_bytes(), window_offset: 0, count: 1 })
+                .collect();
+            let batch = Batch { replica: ReplicaId { node: 2, incarnation: 1 }, window_ms: 60_000, base_window: t / 60_000, entries };
+            n.handle_message(2, &message(2, Body::Counts(vec![batch])), t).unwrap();
+        }
+        let under_way = |n: &GossipNode| n.resend_cursors.get(&(60_000, true)).is_some_and(|c| *c != ExportCursor::default());
+        let period = n.cfg.anti_entropy_rounds;
+        let mut began = None;
+        for r in 0..4 * period * FULL_RESEND_PERIODS {
+            round(&mut n, &mut t);
+            match began {
+                None if under_way(&n) => began = Some(r),
+                Some(b) if !under_way(&n) => {
+                    assert!(r - b <= 2 * period, "a pass begun at round {b} ended at round {r}");
+                    return;
+                }
+                _ => {}
+            }
+        }
+        panic!("no full pass began and ended (began: {began:?})");
     }
 
     /// `LiveChanged` says the live set or this node's place in it changed, and only then.

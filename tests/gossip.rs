@@ -18,7 +18,8 @@ struct Node {
     clock: ManualClock,
 }
 
-/// A cluster on virtual time. Messages to or from a node in `cut` are dropped.
+/// A cluster on virtual time. Messages to or from a node in `cut`, and from one node to
+/// another in `cut_links`, are dropped.
 struct Cluster {
     nodes: BTreeMap<u64, Node>,
     /// (delivery time, sequence) -> (from, to, bytes)
@@ -26,6 +27,7 @@ struct Cluster {
     seq: u64,
     now: i64,
     cut: Vec<u64>,
+    cut_links: Vec<(u64, u64)>,
     /// Per node: how far its clock runs ahead of true time.
     skew: BTreeMap<u64, i64>,
     limit: u64,
@@ -55,6 +57,7 @@ impl Cluster {
             seq: 0,
             now: T0,
             cut: Vec::new(),
+            cut_links: Vec::new(),
             skew: BTreeMap::new(),
             limit,
             admission,
@@ -116,7 +119,7 @@ impl Cluster {
         for (&id, node) in self.nodes.iter_mut() {
             while let Some(t) = node.gossip.poll_transmit() {
                 self.seq += 1;
-                if !self.cut.contains(&id) && !self.cut.contains(&t.to) {
+                if !self.cut.contains(&id) && !self.cut.contains(&t.to) && !self.cut_links.contains(&(id, t.to)) {
                     self.wire.insert((self.now + LATENCY_MS, self.seq), (id, t.to, t.bytes));
                 }
             }
@@ -622,6 +625,49 @@ fn between_full_resends_aggregators_resend_no_writers_counts_nor_busy_totals_and
     assert!(standby <= 3 * 7 + 2 * 7, "the standby sent {standby} totals");
 }
 
+/// A writer restarts right after a count reached only one of its key's aggregators: its
+/// old incarnation is gone and resends nothing, so only that aggregator can pass the
+/// count on. It does at the next anti-entropy period, as it did before full resends
+/// came only every `FULL_RESEND_PERIODS` periods, not at the next full one.
+#[test]
+fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_period() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let mut c = Cluster::aggregated_with_window(&ids, 1_000_000, 60_000);
+    c.run_until(T0 + 200);
+    for &n in &ids {
+        assert!(c.allow(n, "k"));
+    }
+    c.run_until(T0 + 230);
+    let key = c.nodes[&1].gossip.limiter().key_hash("k");
+    let holders: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.key == key && e.replica.node != n)).collect();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    let w = ids.iter().copied().find(|n| !holders.contains(n)).unwrap();
+    let (a, b) = (holders[0], holders[1]);
+    // Five more counts of the writer's reach `a` only; then it restarts.
+    c.cut_links = vec![(w, b)];
+    for _ in 0..5 {
+        assert!(c.allow(w, "k"));
+    }
+    let t = c.now + 20;
+    c.run_until(t);
+    c.cut_links.clear();
+    c.start(w, 2, &ids);
+    let gone = ReplicaId { node: w, incarnation: 1 };
+    let held = |c: &Cluster, n: u64| c.state(n).iter().find(|e| e.key == key && e.replica == gone).map_or(0, |e| e.count);
+    assert_eq!((held(&c, a), held(&c, b)), (6, 1));
+    // The others count every round, so no view goes quiet (which resends everything);
+    // the anti-entropy periods start at rounds 20 and 30, the full resend at 50.
+    while c.now < T0 + 600 {
+        for &n in ids.iter().filter(|&&n| n != w) {
+            assert!(c.allow(n, "busy"));
+        }
+        let t = c.now + 20;
+        c.run_until(t);
+    }
+    assert!(c.now < T0 + 50 * 20, "before the full resend");
+    assert_eq!(held(&c, b), 6, "node {b} holds the gone incarnation's count");
+}
+
 /// A key's first aggregator goes silent (or its standby does) while the writers count
 /// every round, so no view goes quiet and no resend comes. The standby holds the same
 /// counts and publishes what it sees no total for within two rounds, so the writers'
@@ -659,7 +705,7 @@ fn a_standby_aggregator_publishes_for_a_first_aggregator_gone_silent_within_roun
 /// the replacements; the writer dies; the old aggregators come back and are the key's
 /// aggregators again. They must get the dead writer's counts from the replacements
 /// (a full sync to a member that comes up carries every replica's counts of the keys it
-/// aggregates, and so does the periodic resend), or every total would leave them out for
+/// aggregates, and so does the full periodic resend), or every total would leave them out for
 /// good and hide the live writers' new counts behind the higher total heard before.
 #[test]
 fn a_dead_writers_counts_follow_its_key_to_aggregators_that_come_back() {
