@@ -561,6 +561,18 @@ fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again(
     }
 }
 
+/// Eight aggregated nodes `ids` with a one-minute window (every count of a test stays in
+/// one window) that each counted `client` once, 30 ms ago.
+fn eight_in_one_window_that_counted(ids: &[u64], client: &str) -> Cluster {
+    let mut c = Cluster::aggregated_with_window(ids, 1_000_000, 60_000);
+    c.run_until(T0 + 200);
+    for &n in ids {
+        assert!(c.allow(n, client));
+    }
+    c.run_until(T0 + 230);
+    c
+}
+
 /// Between full resends (every `FULL_RESEND_PERIODS` anti-entropy periods) the periodic
 /// resend leaves out what is sent again anyway: an aggregator does not resend the
 /// writers' counts it holds (the writers resend their own), nor the totals it published
@@ -569,13 +581,7 @@ fn an_aggregator_that_dies_is_replaced_and_writers_learn_the_global_count_again(
 #[test]
 fn between_full_resends_aggregators_resend_no_writers_counts_nor_busy_totals_and_lost_counts_are_repaired() {
     let ids: Vec<u64> = (1..=8).collect();
-    // A one-minute window: every count of the test stays in one window.
-    let mut c = Cluster::aggregated_with_window(&ids, 1_000_000, 60_000);
-    c.run_until(T0 + 200);
-    for &n in &ids {
-        assert!(c.allow(n, "busy"));
-    }
-    c.run_until(T0 + 230);
+    let mut c = eight_in_one_window_that_counted(&ids, "busy");
     let aggregators = c.aggregators(&ids);
     assert_eq!(aggregators.len(), 2, "{aggregators:?}");
     let writers: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
@@ -632,12 +638,7 @@ fn between_full_resends_aggregators_resend_no_writers_counts_nor_busy_totals_and
 #[test]
 fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_period() {
     let ids: Vec<u64> = (1..=8).collect();
-    let mut c = Cluster::aggregated_with_window(&ids, 1_000_000, 60_000);
-    c.run_until(T0 + 200);
-    for &n in &ids {
-        assert!(c.allow(n, "k"));
-    }
-    c.run_until(T0 + 230);
+    let mut c = eight_in_one_window_that_counted(&ids, "k");
     let key = c.nodes[&1].gossip.limiter().key_hash("k");
     let holders: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.key == key && e.replica.node != n)).collect();
     assert_eq!(holders.len(), 2, "{holders:?}");
