@@ -45,12 +45,11 @@
 //!   by repetition, and a key's new aggregator learns what the old ones held. In the
 //!   periods between, a node leaves out the counts it holds of live peers' current
 //!   incarnations (they resend their own) and the totals it published in the round
-//!   before (a busy key's next total supersedes a lost one). A resend
-//!   passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next
-//!   time (full resends and the others each where they stopped). An aggregator that
-//!   dies is replaced once it is suspected; counts are lost only if no live member holds
-//!   them. Digests are not used in this mode (nodes hold different sets of counts
-//!   by design); a full sync to a peer is every count this node holds of the keys the
+//!   before (a busy key's next total supersedes a lost one). A resend passes over at most
+//!   [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time (full resends
+//!   and the others each where they stopped). An aggregator that dies is replaced once
+//!   it is suspected; counts are lost only if no live member holds them. Digests are
+//!   not used in this mode (nodes hold different sets of counts by design); a full sync to a peer is every count this node holds of the keys the
 //!   peer aggregates.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
@@ -1461,14 +1460,15 @@ impl GossipNode {
             let all: Vec<PeerId> = self.peers.keys().copied().collect();
             self.pick(&all, self.cfg.fanout)
         };
+        let mut announce: Vec<(PeerId, u64)> =
+            targets.into_iter().map(|to| (to, self.peers.get(&to).and_then(|p| p.incarnation).unwrap_or(0))).collect();
         // Peers up that SWIM holds down since after they were last asked: asked now, if
         // an ask is due (at most one per probe period each; see `update_liveness`).
         let probe_ms = self.swim.settings().probe_period_ms as i64;
-        let mut asks = Vec::new();
         for (&id, p) in self.peers.iter_mut() {
             let unasked = p.swim_announced_ms < p.swim_down_since_ms;
             if p.up && p.swim == Some(false) && unasked && p.announce_due(now_ms, probe_ms) {
-                asks.push((id, p.incarnation.unwrap_or(0)));
+                announce.push((id, p.incarnation.unwrap_or(0)));
             }
         }
         let settings =
@@ -1478,12 +1478,11 @@ impl GossipNode {
         // mode, all of them) is SWIM's to judge from now on.
         let heard: Vec<(PeerId, u64)> =
             self.peers.iter().filter(|(_, p)| p.up && p.swim.is_none()).filter_map(|(&id, p)| Some((id, p.incarnation?))).collect();
-        asks.splice(0..0, targets.into_iter().map(|to| (to, self.peers.get(&to).and_then(|p| p.incarnation).unwrap_or(0))));
         self.swim_step(now_ms, |swim, out| {
             for (peer, incarnation) in heard {
                 swim.introduce(peer, incarnation, now_ms, out);
             }
-            for (to, incarnation) in asks {
+            for (to, incarnation) in announce {
                 swim.announce(to, incarnation, now_ms, out);
             }
         });
@@ -1591,19 +1590,21 @@ impl GossipNode {
             self.send_to_aggregators(&live, now_ms);
             // Repair by repetition: absolute values, merged idempotently.
             let ring_settled = self.ring_changed.is_some_and(|r| self.round >= r + 2);
-            // A period resends everything every `FULL_RESEND_PERIODS`, and while the ring
-            // has not held still since it changed (members coming or going round after
-            // round hold off `ring_settled`).
-            // And while a full pass over a store too large for one resend is under way, so
-            // that it ends as many periods later as before.
-            let full_period = self.round % self.cfg.anti_entropy_rounds.saturating_mul(FULL_RESEND_PERIODS) == 0
-                || self.ring_changed.is_some()
-                || self.resend_cursors.iter().any(|(&(_, full), cursor)| full && *cursor != ExportCursor::default());
-            if (period_start && full_period) || quiet_edge(self) || ring_settled {
-                self.ring_changed = None;
-                self.resend_everything(&live, now_ms, true);
-            } else if period_start {
-                self.resend_everything(&live, now_ms, false);
+            // A period's resend is full every `FULL_RESEND_PERIODS`, while the ring has not
+            // held still since it changed (members coming or going round after round hold
+            // off `ring_settled`), and while a full pass over a store too large for one
+            // resend is under way (so that it ends as many periods later as before).
+            let full_period = || {
+                self.round % self.cfg.anti_entropy_rounds.saturating_mul(FULL_RESEND_PERIODS) == 0
+                    || self.ring_changed.is_some()
+                    || self.resend_cursors.iter().any(|(&(_, full), cursor)| full && *cursor != ExportCursor::default())
+            };
+            let full = quiet_edge(self) || ring_settled || (period_start && full_period());
+            if full || period_start {
+                if full {
+                    self.ring_changed = None;
+                }
+                self.resend_everything(&live, now_ms, full);
             }
             self.publish_totals(&live, now_ms);
             if period_start {
@@ -2509,8 +2510,12 @@ mod tests {
     }
 
     fn node_with(id: u64, peers: &[u64], limit: u64, admission: Admission) -> GossipNode {
+        node_in_window(id, peers, limit, Duration::from_secs(1), admission)
+    }
+
+    fn node_in_window(id: u64, peers: &[u64], limit: u64, window: Duration, admission: Admission) -> GossipNode {
         let limiter = RateLimiter::builder()
-            .quota(Quota::new(limit, Duration::from_secs(1)).unwrap())
+            .quota(Quota::new(limit, window).unwrap())
             .strategy(Strategy::FixedWindow)
             .admission(admission)
             .clock(ManualClock::new(T0))
@@ -2525,15 +2530,8 @@ mod tests {
     /// until it ends (else its parts would come `FULL_RESEND_PERIODS` periods apart).
     #[test]
     fn a_full_pass_over_a_large_store_goes_on_at_every_period_until_it_ends() {
-        let limiter = RateLimiter::builder()
-            .quota(Quota::new(1_000_000, Duration::from_secs(60)).unwrap())
-            .clock(ManualClock::new(T0))
-            .hash_secret([7; 16])
-            .build()
-            .unwrap();
         let peers: Vec<u64> = (2..=21).collect();
-        let cfg = GossipConfig::new(ReplicaId { node: 1, incarnation: 1 });
-        let mut n = GossipNode::new(limiter, cfg, peers.iter().copied(), 1, T0).unwrap();
+        let mut n = node_in_window(1, &peers, 1_000_000, Duration::from_secs(60), Admission::Optimistic);
         let message = |node: u64, body: Body| codec::encode(&Envelope::new(ReplicaId { node, incarnation: 1 }, body)).unwrap();
         let mut t = T0;
         let round = |n: &mut GossipNode, t: &mut i64| {
