@@ -49,8 +49,8 @@
 //!   [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time (full resends
 //!   and the others each where they stopped). An aggregator that dies is replaced once
 //!   it is suspected; counts are lost only if no live member holds them. Digests are
-//!   not used in this mode (nodes hold different sets of counts by design); a full sync to a peer is every count this node holds of the keys the
-//!   peer aggregates.
+//!   not used in this mode (nodes hold different sets of counts by design); a full sync
+//!   to a peer is every count this node holds of the keys the peer aggregates.
 //! * **Liveness.** A peer not heard from for `suspect_after_ms` is down: it gets no deltas
 //!   (heartbeats keep probing it) and no longer counts among the replicas that share the
 //!   quota. Its counts stay until their windows expire. Beyond `swim_above_peers` peers
@@ -140,9 +140,11 @@ pub const MAX_RESEND_ENTRIES: usize = 16_384;
 
 /// Aggregated dissemination: every this many anti-entropy periods the periodic resend
 /// passes over every count held. In the periods between, it leaves out the counts it
-/// holds of live peers' current incarnations (they resend their own every period) and
-/// the totals it published in the round before (resent at the next period unless they
-/// are published again in the round before it).
+/// holds of live peers' current incarnations (they resend their own) and the totals it
+/// published in the round before (resent at the next period unless they are published
+/// again in the round before it). A store larger than one resend takes a full pass of
+/// one period per part; one of a multiple of this many parts is in a full pass at every
+/// period, and saves nothing.
 pub const FULL_RESEND_PERIODS: u64 = 5;
 
 /// What a SWIM packet's envelope may add to it (version, sender, variant, length): its
