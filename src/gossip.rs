@@ -2091,6 +2091,11 @@ impl GossipNode {
         per: &mut BTreeMap<PeerId, Vec<Outgoing>>,
     ) {
         let me = self.cfg.replica;
+        // The peers in id order, and what is sent to each: indexed here rather than looked
+        // up in the maps per key and peer (the lookups were a tenth of a busy round).
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let records: Vec<&Peer> = self.peers.values().collect();
+        let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); ids.len()];
         let mut writers: Vec<PeerId> = Vec::new();
         let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
         let mut newest: Vec<(u64, std::cmp::Reverse<u64>, std::ops::Range<usize>)> = Vec::new();
@@ -2126,7 +2131,8 @@ impl GossipNode {
             for group in newest.chunk_by(|a, b| a.0 == b.0) {
                 let (node, std::cmp::Reverse(incarnation), ref range) = group[0];
                 let writer = &by_replica[range.clone()];
-                let Some(p) = self.peers.get(&node) else { continue };
+                let Ok(at) = ids.binary_search(&node) else { continue };
+                let p = records[at];
                 if p.incarnation.is_some_and(|i| incarnation < i) {
                     // Only incarnations it has restarted from: others' counts to it.
                     continue;
@@ -2140,7 +2146,7 @@ impl GossipNode {
                 for &(window, sum) in &sums {
                     let own = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
                     if sum > own {
-                        per.entry(node).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
+                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
                     }
                 }
             }
@@ -2148,12 +2154,16 @@ impl GossipNode {
                 writers.sort_unstable();
                 // A peer with counts here of its current incarnation (or a later one) is a
                 // writer above: never sent a total that holds its own counts.
-                for &p in live.iter().filter(|p| writers.binary_search(p).is_err()) {
+                for p in live.iter().filter(|p| writers.binary_search(p).is_err()) {
+                    let Ok(at) = ids.binary_search(p) else { continue };
                     for &(window, sum) in &sums {
-                        per.entry(p).or_default().push(Outgoing { window_ms, replica: me, key, window, count: sum });
+                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum });
                     }
                 }
             }
+        }
+        for (id, mut list) in ids.into_iter().zip(lists).filter(|(_, l)| !l.is_empty()) {
+            per.entry(id).or_default().append(&mut list);
         }
     }
 
