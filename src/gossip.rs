@@ -91,7 +91,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::cluster_time::{self, Estimator};
-use crate::codec::{self, Batch, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS};
+use crate::codec::{self, Batch, BatchHead, Body, DecodeError, DigestRow, Envelope, WireEntry, DIGEST_BUCKETS};
 use crate::counter::ReplicaId;
 use crate::key::splitmix64;
 use crate::limits::LimitsVersion;
@@ -1753,42 +1753,54 @@ impl GossipNode {
 
     /// Encodes `entries` (sorted here) as messages of at most `max_message_bytes`.
     fn pack(&self, entries: &mut [Outgoing], totals: bool) -> Vec<Vec<u8>> {
-        let body = if totals { Body::Totals } else { Body::Counts };
         entries.sort_unstable_by_key(|o| (o.window_ms, o.replica, std::cmp::Reverse(o.window), o.key));
         let budget = self.cfg.max_message_bytes;
         let header = codec::counts_header_len(&self.cfg.replica);
         let mut messages = Vec::new();
-        let mut batches: Vec<Batch> = Vec::new();
+        // The message being filled: its batches' heads, each with its range of `flat`.
+        let mut heads: Vec<(BatchHead, std::ops::Range<usize>)> = Vec::new();
+        let mut flat: Vec<WireEntry> = Vec::with_capacity(entries.len().min(budget / 10));
         let mut size = header;
+        let finish = |heads: &mut Vec<_>, flat: &mut Vec<_>, messages: &mut Vec<Vec<u8>>| {
+            match codec::encode_batches(&self.cfg.replica, totals, heads, flat) {
+                Ok(bytes) => messages.push(bytes),
+                Err(e) => tracing::error!(error = %e, "gossip message not sent"),
+            }
+            heads.clear();
+            flat.clear();
+        };
         for o in entries.iter() {
             // In the last batch if it has this replica and store and the window is its
             // base or the one before; else in a new batch.
-            let offset = batches
+            let offset = heads
                 .last()
-                .filter(|b| b.replica == o.replica && u64::from(b.window_ms) == o.window_ms)
-                .map(|b| b.base_window - o.window)
+                .filter(|(h, _)| h.replica == o.replica && u64::from(h.window_ms) == o.window_ms)
+                .map(|(h, _)| h.base_window - o.window)
                 .filter(|d| (0..=1).contains(d));
             let entry = WireEntry { key: o.key.to_le_bytes(), window_offset: offset.unwrap_or(0) as u32, count: o.count };
             let batch_len = codec::batch_header_len(&o.replica, o.window_ms as u32, o.window, 1);
             let extra = codec::entry_len(&entry) + if offset.is_some() { 0 } else { batch_len };
-            if size + extra > budget && !batches.is_empty() {
-                messages.extend(self.encode(body(std::mem::take(&mut batches))));
+            if size + extra > budget && !heads.is_empty() {
+                finish(&mut heads, &mut flat, &mut messages);
                 size = header;
             }
-            match (offset, batches.last_mut()) {
-                (Some(_), Some(b)) => {
-                    b.entries.push(entry);
+            match (offset, heads.last_mut()) {
+                (Some(_), Some((_, range))) => {
+                    flat.push(entry);
+                    range.end = flat.len();
                     size += extra;
                 }
                 _ => {
                     let entry = WireEntry { window_offset: 0, ..entry };
                     size += batch_len + codec::entry_len(&entry);
-                    batches.push(Batch { replica: o.replica, window_ms: o.window_ms as u32, base_window: o.window, entries: vec![entry] });
+                    flat.push(entry);
+                    let head = BatchHead { replica: o.replica, window_ms: o.window_ms as u32, base_window: o.window };
+                    heads.push((head, flat.len() - 1..flat.len()));
                 }
             }
         }
-        if !batches.is_empty() {
-            messages.extend(self.encode(body(batches)));
+        if !heads.is_empty() {
+            finish(&mut heads, &mut flat, &mut messages);
         }
         messages
     }
