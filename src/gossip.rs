@@ -2595,6 +2595,75 @@ mod tests {
         panic!("no full pass began and ended (began: {began:?})");
     }
 
+    /// Full and partial resends pass over a large store with a place each: a full pass
+    /// resends every count it holds of a live member's current incarnation (which partial
+    /// resends leave out), however far a partial pass has got when it begins.
+    #[test]
+    fn every_full_pass_over_a_large_store_resends_all_it_holds_wherever_partial_passes_are() {
+        let peers: Vec<u64> = (2..=21).collect();
+        let mut n = node_in_window(1, &peers, 1_000_000, Duration::from_secs(60), Admission::Optimistic);
+        let message = |node: u64, body: Body| codec::encode(&Envelope::new(ReplicaId { node, incarnation: 1 }, body)).unwrap();
+        let member = ReplicaId { node: 2, incarnation: 1 };
+        let mut t = T0;
+        // Keys of member 2's counts this node sent in the round.
+        let round = |n: &mut GossipNode, t: &mut i64| {
+            for &p in &peers {
+                n.handle_message(p, &message(p, Body::Counts(Vec::new())), *t).unwrap();
+            }
+            *t += 20;
+            n.handle_timeout(*t);
+            let mut sent = BTreeSet::new();
+            while let Some(m) = n.poll_transmit() {
+                if let Ok(Envelope { body: Body::Counts(batches), .. }) = codec::decode(&m.bytes) {
+                    sent.extend(batches.iter().filter(|b| b.replica == member).flat_map(|b| b.entries.iter().map(|e| e.key)));
+                }
+            }
+            sent
+        };
+        for _ in 0..4 {
+            round(&mut n, &mut t);
+        }
+        assert!(n.aggregating());
+        // Member 2's counts of 20,000 keys: two resends' worth, so that a partial pass is
+        // half-way at every other period.
+        for part in 0..4u64 {
+            let entries = (0..5_000u64)
+                .map(|i| WireEntry { key: splitmix64(part * 5_000 + i + 1).to_le_bytes(), window_offset: 0, count: 1 })
+                .collect();
+            let batch = Batch { replica: member, window_ms: 60_000, base_window: t / 60_000, entries };
+            n.handle_message(2, &message(2, Body::Counts(vec![batch])), t).unwrap();
+        }
+        let under_way = |n: &GossipNode, full| n.resend_cursors.get(&(60_000, full)).is_some_and(|c| *c != ExportCursor::default());
+        let period = n.cfg.anti_entropy_rounds;
+        // Each pass's keys, from the round it begins to the round it ends.
+        let (mut passes, mut this_pass, mut partial_half_way_at_a_start) = (Vec::new(), None::<BTreeSet<[u8; 8]>>, false);
+        for _ in 0..6 * period * FULL_RESEND_PERIODS {
+            let partial_before = under_way(&n, false);
+            let sent = round(&mut n, &mut t);
+            match this_pass.as_mut() {
+                None if under_way(&n, true) => {
+                    partial_half_way_at_a_start |= partial_before;
+                    this_pass = Some(sent);
+                }
+                Some(keys) => {
+                    keys.extend(sent);
+                    if !under_way(&n, true) {
+                        passes.extend(this_pass.take());
+                    }
+                }
+                None => {}
+            }
+        }
+        assert!(passes.len() >= 3, "{} full passes ended", passes.len());
+        let all: BTreeSet<[u8; 8]> = passes.iter().flatten().copied().collect();
+        assert!(all.len() > 10_000, "{} keys resent", all.len());
+        for (i, keys) in passes.iter().enumerate() {
+            assert_eq!(keys.len(), all.len(), "full pass {i} resent {} of the {} keys", keys.len(), all.len());
+        }
+        // The case the test is for came up.
+        assert!(partial_half_way_at_a_start, "no full pass began while a partial one was half-way");
+    }
+
     /// `LiveChanged` says the live set or this node's place in it changed, and only then.
     #[test]
     fn live_changed_is_reported_only_when_the_live_set_changes() {

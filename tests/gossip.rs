@@ -669,6 +669,52 @@ fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_p
     assert_eq!(held(&c, b), 6, "node {b} holds the gone incarnation's count");
 }
 
+/// A writer crashes right after a count reached only one of its key's aggregators. While
+/// it is not yet suspected it stands for a live peer that resends its own counts, so
+/// partial resends may leave its count out; once the others suspect it (and their rings
+/// drop it), the aggregator that holds the count passes it on within a period.
+#[test]
+fn a_crashed_writers_count_held_by_one_aggregator_reaches_the_other_once_it_is_suspected() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let mut c = eight_in_one_window_that_counted(&ids, "k");
+    let key = c.nodes[&1].gossip.limiter().key_hash("k");
+    let holders: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.key == key && e.replica.node != n)).collect();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    let w = ids.iter().copied().find(|n| !holders.contains(n)).unwrap();
+    let (a, b) = (holders[0], holders[1]);
+    c.cut_links = vec![(w, b)];
+    for _ in 0..5 {
+        assert!(c.allow(w, "k"));
+    }
+    let t = c.now + 20;
+    c.run_until(t);
+    c.cut_links.clear();
+    // It crashes: nothing from it or to it from now on.
+    c.cut = vec![w];
+    let writer = ReplicaId { node: w, incarnation: 1 };
+    let held = |c: &Cluster, n: u64| c.state(n).iter().find(|e| e.key == key && e.replica == writer).map_or(0, |e| e.count);
+    assert_eq!((held(&c, a), held(&c, b)), (6, 1));
+    let (mut suspected, mut reached) = (None, None);
+    while c.now < T0 + 2_000 && reached.is_none() {
+        // The others count every round: no view goes quiet (which resends everything).
+        for &n in ids.iter().filter(|&&n| n != w) {
+            assert!(c.allow(n, "busy"));
+        }
+        let t = c.now + 20;
+        c.run_until(t);
+        if suspected.is_none() && [a, b].iter().all(|&n| !c.nodes[&n].gossip.live_peers().any(|p| p == w)) {
+            suspected = Some(c.now);
+        }
+        if held(&c, b) == 6 {
+            reached = Some(c.now);
+        }
+    }
+    let (Some(suspected), Some(reached)) = (suspected, reached) else {
+        panic!("node {b} never got the crashed writer's count (suspected: {suspected:?})");
+    };
+    assert!(reached <= suspected + 10 * 20, "within a period of the suspicion: reached at {reached}, suspected at {suspected}");
+}
+
 /// A key's first aggregator goes silent (or its standby does) while the writers count
 /// every round, so no view goes quiet and no resend comes. The standby holds the same
 /// counts and publishes what it sees no total for within two rounds, so the writers'
