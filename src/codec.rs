@@ -561,15 +561,20 @@ mod counts {
         if variant != COUNTS_VARIANT && variant != TOTALS_VARIANT {
             return None;
         }
-        // A batch takes at least 5 bytes, an entry 10.
+        // A batch takes at least 5 bytes, an entry 10. More batches than a message may
+        // carry are left to bincode (and refused after it); entries are reserved for at
+        // most as many as a datagram holds, so a length prefix makes no large allocation.
         let n = r.len(5)?;
+        if n > super::MAX_BATCHES {
+            return None;
+        }
         let mut batches = Vec::with_capacity(n);
         for _ in 0..n {
             let replica = r.replica()?;
             let window_ms = r.u32()?;
             let base_window = r.i64()?;
             let n = r.len(10)?;
-            let mut entries = Vec::with_capacity(n);
+            let mut entries = Vec::with_capacity(n.min(256));
             for _ in 0..n {
                 entries.push(WireEntry { key: r.take()?, window_offset: r.u32()?, count: r.u64()? });
             }
@@ -810,10 +815,14 @@ mod tests {
             })
         }
 
-        /// What bincode reads from `bytes`, if it reads them whole.
+        /// What bincode reads from `bytes`, if it reads them whole and they can be a
+        /// message (more than `MAX_BATCHES` batches are refused after either reader).
         fn bincode_reads(bytes: &[u8]) -> Option<Envelope> {
             match bincode::serde::decode_from_slice::<Envelope, _>(bytes, CONFIG) {
-                Ok((m, used)) if used == bytes.len() => Some(m),
+                Ok((m, used)) if used == bytes.len() => match &m.body {
+                    Body::Counts(b) | Body::Totals(b) if b.len() > MAX_BATCHES => None,
+                    _ => Some(m),
+                },
                 _ => None,
             }
         }
@@ -921,6 +930,23 @@ mod tests {
                 let expected = bincode_reads(&bytes);
                 prop_assert_eq!(counts::decode(&bytes), expected);
             }
+        }
+
+        /// Past `MAX_BATCHES` batches the message is left to bincode, and refused as
+        /// before; so is a length prefix claiming more entries than the bytes can hold.
+        #[test]
+        fn too_many_batches_and_lengths_past_the_bytes_are_refused_as_before() {
+            let from = ReplicaId { node: 1, incarnation: 1 };
+            let batch = Batch { replica: from, window_ms: 1000, base_window: 1, entries: Vec::new() };
+            let bytes = encode(&Envelope::new(from, Body::Counts(vec![batch; MAX_BATCHES + 1]))).unwrap();
+            assert_eq!(counts::decode(&bytes), None);
+            assert_eq!(decode(&bytes), Err(DecodeError::OutOfBounds(OutOfBounds::Batches)));
+            // One batch claiming 100,000 entries in 30 bytes.
+            let mut claim = vec![WIRE_VERSION, 1, 1, 0, 1, 1, 1, 251, 0xE8, 0x03, 2, 252];
+            claim.extend_from_slice(&100_000u32.to_le_bytes());
+            claim.extend_from_slice(&[0; 30]);
+            assert_eq!(counts::decode(&claim), None);
+            assert!(decode(&claim).is_err());
         }
 
         #[test]
