@@ -421,7 +421,7 @@ const TOTALS_VARIANT: u32 = 6;
 ///
 /// Why by hand: through serde each entry is a struct visit, each integer a call, and the
 /// output vector grows as it goes; at 100 nodes with 1,000 busy clients the codec took
-/// about 12 % of the simulator's time, most of it on these two bodies. Here a message
+/// about a tenth of the simulator's time, most of it on these two bodies. Here a message
 /// is sized first and written into one allocation, and read in one pass.
 mod counts {
     use super::{Batch, BatchHead, Body, Envelope, ReplicaId, WireEntry, COUNTS_VARIANT, TOTALS_VARIANT};
@@ -568,12 +568,22 @@ mod counts {
         if n > super::MAX_BATCHES {
             return None;
         }
+        // bincode charges its decode limit by each value's size in memory, not on the
+        // wire (`claim_bytes_read`: a u8 1 byte, a u32 4, a u64, i64 or length 8), and
+        // refuses a message past it: so does this reader, with the same count. The
+        // envelope's version, sender, variant and batch count take 29; a batch's replica,
+        // window length, base window and entry count 36; an entry 20.
+        let mut claimed = 1 + 16 + 4 + 8;
         let mut batches = Vec::with_capacity(n);
         for _ in 0..n {
             let replica = r.replica()?;
             let window_ms = r.u32()?;
             let base_window = r.i64()?;
             let n = r.len(10)?;
+            claimed += 36 + 20 * n;
+            if claimed > super::MAX_DECODE_BYTES {
+                return None;
+            }
             let mut entries = Vec::with_capacity(n.min(256));
             for _ in 0..n {
                 entries.push(WireEntry { key: r.take()?, window_offset: r.u32()?, count: r.u64()? });
@@ -947,6 +957,41 @@ mod tests {
             claim.extend_from_slice(&[0; 30]);
             assert_eq!(counts::decode(&claim), None);
             assert!(decode(&claim).is_err());
+        }
+
+        /// bincode's decode limit counts values by their size in memory (20 bytes an
+        /// entry, against 10 on the wire at the least): the reader takes the largest
+        /// messages bincode takes, and refuses those one entry larger, as bincode does.
+        #[test]
+        fn the_largest_messages_bincode_takes_are_the_largest_the_reader_takes() {
+            let from = ReplicaId { node: 1, incarnation: 1 };
+            let entry = WireEntry { key: [0; 8], window_offset: 0, count: 0 };
+            // (batches, entries in all) at bincode's edge: 29 + 36·batches + 20·entries ≤ 2²⁰.
+            for (batches, entries) in [(1usize, 52_425usize), (2, 52_423), (4_096, 45_054)] {
+                for entries in [entries, entries + 1] {
+                    let mut list = vec![Batch { replica: from, window_ms: 1000, base_window: 1, entries: Vec::new() }; batches];
+                    list[0].entries = vec![entry; entries - (batches - 1)];
+                    for b in &mut list[1..] {
+                        b.entries = vec![entry];
+                    }
+                    let bytes = encode(&Envelope::new(from, Body::Counts(list))).unwrap();
+                    let (read, expected) = (counts::decode(&bytes), bincode_reads(&bytes));
+                    let takes = 29 + 36 * batches + 20 * entries <= MAX_DECODE_BYTES;
+                    let at = format!("{batches} batches, {entries} entries");
+                    assert_eq!((read.is_some(), expected.is_some()), (takes, takes), "{at}: (reader, bincode)");
+                    assert!(read == expected, "{at}: the two read different messages");
+                }
+            }
+        }
+
+        /// The variant indices the reader and writer use are the ones bincode writes.
+        #[test]
+        fn counts_and_totals_are_the_variants_bincode_numbers_them() {
+            let from = ReplicaId { node: 1, incarnation: 1 };
+            for (body, variant) in [(Body::Counts(Vec::new()), COUNTS_VARIANT), (Body::Totals(Vec::new()), TOTALS_VARIANT)] {
+                let bytes = bincode::serde::encode_to_vec(Envelope::new(from, body), CONFIG).unwrap();
+                assert_eq!(bytes, [WIRE_VERSION, 1, 1, variant as u8, 0]);
+            }
         }
 
         #[test]

@@ -2656,7 +2656,7 @@ mod tests {
         }
         assert!(passes.len() >= 3, "{} full passes ended", passes.len());
         let all: BTreeSet<[u8; 8]> = passes.iter().flatten().copied().collect();
-        assert!(all.len() > 10_000, "{} keys resent", all.len());
+        assert_eq!(all.len(), 20_000, "keys resent");
         for (i, keys) in passes.iter().enumerate() {
             assert_eq!(keys.len(), all.len(), "full pass {i} resent {} of the {} keys", keys.len(), all.len());
         }

@@ -671,8 +671,8 @@ fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_p
 
 /// A writer crashes right after a count reached only one of its key's aggregators. While
 /// it is not yet suspected it stands for a live peer that resends its own counts, so
-/// partial resends may leave its count out; once the others suspect it (and their rings
-/// drop it), the aggregator that holds the count passes it on within a period.
+/// partial resends leave its count out; once the others suspect it (and their rings drop
+/// it), the aggregator that holds the count passes it on within a period.
 #[test]
 fn a_crashed_writers_count_held_by_one_aggregator_reaches_the_other_once_it_is_suspected() {
     let ids: Vec<u64> = (1..=8).collect();
@@ -709,9 +709,10 @@ fn a_crashed_writers_count_held_by_one_aggregator_reaches_the_other_once_it_is_s
             reached = Some(c.now);
         }
     }
-    let (Some(suspected), Some(reached)) = (suspected, reached) else {
-        panic!("node {b} never got the crashed writer's count (suspected: {suspected:?})");
-    };
+    let Some(suspected) = suspected else { panic!("the crashed writer was never suspected (its count reached node {b}: {reached:?})") };
+    let Some(reached) = reached else { panic!("node {b} never got the crashed writer's count") };
+    // The case this test is for: until the suspicion only one aggregator held the count.
+    assert!(reached > suspected, "the count reached node {b} at {reached}, before the writer was suspected at {suspected}");
     assert!(reached <= suspected + 10 * 20, "within a period of the suspicion: reached at {reached}, suspected at {suspected}");
 }
 
