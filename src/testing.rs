@@ -16,6 +16,12 @@ pub fn decode(bytes: &[u8]) -> Result<(), DecodeError> {
     codec::decode(bytes).map(|_| ())
 }
 
+/// Whether the hand-written reader of counts and totals reads `bytes` exactly as bincode
+/// does (`src/codec.rs`): the same message, or none.
+pub fn readers_agree(bytes: &[u8]) -> bool {
+    codec::readers_agree(bytes)
+}
+
 /// Re-encodes a message that decodes: decoding then encoding is the identity.
 pub fn reencode(bytes: &[u8]) -> Option<Vec<u8>> {
     codec::decode(bytes).ok().and_then(|m| codec::encode(&m).ok())
