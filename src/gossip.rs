@@ -2549,35 +2549,46 @@ mod tests {
         GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
     }
 
+    /// Hears a heartbeat from every peer, runs a round 20 ms on, and returns what it sent.
+    fn round_heard_from(n: &mut GossipNode, peers: &[u64], t: &mut i64) -> Vec<Transmit> {
+        for &p in peers {
+            let heartbeat = codec::encode(&Envelope::new(ReplicaId { node: p, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap();
+            n.handle_message(p, &heartbeat, *t).unwrap();
+        }
+        *t += 20;
+        n.handle_timeout(*t);
+        std::iter::from_fn(|| n.poll_transmit()).collect()
+    }
+
+    /// Node 1 aggregating among `peers` (a 60 s window), after four rounds, holding
+    /// member 2's counts of `keys` keys (1 each); and the time.
+    fn aggregating_with_counts_of_member_2(peers: &[u64], keys: u64) -> (GossipNode, i64) {
+        let mut n = node_in_window(1, peers, 1_000_000, Duration::from_secs(60), Admission::Optimistic);
+        let mut t = T0;
+        for _ in 0..4 {
+            round_heard_from(&mut n, peers, &mut t);
+        }
+        assert!(n.aggregating());
+        let member = ReplicaId { node: 2, incarnation: 1 };
+        for part in 0..keys.div_ceil(5_000) {
+            let entries = (part * 5_000..keys.min((part + 1) * 5_000))
+                .map(|i| WireEntry { key: splitmix64(i + 1).to_le_bytes(), window_offset: 0, count: 1 })
+                .collect();
+            let batch = Batch { replica: member, window_ms: 60_000, base_window: t / 60_000, entries };
+            n.handle_message(2, &codec::encode(&Envelope::new(member, Body::Counts(vec![batch]))).unwrap(), t).unwrap();
+        }
+        (n, t)
+    }
+
     /// A store too large for one resend is passed over whole in consecutive anti-entropy
     /// periods: once a full resend has begun a pass, the periods that follow are full
     /// until it ends (else its parts would come `FULL_RESEND_PERIODS` periods apart).
     #[test]
     fn a_full_pass_over_a_large_store_goes_on_at_every_period_until_it_ends() {
         let peers: Vec<u64> = (2..=21).collect();
-        let mut n = node_in_window(1, &peers, 1_000_000, Duration::from_secs(60), Admission::Optimistic);
-        let message = |node: u64, body: Body| codec::encode(&Envelope::new(ReplicaId { node, incarnation: 1 }, body)).unwrap();
-        let mut t = T0;
-        let round = |n: &mut GossipNode, t: &mut i64| {
-            for &p in &peers {
-                n.handle_message(p, &message(p, Body::Counts(Vec::new())), *t).unwrap();
-            }
-            *t += 20;
-            n.handle_timeout(*t);
-            while n.poll_transmit().is_some() {}
-        };
-        for _ in 0..4 {
-            round(&mut n, &mut t);
-        }
-        assert!(n.aggregating());
         // Member 2's counts of 40,000 keys: three resends' worth.
-        for part in 0..8u64 {
-            let entries = (0..5_000u64)
-                .map(|i| WireEntry { key: splitmix64(part * 5_000 + i + 1).to_le_bytes(), window_offset: 0, count: 1 })
-                .collect();
-            let batch = Batch { replica: ReplicaId { node: 2, incarnation: 1 }, window_ms: 60_000, base_window: t / 60_000, entries };
-            n.handle_message(2, &message(2, Body::Counts(vec![batch])), t).unwrap();
-        }
+        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, 40_000);
+        let round = |n: &mut GossipNode, t: &mut i64| drop(round_heard_from(n, &peers, t));
         let under_way = |n: &GossipNode| n.resend_cursors.get(&(60_000, true)).is_some_and(|c| *c != ExportCursor::default());
         let period = n.cfg.anti_entropy_rounds;
         let mut began = None;
@@ -2601,38 +2612,20 @@ mod tests {
     #[test]
     fn every_full_pass_over_a_large_store_resends_all_it_holds_wherever_partial_passes_are() {
         let peers: Vec<u64> = (2..=21).collect();
-        let mut n = node_in_window(1, &peers, 1_000_000, Duration::from_secs(60), Admission::Optimistic);
-        let message = |node: u64, body: Body| codec::encode(&Envelope::new(ReplicaId { node, incarnation: 1 }, body)).unwrap();
+        // Member 2's counts of 20,000 keys: two resends' worth, so that a partial pass is
+        // half-way at every other period.
+        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, 20_000);
         let member = ReplicaId { node: 2, incarnation: 1 };
-        let mut t = T0;
         // Keys of member 2's counts this node sent in the round.
         let round = |n: &mut GossipNode, t: &mut i64| {
-            for &p in &peers {
-                n.handle_message(p, &message(p, Body::Counts(Vec::new())), *t).unwrap();
-            }
-            *t += 20;
-            n.handle_timeout(*t);
             let mut sent = BTreeSet::new();
-            while let Some(m) = n.poll_transmit() {
+            for m in round_heard_from(n, &peers, t) {
                 if let Ok(Envelope { body: Body::Counts(batches), .. }) = codec::decode(&m.bytes) {
                     sent.extend(batches.iter().filter(|b| b.replica == member).flat_map(|b| b.entries.iter().map(|e| e.key)));
                 }
             }
             sent
         };
-        for _ in 0..4 {
-            round(&mut n, &mut t);
-        }
-        assert!(n.aggregating());
-        // Member 2's counts of 20,000 keys: two resends' worth, so that a partial pass is
-        // half-way at every other period.
-        for part in 0..4u64 {
-            let entries = (0..5_000u64)
-                .map(|i| WireEntry { key: splitmix64(part * 5_000 + i + 1).to_le_bytes(), window_offset: 0, count: 1 })
-                .collect();
-            let batch = Batch { replica: member, window_ms: 60_000, base_window: t / 60_000, entries };
-            n.handle_message(2, &message(2, Body::Counts(vec![batch])), t).unwrap();
-        }
         let under_way = |n: &GossipNode, full| n.resend_cursors.get(&(60_000, full)).is_some_and(|c| *c != ExportCursor::default());
         let period = n.cfg.anti_entropy_rounds;
         // Each pass's keys, from the round it begins to the round it ends.

@@ -631,20 +631,17 @@ fn between_full_resends_aggregators_resend_no_writers_counts_nor_busy_totals_and
     assert!(standby <= 3 * 7 + 2 * 7, "the standby sent {standby} totals");
 }
 
-/// A writer restarts right after a count reached only one of its key's aggregators: its
-/// old incarnation is gone and resends nothing, so only that aggregator can pass the
-/// count on. It does at the next anti-entropy period, as it did before full resends
-/// came only every `FULL_RESEND_PERIODS` periods, not at the next full one.
-#[test]
-fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_period() {
-    let ids: Vec<u64> = (1..=8).collect();
-    let mut c = eight_in_one_window_that_counted(&ids, "k");
+/// Eight nodes that counted "k" in one window; then five more counts of a writer that is
+/// not one of the key's two aggregators reach the first of them only. Returns the
+/// cluster, the key's hash, the writer, and the aggregators that hold 6 and 1 of its
+/// counts.
+fn five_more_counts_reach_one_aggregator(ids: &[u64]) -> (Cluster, u64, u64, u64, u64) {
+    let mut c = eight_in_one_window_that_counted(ids, "k");
     let key = c.nodes[&1].gossip.limiter().key_hash("k");
     let holders: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.key == key && e.replica.node != n)).collect();
     assert_eq!(holders.len(), 2, "{holders:?}");
     let w = ids.iter().copied().find(|n| !holders.contains(n)).unwrap();
     let (a, b) = (holders[0], holders[1]);
-    // Five more counts of the writer's reach `a` only; then it restarts.
     c.cut_links = vec![(w, b)];
     for _ in 0..5 {
         assert!(c.allow(w, "k"));
@@ -652,6 +649,18 @@ fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_p
     let t = c.now + 20;
     c.run_until(t);
     c.cut_links.clear();
+    (c, key, w, a, b)
+}
+
+/// A writer restarts right after a count reached only one of its key's aggregators: its
+/// old incarnation is gone and resends nothing, so only that aggregator can pass the
+/// count on. It does at the next anti-entropy period, as it did before full resends
+/// came only every `FULL_RESEND_PERIODS` periods, not at the next full one.
+#[test]
+fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_period() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let (mut c, key, w, a, b) = five_more_counts_reach_one_aggregator(&ids);
+    // Then the writer restarts.
     c.start(w, 2, &ids);
     let gone = ReplicaId { node: w, incarnation: 1 };
     let held = |c: &Cluster, n: u64| c.state(n).iter().find(|e| e.key == key && e.replica == gone).map_or(0, |e| e.count);
@@ -676,20 +685,8 @@ fn a_gone_incarnations_count_held_by_one_aggregator_reaches_the_other_within_a_p
 #[test]
 fn a_crashed_writers_count_held_by_one_aggregator_reaches_the_other_once_it_is_suspected() {
     let ids: Vec<u64> = (1..=8).collect();
-    let mut c = eight_in_one_window_that_counted(&ids, "k");
-    let key = c.nodes[&1].gossip.limiter().key_hash("k");
-    let holders: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().any(|e| e.key == key && e.replica.node != n)).collect();
-    assert_eq!(holders.len(), 2, "{holders:?}");
-    let w = ids.iter().copied().find(|n| !holders.contains(n)).unwrap();
-    let (a, b) = (holders[0], holders[1]);
-    c.cut_links = vec![(w, b)];
-    for _ in 0..5 {
-        assert!(c.allow(w, "k"));
-    }
-    let t = c.now + 20;
-    c.run_until(t);
-    c.cut_links.clear();
-    // It crashes: nothing from it or to it from now on.
+    let (mut c, key, w, a, b) = five_more_counts_reach_one_aggregator(&ids);
+    // The writer crashes: nothing from it or to it from now on.
     c.cut = vec![w];
     let writer = ReplicaId { node: w, incarnation: 1 };
     let held = |c: &Cluster, n: u64| c.state(n).iter().find(|e| e.key == key && e.replica == writer).map_or(0, |e| e.count);
