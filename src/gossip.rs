@@ -624,9 +624,47 @@ struct Ring {
 
 impl Ring {
     fn new(members: Vec<PeerId>) -> Self {
-        let mut points: Vec<(u64, PeerId)> =
-            members.iter().flat_map(|&m| (0..RING_POINTS).map(move |i| (splitmix64(m ^ splitmix64(i ^ 0xA66_0000)), m))).collect();
+        let mut points: Vec<(u64, PeerId)> = members.iter().flat_map(|&m| Self::points_of(m)).collect();
         points.sort_unstable();
+        Self::indexed(points, members)
+    }
+
+    /// A member's points on the ring.
+    fn points_of(member: PeerId) -> impl Iterator<Item = (u64, PeerId)> {
+        (0..RING_POINTS).map(move |i| (splitmix64(member ^ splitmix64(i ^ 0xA66_0000)), member))
+    }
+
+    /// The ring of `members` (sorted), made from this one: the points of members gone
+    /// are dropped and those of members come are merged in, in one pass, instead of
+    /// sorting every point again. The same ring as [`Ring::new`] gives. (Members come
+    /// up one by one as a node starts: at 1,000 members, sorting 16,000 points on each
+    /// took nine tenths of the simulator's time.)
+    fn with_members(&self, members: Vec<PeerId>) -> Self {
+        let missing =
+            |from: &[PeerId], of: &[PeerId]| -> Vec<PeerId> { of.iter().copied().filter(|m| from.binary_search(m).is_err()).collect() };
+        let (gone, came) = (missing(&members, &self.members), missing(&self.members, &members));
+        if 4 * (gone.len() + came.len()) > members.len() {
+            return Self::new(members);
+        }
+        let mut added: Vec<(u64, PeerId)> = came.iter().flat_map(|&m| Self::points_of(m)).collect();
+        added.sort_unstable();
+        let mut kept = self.points.iter().copied().filter(|p| gone.binary_search(&p.1).is_err()).peekable();
+        let mut added = added.into_iter().peekable();
+        let mut points = Vec::with_capacity(members.len() * RING_POINTS as usize);
+        loop {
+            let next = match (kept.peek(), added.peek()) {
+                (Some(k), Some(a)) if k <= a => kept.next(),
+                (_, Some(_)) => added.next(),
+                (Some(_), None) => kept.next(),
+                (None, None) => break,
+            };
+            points.extend(next);
+        }
+        Self::indexed(points, members)
+    }
+
+    /// The ring of sorted `points` with its slice index.
+    fn indexed(points: Vec<(u64, PeerId)>, members: Vec<PeerId>) -> Self {
         let bits = points.len().next_power_of_two().trailing_zeros().clamp(1, 16);
         let mut starts = Vec::with_capacity((1 << bits) + 1);
         let mut at = 0;
@@ -1558,7 +1596,7 @@ impl GossipNode {
         let at = members.partition_point(|&p| p < me);
         members.insert(at, me);
         if members != self.ring.members {
-            self.ring = Ring::new(members);
+            self.ring = self.ring.with_members(members);
             self.ring_changed = Some(self.round);
         }
     }
@@ -2531,6 +2569,37 @@ mod tests {
                 assert_eq!(ring.aggregators(key, 3).as_slice(), &want[..], "{members} members, key {key}");
             }
         }
+    }
+
+    /// A ring changed by members coming and going, a few or many at a time, is the ring
+    /// built anew from its members.
+    #[test]
+    fn a_ring_changed_member_by_member_is_the_ring_built_anew() {
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = splitmix64(seed);
+            seed
+        };
+        let mut ring = Ring::new(Vec::new());
+        let mut members: Vec<PeerId> = Vec::new();
+        for step in 0..400u64 {
+            // Mostly one member coming; every fifth step one going; now and then many.
+            match step % 5 {
+                _ if step % 97 == 0 => members.retain(|_| next() % 3 != 0),
+                4 if !members.is_empty() => drop(members.remove((next() % members.len() as u64) as usize)),
+                _ => members.push(next() % 1_000),
+            }
+            members.sort_unstable();
+            members.dedup();
+            ring = ring.with_members(members.clone());
+            let anew = Ring::new(members.clone());
+            assert_eq!(
+                (&ring.points, &ring.members, &ring.starts, ring.bits),
+                (&anew.points, &anew.members, &anew.starts, anew.bits),
+                "step {step}"
+            );
+        }
+        assert!(members.len() > 50, "{} members", members.len());
     }
 
     fn node_with(id: u64, peers: &[u64], limit: u64, admission: Admission) -> GossipNode {
