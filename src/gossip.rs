@@ -2552,15 +2552,19 @@ mod tests {
         node_with(id, peers, 10, Admission::Optimistic)
     }
 
+    /// A deterministic stream of well-mixed numbers.
+    fn numbers_from(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed = splitmix64(seed);
+            seed
+        }
+    }
+
     /// The ring's slice index finds the same aggregators as a search of every point,
     /// from rings of 0 to 700 members (1 to 16 index bits) and keys hashing anywhere.
     #[test]
     fn the_rings_slice_index_finds_what_a_search_of_all_points_finds() {
-        let mut seed = 7u64;
-        let mut next = move || {
-            seed = splitmix64(seed);
-            seed
-        };
+        let mut next = numbers_from(7u64);
         for members in [0, 1, 2, 3, 17, 100, 300, 700] {
             let ids: Vec<PeerId> = (0..members).map(|_| next()).collect();
             let ring = Ring::new(ids.clone());
@@ -2584,11 +2588,7 @@ mod tests {
     /// built anew from its members.
     #[test]
     fn a_ring_changed_member_by_member_is_the_ring_built_anew() {
-        let mut seed = 11u64;
-        let mut next = move || {
-            seed = splitmix64(seed);
-            seed
-        };
+        let mut next = numbers_from(11u64);
         let mut ring = Ring::new(Vec::new());
         let mut members: Vec<PeerId> = Vec::new();
         for step in 0..400u64 {
