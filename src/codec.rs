@@ -424,16 +424,12 @@ const TOTALS_VARIANT: u32 = 6;
 /// about a tenth of the simulator's time, most of it on these two bodies. Here a message
 /// is sized first and written into one allocation, and read in one pass.
 mod counts {
-    use super::{Batch, BatchHead, Body, Envelope, ReplicaId, WireEntry, COUNTS_VARIANT, TOTALS_VARIANT};
+    use super::{zigzag, Batch, BatchHead, Body, Envelope, ReplicaId, WireEntry, COUNTS_VARIANT, TOTALS_VARIANT};
 
     /// bincode's varint markers: a 2-, 4- or 8-byte little-endian integer follows.
     const U16: u8 = 251;
     const U32: u8 = 252;
     const U64: u8 = 253;
-
-    fn zigzag(v: i64) -> u64 {
-        ((v << 1) ^ (v >> 63)) as u64
-    }
 
     fn put(out: &mut Vec<u8>, v: u64) {
         match v {
@@ -469,7 +465,7 @@ mod counts {
         variant: u32,
         batches: impl ExactSizeIterator<Item = (BatchHead, &'a [WireEntry])> + Clone,
     ) -> Vec<u8> {
-        use super::{replica_len, varint_len};
+        use super::{batch_header_len, entry_len, replica_len, varint_len};
         let len = 1
             + replica_len(from)
             + varint_len(u64::from(variant))
@@ -477,11 +473,7 @@ mod counts {
             + batches
                 .clone()
                 .map(|(h, entries)| {
-                    replica_len(&h.replica)
-                        + varint_len(u64::from(h.window_ms))
-                        + varint_len(zigzag(h.base_window))
-                        + varint_len(entries.len() as u64)
-                        + entries.iter().map(super::entry_len).sum::<usize>()
+                    batch_header_len(&h.replica, h.window_ms, h.base_window, entries.len()) + entries.iter().map(entry_len).sum::<usize>()
                 })
                 .sum::<usize>();
         let mut out = Vec::with_capacity(len);
@@ -631,7 +623,13 @@ pub(crate) fn varint_len(v: u64) -> usize {
 
 /// Bytes for a signed integer (zig-zag encoded).
 pub(crate) fn signed_len(v: i64) -> usize {
-    varint_len(((v << 1) ^ (v >> 63)) as u64)
+    varint_len(zigzag(v))
+}
+
+/// A signed integer as bincode writes it: zig-zag, so that small magnitudes of either
+/// sign take one byte.
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
 }
 
 pub(crate) fn replica_len(r: &ReplicaId) -> usize {
@@ -925,7 +923,7 @@ mod tests {
                 put(&mut out, b.replica.node);
                 put(&mut out, b.replica.incarnation);
                 put(&mut out, u64::from(b.window_ms));
-                put(&mut out, ((b.base_window << 1) ^ (b.base_window >> 63)) as u64);
+                put(&mut out, zigzag(b.base_window));
                 put(&mut out, b.entries.len() as u64);
                 for e in &b.entries {
                     out.extend_from_slice(&e.key);

@@ -2150,11 +2150,13 @@ impl GossipNode {
         per: &mut BTreeMap<PeerId, Vec<Outgoing>>,
     ) {
         let me = self.cfg.replica;
-        // The peers in id order, and what is sent to each: indexed here rather than looked
-        // up in the maps per key and peer (the lookups were a tenth of a busy round).
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-        let records: Vec<&Peer> = self.peers.values().collect();
-        let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); ids.len()];
+        // The peers in id order (and where each of `live` is among them), and what is sent
+        // to each: indexed once here rather than looked up in the maps per key and peer
+        // (the lookups were a tenth of a busy round).
+        let peers: Vec<(PeerId, &Peer)> = self.peers.iter().map(|(&id, p)| (id, p)).collect();
+        let place = |id: &PeerId| peers.binary_search_by_key(id, |&(id, _)| id).ok();
+        let live: Vec<(PeerId, usize)> = live.iter().filter_map(|p| Some((*p, place(p)?))).collect();
+        let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); peers.len()];
         let mut writers: Vec<PeerId> = Vec::new();
         let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
         let mut newest: Vec<(u64, std::cmp::Reverse<u64>, std::ops::Range<usize>)> = Vec::new();
@@ -2190,8 +2192,8 @@ impl GossipNode {
             for group in newest.chunk_by(|a, b| a.0 == b.0) {
                 let (node, std::cmp::Reverse(incarnation), ref range) = group[0];
                 let writer = &by_replica[range.clone()];
-                let Ok(at) = ids.binary_search(&node) else { continue };
-                let p = records[at];
+                let Some(at) = place(&node) else { continue };
+                let p = peers[at].1;
                 if p.incarnation.is_some_and(|i| incarnation < i) {
                     // Only incarnations it has restarted from: others' counts to it.
                     continue;
@@ -2213,15 +2215,14 @@ impl GossipNode {
                 writers.sort_unstable();
                 // A peer with counts here of its current incarnation (or a later one) is a
                 // writer above: never sent a total that holds its own counts.
-                for p in live.iter().filter(|p| writers.binary_search(p).is_err()) {
-                    let Ok(at) = ids.binary_search(p) else { continue };
+                for &(_, at) in live.iter().filter(|(p, _)| writers.binary_search(p).is_err()) {
                     for &(window, sum) in &sums {
                         lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum });
                     }
                 }
             }
         }
-        for (id, mut list) in ids.into_iter().zip(lists).filter(|(_, l)| !l.is_empty()) {
+        for ((id, _), mut list) in peers.into_iter().zip(lists).filter(|(_, l)| !l.is_empty()) {
             per.entry(id).or_default().append(&mut list);
         }
     }
