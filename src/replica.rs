@@ -146,13 +146,26 @@ impl Replica {
         entries: impl Iterator<Item = (u64, i64, u64)>,
         mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
     ) {
+        // Merged in chunks, each prefetched first (`Store::prefetch`).
+        const CHUNK: usize = 16;
         self.limiter.with_existing_store(window_ms, |store| {
-            for (key, window, count) in entries {
-                let outcome = match replica {
-                    Some(r) => store.merge(key, window, r, count, now_ms),
-                    None => store.merge_heard(key, window, count, now_ms),
-                };
-                on((key, window, count), outcome);
+            let mut entries = entries.peekable();
+            let mut chunk = [(0u64, 0i64, 0u64); CHUNK];
+            let mut keys = [0u64; CHUNK];
+            while entries.peek().is_some() {
+                let mut n = 0;
+                for e in entries.by_ref().take(CHUNK) {
+                    (chunk[n], keys[n]) = (e, e.0);
+                    n += 1;
+                }
+                store.prefetch(&keys[..n]);
+                for &(key, window, count) in &chunk[..n] {
+                    let outcome = match replica {
+                        Some(r) => store.merge(key, window, r, count, now_ms),
+                        None => store.merge_heard(key, window, count, now_ms),
+                    };
+                    on((key, window, count), outcome);
+                }
             }
         });
     }

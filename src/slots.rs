@@ -8,6 +8,9 @@
 //! (`docs/benchmarks.md`, "Huge pages for the table"). Pages are only resident once
 //! touched, as with any allocation. Elsewhere, or when the mapping fails, the array is
 //! a `Box<[Entry]>`.
+//!
+//! It also holds [`prefetch`], the hint a batch of merges gives the CPU for the slots and
+//! records it is about to touch (`docs/benchmarks.md`, "Speed").
 
 use crate::table::Entry;
 
@@ -111,6 +114,23 @@ impl std::fmt::Debug for Slots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Slots({})", self.len)
     }
+}
+
+/// Asks the CPU to start loading the cache line at `p` (a hint: nothing is read, and an
+/// address that is no longer valid costs nothing). Batches of merges issue these for the
+/// slots and records they are about to touch, so that their cache misses overlap
+/// instead of coming one after another.
+#[inline]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` is an SSE instruction, which every x86-64 CPU has; it never
+    // dereferences its operand in the language's sense and never faults, whatever the
+    // address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 impl std::ops::Deref for Slots {

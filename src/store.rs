@@ -1337,6 +1337,26 @@ impl Store {
         })
     }
 
+    /// Starts loading what merging counts of `keys` will touch: first every key's slot,
+    /// then the remote record of every key found. Merges one by one wait on two cache
+    /// misses each (slot, then record) when the store is larger than the cache; a batch
+    /// prefetched this way waits on about two in all.
+    pub(crate) fn prefetch(&self, keys: &[u64]) {
+        for &key in keys {
+            let key = key.max(1);
+            self.shard(key).lock.lock().table.prefetch(key);
+        }
+        for &key in keys {
+            let key = key.max(1);
+            let shard = self.shard(key).lock.lock();
+            if let Some(r) = shard.table.get(key).and_then(remote_of) {
+                let at: *const Remote = &shard.remote[r];
+                crate::slots::prefetch(at);
+                crate::slots::prefetch(at.cast::<u8>().wrapping_add(std::mem::size_of::<Remote>() - 1));
+            }
+        }
+    }
+
     /// Finds (or makes, as a key first counted by a peer) `key`, rolls it to `window` if
     /// that is newer, takes the hot key's leases back, and lets `f` merge into what holds
     /// `window`: an older sliding-log bucket, or the slot's newest or previous window.

@@ -100,6 +100,15 @@ impl Table {
         }
     }
 
+    /// Starts loading the slot where `key`'s probe starts ([`crate::slots::prefetch`]).
+    #[inline]
+    pub(crate) fn prefetch(&self, key: u64) {
+        if !self.slots.is_empty() {
+            let i = Self::home(self.seed, key, self.slots.len());
+            crate::slots::prefetch(self.slots.as_ptr().wrapping_add(i));
+        }
+    }
+
     /// The slot at an index [`find`](Self::find) or [`insert_new_at`](Self::insert_new_at) returned.
     #[inline]
     pub(crate) fn at(&mut self, i: usize) -> &mut Entry {
