@@ -27,6 +27,11 @@ use crate::{ConfigError, Error, LimitsConfig, RateLimiter};
 
 pub(crate) use crate::store::{ExportCursor, Exported, OthersCount, ViewCount, LOCAL_REPLICA};
 
+/// Counts are merged in chunks of this many, each prefetched first (`Store::prefetch`):
+/// enough for the cache misses of a chunk to overlap, few enough that its slots are
+/// still cached when they are merged.
+const MERGE_CHUNK: usize = 16;
+
 /// A limiter attached to a gossip core. See the module documentation.
 #[derive(Debug)]
 pub(crate) struct Replica {
@@ -146,15 +151,13 @@ impl Replica {
         entries: impl Iterator<Item = (u64, i64, u64)>,
         mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
     ) {
-        // Merged in chunks, each prefetched first (`Store::prefetch`).
-        const CHUNK: usize = 16;
         self.limiter.with_existing_store(window_ms, |store| {
             let mut entries = entries.peekable();
-            let mut chunk = [(0u64, 0i64, 0u64); CHUNK];
-            let mut keys = [0u64; CHUNK];
+            let mut chunk = [(0u64, 0i64, 0u64); MERGE_CHUNK];
+            let mut keys = [0u64; MERGE_CHUNK];
             while entries.peek().is_some() {
                 let mut n = 0;
-                for e in entries.by_ref().take(CHUNK) {
+                for e in entries.by_ref().take(MERGE_CHUNK) {
                     (chunk[n], keys[n]) = (e, e.0);
                     n += 1;
                 }
@@ -226,5 +229,78 @@ impl Drop for Replica {
         cluster.live_index.store(0, Ordering::Relaxed);
         self.limiter.for_each_store(|_, s| s.untrack_changes());
         cluster.attached.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, Quota, Strategy};
+    use std::time::Duration;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn replica(node: u64) -> Replica {
+        let limiter = RateLimiter::builder()
+            .quota(Quota::new(100, Duration::from_secs(1)).unwrap())
+            .strategy(Strategy::SlidingWindow)
+            .clock(ManualClock::new(T0))
+            .hash_secret([7; 16])
+            .build()
+            .unwrap();
+        Replica::attach(limiter, node, 20).unwrap()
+    }
+
+    /// Merging in prefetched chunks is merging one by one: every entry is merged once,
+    /// in order, with the same outcome, and the stores end the same. The entries span
+    /// several chunks, repeat keys across a chunk's edge, and include windows that are
+    /// ignored and counts of zero.
+    #[test]
+    fn a_merge_in_chunks_is_the_merge_one_by_one() {
+        let now = T0 + 300;
+        let w = now.div_euclid(1000);
+        let mut x = 7u64;
+        let mut next = move || {
+            x = crate::key::splitmix64(x);
+            x
+        };
+        for source in [Some(3), Some(4), None] {
+            let entries: Vec<(u64, i64, u64)> = (0..3 * MERGE_CHUNK + 5)
+                .map(|_| {
+                    let key = [1, 2, 3, u64::MAX, next()][(next() % 5) as usize];
+                    let window = [w, w, w - 1, w - 7, w + 9][(next() % 5) as usize];
+                    (key, window, next() % 40)
+                })
+                .collect();
+            let (chunked, single) = (replica(1), replica(1));
+            let mut got = Vec::new();
+            chunked.merge(1000, source, now, entries.iter().copied(), |e, o| got.push((e, format!("{o:?}"))));
+            let mut want = Vec::new();
+            single.limiter.with_existing_store(1000, |s| {
+                for &(key, window, count) in &entries {
+                    let o = match source {
+                        Some(r) => s.merge(key, window, r, count, now),
+                        None => s.merge_heard(key, window, count, now),
+                    };
+                    want.push(((key, window, count), format!("{o:?}")));
+                }
+            });
+            assert_eq!(got, want, "outcomes merging from {source:?}");
+            assert!(got.iter().any(|(_, o)| o == "Ok(true)") && got.iter().any(|(_, o)| o == "Ok(false)"));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            chunked.export(1000, now, |_| true, &mut a);
+            single.export(1000, now, |_| true, &mut b);
+            // In slot order, and each limiter scrambles its probes its own way.
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b, "counts held after merging from {source:?}");
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            chunked.views(1000, now, &mut a);
+            single.views(1000, now, &mut b);
+            a.sort_unstable();
+            b.sort_unstable();
+            assert!(!a.is_empty());
+            assert_eq!(a, b, "views after merging from {source:?}");
+        }
     }
 }
