@@ -152,7 +152,7 @@ impl Replica {
         mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
     ) {
         self.limiter.with_existing_store(window_ms, |store| {
-            let mut entries = entries.peekable();
+            let mut entries = entries.fuse().peekable();
             let mut chunk = [(0u64, 0i64, 0u64); MERGE_CHUNK];
             let mut keys = [0u64; MERGE_CHUNK];
             while entries.peek().is_some() {
@@ -240,21 +240,22 @@ mod tests {
 
     const T0: i64 = 1_700_000_000_000;
 
-    fn replica(node: u64) -> Replica {
+    fn replica(max_keys: usize) -> Replica {
         let limiter = RateLimiter::builder()
             .quota(Quota::new(100, Duration::from_secs(1)).unwrap())
             .strategy(Strategy::SlidingWindow)
             .clock(ManualClock::new(T0))
             .hash_secret([7; 16])
+            .max_keys(max_keys)
             .build()
             .unwrap();
-        Replica::attach(limiter, node, 20).unwrap()
+        Replica::attach(limiter, 1, 20).unwrap()
     }
 
     /// Merging in prefetched chunks is merging one by one: every entry is merged once,
     /// in order, with the same outcome, and the stores end the same. The entries span
-    /// several chunks, repeat keys across a chunk's edge, and include windows that are
-    /// ignored and counts of zero.
+    /// several chunks, repeat keys across a chunk's edge, and include key 0 (taken as
+    /// 1), windows that are ignored, counts of zero, and keys refused at capacity.
     #[test]
     fn a_merge_in_chunks_is_the_merge_one_by_one() {
         let now = T0 + 300;
@@ -264,15 +265,16 @@ mod tests {
             x = crate::key::splitmix64(x);
             x
         };
-        for source in [Some(3), Some(4), None] {
+        let mut refused = 0;
+        for (source, max_keys) in [(Some(3), 1000), (Some(4), 1000), (None, 1000), (Some(3), 4), (None, 4)] {
             let entries: Vec<(u64, i64, u64)> = (0..3 * MERGE_CHUNK + 5)
                 .map(|_| {
-                    let key = [1, 2, 3, u64::MAX, next()][(next() % 5) as usize];
+                    let key = [0, 1, 2, 3, u64::MAX, next()][(next() % 6) as usize];
                     let window = [w, w, w - 1, w - 7, w + 9][(next() % 5) as usize];
                     (key, window, next() % 40)
                 })
                 .collect();
-            let (chunked, single) = (replica(1), replica(1));
+            let (chunked, single) = (replica(max_keys), replica(max_keys));
             let mut got = Vec::new();
             chunked.merge(1000, source, now, entries.iter().copied(), |e, o| got.push((e, format!("{o:?}"))));
             let mut want = Vec::new();
@@ -287,6 +289,7 @@ mod tests {
             });
             assert_eq!(got, want, "outcomes merging from {source:?}");
             assert!(got.iter().any(|(_, o)| o == "Ok(true)") && got.iter().any(|(_, o)| o == "Ok(false)"));
+            refused += got.iter().filter(|(_, o)| o.starts_with("Err")).count();
             let (mut a, mut b) = (Vec::new(), Vec::new());
             chunked.export(1000, now, |_| true, &mut a);
             single.export(1000, now, |_| true, &mut b);
@@ -302,5 +305,6 @@ mod tests {
             assert!(!a.is_empty());
             assert_eq!(a, b, "views after merging from {source:?}");
         }
+        assert!(refused > 0, "no key refused at capacity");
     }
 }

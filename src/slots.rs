@@ -116,10 +116,11 @@ impl std::fmt::Debug for Slots {
     }
 }
 
-/// Asks the CPU to start loading the cache line at `p` (a hint: nothing is read, and an
-/// address that is no longer valid costs nothing). Batches of merges issue these for the
-/// slots and records they are about to touch, so that their cache misses overlap
-/// instead of coming one after another.
+/// Asks the CPU to start loading the cache line at `p` into its caches (`prefetcht0` on
+/// x86-64; nothing elsewhere). A hint: nothing is read, and an address that is no
+/// longer valid is harmless. Batches of merges issue these for the slots and records
+/// they are about to touch, so that their cache misses overlap instead of coming one
+/// after another.
 #[inline]
 pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]

@@ -1338,21 +1338,26 @@ impl Store {
     }
 
     /// Starts loading what merging counts of `keys` will touch: first every key's slot,
-    /// then the remote record of every key found. Merges one by one wait on two cache
-    /// misses each (slot, then record) when the store is larger than the cache; a batch
-    /// prefetched this way waits on about two in all.
+    /// then the remote record of every key found (every cache line of it). Merges one by
+    /// one wait on two cache misses each in turn (slot, then record) when the store is
+    /// larger than the cache; in a chunk prefetched this way the misses overlap. A hint
+    /// only: a shard another thread holds is passed over rather than waited for.
     pub(crate) fn prefetch(&self, keys: &[u64]) {
         for &key in keys {
             let key = key.max(1);
-            self.shard(key).lock.lock().table.prefetch(key);
+            if let Some(shard) = self.shard(key).lock.try_lock() {
+                shard.table.prefetch(key);
+            }
         }
         for &key in keys {
             let key = key.max(1);
-            let shard = self.shard(key).lock.lock();
+            let Some(shard) = self.shard(key).lock.try_lock() else { continue };
             if let Some(r) = shard.table.get(key).and_then(remote_of) {
-                let at: *const Remote = &shard.remote[r];
-                crate::slots::prefetch(at);
-                crate::slots::prefetch(at.cast::<u8>().wrapping_add(std::mem::size_of::<Remote>() - 1));
+                let at = (&shard.remote[r] as *const Remote).cast::<u8>();
+                let size = std::mem::size_of::<Remote>();
+                for offset in (0..size).step_by(64).chain([size - 1]) {
+                    crate::slots::prefetch(at.wrapping_add(offset));
+                }
             }
         }
     }
