@@ -643,38 +643,76 @@ impl Ring {
     /// simulator's time. In place, because a new vector per change left the allocator
     /// holding freed ones: four times the resident memory at 1,000 nodes.)
     fn set_members(&mut self, members: Vec<PeerId>) {
-        let missing =
-            |from: &[PeerId], of: &[PeerId]| -> Vec<PeerId> { of.iter().copied().filter(|m| from.binary_search(m).is_err()).collect() };
-        let (gone, came) = (missing(&members, &self.members), missing(&self.members, &members));
+        let (gone, came) = Self::difference(&self.members, &members);
         if 4 * (gone.len() + came.len()) > members.len() {
             *self = Self::new(members);
             return;
         }
         let mut added: Vec<(u64, PeerId)> = came.iter().flat_map(|&m| Self::points_of(m)).collect();
         added.sort_unstable();
-        self.points.retain(|p| gone.binary_search(&p.1).is_err());
-        // Merged from the back, each point into its place (no two points are equal).
-        let kept = self.points.len();
-        self.points.resize(kept + added.len(), (0, 0));
-        let (mut i, mut j) = (kept, added.len());
-        while j > 0 {
-            let w = i + j - 1;
-            if i > 0 && self.points[i - 1] > added[j - 1] {
-                self.points[w] = self.points[i - 1];
-                i -= 1;
-            } else {
-                self.points[w] = added[j - 1];
-                j -= 1;
-            }
+        if !gone.is_empty() {
+            self.points.retain(|p| gone.binary_search(&p.1).is_err());
+        }
+        // Merged from the back, each point into its place (no two points are equal), the
+        // points between two places moved as one block.
+        let mut end = self.points.len();
+        self.points.resize(end + added.len(), (0, 0));
+        for (j, &a) in added.iter().enumerate().rev() {
+            let at = self.points[..end].partition_point(|p| *p < a);
+            self.points.copy_within(at..end, at + j + 1);
+            self.points[at + j] = a;
+            end = at;
         }
         self.members = members;
-        self.index();
+        let bits = Self::bits_for(self.points.len());
+        if gone.is_empty() && bits == self.bits && self.starts.len() == (1 << bits) + 1 {
+            // Only points added: each slice starts later by those added before it.
+            let shift = 64 - bits;
+            let mut before = added.iter().map(|p| p.0 >> shift).peekable();
+            let mut count = 0;
+            for (slice, start) in self.starts.iter_mut().enumerate() {
+                while before.next_if(|&s| s < slice as u64).is_some() {
+                    count += 1;
+                }
+                *start += count;
+            }
+        } else {
+            self.index();
+        }
+    }
+
+    /// The members of `old` not in `new`, and those of `new` not in `old` (both sorted).
+    fn difference(old: &[PeerId], new: &[PeerId]) -> (Vec<PeerId>, Vec<PeerId>) {
+        let (mut gone, mut came) = (Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), new.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), b) if b.is_none_or(|b| a < b) => {
+                    gone.push(*a);
+                    i += 1;
+                }
+                (_, Some(b)) => {
+                    came.push(*b);
+                    j += 1;
+                }
+                (_, None) => return (gone, came),
+            }
+        }
+    }
+
+    /// How many bits of a hash pick a ring's slice: about one point per slice.
+    fn bits_for(points: usize) -> u32 {
+        points.next_power_of_two().trailing_zeros().clamp(1, 16)
     }
 
     /// The slice index of the (sorted) points.
     fn index(&mut self) {
         let points = &self.points;
-        self.bits = points.len().next_power_of_two().trailing_zeros().clamp(1, 16);
+        self.bits = Self::bits_for(points.len());
         let bits = self.bits;
         self.starts.clear();
         let mut at = 0;
@@ -722,6 +760,15 @@ impl Ring {
     /// every round.
     fn publishes(&self, key: u64, k: usize, member: PeerId) -> bool {
         self.aggregators(key, k).as_slice().first() == Some(&member)
+    }
+}
+
+/// Puts `id` in the sorted list `up`, or takes it out.
+fn set_up(up: &mut Vec<PeerId>, id: PeerId, is_up: bool) {
+    match (up.binary_search(&id), is_up) {
+        (Err(i), true) => up.insert(i, id),
+        (Ok(i), false) => drop(up.remove(i)),
+        _ => {}
     }
 }
 
@@ -801,6 +848,9 @@ pub struct GossipNode {
     swim: Swim,
     /// SWIM mode has started (this node announced itself to its peers).
     swim_started: bool,
+    /// The peers that are up, sorted: the ring's members and the live count without a
+    /// walk over every peer's record (a peer coming up at 1,000 members cost one each).
+    up: Vec<PeerId>,
     /// Peers added since SWIM started, to announce this node to.
     swim_to_announce: BTreeSet<PeerId>,
 }
@@ -861,6 +911,7 @@ impl GossipNode {
             swim,
             swim_started: false,
             swim_to_announce: BTreeSet::new(),
+            up: Vec::new(),
         };
         for p in peers {
             node.add_peer(p);
@@ -902,7 +953,7 @@ impl GossipNode {
 
     /// Peers heard from within the suspicion timeout.
     pub fn live_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
-        self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| *id)
+        self.up.iter().copied()
     }
 
     /// All configured peers.
@@ -1034,6 +1085,7 @@ impl GossipNode {
     /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
+        set_up(&mut self.up, peer, false);
         self.swim_to_announce.remove(&peer);
         self.clock.forget(peer);
         self.clocks_beyond.remove(&peer);
@@ -1399,6 +1451,9 @@ impl GossipNode {
         let came_up = !p.up;
         p.last_heard_ms = Some(now_ms);
         p.up = true;
+        if came_up {
+            set_up(&mut self.up, from, true);
+        }
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
         // A peer heard from first hand that SWIM has no verdict on: SWIM judges it from
         // now on (it probes it, and its verdict comes at once).
@@ -1586,9 +1641,9 @@ impl GossipNode {
     /// remainders to distinct nodes.
     fn publish_live(&mut self) {
         self.update_ring();
-        let live = 1 + self.peers.values().filter(|p| p.up).count() as u64;
+        let live = 1 + self.up.len() as u64;
         let me = self.cfg.replica.node;
-        let index = self.peers.iter().filter(|(id, p)| p.up && **id < me).count() as u64;
+        let index = self.up.partition_point(|&p| p < me) as u64;
         if self.replica.set_view(live, index, self.lag_rounds(live) * self.cfg.interval_ms) {
             self.push_event(Event::LiveChanged { live_replicas: live, index });
         }
@@ -1601,10 +1656,14 @@ impl GossipNode {
             return;
         }
         let me = self.cfg.replica.node;
-        let mut members: Vec<PeerId> = self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| *id).collect();
-        let at = members.partition_point(|&p| p < me);
-        members.insert(at, me);
-        if members != self.ring.members {
+        debug_assert!(self.up.iter().copied().eq(self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| *id)), "the up list drifted");
+        let at = self.up.partition_point(|&p| p < me);
+        let (below, above) = self.up.split_at(at);
+        let members = &self.ring.members;
+        let same = members.len() == self.up.len() + 1 && members[..at] == *below && members[at] == me && members[at + 1..] == *above;
+        if !same {
+            let mut members = self.up.clone();
+            members.insert(at, me);
             self.ring.set_members(members);
             self.ring_changed = Some(self.round);
         }
@@ -1706,6 +1765,7 @@ impl GossipNode {
                 tracing::debug!(peer = id, by, swim = swim_mode, suspect_ms = suspect, "peer down");
                 down.push(Event::PeerDown { peer: *id, silent_ms: p.last_heard_ms.map(|t| now_ms - t) });
                 p.up = false;
+                set_up(&mut self.up, *id, false);
             }
         }
         if !down.is_empty() {
