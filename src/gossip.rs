@@ -653,24 +653,36 @@ impl Ring {
         if !gone.is_empty() {
             self.points.retain(|p| gone.binary_search(&p.1).is_err());
         }
+        // With no point removed, the slice index still places every point not yet moved
+        // (a search of one slice, not of the whole ring).
+        let indexed = gone.is_empty() && self.starts.len() == (1 << self.bits) + 1;
         // Merged from the back, each point into its place (no two points are equal), the
         // points between two places moved as one block.
         let mut end = self.points.len();
         self.points.resize(end + added.len(), (0, 0));
         for (j, &a) in added.iter().enumerate().rev() {
-            let at = self.points[..end].partition_point(|p| *p < a);
+            let (lo, hi) = if indexed {
+                let slice = (a.0 >> (64 - self.bits)) as usize;
+                (self.starts[slice] as usize, self.starts[slice + 1] as usize)
+            } else {
+                (0, end)
+            };
+            let (lo, hi) = (lo.min(end), hi.min(end));
+            let at = lo + self.points[lo..hi].partition_point(|p| *p < a);
             self.points.copy_within(at..end, at + j + 1);
             self.points[at + j] = a;
             end = at;
         }
         self.members = members;
         let bits = Self::bits_for(self.points.len());
-        if gone.is_empty() && bits == self.bits && self.starts.len() == (1 << bits) + 1 {
-            // Only points added: each slice starts later by those added before it.
+        if let Some(lowest) = added.first().filter(|_| indexed && bits == self.bits) {
+            // Only points added: each slice starts later by those added before it (the
+            // slices up to the lowest added point's do not move).
             let shift = 64 - bits;
+            let first = (lowest.0 >> shift) as usize + 1;
             let mut before = added.iter().map(|p| p.0 >> shift).peekable();
             let mut count = 0;
-            for (slice, start) in self.starts.iter_mut().enumerate() {
+            for (slice, start) in self.starts.iter_mut().enumerate().skip(first) {
                 while before.next_if(|&s| s < slice as u64).is_some() {
                     count += 1;
                 }
@@ -2653,10 +2665,12 @@ mod tests {
         let mut ring = Ring::new(Vec::new());
         let mut members: Vec<PeerId> = Vec::new();
         for step in 0..400u64 {
-            // Mostly one member coming; every fifth step one going; now and then many.
+            // Mostly one member coming, now and then two; every fifth step one going; now
+            // and then many.
             match step % 5 {
                 _ if step % 97 == 0 => members.retain(|_| next() % 3 != 0),
                 4 if !members.is_empty() => drop(members.remove((next() % members.len() as u64) as usize)),
+                3 => members.extend([next() % 1_000, next() % 1_000]),
                 _ => members.push(next() % 1_000),
             }
             members.sort_unstable();
