@@ -1652,6 +1652,7 @@ impl GossipNode {
     /// node id): members that agree on who is live give the bounded policy's rounding
     /// remainders to distinct nodes.
     fn publish_live(&mut self) {
+        debug_assert!(self.up.iter().copied().eq(self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| *id)), "the up list drifted");
         self.update_ring();
         let live = 1 + self.up.len() as u64;
         let me = self.cfg.replica.node;
@@ -1668,7 +1669,6 @@ impl GossipNode {
             return;
         }
         let me = self.cfg.replica.node;
-        debug_assert!(self.up.iter().copied().eq(self.peers.iter().filter(|(_, p)| p.up).map(|(id, _)| *id)), "the up list drifted");
         let at = self.up.partition_point(|&p| p < me);
         let (below, above) = self.up.split_at(at);
         let members = &self.ring.members;
@@ -2668,7 +2668,13 @@ mod tests {
             // Mostly one member coming, now and then two; every fifth step one going; now
             // and then many.
             match step % 5 {
+                _ if step == 200 => members.clear(),
                 _ if step % 97 == 0 => members.retain(|_| next() % 3 != 0),
+                _ if step % 41 == 0 && !members.is_empty() => {
+                    // One going and one coming in the same change.
+                    members.remove((next() % members.len() as u64) as usize);
+                    members.push(next() % 1_000);
+                }
                 4 if !members.is_empty() => drop(members.remove((next() % members.len() as u64) as usize)),
                 3 => members.extend([next() % 1_000, next() % 1_000]),
                 _ => members.push(next() % 1_000),
