@@ -667,7 +667,8 @@ impl Ring {
             } else {
                 (0, end)
             };
-            let (lo, hi) = (lo.min(end), hi.min(end));
+            // Points from `end` on have moved: the place is at or before it.
+            let hi = hi.min(end);
             let at = lo + self.points[lo..hi].partition_point(|p| *p < a);
             self.points.copy_within(at..end, at + j + 1);
             self.points[at + j] = a;
@@ -1669,13 +1670,12 @@ impl GossipNode {
             return;
         }
         let me = self.cfg.replica.node;
-        let at = self.up.partition_point(|&p| p < me);
-        let (below, above) = self.up.split_at(at);
+        // The ring's members are the up peers and this node.
         let members = &self.ring.members;
-        let same = members.len() == self.up.len() + 1 && members[..at] == *below && members[at] == me && members[at + 1..] == *above;
+        let same = members.len() == self.up.len() + 1 && members.iter().copied().filter(|&m| m != me).eq(self.up.iter().copied());
         if !same {
             let mut members = self.up.clone();
-            members.insert(at, me);
+            members.insert(self.up.partition_point(|&p| p < me), me);
             self.ring.set_members(members);
             self.ring_changed = Some(self.round);
         }

@@ -148,26 +148,28 @@ impl Replica {
         window_ms: u64,
         replica: Option<u32>,
         now_ms: i64,
-        entries: impl Iterator<Item = (u64, i64, u64)>,
+        mut entries: impl Iterator<Item = (u64, i64, u64)>,
         mut on: impl FnMut((u64, i64, u64), Result<bool, Error>),
     ) {
         self.limiter.with_existing_store(window_ms, |store| {
-            let mut entries = entries.fuse().peekable();
             let mut chunk = [(0u64, 0i64, 0u64); MERGE_CHUNK];
-            let mut keys = [0u64; MERGE_CHUNK];
-            while entries.peek().is_some() {
+            loop {
                 let mut n = 0;
                 for e in entries.by_ref().take(MERGE_CHUNK) {
-                    (chunk[n], keys[n]) = (e, e.0);
+                    chunk[n] = e;
                     n += 1;
                 }
-                store.prefetch(&keys[..n]);
+                store.prefetch(chunk[..n].iter().map(|e| e.0));
                 for &(key, window, count) in &chunk[..n] {
                     let outcome = match replica {
                         Some(r) => store.merge(key, window, r, count, now_ms),
                         None => store.merge_heard(key, window, count, now_ms),
                     };
                     on((key, window, count), outcome);
+                }
+                // A short chunk was the last (and the iterator is not asked again).
+                if n < MERGE_CHUNK {
+                    break;
                 }
             }
         });

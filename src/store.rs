@@ -1342,16 +1342,13 @@ impl Store {
     /// one wait on two cache misses each in turn (slot, then record) when the store is
     /// larger than the cache; in a chunk prefetched this way the misses overlap. A hint
     /// only: a shard another thread holds is passed over rather than waited for.
-    pub(crate) fn prefetch(&self, keys: &[u64]) {
-        for &key in keys {
-            let key = key.max(1);
-            if let Some(shard) = self.shard(key).lock.try_lock() {
-                shard.table.prefetch(key);
-            }
+    pub(crate) fn prefetch(&self, keys: impl Iterator<Item = u64> + Clone) {
+        // Key 0 is taken as 1, as in `merge_into`.
+        let locked = |key: u64| self.shard(key.max(1)).lock.try_lock().map(|shard| (key.max(1), shard));
+        for (key, shard) in keys.clone().filter_map(locked) {
+            shard.table.prefetch(key);
         }
-        for &key in keys {
-            let key = key.max(1);
-            let Some(shard) = self.shard(key).lock.try_lock() else { continue };
+        for (key, shard) in keys.filter_map(locked) {
             if let Some(r) = shard.table.get(key).and_then(remote_of) {
                 let at = (&shard.remote[r] as *const Remote).cast::<u8>();
                 let size = std::mem::size_of::<Remote>();
