@@ -1,8 +1,7 @@
 //! The discrete-event loop: nodes, traffic, network, faults, the oracle and the checkers.
 
-use std::cmp::Ordering;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use crdt_rate_limiter::limits::{DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AG
 use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
 
 use crate::config::{limits, BurstTarget, Config, Mode, StrategyArg};
+use crate::queue::{Calendar, Scheduled};
 use crate::report::{ClusterTimeFigures, Fault, Report, Timeline, TimelineClient};
 use crate::rng::{sub_seed, Rng};
 use crate::wire;
@@ -91,30 +91,6 @@ enum Event {
     ConvergenceCheck,
 }
 
-struct Scheduled {
-    at_us: i64,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at_us, self.seq) == (other.at_us, other.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    /// Reversed: the heap pops the earliest event, ties in scheduling order.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.at_us, other.seq).cmp(&(self.at_us, self.seq))
-    }
-}
-
 /// One running incarnation of a node.
 struct Live {
     gossip: GossipNode,
@@ -174,7 +150,7 @@ struct Sim<'a> {
     end_us: i64,
     now_us: i64,
     seq: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: Calendar<Event>,
     nodes: Vec<Node>,
     /// Indices of the nodes that are up, ascending.
     up: Vec<usize>,
@@ -345,7 +321,7 @@ impl<'a> Sim<'a> {
             end_us,
             now_us: start_us,
             seq: 0,
-            queue: BinaryHeap::new(),
+            queue: Calendar::new(start_us),
             nodes,
             up: Vec::new(),
             traffic: Rng::new(sub_seed(cfg.seed, "traffic", 0)),

@@ -78,6 +78,7 @@
 pub mod config;
 mod engine;
 mod plot;
+mod queue;
 mod report;
 pub mod rng;
 mod sweep;
