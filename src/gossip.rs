@@ -136,7 +136,11 @@ pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 
 /// Aggregated dissemination: the most counts one periodic resend exports from a store;
 /// a larger store is resent over several periods, resuming where the last one stopped.
-pub const MAX_RESEND_ENTRIES: usize = 16_384;
+/// A pool member ([`GossipConfig::aggregator_pool`]) holds every writer's counts of
+/// `aggregators / aggregator_pool` of the keys: at 300 members and 3,000 busy keys, a
+/// limit of 16,384 spread its resends over several periods, and the views took 600 ms
+/// instead of 140 ms to agree once traffic stopped (`docs/benchmarks.md`).
+pub const MAX_RESEND_ENTRIES: usize = 65_536;
 
 /// Aggregated dissemination: every this many anti-entropy periods the periodic resend
 /// passes over every count held. In the periods between, it leaves out the counts it
@@ -185,6 +189,13 @@ pub struct GossipConfig {
     pub aggregate_above_peers: usize,
     /// Aggregators per key in aggregated dissemination. Default 2; range `1..=8`.
     pub aggregators: usize,
+    /// The most members that aggregate: in a larger cluster, the aggregators are the
+    /// `aggregator_pool` members (this node and its up peers) that rank first by a hash
+    /// of their ids, which every member computes alike. A member outside the pool sends
+    /// its counts to the pool and hears the totals from it: it receives at most one
+    /// message of totals per pool member and round, however large the fleet. Default
+    /// 32; at least `aggregators`.
+    pub aggregator_pool: usize,
     /// Beyond this many peers (and `full_mesh_max_peers`), liveness comes from SWIM
     /// (foca, [`crate::swim`]): probes of one member per probe period (ten rounds, at
     /// least 200 ms) with indirect probes, and suspicion that a member refutes, instead of
@@ -225,6 +236,7 @@ impl GossipConfig {
             fanout: 4,
             aggregate_above_peers: 16,
             aggregators: 2,
+            aggregator_pool: 32,
             swim_above_peers: 128,
             suspect_after_ms: 0,
             cluster_time: true,
@@ -249,6 +261,9 @@ impl GossipConfig {
         }
         if !(1..=MAX_AGGREGATORS).contains(&self.aggregators) {
             return bad("aggregators", "must be between 1 and 8");
+        }
+        if self.aggregator_pool < self.aggregators {
+            return bad("aggregator_pool", "must be at least `aggregators`");
         }
         if !(1..=60_000).contains(&self.clock_max_rtt_ms) {
             return bad("clock_max_rtt_ms", "must be between 1 and 60000");
@@ -605,6 +620,12 @@ struct Outgoing {
     count: u64,
 }
 
+/// A member's rank for [`GossipConfig::aggregator_pool`]: the pool is the members with
+/// the lowest, ties (never seen in 64 bits) broken by id.
+fn pool_rank(member: PeerId) -> u64 {
+    splitmix64(member ^ 0x6167_6772_6567_6174)
+}
+
 /// Aggregated dissemination's assignment of keys to members: a hash ring of the live
 /// members (this node included), [`RING_POINTS`] points each. A key's aggregators are the
 /// first distinct members at or after its hash: members that agree on who is live agree
@@ -830,6 +851,8 @@ pub struct GossipNode {
     /// ring has held for two rounds: a start or a healed partition changes it round after
     /// round).
     ring: Ring,
+    /// The up list `ring` was last made from (`None`: not made yet).
+    ring_from: Option<Vec<PeerId>>,
     ring_changed: Option<u64>,
     /// Aggregated dissemination: the (window length, key, window) whose counts this node
     /// merged or made this round, whose writers get the others' totals at the next round.
@@ -911,6 +934,7 @@ impl GossipNode {
             cycle_of: Vec::new(),
             limits_sent: LimitsVersion::default(),
             ring: Ring::default(),
+            ring_from: None,
             ring_changed: None,
             to_publish: Vec::new(),
             standby: Vec::new(),
@@ -1670,12 +1694,21 @@ impl GossipNode {
             return;
         }
         let me = self.cfg.replica.node;
-        // The ring's members are the up peers and this node.
-        let members = &self.ring.members;
-        let same = members.len() == self.up.len() + 1 && members.iter().copied().filter(|&m| m != me).eq(self.up.iter().copied());
-        if !same {
-            let mut members = self.up.clone();
-            members.insert(self.up.partition_point(|&p| p < me), me);
+        // The ring's members are the up peers and this node, or the `aggregator_pool` of
+        // them that rank first.
+        if self.ring_from.as_ref().is_some_and(|from| *from == self.up) {
+            return;
+        }
+        let mut members = self.up.clone();
+        members.insert(self.up.partition_point(|&p| p < me), me);
+        let pool = self.cfg.aggregator_pool;
+        if members.len() > pool {
+            members.select_nth_unstable_by_key(pool - 1, |&m| (pool_rank(m), m));
+            members.truncate(pool);
+            members.sort_unstable();
+        }
+        self.ring_from = Some(self.up.clone());
+        if members != self.ring.members {
             self.ring.set_members(members);
             self.ring_changed = Some(self.round);
         }
@@ -2745,8 +2778,8 @@ mod tests {
     #[test]
     fn a_full_pass_over_a_large_store_goes_on_at_every_period_until_it_ends() {
         let peers: Vec<u64> = (2..=21).collect();
-        // Member 2's counts of 40,000 keys: three resends' worth.
-        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, 40_000);
+        // Member 2's counts of 2.5 resends' worth of keys: three resends.
+        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, (MAX_RESEND_ENTRIES * 5 / 2) as u64);
         let round = |n: &mut GossipNode, t: &mut i64| drop(round_heard_from(n, &peers, t));
         let under_way = |n: &GossipNode| n.resend_cursors.get(&(60_000, true)).is_some_and(|c| *c != ExportCursor::default());
         let period = n.cfg.anti_entropy_rounds;
@@ -2771,9 +2804,10 @@ mod tests {
     #[test]
     fn every_full_pass_over_a_large_store_resends_all_it_holds_wherever_partial_passes_are() {
         let peers: Vec<u64> = (2..=21).collect();
-        // Member 2's counts of 20,000 keys: two resends' worth, so that a partial pass is
-        // half-way at every other period.
-        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, 20_000);
+        // Member 2's counts of 1.25 resends' worth of keys: two resends, so that a
+        // partial pass is half-way at every other period.
+        let keys = MAX_RESEND_ENTRIES * 5 / 4;
+        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, keys as u64);
         let member = ReplicaId { node: 2, incarnation: 1 };
         // Keys of member 2's counts this node sent in the round.
         let round = |n: &mut GossipNode, t: &mut i64| {
@@ -2808,7 +2842,7 @@ mod tests {
         }
         assert!(passes.len() >= 3, "{} full passes ended", passes.len());
         let all: BTreeSet<[u8; 8]> = passes.iter().flatten().copied().collect();
-        assert_eq!(all.len(), 20_000, "keys resent");
+        assert_eq!(all.len(), keys, "keys resent");
         for (i, keys) in passes.iter().enumerate() {
             assert_eq!(keys.len(), all.len(), "full pass {i} resent {} of the {} keys", keys.len(), all.len());
         }

@@ -43,6 +43,8 @@ struct Cluster {
     max_keys: Option<usize>,
     /// SWIM beyond this many peers (default: the library's).
     swim_above: Option<usize>,
+    /// The most members that aggregate (default: the library's).
+    pool: Option<usize>,
 }
 
 impl Cluster {
@@ -67,6 +69,7 @@ impl Cluster {
             window_ms: 1000,
             max_keys: None,
             swim_above: None,
+            pool: None,
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -105,6 +108,9 @@ impl Cluster {
         let mut cfg = GossipConfig::new(ReplicaId { node: id, incarnation });
         if let Some(above) = self.swim_above {
             cfg.swim_above_peers = above;
+        }
+        if let Some(pool) = self.pool {
+            cfg.aggregator_pool = pool;
         }
         if self.aggregated {
             (cfg.full_mesh_max_peers, cfg.aggregate_above_peers, cfg.fanout) = (2, 2, 2);
@@ -517,6 +523,69 @@ fn aggregated_dissemination_gives_every_writer_the_global_count_and_keeps_counts
     }
     let silent: Vec<u64> = ids.iter().copied().filter(|&n| c.state(n).iter().all(|e| e.replica.node == n)).collect();
     assert!(silent.len() >= 4, "only {silent:?} hold no other node's count");
+}
+
+/// Beyond `aggregator_pool` members, only the pool aggregates: every member ranks the
+/// members alike, sends its counts to the pool and hears the totals from it, and a pool
+/// member that goes silent is replaced by the next in rank, after which writers learn
+/// the global count again.
+#[test]
+fn beyond_the_aggregator_pool_only_the_pool_aggregates_and_a_silent_member_is_replaced() {
+    let ids: Vec<u64> = (1..=12).collect();
+    let mut c = Cluster::new(&[], 1_000_000, Admission::Optimistic);
+    (c.aggregated, c.window_ms, c.pool) = (true, 60_000, Some(4));
+    for &id in &ids {
+        c.start(id, 1, &ids);
+    }
+    c.run_until(T0 + 200);
+    let clients: Vec<String> = (0..40).map(|i| format!("client-{i}")).collect();
+    for &n in &ids {
+        for client in &clients {
+            assert!(c.allow(n, client));
+        }
+    }
+    c.run_until(T0 + 300);
+    for &n in &ids {
+        for client in &clients {
+            assert_eq!(c.view(n, client), 12, "node {n}'s view of {client}");
+        }
+    }
+    // Forty keys over a pool of four: every pool member aggregates some, and no other
+    // member holds another's count or publishes a total.
+    let pool = c.aggregators(&ids);
+    assert_eq!(pool.len(), 4, "the members that hold others' counts: {pool:?}");
+    for &n in &ids {
+        let published = c.nodes[&n].gossip.stats().totals_sent;
+        assert_eq!(published > 0, pool.contains(&n), "node {n} sent {published} totals; pool {pool:?}");
+    }
+    // A pool member goes silent: once it is suspected, the next in rank takes its place.
+    let gone = pool[0];
+    c.cut = vec![gone];
+    c.run_until(c.now + 1_000);
+    let alive: Vec<u64> = ids.iter().copied().filter(|&n| n != gone).collect();
+    for &n in &alive {
+        for client in &clients {
+            assert!(c.allow(n, client));
+        }
+    }
+    c.run_until(c.now + 300);
+    for &n in &alive {
+        for client in &clients {
+            // The 12 counts from before (the silent member's own included, held by the
+            // members of the old pool) and 11 new ones.
+            let view = c.view(n, client);
+            assert!((22..=23).contains(&view), "node {n}'s view of {client}: {view}");
+        }
+    }
+    let holders_of_new: Vec<u64> = alive
+        .iter()
+        .copied()
+        .filter(|&h| c.state(h).iter().any(|e| e.replica.node != h && e.count >= 2 && e.replica.node != gone))
+        .collect();
+    assert_eq!(holders_of_new.len(), 4, "the members that hold others' new counts: {holders_of_new:?}");
+    assert!(holders_of_new.iter().all(|h| *h != gone));
+    let newcomer: Vec<u64> = holders_of_new.iter().copied().filter(|h| !pool.contains(h)).collect();
+    assert_eq!(newcomer.len(), 1, "the pool after {gone} went silent: {holders_of_new:?}, before: {pool:?}");
 }
 
 /// Eight aggregated nodes `ids` that each counted "b" once, 60 ms later: the cluster, and

@@ -154,6 +154,10 @@ pub struct Config {
     #[arg(long, help = "aggregators per key in aggregated dissemination (default: the library's)", value_name = "K", value_parser = int_in::<usize, 1, 8>, help_heading = "Gossip and network")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aggregators: Option<usize>,
+    /// The most members that aggregate. Default: the library's (32).
+    #[arg(long, help = "the most members that aggregate (default: the library's)", value_name = "N", value_parser = int_in::<usize, 1, { NODES_MAX as u64 }>, help_heading = "Gossip and network")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregator_pool: Option<usize>,
     /// One-way latency range `[min, max]`, uniform. Default `[1, 5]` ms.
     #[arg(long, help = "one-way latency, uniform in A..=B", value_name = "A..B", default_value = "1..5", value_parser = latency, help_heading = "Gossip and network")]
     pub latency_ms: (u64, u64),
@@ -242,6 +246,7 @@ impl Default for Config {
             aggregate_above: None,
             swim_above: None,
             aggregators: None,
+            aggregator_pool: None,
             latency_ms: (1, 5),
             loss: 0.0,
             duplicate: 0.0,
@@ -591,6 +596,12 @@ impl Config {
         span("--duration-ms", self.duration_ms, 1, DURATION_MS_MAX)?;
         span("--check-ms", self.check_ms, 0, SPAN_MS_MAX)?;
         span("--tail-cap-ms", self.tail_cap_ms, 1, SPAN_MS_MAX)?;
+        if let Some(pool) = self.aggregator_pool {
+            let k = self.aggregators.unwrap_or(2);
+            if pool < k {
+                return err(format!("--aggregator-pool: {pool} is below the {k} aggregators per key"));
+            }
+        }
         for (flag, n) in [
             ("--partition", self.partition.len()),
             ("--crash", self.crash.len()),
@@ -684,6 +695,9 @@ impl Config {
         }
         if let Some(k) = self.aggregators {
             push("--aggregators", k.to_string());
+        }
+        if let Some(n) = self.aggregator_pool {
+            push("--aggregator-pool", n.to_string());
         }
         push("--latency-ms", format!("{}..{}", self.latency_ms.0, self.latency_ms.1));
         push("--loss", format!("{:?}", self.loss));

@@ -503,6 +503,9 @@ impl<'a> Sim<'a> {
         if let Some(k) = cfg.aggregators {
             gcfg.aggregators = k;
         }
+        if let Some(n) = cfg.aggregator_pool {
+            gcfg.aggregator_pool = n;
+        }
         let peers = (1..=cfg.nodes as u64).filter(|&p| p != replica.node);
         let seed = sub_seed(cfg.seed, "node", (n as u64) << 32 | incarnation);
         let rl = limiter(cfg, &node.clock, sub_seed(cfg.seed, "tables", (n as u64) << 32 | incarnation));
