@@ -493,6 +493,14 @@ struct Peer {
     sync_lossy: bool,
 }
 
+/// The message [`GossipNode::pack_into`] is filling: its batches' heads, each with its
+/// range of `flat`.
+#[derive(Default)]
+struct Packing {
+    heads: Vec<(BatchHead, std::ops::Range<usize>)>,
+    flat: Vec<WireEntry>,
+}
+
 /// A repair or a full sync being exported in steps: which store, which counts, and where
 /// the export stopped.
 #[derive(Debug, Clone)]
@@ -1905,13 +1913,20 @@ impl GossipNode {
 
     /// Encodes `entries` (sorted here) as messages of at most `max_message_bytes`.
     fn pack(&self, entries: &mut [Outgoing], totals: bool) -> Vec<Vec<u8>> {
+        let mut messages = Vec::new();
+        self.pack_into(entries, totals, &mut Packing::default(), &mut messages);
+        messages
+    }
+
+    /// [`pack`](Self::pack), appending to `messages`, with the message being filled kept
+    /// in `packing`, whose buffers a caller packing for many peers reuses.
+    fn pack_into(&self, entries: &mut [Outgoing], totals: bool, packing: &mut Packing, messages: &mut Vec<Vec<u8>>) {
         entries.sort_unstable_by_key(|o| (o.window_ms, o.replica, std::cmp::Reverse(o.window), o.key));
         let budget = self.cfg.max_message_bytes;
         let header = codec::counts_header_len(&self.cfg.replica);
-        let mut messages = Vec::new();
-        // The message being filled: its batches' heads, each with its range of `flat`.
-        let mut heads: Vec<(BatchHead, std::ops::Range<usize>)> = Vec::new();
-        let mut flat: Vec<WireEntry> = Vec::with_capacity(entries.len().min(budget / 10));
+        let Packing { heads, flat } = packing;
+        heads.clear();
+        flat.clear();
         let mut size = header;
         let finish = |heads: &mut Vec<_>, flat: &mut Vec<_>, messages: &mut Vec<Vec<u8>>| {
             match codec::encode_batches(&self.cfg.replica, totals, heads, flat) {
@@ -1933,7 +1948,7 @@ impl GossipNode {
             let batch_len = codec::batch_header_len(&o.replica, o.window_ms as u32, o.window, 1);
             let extra = codec::entry_len(&entry) + if offset.is_some() { 0 } else { batch_len };
             if size + extra > budget && !heads.is_empty() {
-                finish(&mut heads, &mut flat, &mut messages);
+                finish(heads, flat, messages);
                 size = header;
             }
             match (offset, heads.last_mut()) {
@@ -1952,9 +1967,8 @@ impl GossipNode {
             }
         }
         if !heads.is_empty() {
-            finish(&mut heads, &mut flat, &mut messages);
+            finish(heads, flat, messages);
         }
-        messages
     }
 
     /// A message from this node. One the codec refuses (longer than `MAX_DECODE_BYTES`,
@@ -2131,11 +2145,13 @@ impl GossipNode {
     /// peers that are up. Returns the peers sent to.
     fn send_packed(&mut self, per: BTreeMap<PeerId, Vec<Outgoing>>, totals: bool) -> BTreeSet<PeerId> {
         let mut sent = BTreeSet::new();
+        let (mut packing, mut messages) = (Packing::default(), Vec::new());
         for (to, mut entries) in per {
             if !self.peers.get(&to).is_some_and(|p| p.up) {
                 continue;
             }
-            for m in self.pack(&mut entries, totals) {
+            self.pack_into(&mut entries, totals, &mut packing, &mut messages);
+            for m in messages.drain(..) {
                 self.queue(to, m, false);
             }
             let n = entries.len() as u64;
@@ -2328,7 +2344,13 @@ impl GossipNode {
             }
         }
         for ((id, _), mut list) in peers.into_iter().zip(lists).filter(|(_, l)| !l.is_empty()) {
-            per.entry(id).or_default().append(&mut list);
+            // Moved in whole where the peer has nothing yet (the common case).
+            match per.entry(id) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(list);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().append(&mut list),
+            }
         }
     }
 
