@@ -192,9 +192,11 @@ pub struct GossipConfig {
     /// The most members that aggregate: in a larger cluster, the aggregators are the
     /// `aggregator_pool` members (this node and its up peers) that rank first by a hash
     /// of their ids, which every member computes alike. A member outside the pool sends
-    /// its counts to the pool and hears the totals from it: it receives at most one
-    /// message of totals per pool member and round, however large the fleet. Default
-    /// 32; at least `aggregators`.
+    /// its counts to the pool and hears the totals from it: it receives one batch of
+    /// totals per pool member and round (usually one message), however large the fleet.
+    /// Pool members carry most of the bytes and need cells for every writer of more keys
+    /// (`docs/design.md`, "The pool"). Default 32; at least `aggregators`; the same on
+    /// every member.
     pub aggregator_pool: usize,
     /// Beyond this many peers (and `full_mesh_max_peers`), liveness comes from SWIM
     /// (foca, [`crate::swim`]): probes of one member per probe period (ten rounds, at
@@ -1526,6 +1528,38 @@ impl GossipNode {
         }
         // A peer that joins, heals from a partition or restarts gets everything.
         self.send_everything(peer, now_ms);
+        // A full sync carries the counts of the keys the peer aggregates: outside the
+        // aggregator pool, none. A member of the pool coming up changes the ring, and the
+        // full resend two rounds later gives every member the totals; one outside it
+        // changes nothing, so it gets them here, or it would wait for the keys' next
+        // changes or the next period.
+        if self.aggregated() && self.ring.members.binary_search(&peer).is_err() {
+            self.send_totals_to(peer, now_ms);
+        }
+    }
+
+    /// The others' totals of every key this node is the first aggregator of, to `peer`
+    /// alone (at most [`MAX_RESEND_ENTRIES`] counts of each store looked at: the rest
+    /// come with the periodic resends).
+    fn send_totals_to(&mut self, peer: PeerId, now_ms: i64) {
+        let (me, k) = (self.cfg.replica.node, self.cfg.aggregators);
+        let (mut per, mut buf) = (BTreeMap::new(), Vec::new());
+        for window_ms in self.replica.window_lengths() {
+            buf.clear();
+            let ring = &self.ring;
+            self.replica.export_from(
+                window_ms,
+                &mut ExportCursor::default(),
+                MAX_RESEND_ENTRIES,
+                now_ms,
+                |key| ring.publishes(key, k, me),
+                &mut buf,
+            );
+            self.totals_for(window_ms, &buf, |_, _| true, (&[peer], |_| true), &mut per);
+        }
+        // `totals_for` also gives the keys' writers theirs: only `peer`'s go.
+        per.retain(|to, _| *to == peer);
+        self.send_packed(per, true);
     }
 
     /// Liveness from SWIM beyond `swim_above_peers` peers (see [`GossipConfig::swim_above_peers`]).

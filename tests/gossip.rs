@@ -588,6 +588,44 @@ fn beyond_the_aggregator_pool_only_the_pool_aggregates_and_a_silent_member_is_re
     assert_eq!(newcomer.len(), 1, "the pool after {gone} went silent: {holders_of_new:?}, before: {pool:?}");
 }
 
+/// A member outside the aggregator pool that comes back from a partition learns the
+/// totals of keys that went quiet meanwhile from their first aggregators at once, not
+/// at the next periodic resend: its full syncs carry no counts (it aggregates nothing)
+/// and its return does not change the ring.
+#[test]
+fn a_member_outside_the_pool_back_from_a_partition_hears_quiet_keys_totals_at_once() {
+    let ids: Vec<u64> = (1..=12).collect();
+    // The heal at ten phases of the anti-entropy period (ten rounds).
+    for phase in 0..10 {
+        let mut c = Cluster::new(&[], 1_000_000, Admission::Optimistic);
+        (c.aggregated, c.window_ms, c.pool) = (true, 60_000, Some(4));
+        for &id in &ids {
+            c.start(id, 1, &ids);
+        }
+        c.run_until(T0 + 200);
+        for &n in &ids {
+            for i in 0..40 {
+                assert!(c.allow(n, &format!("warm-{i}")));
+            }
+        }
+        c.run_until(T0 + 300);
+        let pool = c.aggregators(&ids);
+        assert_eq!(pool.len(), 4, "{pool:?}");
+        let x = ids.iter().copied().find(|n| !pool.contains(n)).unwrap();
+        c.cut = vec![x];
+        c.run_until(c.now + 1_000 + phase * 20);
+        let others: Vec<u64> = ids.iter().copied().filter(|&n| n != x).collect();
+        for &n in &others {
+            assert!(c.allow(n, "quiet"));
+        }
+        c.run_until(c.now + 300);
+        c.cut = Vec::new();
+        let healed = c.now;
+        c.run_until(healed + 100);
+        assert_eq!(c.view(x, "quiet"), 11, "phase {phase}: node {x}'s view 100 ms after the heal; pool {pool:?}");
+    }
+}
+
 /// Eight aggregated nodes `ids` that each counted "b" once, 60 ms later: the cluster, and
 /// the nodes that hold another's count of "b" (its aggregators).
 fn eight_that_counted_b(ids: &[u64]) -> (Cluster, Vec<u64>) {

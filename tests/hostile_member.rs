@@ -123,7 +123,7 @@ fn a_member_cannot_make_an_aggregator_publish_without_bound() {
     }
     assert!(n.aggregating());
     // Member 2 counts 800,000 keys at once: about 1 in 21 has this node as its first
-    // aggregator, 37 times the per-round budget, and the store now holds 49 times what a
+    // aggregator, 37 times the per-round budget, and the store now holds 12 times what a
     // resend passes over.
     for part in 0..16u64 {
         let entries = (0..50_000u64).map(|i| (splitmix(part * 50_000 + i), 1)).collect();
