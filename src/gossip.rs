@@ -2971,6 +2971,17 @@ mod tests {
     }
 
     #[test]
+    fn an_aggregator_pool_smaller_than_the_aggregators_per_key_is_refused() {
+        let limiter = || RateLimiter::new(10, Duration::from_secs(1)).unwrap();
+        let mut cfg = GossipConfig::new(ReplicaId { node: 1, incarnation: 1 });
+        (cfg.aggregators, cfg.aggregator_pool) = (3, 2);
+        let refused = GossipNode::new(limiter(), cfg.clone(), [2], 1, T0);
+        assert!(matches!(refused, Err(ConfigError::Invalid { field: "aggregator_pool", .. })));
+        cfg.aggregator_pool = 3;
+        assert!(GossipNode::new(limiter(), cfg, [2], 1, T0).is_ok());
+    }
+
+    #[test]
     fn a_limiter_serves_one_gossip_node_at_a_time() {
         let n = node(1, &[2]);
         let limiter = n.limiter().clone();
