@@ -91,6 +91,18 @@ impl Cluster {
         c
     }
 
+    /// Aggregated nodes `ids` with at most `pool` aggregators, a one-minute window and a
+    /// large limit, 200 ms after they started.
+    fn pooled(ids: &[u64], pool: usize) -> Self {
+        let mut c = Self::new(&[], 1_000_000, Admission::Optimistic);
+        (c.aggregated, c.window_ms, c.pool) = (true, 60_000, Some(pool));
+        for &id in ids {
+            c.start(id, 1, ids);
+        }
+        c.run_until(T0 + 200);
+        c
+    }
+
     fn start(&mut self, id: u64, incarnation: u64, ids: &[u64]) {
         let clock = ManualClock::new(self.now);
         let limiter = RateLimiter::builder()
@@ -532,12 +544,7 @@ fn aggregated_dissemination_gives_every_writer_the_global_count_and_keeps_counts
 #[test]
 fn beyond_the_aggregator_pool_only_the_pool_aggregates_and_a_silent_member_is_replaced() {
     let ids: Vec<u64> = (1..=12).collect();
-    let mut c = Cluster::new(&[], 1_000_000, Admission::Optimistic);
-    (c.aggregated, c.window_ms, c.pool) = (true, 60_000, Some(4));
-    for &id in &ids {
-        c.start(id, 1, &ids);
-    }
-    c.run_until(T0 + 200);
+    let mut c = Cluster::pooled(&ids, 4);
     let clients: Vec<String> = (0..40).map(|i| format!("client-{i}")).collect();
     for &n in &ids {
         for client in &clients {
@@ -597,12 +604,7 @@ fn a_member_outside_the_pool_back_from_a_partition_hears_quiet_keys_totals_at_on
     let ids: Vec<u64> = (1..=12).collect();
     // The heal at ten phases of the anti-entropy period (ten rounds).
     for phase in 0..10 {
-        let mut c = Cluster::new(&[], 1_000_000, Admission::Optimistic);
-        (c.aggregated, c.window_ms, c.pool) = (true, 60_000, Some(4));
-        for &id in &ids {
-            c.start(id, 1, &ids);
-        }
-        c.run_until(T0 + 200);
+        let mut c = Cluster::pooled(&ids, 4);
         for &n in &ids {
             for i in 0..40 {
                 assert!(c.allow(n, &format!("warm-{i}")));
