@@ -2379,11 +2379,11 @@ impl GossipNode {
         }
         for ((id, _), mut list) in peers.into_iter().zip(lists).filter(|(_, l)| !l.is_empty()) {
             // Moved in whole where the peer has nothing yet (the common case).
-            match per.entry(id) {
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(list);
-                }
-                std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().append(&mut list),
+            let to = per.entry(id).or_default();
+            if to.is_empty() {
+                *to = list;
+            } else {
+                to.append(&mut list);
             }
         }
     }

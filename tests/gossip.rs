@@ -83,8 +83,12 @@ impl Cluster {
     }
 
     fn aggregated_with_window(ids: &[u64], limit: u64, window_ms: u64) -> Self {
+        Self::aggregated_with_pool(ids, limit, window_ms, None)
+    }
+
+    fn aggregated_with_pool(ids: &[u64], limit: u64, window_ms: u64, pool: Option<usize>) -> Self {
         let mut c = Self::new(&[], limit, Admission::Optimistic);
-        (c.aggregated, c.window_ms) = (true, window_ms);
+        (c.aggregated, c.window_ms, c.pool) = (true, window_ms, pool);
         for &id in ids {
             c.start(id, 1, ids);
         }
@@ -94,11 +98,7 @@ impl Cluster {
     /// Aggregated nodes `ids` with at most `pool` aggregators, a one-minute window and a
     /// large limit, 200 ms after they started.
     fn pooled(ids: &[u64], pool: usize) -> Self {
-        let mut c = Self::new(&[], 1_000_000, Admission::Optimistic);
-        (c.aggregated, c.window_ms, c.pool) = (true, 60_000, Some(pool));
-        for &id in ids {
-            c.start(id, 1, ids);
-        }
+        let mut c = Self::aggregated_with_pool(ids, 1_000_000, 60_000, Some(pool));
         c.run_until(T0 + 200);
         c
     }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use crdt_rate_limiter::counter::ReplicaId;
+use crdt_rate_limiter::GossipConfig;
 use serde::Serialize;
 
 /// The admission policy the nodes use (the library's [`crdt_rate_limiter::Admission`]).
@@ -597,7 +599,8 @@ impl Config {
         span("--check-ms", self.check_ms, 0, SPAN_MS_MAX)?;
         span("--tail-cap-ms", self.tail_cap_ms, 1, SPAN_MS_MAX)?;
         if let Some(pool) = self.aggregator_pool {
-            let k = self.aggregators.unwrap_or(2);
+            let default = GossipConfig::new(ReplicaId { node: 1, incarnation: 1 }).aggregators;
+            let k = self.aggregators.unwrap_or(default);
             if pool < k {
                 return err(format!("--aggregator-pool: {pool} is below the {k} aggregators per key"));
             }

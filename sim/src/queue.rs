@@ -65,11 +65,16 @@ pub(crate) struct Calendar<E> {
     later: BinaryHeap<Reverse<Scheduled<E>>>,
 }
 
+/// The bucket holding `at_us`.
+fn bucket_of(at_us: i64) -> i64 {
+    at_us.div_euclid(BUCKET_US)
+}
+
 impl<E> Calendar<E> {
     /// An empty calendar whose first bucket holds `start_us`.
     pub(crate) fn new(start_us: i64) -> Self {
         Calendar {
-            now: start_us.div_euclid(BUCKET_US),
+            now: bucket_of(start_us),
             current: Vec::new(),
             spill: BinaryHeap::new(),
             ahead: (0..BUCKETS).map(|_| Vec::new()).collect(),
@@ -80,16 +85,26 @@ impl<E> Calendar<E> {
 
     /// Schedules `s`, due at or after the bucket being served.
     pub(crate) fn push(&mut self, s: Scheduled<E>) {
-        let b = s.at_us.div_euclid(BUCKET_US);
+        let b = bucket_of(s.at_us);
         debug_assert!(b >= self.now, "an event scheduled in a bucket already served");
         if b <= self.now {
             self.spill.push(Reverse(s));
         } else if b <= self.now + BUCKETS as i64 {
-            self.ahead[b.rem_euclid(BUCKETS as i64) as usize].push(s);
-            self.ahead_len += 1;
+            self.put_ahead(b, s);
         } else {
             self.later.push(Reverse(s));
         }
+    }
+
+    /// Puts `s` in bucket `b`, one of the `BUCKETS` after the one being served.
+    fn put_ahead(&mut self, b: i64, s: Scheduled<E>) {
+        self.ahead[Self::place(b)].push(s);
+        self.ahead_len += 1;
+    }
+
+    /// Where bucket `b` is in `ahead`.
+    fn place(b: i64) -> usize {
+        b.rem_euclid(BUCKETS as i64) as usize
     }
 
     /// The earliest event, by time then sequence.
@@ -115,18 +130,18 @@ impl<E> Calendar<E> {
         let next = if self.ahead_len > 0 {
             self.now + 1
         } else if let Some(Reverse(s)) = self.later.peek() {
-            s.at_us.div_euclid(BUCKET_US)
+            bucket_of(s.at_us)
         } else {
             return false;
         };
         self.now = next;
         // The bucket is taken before the heap's events move in: the one `BUCKETS` ahead
         // shares its place. It keeps its capacity for its next turn.
-        let slot = &mut self.ahead[self.now.rem_euclid(BUCKETS as i64) as usize];
+        let slot = &mut self.ahead[Self::place(self.now)];
         self.ahead_len -= slot.len();
         self.current.append(slot);
         while let Some(Reverse(s)) = self.later.peek() {
-            let b = s.at_us.div_euclid(BUCKET_US);
+            let b = bucket_of(s.at_us);
             if b > self.now + BUCKETS as i64 {
                 break;
             }
@@ -134,8 +149,7 @@ impl<E> Calendar<E> {
             if b == self.now {
                 self.current.push(s);
             } else {
-                self.ahead[b.rem_euclid(BUCKETS as i64) as usize].push(s);
-                self.ahead_len += 1;
+                self.put_ahead(b, s);
             }
         }
         self.current.sort_unstable_by(|a, b| b.cmp(a));
