@@ -47,7 +47,7 @@ const SECRET: [u8; 16] = *b"demo-hash-secret";
 struct Args {
     /// Instances to run (1 to 64). Every one runs in this process: beyond 16 counts go
     /// through aggregators, and on a small machine the CPU, not the protocol, sets the figures
-    /// (on 2 cores 32 nodes work; 48 and more leave views 0.6 s and more behind).
+    /// (on 2 cores 32 nodes work; 48 and more leave views about 0.5 s or more behind).
     #[arg(long, allow_negative_numbers = true, default_value_t = 3, value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
     nodes: usize,
     /// Seconds of load (3 to 3600).
@@ -62,9 +62,11 @@ struct Args {
     /// between 16 and it, fan-out gossip. For comparing the two.
     #[arg(long, value_name = "PEERS")]
     aggregate_above: Option<usize>,
-    /// At most this many members aggregate (the library's default: 32); the others send
-    /// their counts to them and hear totals from them.
-    #[arg(long, value_name = "MEMBERS")]
+    /// At most this many members aggregate (2 to 64; the library's default: 32); the
+    /// others send their counts to them and hear totals from them. Matters only where
+    /// counts go through aggregators (more than 17 nodes, unless --aggregate-above says
+    /// otherwise).
+    #[arg(long, value_name = "MEMBERS", allow_negative_numbers = true, value_parser = RangedU64ValueParser::<usize>::new().range(2..=64))]
     aggregator_pool: Option<usize>,
     /// Beyond this many peers, SWIM decides liveness (the library's default: 128).
     #[arg(long, value_name = "PEERS")]
