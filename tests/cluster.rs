@@ -789,3 +789,37 @@ async fn a_node_joins_through_a_seed_name_and_bad_names_are_refused() {
     })
     .await;
 }
+
+/// A node given more seeds than its dial budget allows in a second (as a headless
+/// service's name resolves to every pod) dials each of them at once and joins: every seed
+/// sends its full sync long before the budget could have paid for the dials (one a
+/// second: the sixth would start five seconds in). Retries and members learned from
+/// lists still pay (`transport::driver::tests`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_more_seeds_than_its_dial_budget_joins_through_all_of_them_at_once() {
+    bounded(60, async {
+        logs();
+        let ca = Ca::new();
+        let first = start(&ca, "seed-0", limiter(10, Duration::from_secs(1)), &[]).await;
+        let mut seeds = vec![first];
+        for i in 1..6 {
+            let node = start(&ca, &format!("seed-{i}"), limiter(10, Duration::from_secs(1)), &[&seeds[0]]).await;
+            seeds.push(node);
+        }
+        let all: Vec<&Cluster> = seeds.iter().collect();
+        full_mesh(&all).await;
+        let cfg = ClusterConfig { max_dials_per_sec: 1, join_timeout: Duration::from_secs(30), ..config(ca.identity("many-seeds"), &all) };
+        let began = std::time::Instant::now();
+        let n = Cluster::start(limiter(10, Duration::from_secs(1)), cfg).await.unwrap();
+        let took = began.elapsed();
+        assert!(took < Duration::from_secs(5), "joined after {took:?}: the seeds were dialled within the budget");
+        assert!(!logged(|l| l.contains("many-seeds") && l.contains("join timeout")), "the join timed out");
+        for s in &seeds {
+            assert!(n.members().iter().any(|m| m.id == s.node_id() && m.seed), "{:?}", n.members());
+        }
+        for c in seeds.into_iter().chain([n]) {
+            c.shutdown().await;
+        }
+    })
+    .await;
+}

@@ -222,12 +222,17 @@ struct SeedEntry {
     /// Its handshake failed on a certificate (before any node answered there).
     refused: Option<Refusal>,
     dial: Backoff,
+    /// A seed given at start, not dialled yet: that first dial is not charged to the dial
+    /// budget, so a node given more seeds than `max_dials_per_sec` (a headless service
+    /// resolves to every pod) dials them all at once and can join within `join_timeout`.
+    /// At most [`MAX_SEEDS`] such dials, once per start; retries and seeds added later pay.
+    first_dial_free: bool,
 }
 
 impl SeedEntry {
     /// A seed not dialled yet.
     fn new(addr: SocketAddr) -> Self {
-        Self { addr, peer: None, is_self: false, failed_once: false, refused: None, dial: Backoff::now() }
+        Self { addr, peer: None, is_self: false, failed_once: false, refused: None, dial: Backoff::now(), first_dial_free: false }
     }
 }
 
@@ -372,7 +377,11 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             seed_addrs.push(addr);
         }
     }
-    let seeds = seed_addrs.iter().map(|&addr| SeedEntry::new(addr)).collect();
+    if seed_addrs.len() > MAX_SEEDS {
+        tracing::warn!(seeds = seed_addrs.len(), max = MAX_SEEDS, "seeds beyond the most a node keeps are left out");
+        seed_addrs.truncate(MAX_SEEDS);
+    }
+    let seeds = seed_addrs.iter().map(|&addr| SeedEntry { first_dial_free: true, ..SeedEntry::new(addr) }).collect();
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             node,
@@ -448,7 +457,12 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
         }
         if joined.is_err() {
             let unanswered = shared.state.lock().unanswered_seeds();
-            for (addr, refused) in unanswered {
+            // Named one by one up to a few, so a headless service's hundreds of pods make
+            // one line, not hundreds.
+            if unanswered.len() > LOGGED_SEEDS {
+                tracing::warn!(node = %name, seeds = unanswered.len(), named = LOGGED_SEEDS, "join: seeds without a full sync");
+            }
+            for (addr, refused) in unanswered.into_iter().take(LOGGED_SEEDS) {
                 match refused {
                     Some(r) => tracing::warn!(node = %name, seed = %addr, refusal = %r, "join: seed refused"),
                     None => {
@@ -465,6 +479,9 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
 /// The most seed addresses a node keeps (static, added at run time, or resolved from
 /// names); past it a seed that never answered makes room, or the new one is skipped.
 const MAX_SEEDS: usize = 1_024;
+
+/// The most seeds a join timeout names one by one in the log.
+const LOGGED_SEEDS: usize = 8;
 
 /// Every address `names` (`host:port`) resolve to, each name within `timeout`, at most
 /// [`MAX_ADDRS_PER_SEED_NAME`] per name; a name that fails is logged and skipped.
@@ -874,9 +891,11 @@ impl State {
                 self.exchange_members(sh);
             }
             for i in 0..self.seeds.len() {
-                let s = &self.seeds[i];
-                if s.peer.is_none() && !s.is_self && s.dial.due(now) && self.dial_tokens > 0 {
-                    self.dial_tokens -= 1;
+                let s = &mut self.seeds[i];
+                if s.peer.is_none() && !s.is_self && s.dial.due(now) && (s.first_dial_free || self.dial_tokens > 0) {
+                    if !std::mem::take(&mut s.first_dial_free) {
+                        self.dial_tokens -= 1;
+                    }
                     let addr = s.addr;
                     self.dial(sh, Target::Seed(i), addr, None);
                 }

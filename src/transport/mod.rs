@@ -253,8 +253,9 @@ pub struct ClusterConfig {
     /// `reconnect_min`). Default [`DEFAULT_FORGET_AFTER`] (60 s).
     pub forget_after: Duration,
     /// Dials started per second, every address together (a token bucket holding one
-    /// second's worth; members connected before are dialed first). Default
-    /// [`DEFAULT_MAX_DIALS_PER_SEC`] (20).
+    /// second's worth; members connected before are dialed first). The first dial of each
+    /// seed known at start (at most 1,024) is outside it, so that a node given many seeds
+    /// joins through them all at once. Default [`DEFAULT_MAX_DIALS_PER_SEC`] (20).
     pub max_dials_per_sec: u32,
     /// Membership anti-entropy: every this long the node sends the members it is
     /// connected to (in frames of at most 256) to one of them drawn at random, so a
