@@ -793,8 +793,8 @@ async fn a_node_joins_through_a_seed_name_and_bad_names_are_refused() {
 /// A node given more seeds than its dial budget allows in a second (as a headless
 /// service's name resolves to every pod) dials each of them at once and joins: every seed
 /// sends its full sync long before the budget could have paid for the dials (one a
-/// second: the sixth would start five seconds in). Retries and members learned from
-/// lists still pay (`transport::driver::tests`).
+/// second: the sixth would start five seconds in). Retries pay (the next test), and so
+/// do members learned from lists (`transport::driver::tests`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_more_seeds_than_its_dial_budget_joins_through_all_of_them_at_once() {
     bounded(60, async {
@@ -820,6 +820,36 @@ async fn a_node_with_more_seeds_than_its_dial_budget_joins_through_all_of_them_a
         for c in seeds.into_iter().chain([n]) {
             c.shutdown().await;
         }
+    })
+    .await;
+}
+
+/// Seeds that do not answer are dialled once each at start, outside the dial budget, and
+/// retried within it: at one dial a second, five silent seeds cost at most about one
+/// dial a second after their first, where their own backoff (50 to 400 ms here) would
+/// redial each several times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_seeds_are_dialled_once_at_start_then_retried_within_the_dial_budget() {
+    bounded(30, async {
+        logs();
+        let ca = Ca::new();
+        // Bound UDP ports nobody answers on.
+        let silent: Vec<std::net::UdpSocket> = (0..5).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let cfg = ClusterConfig {
+            seeds: silent.iter().map(|s| s.local_addr().unwrap()).collect(),
+            max_dials_per_sec: 1,
+            handshake_timeout: Duration::from_millis(200),
+            join_timeout: Duration::from_secs(5),
+            ..config(ca.identity("silent-seeds"), &[])
+        };
+        let n = Cluster::start(limiter(10, Duration::from_secs(1)), cfg).await.unwrap();
+        let first = n.stats().dials;
+        assert!(first >= 5, "{first} dials: every seed is dialled at start");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let retries = n.stats().dials - first;
+        // One token a second, and the bucket holds one: at most 3 in 3 s, one more at an edge.
+        assert!((1..=4).contains(&retries), "{retries} retries in 3 s at one dial a second");
+        n.shutdown().await;
     })
     .await;
 }

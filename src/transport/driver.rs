@@ -371,9 +371,12 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
 
     let (events, rx) = mpsc::channel(EVENT_QUEUE);
     let (joined, mut joined_rx) = watch::channel(false);
+    // Each address once (each is dialled once at start outside the budget), in order.
+    let mut seen = std::collections::HashSet::new();
     let mut seed_addrs = cfg.seeds.clone();
+    seed_addrs.retain(|a| seen.insert(*a));
     for addr in resolve_seed_names(&cfg.seed_names, cfg.handshake_timeout).await {
-        if !seed_addrs.contains(&addr) {
+        if seen.insert(addr) {
             seed_addrs.push(addr);
         }
     }
@@ -771,14 +774,18 @@ impl State {
                 }
                 if self.seeds.len() >= MAX_SEEDS {
                     // Names re-resolved as instances come and go: make room by forgetting a
-                    // seed that never answered, or skip this one.
-                    let Some(i) = self.seeds.iter().position(|s| s.failed_once && s.peer.is_none() && !s.is_self) else {
+                    // seed that never answered, or skip this one. The new seed takes its
+                    // place, one with no dial in flight: a dial's result finds its seed by
+                    // index, so no index may shift or be reused under it.
+                    let Some(i) = self.seeds.iter().position(|s| s.failed_once && s.peer.is_none() && !s.is_self && !s.dial.in_flight)
+                    else {
                         tracing::warn!(%addr, max = MAX_SEEDS, "seed not added: the most seeds are known");
                         return;
                     };
-                    self.seeds.remove(i);
+                    self.seeds[i] = SeedEntry::new(addr);
+                } else {
+                    self.seeds.push(SeedEntry::new(addr));
                 }
-                self.seeds.push(SeedEntry::new(addr));
                 let _ = sh.joined.send_replace(false);
             }
             Event::Shutdown(_) => {}

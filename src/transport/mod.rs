@@ -207,7 +207,9 @@ pub struct ClusterConfig {
     /// (set it when binding `0.0.0.0` or behind NAT).
     pub advertise: Option<SocketAddr>,
     /// Addresses to join through. Their names come from their certificates. A node may
-    /// list itself; that entry is skipped.
+    /// list itself; that entry is skipped. With the addresses `seed_names` resolve to,
+    /// at most 1,024 (the rest are left out, with a warning); each is dialled at once at
+    /// start, outside `max_dials_per_sec`.
     pub seeds: Vec<SocketAddr>,
     /// `host:port` names to join through, resolved with the system resolver (a headless
     /// service's name resolves to every instance): at start, before the join, and again
@@ -268,7 +270,8 @@ pub struct ClusterConfig {
     pub member_exchange: Duration,
     /// How long [`Cluster::start`] waits for every seed to answer with a full sync, to
     /// refuse this node, or to fail to connect once, before it returns; seeds that have
-    /// not answered by then are logged (warn). Default [`DEFAULT_JOIN_TIMEOUT`] (3 s);
+    /// not answered by then are logged (warn: the first 8 by address, then their number).
+    /// Default [`DEFAULT_JOIN_TIMEOUT`] (3 s);
     /// zero returns at once (and so never reports [`ClusterError::SeedsRefused`]).
     pub join_timeout: Duration,
     /// Seed of the gossip core's randomness. Default: derived from the node id and
@@ -583,7 +586,8 @@ impl Cluster {
     /// built without is refused here ([`ClusterError::MissingHashSecret`]). A peer that
     /// hashes with another secret is refused (logged at error, counted in
     /// [`ClusterStats::refused_hash_secret`], listed by [`refusals`](Self::refusals)).
-    /// Seeds that neither answer nor fail by `join_timeout` are logged (warn). Attach a
+    /// Seeds that neither answer nor fail by `join_timeout` are logged (warn: the first 8
+    /// by address, then their number). Attach a
     /// limiter to one cluster only.
     ///
     /// # Errors
