@@ -807,13 +807,14 @@ impl Ring {
     }
 }
 
-/// Puts `id` in the sorted list `up`, or takes it out.
-fn set_up(up: &mut Vec<PeerId>, id: PeerId, is_up: bool) {
+/// Puts `id` in the sorted list `up`, or takes it out. Returns whether the list changed.
+fn set_up(up: &mut Vec<PeerId>, id: PeerId, is_up: bool) -> bool {
     match (up.binary_search(&id), is_up) {
         (Err(i), true) => up.insert(i, id),
         (Ok(i), false) => drop(up.remove(i)),
-        _ => {}
+        _ => return false,
     }
+    true
 }
 
 /// A key's aggregators, as [`Ring::aggregators`] finds them.
@@ -861,8 +862,8 @@ pub struct GossipNode {
     /// ring has held for two rounds: a start or a healed partition changes it round after
     /// round).
     ring: Ring,
-    /// The up list `ring` was last made from (`None`: not made yet).
-    ring_from: Option<Vec<PeerId>>,
+    /// The up list changed since `ring` was last made from it (or it never was).
+    ring_stale: bool,
     ring_changed: Option<u64>,
     /// Aggregated dissemination: the (window length, key, window) whose counts this node
     /// merged or made this round, whose writers get the others' totals at the next round.
@@ -944,7 +945,7 @@ impl GossipNode {
             cycle_of: Vec::new(),
             limits_sent: LimitsVersion::default(),
             ring: Ring::default(),
-            ring_from: None,
+            ring_stale: true,
             ring_changed: None,
             to_publish: Vec::new(),
             standby: Vec::new(),
@@ -1132,7 +1133,7 @@ impl GossipNode {
     /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
-        set_up(&mut self.up, peer, false);
+        self.ring_stale |= set_up(&mut self.up, peer, false);
         self.swim_to_announce.remove(&peer);
         self.clock.forget(peer);
         self.clocks_beyond.remove(&peer);
@@ -1499,7 +1500,7 @@ impl GossipNode {
         p.last_heard_ms = Some(now_ms);
         p.up = true;
         if came_up {
-            set_up(&mut self.up, from, true);
+            self.ring_stale |= set_up(&mut self.up, from, true);
         }
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
         // A peer heard from first hand that SWIM has no verdict on: SWIM judges it from
@@ -1732,15 +1733,12 @@ impl GossipNode {
     /// Rebuilds aggregated dissemination's ring if the live members changed (only in
     /// that mode: a smaller cluster has no use for it).
     fn update_ring(&mut self) {
-        if !self.aggregated() {
+        if !self.aggregated() || !self.ring_stale {
             return;
         }
         let me = self.cfg.replica.node;
         // The ring's members are the up peers and this node, or the `aggregator_pool` of
         // them that rank first.
-        if self.ring_from.as_ref().is_some_and(|from| *from == self.up) {
-            return;
-        }
         let mut members = self.up.clone();
         members.insert(self.up.partition_point(|&p| p < me), me);
         let pool = self.cfg.aggregator_pool;
@@ -1749,7 +1747,7 @@ impl GossipNode {
             members.truncate(pool);
             members.sort_unstable();
         }
-        self.ring_from = Some(self.up.clone());
+        self.ring_stale = false;
         if members != self.ring.members {
             self.ring.set_members(members);
             self.ring_changed = Some(self.round);
@@ -1852,7 +1850,7 @@ impl GossipNode {
                 tracing::debug!(peer = id, by, swim = swim_mode, suspect_ms = suspect, "peer down");
                 down.push(Event::PeerDown { peer: *id, silent_ms: p.last_heard_ms.map(|t| now_ms - t) });
                 p.up = false;
-                set_up(&mut self.up, *id, false);
+                self.ring_stale |= set_up(&mut self.up, *id, false);
             }
         }
         if !down.is_empty() {

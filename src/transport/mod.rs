@@ -271,8 +271,8 @@ pub struct ClusterConfig {
     /// How long [`Cluster::start`] waits for every seed to answer with a full sync, to
     /// refuse this node, or to fail to connect once, before it returns; seeds that have
     /// not answered by then are logged (warn: the first 8 by address, then their number).
-    /// Default [`DEFAULT_JOIN_TIMEOUT`] (3 s);
-    /// zero returns at once (and so never reports [`ClusterError::SeedsRefused`]).
+    /// Default [`DEFAULT_JOIN_TIMEOUT`] (3 s); zero returns at once (and so never reports
+    /// [`ClusterError::SeedsRefused`]).
     pub join_timeout: Duration,
     /// Seed of the gossip core's randomness. Default: derived from the node id and
     /// incarnation.
@@ -587,8 +587,7 @@ impl Cluster {
     /// hashes with another secret is refused (logged at error, counted in
     /// [`ClusterStats::refused_hash_secret`], listed by [`refusals`](Self::refusals)).
     /// Seeds that neither answer nor fail by `join_timeout` are logged (warn: the first 8
-    /// by address, then their number). Attach a
-    /// limiter to one cluster only.
+    /// by address, then their number). Attach a limiter to one cluster only.
     ///
     /// # Errors
     /// [`ClusterError`] when the certificate cannot be loaded, a setting is out of range,
