@@ -64,7 +64,9 @@
 //!   probe periods where silence takes `O(N)` rounds.
 //! * **Full sync.** A node asks its peers (in fan-out mode, `fanout` of them) for
 //!   everything on start; a peer that comes up, or comes back with a new incarnation, is
-//!   sent everything this node holds, in steps within the per-round export
+//!   sent everything this node holds (with aggregated dissemination: the counts of the
+//!   keys it aggregates, and from a pool member to one outside the ring, first the
+//!   totals of the keys this node publishes), in steps within the per-round export
 //!   budget; [`Event::FullSyncSent`] says when the last of it is queued.
 //! * **Anti-entropy.** Every `anti_entropy_rounds` rounds a node sends one random live
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
@@ -523,6 +525,10 @@ enum Wanted {
     /// Aggregated dissemination's full sync: every replica's counts this node holds of
     /// the keys the peer aggregates.
     Aggregated,
+    /// Aggregated dissemination's full sync from a pool member to a member outside the
+    /// ring: the others' totals of the keys this node is the first aggregator of (a full
+    /// sync of the other kind carries none of them to it).
+    Totals,
 }
 
 impl Wanted {
@@ -634,6 +640,15 @@ struct Outgoing {
 /// the lowest, ties (never seen in 64 bits) broken by id.
 fn pool_rank(member: PeerId) -> u64 {
     splitmix64(member ^ 0x6167_6772_6567_6174)
+}
+
+/// Keeps of `members` (sorted) the `pool` that rank first, sorted.
+fn keep_pool(members: &mut Vec<PeerId>, pool: usize) {
+    if members.len() > pool {
+        members.select_nth_unstable_by_key(pool - 1, |&m| (pool_rank(m), m));
+        members.truncate(pool);
+        members.sort_unstable();
+    }
 }
 
 /// Aggregated dissemination's assignment of keys to members: a hash ring of the live
@@ -1116,6 +1131,24 @@ impl GossipNode {
 
     // ----- membership -----
 
+    /// The aggregator pool of `members` (this node's peers, up or not yet) without this
+    /// node: the ring they have before it joins. Empty if that many peers would not make
+    /// this node's dissemination aggregated. Between them, the full syncs these members
+    /// send a newcomer carry the totals of every key (each publishes its own keys', on
+    /// the ring it has when the newcomer comes up), so a driver that joins waits for them
+    /// as well as for its seeds.
+    pub(crate) fn pool_among(&self, members: impl IntoIterator<Item = PeerId>) -> Vec<PeerId> {
+        let me = self.cfg.replica.node;
+        let mut all: Vec<PeerId> = members.into_iter().filter(|&m| m != me).collect();
+        all.sort_unstable();
+        all.dedup();
+        if all.len() <= self.cfg.aggregate_above_peers.max(self.cfg.full_mesh_max_peers) {
+            return Vec::new();
+        }
+        keep_pool(&mut all, self.cfg.aggregator_pool);
+        all
+    }
+
     /// Adds a peer (idempotent). It is down until heard from.
     pub fn add_peer(&mut self, peer: PeerId) {
         if peer != self.cfg.replica.node {
@@ -1527,40 +1560,14 @@ impl GossipNode {
         if came_up {
             self.publish_live();
         }
-        // A peer that joins, heals from a partition or restarts gets everything.
+        // A peer that joins, heals from a partition or restarts gets everything. With
+        // aggregated dissemination that is the counts of the keys the peer aggregates
+        // (outside the aggregator pool, none) and, from each member of the ring, the
+        // totals it publishes ([`sync_jobs`](Self::sync_jobs)): a member of the pool
+        // coming up changes the ring, and the full resend two rounds later gives every
+        // member the totals; one outside it changes nothing, so without them it would
+        // wait for the keys' next changes or the next period.
         self.send_everything(peer, now_ms);
-        // A full sync carries the counts of the keys the peer aggregates: outside the
-        // aggregator pool, none. A member of the pool coming up changes the ring, and the
-        // full resend two rounds later gives every member the totals; one outside it
-        // changes nothing, so it gets them here, or it would wait for the keys' next
-        // changes or the next period.
-        if self.aggregated() && self.ring.members.binary_search(&peer).is_err() {
-            self.send_totals_to(peer, now_ms);
-        }
-    }
-
-    /// The others' totals of every key this node is the first aggregator of, to `peer`
-    /// alone (at most [`MAX_RESEND_ENTRIES`] counts of each store looked at: the rest
-    /// come with the periodic resends).
-    fn send_totals_to(&mut self, peer: PeerId, now_ms: i64) {
-        let (me, k) = (self.cfg.replica.node, self.cfg.aggregators);
-        let (mut per, mut buf) = (BTreeMap::new(), Vec::new());
-        for window_ms in self.replica.window_lengths() {
-            buf.clear();
-            let ring = &self.ring;
-            self.replica.export_from(
-                window_ms,
-                &mut ExportCursor::default(),
-                MAX_RESEND_ENTRIES,
-                now_ms,
-                |key| ring.publishes(key, k, me),
-                &mut buf,
-            );
-            self.totals_for(window_ms, &buf, |_, _| true, (&[peer], |_| true), &mut per);
-        }
-        // `totals_for` also gives the keys' writers theirs: only `peer`'s go.
-        per.retain(|to, _| *to == peer);
-        self.send_packed(per, true);
     }
 
     /// Liveness from SWIM beyond `swim_above_peers` peers (see [`GossipConfig::swim_above_peers`]).
@@ -1741,12 +1748,7 @@ impl GossipNode {
         // them that rank first.
         let mut members = self.up.clone();
         members.insert(self.up.partition_point(|&p| p < me), me);
-        let pool = self.cfg.aggregator_pool;
-        if members.len() > pool {
-            members.select_nth_unstable_by_key(pool - 1, |&m| (pool_rank(m), m));
-            members.truncate(pool);
-            members.sort_unstable();
-        }
+        keep_pool(&mut members, self.cfg.aggregator_pool);
         self.ring_stale = false;
         if members != self.ring.members {
             self.ring.set_members(members);
@@ -2483,15 +2485,34 @@ impl GossipNode {
     /// the repairs waiting for `to` (it covers them) and restarts one under way.
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
         self.send_limits(to);
-        let windows = self.replica.window_lengths();
-        let aggregated = self.aggregated();
+        let jobs = self.sync_jobs(to);
         let Some(p) = self.peers.get_mut(&to) else { return };
         p.last_sync_answered_ms = Some(now_ms);
         p.sync_lossy = false;
         p.jobs.clear();
-        p.jobs.extend(windows.into_iter().map(|w| RepairJob::full_sync(w, aggregated)));
+        p.jobs.extend(jobs);
         self.stats.full_syncs_sent += 1;
         self.step_repairs(to, now_ms);
+    }
+
+    /// A full sync to `to`, per store: with aggregated dissemination, from a member of the
+    /// ring to one outside it (a newcomer, or one that restarted or healed), first the
+    /// others' totals of the keys this node is the first aggregator of, then the counts of
+    /// the keys `to` aggregates; otherwise every count. The sync-done marker follows the
+    /// totals too, so a member that joins through the pool has the pool's totals before
+    /// `Cluster::start` returns.
+    fn sync_jobs(&self, to: PeerId) -> Vec<RepairJob> {
+        let aggregated = self.aggregated();
+        let ring = &self.ring.members;
+        let totals = aggregated && ring.binary_search(&to).is_err() && ring.binary_search(&self.cfg.replica.node).is_ok();
+        let mut jobs = Vec::new();
+        for window_ms in self.replica.window_lengths() {
+            if totals {
+                jobs.push(RepairJob { window_ms, wanted: Wanted::Totals, cursor: ExportCursor::default() });
+            }
+            jobs.push(RepairJob::full_sync(window_ms, aggregated));
+        }
+        jobs
     }
 
     /// Fingerprints per replica and bucket of one store's counts in the `span` windows
@@ -2637,7 +2658,7 @@ impl GossipNode {
 
     /// Exports the next chunk of `to`'s waiting repairs, within this round's budget.
     fn step_repairs(&mut self, to: PeerId, now_ms: i64) {
-        let mut out: Vec<Outgoing> = Vec::new();
+        let (mut out, mut totals): (Vec<Outgoing>, Vec<Outgoing>) = (Vec::new(), Vec::new());
         let mut buf: Vec<Exported> = Vec::new();
         let mut sync_done = false;
         let dropped_before = self.stats.outbox_dropped;
@@ -2650,28 +2671,60 @@ impl GossipNode {
             let Some(mut job) = p.jobs.pop_front() else { break };
             let any_bucket = match &job.wanted {
                 Wanted::Buckets(w) => w.values().fold(0u8, |m, b| m | b),
-                Wanted::All | Wanted::Aggregated => 0xFF,
+                Wanted::All | Wanted::Aggregated | Wanted::Totals => 0xFF,
             };
             buf.clear();
-            let (ring, k) = (&self.ring, self.cfg.aggregators);
-            // Aggregated dissemination: the keys `to` aggregates.
-            let aggregated = matches!(job.wanted, Wanted::Aggregated);
-            let select = |key: u64| any_bucket & (1 << bucket(key)) != 0 && (!aggregated || ring.aggregates(key, k, to));
-            let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
-            out.extend(buf.iter().filter_map(|e| {
-                let replica = self.replica_id(e.replica)?;
-                let wanted = match &job.wanted {
-                    Wanted::Buckets(w) => w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0),
-                    Wanted::All | Wanted::Aggregated => true,
-                };
-                wanted.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })
-            }));
+            let (ring, k, me) = (&self.ring, self.cfg.aggregators, self.cfg.replica.node);
+            let wanted = &job.wanted;
+            // Aggregated dissemination: the keys `to` aggregates, or those whose totals
+            // this node publishes.
+            let select = |key: u64| {
+                any_bucket & (1 << bucket(key)) != 0
+                    && match wanted {
+                        Wanted::Aggregated => ring.aggregates(key, k, to),
+                        Wanted::Totals => ring.publishes(key, k, me),
+                        Wanted::Buckets(_) | Wanted::All => true,
+                    }
+            };
+            let is_totals = matches!(job.wanted, Wanted::Totals);
+            // Totals are charged as sent (one per key and window, out of every writer's
+            // counts exported); their export is bounded per step instead.
+            let limit = if is_totals { MAX_RESEND_ENTRIES } else { budget };
+            let done = self.replica.export_from(job.window_ms, &mut job.cursor, limit, now_ms, select, &mut buf);
+            let sent = if is_totals {
+                let mut per = BTreeMap::new();
+                self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), &mut per);
+                // `totals_for` also gives the keys' writers theirs: only `to`'s go.
+                let mine = per.remove(&to).unwrap_or_default();
+                let n = mine.len();
+                totals.extend(mine);
+                n
+            } else {
+                out.extend(buf.iter().filter_map(|e| {
+                    let replica = self.replica_id(e.replica)?;
+                    let wanted = match &job.wanted {
+                        Wanted::Buckets(w) => w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0),
+                        Wanted::All | Wanted::Aggregated | Wanted::Totals => true,
+                    };
+                    wanted.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })
+                }));
+                buf.len()
+            };
             let Some(p) = self.peers.get_mut(&to) else { return };
-            p.exported_this_round += buf.len().max(1);
+            p.exported_this_round += sent.max(1);
             if !done {
                 p.jobs.push_front(job);
+                if is_totals {
+                    break; // one bounded pass over a store's totals per step
+                }
             } else if job.wanted.is_sync() && !p.jobs.iter().any(|j| j.wanted.is_sync()) {
                 sync_done = true;
+            }
+        }
+        if !totals.is_empty() {
+            self.stats.totals_sent += totals.len() as u64;
+            for m in self.pack(&mut totals, true) {
+                self.queue(to, m, true);
             }
         }
         if !out.is_empty() {
@@ -2687,9 +2740,9 @@ impl GossipNode {
         }
         if sync_done && std::mem::take(&mut p.sync_lossy) {
             // Part of it never left: send it all again rather than announce it complete.
-            let aggregated = self.aggregated();
+            let jobs = self.sync_jobs(to);
             let Some(p) = self.peers.get_mut(&to) else { return };
-            p.jobs.extend(self.replica.window_lengths().into_iter().map(|w| RepairJob::full_sync(w, aggregated)));
+            p.jobs.extend(jobs);
         } else if sync_done {
             self.push_event(Event::FullSyncSent { peer: to });
         }
@@ -2809,7 +2862,22 @@ mod tests {
     /// Node 1 aggregating among `peers` (a 60 s window), after four rounds, holding
     /// member 2's counts of `keys` keys (1 each); and the time.
     fn aggregating_with_counts_of_member_2(peers: &[u64], keys: u64) -> (GossipNode, i64) {
-        let mut n = node_in_window(1, peers, 1_000_000, Duration::from_secs(60), Admission::Optimistic);
+        aggregating_in_pool_with_counts_of_member_2(peers, keys, GossipConfig::new(ReplicaId { node: 1, incarnation: 1 }).aggregator_pool)
+    }
+
+    /// The same with an `aggregator_pool` of `pool`.
+    fn aggregating_in_pool_with_counts_of_member_2(peers: &[u64], keys: u64, pool: usize) -> (GossipNode, i64) {
+        let limiter = RateLimiter::builder()
+            .quota(Quota::new(1_000_000, Duration::from_secs(60)).unwrap())
+            .strategy(Strategy::FixedWindow)
+            .admission(Admission::Optimistic)
+            .clock(ManualClock::new(T0))
+            .hash_secret([7; 16])
+            .build()
+            .unwrap();
+        let mut cfg = GossipConfig::new(ReplicaId { node: 1, incarnation: 1 });
+        cfg.aggregator_pool = pool;
+        let mut n = GossipNode::new(limiter, cfg, peers.iter().copied(), 1, T0).unwrap();
         let mut t = T0;
         for _ in 0..4 {
             round_heard_from(&mut n, peers, &mut t);
@@ -2824,6 +2892,57 @@ mod tests {
             n.handle_message(2, &codec::encode(&Envelope::new(member, Body::Counts(vec![batch]))).unwrap(), t).unwrap();
         }
         (n, t)
+    }
+
+    /// A member outside the ring that comes up (a newcomer, or one that restarted or
+    /// healed) gets from each ring member, as part of its full sync and before the
+    /// sync-done marker, the totals of every key that member publishes: reliably, however
+    /// many steps the export takes. (Before, they went once as datagrams next to the sync,
+    /// at most [`MAX_RESEND_ENTRIES`] counts looked at, after the marker was queued.)
+    #[test]
+    fn a_member_outside_the_ring_gets_its_totals_in_its_full_sync_before_the_sync_done_marker() {
+        // Member 2 and peers that rank after node 1, in a pool of 2: node 1 publishes about
+        // half of the keys, more than one step of the export takes.
+        let mut peers = vec![2];
+        peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
+        let keys = (MAX_RESEND_ENTRIES * 5 / 2) as u64;
+        let (mut n, mut t) = aggregating_in_pool_with_counts_of_member_2(&peers, keys, 2);
+        assert!(n.ring.members.contains(&1) && n.ring.members.len() == n.cfg.aggregator_pool, "node 1 is in a full pool");
+        let worst = n.ring.members.iter().map(|&m| pool_rank(m)).max().unwrap();
+        let newcomer = (1_000..).find(|&id| pool_rank(id) > worst).unwrap();
+        let k = n.cfg.aggregators;
+        let published = (0..keys).filter(|&i| n.ring.publishes(splitmix64(i + 1), k, 1)).count();
+        assert!(published > 1_000, "node 1 publishes {published} of the keys");
+        n.add_peer(newcomer);
+        let mut everyone = peers.clone();
+        everyone.push(newcomer);
+        let reliable_totals = |transmits: &[Transmit]| -> usize {
+            let to_it = transmits.iter().filter(|tr| tr.to == newcomer && tr.reliable);
+            to_it
+                .map(|tr| match codec::decode(&tr.bytes).unwrap().body {
+                    Body::Totals(batches) => batches.iter().map(|b| b.entries.len()).sum(),
+                    _ => 0,
+                })
+                .sum()
+        };
+        let is_marker = |e: &Event| matches!(e, Event::FullSyncSent { peer } if *peer == newcomer);
+        // It comes up: the first step of its full sync goes at once, and is not all of it.
+        let hello = codec::encode(&Envelope::new(ReplicaId { node: newcomer, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap();
+        n.handle_message(newcomer, &hello, t).unwrap();
+        let mut totals = reliable_totals(&std::iter::from_fn(|| n.poll_transmit()).collect::<Vec<_>>());
+        assert!(totals > 0 && totals < published, "{totals} of {published} totals in the first step");
+        assert!(!std::iter::from_fn(|| n.poll_event()).any(|e| is_marker(&e)), "no marker before the rest");
+        let mut steps = 1;
+        let done = loop {
+            totals += reliable_totals(&round_heard_from(&mut n, &everyone, &mut t));
+            steps += 1;
+            if std::iter::from_fn(|| n.poll_event()).any(|e| is_marker(&e)) {
+                break totals;
+            }
+            assert!(steps < 50, "no sync-done marker after {steps} rounds ({totals} totals sent)");
+        };
+        assert!(!n.ring.members.contains(&newcomer), "the newcomer stays outside the pool");
+        assert_eq!(done, published, "every published key's total, before the marker");
     }
 
     /// A store too large for one resend is passed over whole in consecutive anti-entropy

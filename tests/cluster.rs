@@ -853,3 +853,70 @@ async fn silent_seeds_are_dialled_once_at_start_then_retried_within_the_dial_bud
     })
     .await;
 }
+
+/// Beyond the aggregator pool, the keys' totals are held by the pool: a member that joins
+/// through a seed outside it gets none from that seed's full sync. The join also waits
+/// for the pool members it learns of (dialled at once, outside the dial budget), whose
+/// full syncs end with the totals they publish: when `start()` returns, the newcomer
+/// decides every key on the same totals as the members that counted them, whether it
+/// ranks into the pool or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_joins_through_a_seed_outside_the_pool_has_the_pools_totals_when_start_returns() {
+    bounded(60, async {
+        logs();
+        let ca = Ca::new();
+        let window = Duration::from_secs(10);
+        let pooled = |name: &str, seeds: &[&Cluster]| {
+            let mut cfg = config(ca.identity(name), seeds);
+            // Aggregated beyond two peers, two members aggregate.
+            (cfg.gossip.full_mesh_max_peers, cfg.gossip.aggregate_above_peers, cfg.gossip.aggregator_pool) = (2, 2, 2);
+            cfg
+        };
+        let mut nodes: Vec<Cluster> = Vec::new();
+        for i in 0..5 {
+            let seeds: Vec<&Cluster> = nodes.iter().take(1).collect();
+            let cfg = pooled(&format!("pooled-{i}"), &seeds);
+            nodes.push(Cluster::start(limiter(1_000, window), cfg).await.unwrap());
+        }
+        let all: Vec<&Cluster> = nodes.iter().collect();
+        full_mesh(&all).await;
+        align(10_000, 6_000).await;
+        let clients: Vec<String> = (0..300).map(|i| format!("client-{i}")).collect();
+        for (i, client) in clients.iter().enumerate() {
+            for n in all.iter().cycle().skip(i).take(3) {
+                assert!(n.limiter().allow(client, n.limiter().now_ms()));
+            }
+        }
+        let keys: Vec<u64> = clients.iter().map(|c| nodes[0].limiter().key_hash(c)).collect();
+        let totals = |n: &Cluster| -> BTreeMap<u64, u64> {
+            n.views().into_iter().filter(|v| keys.contains(&v.key)).map(|v| (v.key, v.total)).collect()
+        };
+        eventually("every member's view of every client", Duration::from_secs(10), || {
+            all.iter().all(|n| totals(n).len() == keys.len() && totals(n).values().all(|&t| t == 3))
+        })
+        .await;
+        // The pool: the members that hold others' counts.
+        let in_pool = |n: &Cluster| n.state().iter().any(|e| e.replica != n.replica());
+        // Two newcomers, one that ranks outside the pool and one that ranks into it
+        // (node ids are hashes of the names): each through a seed outside the pool, at
+        // one dial a second, so that only the pool's free dials can reach it in time.
+        for (name, ranks_in) in [("pooled-z", false), ("pooled-new", true)] {
+            let members = nodes.len();
+            let outside: Vec<&Cluster> = nodes.iter().filter(|n| !in_pool(n)).collect();
+            assert_eq!(outside.len(), members - 2, "two of {members} members aggregate");
+            let cfg = ClusterConfig { max_dials_per_sec: 1, join_timeout: Duration::from_secs(20), ..pooled(name, &[outside[0]]) };
+            let began = std::time::Instant::now();
+            let newcomer = Cluster::start(limiter(1_000, window), cfg).await.unwrap();
+            let (took, seen) = (began.elapsed(), totals(&newcomer));
+            assert!(!logged(|l| l.contains(name) && l.contains("join timeout")), "{name}: the join timed out after {took:?}");
+            assert_eq!(seen.len(), keys.len(), "{name}: keys with totals when start() returned ({took:?})");
+            assert!(seen.values().all(|&t| t == 3), "{name}: the totals when start() returned: {seen:?}");
+            eventually("the newcomer's place in the pool", Duration::from_secs(5), || in_pool(&newcomer) == ranks_in).await;
+            nodes.push(newcomer);
+        }
+        for c in nodes {
+            c.shutdown().await;
+        }
+    })
+    .await;
+}

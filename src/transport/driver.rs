@@ -7,7 +7,7 @@
 //! stream writer (it owns the connection's one outgoing stream and drains a bounded
 //! queue). The accept task caps and times incoming handshakes. No lock is held across an `.await`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -310,6 +310,10 @@ pub(super) struct State {
     dial_refill_at: Instant,
     /// When this node next sends its member list to a random member.
     next_member_exchange: Instant,
+    /// `start()` has not returned yet: the join also waits for the aggregator pool.
+    joining: bool,
+    /// Pool members dialled during the join outside the dial budget (once each).
+    pool_dialled: BTreeSet<PeerId>,
 }
 
 /// What the handle and every task share.
@@ -398,6 +402,8 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             dial_tokens: cfg.max_dials_per_sec,
             dial_refill_at: Instant::now() + Duration::from_secs(1),
             next_member_exchange: Instant::now() + cfg.member_exchange,
+            joining: true,
+            pool_dialled: BTreeSet::new(),
         }),
         me: Me {
             id,
@@ -450,7 +456,10 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
     }
     if !cfg.join_timeout.is_zero() {
         let joined = tokio::time::timeout(cfg.join_timeout, joined_rx.wait_for(|j| *j)).await;
-        let refused = shared.state.lock().all_seeds_refused();
+        let (refused, silent_pool) = {
+            let st = shared.state.lock();
+            (st.all_seeds_refused(), st.unanswered_pool())
+        };
         if let Some(refusals) = refused {
             let error = ClusterError::SeedsRefused(refusals);
             tracing::error!(node = %name, %error, "cannot join");
@@ -473,8 +482,17 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
                     }
                 }
             }
-            tracing::warn!(node = %name, "join timeout: not every seed answered with a full sync; deciding on what arrived");
+            if !silent_pool.is_empty() {
+                let named: Vec<&str> = silent_pool.iter().take(LOGGED_SEEDS).map(String::as_str).collect();
+                tracing::warn!(node = %name, members = silent_pool.len(), ?named, "join: aggregator pool members without a full sync (their keys' totals follow when they connect)");
+            }
+            tracing::warn!(node = %name, "join timeout: not every seed and aggregator pool member answered with a full sync; deciding on what arrived");
         }
+    }
+    {
+        let mut st = shared.state.lock();
+        st.joining = false;
+        st.pool_dialled.clear();
     }
     Ok(shared)
 }
@@ -907,6 +925,24 @@ impl State {
                     self.dial(sh, Target::Seed(i), addr, None);
                 }
             }
+            // While joining, each member of the aggregator pool is dialled once outside the
+            // budget, so that the join need not wait a second per `max_dials_per_sec` of
+            // them (a few static seeds outside the pool name all of it in their lists).
+            // A seed's dial under way (or due) at the member's address covers it.
+            for id in self.join_pool() {
+                let Some(p) = self.peers.get(&id) else { continue };
+                let pending = self.conns.values().any(|c| c.peer == id && c.stream_tx.is_some());
+                if p.active.is_some() || pending || !p.dial.due(now) || self.pool_dialled.contains(&id) {
+                    continue;
+                }
+                let Some(addr) = p.addr else { continue };
+                if self.seeds.iter().any(|s| s.addr == addr && s.peer.is_none() && !s.is_self && !s.failed_once) {
+                    continue;
+                }
+                let name = p.name.clone();
+                self.pool_dialled.insert(id);
+                self.dial(sh, Target::Peer(id), addr, Some(name));
+            }
             let mut due: Vec<(bool, PeerId, SocketAddr, String)> = self
                 .peers
                 .iter()
@@ -966,13 +1002,39 @@ impl State {
         }
     }
 
+    /// The join is done once every seed and every member of the aggregator pool it knows
+    /// of has sent a full sync, refused, or failed to connect once.
     fn check_joined(&self, sh: &Shared) {
-        let done = self.seeds.iter().all(|s| {
-            s.is_self || s.failed_once || s.peer.and_then(|p| self.peers.get(&p)).is_some_and(|p| p.synced || p.refused.is_some())
-        });
-        if done && !*sh.joined.borrow() {
+        if *sh.joined.borrow() {
+            return;
+        }
+        let answered = |p: &PeerEntry| p.synced || p.refused.is_some();
+        let done = self.seeds.iter().all(|s| s.is_self || s.failed_once || s.peer.and_then(|p| self.peers.get(&p)).is_some_and(answered))
+            && self.join_pool().iter().all(|id| {
+                // One this node cannot dial (no address yet, not connected) is not waited for.
+                self.peers.get(id).is_none_or(|p| answered(p) || p.dial.failures > 0 || (p.active.is_none() && p.addr.is_none()))
+            });
+        if done {
             let _ = sh.joined.send_replace(true);
         }
+    }
+
+    /// While joining, the aggregator pool among the members known now (beyond
+    /// `aggregate_above_peers` of them, `aggregator_pool` members chosen by a hash of
+    /// their ids, as every member's ring does): between them their full syncs carry every
+    /// key's totals (`GossipNode::pool_among`). Empty once `start()` has returned.
+    fn join_pool(&self) -> Vec<PeerId> {
+        if !self.joining {
+            return Vec::new();
+        }
+        self.node.pool_among(self.peers.iter().filter(|(_, p)| p.left.is_none()).map(|(id, _)| *id))
+    }
+
+    /// The pool members the join is still waiting for, by name.
+    fn unanswered_pool(&self) -> Vec<String> {
+        let pool = self.join_pool();
+        let silent = pool.iter().filter_map(|id| self.peers.get(id)).filter(|p| !p.synced && p.refused.is_none());
+        silent.map(|p| p.name.clone()).collect()
     }
 
     /// A seed's refusal, if it (or the node that answered there) is refused.

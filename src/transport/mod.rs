@@ -256,8 +256,10 @@ pub struct ClusterConfig {
     pub forget_after: Duration,
     /// Dials started per second, every address together (a token bucket holding one
     /// second's worth; members connected before are dialed first). The first dial of each
-    /// seed known at start (at most 1,024) is outside it, so that a node given many seeds
-    /// joins through them all at once. Default [`DEFAULT_MAX_DIALS_PER_SEC`] (20).
+    /// seed known at start (at most 1,024), and while [`Cluster::start`] waits, of each
+    /// aggregator pool member (at most `gossip.aggregator_pool`), is outside it, so that a
+    /// node given many seeds, or seeds outside the pool, joins through them all at once.
+    /// Default [`DEFAULT_MAX_DIALS_PER_SEC`] (20).
     pub max_dials_per_sec: u32,
     /// Membership anti-entropy: every this long the node sends the members it is
     /// connected to (in frames of at most 256) to one of them drawn at random, so a
@@ -268,9 +270,11 @@ pub struct ClusterConfig {
     /// are then exchanged only when a connection comes up); at most one day
     /// ([`MAX_MEMBER_EXCHANGE`]). Default [`DEFAULT_MEMBER_EXCHANGE`] (5 s).
     pub member_exchange: Duration,
-    /// How long [`Cluster::start`] waits for every seed to answer with a full sync, to
-    /// refuse this node, or to fail to connect once, before it returns; seeds that have
-    /// not answered by then are logged (warn: the first 8 by address, then their number).
+    /// How long [`Cluster::start`] waits for every seed (and with aggregated dissemination,
+    /// every aggregator pool member) to answer with a full sync, to refuse this node, or
+    /// to fail to connect once, before it returns; seeds that have not answered by then
+    /// are logged (warn: the first 8 by address, then their number), and pool members in
+    /// one line.
     /// Default [`DEFAULT_JOIN_TIMEOUT`] (3 s); zero returns at once (and so never reports
     /// [`ClusterError::SeedsRefused`]).
     pub join_timeout: Duration,
@@ -579,15 +583,20 @@ impl Cluster {
     /// Makes `limiter` a cluster member: binds the endpoint, dials the seeds, and
     /// returns once every seed answered with a full sync, failed to connect once, or
     /// `join_timeout` passed — so a restarted node has the cluster's counts for the
-    /// current windows before it decides. Must run inside a tokio runtime (with the
-    /// `time` and `net` drivers).
+    /// current windows before it decides. With aggregated dissemination (beyond
+    /// [`GossipConfig::aggregate_above_peers`](crate::GossipConfig::aggregate_above_peers)
+    /// members) it also waits, the same way, for the aggregator pool among the members
+    /// the seeds name (dialled at once, outside `max_dials_per_sec`), whose full syncs
+    /// carry the keys' totals. Must run inside a tokio runtime (with the `time` and `net`
+    /// drivers).
     ///
     /// Every member must build its limiter with the same [`Builder::hash_secret`]; one
     /// built without is refused here ([`ClusterError::MissingHashSecret`]). A peer that
     /// hashes with another secret is refused (logged at error, counted in
     /// [`ClusterStats::refused_hash_secret`], listed by [`refusals`](Self::refusals)).
     /// Seeds that neither answer nor fail by `join_timeout` are logged (warn: the first 8
-    /// by address, then their number). Attach a limiter to one cluster only.
+    /// by address, then their number), and so are pool members (one line, the first 8 by
+    /// name). Attach a limiter to one cluster only.
     ///
     /// # Errors
     /// [`ClusterError`] when the certificate cannot be loaded, a setting is out of range,
