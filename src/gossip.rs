@@ -65,9 +65,9 @@
 //! * **Full sync.** A node asks its peers (in fan-out mode, `fanout` of them) for
 //!   everything on start; a peer that comes up, or comes back with a new incarnation, is
 //!   sent everything this node holds (with aggregated dissemination: the counts of the
-//!   keys it aggregates, and from a pool member to one outside the ring, first the
-//!   totals of the keys this node publishes), in steps within the per-round export
-//!   budget; [`Event::FullSyncSent`] says when the last of it is queued.
+//!   keys it aggregates, and from a member of the ring, first the totals of the other
+//!   keys this node publishes), in steps within the per-round export budget;
+//!   [`Event::FullSyncSent`] says when the last of it is queued.
 //! * **Anti-entropy.** Every `anti_entropy_rounds` rounds a node sends one random live
 //!   peer a digest: per replica and key bucket, a fingerprint of the counts it holds for
 //!   the current and previous windows. The receiver pushes its counts for every bucket
@@ -123,8 +123,16 @@ pub const MAX_RELAYED_PER_PEER: usize = 4_096;
 /// [`GossipStats::answers_dropped`]. A `SyncRequest` is answered once per suspicion period.
 pub const MAX_ANSWERS_PER_PERIOD: u32 = 64;
 /// Counts repairs and full syncs export to one peer per round (about 50 KB; a step stops
-/// after the key that reaches it); the rest follows in later rounds.
+/// after the key that reaches it); the rest follows in later rounds. A full sync's totals
+/// are charged as sent, and each pass over the store for them at least
+/// [`MAX_TOTALS_PASSES_PER_ROUND`]th of this: at most that many passes per peer and round,
+/// each looking at most at what is left of this budget in counts (plus one key's).
 pub const MAX_REPAIR_ENTRIES_PER_ROUND: usize = 4_096;
+/// Passes over a store for a full sync's totals, per peer and round (see
+/// [`MAX_REPAIR_ENTRIES_PER_ROUND`]): a pool member holds every writer's count of its
+/// keys, so a pass sends about one total per window for as many counts as there are
+/// writers of the key.
+pub const MAX_TOTALS_PASSES_PER_ROUND: usize = 16;
 /// Repair exports waiting per peer; a repair for a window length already waiting joins it.
 const MAX_REPAIR_JOBS: usize = 4;
 /// The most aggregators per key ([`GossipConfig::aggregators`]).
@@ -525,9 +533,9 @@ enum Wanted {
     /// Aggregated dissemination's full sync: every replica's counts this node holds of
     /// the keys the peer aggregates.
     Aggregated,
-    /// Aggregated dissemination's full sync from a pool member to a member outside the
-    /// ring: the others' totals of the keys this node is the first aggregator of (a full
-    /// sync of the other kind carries none of them to it).
+    /// Aggregated dissemination's full sync from a member of the ring: the others' totals
+    /// of the keys this node is the first aggregator of and the peer does not aggregate
+    /// (the [`Aggregated`](Self::Aggregated) part carries none of them).
     Totals,
 }
 
@@ -1149,6 +1157,11 @@ impl GossipNode {
         all
     }
 
+    /// The most members that aggregate ([`GossipConfig::aggregator_pool`]).
+    pub(crate) fn aggregator_pool(&self) -> usize {
+        self.cfg.aggregator_pool
+    }
+
     /// Adds a peer (idempotent). It is down until heard from.
     pub fn add_peer(&mut self, peer: PeerId) {
         if peer != self.cfg.replica.node {
@@ -1563,10 +1576,9 @@ impl GossipNode {
         // A peer that joins, heals from a partition or restarts gets everything. With
         // aggregated dissemination that is the counts of the keys the peer aggregates
         // (outside the aggregator pool, none) and, from each member of the ring, the
-        // totals it publishes ([`sync_jobs`](Self::sync_jobs)): a member of the pool
-        // coming up changes the ring, and the full resend two rounds later gives every
-        // member the totals; one outside it changes nothing, so without them it would
-        // wait for the keys' next changes or the next period.
+        // totals it publishes of the other keys ([`sync_jobs`](Self::sync_jobs)), or
+        // the peer would wait for the keys' next changes, the full resend that follows
+        // a change of the ring, or the next period.
         self.send_everything(peer, now_ms);
     }
 
@@ -2485,7 +2497,7 @@ impl GossipNode {
     /// the repairs waiting for `to` (it covers them) and restarts one under way.
     fn send_everything(&mut self, to: PeerId, now_ms: i64) {
         self.send_limits(to);
-        let jobs = self.sync_jobs(to);
+        let jobs = self.sync_jobs();
         let Some(p) = self.peers.get_mut(&to) else { return };
         p.last_sync_answered_ms = Some(now_ms);
         p.sync_lossy = false;
@@ -2495,16 +2507,15 @@ impl GossipNode {
         self.step_repairs(to, now_ms);
     }
 
-    /// A full sync to `to`, per store: with aggregated dissemination, from a member of the
-    /// ring to one outside it (a newcomer, or one that restarted or healed), first the
-    /// others' totals of the keys this node is the first aggregator of, then the counts of
-    /// the keys `to` aggregates; otherwise every count. The sync-done marker follows the
-    /// totals too, so a member that joins through the pool has the pool's totals before
-    /// `Cluster::start` returns.
-    fn sync_jobs(&self, to: PeerId) -> Vec<RepairJob> {
+    /// A full sync to a peer, per store: with aggregated dissemination, from a member of
+    /// the ring, first the others' totals of the keys this node is the first aggregator
+    /// of and the peer does not aggregate, then every count this node holds of the keys
+    /// the peer aggregates; otherwise every count. The sync-done marker follows the totals too, so
+    /// a member that joins has the ring's totals before `Cluster::start` returns, whether
+    /// it ranks into the pool or not.
+    fn sync_jobs(&self) -> Vec<RepairJob> {
         let aggregated = self.aggregated();
-        let ring = &self.ring.members;
-        let totals = aggregated && ring.binary_search(&to).is_err() && ring.binary_search(&self.cfg.replica.node).is_ok();
+        let totals = aggregated && self.ring.members.binary_search(&self.cfg.replica.node).is_ok();
         let mut jobs = Vec::new();
         for window_ms in self.replica.window_lengths() {
             if totals {
@@ -2676,21 +2687,20 @@ impl GossipNode {
             buf.clear();
             let (ring, k, me) = (&self.ring, self.cfg.aggregators, self.cfg.replica.node);
             let wanted = &job.wanted;
-            // Aggregated dissemination: the keys `to` aggregates, or those whose totals
-            // this node publishes.
+            // Aggregated dissemination: the keys `to` aggregates, or the others whose
+            // totals this node publishes.
             let select = |key: u64| {
                 any_bucket & (1 << bucket(key)) != 0
                     && match wanted {
                         Wanted::Aggregated => ring.aggregates(key, k, to),
-                        Wanted::Totals => ring.publishes(key, k, me),
+                        Wanted::Totals => ring.publishes(key, k, me) && !ring.aggregates(key, k, to),
                         Wanted::Buckets(_) | Wanted::All => true,
                     }
             };
             let is_totals = matches!(job.wanted, Wanted::Totals);
-            // Totals are charged as sent (one per key and window, out of every writer's
-            // counts exported); their export is bounded per step instead.
-            let limit = if is_totals { MAX_RESEND_ENTRIES } else { budget };
-            let done = self.replica.export_from(job.window_ms, &mut job.cursor, limit, now_ms, select, &mut buf);
+            let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
+            // Totals are charged as sent (about one per key and window, out of every
+            // writer's counts looked at), and each pass at least a share of the budget.
             let sent = if is_totals {
                 let mut per = BTreeMap::new();
                 self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), &mut per);
@@ -2698,7 +2708,7 @@ impl GossipNode {
                 let mine = per.remove(&to).unwrap_or_default();
                 let n = mine.len();
                 totals.extend(mine);
-                n
+                n.max(MAX_REPAIR_ENTRIES_PER_ROUND / MAX_TOTALS_PASSES_PER_ROUND)
             } else {
                 out.extend(buf.iter().filter_map(|e| {
                     let replica = self.replica_id(e.replica)?;
@@ -2714,9 +2724,6 @@ impl GossipNode {
             p.exported_this_round += sent.max(1);
             if !done {
                 p.jobs.push_front(job);
-                if is_totals {
-                    break; // one bounded pass over a store's totals per step
-                }
             } else if job.wanted.is_sync() && !p.jobs.iter().any(|j| j.wanted.is_sync()) {
                 sync_done = true;
             }
@@ -2740,7 +2747,7 @@ impl GossipNode {
         }
         if sync_done && std::mem::take(&mut p.sync_lossy) {
             // Part of it never left: send it all again rather than announce it complete.
-            let jobs = self.sync_jobs(to);
+            let jobs = self.sync_jobs();
             let Some(p) = self.peers.get_mut(&to) else { return };
             p.jobs.extend(jobs);
         } else if sync_done {
@@ -2896,16 +2903,16 @@ mod tests {
 
     /// A member outside the ring that comes up (a newcomer, or one that restarted or
     /// healed) gets from each ring member, as part of its full sync and before the
-    /// sync-done marker, the totals of every key that member publishes: reliably, however
-    /// many steps the export takes. (Before, they went once as datagrams next to the sync,
-    /// at most [`MAX_RESEND_ENTRIES`] counts looked at, after the marker was queued.)
+    /// sync-done marker, the totals of every key that member publishes: reliably, within
+    /// the per-round export budget, however many rounds that takes. (Before, they went
+    /// once as datagrams next to the sync, after the marker was queued.)
     #[test]
     fn a_member_outside_the_ring_gets_its_totals_in_its_full_sync_before_the_sync_done_marker() {
         // Member 2 and peers that rank after node 1, in a pool of 2: node 1 publishes about
-        // half of the keys, more than one step of the export takes.
+        // half of the keys, more totals than one round's budget.
         let mut peers = vec![2];
         peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
-        let keys = (MAX_RESEND_ENTRIES * 5 / 2) as u64;
+        let keys = (MAX_REPAIR_ENTRIES_PER_ROUND * 3) as u64;
         let (mut n, mut t) = aggregating_in_pool_with_counts_of_member_2(&peers, keys, 2);
         assert!(n.ring.members.contains(&1) && n.ring.members.len() == n.cfg.aggregator_pool, "node 1 is in a full pool");
         let worst = n.ring.members.iter().map(|&m| pool_rank(m)).max().unwrap();
@@ -2931,10 +2938,13 @@ mod tests {
         n.handle_message(newcomer, &hello, t).unwrap();
         let mut totals = reliable_totals(&std::iter::from_fn(|| n.poll_transmit()).collect::<Vec<_>>());
         assert!(totals > 0 && totals < published, "{totals} of {published} totals in the first step");
+        assert!(totals <= MAX_REPAIR_ENTRIES_PER_ROUND + 1, "{totals} totals in the first step");
         assert!(!std::iter::from_fn(|| n.poll_event()).any(|e| is_marker(&e)), "no marker before the rest");
         let mut steps = 1;
         let done = loop {
-            totals += reliable_totals(&round_heard_from(&mut n, &everyone, &mut t));
+            let sent = reliable_totals(&round_heard_from(&mut n, &everyone, &mut t));
+            assert!(sent <= MAX_REPAIR_ENTRIES_PER_ROUND + 1, "{sent} totals in one round");
+            totals += sent;
             steps += 1;
             if std::iter::from_fn(|| n.poll_event()).any(|e| is_marker(&e)) {
                 break totals;

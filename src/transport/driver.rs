@@ -928,8 +928,12 @@ impl State {
             // While joining, each member of the aggregator pool is dialled once outside the
             // budget, so that the join need not wait a second per `max_dials_per_sec` of
             // them (a few static seeds outside the pool name all of it in their lists).
-            // A seed's dial under way (or due) at the member's address covers it.
+            // A seed's dial under way (or due) at the member's address covers it. At most
+            // `aggregator_pool` such dials per start, whatever member lists say.
             for id in self.join_pool() {
+                if self.pool_dialled.len() >= self.node.aggregator_pool() {
+                    break;
+                }
                 let Some(p) = self.peers.get(&id) else { continue };
                 let pending = self.conns.values().any(|c| c.peer == id && c.stream_tx.is_some());
                 if p.active.is_some() || pending || !p.dial.due(now) || self.pool_dialled.contains(&id) {

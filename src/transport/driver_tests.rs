@@ -107,6 +107,61 @@ async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
     .expect("test timed out");
 }
 
+/// While a node joins (before `start()` returns) the members of the aggregator pool it
+/// learns of are dialled once each outside the dial budget: at most `aggregator_pool` of
+/// them, however many lists name members that outrank the last ones. Once `start()` has
+/// returned, members learned pay the budget like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_members_are_dialled_outside_the_budget_while_joining_at_most_a_pool_of_them() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let ca = certs::generate_ca().unwrap();
+        let mut cfg = ClusterConfig { max_dials_per_sec: 1, ..config(identity(&ca, "node-a"), &[]) };
+        (cfg.gossip.full_mesh_max_peers, cfg.gossip.aggregate_above_peers, cfg.gossip.aggregator_pool) = (2, 2, 4);
+        let a = Cluster::start(limiter(), cfg).await.unwrap();
+        assert!(!a.shared.state.lock().joining, "start() has returned");
+        let (target, _) = sink().await;
+        let list = |prefix: &str| -> Vec<MemberEntry> {
+            (0..64).map(|i| MemberEntry { name: format!("{prefix}-{i}"), incarnation: 1, addr: target }).collect()
+        };
+        let learn = |prefix: &str, joining: bool| {
+            let mut st = a.shared.state.lock();
+            st.joining = joining;
+            st.members_in(&a.shared, node_id("node-b"), list(prefix));
+            st.maintain(&a.shared);
+        };
+        let start = tokio::time::Instant::now();
+        let budget = |extra: u64| extra + start.elapsed().as_secs_f64().ceil() as u64 + 1;
+        let before = get(&a.shared.counters.dials);
+        // As while `start()` waits: 64 members, a pool of 4 among them. Those with a lower
+        // id than node-a are dialled 3 × `reconnect_min` later (the lower id dials first).
+        learn("fake", true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dials = get(&a.shared.counters.dials) - before;
+        assert_eq!(a.shared.state.lock().pool_dialled.len(), 4, "the pool, dialled");
+        assert!((4..=budget(4)).contains(&dials), "{dials} dials: the pool's 4 and the budget's");
+        // Lists naming more members, some of which outrank the pool dialled: no more free dials.
+        learn("more", true);
+        learn("again", true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dials = get(&a.shared.counters.dials) - before;
+        assert_eq!(a.shared.state.lock().pool_dialled.len(), 4, "at most a pool of free dials per start");
+        assert!(dials <= budget(4), "{dials} dials in {:?}", start.elapsed());
+        // After the join, a member that would rank into the pool pays.
+        {
+            let mut st = a.shared.state.lock();
+            st.pool_dialled.clear();
+        }
+        learn("late", false);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dials = get(&a.shared.counters.dials) - before;
+        assert!(a.shared.state.lock().pool_dialled.is_empty(), "no free dial once joined");
+        assert!(dials <= budget(4), "{dials} dials in {:?}", start.elapsed());
+        a.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// A member list longer than one frame goes out whole, in frames the reader accepts (it
 /// refuses a frame of more than 256 members, and the encoder once cut the list there).
 #[test]
