@@ -124,9 +124,10 @@ pub const MAX_RELAYED_PER_PEER: usize = 4_096;
 pub const MAX_ANSWERS_PER_PERIOD: u32 = 64;
 /// Counts repairs and full syncs export to one peer per round (about 50 KB; a step stops
 /// after the key that reaches it); the rest follows in later rounds. A full sync's totals
-/// are charged as sent, and each pass over the store for them at least
-/// [`MAX_TOTALS_PASSES_PER_ROUND`]th of this: at most that many passes per peer and round,
-/// each looking at most at what is left of this budget in counts (plus one key's).
+/// are charged as sent, and each pass over the store for them that stops before its end
+/// at least [`MAX_TOTALS_PASSES_PER_ROUND`]th of this: at most that many such passes per
+/// peer and round, each looking at most at what is left of this budget in counts (plus
+/// one key's).
 pub const MAX_REPAIR_ENTRIES_PER_ROUND: usize = 4_096;
 /// Passes over a store for a full sync's totals, per peer and round (see
 /// [`MAX_REPAIR_ENTRIES_PER_ROUND`]): a pool member holds every writer's count of its
@@ -1145,6 +1146,7 @@ impl GossipNode {
     /// send a newcomer carry the totals of every key (each publishes its own keys', on
     /// the ring it has when the newcomer comes up), so a driver that joins waits for them
     /// as well as for its seeds.
+    #[cfg(feature = "quic")]
     pub(crate) fn pool_among(&self, members: impl IntoIterator<Item = PeerId>) -> Vec<PeerId> {
         let me = self.cfg.replica.node;
         let mut all: Vec<PeerId> = members.into_iter().filter(|&m| m != me).collect();
@@ -1158,6 +1160,7 @@ impl GossipNode {
     }
 
     /// The most members that aggregate ([`GossipConfig::aggregator_pool`]).
+    #[cfg(feature = "quic")]
     pub(crate) fn aggregator_pool(&self) -> usize {
         self.cfg.aggregator_pool
     }
@@ -2700,7 +2703,7 @@ impl GossipNode {
             let is_totals = matches!(job.wanted, Wanted::Totals);
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
             // Totals are charged as sent (about one per key and window, out of every
-            // writer's counts looked at), and each pass at least a share of the budget.
+            // writer's counts looked at).
             let sent = if is_totals {
                 let mut per = BTreeMap::new();
                 self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), &mut per);
@@ -2708,7 +2711,13 @@ impl GossipNode {
                 let mine = per.remove(&to).unwrap_or_default();
                 let n = mine.len();
                 totals.extend(mine);
-                n.max(MAX_REPAIR_ENTRIES_PER_ROUND / MAX_TOTALS_PASSES_PER_ROUND)
+                // A pass that stops before the store's end may have looked at up to 16 ×
+                // the budget's slots: at least its share of the round.
+                if done {
+                    n.max(1)
+                } else {
+                    n.max(MAX_REPAIR_ENTRIES_PER_ROUND / MAX_TOTALS_PASSES_PER_ROUND)
+                }
             } else {
                 out.extend(buf.iter().filter_map(|e| {
                     let replica = self.replica_id(e.replica)?;
@@ -2953,6 +2962,51 @@ mod tests {
         };
         assert!(!n.ring.members.contains(&newcomer), "the newcomer stays outside the pool");
         assert_eq!(done, published, "every published key's total, before the marker");
+    }
+
+    /// A member that comes up into the ring (it ranks into the pool) gets from a ring
+    /// member's full sync the totals of exactly the keys that member publishes and it
+    /// does not aggregate: those it aggregates come as counts in the same sync.
+    #[test]
+    fn a_member_in_the_ring_gets_totals_of_exactly_the_published_keys_it_does_not_aggregate() {
+        // Member 2 and peers that rank after node 1 and 2, in a pool of 3: the ring is
+        // node 1, member 2 and the best of the rest, until a newcomer that outranks them.
+        let mut peers = vec![2];
+        peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
+        let best = peers[1..].iter().map(|&id| pool_rank(id)).min().unwrap();
+        let newcomer = (1_000..).find(|&id| pool_rank(id) < best).unwrap();
+        let keys = 3_000u64;
+        let (mut n, mut t) = aggregating_in_pool_with_counts_of_member_2(&peers, keys, 3);
+        n.add_peer(newcomer);
+        let hello = codec::encode(&Envelope::new(ReplicaId { node: newcomer, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap();
+        n.handle_message(newcomer, &hello, t).unwrap();
+        assert!(n.ring.members.contains(&newcomer) && n.ring.members.contains(&1), "{:?}", n.ring.members);
+        let k = n.cfg.aggregators;
+        let expected: BTreeSet<u64> = (0..keys)
+            .map(|i| splitmix64(i + 1))
+            .filter(|&key| n.ring.publishes(key, k, 1) && !n.ring.aggregates(key, k, newcomer))
+            .collect();
+        let (mut got, mut counts) = (BTreeSet::new(), 0);
+        let mut everyone = peers.clone();
+        everyone.push(newcomer);
+        let mut transmits: Vec<Transmit> = std::iter::from_fn(|| n.poll_transmit()).collect();
+        for _ in 0..10 {
+            for tr in transmits.iter().filter(|tr| tr.to == newcomer && tr.reliable) {
+                match codec::decode(&tr.bytes).unwrap().body {
+                    Body::Totals(batches) => got.extend(batches.iter().flat_map(|b| b.entries.iter().map(|e| u64::from_le_bytes(e.key)))),
+                    Body::Counts(batches) => counts += batches.iter().map(|b| b.entries.len()).sum::<usize>(),
+                    _ => {}
+                }
+            }
+            if std::iter::from_fn(|| n.poll_event()).any(|e| matches!(e, Event::FullSyncSent { peer } if peer == newcomer)) {
+                break;
+            }
+            transmits = round_heard_from(&mut n, &everyone, &mut t);
+        }
+        assert!(!expected.is_empty() && expected.len() < keys as usize / 2, "{} keys published and not the newcomer's", expected.len());
+        let (extra, missing) = (got.difference(&expected).count(), expected.difference(&got).count());
+        assert!(extra == 0 && missing == 0, "totals in the newcomer's full sync: {extra} keys too many, {missing} missing");
+        assert!(counts > 0, "the counts of the keys it aggregates come too");
     }
 
     /// A store too large for one resend is passed over whole in consecutive anti-entropy

@@ -135,9 +135,12 @@ async fn pool_members_are_dialled_outside_the_budget_while_joining_at_most_a_poo
         // As while `start()` waits: 64 members, a pool of 4 among them. Those with a lower
         // id than node-a are dialled 3 × `reconnect_min` later (the lower id dials first).
         learn("fake", true);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while a.shared.state.lock().pool_dialled.len() < 4 {
+            assert!(tokio::time::Instant::now() < deadline, "the pool is dialled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let dials = get(&a.shared.counters.dials) - before;
-        assert_eq!(a.shared.state.lock().pool_dialled.len(), 4, "the pool, dialled");
         assert!((4..=budget(4)).contains(&dials), "{dials} dials: the pool's 4 and the budget's");
         // Lists naming more members, some of which outrank the pool dialled: no more free dials.
         learn("more", true);
@@ -146,11 +149,9 @@ async fn pool_members_are_dialled_outside_the_budget_while_joining_at_most_a_poo
         let dials = get(&a.shared.counters.dials) - before;
         assert_eq!(a.shared.state.lock().pool_dialled.len(), 4, "at most a pool of free dials per start");
         assert!(dials <= budget(4), "{dials} dials in {:?}", start.elapsed());
-        // After the join, a member that would rank into the pool pays.
-        {
-            let mut st = a.shared.state.lock();
-            st.pool_dialled.clear();
-        }
+        // After the join (the set of free dials is cleared when `start()` returns), a
+        // member that would rank into the pool pays.
+        a.shared.state.lock().pool_dialled.clear();
         learn("late", false);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let dials = get(&a.shared.counters.dials) - before;
