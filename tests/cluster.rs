@@ -922,3 +922,34 @@ async fn a_member_that_joins_through_a_seed_outside_the_pool_has_the_pools_total
     })
     .await;
 }
+
+/// A full sync that lost frames on the sender's full stream queue is not announced
+/// complete: the joining node either has every count when `start()` returns, or its
+/// join times out and says so. (Before, the sync-done marker followed whatever frames
+/// were left, and `start()` returned early without the dropped counts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_that_lost_frames_on_a_full_queue_is_not_announced_complete() {
+    bounded(60, async {
+        logs();
+        let ca = Ca::new();
+        let window = Duration::from_secs(10);
+        // A stream queue of 16 frames: each round of the sync (4,096 counts, about 45
+        // frames) overflows it, and the last (100 counts) leaves room for the marker.
+        let cfg = ClusterConfig { stream_queue: 16, ..config(ca.identity("small-queue"), &[]) };
+        let a = Cluster::start(limiter(1_000, window), cfg).await.unwrap();
+        align(10_000, 6_000).await;
+        let clients = 3 * 4_096 + 100;
+        for i in 0..clients {
+            assert!(a.limiter().allow(&format!("client-{i}"), a.limiter().now_ms()));
+        }
+        let cfg = ClusterConfig { join_timeout: Duration::from_secs(2), ..config(ca.identity("behind-small-queue"), &[&a]) };
+        let b = Cluster::start(limiter(1_000, window), cfg).await.unwrap();
+        let held = b.state().iter().filter(|e| e.replica == a.replica()).count();
+        let timed_out = logged(|l| l.contains("behind-small-queue") && l.contains("join timeout"));
+        assert!(a.stats().frames_dropped_queue_full > 0, "the queue overflowed");
+        assert!(held == clients || timed_out, "start() returned without a join timeout holding {held} of {clients} counts");
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}

@@ -253,6 +253,10 @@ struct ConnEntry {
     incoming: bool,
     /// A refusal of this connection was counted.
     refused: bool,
+    /// Frames dropped on this connection's full queue, and how many of them had been
+    /// when the last full sync ended: a sync that lost frames is not marked complete.
+    queue_full: AtomicU64,
+    queue_full_at_sync_end: u64,
 }
 
 impl ConnEntry {
@@ -271,6 +275,7 @@ impl ConnEntry {
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 inc(&c.frames_dropped_queue_full, 1);
+                inc(&self.queue_full, 1);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -1158,6 +1163,8 @@ impl State {
                 reader,
                 incoming: incoming_slot,
                 refused: false,
+                queue_full: AtomicU64::new(0),
+                queue_full_at_sync_end: 0,
             },
         );
         let is_seed = matches!(target, Some(Target::Seed(_)));
@@ -1240,9 +1247,21 @@ impl State {
         while let Some(event) = self.node.poll_event() {
             match event {
                 // The last of a full sync is on the peer's stream: the marker follows it
-                // on the same stream, so it arrives after all of it.
+                // on the same stream, so it arrives after all of it. Unless frames were
+                // dropped on the full queue since the last sync ended: then the sync is
+                // not announced complete (the peer's join waits for its timeout, and
+                // anti-entropy repairs what was lost).
                 CoreEvent::FullSyncSent { peer } => {
-                    self.send_frame(sh, peer, &Frame::SyncDone);
+                    let conn = self.peers.get(&peer).and_then(|p| p.active).and_then(|id| self.conns.get_mut(&id));
+                    let lost = conn.map(|c| {
+                        let dropped = get(&c.queue_full);
+                        std::mem::replace(&mut c.queue_full_at_sync_end, dropped) < dropped
+                    });
+                    if lost == Some(true) {
+                        tracing::warn!(peer = %self.name_of(peer), "full sync not marked complete: frames were dropped on the peer's full stream queue (stream_queue); anti-entropy repairs them");
+                    } else {
+                        self.send_frame(sh, peer, &Frame::SyncDone);
+                    }
                 }
                 CoreEvent::PeerUp { peer, incarnation, restarted } => {
                     tracing::info!(peer = %self.name_of(peer), incarnation, restarted, "member up");

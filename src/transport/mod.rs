@@ -237,8 +237,10 @@ pub struct ClusterConfig {
     /// [`DEFAULT_MAX_INCOMING`] (256).
     pub max_incoming: usize,
     /// Frames queued per peer for its stream; when full the newest is dropped and
-    /// counted. Default [`DEFAULT_STREAM_QUEUE`] (4096; with 1162-byte messages, about
-    /// 4.5 MiB per peer at worst).
+    /// counted, and a full sync that lost frames so is not announced complete (a node
+    /// joining through this one waits for `join_timeout` and says so; anti-entropy
+    /// repairs the counts). Default [`DEFAULT_STREAM_QUEUE`] (4096; with 1162-byte
+    /// messages, about 4.5 MiB per peer at worst).
     pub stream_queue: usize,
     /// Bytes of datagrams quinn buffers per connection, each way; when full it drops the
     /// oldest. Default [`DEFAULT_DATAGRAM_BUFFER_BYTES`] (256 KiB).
