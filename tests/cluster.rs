@@ -948,6 +948,8 @@ async fn a_full_sync_that_lost_frames_on_a_full_queue_is_not_announced_complete(
         let timed_out = logged(|l| l.contains("behind-small-queue") && l.contains("join timeout"));
         assert!(a.stats().frames_dropped_queue_full > 0, "the queue overflowed");
         assert!(held == clients || timed_out, "start() returned without a join timeout holding {held} of {clients} counts");
+        let withheld = logged(|l| l.contains("behind-small-queue") && l.contains("full sync not marked complete"));
+        assert!(held == clients || withheld, "the seed announced the sync complete");
         a.shutdown().await;
         b.shutdown().await;
     })

@@ -202,6 +202,11 @@ struct PeerEntry {
     dial: Backoff,
     /// Since when it has had no connection that said hello (`None` while it has one).
     unreachable_since: Option<Instant>,
+    /// Frames to it dropped on full queues of connections now closed, and all such drops
+    /// counted when the last full sync to it ended: a full sync after which the count
+    /// grew is not announced complete.
+    queue_full_closed: u64,
+    queue_full_at_sync_end: u64,
 }
 
 impl PeerEntry {
@@ -253,10 +258,8 @@ struct ConnEntry {
     incoming: bool,
     /// A refusal of this connection was counted.
     refused: bool,
-    /// Frames dropped on this connection's full queue, and how many of them had been
-    /// when the last full sync ended: a sync that lost frames is not marked complete.
+    /// Frames dropped on this connection's full queue (see [`State::queue_full_drops`]).
     queue_full: AtomicU64,
-    queue_full_at_sync_end: u64,
 }
 
 impl ConnEntry {
@@ -1164,7 +1167,6 @@ impl State {
                 incoming: incoming_slot,
                 refused: false,
                 queue_full: AtomicU64::new(0),
-                queue_full_at_sync_end: 0,
             },
         );
         let is_seed = matches!(target, Some(Target::Seed(_)));
@@ -1182,6 +1184,8 @@ impl State {
             refused: None,
             dial: Backoff::now(),
             unreachable_since: Some(Instant::now()),
+            queue_full_closed: 0,
+            queue_full_at_sync_end: 0,
         });
         entry.seed |= is_seed;
         if let Some(Target::Seed(i)) = target {
@@ -1247,17 +1251,15 @@ impl State {
         while let Some(event) = self.node.poll_event() {
             match event {
                 // The last of a full sync is on the peer's stream: the marker follows it
-                // on the same stream, so it arrives after all of it. Unless frames were
-                // dropped on the full queue since the last sync ended: then the sync is
-                // not announced complete (the peer's join waits for its timeout, and
-                // anti-entropy repairs what was lost).
+                // on the same stream, so it arrives after all of it. Unless a frame to the
+                // peer was dropped on a full queue (of any of its connections) since the
+                // last full sync to it ended: then the sync is not announced complete (the
+                // peer's join waits for its timeout; anti-entropy repairs what was lost).
                 CoreEvent::FullSyncSent { peer } => {
-                    let conn = self.peers.get(&peer).and_then(|p| p.active).and_then(|id| self.conns.get_mut(&id));
-                    let lost = conn.map(|c| {
-                        let dropped = get(&c.queue_full);
-                        std::mem::replace(&mut c.queue_full_at_sync_end, dropped) < dropped
-                    });
-                    if lost == Some(true) {
+                    let dropped = self.queue_full_drops(peer);
+                    let lost =
+                        self.peers.get_mut(&peer).is_some_and(|p| std::mem::replace(&mut p.queue_full_at_sync_end, dropped) < dropped);
+                    if lost {
                         tracing::warn!(peer = %self.name_of(peer), "full sync not marked complete: frames were dropped on the peer's full stream queue (stream_queue); anti-entropy repairs them");
                     } else {
                         self.send_frame(sh, peer, &Frame::SyncDone);
@@ -1277,6 +1279,12 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Frames to `peer` dropped on full queues, on every connection it has had.
+    fn queue_full_drops(&self, peer: PeerId) -> u64 {
+        let open = self.conns.values().filter(|c| c.peer == peer).map(|c| get(&c.queue_full)).sum::<u64>();
+        self.peers.get(&peer).map_or(0, |p| p.queue_full_closed) + open
     }
 
     fn route(&self, sh: &Shared, t: Transmit) {
@@ -1443,6 +1451,8 @@ impl State {
                             refused: None,
                             dial,
                             unreachable_since: Some(Instant::now()),
+                            queue_full_closed: 0,
+                            queue_full_at_sync_end: 0,
                         },
                     );
                 }
@@ -1474,6 +1484,7 @@ impl State {
         let peer = c.peer;
         let name = self.name_of(peer);
         let Some(p) = self.peers.get_mut(&peer) else { return };
+        p.queue_full_closed += get(&c.queue_full);
         let was_active = p.active == Some(conn_id);
         if was_active {
             p.active = None;

@@ -237,7 +237,7 @@ pub struct ClusterConfig {
     /// [`DEFAULT_MAX_INCOMING`] (256).
     pub max_incoming: usize,
     /// Frames queued per peer for its stream; when full the newest is dropped and
-    /// counted, and a full sync that lost frames so is not announced complete (a node
+    /// counted, and the next full sync to that peer is not announced complete (a node
     /// joining through this one waits for `join_timeout` and says so; anti-entropy
     /// repairs the counts). Default [`DEFAULT_STREAM_QUEUE`] (4096; with 1162-byte
     /// messages, about 4.5 MiB per peer at worst).
