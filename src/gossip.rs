@@ -1152,7 +1152,7 @@ impl GossipNode {
         let mut all: Vec<PeerId> = members.into_iter().filter(|&m| m != me).collect();
         all.sort_unstable();
         all.dedup();
-        if all.len() <= self.cfg.aggregate_above_peers.max(self.cfg.full_mesh_max_peers) {
+        if !self.aggregated_with(all.len()) {
             return Vec::new();
         }
         keep_pool(&mut all, self.cfg.aggregator_pool);
@@ -1330,7 +1330,12 @@ impl GossipNode {
     /// Aggregated dissemination (which takes fan-out mode's heartbeats and suspicion
     /// period, and its place).
     fn aggregated(&self) -> bool {
-        self.peers.len() > self.cfg.aggregate_above_peers.max(self.cfg.full_mesh_max_peers)
+        self.aggregated_with(self.peers.len())
+    }
+
+    /// Whether `peers` peers would make this node's dissemination aggregated.
+    fn aggregated_with(&self, peers: usize) -> bool {
+        peers > self.cfg.aggregate_above_peers.max(self.cfg.full_mesh_max_peers)
     }
 
     /// Rounds until a count made here shows in every live member's view (`docs/design.md`,
@@ -2700,34 +2705,32 @@ impl GossipNode {
                         Wanted::Buckets(_) | Wanted::All => true,
                     }
             };
-            let is_totals = matches!(job.wanted, Wanted::Totals);
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
-            // Totals are charged as sent (about one per key and window, out of every
-            // writer's counts looked at).
-            let sent = if is_totals {
-                let mut per = BTreeMap::new();
-                self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), &mut per);
-                // `totals_for` also gives the keys' writers theirs: only `to`'s go.
-                let mine = per.remove(&to).unwrap_or_default();
-                let n = mine.len();
-                totals.extend(mine);
-                // A pass that stops before the store's end may have looked at up to 16 ×
-                // the budget's slots: at least its share of the round.
-                if done {
-                    n.max(1)
-                } else {
-                    n.max(MAX_REPAIR_ENTRIES_PER_ROUND / MAX_TOTALS_PASSES_PER_ROUND)
+            let sent = match &job.wanted {
+                // Totals are charged as sent (about one per key and window, out of every
+                // writer's counts looked at); a pass that stops before the store's end
+                // may have looked at up to 16 × the budget's slots: at least its share.
+                Wanted::Totals => {
+                    let mut per = BTreeMap::new();
+                    self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), &mut per);
+                    // `totals_for` also gives the keys' writers theirs: only `to`'s go.
+                    let mine = per.remove(&to).unwrap_or_default();
+                    let share = if done { 0 } else { MAX_REPAIR_ENTRIES_PER_ROUND / MAX_TOTALS_PASSES_PER_ROUND };
+                    let n = mine.len().max(share);
+                    totals.extend(mine);
+                    n
                 }
-            } else {
-                out.extend(buf.iter().filter_map(|e| {
-                    let replica = self.replica_id(e.replica)?;
-                    let wanted = match &job.wanted {
-                        Wanted::Buckets(w) => w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0),
-                        Wanted::All | Wanted::Aggregated | Wanted::Totals => true,
-                    };
-                    wanted.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })
-                }));
-                buf.len()
+                wanted => {
+                    out.extend(buf.iter().filter_map(|e| {
+                        let replica = self.replica_id(e.replica)?;
+                        let in_bucket = match wanted {
+                            Wanted::Buckets(w) => w.get(&replica).is_some_and(|m| m & (1 << bucket(e.key)) != 0),
+                            _ => true,
+                        };
+                        in_bucket.then_some(Outgoing { window_ms: job.window_ms, replica, key: e.key, window: e.window, count: e.count })
+                    }));
+                    buf.len()
+                }
             };
             let Some(p) = self.peers.get_mut(&to) else { return };
             p.exported_this_round += sent.max(1);
@@ -2853,22 +2856,30 @@ mod tests {
     }
 
     fn node_in_window(id: u64, peers: &[u64], limit: u64, window: Duration, admission: Admission) -> GossipNode {
-        let limiter = RateLimiter::builder()
+        let limiter = limiter_in_window(limit, window, admission);
+        GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
+    }
+
+    fn limiter_in_window(limit: u64, window: Duration, admission: Admission) -> RateLimiter {
+        RateLimiter::builder()
             .quota(Quota::new(limit, window).unwrap())
             .strategy(Strategy::FixedWindow)
             .admission(admission)
             .clock(ManualClock::new(T0))
             .hash_secret([7; 16])
             .build()
-            .unwrap();
-        GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: id, incarnation: 1 }), peers.iter().copied(), id, T0).unwrap()
+            .unwrap()
+    }
+
+    /// An empty `Counts` message from `node` (incarnation 1).
+    fn heartbeat(node: u64) -> Vec<u8> {
+        codec::encode(&Envelope::new(ReplicaId { node, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap()
     }
 
     /// Hears a heartbeat from every peer, runs a round 20 ms on, and returns what it sent.
     fn round_heard_from(n: &mut GossipNode, peers: &[u64], t: &mut i64) -> Vec<Transmit> {
         for &p in peers {
-            let heartbeat = codec::encode(&Envelope::new(ReplicaId { node: p, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap();
-            n.handle_message(p, &heartbeat, *t).unwrap();
+            n.handle_message(p, &heartbeat(p), *t).unwrap();
         }
         *t += 20;
         n.handle_timeout(*t);
@@ -2883,14 +2894,7 @@ mod tests {
 
     /// The same with an `aggregator_pool` of `pool`.
     fn aggregating_in_pool_with_counts_of_member_2(peers: &[u64], keys: u64, pool: usize) -> (GossipNode, i64) {
-        let limiter = RateLimiter::builder()
-            .quota(Quota::new(1_000_000, Duration::from_secs(60)).unwrap())
-            .strategy(Strategy::FixedWindow)
-            .admission(Admission::Optimistic)
-            .clock(ManualClock::new(T0))
-            .hash_secret([7; 16])
-            .build()
-            .unwrap();
+        let limiter = limiter_in_window(1_000_000, Duration::from_secs(60), Admission::Optimistic);
         let mut cfg = GossipConfig::new(ReplicaId { node: 1, incarnation: 1 });
         cfg.aggregator_pool = pool;
         let mut n = GossipNode::new(limiter, cfg, peers.iter().copied(), 1, T0).unwrap();
@@ -2910,6 +2914,13 @@ mod tests {
         (n, t)
     }
 
+    /// Member 2 and the first 38 peers that rank after node 1 and member 2 for the pool.
+    fn member_2_and_38_ranking_after_1_and_2() -> Vec<u64> {
+        let mut peers = vec![2];
+        peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
+        peers
+    }
+
     /// A member outside the ring that comes up (a newcomer, or one that restarted or
     /// healed) gets from each ring member, as part of its full sync and before the
     /// sync-done marker, the totals of every key that member publishes: reliably, within
@@ -2919,8 +2930,7 @@ mod tests {
     fn a_member_outside_the_ring_gets_its_totals_in_its_full_sync_before_the_sync_done_marker() {
         // Member 2 and peers that rank after node 1, in a pool of 2: node 1 publishes about
         // half of the keys, more totals than one round's budget.
-        let mut peers = vec![2];
-        peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
+        let peers = member_2_and_38_ranking_after_1_and_2();
         let keys = (MAX_REPAIR_ENTRIES_PER_ROUND * 3) as u64;
         let (mut n, mut t) = aggregating_in_pool_with_counts_of_member_2(&peers, keys, 2);
         assert!(n.ring.members.contains(&1) && n.ring.members.len() == n.cfg.aggregator_pool, "node 1 is in a full pool");
@@ -2943,8 +2953,7 @@ mod tests {
         };
         let is_marker = |e: &Event| matches!(e, Event::FullSyncSent { peer } if *peer == newcomer);
         // It comes up: the first step of its full sync goes at once, and is not all of it.
-        let hello = codec::encode(&Envelope::new(ReplicaId { node: newcomer, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap();
-        n.handle_message(newcomer, &hello, t).unwrap();
+        n.handle_message(newcomer, &heartbeat(newcomer), t).unwrap();
         let mut totals = reliable_totals(&std::iter::from_fn(|| n.poll_transmit()).collect::<Vec<_>>());
         assert!(totals > 0 && totals < published, "{totals} of {published} totals in the first step");
         assert!(totals <= MAX_REPAIR_ENTRIES_PER_ROUND + 1, "{totals} totals in the first step");
@@ -2971,15 +2980,13 @@ mod tests {
     fn a_member_in_the_ring_gets_totals_of_exactly_the_published_keys_it_does_not_aggregate() {
         // Member 2 and peers that rank after node 1 and 2, in a pool of 3: the ring is
         // node 1, member 2 and the best of the rest, until a newcomer that outranks them.
-        let mut peers = vec![2];
-        peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
+        let peers = member_2_and_38_ranking_after_1_and_2();
         let best = peers[1..].iter().map(|&id| pool_rank(id)).min().unwrap();
         let newcomer = (1_000..).find(|&id| pool_rank(id) < best).unwrap();
         let keys = 3_000u64;
         let (mut n, mut t) = aggregating_in_pool_with_counts_of_member_2(&peers, keys, 3);
         n.add_peer(newcomer);
-        let hello = codec::encode(&Envelope::new(ReplicaId { node: newcomer, incarnation: 1 }, Body::Counts(Vec::new()))).unwrap();
-        n.handle_message(newcomer, &hello, t).unwrap();
+        n.handle_message(newcomer, &heartbeat(newcomer), t).unwrap();
         assert!(n.ring.members.contains(&newcomer) && n.ring.members.contains(&1), "{:?}", n.ring.members);
         let k = n.cfg.aggregators;
         let expected: BTreeSet<u64> = (0..keys)

@@ -210,6 +210,24 @@ struct PeerEntry {
 }
 
 impl PeerEntry {
+    /// A member not connected yet, at `addr` if known, to be dialled by `dial`.
+    fn new(name: String, addr: Option<SocketAddr>, dial: Backoff) -> Self {
+        Self {
+            name,
+            addr,
+            incarnation: None,
+            left: None,
+            active: None,
+            seed: false,
+            synced: false,
+            refused: None,
+            dial,
+            unreachable_since: Some(Instant::now()),
+            queue_full_closed: 0,
+            queue_full_at_sync_end: 0,
+        }
+    }
+
     /// How a member list names it, once it has said who it is and where.
     fn member(&self) -> Option<MemberEntry> {
         self.incarnation.zip(self.addr).map(|(incarnation, addr)| MemberEntry { name: self.name.clone(), incarnation, addr })
@@ -933,28 +951,6 @@ impl State {
                     self.dial(sh, Target::Seed(i), addr, None);
                 }
             }
-            // While joining, each member of the aggregator pool is dialled once outside the
-            // budget, so that the join need not wait a second per `max_dials_per_sec` of
-            // them (a few static seeds outside the pool name all of it in their lists).
-            // A seed's dial under way (or due) at the member's address covers it. At most
-            // `aggregator_pool` such dials per start, whatever member lists say.
-            for id in self.join_pool() {
-                if self.pool_dialled.len() >= self.node.aggregator_pool() {
-                    break;
-                }
-                let Some(p) = self.peers.get(&id) else { continue };
-                let pending = self.conns.values().any(|c| c.peer == id && c.stream_tx.is_some());
-                if p.active.is_some() || pending || !p.dial.due(now) || self.pool_dialled.contains(&id) {
-                    continue;
-                }
-                let Some(addr) = p.addr else { continue };
-                if self.seeds.iter().any(|s| s.addr == addr && s.peer.is_none() && !s.is_self && !s.failed_once) {
-                    continue;
-                }
-                let name = p.name.clone();
-                self.pool_dialled.insert(id);
-                self.dial(sh, Target::Peer(id), addr, Some(name));
-            }
             let mut due: Vec<(bool, PeerId, SocketAddr, String)> = self
                 .peers
                 .iter()
@@ -967,10 +963,26 @@ impl State {
                 .filter_map(|(id, p)| p.addr.map(|a| (p.incarnation.is_none(), *id, a, p.name.clone())))
                 .collect();
             // Within the dial budget; members this node was connected to before go first,
-            // so that a list of made-up members cannot delay their redials for long.
+            // so that a list of made-up members cannot delay their redials for long. While
+            // joining, each member of the aggregator pool is dialled once outside the
+            // budget, so that the join need not wait a second per `max_dials_per_sec` of
+            // them (a few static seeds outside the pool name all of it in their lists),
+            // unless a seed's dial under way (or due) at its address covers it: at most
+            // `aggregator_pool` such dials per start, whatever member lists say.
             due.sort_by_key(|d| d.0);
-            for (_, id, addr, name) in due.into_iter().take(self.dial_tokens as usize) {
-                self.dial_tokens -= 1;
+            let pool = self.join_pool();
+            for (_, id, addr, name) in due {
+                let free = pool.binary_search(&id).is_ok()
+                    && self.pool_dialled.len() < self.node.aggregator_pool()
+                    && !self.pool_dialled.contains(&id)
+                    && !self.seeds.iter().any(|s| s.addr == addr && s.peer.is_none() && !s.is_self && !s.failed_once);
+                if free {
+                    self.pool_dialled.insert(id);
+                } else if self.dial_tokens > 0 {
+                    self.dial_tokens -= 1;
+                } else {
+                    continue;
+                }
                 self.dial(sh, Target::Peer(id), addr, Some(name));
             }
         }
@@ -1173,20 +1185,7 @@ impl State {
         if !self.peers.contains_key(&id) && self.peers.len() >= MAX_PEERS {
             tracing::warn!(peer = %name, "member table full; ignoring a new member");
         }
-        let entry = self.peers.entry(id).or_insert_with(|| PeerEntry {
-            name: name.clone(),
-            addr: None,
-            incarnation: None,
-            left: None,
-            active: None,
-            seed: false,
-            synced: false,
-            refused: None,
-            dial: Backoff::now(),
-            unreachable_since: Some(Instant::now()),
-            queue_full_closed: 0,
-            queue_full_at_sync_end: 0,
-        });
+        let entry = self.peers.entry(id).or_insert_with(|| PeerEntry::new(name.clone(), None, Backoff::now()));
         entry.seed |= is_seed;
         if let Some(Target::Seed(i)) = target {
             if let Some(s) = self.seeds.get_mut(i) {
@@ -1438,23 +1437,7 @@ impl State {
                         // The lower id dials first; we only dial if it has not by then.
                         dial.next_at += 3 * sh.settings.reconnect_min;
                     }
-                    self.peers.insert(
-                        id,
-                        PeerEntry {
-                            name: m.name,
-                            addr: Some(m.addr),
-                            incarnation: None,
-                            left: None,
-                            active: None,
-                            seed: false,
-                            synced: false,
-                            refused: None,
-                            dial,
-                            unreachable_since: Some(Instant::now()),
-                            queue_full_closed: 0,
-                            queue_full_at_sync_end: 0,
-                        },
-                    );
+                    self.peers.insert(id, PeerEntry::new(m.name, Some(m.addr), dial));
                 }
                 None => {}
             }
