@@ -1,4 +1,11 @@
-#![doc = include_str!("../README.md")]
+// The README is the crate's documentation, and its examples are doctests. They are
+// written to be pasted as they are into a program on the default features, so without
+// `quic` (whose cluster example they hold) the crate is documented in one line instead.
+#![cfg_attr(feature = "quic", doc = include_str!("../README.md"))]
+#![cfg_attr(
+    not(feature = "quic"),
+    doc = "A global rate limiter with zero network hops per request (the README, the crate's documentation with the default `quic` feature)."
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 #![deny(clippy::undocumented_unsafe_blocks)]
