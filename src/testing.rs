@@ -49,7 +49,11 @@ pub struct CountsBatch {
 
 /// A `Counts` message from `from`.
 pub fn counts(from: ReplicaId, batches: &[CountsBatch]) -> Result<Vec<u8>, EncodeError> {
-    let batches = batches
+    env(from, Body::Counts(wire_batches(batches)))
+}
+
+fn wire_batches(batches: &[CountsBatch]) -> Vec<Batch> {
+    batches
         .iter()
         .map(|b| Batch {
             replica: b.replica,
@@ -57,8 +61,15 @@ pub fn counts(from: ReplicaId, batches: &[CountsBatch]) -> Result<Vec<u8>, Encod
             base_window: b.window,
             entries: b.entries.iter().map(|&(k, count)| WireEntry { key: k.to_le_bytes(), window_offset: 0, count }).collect(),
         })
-        .collect();
-    env(from, Body::Counts(batches))
+        .collect()
+}
+
+/// A `Totals` message from `from` (aggregated dissemination): per batch, the others'
+/// totals of its keys in its window, as an aggregator publishes them. The batches'
+/// replica should be `from`, as an aggregator sends them; any other is what a
+/// misbehaving member could send.
+pub fn totals(from: ReplicaId, batches: &[CountsBatch]) -> Result<Vec<u8>, EncodeError> {
+    env(from, Body::Totals(wire_batches(batches)))
 }
 
 /// A `Repair` request: the counts of these (replica, bucket mask) pairs.

@@ -402,6 +402,63 @@ fn valid_messages(key: u64) -> Vec<Vec<u8>> {
     ]
 }
 
+/// Valid messages of every kind from member `from` of `swim_node_with_pool`'s cluster:
+/// counts (its own, and relayed for another), totals (as an aggregator, and naming
+/// another replica), a SWIM gossip naming members known and unknown, a "you are down",
+/// a digest, a repair request, a sync request, a ping, limits.
+fn aggregated_messages(from: u64, key: u64) -> Vec<Vec<u8>> {
+    let me = replica(from, 1);
+    let batch =
+        |replica, window| CountsBatch { replica, window_ms: 1000, window, entries: vec![(key, 3), (key ^ 1, 250), (key ^ 2, 70_000)] };
+    // Totals above those counts (a view takes the larger of the two).
+    let totals = |replica, window| CountsBatch { replica, window_ms: 1000, window, entries: vec![(key, 5), (key ^ 1, 400), (key ^ 3, 9)] };
+    let undead = testing::swim_packet(me, from, (replica(1, 1), 0), testing::SwimKind::TurnUndead, &[]).unwrap();
+    let updates = [
+        testing::SwimUpdate { node: 1, incarnation: 1, bump: 0, down: true },
+        testing::SwimUpdate { node: 3, incarnation: 2, bump: 1, down: false },
+        testing::SwimUpdate { node: 77, incarnation: 1, bump: 0, down: false },
+    ];
+    let gossip = testing::swim_packet(me, from, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
+    let mut v = valid_messages(key);
+    // `valid_messages` is from member 2: its counts and sync request stand for any member.
+    v.truncate(2);
+    v.extend([
+        testing::counts(me, &[batch(me, W0), batch(replica(9, 4), W0 - 1)]).unwrap(),
+        testing::totals(me, &[totals(me, W0), totals(me, W0 - 1)]).unwrap(),
+        testing::totals(me, &[totals(replica(5, 1), W0)]).unwrap(),
+        testing::swim_raw(me, &gossip).unwrap(),
+        testing::swim_raw(me, &undead).unwrap(),
+        testing::digest(me, 1000, W0, 2, &[(me, [1, 2, 3, 4, 5, 6, 7, 8])], true).unwrap(),
+        testing::repair(me, 1000, &[(replica(1, 1), 0xFF)]).unwrap(),
+        testing::sync_request(me).unwrap(),
+        testing::ping(me, T0, None).unwrap(),
+    ]);
+    v
+}
+
+/// The messages the aggregated-cluster property test mutates are, unmutated, taken as
+/// what they are (so that mutations start from messages the core acts on).
+#[test]
+fn the_aggregated_clusters_messages_are_each_taken_when_unmutated() {
+    for pool in [4, 32] {
+        let mut n = swim_node_with_pool(pool);
+        n.limiter().allow("client-1", T0);
+        let key = n.limiter().key_hash("client-1");
+        let before = n.stats().clone();
+        for (i, m) in aggregated_messages(3, key).iter().enumerate().skip(2) {
+            n.handle_message(3, m, T0 + 1).unwrap_or_else(|e| panic!("message {i}: {e}"));
+            drain(&mut n);
+        }
+        let after = n.stats();
+        assert!(after.totals_merged > before.totals_merged, "totals merged");
+        // The gossip declares this node down, so it rejoins; the "you are down" right
+        // after is then refused (a rejoin's guard, above).
+        assert_eq!(after.swim_received, before.swim_received + 1, "the SWIM gossip read");
+        assert_eq!(after.swim_refused, before.swim_refused + 1, "the \"you are down\" after the rejoin refused");
+        assert_eq!(after.decode_errors, before.decode_errors);
+    }
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
 
@@ -437,6 +494,52 @@ proptest::proptest! {
             let (messages, _) = drain(&mut n);
             proptest::prop_assert!(messages <= 2_000, "{messages} messages queued for one input");
         }
+    }
+
+    /// The same beyond 16 peers, where the core aggregates and runs SWIM (and, with a
+    /// pool of 4, most members do not aggregate): messages of every kind, totals and
+    /// SWIM packets included, from several members, mutated, with rounds run between
+    /// them and the clock moving on, never panic the core, and what one input makes it
+    /// queue stays within its outbox.
+    #[test]
+    fn mutated_messages_from_members_of_an_aggregating_swim_cluster_never_panic_the_core(
+        pool in proptest::sample::select(vec![4usize, 32]),
+        picks in proptest::collection::vec(
+            (0usize..11, 2u64..=21, proptest::collection::vec((0usize..4096, 0u8..=255, 0u8..3), 0..6), 0usize..4096, 0i64..400),
+            1..16,
+        ),
+    ) {
+        let mut n = swim_node_with_pool(pool);
+        for i in 0..300 {
+            n.limiter().allow(&format!("client-{i}"), T0);
+        }
+        let key = n.limiter().key_hash("client-1");
+        let mut now = T0;
+        for (which, from, edits, cut, step) in picks {
+            let mut m = aggregated_messages(from, key).swap_remove(which);
+            for (at, byte, op) in edits {
+                let at = at % (m.len() + 1);
+                match op {
+                    0 if at < m.len() => m[at] ^= byte.max(1),
+                    1 => m.insert(at, byte),
+                    _ if at < m.len() => { m.remove(at); }
+                    _ => {}
+                }
+            }
+            if cut < m.len() && cut % 3 == 0 {
+                m.truncate(cut);
+            }
+            now += step;
+            let _ = n.handle_message(from, &m, now);
+            let (queued, _) = drain(&mut n);
+            n.handle_timeout(now);
+            let (sent, _) = drain(&mut n);
+            proptest::prop_assert!(queued.max(sent) <= MAX_OUTBOX, "{queued} then {sent} messages queued");
+            while n.poll_event().is_some() {}
+        }
+        // Still a working member: a peer's honest count is merged.
+        let honest = CountsBatch { replica: replica(2, 1), window_ms: 1000, window: now / 1000, entries: vec![(key ^ 0xABC, 4)] };
+        n.handle_message(2, &testing::counts(replica(2, 1), &[honest]).unwrap(), now).unwrap();
     }
 
     /// The frame reader gives the same frames however the stream is cut into reads.
@@ -478,6 +581,12 @@ proptest::proptest! {
 /// A node in SWIM mode (`swim_above_peers` at 16, and peers 2..=21) with its SWIM
 /// started and every peer known to SWIM as alive.
 fn swim_node() -> GossipNode {
+    swim_node_with_pool(GossipConfig::new(replica(1, 1)).aggregator_pool)
+}
+
+/// Node 1 with peers 2 to 21, every one up and known to SWIM (beyond 16 peers: aggregated
+/// dissemination and SWIM), at most `pool` members aggregating.
+fn swim_node_with_pool(pool: usize) -> GossipNode {
     let peers: Vec<u64> = (2..=21).collect();
     let limiter = RateLimiter::builder()
         .quota(Quota::new(10, Duration::from_secs(1)).unwrap())
@@ -487,6 +596,7 @@ fn swim_node() -> GossipNode {
         .unwrap();
     let mut cfg = GossipConfig::new(replica(1, 1));
     cfg.swim_above_peers = 16;
+    cfg.aggregator_pool = pool;
     let mut n = GossipNode::new(limiter, cfg, peers.iter().copied(), 1, T0).unwrap();
     n.handle_timeout(T0);
     drain(&mut n);
