@@ -123,17 +123,19 @@ pub const MAX_RELAYED_PER_PEER: usize = 4_096;
 /// [`GossipStats::answers_dropped`]. A `SyncRequest` is answered once per suspicion period.
 pub const MAX_ANSWERS_PER_PERIOD: u32 = 64;
 /// Counts repairs and full syncs export to one peer per round (about 50 KB; a step stops
-/// after the key that reaches it); the rest follows in later rounds. A full sync's totals
-/// are charged as sent, and each pass over the store for them that stops before its end
-/// at least [`MAX_TOTALS_PASSES_PER_ROUND`]th of this: at most that many such passes per
-/// peer and round, each looking at most at what is left of this budget in counts (plus
-/// one key's).
+/// after the key that reaches it); the rest follows in later rounds. What a step sends is
+/// charged (a full sync's totals as sent, about one per key and window), and a step that
+/// stops before the store's end at least [`MAX_EXPORT_PASSES_PER_ROUND`]th of this: at
+/// most that many such steps per peer and round, each looking at most at 16 table slots
+/// per count left of this budget.
 pub const MAX_REPAIR_ENTRIES_PER_ROUND: usize = 4_096;
-/// Passes over a store for a full sync's totals, per peer and round (see
-/// [`MAX_REPAIR_ENTRIES_PER_ROUND`]): a pool member holds every writer's count of its
-/// keys, so a pass sends about one total per window for as many counts as there are
-/// writers of the key.
-pub const MAX_TOTALS_PASSES_PER_ROUND: usize = 16;
+/// Export steps per peer and round that stop before a store's end (see
+/// [`MAX_REPAIR_ENTRIES_PER_ROUND`]). A step selects what the peer wants and can find
+/// little of it: the keys a member outside the pool aggregates (none), one bucket of a
+/// repair, a pool member's totals (one per window for as many counts as the key has
+/// writers). Charged only what it sent, steps that found nothing would pass over a whole
+/// store of any size in one round.
+pub const MAX_EXPORT_PASSES_PER_ROUND: usize = 16;
 /// Repair exports waiting per peer; a repair for a window length already waiting joins it.
 const MAX_REPAIR_JOBS: usize = 4;
 /// The most aggregators per key ([`GossipConfig::aggregators`]).
@@ -2708,15 +2710,13 @@ impl GossipNode {
             let done = self.replica.export_from(job.window_ms, &mut job.cursor, budget, now_ms, select, &mut buf);
             let sent = match &job.wanted {
                 // Totals are charged as sent (about one per key and window, out of every
-                // writer's counts looked at); a pass that stops before the store's end
-                // may have looked at up to 16 × the budget's slots: at least its share.
+                // writer's counts looked at).
                 Wanted::Totals => {
                     let mut per = BTreeMap::new();
                     self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), &mut per);
                     // `totals_for` also gives the keys' writers theirs: only `to`'s go.
                     let mine = per.remove(&to).unwrap_or_default();
-                    let share = if done { 0 } else { MAX_REPAIR_ENTRIES_PER_ROUND / MAX_TOTALS_PASSES_PER_ROUND };
-                    let n = mine.len().max(share);
+                    let n = mine.len();
                     totals.extend(mine);
                     n
                 }
@@ -2732,8 +2732,11 @@ impl GossipNode {
                     buf.len()
                 }
             };
+            // A step that stops before the store's end may have looked at up to 16 slots
+            // per count of the budget, whatever it found: at least its share.
+            let share = if done { 1 } else { MAX_REPAIR_ENTRIES_PER_ROUND / MAX_EXPORT_PASSES_PER_ROUND };
             let Some(p) = self.peers.get_mut(&to) else { return };
-            p.exported_this_round += sent.max(1);
+            p.exported_this_round += sent.max(share);
             if !done {
                 p.jobs.push_front(job);
             } else if job.wanted.is_sync() && !p.jobs.iter().any(|j| j.wanted.is_sync()) {
@@ -2919,6 +2922,36 @@ mod tests {
         let mut peers = vec![2];
         peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
         peers
+    }
+
+    /// A full sync whose selection finds nothing in a large store (the keys a member
+    /// outside the pool aggregates: none) still takes its steps within the per-round
+    /// budget: at most `MAX_EXPORT_PASSES_PER_ROUND` steps a round, not a pass over the
+    /// whole store in one round because each step was charged only what it sent.
+    #[test]
+    fn a_full_sync_that_selects_nothing_of_a_large_store_is_spread_over_rounds() {
+        // Two members that rank before node 1 in a pool of 2: node 1 is outside the ring
+        // (no totals to send), and so is the newcomer.
+        let mut peers = member_2_and_38_ranking_after_1_and_2();
+        peers.extend((3..).filter(|&id| pool_rank(id) < pool_rank(1)).take(2));
+        let (mut n, mut t) = aggregating_in_pool_with_counts_of_member_2(&peers, 700_000, 2);
+        let newcomer = (3..).find(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2)) && !peers.contains(&id)).unwrap();
+        assert!(!n.ring.members.contains(&1) && !n.ring.members.contains(&newcomer));
+        n.add_peer(newcomer);
+        let is_marker = |e: &Event| matches!(e, Event::FullSyncSent { peer } if *peer == newcomer);
+        n.handle_message(newcomer, &heartbeat(newcomer), t).unwrap();
+        std::iter::from_fn(|| n.poll_transmit()).for_each(drop);
+        assert!(!std::iter::from_fn(|| n.poll_event()).any(|e| is_marker(&e)), "the whole store passed over in one round");
+        // It ends in the rounds that follow (700,000 keys: about a million table slots).
+        for round in 1.. {
+            t += 20;
+            n.handle_timeout(t);
+            std::iter::from_fn(|| n.poll_transmit()).for_each(drop);
+            if std::iter::from_fn(|| n.poll_event()).any(|e| is_marker(&e)) {
+                break;
+            }
+            assert!(round < 10, "the sync never ends");
+        }
     }
 
     /// A member outside the ring that comes up (a newcomer, or one that restarted or
