@@ -1191,6 +1191,11 @@ impl State {
             if let Some(s) = self.seeds.get_mut(i) {
                 s.peer = Some(id);
                 s.refused = None;
+                // From now on the seed is redialled as this member, which needs an address
+                // before its hello gives one: a connection closed before the hello (a
+                // member shutting down, a late hello, a refused hash secret) would
+                // otherwise leave it never dialled again.
+                entry.addr.get_or_insert(s.addr);
             }
         }
     }

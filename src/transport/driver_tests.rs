@@ -111,6 +111,50 @@ async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
 /// learns of are dialled once each outside the dial budget: at most `aggregator_pool` of
 /// them, however many lists name members that outrank the last ones. Once `start()` has
 /// returned, members learned pay the budget like any other.
+/// A seed whose first connection closed before its hello was used (here: it hashed with
+/// another secret, and was refused) is redialled with backoff, so that it joins once it
+/// is fixed and restarted at its address. Before, the seed's entry had no address until
+/// a hello gave one, and nothing dialled it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_refused_before_its_hello_was_used_is_redialled_once_it_is_fixed() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let ca = certs::generate_ca().unwrap();
+        let other_secret =
+            || RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(1)).unwrap()).hash_secret([9; 16]).build().unwrap();
+        let t = Cluster::start(limiter(), config(identity(&ca, "node-t"), &[])).await.unwrap();
+        let s = Cluster::start(other_secret(), config(identity(&ca, "node-s"), &[])).await.unwrap();
+        let s_addr = s.local_addr();
+        // N joins through both: t answers, s is refused (another hash secret).
+        let n = Cluster::start(limiter(), config(identity(&ca, "node-n"), &[&t, &s])).await.unwrap();
+        assert!(n.refusals().iter().any(|r| r.addr == s_addr), "{:?}", n.refusals());
+        // s is fixed and restarted at the same address, with no seeds of its own: only n's
+        // redial can bring them together.
+        s.shutdown().await;
+        drop(s);
+        // Its socket is released once the endpoint's tasks have wound down.
+        let s = loop {
+            let fixed = ClusterConfig { listen: s_addr, ..config(identity(&ca, "node-s"), &[]) };
+            match Cluster::start(limiter(), fixed).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(e.to_string().contains("in use"), "{e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !n.live_peers().contains(&node_id("node-s")) {
+            assert!(tokio::time::Instant::now() < deadline, "n never redialled its seed: {:?}", n.members());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for c in [&n, &s, &t] {
+            c.shutdown().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_members_are_dialled_outside_the_budget_while_joining_at_most_a_pool_of_them() {
     tokio::time::timeout(Duration::from_secs(30), async {

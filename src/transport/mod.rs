@@ -250,8 +250,8 @@ pub struct ClusterConfig {
     pub reconnect_min: Duration,
     /// Longest reconnection delay. Default [`DEFAULT_RECONNECT_MAX`] (1 s).
     pub reconnect_max: Duration,
-    /// A member learned from another member's list (not a seed) that has been unreachable
-    /// this long is forgotten: no more dials to it until a member announces it again (on
+    /// A member that is not a seed (learned from another member's list, or one that
+    /// dialled this node) and has been unreachable this long is forgotten: no more dials to it until a member announces it again (on
     /// connecting, or in its periodic list, `member_exchange`, if some member is still
     /// connected to it: dials then resume, within `max_dials_per_sec`, backing off from
     /// `reconnect_min`). Default [`DEFAULT_FORGET_AFTER`] (60 s).
