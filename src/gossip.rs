@@ -871,6 +871,9 @@ pub struct GossipNode {
     fingerprint_cache: FingerprintCache,
     rng: u64,
     next_round_ms: i64,
+    /// The latest time handed to this node: a later reading further behind it than a
+    /// round is a step back of the clock (`clock_stepped_back`).
+    latest_ms: i64,
     round: u64,
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -963,6 +966,7 @@ impl GossipNode {
             fingerprint_cache: FingerprintCache::default(),
             rng: splitmix64(seed),
             next_round_ms: now_ms,
+            latest_ms: now_ms,
             round: 0,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
@@ -1196,6 +1200,7 @@ impl GossipNode {
     /// Handles one message from `from`. A message that cannot be decoded, comes from an
     /// unknown peer or would exceed a limit is dropped whole, counted, and reported.
     pub fn handle_message(&mut self, from: PeerId, bytes: &[u8], now_ms: i64) -> Result<(), MessageError> {
+        self.observe_time(now_ms);
         if !self.peers.contains_key(&from) {
             self.stats.unknown_peers += 1;
             return Err(MessageError::UnknownPeer(from));
@@ -1282,8 +1287,43 @@ impl GossipNode {
         Ok(())
     }
 
+    /// Notes `now_ms`, and handles a step back of the clock: a reading more than a round
+    /// (at least 50 ms) behind the latest. Time cannot go back, so the schedule is moved
+    /// back with it: the next round is due at once, SWIM's pending timers keep what was
+    /// left of them, and what was heard from peers "after now" counts as heard now, so
+    /// silence is measured from the step. Without it the node ran no round until the
+    /// clock caught up again (peers took it down by silence), and a peer that died meanwhile
+    /// stayed up for the step's length on top of the suspicion period. A step forward is
+    /// time passing as far as the core can tell: peers not heard within the suspicion
+    /// period go down, and come back up with their next message.
+    fn observe_time(&mut self, now_ms: i64) {
+        let tolerance = (self.cfg.interval_ms as i64).max(50);
+        if now_ms >= self.latest_ms {
+            self.latest_ms = now_ms;
+            return;
+        }
+        if self.latest_ms - now_ms <= tolerance {
+            return;
+        }
+        let back = self.latest_ms - now_ms;
+        tracing::warn!(back_ms = back, "the clock stepped back; rescheduling gossip rounds and liveness from the new time");
+        self.latest_ms = now_ms;
+        self.next_round_ms = self.next_round_ms.min(now_ms);
+        for p in self.peers.values_mut() {
+            for t in [&mut p.last_heard_ms, &mut p.swim_announced_ms, &mut p.swim_down_since_ms, &mut p.last_sync_answered_ms] {
+                if let Some(t) = t.as_mut() {
+                    *t = (*t).min(now_ms);
+                }
+            }
+            // A clock sample across the step would be off by it.
+            p.ping_sent_ms = None;
+        }
+        self.swim.shift(-back, now_ms);
+    }
+
     /// Runs the round(s) due at `now_ms`.
     pub fn handle_timeout(&mut self, now_ms: i64) {
+        self.observe_time(now_ms);
         if self.swim.next_deadline().is_some_and(|t| t <= now_ms) {
             self.swim_step(now_ms, |swim, out| swim.fire(now_ms, out));
         }
@@ -2922,6 +2962,28 @@ mod tests {
         let mut peers = vec![2];
         peers.extend((3..).filter(|&id| pool_rank(id) > pool_rank(1).max(pool_rank(2))).take(38));
         peers
+    }
+
+    /// A step back of the clock neither stops the rounds until the clock catches up nor
+    /// keeps a silent peer up for the step's length: the schedule moves back with it.
+    #[test]
+    fn after_the_clock_steps_back_rounds_go_on_and_silence_is_measured_from_the_step() {
+        let mut n = node(1, &[2, 3]);
+        let mut t = T0;
+        while t < T0 + 1_000 {
+            round_heard_from(&mut n, &[2, 3], &mut t);
+        }
+        assert_eq!(n.live_peers().count(), 2);
+        // Five seconds back; peer 2 goes on, peer 3 falls silent.
+        let stepped = t - 5_000;
+        let mut rounds_with_messages = 0;
+        let mut t = stepped;
+        while t < stepped + 400 {
+            let sent = round_heard_from(&mut n, &[2], &mut t);
+            rounds_with_messages += usize::from(sent.iter().any(|tr| tr.to == 2));
+        }
+        assert_eq!(rounds_with_messages, 20, "a round every 20 ms after the step");
+        assert_eq!(n.live_peers().collect::<Vec<_>>(), vec![2], "peer 3 down within the suspicion period of the step");
     }
 
     /// A full sync whose selection finds nothing in a large store (the keys a member

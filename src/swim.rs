@@ -387,6 +387,18 @@ impl Swim {
         }
     }
 
+    /// Moves every pending timer by `by` ms (the clock stepped), so each keeps what was
+    /// left of it; a renewal noted after `now_ms` counts as made at `now_ms`.
+    pub(crate) fn shift(&mut self, by: i64, now_ms: i64) {
+        self.timers = std::mem::take(&mut self.timers).into_iter().map(|((at, seq), t)| ((at.saturating_add(by), seq), t)).collect();
+        for (at, _) in self.latest.values_mut() {
+            *at = at.saturating_add(by);
+        }
+        if let Some(t) = self.rejoined_ms.as_mut() {
+            *t = (*t).min(now_ms);
+        }
+    }
+
     /// When [`fire`](Self::fire) is next due.
     pub(crate) fn next_deadline(&self) -> Option<i64> {
         self.timers.keys().next().map(|&(at, _)| at)
