@@ -1376,6 +1376,14 @@ impl State {
         if let Some(old) = old.and_then(|o| self.conns.get_mut(&o)) {
             old.retire(close::REPLACED);
         }
+        if restarted {
+            // Frames dropped on the way to the incarnation it restarted from say nothing
+            // of the full sync the new one is about to get.
+            let dropped = self.queue_full_drops(peer);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.queue_full_at_sync_end = dropped;
+            }
+        }
         self.node.add_peer(peer);
         tracing::info!(peer = %name, incarnation = h.incarnation, %addr, restarted, "peer connected");
         // Tell the newcomer who else is here, and everyone else about the newcomer.

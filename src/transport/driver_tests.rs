@@ -111,6 +111,46 @@ async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
 /// learns of are dialled once each outside the dial budget: at most `aggregator_pool` of
 /// them, however many lists name members that outrank the last ones. Once `start()` has
 /// returned, members learned pay the budget like any other.
+/// Frames dropped on a full queue to a member's previous incarnation do not withhold the
+/// sync-done marker of the full sync to its restart (whose join would wait for its
+/// timeout, with a warning that frames of its sync were lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_to_a_previous_incarnation_do_not_withhold_the_marker_from_its_restart() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let ca = certs::generate_ca().unwrap();
+        let s = Cluster::start(limiter(), config(identity(&ca, "node-s"), &[])).await.unwrap();
+        let n1 = Cluster::start(limiter(), config(identity(&ca, "node-n"), &[&s])).await.unwrap();
+        let n = node_id("node-n");
+        // Frames to it were dropped on a full queue (as to a member that stopped reading).
+        {
+            let st = s.shared.state.lock();
+            let c = st.conns.values().find(|c| c.peer == n).expect("a connection to node-n");
+            c.queue_full.fetch_add(5, Ordering::Relaxed);
+        }
+        n1.shutdown().await;
+        drop(n1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while s.live_peers().contains(&n) {
+            assert!(tokio::time::Instant::now() < deadline, "node-n's leave is seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // It restarts (a later incarnation) and joins through s.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let n2 = Cluster::start(limiter(), config(identity(&ca, "node-n"), &[&s])).await.unwrap();
+        let synced = || n2.shared.state.lock().peers.get(&node_id("node-s")).is_some_and(|p| p.synced);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !synced() {
+            assert!(tokio::time::Instant::now() < deadline, "s withheld the marker of its sync to the restart");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for c in [&n2, &s] {
+            c.shutdown().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// A seed whose first connection closed before its hello was used (here: it hashed with
 /// another secret, and was refused) is redialled with backoff, so that it joins once it
 /// is fixed and restarted at its address. Before, the seed's entry had no address until
