@@ -63,6 +63,9 @@ const MAX_PEERS: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a retired connection's writer waits for its stream to be acknowledged.
 const LINGER: Duration = Duration::from_secs(1);
+/// The longest a retired connection stays open (its writer's stream normally ends within
+/// [`LINGER`] of being finished).
+const RETIRED_FOR: Duration = Duration::from_secs(3);
 
 /// Unix ms for the gossip core.
 pub(super) fn now_ms() -> i64 {
@@ -307,10 +310,18 @@ impl ConnEntry {
     }
 
     /// Stops routing to this connection; its writer finishes the stream (what is queued
-    /// still goes out), waits for the acknowledgement, then closes with `code`.
+    /// still goes out), waits for the acknowledgement, then closes with `code`. Whatever
+    /// the writer is waiting on, the connection is closed [`RETIRED_FOR`] later: a peer
+    /// that never lets the stream open or drain (no stream or flow-control credit) must
+    /// not keep a retired connection, and with it an incoming slot, forever.
     fn retire(&mut self, code: VarInt) {
         self.close_code.store(code.into_inner() as u32, Ordering::Relaxed);
         self.stream_tx = None;
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RETIRED_FOR).await;
+            conn.close(code, b"retired");
+        });
     }
 
     fn abort(&mut self) {

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::super::wire::{Frame, FrameDecoder, MemberEntry, MAX_MEMBERS_PER_FRAME};
-use super::super::{certs, node_id, Cluster, ClusterConfig, TlsIdentity};
+use super::super::wire::{Frame, FrameDecoder, Hello, MemberEntry, MAX_MEMBERS_PER_FRAME};
+use super::super::{certs, node_id, tls, Cluster, ClusterConfig, TlsIdentity};
 use super::{get, member_frames};
 use crate::{Quota, RateLimiter};
 
@@ -111,6 +111,51 @@ async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
 /// learns of are dialled once each outside the dial budget: at most `aggregator_pool` of
 /// them, however many lists name members that outrank the last ones. Once `start()` has
 /// returned, members learned pay the budget like any other.
+/// A member that grants no stream (so the writer of a connection to it can never open
+/// its stream) and connects twice: the connection that loses the tie-break is retired,
+/// and closed within `RETIRED_FOR` although its writer never gets to finish. Before, it
+/// stayed open (and held an incoming slot) for as long as the member answered
+/// keep-alives: `max_incoming` such connections refused every honest newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_connection_is_closed_even_when_its_peer_grants_no_stream() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let ca = certs::generate_ca().unwrap();
+        let a = Cluster::start(limiter(), config(identity(&ca, "node-a"), &[])).await.unwrap();
+        let mut transport = tls::default_transport_config();
+        transport.max_concurrent_uni_streams(0u32.into());
+        let client = tls::member_client_config(&identity(&ca, "node-h"), Arc::new(transport)).unwrap();
+        let mut h = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        h.set_default_client_config(client);
+        let (addr, incarnation, key_probe) = (a.local_addr(), 1, a.shared.me.key_probe);
+        let mut conns = Vec::new();
+        for dial_seq in [1, 2] {
+            let conn = h.connect(addr, "node-a").unwrap().await.unwrap();
+            let mut send = conn.open_uni().await.unwrap();
+            send.write_all(&Frame::Hello(Hello { addr: h.local_addr().unwrap(), incarnation, dial_seq, key_probe }).encode())
+                .await
+                .unwrap();
+            conns.push((conn, send));
+        }
+        let count = || a.shared.state.lock().conns.values().filter(|c| c.peer == node_id("node-h")).count();
+        let greeted = || a.shared.state.lock().conns.values().filter(|c| c.peer == node_id("node-h") && c.hello.is_some()).count();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while greeted() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "node-h said hello on both");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(count(), 2, "both connections open, one of them retired");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+        while count() > 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the retired connection is still open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(conns[0].0.close_reason().is_some(), "the first (the one that lost the tie-break) was closed");
+        a.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
 /// Frames dropped on a full queue to a member's previous incarnation do not withhold the
 /// sync-done marker of the full sync to its restart (whose join would wait for its
 /// timeout, with a warning that frames of its sync were lost).
