@@ -405,7 +405,8 @@ fn valid_messages(key: u64) -> Vec<Vec<u8>> {
 /// Valid messages of every kind from member `from` of `swim_node_with_pool`'s cluster:
 /// counts (its own, and relayed for another), totals (as an aggregator, and naming
 /// another replica), a SWIM gossip naming members known and unknown, a "you are down",
-/// a digest, a repair request, a sync request, a ping, limits.
+/// a digest, a repair request, a sync request, a ping; and member 2's counts and
+/// heartbeat (spoofed when `from` is another member).
 fn aggregated_messages(from: u64, key: u64) -> Vec<Vec<u8>> {
     let me = replica(from, 1);
     let batch =

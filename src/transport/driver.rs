@@ -962,7 +962,7 @@ impl State {
                     self.dial(sh, Target::Seed(i), addr, None);
                 }
             }
-            let mut due: Vec<(bool, PeerId, SocketAddr, String)> = self
+            let mut due: Vec<(bool, Instant, PeerId, SocketAddr, String)> = self
                 .peers
                 .iter()
                 .filter(|(id, p)| {
@@ -971,18 +971,22 @@ impl State {
                         && p.dial.due(now)
                         && !self.conns.values().any(|c| c.peer == **id && c.stream_tx.is_some())
                 })
-                .filter_map(|(id, p)| p.addr.map(|a| (p.incarnation.is_none(), *id, a, p.name.clone())))
+                .filter_map(|(id, p)| p.addr.map(|a| (p.incarnation.is_none(), p.dial.next_at, *id, a, p.name.clone())))
                 .collect();
             // Within the dial budget; members this node was connected to before go first,
-            // so that a list of made-up members cannot delay their redials for long. While
+            // so that a list of made-up members cannot delay their redials for long, and
+            // among the others the one due the longest: a member listed after many made-up
+            // ones is dialled after one pass over them at the most, never held back for
+            // good by those that fail and come due again (by id, those with the lower ids
+            // would always go first). While
             // joining, each member of the aggregator pool is dialled once outside the
             // budget, so that the join need not wait a second per `max_dials_per_sec` of
             // them (a few static seeds outside the pool name all of it in their lists),
             // unless a seed's dial under way (or due) at its address covers it: at most
             // `aggregator_pool` such dials per start, whatever member lists say.
-            due.sort_by_key(|d| d.0);
+            due.sort_by_key(|d| (d.0, d.1));
             let pool = self.join_pool();
-            for (_, id, addr, name) in due {
+            for (_, _, id, addr, name) in due {
                 let free = pool.binary_search(&id).is_ok()
                     && self.pool_dialled.len() < self.node.aggregator_pool()
                     && !self.pool_dialled.contains(&id)

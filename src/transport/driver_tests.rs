@@ -107,10 +107,52 @@ async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
     .expect("test timed out");
 }
 
-/// While a node joins (before `start()` returns) the members of the aggregator pool it
-/// learns of are dialled once each outside the dial budget: at most `aggregator_pool` of
-/// them, however many lists name members that outrank the last ones. Once `start()` has
-/// returned, members learned pay the budget like any other.
+/// A member listed after made-up ones whose ids are all lower than its own, and whose
+/// dials fail and come due again faster than the budget allows: it is dialled after one
+/// pass over them. Before, the due members were taken in id order, so those made-up
+/// members took every token, every second, and it was never dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_listed_after_made_up_ones_with_lower_ids_is_dialled_after_one_pass_over_them() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let ca = certs::generate_ca().unwrap();
+        let slow_forget = |id| ClusterConfig { forget_after: Duration::from_secs(60), ..config(id, &[]) };
+        let a = Cluster::start(limiter(), slow_forget(identity(&ca, "node-a"))).await.unwrap();
+        let b = Cluster::start(limiter(), config(identity(&ca, "node-b"), &[&a])).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while a.live_peers().len() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "a and b connect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A member with a high id, which knows nobody (only a's dial can connect them).
+        let c_name = (0..).map(|i| format!("node-c{i}")).find(|n| node_id(n) > u64::MAX / 10 * 9).unwrap();
+        let c = Cluster::start(limiter(), config(identity(&ca, &c_name), &[])).await.unwrap();
+        // Member b lists 40 made-up members with lower ids at an address that never answers
+        // (each dial fails after the 500 ms handshake timeout and is due again within
+        // 400 ms: about 45 due a second against a budget of 10), then c.
+        let (target, _) = sink().await;
+        let fakes: Vec<MemberEntry> = (0..)
+            .map(|i| format!("fake-{i}"))
+            .filter(|n| node_id(n) < node_id(&c_name))
+            .take(40)
+            .map(|name| MemberEntry { name, incarnation: 1, addr: target })
+            .collect();
+        a.shared.state.lock().members_in(&a.shared, node_id("node-b"), fakes);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listed = MemberEntry { name: c_name.clone(), incarnation: 1, addr: c.local_addr() };
+        a.shared.state.lock().members_in(&a.shared, node_id("node-b"), vec![listed]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+        while !a.members().iter().any(|m| m.name == c_name && m.connected) {
+            assert!(tokio::time::Instant::now() < deadline, "c never dialled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for n in [&a, &b, &c] {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// A member that grants no stream (so the writer of a connection to it can never open
 /// its stream) and connects twice: the connection that loses the tie-break is retired,
 /// and closed within `RETIRED_FOR` although its writer never gets to finish. Before, it
@@ -240,6 +282,10 @@ async fn a_seed_refused_before_its_hello_was_used_is_redialled_once_it_is_fixed(
     .unwrap();
 }
 
+/// While a node joins (before `start()` returns) the members of the aggregator pool it
+/// learns of are dialled once each outside the dial budget: at most `aggregator_pool` of
+/// them, however many lists name members that outrank the last ones. Once `start()` has
+/// returned, members learned pay the budget like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_members_are_dialled_outside_the_budget_while_joining_at_most_a_pool_of_them() {
     tokio::time::timeout(Duration::from_secs(30), async {
