@@ -141,10 +141,12 @@ const MAX_REPAIR_JOBS: usize = 4;
 /// The most aggregators per key ([`GossipConfig::aggregators`]).
 pub const MAX_AGGREGATORS: usize = 8;
 
-/// Aggregated dissemination: the most (key, window) pairs one peer's counts make this node
-/// publish totals of in one round, counting only keys this node is the first aggregator
-/// of (each goes to every live member). Past it the counts are merged and their totals go
-/// out with the next periodic resend.
+/// Aggregated dissemination: the most (key, window) pairs one peer's counts mark in one
+/// round for this node to publish totals of, among the keys it aggregates: as the first
+/// aggregator (their totals go to every live member) or as a standby (published two
+/// rounds on if the first aggregator's totals lag). Past it the counts are merged; the
+/// totals of first-aggregator keys go out with the next periodic resend, and standby keys
+/// are not watched for that round.
 pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 
 /// Aggregated dissemination: the most counts one periodic resend exports from a store;
