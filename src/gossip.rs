@@ -1666,8 +1666,12 @@ impl GossipNode {
             if up && p.incarnation != Some(id.incarnation) {
                 // Up once heard from first hand: totals leave out a writer's own counts
                 // by its incarnation, which only its own messages establish. A ping
-                // asks it for one.
-                unheard.push(peer);
+                // asks it for one: at most one per probe period, so that a packet of
+                // verdicts going down and up in turn cannot make this node ping the
+                // member once per pair.
+                if p.ping_sent_ms.is_none_or(|t| now_ms - t >= probe_ms) && !unheard.contains(&peer) {
+                    unheard.push(peer);
+                }
                 continue;
             }
             // A down verdict takes effect in `update_liveness`, after an ask: an announce

@@ -662,6 +662,26 @@ fn garbage_swim_packets_are_refused_without_panicking_or_changing_membership() {
     assert!((20..=20 + MAX_UNKNOWN_MEMBERS).contains(&members), "{members} members");
 }
 
+/// One SWIM packet whose updates declare a member down and up in turn, each time as a
+/// later identity, costs this node at most one ping to that member per probe period,
+/// not one per pair of updates.
+#[test]
+fn verdicts_going_down_and_up_in_turn_cost_one_ping_per_probe_period() {
+    let mut n = swim_node();
+    let updates: Vec<testing::SwimUpdate> =
+        (0..40u64).map(|i| testing::SwimUpdate { node: 3, incarnation: 2 + i, bump: 0, down: i % 2 == 0 }).collect();
+    let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
+    let msg = testing::swim_raw(replica(2, 1), &packet).unwrap();
+    assert!(msg.len() <= 1200, "{} bytes", msg.len());
+    let mut to_3 = 0;
+    for k in 0..4 {
+        n.handle_message(2, &msg, T0 + 1 + k).unwrap();
+        to_3 += std::iter::from_fn(|| n.poll_transmit()).filter(|t| t.to == 3).count();
+    }
+    assert!(n.stats().swim_received >= 21, "the packets were read");
+    assert!(to_3 <= 2, "{to_3} messages to member 3 for four packets within a probe period");
+}
+
 #[test]
 fn a_member_cannot_make_swim_remember_more_than_the_bound_of_unknown_members() {
     let mut n = swim_node();
