@@ -900,12 +900,14 @@ pub struct GossipNode {
     /// merged or made this round, whose writers get the others' totals at the next round.
     to_publish: Vec<(u64, u64, i64)>,
     /// Aggregated dissemination: the (round due, window length, key, window, others'
-    /// counts held then) whose counts changed here while another member is the key's
-    /// first aggregator. At the round due (two later), this node publishes the totals of
-    /// those for which the first aggregator's total has not reached what this node held,
-    /// as if it were first: a standby takes over within three rounds of the first
-    /// aggregator going silent, without waiting for it to be suspected.
-    standby: Vec<(u64, u64, u64, i64, u64)>,
+    /// counts held then if the heard total was below them, time noted) whose counts
+    /// changed here while another member is the key's first aggregator. At the round due
+    /// (two later), this node publishes the totals of those for which the first
+    /// aggregator's total has not reached what this node held, or whose first aggregator
+    /// it has not heard from since, as if it were first: a standby takes over within
+    /// three rounds of the first aggregator going silent, without waiting for it to be
+    /// suspected.
+    standby: Vec<(u64, u64, u64, i64, Option<u64>, i64)>,
     /// Aggregated dissemination: where the periodic resend of each store stopped.
     /// Full resends and the others keep a cursor each, so that a store larger than one
     /// resend is passed over whole by full resends too.
@@ -2291,14 +2293,16 @@ impl GossipNode {
             keys.dedup();
             take(self, window_ms, &keys, &mut held);
             for &(_, key, window) in group {
-                if let Some(h) = find(&held, key, window).filter(|h| h.held > h.heard) {
-                    self.standby.push((due, window_ms, key, window, h.held));
-                }
+                // Others' counts no total it heard holds yet; or (this node's own count
+                // changed, which no total it hears holds) only the first aggregator's
+                // silence will tell.
+                let lag = find(&held, key, window).filter(|h| h.held > h.heard).map(|h| h.held);
+                self.standby.push((due, window_ms, key, window, lag, now_ms));
             }
         }
         let taken = self.standby.iter().take_while(|s| s.0 <= self.round).count();
-        let mut waited: Vec<(u64, u64, i64, u64)> =
-            self.standby.drain(..taken).map(|(_, w, key, window, held)| (w, key, window, held)).collect();
+        let mut waited: Vec<(u64, u64, i64, Option<u64>, i64)> =
+            self.standby.drain(..taken).map(|(_, w, key, window, held, noted)| (w, key, window, held, noted)).collect();
         waited.sort_unstable();
         let mut lagging = Vec::new();
         for group in waited.chunk_by(|a, b| a.0 == b.0) {
@@ -2311,8 +2315,12 @@ impl GossipNode {
             }));
             keys.dedup();
             take(self, window_ms, &keys, &mut held);
-            for &(_, key, window, then) in group {
-                if find(&held, key, window).is_some_and(|h| h.heard < then) {
+            for &(_, key, window, then, noted) in group {
+                let a = self.ring.aggregators(key, k);
+                let Some(&first) = a.as_slice().first().filter(|&&f| f != me && a.as_slice().contains(&me)) else { continue };
+                let behind = then.is_some_and(|then| find(&held, key, window).is_some_and(|h| h.heard < then));
+                let silent = self.peers.get(&first).is_none_or(|p| p.last_heard_ms.is_none_or(|t| t < noted));
+                if behind || silent {
                     lagging.push((window_ms, key, window));
                 }
             }

@@ -855,6 +855,31 @@ fn a_standby_aggregator_publishes_for_a_first_aggregator_gone_silent_within_roun
     }
 }
 
+/// The same when only the standby counts the key (sticky routing puts its client on
+/// the standby alone): what changes is its own count, which no total it hears holds, so
+/// it watches the first aggregator itself; silent for two rounds since the change, the
+/// standby publishes, and the others' views lag by at most four rounds.
+#[test]
+fn a_standby_that_alone_counts_a_key_publishes_for_a_first_aggregator_gone_silent() {
+    let ids: Vec<u64> = (1..=8).collect();
+    let (mut c, aggregators) = eight_that_counted_b(&ids);
+    assert_eq!(aggregators.len(), 2, "{aggregators:?}");
+    c.cut = vec![aggregators[0]];
+    let standby = aggregators[1];
+    let others: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
+    for round in 1..=12u64 {
+        assert!(c.allow(standby, "b"));
+        let t = c.now + 20;
+        c.run_until(t);
+        // 8 before the cut, and the standby's counts of the rounds four back.
+        let seen = 8 + round.saturating_sub(4);
+        for &w in &others {
+            let view = c.view(w, "b");
+            assert!(view >= seen, "round {round}: node {w}'s view {view}, made {seen} by four rounds ago");
+        }
+    }
+}
+
 /// A key's aggregators are cut off long enough to be replaced; a writer's counts reach
 /// the replacements; the writer dies; the old aggregators come back and are the key's
 /// aggregators again. They must get the dead writer's counts from the replacements
