@@ -382,6 +382,26 @@ fn a_full_sync_that_lost_messages_to_a_full_outbox_is_sent_again_before_it_is_an
     assert!(n.stats().entries_sent - sent >= 20_000, "the whole store went out again");
 }
 
+/// `m` with each edit (position, byte, 0: flip, 1: insert, else remove) applied, then
+/// cut at `cut` when that is within it and a multiple of 3.
+fn mutated(mut m: Vec<u8>, edits: Vec<(usize, u8, u8)>, cut: usize) -> Vec<u8> {
+    for (at, byte, op) in edits {
+        let at = at % (m.len() + 1);
+        match op {
+            0 if at < m.len() => m[at] ^= byte.max(1),
+            1 => m.insert(at, byte),
+            _ if at < m.len() => {
+                m.remove(at);
+            }
+            _ => {}
+        }
+    }
+    if cut < m.len() && cut % 3 == 0 {
+        m.truncate(cut);
+    }
+    m
+}
+
 /// Valid messages of every kind from member 2, to mutate.
 fn valid_messages(key: u64) -> Vec<Vec<u8>> {
     let from = replica(2, 1);
@@ -476,19 +496,7 @@ proptest::proptest! {
         let key = n.limiter().key_hash("client-1");
         let messages = valid_messages(key);
         for (k, (which, edits, cut)) in picks.into_iter().enumerate() {
-            let mut m = messages[which].clone();
-            for (at, byte, op) in edits {
-                let at = at % (m.len() + 1);
-                match op {
-                    0 if at < m.len() => m[at] ^= byte.max(1),
-                    1 => m.insert(at, byte),
-                    _ if at < m.len() => { m.remove(at); }
-                    _ => {}
-                }
-            }
-            if cut < m.len() && cut % 3 == 0 {
-                m.truncate(cut);
-            }
+            let m = mutated(messages[which].clone(), edits, cut);
             let now = T0 + 7 * k as i64;
             let _ = n.handle_message(2, &m, now);
             n.handle_timeout(now);
@@ -517,19 +525,7 @@ proptest::proptest! {
         let key = n.limiter().key_hash("client-1");
         let mut now = T0;
         for (which, from, edits, cut, step) in picks {
-            let mut m = aggregated_messages(from, key).swap_remove(which);
-            for (at, byte, op) in edits {
-                let at = at % (m.len() + 1);
-                match op {
-                    0 if at < m.len() => m[at] ^= byte.max(1),
-                    1 => m.insert(at, byte),
-                    _ if at < m.len() => { m.remove(at); }
-                    _ => {}
-                }
-            }
-            if cut < m.len() && cut % 3 == 0 {
-                m.truncate(cut);
-            }
+            let m = mutated(aggregated_messages(from, key).swap_remove(which), edits, cut);
             now += step;
             let _ = n.handle_message(from, &m, now);
             let (queued, _) = drain(&mut n);
