@@ -32,6 +32,15 @@ fn limiter() -> RateLimiter {
     RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(1)).unwrap()).hash_secret([3; 16]).build().unwrap()
 }
 
+/// Waits until `done` holds, looking every 20 ms; fails with `what` after `within`.
+async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A UDP socket that never answers; counts the packets it receives.
 async fn sink() -> (SocketAddr, Arc<AtomicU64>) {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -53,11 +62,7 @@ async fn a_list_of_made_up_members_costs_a_budget_of_dials_then_is_forgotten() {
         let ca = certs::generate_ca().unwrap();
         let a = Cluster::start(limiter(), config(identity(&ca, "node-a"), &[])).await.unwrap();
         let b = Cluster::start(limiter(), config(identity(&ca, "node-b"), &[&a])).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while a.live_peers().len() != 1 {
-            assert!(tokio::time::Instant::now() < deadline, "a and b connect");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(10), "a and b connect", || a.live_peers().len() == 1).await;
         // Member b (it holds a valid certificate) says "node-x" is at b's own address:
         // whoever answers there is b, not node-x, so the connection is refused after the
         // handshake, and the redials back off.
@@ -118,11 +123,7 @@ async fn a_member_listed_after_made_up_ones_with_lower_ids_is_dialled_after_one_
         let slow_forget = |id| ClusterConfig { forget_after: Duration::from_secs(60), ..config(id, &[]) };
         let a = Cluster::start(limiter(), slow_forget(identity(&ca, "node-a"))).await.unwrap();
         let b = Cluster::start(limiter(), config(identity(&ca, "node-b"), &[&a])).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while a.live_peers().len() != 1 {
-            assert!(tokio::time::Instant::now() < deadline, "a and b connect");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(10), "a and b connect", || a.live_peers().len() == 1).await;
         // A member with a high id, which knows nobody (only a's dial can connect them).
         let c_name = (0..).map(|i| format!("node-c{i}")).find(|n| node_id(n) > u64::MAX / 10 * 9).unwrap();
         let c = Cluster::start(limiter(), config(identity(&ca, &c_name), &[])).await.unwrap();
@@ -140,11 +141,7 @@ async fn a_member_listed_after_made_up_ones_with_lower_ids_is_dialled_after_one_
         tokio::time::sleep(Duration::from_millis(300)).await;
         let listed = MemberEntry { name: c_name.clone(), incarnation: 1, addr: c.local_addr() };
         a.shared.state.lock().members_in(&a.shared, node_id("node-b"), vec![listed]);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
-        while !a.members().iter().any(|m| m.name == c_name && m.connected) {
-            assert!(tokio::time::Instant::now() < deadline, "c never dialled");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(Duration::from_secs(12), "c never dialled", || a.members().iter().any(|m| m.name == c_name && m.connected)).await;
         for n in [&a, &b, &c] {
             n.shutdown().await;
         }
@@ -180,17 +177,9 @@ async fn a_retired_connection_is_closed_even_when_its_peer_grants_no_stream() {
         }
         let count = || a.shared.state.lock().conns.values().filter(|c| c.peer == node_id("node-h")).count();
         let greeted = || a.shared.state.lock().conns.values().filter(|c| c.peer == node_id("node-h") && c.hello.is_some()).count();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while greeted() < 2 {
-            assert!(tokio::time::Instant::now() < deadline, "node-h said hello on both");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(2), "node-h said hello on both", || greeted() >= 2).await;
         assert_eq!(count(), 2, "both connections open, one of them retired");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
-        while count() > 1 {
-            assert!(tokio::time::Instant::now() < deadline, "the retired connection is still open");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(Duration::from_secs(6), "the retired connection is still open", || count() <= 1).await;
         assert!(conns[0].0.close_reason().is_some(), "the first (the one that lost the tie-break) was closed");
         a.shutdown().await;
     })
@@ -216,20 +205,12 @@ async fn drops_to_a_previous_incarnation_do_not_withhold_the_marker_from_its_res
         }
         n1.shutdown().await;
         drop(n1);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while s.live_peers().contains(&n) {
-            assert!(tokio::time::Instant::now() < deadline, "node-n's leave is seen");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(10), "node-n's leave is seen", || !s.live_peers().contains(&n)).await;
         // It restarts (a later incarnation) and joins through s.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let n2 = Cluster::start(limiter(), config(identity(&ca, "node-n"), &[&s])).await.unwrap();
         let synced = || n2.shared.state.lock().peers.get(&node_id("node-s")).is_some_and(|p| p.synced);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while !synced() {
-            assert!(tokio::time::Instant::now() < deadline, "s withheld the marker of its sync to the restart");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(2), "s withheld the marker of its sync to the restart", synced).await;
         for c in [&n2, &s] {
             c.shutdown().await;
         }
@@ -269,11 +250,7 @@ async fn a_seed_refused_before_its_hello_was_used_is_redialled_once_it_is_fixed(
                 }
             }
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !n.live_peers().contains(&node_id("node-s")) {
-            assert!(tokio::time::Instant::now() < deadline, "n never redialled its seed: {:?}", n.members());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(Duration::from_secs(10), "n never redialled its seed", || n.live_peers().contains(&node_id("node-s"))).await;
         for c in [&n, &s, &t] {
             c.shutdown().await;
         }
@@ -310,11 +287,7 @@ async fn pool_members_are_dialled_outside_the_budget_while_joining_at_most_a_poo
         // As while `start()` waits: 64 members, a pool of 4 among them. Those with a lower
         // id than node-a are dialled 3 × `reconnect_min` later (the lower id dials first).
         learn("fake", true);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while a.shared.state.lock().pool_dialled.len() < 4 {
-            assert!(tokio::time::Instant::now() < deadline, "the pool is dialled");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(3), "the pool is dialled", || a.shared.state.lock().pool_dialled.len() >= 4).await;
         let dials = get(&a.shared.counters.dials) - before;
         assert!((4..=budget(4)).contains(&dials), "{dials} dials: the pool's 4 and the budget's");
         // Lists naming more members, some of which outrank the pool dialled: no more free dials.
