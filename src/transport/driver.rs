@@ -200,6 +200,9 @@ struct PeerEntry {
     seed: bool,
     /// It sent us a full sync (its `SyncDone` marker arrived).
     synced: bool,
+    /// Its marker came while a retired connection of its could still bring frames of the
+    /// sync: `synced` once those connections have closed.
+    synced_after_retired: bool,
     /// Refused (either way) since its last accepted first frame.
     refused: Option<Refusal>,
     dial: Backoff,
@@ -223,6 +226,7 @@ impl PeerEntry {
             active: None,
             seed: false,
             synced: false,
+            synced_after_retired: false,
             refused: None,
             dial,
             unreachable_since: Some(Instant::now()),
@@ -1175,8 +1179,9 @@ impl State {
         let (tx, rx) = mpsc::channel(sh.settings.stream_queue);
         let close_code = Arc::new(AtomicU32::new(close::REPLACED.into_inner() as u32));
         let hello = sh.hello(if outgoing { seq } else { 0 });
-        let writer = tokio::spawn(write_stream(conn.clone(), hello, rx, close_code.clone()));
-        let reader = sh.spawn(read_until_closed(sh.clone(), conn.clone(), conn_id));
+        let peer_finished = Arc::new(tokio::sync::Notify::new());
+        let writer = tokio::spawn(write_stream(conn.clone(), hello, rx, close_code.clone(), peer_finished.clone()));
+        let reader = sh.spawn(read_until_closed(sh.clone(), conn.clone(), conn_id, peer_finished));
         tracing::debug!(peer = %name, remote = %conn.remote_address(), outgoing, "connection established");
         self.conns.insert(
             conn_id,
@@ -1230,8 +1235,15 @@ impl State {
             }
             Frame::Members(list) => self.members_in(sh, peer, list),
             Frame::SyncDone => {
+                // A connection of the peer's retired during the sync may still be bringing
+                // frames of it (a reader of its own, not ordered with this one's).
+                let retired = self.conns.iter().any(|(id, o)| *id != conn_id && o.peer == peer && o.stream_tx.is_none());
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    p.synced = true;
+                    if retired {
+                        p.synced_after_retired = true;
+                    } else {
+                        p.synced = true;
+                    }
                 }
                 self.check_joined(sh);
             }
@@ -1494,8 +1506,15 @@ impl State {
         }
         let peer = c.peer;
         let name = self.name_of(peer);
+        let retired_left = self.conns.values().any(|o| o.peer == peer && o.stream_tx.is_none());
         let Some(p) = self.peers.get_mut(&peer) else { return };
         p.queue_full_closed += get(&c.queue_full);
+        if p.synced_after_retired && !retired_left {
+            // Every frame the retired connections brought came before their close.
+            (p.synced, p.synced_after_retired) = (true, false);
+            self.check_joined(sh);
+        }
+        let Some(p) = self.peers.get_mut(&peer) else { return };
         let was_active = p.active == Some(conn_id);
         if was_active {
             p.active = None;
@@ -1579,13 +1598,15 @@ async fn read_datagrams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
     }
 }
 
-/// Reads the peer's streams one after the other (a peer opens one per connection).
-async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
+/// Reads the peer's streams one after the other (a peer opens one per connection), and
+/// tells the writer each time one has ended (every frame of it handed to the node task).
+async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64, finished: Arc<tokio::sync::Notify>) {
     while let Ok(mut recv) = conn.accept_uni().await {
         if let Err(error) = read_frames(&sh, &mut recv, conn_id).await {
             let _ = sh.events.send(Event::ProtocolError { conn: conn_id, error }).await;
             return;
         }
+        finished.notify_one();
     }
 }
 
@@ -1611,8 +1632,16 @@ async fn read_frames(sh: &Shared, recv: &mut RecvStream, conn_id: u64) -> Result
 
 /// Owns the connection's outgoing stream: the hello, then every queued frame. When the
 /// queue is closed (the connection retired), finishes the stream, waits for the peer to
-/// acknowledge it, and closes the connection.
-async fn write_stream(conn: Connection, hello: Frame, mut rx: mpsc::Receiver<Vec<u8>>, close_code: Arc<AtomicU32>) {
+/// acknowledge it and, for a connection replaced or a duplicate (which the peer retires
+/// too), for the peer's stream to end here, then closes the connection: closing drops
+/// what has arrived and is not read yet, which may be the tail of a full sync.
+async fn write_stream(
+    conn: Connection,
+    hello: Frame,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    close_code: Arc<AtomicU32>,
+    peer_finished: Arc<tokio::sync::Notify>,
+) {
     let Ok(mut send) = conn.open_uni().await else { return };
     if send.write_all(&hello.encode()).await.is_err() {
         return;
@@ -1626,6 +1655,9 @@ async fn write_stream(conn: Connection, hello: Frame, mut rx: mpsc::Receiver<Vec
         let _ = tokio::time::timeout(LINGER, send.stopped()).await;
     }
     let code = VarInt::from_u32(close_code.load(Ordering::Relaxed));
+    if code == close::REPLACED || code == close::DUPLICATE {
+        let _ = tokio::time::timeout(LINGER, peer_finished.notified()).await;
+    }
     conn.close(code, b"retired");
 }
 
@@ -1633,8 +1665,8 @@ async fn write_stream(conn: Connection, hello: Frame, mut rx: mpsc::Receiver<Vec
 /// the node task sees every frame the peer got through before it sees the close: a
 /// leaving peer's last counts are merged before the peer is removed (and its readers
 /// aborted), never lost to a race between tasks.
-async fn read_until_closed(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
-    tokio::join!(read_datagrams(sh.clone(), conn.clone(), conn_id), read_streams(sh.clone(), conn.clone(), conn_id));
+async fn read_until_closed(sh: Arc<Shared>, conn: Connection, conn_id: u64, peer_finished: Arc<tokio::sync::Notify>) {
+    tokio::join!(read_datagrams(sh.clone(), conn.clone(), conn_id), read_streams(sh.clone(), conn.clone(), conn_id, peer_finished));
     let reason = conn.closed().await;
     let _ = sh.events.send(Event::Closed { conn: conn_id, reason }).await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::super::wire::{Frame, FrameDecoder, Hello, MemberEntry, MAX_MEMBERS_PER_FRAME};
 use super::super::{certs, node_id, tls, Cluster, ClusterConfig, TlsIdentity};
-use super::{get, member_frames};
+use super::{get, member_frames, Target};
 use crate::{Quota, RateLimiter};
 
 fn identity(ca: &(String, String), name: &str) -> TlsIdentity {
@@ -145,6 +145,47 @@ async fn a_member_listed_after_made_up_ones_with_lower_ids_is_dialled_after_one_
         for n in [&a, &b, &c] {
             n.shutdown().await;
         }
+    })
+    .await
+    .unwrap();
+}
+
+/// A full sync under way when its connection is replaced (the seed dials the newcomer
+/// again, and its dial wins the tie-break) reaches the newcomer whole before `start()`
+/// returns: nothing the seed sent on the retired connection is lost to its close, and the
+/// sync-done marker, on the new connection, is not taken before the old one's frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_across_a_connection_replaced_midway_arrives_whole() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let ca = certs::generate_ca().unwrap();
+        let minute =
+            || RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(60)).unwrap()).hash_secret([3; 16]).build().unwrap();
+        // The seed has the lower id: of two connections between them, the one it dialled wins.
+        let s_name = (0..).map(|i| format!("seed-{i}")).find(|n| node_id(n) < u64::MAX / 4).unwrap();
+        let n_name = (0..).map(|i| format!("newcomer-{i}")).find(|n| node_id(n) > u64::MAX / 4 * 3).unwrap();
+        let s = Cluster::start(minute(), config(identity(&ca, &s_name), &[])).await.unwrap();
+        let keys = 20_000;
+        for i in 0..keys {
+            assert!(s.limiter().allow(&format!("client-{i}"), s.limiter().now_ms()));
+        }
+        let n_id = node_id(&n_name);
+        let joining = tokio::spawn(Cluster::start(minute(), config(identity(&ca, &n_name), &[&s])));
+        eventually(Duration::from_secs(5), "the newcomer connects", || {
+            s.shared.state.lock().peers.get(&n_id).is_some_and(|p| p.active.is_some())
+        })
+        .await;
+        {
+            let mut st = s.shared.state.lock();
+            let addr = st.peers[&n_id].addr.unwrap();
+            st.dial(&s.shared, Target::Peer(n_id), addr, Some(n_name.clone()));
+        }
+        let n = joining.await.unwrap().unwrap();
+        let held = n.state().iter().filter(|e| e.replica == s.replica()).count();
+        let replaced = get(&s.shared.counters.dials) >= 1;
+        assert!(replaced, "the seed dialled again");
+        assert_eq!(held, keys, "start() returned with {held} of the seed's {keys} counts");
+        n.shutdown().await;
+        s.shutdown().await;
     })
     .await
     .unwrap();
