@@ -468,6 +468,13 @@ pub struct GossipStats {
 }
 
 impl Peer {
+    /// Whether `incarnation` is one of a process that is gone: one it restarted from, or
+    /// one above the one it restarted as when its clock stepped back.
+    fn gone(&self, incarnation: u64) -> bool {
+        self.incarnation.is_some_and(|i| incarnation < i)
+            || self.gone_upto.is_some_and(|g| incarnation <= g && self.incarnation != Some(incarnation))
+    }
+
     /// Whether to announce this node to it over SWIM now (at most once per probe period),
     /// noting that it was.
     fn announce_due(&mut self, now_ms: i64, probe_ms: i64) -> bool {
@@ -491,6 +498,9 @@ struct Peer {
     /// When SWIM's last verdict that it is down came.
     swim_down_since_ms: Option<i64>,
     incarnation: Option<u64>,
+    /// It restarted with a lower incarnation than this one (its clock stepped back): the
+    /// incarnations above `incarnation` up to this are processes that are gone.
+    gone_upto: Option<u64>,
     rtt_ms: Option<i64>,
     clock_offset_ms: Option<i64>,
     /// Our unanswered ping to it: its send time.
@@ -1189,6 +1199,21 @@ impl GossipNode {
         }
     }
 
+    /// Tells the core the incarnation `peer` runs as, as its transport authenticated it.
+    /// Needed only when it is lower than one heard from before: the peer restarted while
+    /// its clock had stepped back further than the restart took. The core then takes it
+    /// for the current one (totals sent to the peer leave out its counts, SWIM's verdicts
+    /// on the processes above it are ignored) rather than keep the higher incarnation of a
+    /// process that is gone. A higher incarnation the core learns from the peer's own
+    /// messages.
+    pub fn set_peer_incarnation(&mut self, peer: PeerId, incarnation: u64) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Some(i) = p.incarnation.filter(|&i| incarnation < i) else { return };
+        p.gone_upto = Some(p.gone_upto.map_or(i, |g| g.max(i)));
+        p.incarnation = Some(incarnation);
+        (p.swim, p.swim_down_since_ms, p.swim_announced_ms) = (None, None, None);
+    }
+
     /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
@@ -1581,6 +1606,10 @@ impl GossipNode {
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
         let Some(p) = self.peers.get_mut(&from) else { return };
+        if p.incarnation.is_some_and(|i| incarnation > i) && p.gone_upto.is_some_and(|g| incarnation <= g) {
+            // A late message of a process above the one it restarted as: gone.
+            return;
+        }
         let new_incarnation = p.incarnation.is_some_and(|i| incarnation > i);
         if new_incarnation {
             // SWIM's verdicts were on the incarnation the peer restarted from.
@@ -1657,7 +1686,7 @@ impl GossipNode {
             let peer = id.node;
             let Some(p) = self.peers.get_mut(&peer) else { continue };
             // A verdict on an incarnation the peer has restarted from says nothing of it.
-            if p.incarnation.is_some_and(|i| id.incarnation < i) {
+            if p.gone(id.incarnation) {
                 continue;
             }
             p.swim = Some(up);
@@ -2421,14 +2450,12 @@ impl GossipNode {
             }
             newest.sort_unstable_by_key(|(node, inc, _)| (*node, *inc));
             for group in newest.chunk_by(|a, b| a.0 == b.0) {
-                let (node, std::cmp::Reverse(incarnation), ref range) = group[0];
-                let writer = &by_replica[range.clone()];
-                let Some(at) = place(&node) else { continue };
+                let Some(at) = place(&group[0].0) else { continue };
                 let p = peers[at].1;
-                if p.incarnation.is_some_and(|i| incarnation < i) {
-                    // Only incarnations it has restarted from: others' counts to it.
-                    continue;
-                }
+                // Incarnations it has restarted from (or, its clock stepped back, ones
+                // above the one it runs as) are others' counts to it.
+                let Some(&(node, _, ref range)) = group.iter().find(|(_, std::cmp::Reverse(inc), _)| !p.gone(*inc)) else { continue };
+                let writer = &by_replica[range.clone()];
                 // Its current incarnation's counts, or a later one's not heard from
                 // here yet (it restarted): no total that holds them goes to it.
                 writers.push(node);
@@ -3123,6 +3150,54 @@ mod tests {
         let (extra, missing) = (got.difference(&expected).count(), expected.difference(&got).count());
         assert!(extra == 0 && missing == 0, "totals in the newcomer's full sync: {extra} keys too many, {missing} missing");
         assert!(counts > 0, "the counts of the keys it aggregates come too");
+    }
+
+    /// A member that restarted with a lower incarnation (its clock stepped back), as the
+    /// driver reports it: the totals this node publishes to it leave out the counts of
+    /// the incarnation it runs as, and hold those of the higher one that is gone (others'
+    /// counts to it now). Before, the gone process's incarnation was taken for the
+    /// current one: the total to it held its own counts and left the gone ones out.
+    #[test]
+    fn totals_to_a_member_restarted_with_a_lower_incarnation_leave_out_its_current_counts() {
+        let peers: Vec<u64> = (2..=20).collect();
+        let limiter = limiter_in_window(1_000, Duration::from_secs(60), Admission::Optimistic);
+        let mut n =
+            GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: 1, incarnation: 1 }), peers.iter().copied(), 1, T0).unwrap();
+        let mut t = T0;
+        for _ in 0..4 {
+            round_heard_from(&mut n, &peers, &mut t);
+        }
+        assert!(n.aggregating());
+        let k = n.cfg.aggregators;
+        let key = (1..).map(splitmix64).find(|&key| n.ring.publishes(key, k, 1)).unwrap();
+        let counts = |node: u64, incarnation: u64, count: u64| {
+            let from = ReplicaId { node, incarnation };
+            let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
+            codec::encode(&Envelope::new(
+                from,
+                Body::Counts(vec![Batch { replica: from, window_ms: 60_000, base_window: t / 60_000, entries }]),
+            ))
+            .unwrap()
+        };
+        // Member 3 as incarnation 5 counts 7; it restarts as 4 (lower), which counts 2;
+        // member 2 counts 1.
+        n.handle_message(3, &counts(3, 5, 7), t).unwrap();
+        n.set_peer_incarnation(3, 4);
+        n.handle_message(3, &counts(3, 4, 2), t).unwrap();
+        n.handle_message(2, &counts(2, 1, 1), t).unwrap();
+        let sent = round_heard_from(&mut n, &[2], &mut t);
+        let to_3: Vec<u64> = sent
+            .iter()
+            .filter(|tr| tr.to == 3)
+            .filter_map(|tr| match codec::decode(&tr.bytes).unwrap().body {
+                Body::Totals(batches) => {
+                    Some(batches.into_iter().flat_map(|b| b.entries).filter(|e| e.key == key.to_le_bytes()).map(|e| e.count))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(to_3, vec![8], "the others' total to member 3: 7 (gone) + 1, not its own 2");
     }
 
     /// A store too large for one resend is passed over whole in consecutive anti-entropy

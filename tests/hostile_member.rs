@@ -658,6 +658,38 @@ fn garbage_swim_packets_are_refused_without_panicking_or_changing_membership() {
     assert!((20..=20 + MAX_UNKNOWN_MEMBERS).contains(&members), "{members} members");
 }
 
+/// A member SWIM holds down restarts with a lower incarnation (its clock stepped back
+/// further than the restart took); the driver tells the core the incarnation it runs as.
+/// It then stays up while it talks: SWIM's verdict was on the process that is gone.
+/// Before, the core kept the higher incarnation as the current one, never cleared the
+/// verdict on the new process's messages, and took the member down after each of them.
+#[test]
+fn a_member_that_restarts_with_a_lower_incarnation_is_not_taken_down_by_the_old_ones_verdict() {
+    let mut n = swim_node();
+    let mut t = T0 + 1;
+    let heartbeat = |p: u64, inc: u64| testing::counts(replica(p, inc), &[]).unwrap();
+    // Member 3 restarts normally as incarnation 5; member 2 declares 5 down.
+    n.handle_message(3, &heartbeat(3, 5), t).unwrap();
+    let down = testing::SwimUpdate { node: 3, incarnation: 5, bump: 0, down: true };
+    let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &[down]).unwrap();
+    n.handle_message(2, &testing::swim_raw(replica(2, 1), &packet).unwrap(), t).unwrap();
+    drain(&mut n);
+    // It dies and restarts as incarnation 4, as its transport says.
+    n.set_peer_incarnation(3, 4);
+    let mut downs = 0;
+    while t < T0 + 3_000 {
+        t += 10;
+        for p in 2..=21u64 {
+            n.handle_message(p, &heartbeat(p, if p == 3 { 4 } else { 1 }), t).unwrap();
+        }
+        n.handle_timeout(t);
+        drain(&mut n);
+        downs += std::iter::from_fn(|| n.poll_event()).filter(|e| matches!(e, Event::PeerDown { peer: 3, .. })).count();
+    }
+    assert_eq!(downs, 0, "member 3 taken down {downs} times while it talked");
+    assert!(n.live_peers().any(|p| p == 3));
+}
+
 /// One SWIM packet whose updates declare a member down and up in turn, each time as a
 /// later identity, costs this node at most one ping to that member per probe period,
 /// not one per pair of updates.

@@ -1375,8 +1375,10 @@ impl State {
         }
         if p.active.is_none() && p.incarnation.is_some_and(|i| h.incarnation < i) {
             // Incarnations are start times: its clock stepped back. Its counts go to a new
-            // slot all the same (a slot is the whole replica id), so take it.
+            // slot all the same (a slot is the whole replica id), so take it, and tell the
+            // core it is the current one.
             tracing::warn!(peer = %name, incarnation = h.incarnation, previous = p.incarnation, "peer restarted with a lower incarnation");
+            self.node.set_peer_incarnation(peer, h.incarnation);
         }
         p.left = None;
         p.refused = None;
