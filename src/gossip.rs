@@ -1605,6 +1605,7 @@ impl GossipNode {
     fn heard(&mut self, from: PeerId, incarnation: u64, now_ms: i64) {
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
+        let room = self.outbox.len() < MAX_OUTBOX;
         let Some(p) = self.peers.get_mut(&from) else { return };
         if p.incarnation.is_some_and(|i| incarnation > i) && p.gone_upto.is_some_and(|g| incarnation <= g) {
             // A late message of a process above the one it restarted as: gone.
@@ -1619,7 +1620,7 @@ impl GossipNode {
         // `update_liveness`): this node announces itself to it, which tells it it was
         // declared down, and it rejoins as a new SWIM identity at once.
         let current = p.incarnation.is_none_or(|i| incarnation >= i);
-        let announce = swim_mode && current && p.swim == Some(false) && p.announce_due(now_ms, probe_ms);
+        let announce = swim_mode && current && p.swim == Some(false) && room && p.announce_due(now_ms, probe_ms);
         if current && p.swim == Some(false) {
             // First-hand evidence: alive. Silence judges it until SWIM's next verdict
             // (its new identity's, once it has rejoined).
@@ -1681,6 +1682,9 @@ impl GossipNode {
         }
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
+        // An ask that cannot be queued is not made (nor counted as made: a member is taken
+        // down only after an ask it did not answer).
+        let room = self.outbox.len() < MAX_OUTBOX;
         let (mut unheard, mut declared) = (Vec::new(), Vec::new());
         for (id, up) in out.verdicts {
             let peer = id.node;
@@ -1709,7 +1713,7 @@ impl GossipNode {
             // gets an answer from a member that is alive, and tells it it was declared
             // down. A peer comes up only on a message of its own (`heard`), never on
             // others' word.
-            if !up && p.up && p.announce_due(now_ms, probe_ms) {
+            if !up && p.up && room && p.announce_due(now_ms, probe_ms) {
                 declared.push((peer, p.incarnation.unwrap_or(0)));
             }
         }
@@ -1755,9 +1759,10 @@ impl GossipNode {
         // Peers up that SWIM holds down since after they were last asked: asked now, if
         // an ask is due (at most one per probe period each; see `update_liveness`).
         let probe_ms = self.swim.settings().probe_period_ms as i64;
+        let room = self.outbox.len() < MAX_OUTBOX;
         for (&id, p) in self.peers.iter_mut() {
             let unasked = p.swim_announced_ms < p.swim_down_since_ms;
-            if p.up && p.swim == Some(false) && unasked && p.announce_due(now_ms, probe_ms) {
+            if p.up && p.swim == Some(false) && unasked && room && p.announce_due(now_ms, probe_ms) {
                 announce.push((id, p.incarnation.unwrap_or(0)));
             }
         }

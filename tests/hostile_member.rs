@@ -584,6 +584,11 @@ fn swim_node() -> GossipNode {
 /// Node 1 with peers 2 to 21, every one up and known to SWIM (beyond 16 peers: aggregated
 /// dissemination and SWIM), at most `pool` members aggregating.
 fn swim_node_with_pool(pool: usize) -> GossipNode {
+    swim_node_with(|cfg| cfg.aggregator_pool = pool)
+}
+
+/// `swim_node()` with its configuration changed by `f`.
+fn swim_node_with(f: impl FnOnce(&mut GossipConfig)) -> GossipNode {
     let peers: Vec<u64> = (2..=21).collect();
     let limiter = RateLimiter::builder()
         .quota(Quota::new(10, Duration::from_secs(1)).unwrap())
@@ -593,7 +598,7 @@ fn swim_node_with_pool(pool: usize) -> GossipNode {
         .unwrap();
     let mut cfg = GossipConfig::new(replica(1, 1));
     cfg.swim_above_peers = 16;
-    cfg.aggregator_pool = pool;
+    f(&mut cfg);
     let mut n = GossipNode::new(limiter, cfg, peers.iter().copied(), 1, T0).unwrap();
     n.handle_timeout(T0);
     drain(&mut n);
@@ -688,6 +693,43 @@ fn a_member_that_restarts_with_a_lower_incarnation_is_not_taken_down_by_the_old_
     }
     assert_eq!(downs, 0, "member 3 taken down {downs} times while it talked");
     assert!(n.live_peers().any(|p| p == 3));
+}
+
+/// A "down" verdict that comes while the outbox is full: the ask that would confirm it
+/// cannot be queued, so it is not counted as made, and the member is not taken down for
+/// failing to answer it; once there is room again, it is asked.
+#[test]
+fn an_ask_that_met_a_full_outbox_does_not_take_the_member_down() {
+    let mut n = swim_node_with(|cfg| cfg.suspect_after_ms = 5_000);
+    // Member 2 floods pings: each answer takes a place in the outbox, until it is full.
+    let ping = testing::ping(replica(2, 1), T0, None).unwrap();
+    for _ in 0..MAX_OUTBOX {
+        n.handle_message(2, &ping, T0 + 1).unwrap();
+    }
+    let down = testing::SwimUpdate { node: 3, incarnation: 1, bump: 0, down: true };
+    let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &[down]).unwrap();
+    n.handle_message(2, &testing::swim_raw(replica(2, 1), &packet).unwrap(), T0 + 2).unwrap();
+    // A second, with the outbox still full; every member but 3 goes on talking.
+    let mut t = T0 + 2;
+    let mut downs = 0;
+    while t < T0 + 1_500 {
+        t += 20;
+        for p in (2..=21u64).filter(|&p| p != 3) {
+            n.handle_message(p, &testing::counts(replica(p, 1), &[]).unwrap(), t).unwrap();
+        }
+        n.handle_timeout(t);
+        downs += std::iter::from_fn(|| n.poll_event()).filter(|e| matches!(e, Event::PeerDown { peer: 3, .. })).count();
+    }
+    assert_eq!(downs, 0, "member 3 taken down after an ask that never left");
+    // Room again: it is asked within a probe period or two.
+    drain(&mut n);
+    let mut asked = false;
+    while t < T0 + 2_000 && !asked {
+        t += 20;
+        n.handle_timeout(t);
+        asked = std::iter::from_fn(|| n.poll_transmit()).any(|tr| tr.to == 3);
+    }
+    assert!(asked, "member 3 asked once there was room");
 }
 
 /// One SWIM packet whose updates declare a member down and up in turn, each time as a
