@@ -471,8 +471,7 @@ impl Peer {
     /// Whether `incarnation` is one of a process that is gone: one it restarted from, or
     /// one above the one it restarted as when its clock stepped back.
     fn gone(&self, incarnation: u64) -> bool {
-        self.incarnation.is_some_and(|i| incarnation < i)
-            || self.gone_upto.is_some_and(|g| incarnation <= g && self.incarnation != Some(incarnation))
+        self.incarnation.is_some_and(|i| incarnation < i) || self.gone_above.contains(&incarnation)
     }
 
     /// Whether to announce this node to it over SWIM now (at most once per probe period),
@@ -498,13 +497,17 @@ struct Peer {
     /// When SWIM's last verdict that it is down came.
     swim_down_since_ms: Option<i64>,
     incarnation: Option<u64>,
-    /// It restarted with a lower incarnation than this one (its clock stepped back): the
-    /// incarnations above `incarnation` up to this are processes that are gone.
-    gone_upto: Option<u64>,
+    /// It restarted with a lower incarnation than processes this node had heard of (its
+    /// clock stepped back): those processes' incarnations, which are gone although above
+    /// `incarnation` (at most `MAX_INCARNATIONS_PER_PEER` plus one).
+    gone_above: Vec<u64>,
     rtt_ms: Option<i64>,
     clock_offset_ms: Option<i64>,
     /// Our unanswered ping to it: its send time.
     ping_sent_ms: Option<i64>,
+    /// When a SWIM verdict that it is up as an identity not heard from last made this node
+    /// ping it (at most once per probe period, answered or not).
+    up_pinged_ms: Option<i64>,
     /// When a full sync to it last started.
     last_sync_answered_ms: Option<i64>,
     /// Digests and repairs answered this anti-entropy period.
@@ -1209,9 +1212,22 @@ impl GossipNode {
     pub fn set_peer_incarnation(&mut self, peer: PeerId, incarnation: u64) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let Some(i) = p.incarnation.filter(|&i| incarnation < i) else { return };
-        p.gone_upto = Some(p.gone_upto.map_or(i, |g| g.max(i)));
+        // The processes above it that this node knows of, exactly: a later restart between
+        // them (its clock still behind) is a new process, not a gone one.
+        let known = self.replica_index.keys().filter(|r| r.node == peer && r.incarnation > incarnation).map(|r| r.incarnation);
+        let mut gone: Vec<u64> = known.chain([i]).chain(p.gone_above.iter().copied().filter(|&g| g > incarnation)).collect();
+        gone.sort_unstable();
+        gone.dedup();
+        gone.truncate(MAX_INCARNATIONS_PER_PEER + 1);
+        p.gone_above = gone;
         p.incarnation = Some(incarnation);
         (p.swim, p.swim_down_since_ms, p.swim_announced_ms) = (None, None, None);
+        // A restart: it comes up again with its next message, which brings it a full sync
+        // (the members' totals are others' counts to the new process).
+        if std::mem::take(&mut p.up) {
+            self.ring_stale |= set_up(&mut self.up, peer, false);
+            self.publish_live();
+        }
     }
 
     /// Removes a peer (a graceful leave). Its counts stay until their windows expire.
@@ -1339,13 +1355,22 @@ impl GossipNode {
         self.latest_ms = now_ms;
         self.next_round_ms = self.next_round_ms.min(now_ms);
         for p in self.peers.values_mut() {
-            for t in [&mut p.last_heard_ms, &mut p.swim_announced_ms, &mut p.swim_down_since_ms, &mut p.last_sync_answered_ms] {
+            for t in [
+                &mut p.last_heard_ms,
+                &mut p.swim_announced_ms,
+                &mut p.swim_down_since_ms,
+                &mut p.last_sync_answered_ms,
+                &mut p.up_pinged_ms,
+            ] {
                 if let Some(t) = t.as_mut() {
                     *t = (*t).min(now_ms);
                 }
             }
             // A clock sample across the step would be off by it.
             p.ping_sent_ms = None;
+        }
+        for noted in self.standby.iter_mut().map(|s| &mut s.5) {
+            *noted = (*noted).min(now_ms);
         }
         self.swim.shift(-back, now_ms);
     }
@@ -1607,7 +1632,7 @@ impl GossipNode {
         let probe_ms = self.swim.settings().probe_period_ms as i64;
         let room = self.outbox.len() < MAX_OUTBOX;
         let Some(p) = self.peers.get_mut(&from) else { return };
-        if p.incarnation.is_some_and(|i| incarnation > i) && p.gone_upto.is_some_and(|g| incarnation <= g) {
+        if p.gone_above.contains(&incarnation) {
             // A late message of a process above the one it restarted as: gone.
             return;
         }
@@ -1704,7 +1729,8 @@ impl GossipNode {
                 // asks it for one: at most one per probe period, so that a packet of
                 // verdicts going down and up in turn cannot make this node ping the
                 // member once per pair.
-                if p.ping_sent_ms.is_none_or(|t| now_ms - t >= probe_ms) && !unheard.contains(&peer) {
+                if p.up_pinged_ms.is_none_or(|t| now_ms - t >= probe_ms) && !unheard.contains(&peer) {
+                    p.up_pinged_ms = Some(now_ms);
                     unheard.push(peer);
                 }
                 continue;
@@ -3184,16 +3210,19 @@ mod tests {
             ))
             .unwrap()
         };
-        // Member 3 as incarnation 5 counts 7; it restarts as 4 (lower), which counts 2;
-        // member 2 counts 1.
+        // Member 3 as incarnation 5 counts 7; it restarts as 4 (lower), which counts 2 and
+        // is sent a full sync, as any restart; member 2 counts 1.
         n.handle_message(3, &counts(3, 5, 7), t).unwrap();
         n.set_peer_incarnation(3, 4);
+        let syncs = n.stats().full_syncs_sent;
         n.handle_message(3, &counts(3, 4, 2), t).unwrap();
+        assert_eq!(n.stats().full_syncs_sent, syncs + 1, "a full sync to the restart");
         n.handle_message(2, &counts(2, 1, 1), t).unwrap();
         let sent = round_heard_from(&mut n, &[2], &mut t);
         let to_3: Vec<u64> = sent
             .iter()
-            .filter(|tr| tr.to == 3)
+            // The round's totals (the full sync's, reliable, were taken when it came up).
+            .filter(|tr| tr.to == 3 && !tr.reliable)
             .filter_map(|tr| match codec::decode(&tr.bytes).unwrap().body {
                 Body::Totals(batches) => {
                     Some(batches.into_iter().flat_map(|b| b.entries).filter(|e| e.key == key.to_le_bytes()).map(|e| e.count))
@@ -3203,6 +3232,57 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(to_3, vec![8], "the others' total to member 3: 7 (gone) + 1, not its own 2");
+    }
+
+    /// After a restart with a lower incarnation (10 to 4), a second restart still below
+    /// the gone one (as 7) is a new process like any other: it is heard from, and the
+    /// totals to it leave out its counts only.
+    #[test]
+    fn a_second_restart_below_a_gone_incarnation_is_a_new_process() {
+        let peers: Vec<u64> = (2..=20).collect();
+        let limiter = limiter_in_window(1_000, Duration::from_secs(60), Admission::Optimistic);
+        let mut n =
+            GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: 1, incarnation: 1 }), peers.iter().copied(), 1, T0).unwrap();
+        let mut t = T0;
+        for _ in 0..4 {
+            round_heard_from(&mut n, &peers, &mut t);
+        }
+        let k = n.cfg.aggregators;
+        let key = (1..).map(splitmix64).find(|&key| n.ring.publishes(key, k, 1)).unwrap();
+        let window = t / 60_000;
+        let counts = |node: u64, incarnation: u64, count: u64| {
+            let from = ReplicaId { node, incarnation };
+            let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
+            codec::encode(&Envelope::new(
+                from,
+                Body::Counts(vec![Batch { replica: from, window_ms: 60_000, base_window: window, entries }]),
+            ))
+            .unwrap()
+        };
+        n.handle_message(3, &counts(3, 10, 7), t).unwrap();
+        n.set_peer_incarnation(3, 4);
+        n.handle_message(3, &counts(3, 4, 2), t).unwrap();
+        t += 20;
+        n.handle_timeout(t);
+        std::iter::from_fn(|| n.poll_transmit()).for_each(drop);
+        // It restarts again as 7, still below 10: a higher incarnation than 4.
+        n.handle_message(3, &counts(3, 7, 3), t).unwrap();
+        n.handle_message(2, &counts(2, 1, 1), t).unwrap();
+        assert!(n.live_peers().any(|p| p == 3), "the new process is heard from");
+        let sent = round_heard_from(&mut n, &[2], &mut t);
+        let to_3: Vec<u64> = sent
+            .iter()
+            // The round's totals (the full sync's, reliable, were taken when it came up).
+            .filter(|tr| tr.to == 3 && !tr.reliable)
+            .filter_map(|tr| match codec::decode(&tr.bytes).unwrap().body {
+                Body::Totals(batches) => {
+                    Some(batches.into_iter().flat_map(|b| b.entries).filter(|e| e.key == key.to_le_bytes()).map(|e| e.count))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(!to_3.is_empty() && to_3.iter().all(|&c| c == 10), "the others' total to member 3: 7 + 2 + 1, not its own 3: {to_3:?}");
     }
 
     /// A store too large for one resend is passed over whole in consecutive anti-entropy

@@ -738,15 +738,23 @@ fn an_ask_that_met_a_full_outbox_does_not_take_the_member_down() {
 #[test]
 fn verdicts_going_down_and_up_in_turn_cost_one_ping_per_probe_period() {
     let mut n = swim_node();
-    let updates: Vec<testing::SwimUpdate> =
-        (0..40u64).map(|i| testing::SwimUpdate { node: 3, incarnation: 2 + i, bump: 0, down: i % 2 == 0 }).collect();
-    let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
-    let msg = testing::swim_raw(replica(2, 1), &packet).unwrap();
-    assert!(msg.len() <= 1200, "{} bytes", msg.len());
+    // Each packet names later identities than the one before.
+    let msg = |k: u64| {
+        let updates: Vec<testing::SwimUpdate> =
+            (0..40u64).map(|i| testing::SwimUpdate { node: 3, incarnation: 2 + 100 * k + i, bump: 0, down: i % 2 == 0 }).collect();
+        let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
+        testing::swim_raw(replica(2, 1), &packet).unwrap()
+    };
+    assert!(msg(3).len() <= 1200, "{} bytes", msg(3).len());
     let mut to_3 = 0;
     for k in 0..4 {
-        n.handle_message(2, &msg, T0 + 1 + k).unwrap();
+        let t = T0 + 1 + k as i64;
+        n.handle_message(2, &msg(k), t).unwrap();
         to_3 += std::iter::from_fn(|| n.poll_transmit()).filter(|t| t.to == 3).count();
+        // Member 3 answers any ping at once (the limit is per probe period, not per ping
+        // outstanding).
+        n.handle_message(3, &testing::ping(replica(3, 1), t, Some((t, 0))).unwrap(), t).unwrap();
+        drain(&mut n);
     }
     assert!(n.stats().swim_received >= 21, "the packets were read");
     assert!(to_3 <= 2, "{to_3} messages to member 3 for four packets within a probe period");
