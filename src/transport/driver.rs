@@ -201,8 +201,10 @@ struct PeerEntry {
     /// It sent us a full sync (its `SyncDone` marker arrived).
     synced: bool,
     /// Its marker came while a retired connection of its could still bring frames of the
-    /// sync: `synced` once those connections have closed.
+    /// sync: `synced` once those connections have closed, each after the peer's stream on
+    /// it ended (else `retired_lossy`, and the sync is not taken as complete).
     synced_after_retired: bool,
+    retired_lossy: bool,
     /// Refused (either way) since its last accepted first frame.
     refused: Option<Refusal>,
     dial: Backoff,
@@ -227,6 +229,7 @@ impl PeerEntry {
             seed: false,
             synced: false,
             synced_after_retired: false,
+            retired_lossy: false,
             refused: None,
             dial,
             unreachable_since: Some(Instant::now()),
@@ -285,6 +288,18 @@ struct ConnEntry {
     refused: bool,
     /// Frames dropped on this connection's full queue (see [`State::queue_full_drops`]).
     queue_full: AtomicU64,
+    /// The peer's stream on it: whether it ended (finished, every frame read).
+    peer_stream: Arc<PeerStream>,
+}
+
+/// What the reader of a connection tells its writer and the node task of the peer's
+/// stream: that it ended cleanly (finished, every frame handed on), or was cut off.
+#[derive(Default)]
+struct PeerStream {
+    ended: std::sync::atomic::AtomicBool,
+    /// Told each time a stream ended, cleanly or not (the writer of a retired connection
+    /// waits for it before closing).
+    done: tokio::sync::Notify,
 }
 
 impl ConnEntry {
@@ -1179,9 +1194,9 @@ impl State {
         let (tx, rx) = mpsc::channel(sh.settings.stream_queue);
         let close_code = Arc::new(AtomicU32::new(close::REPLACED.into_inner() as u32));
         let hello = sh.hello(if outgoing { seq } else { 0 });
-        let peer_finished = Arc::new(tokio::sync::Notify::new());
-        let writer = tokio::spawn(write_stream(conn.clone(), hello, rx, close_code.clone(), peer_finished.clone()));
-        let reader = sh.spawn(read_until_closed(sh.clone(), conn.clone(), conn_id, peer_finished));
+        let peer_stream = Arc::new(PeerStream::default());
+        let writer = tokio::spawn(write_stream(conn.clone(), hello, rx, close_code.clone(), peer_stream.clone()));
+        let reader = sh.spawn(read_until_closed(sh.clone(), conn.clone(), conn_id, peer_stream.clone()));
         tracing::debug!(peer = %name, remote = %conn.remote_address(), outgoing, "connection established");
         self.conns.insert(
             conn_id,
@@ -1199,6 +1214,7 @@ impl State {
                 incoming: incoming_slot,
                 refused: false,
                 queue_full: AtomicU64::new(0),
+                peer_stream,
             },
         );
         let is_seed = matches!(target, Some(Target::Seed(_)));
@@ -1395,8 +1411,13 @@ impl State {
             return;
         }
         let old = p.active.replace(conn_id);
-        let restarted = p.incarnation.is_some_and(|i| h.incarnation > i);
+        // A later incarnation, or (its clock stepped back) a lower one than before.
+        let restarted = p.incarnation.is_some_and(|i| h.incarnation != i);
         p.incarnation = Some(h.incarnation);
+        if restarted {
+            // Whatever was pending of the previous process's full sync is void.
+            (p.synced_after_retired, p.retired_lossy) = (false, false);
+        }
         let Some(c) = self.conns.get(&conn_id) else { return };
         let addr = if h.addr.ip().is_unspecified() { SocketAddr::new(c.conn.remote_address().ip(), h.addr.port()) } else { h.addr };
         p.addr = Some(addr);
@@ -1511,9 +1532,17 @@ impl State {
         let retired_left = self.conns.values().any(|o| o.peer == peer && o.stream_tx.is_none());
         let Some(p) = self.peers.get_mut(&peer) else { return };
         p.queue_full_closed += get(&c.queue_full);
+        if p.synced_after_retired && c.stream_tx.is_none() && !c.peer_stream.ended.load(Ordering::Relaxed) {
+            p.retired_lossy = true;
+        }
         if p.synced_after_retired && !retired_left {
-            // Every frame the retired connections brought came before their close.
-            (p.synced, p.synced_after_retired) = (true, false);
+            // Every frame the retired connections brought came before their close; unless
+            // one closed before the peer's stream on it ended, the sync is whole.
+            let lossy = std::mem::take(&mut p.retired_lossy);
+            (p.synced, p.synced_after_retired) = (!lossy, false);
+            if lossy {
+                tracing::warn!(peer = %name, "full sync not taken as complete: a connection replaced during it closed before its frames were all read; anti-entropy repairs them");
+            }
             self.check_joined(sh);
         }
         let Some(p) = self.peers.get_mut(&peer) else { return };
@@ -1543,7 +1572,7 @@ impl State {
                 // Once per leave: a duplicate connection that took over closes too.
                 if p.incarnation.is_none_or(|i| h.incarnation >= i) && p.left.is_none_or(|l| l < h.incarnation) {
                     p.left = Some(h.incarnation);
-                    p.synced = false;
+                    (p.synced, p.synced_after_retired, p.retired_lossy) = (false, false, false);
                     self.node.remove_peer(peer);
                     tracing::info!(peer = %name, incarnation = h.incarnation, "peer left the cluster");
                 }
@@ -1602,31 +1631,41 @@ async fn read_datagrams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
 
 /// Reads the peer's streams one after the other (a peer opens one per connection), and
 /// tells the writer each time one has ended (every frame of it handed to the node task).
-async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64, finished: Arc<tokio::sync::Notify>) {
+async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64, stream: Arc<PeerStream>) {
     while let Ok(mut recv) = conn.accept_uni().await {
-        if let Err(error) = read_frames(&sh, &mut recv, conn_id).await {
-            let _ = sh.events.send(Event::ProtocolError { conn: conn_id, error }).await;
-            return;
+        match read_frames(&sh, &mut recv, conn_id).await {
+            Ok(ended) => {
+                if ended {
+                    stream.ended.store(true, Ordering::Relaxed);
+                }
+                stream.done.notify_one();
+            }
+            Err(error) => {
+                stream.done.notify_one();
+                let _ = sh.events.send(Event::ProtocolError { conn: conn_id, error }).await;
+                return;
+            }
         }
-        finished.notify_one();
     }
+    stream.done.notify_one();
 }
 
-/// Reads frames until the stream ends. `Err` only for a protocol violation. The bytes go
-/// through [`FrameDecoder`], which holds at most one frame ([`MAX_FRAME`](super::wire::MAX_FRAME))
-/// plus one read chunk.
-async fn read_frames(sh: &Shared, recv: &mut RecvStream, conn_id: u64) -> Result<(), String> {
+/// Reads frames until the stream ends: `Ok(true)` when the peer finished it and every
+/// frame was handed on, `Ok(false)` when it was cut off. `Err` only for a protocol
+/// violation. The bytes go through [`FrameDecoder`], which holds at most one frame
+/// ([`MAX_FRAME`](super::wire::MAX_FRAME)) plus one read chunk.
+async fn read_frames(sh: &Shared, recv: &mut RecvStream, conn_id: u64) -> Result<bool, String> {
     let mut frames = FrameDecoder::default();
     loop {
         let chunk = match recv.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => chunk.bytes,
-            Ok(None) => return frames.finish().map_err(|e| e.to_string()),
-            Err(_) => return Ok(()), // reset or connection lost
+            Ok(None) => return frames.finish().map(|()| true).map_err(|e| e.to_string()),
+            Err(_) => return Ok(false), // reset or connection lost
         };
         frames.push(&chunk);
         while let Some(frame) = frames.next_frame().map_err(|e| e.to_string())? {
             if sh.events.send(Event::Frame { conn: conn_id, frame }).await.is_err() {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
@@ -1642,7 +1681,7 @@ async fn write_stream(
     hello: Frame,
     mut rx: mpsc::Receiver<Vec<u8>>,
     close_code: Arc<AtomicU32>,
-    peer_finished: Arc<tokio::sync::Notify>,
+    peer_stream: Arc<PeerStream>,
 ) {
     let Ok(mut send) = conn.open_uni().await else { return };
     if send.write_all(&hello.encode()).await.is_err() {
@@ -1657,8 +1696,8 @@ async fn write_stream(
         let _ = tokio::time::timeout(LINGER, send.stopped()).await;
     }
     let code = VarInt::from_u32(close_code.load(Ordering::Relaxed));
-    if code == close::REPLACED || code == close::DUPLICATE {
-        let _ = tokio::time::timeout(LINGER, peer_finished.notified()).await;
+    if (code == close::REPLACED || code == close::DUPLICATE) && !peer_stream.ended.load(Ordering::Relaxed) {
+        let _ = tokio::time::timeout(LINGER, peer_stream.done.notified()).await;
     }
     conn.close(code, b"retired");
 }
@@ -1667,8 +1706,8 @@ async fn write_stream(
 /// the node task sees every frame the peer got through before it sees the close: a
 /// leaving peer's last counts are merged before the peer is removed (and its readers
 /// aborted), never lost to a race between tasks.
-async fn read_until_closed(sh: Arc<Shared>, conn: Connection, conn_id: u64, peer_finished: Arc<tokio::sync::Notify>) {
-    tokio::join!(read_datagrams(sh.clone(), conn.clone(), conn_id), read_streams(sh.clone(), conn.clone(), conn_id, peer_finished));
+async fn read_until_closed(sh: Arc<Shared>, conn: Connection, conn_id: u64, peer_stream: Arc<PeerStream>) {
+    tokio::join!(read_datagrams(sh.clone(), conn.clone(), conn_id), read_streams(sh.clone(), conn.clone(), conn_id, peer_stream));
     let reason = conn.closed().await;
     let _ = sh.events.send(Event::Closed { conn: conn_id, reason }).await;
 }
