@@ -762,6 +762,9 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Event>) {
             _ = tick.tick() => {
                 let mut st = shared.state.lock();
                 st.maintain(&shared);
+                // The core learns of a step back of the clock when it is handed the time:
+                // on every tick, not only at a deadline the step may have pushed away.
+                st.node.handle_timeout(now_ms());
             }
         }
         let mut st = shared.state.lock();
