@@ -1729,7 +1729,7 @@ impl GossipNode {
                 // asks it for one: at most one per probe period, so that a packet of
                 // verdicts going down and up in turn cannot make this node ping the
                 // member once per pair.
-                if p.up_pinged_ms.is_none_or(|t| now_ms - t >= probe_ms) && !unheard.contains(&peer) {
+                if p.up_pinged_ms.is_none_or(|t| now_ms - t >= probe_ms) {
                     p.up_pinged_ms = Some(now_ms);
                     unheard.push(peer);
                 }
@@ -2367,17 +2367,22 @@ impl GossipNode {
         let mut lagging = Vec::new();
         for group in waited.chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
+            // Still a standby for the key (the ring may have moved in two rounds): with its
+            // first aggregator.
+            let still: Vec<(PeerId, u64, i64, Option<u64>, i64)> = group
+                .iter()
+                .filter_map(|&(_, key, window, then, noted)| {
+                    let a = self.ring.aggregators(key, k);
+                    let first = *a.as_slice().first().filter(|&&f| f != me && a.as_slice().contains(&me))?;
+                    Some((first, key, window, then, noted))
+                })
+                .collect();
+            // The others' counts held are looked up only where they lagged the heard total.
             keys.clear();
-            // Still a standby for the key (the ring may have moved in two rounds).
-            keys.extend(group.iter().map(|c| c.1).filter(|&key| {
-                let a = self.ring.aggregators(key, k);
-                a.as_slice().first() != Some(&me) && a.as_slice().contains(&me)
-            }));
+            keys.extend(still.iter().filter(|s| s.3.is_some()).map(|s| s.1));
             keys.dedup();
             take(self, window_ms, &keys, &mut held);
-            for &(_, key, window, then, noted) in group {
-                let a = self.ring.aggregators(key, k);
-                let Some(&first) = a.as_slice().first().filter(|&&f| f != me && a.as_slice().contains(&me)) else { continue };
+            for &(first, key, window, then, noted) in &still {
                 let behind = then.is_some_and(|then| find(&held, key, window).is_some_and(|h| h.heard < then));
                 let silent = self.peers.get(&first).is_none_or(|p| p.last_heard_ms.is_none_or(|t| t < noted));
                 if behind || silent {
@@ -3183,13 +3188,9 @@ mod tests {
         assert!(counts > 0, "the counts of the keys it aggregates come too");
     }
 
-    /// A member that restarted with a lower incarnation (its clock stepped back), as the
-    /// driver reports it: the totals this node publishes to it leave out the counts of
-    /// the incarnation it runs as, and hold those of the higher one that is gone (others'
-    /// counts to it now). Before, the gone process's incarnation was taken for the
-    /// current one: the total to it held its own counts and left the gone ones out.
-    #[test]
-    fn totals_to_a_member_restarted_with_a_lower_incarnation_leave_out_its_current_counts() {
+    /// Node 1 aggregating among peers 2 to 20 (a 60 s window; every member is in the
+    /// ring) after four rounds, the time, and a key it publishes the totals of.
+    fn aggregating_among_20() -> (GossipNode, i64, u64) {
         let peers: Vec<u64> = (2..=20).collect();
         let limiter = limiter_in_window(1_000, Duration::from_secs(60), Admission::Optimistic);
         let mut n =
@@ -3201,37 +3202,49 @@ mod tests {
         assert!(n.aggregating());
         let k = n.cfg.aggregators;
         let key = (1..).map(splitmix64).find(|&key| n.ring.publishes(key, k, 1)).unwrap();
-        let counts = |node: u64, incarnation: u64, count: u64| {
-            let from = ReplicaId { node, incarnation };
-            let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
-            codec::encode(&Envelope::new(
-                from,
-                Body::Counts(vec![Batch { replica: from, window_ms: 60_000, base_window: t / 60_000, entries }]),
-            ))
-            .unwrap()
-        };
-        // Member 3 as incarnation 5 counts 7; it restarts as 4 (lower), which counts 2 and
-        // is sent a full sync, as any restart; member 2 counts 1.
-        n.handle_message(3, &counts(3, 5, 7), t).unwrap();
-        n.set_peer_incarnation(3, 4);
-        let syncs = n.stats().full_syncs_sent;
-        n.handle_message(3, &counts(3, 4, 2), t).unwrap();
-        assert_eq!(n.stats().full_syncs_sent, syncs + 1, "a full sync to the restart");
-        n.handle_message(2, &counts(2, 1, 1), t).unwrap();
-        let sent = round_heard_from(&mut n, &[2], &mut t);
-        let to_3: Vec<u64> = sent
-            .iter()
-            // The round's totals (the full sync's, reliable, were taken when it came up).
-            .filter(|tr| tr.to == 3 && !tr.reliable)
+        (n, t, key)
+    }
+
+    /// A `Counts` message from replica (`node`, `incarnation`): its count of `key` in the
+    /// 60 s window of time `t`.
+    fn count_of(key: u64, t: i64, (node, incarnation): (u64, u64), count: u64) -> Vec<u8> {
+        let from = ReplicaId { node, incarnation };
+        let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
+        let batch = Batch { replica: from, window_ms: 60_000, base_window: t / 60_000, entries };
+        codec::encode(&Envelope::new(from, Body::Counts(vec![batch]))).unwrap()
+    }
+
+    /// The totals of `key` a round sent `to` (the full sync's, reliable, are left out).
+    fn round_totals(sent: &[Transmit], to: PeerId, key: u64) -> Vec<u64> {
+        sent.iter()
+            .filter(|tr| tr.to == to && !tr.reliable)
             .filter_map(|tr| match codec::decode(&tr.bytes).unwrap().body {
-                Body::Totals(batches) => {
-                    Some(batches.into_iter().flat_map(|b| b.entries).filter(|e| e.key == key.to_le_bytes()).map(|e| e.count))
-                }
+                Body::Totals(batches) => Some(batches.into_iter().flat_map(|b| b.entries).filter(|e| e.key == key.to_le_bytes())),
                 _ => None,
             })
             .flatten()
-            .collect();
-        assert_eq!(to_3, vec![8], "the others' total to member 3: 7 (gone) + 1, not its own 2");
+            .map(|e| e.count)
+            .collect()
+    }
+
+    /// A member that restarted with a lower incarnation (its clock stepped back), as the
+    /// driver reports it: the totals this node publishes to it leave out the counts of
+    /// the incarnation it runs as, and hold those of the higher one that is gone (others'
+    /// counts to it now). Before, the gone process's incarnation was taken for the
+    /// current one: the total to it held its own counts and left the gone ones out.
+    #[test]
+    fn totals_to_a_member_restarted_with_a_lower_incarnation_leave_out_its_current_counts() {
+        let (mut n, mut t, key) = aggregating_among_20();
+        // Member 3 as incarnation 5 counts 7; it restarts as 4 (lower), which counts 2 and
+        // is sent a full sync, as any restart; member 2 counts 1.
+        n.handle_message(3, &count_of(key, t, (3, 5), 7), t).unwrap();
+        n.set_peer_incarnation(3, 4);
+        let syncs = n.stats().full_syncs_sent;
+        n.handle_message(3, &count_of(key, t, (3, 4), 2), t).unwrap();
+        assert_eq!(n.stats().full_syncs_sent, syncs + 1, "a full sync to the restart");
+        n.handle_message(2, &count_of(key, t, (2, 1), 1), t).unwrap();
+        let sent = round_heard_from(&mut n, &[2], &mut t);
+        assert_eq!(round_totals(&sent, 3, key), vec![8], "the others' total to member 3: 7 (gone) + 1, not its own 2");
     }
 
     /// After a restart with a lower incarnation (10 to 4), a second restart still below
@@ -3239,49 +3252,19 @@ mod tests {
     /// totals to it leave out its counts only.
     #[test]
     fn a_second_restart_below_a_gone_incarnation_is_a_new_process() {
-        let peers: Vec<u64> = (2..=20).collect();
-        let limiter = limiter_in_window(1_000, Duration::from_secs(60), Admission::Optimistic);
-        let mut n =
-            GossipNode::new(limiter, GossipConfig::new(ReplicaId { node: 1, incarnation: 1 }), peers.iter().copied(), 1, T0).unwrap();
-        let mut t = T0;
-        for _ in 0..4 {
-            round_heard_from(&mut n, &peers, &mut t);
-        }
-        let k = n.cfg.aggregators;
-        let key = (1..).map(splitmix64).find(|&key| n.ring.publishes(key, k, 1)).unwrap();
-        let window = t / 60_000;
-        let counts = |node: u64, incarnation: u64, count: u64| {
-            let from = ReplicaId { node, incarnation };
-            let entries = vec![WireEntry { key: key.to_le_bytes(), window_offset: 0, count }];
-            codec::encode(&Envelope::new(
-                from,
-                Body::Counts(vec![Batch { replica: from, window_ms: 60_000, base_window: window, entries }]),
-            ))
-            .unwrap()
-        };
-        n.handle_message(3, &counts(3, 10, 7), t).unwrap();
+        let (mut n, mut t, key) = aggregating_among_20();
+        n.handle_message(3, &count_of(key, t, (3, 10), 7), t).unwrap();
         n.set_peer_incarnation(3, 4);
-        n.handle_message(3, &counts(3, 4, 2), t).unwrap();
+        n.handle_message(3, &count_of(key, t, (3, 4), 2), t).unwrap();
         t += 20;
         n.handle_timeout(t);
         std::iter::from_fn(|| n.poll_transmit()).for_each(drop);
         // It restarts again as 7, still below 10: a higher incarnation than 4.
-        n.handle_message(3, &counts(3, 7, 3), t).unwrap();
-        n.handle_message(2, &counts(2, 1, 1), t).unwrap();
+        n.handle_message(3, &count_of(key, t, (3, 7), 3), t).unwrap();
+        n.handle_message(2, &count_of(key, t, (2, 1), 1), t).unwrap();
         assert!(n.live_peers().any(|p| p == 3), "the new process is heard from");
         let sent = round_heard_from(&mut n, &[2], &mut t);
-        let to_3: Vec<u64> = sent
-            .iter()
-            // The round's totals (the full sync's, reliable, were taken when it came up).
-            .filter(|tr| tr.to == 3 && !tr.reliable)
-            .filter_map(|tr| match codec::decode(&tr.bytes).unwrap().body {
-                Body::Totals(batches) => {
-                    Some(batches.into_iter().flat_map(|b| b.entries).filter(|e| e.key == key.to_le_bytes()).map(|e| e.count))
-                }
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let to_3 = round_totals(&sent, 3, key);
         assert!(!to_3.is_empty() && to_3.iter().all(|&c| c == 10), "the others' total to member 3: 7 + 2 + 1, not its own 3: {to_3:?}");
     }
 

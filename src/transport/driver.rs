@@ -1417,10 +1417,6 @@ impl State {
         // A later incarnation, or (its clock stepped back) a lower one than before.
         let restarted = p.incarnation.is_some_and(|i| h.incarnation != i);
         p.incarnation = Some(h.incarnation);
-        if restarted {
-            // Whatever was pending of the previous process's full sync is void.
-            (p.synced_after_retired, p.retired_lossy) = (false, false);
-        }
         let Some(c) = self.conns.get(&conn_id) else { return };
         let addr = if h.addr.ip().is_unspecified() { SocketAddr::new(c.conn.remote_address().ip(), h.addr.port()) } else { h.addr };
         p.addr = Some(addr);
@@ -1431,10 +1427,11 @@ impl State {
         }
         if restarted {
             // Frames dropped on the way to the incarnation it restarted from say nothing
-            // of the full sync the new one is about to get.
+            // of the full sync the new one is about to get, and whatever was pending of
+            // the previous process's full sync is void.
             let dropped = self.queue_full_drops(peer);
             if let Some(p) = self.peers.get_mut(&peer) {
-                p.queue_full_at_sync_end = dropped;
+                (p.queue_full_at_sync_end, p.synced_after_retired, p.retired_lossy) = (dropped, false, false);
             }
         }
         self.node.add_peer(peer);
@@ -1636,18 +1633,14 @@ async fn read_datagrams(sh: Arc<Shared>, conn: Connection, conn_id: u64) {
 /// tells the writer each time one has ended (every frame of it handed to the node task).
 async fn read_streams(sh: Arc<Shared>, conn: Connection, conn_id: u64, stream: Arc<PeerStream>) {
     while let Ok(mut recv) = conn.accept_uni().await {
-        match read_frames(&sh, &mut recv, conn_id).await {
-            Ok(ended) => {
-                if ended {
-                    stream.ended.store(true, Ordering::Relaxed);
-                }
-                stream.done.notify_one();
-            }
-            Err(error) => {
-                stream.done.notify_one();
-                let _ = sh.events.send(Event::ProtocolError { conn: conn_id, error }).await;
-                return;
-            }
+        let read = read_frames(&sh, &mut recv, conn_id).await;
+        if read == Ok(true) {
+            stream.ended.store(true, Ordering::Relaxed);
+        }
+        stream.done.notify_one();
+        if let Err(error) = read {
+            let _ = sh.events.send(Event::ProtocolError { conn: conn_id, error }).await;
+            return;
         }
     }
     stream.done.notify_one();

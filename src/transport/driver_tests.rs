@@ -29,7 +29,12 @@ fn config(id: TlsIdentity, seeds: &[&Cluster]) -> ClusterConfig {
 }
 
 fn limiter() -> RateLimiter {
-    RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(1)).unwrap()).hash_secret([3; 16]).build().unwrap()
+    limiter_with(Duration::from_secs(1), [3; 16])
+}
+
+/// 10 requests per `window`, client ids hashed with `secret`.
+fn limiter_with(window: Duration, secret: [u8; 16]) -> RateLimiter {
+    RateLimiter::builder().quota(Quota::new(10, window).unwrap()).hash_secret(secret).build().unwrap()
 }
 
 /// Waits until `done` holds, looking every 20 ms; fails with `what` after `within`.
@@ -158,8 +163,7 @@ async fn a_member_listed_after_made_up_ones_with_lower_ids_is_dialled_after_one_
 async fn a_full_sync_across_a_connection_replaced_midway_arrives_whole() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let ca = certs::generate_ca().unwrap();
-        let minute =
-            || RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(60)).unwrap()).hash_secret([3; 16]).build().unwrap();
+        let minute = || limiter_with(Duration::from_secs(60), [3; 16]);
         // The seed has the lower id: of two connections between them, the one it dialled wins.
         let s_name = (0..).map(|i| format!("seed-{i}")).find(|n| node_id(n) < u64::MAX / 4).unwrap();
         let n_name = (0..).map(|i| format!("newcomer-{i}")).find(|n| node_id(n) > u64::MAX / 4 * 3).unwrap();
@@ -268,8 +272,7 @@ async fn drops_to_a_previous_incarnation_do_not_withhold_the_marker_from_its_res
 async fn a_seed_refused_before_its_hello_was_used_is_redialled_once_it_is_fixed() {
     tokio::time::timeout(Duration::from_secs(40), async {
         let ca = certs::generate_ca().unwrap();
-        let other_secret =
-            || RateLimiter::builder().quota(Quota::new(10, Duration::from_secs(1)).unwrap()).hash_secret([9; 16]).build().unwrap();
+        let other_secret = || limiter_with(Duration::from_secs(1), [9; 16]);
         let t = Cluster::start(limiter(), config(identity(&ca, "node-t"), &[])).await.unwrap();
         let s = Cluster::start(other_secret(), config(identity(&ca, "node-s"), &[])).await.unwrap();
         let s_addr = s.local_addr();
