@@ -224,6 +224,17 @@ pub struct GossipConfig {
     /// and SWIM in 3.2 s at 300, where silence took 6.0 (`docs/benchmarks.md`). Every
     /// member must run a version that speaks it (this one).
     pub swim_above_peers: usize,
+    /// A partial view in SWIM mode (beyond `swim_above_peers`, with aggregated
+    /// dissemination): a member outside the aggregator pool sends its heartbeats in turn
+    /// and clock samples to the pool's members only, hears from the other members through
+    /// SWIM alone (their silence takes them down only after four of its SWIM probe
+    /// cycles), and the transport keeps connections open to the pool only
+    /// (`docs/cluster.md`, "A partial view of connections beyond 128 peers"). Default
+    /// true. A member of a version without it judges every member by silence and would
+    /// take down the members that no longer heartbeat it: to upgrade a cluster of more
+    /// than 129 members from such a version, start the new version with this false, and
+    /// set it true once every member runs the new version.
+    pub partial_view: bool,
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
     /// and in fan-out mode four times the rounds a peer takes to pick this node. With
     /// SWIM, also how long a suspected member has to refute the suspicion (0: foca's
@@ -255,6 +266,7 @@ impl GossipConfig {
             aggregators: 2,
             aggregator_pool: 32,
             swim_above_peers: 128,
+            partial_view: true,
             suspect_after_ms: 0,
             cluster_time: true,
             clock_max_rtt_ms: 1_000,
@@ -1696,6 +1708,39 @@ impl GossipNode {
         self.peers.len() > self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers)
     }
 
+    /// A partial view: in SWIM mode with aggregated dissemination, a member outside the
+    /// aggregator pool exchanges heartbeats (and clock samples) with the pool only, and
+    /// hears from the other members outside it through SWIM alone (`in_view`).
+    fn partial_view(&self) -> bool {
+        self.cfg.partial_view && self.swim_mode() && self.aggregated() && self.ring.members.binary_search(&self.cfg.replica.node).is_err()
+    }
+
+    /// Whether `peer` is in this node's view: everyone, but for a member outside the pool
+    /// in SWIM mode, whose view is the pool (see [`partial_view`](Self::partial_view)).
+    /// Outside the view a peer gets no heartbeats in turn, and is judged by SWIM, with
+    /// [`silence_outside_view_ms`](Self::silence_outside_view_ms) as the backstop.
+    fn in_view(&self, peer: PeerId) -> bool {
+        !self.partial_view() || self.ring.members.binary_search(&peer).is_ok()
+    }
+
+    /// Whether the transport should keep a connection to `peer` open while it carries
+    /// nothing: a peer in this node's view (`docs/cluster.md`, "A partial view of
+    /// connections beyond 128 peers"). The others are dialled when there is something to
+    /// send and closed once unused.
+    #[cfg(feature = "quic")]
+    pub(crate) fn keeps_connected(&self, peer: PeerId) -> bool {
+        self.in_view(peer)
+    }
+
+    /// The silence after which a peer outside the view is down whatever SWIM says: four
+    /// of this node's SWIM probe cycles over the members (foca probes them in turn, in a
+    /// shuffled order, so each is probed at least once per two cycles, and each probes
+    /// this node as often), and never less than the suspicion period.
+    fn silence_outside_view_ms(&self) -> i64 {
+        let cycle = (self.peers.len() as u64 + 1) * self.swim.settings().probe_period_ms;
+        (4 * cycle as i64).max(self.suspect_after_ms())
+    }
+
     /// Sends SWIM's packets, and in SWIM mode applies its verdicts.
     fn apply_swim(&mut self, out: swim::Output, now_ms: i64) {
         for (to, packet) in out.sends {
@@ -1960,9 +2005,16 @@ impl GossipNode {
         let suspect = self.suspect_after_ms();
         let swim_mode = self.swim_mode();
         let grace = 2 * self.swim.settings().probe_period_ms as i64;
+        // Outside a partial view, peers are heard from through SWIM only: the backstop
+        // waits for several of its probe cycles.
+        let outside = self.partial_view().then(|| (self.silence_outside_view_ms(), self.ring.members.clone()));
         let mut down = Vec::new();
         for (id, p) in self.peers.iter_mut() {
             let heard_within = |ms: i64| p.last_heard_ms.is_some_and(|t| now_ms - t <= ms);
+            let suspect = match &outside {
+                Some((silence, pool)) if pool.binary_search(id).is_err() => *silence,
+                _ => suspect,
+            };
             // Silence takes a peer down, SWIM or not (heartbeats in turn go on, so a live
             // peer is heard within the period): SWIM can only make detection faster, and
             // no verdict gossiped by others keeps a silent peer up. A peer SWIM declares
@@ -2069,7 +2121,14 @@ impl GossipNode {
 
     /// A clock sample from every live peer (fan-out mode: `fanout` of them).
     fn send_pings(&mut self, live: &[PeerId], now_ms: i64) {
-        let sample = if self.fan_out() { self.pick(live, self.cfg.fanout) } else { live.to_vec() };
+        let sample = if self.partial_view() {
+            let view: Vec<PeerId> = live.iter().copied().filter(|&p| self.in_view(p)).collect();
+            self.pick(&view, self.cfg.fanout)
+        } else if self.fan_out() {
+            self.pick(live, self.cfg.fanout)
+        } else {
+            live.to_vec()
+        };
         for p in sample {
             self.send_ping(p, now_ms);
         }
@@ -2277,8 +2336,14 @@ impl GossipNode {
         // `swim_above_peers`, only by it; beyond, as SWIM's backstop). One peer that is
         // down is probed each round, so a healed one is heard from (and, in SWIM mode,
         // announced to) at once.
-        let mut targets = self.next_in_cycle(live, self.cfg.fanout);
-        let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
+        // With a partial view, to the pool only (SWIM hears from the others).
+        let mut targets = if self.partial_view() {
+            let view: Vec<PeerId> = live.iter().copied().filter(|&p| self.in_view(p)).collect();
+            self.next_in_cycle(&view, self.cfg.fanout)
+        } else {
+            self.next_in_cycle(live, self.cfg.fanout)
+        };
+        let down: Vec<PeerId> = self.peers.iter().filter(|(id, p)| !p.up && self.in_view(**id)).map(|(id, _)| *id).collect();
         targets.extend(self.pick(&down, 1));
         for to in targets {
             if !messaged.contains(&to) {

@@ -45,6 +45,8 @@ struct Cluster {
     swim_above: Option<usize>,
     /// The most members that aggregate (default: the library's).
     pool: Option<usize>,
+    /// Messages put on the wire, by sender and receiver.
+    sent: BTreeMap<(u64, u64), u64>,
 }
 
 impl Cluster {
@@ -70,6 +72,7 @@ impl Cluster {
             max_keys: None,
             swim_above: None,
             pool: None,
+            sent: BTreeMap::new(),
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -137,6 +140,7 @@ impl Cluster {
         for (&id, node) in self.nodes.iter_mut() {
             while let Some(t) = node.gossip.poll_transmit() {
                 self.seq += 1;
+                *self.sent.entry((id, t.to)).or_default() += 1;
                 if !self.cut.contains(&id) && !self.cut.contains(&t.to) && !self.cut_links.contains(&(id, t.to)) {
                     self.wire.insert((self.now + LATENCY_MS, self.seq), (id, t.to, t.bytes));
                 }
@@ -956,6 +960,52 @@ fn counts_an_aggregator_holds_without_a_cell_do_not_inflate_the_totals_it_publis
         assert!(view <= made, "node {n} decides on {view}; {made} were made");
         assert!(view > 0, "node {n} heard a total");
     }
+}
+
+/// A partial view: with `swim_above_peers` at 16 and a pool of 4 in a cluster of 24, a
+/// member outside the pool sends the other members outside it nothing but SWIM's packets
+/// (no heartbeats in turn, no clock samples), so the transport need not keep connections
+/// to them. No member is taken down for it, however long it runs, and a member cut off is
+/// still taken down by every other within 3 s, by SWIM.
+#[test]
+fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through_swim_alone() {
+    let ids: Vec<u64> = (1..=24).collect();
+    let mut c = Cluster::new(&[], 100, Admission::Bounded);
+    (c.swim_above, c.pool) = (Some(16), Some(4));
+    for &id in &ids {
+        c.start(id, 1, &ids);
+    }
+    c.run_until(T0 + 2_000);
+    c.sent.clear();
+    c.run_until(T0 + 6_000);
+    // The pool: the members every member sends to each round.
+    let to = |m: u64| ids.iter().filter(|&&n| n != m).map(|&n| c.sent.get(&(n, m)).copied().unwrap_or(0)).min().unwrap();
+    let pool: Vec<u64> = ids.iter().copied().filter(|&m| to(m) >= 30).collect();
+    assert_eq!(pool.len(), 4, "{:?}", ids.iter().map(|&m| to(m)).collect::<Vec<_>>());
+    let outside: Vec<u64> = ids.iter().copied().filter(|m| !pool.contains(m)).collect();
+    // In 4 s: SWIM probes each member once per cycle over the 23 (4.6 s) and answers
+    // those it gets; indirect probes and the asks after a verdict add a few.
+    let most = outside.iter().flat_map(|&a| outside.iter().map(move |&b| (a, b))).map(|k| c.sent.get(&k).copied().unwrap_or(0)).max();
+    assert!(most.unwrap() <= 8, "messages from one member outside the pool to another in 4 s: {most:?}");
+    for &n in &ids {
+        assert_eq!(c.nodes[&n].gossip.live_peers().count(), 23, "node {n}");
+    }
+    // Longer than four SWIM cycles (the backstop outside the view, 19.2 s): nobody down.
+    c.run_until(T0 + 30_000);
+    for &n in &ids {
+        let downs: Vec<&Event> =
+            c.events.get(&n).map_or(&[][..], |e| &e[..]).iter().filter(|e| matches!(e, Event::PeerDown { .. })).collect();
+        assert!(downs.is_empty(), "node {n} took a live member down: {downs:?}");
+        assert_eq!(c.nodes[&n].gossip.live_peers().count(), 23, "node {n}");
+    }
+    let cut = outside[0];
+    c.cut = vec![cut];
+    let cut_at = c.now;
+    while c.now < cut_at + 3_000 && ids.iter().any(|&n| n != cut && c.nodes[&n].gossip.live_peers().any(|p| p == cut)) {
+        c.run_until(c.now + 10);
+    }
+    let late: Vec<u64> = ids.iter().copied().filter(|&n| n != cut && c.nodes[&n].gossip.live_peers().any(|p| p == cut)).collect();
+    assert!(late.is_empty(), "still up 3 s after the cut at {late:?}");
 }
 
 /// With `swim_above_peers` at 16, SWIM decides liveness in a cluster of 24: a member cut

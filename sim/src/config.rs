@@ -152,6 +152,16 @@ pub struct Config {
     #[arg(long, help = "beyond this many peers, SWIM decides liveness (default: the library's)", value_name = "PEERS", value_parser = int_in::<usize, 16, { NODES_MAX as u64 }>, help_heading = "Gossip and network")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swim_above: Option<usize>,
+    /// Turns the partial view off (the library's `GossipConfig::partial_view` false):
+    /// in SWIM mode, members outside the aggregator pool heartbeat every member in turn,
+    /// as before it. Default off (the partial view on).
+    #[arg(
+        long,
+        help = "in SWIM mode, members outside the pool heartbeat every member (no partial view)",
+        help_heading = "Gossip and network"
+    )]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub full_view: bool,
     /// Aggregators per key in aggregated dissemination. Default: the library's (2).
     #[arg(long, help = "aggregators per key in aggregated dissemination (default: the library's)", value_name = "K", value_parser = int_in::<usize, 1, 8>, help_heading = "Gossip and network")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -247,6 +257,7 @@ impl Default for Config {
             gossip_ms: 20,
             aggregate_above: None,
             swim_above: None,
+            full_view: false,
             aggregators: None,
             aggregator_pool: None,
             latency_ms: (1, 5),
@@ -732,6 +743,9 @@ impl Config {
         push("--seed", self.seed.to_string());
         if self.burst_fresh {
             a.push("--burst-fresh".to_string());
+        }
+        if self.full_view {
+            a.push("--full-view".to_string());
         }
         a
     }

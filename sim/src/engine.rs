@@ -500,6 +500,7 @@ impl<'a> Sim<'a> {
         if let Some(above) = cfg.swim_above {
             gcfg.swim_above_peers = above;
         }
+        gcfg.partial_view = !cfg.full_view;
         if let Some(k) = cfg.aggregators {
             gcfg.aggregators = k;
         }
