@@ -46,6 +46,9 @@ mod close {
     pub(super) const REFUSED: VarInt = VarInt::from_u32(5);
     /// From the incarnation that announced its leave.
     pub(super) const STALE: VarInt = VarInt::from_u32(6);
+    /// Unused for `close_unused_after`, to a member outside the view: not a failure, and
+    /// no reason to dial again until there is something to send.
+    pub(super) const UNUSED: VarInt = VarInt::from_u32(7);
 }
 
 /// The string whose keyed hash two members compare to check they share a hash secret.
@@ -66,6 +69,12 @@ const LINGER: Duration = Duration::from_secs(1);
 /// The longest a retired connection stays open (its writer's stream normally ends within
 /// [`LINGER`] of being finished).
 const RETIRED_FOR: Duration = Duration::from_secs(3);
+/// Frames held for a member outside the view while it is dialled (each a message of the
+/// core's): beyond this many the newest are dropped and counted as sent to no connection.
+const MAX_HELD_FRAMES: usize = 64;
+/// How long frames are held for a member outside the view that does not connect: then
+/// they are dropped (SWIM treats them as lost).
+const HELD_FOR: Duration = Duration::from_secs(2);
 
 /// Unix ms for the gossip core.
 pub(super) fn now_ms() -> i64 {
@@ -93,6 +102,7 @@ struct Settings {
     forget_after: Duration,
     max_dials_per_sec: u32,
     member_exchange: Duration,
+    close_unused_after: Duration,
 }
 
 /// Transport counters; see [`ClusterStats`] for each.
@@ -118,6 +128,8 @@ struct Counters {
     refused_hash_secret: AtomicU64,
     refused_certificate: AtomicU64,
     refused_identity: AtomicU64,
+    frames_held: AtomicU64,
+    closed_unused: AtomicU64,
 }
 
 impl Counters {
@@ -215,6 +227,12 @@ struct PeerEntry {
     /// grew is not announced complete.
     queue_full_closed: u64,
     queue_full_at_sync_end: u64,
+    /// Frames for it while it has no connection, if it is outside the view: held while
+    /// it is dialled (at most [`MAX_HELD_FRAMES`], for [`HELD_FOR`] from `held_since`).
+    held: Vec<Frame>,
+    held_since: Option<Instant>,
+    /// When its connection last carried a message of the core's, either way.
+    used_at: Instant,
 }
 
 impl PeerEntry {
@@ -235,6 +253,9 @@ impl PeerEntry {
             unreachable_since: Some(Instant::now()),
             queue_full_closed: 0,
             queue_full_at_sync_end: 0,
+            held: Vec::new(),
+            held_since: None,
+            used_at: Instant::now(),
         }
     }
 
@@ -480,6 +501,7 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             forget_after: cfg.forget_after,
             max_dials_per_sec: cfg.max_dials_per_sec,
             member_exchange: cfg.member_exchange,
+            close_unused_after: cfg.close_unused_after,
         },
         counters: Counters::default(),
         events,
@@ -670,6 +692,8 @@ impl Shared {
             refused_hash_secret: get(&c.refused_hash_secret),
             refused_certificate: get(&c.refused_certificate),
             refused_identity: get(&c.refused_identity),
+            frames_held: get(&c.frames_held),
+            connections_closed_unused: get(&c.closed_unused),
             packets_dropped_by_faults: self.faults.dropped.load(Ordering::Relaxed),
         }
     }
@@ -918,6 +942,9 @@ impl State {
             },
             Target::Peer(p) => match self.peers.get_mut(&p) {
                 Some(e) => {
+                    // A member outside the view, dialled on demand after its connection
+                    // closed unused: unreachable from now (`forget_after`).
+                    e.unreachable_since.get_or_insert_with(Instant::now);
                     if let Some(r) = refusal {
                         e.refused = Some(Refusal { peer: Some(e.name.clone()), seed: e.seed, ..r });
                     }
@@ -984,44 +1011,9 @@ impl State {
                     self.dial(sh, Target::Seed(i), addr, None);
                 }
             }
-            let mut due: Vec<(bool, Instant, PeerId, SocketAddr, String)> = self
-                .peers
-                .iter()
-                .filter(|(id, p)| {
-                    p.active.is_none()
-                        && p.left.is_none()
-                        && p.dial.due(now)
-                        && !self.conns.values().any(|c| c.peer == **id && c.stream_tx.is_some())
-                })
-                .filter_map(|(id, p)| p.addr.map(|a| (p.incarnation.is_none(), p.dial.next_at, *id, a, p.name.clone())))
-                .collect();
-            // Within the dial budget; members this node was connected to before go first,
-            // so that a list of made-up members cannot delay their redials for long, and
-            // among the others the one due the longest: a member listed after many made-up
-            // ones is dialled after one pass over them at the most, never held back for
-            // good by those that fail and come due again (by id, those with the lower ids
-            // would always go first). While
-            // joining, each member of the aggregator pool is dialled once outside the
-            // budget, so that the join need not wait a second per `max_dials_per_sec` of
-            // them (a few static seeds outside the pool name all of it in their lists),
-            // unless a seed's dial under way (or due) at its address covers it: at most
-            // `aggregator_pool` such dials per start, whatever member lists say.
-            due.sort_by_key(|d| (d.0, d.1));
-            let pool = self.join_pool();
-            for (_, _, id, addr, name) in due {
-                let free = pool.binary_search(&id).is_ok()
-                    && self.pool_dialled.len() < self.node.aggregator_pool()
-                    && !self.pool_dialled.contains(&id)
-                    && !self.seeds.iter().any(|s| s.addr == addr && s.peer.is_none() && !s.is_self && !s.failed_once);
-                if free {
-                    self.pool_dialled.insert(id);
-                } else if self.dial_tokens > 0 {
-                    self.dial_tokens -= 1;
-                } else {
-                    continue;
-                }
-                self.dial(sh, Target::Peer(id), addr, Some(name));
-            }
+            self.dial_members(sh, now);
+            self.drop_stale_held(sh, now);
+            self.close_unused(sh, now);
         }
         let late: Vec<u64> = self
             .conns
@@ -1037,6 +1029,89 @@ impl State {
             }
         }
         self.check_joined(sh);
+    }
+
+    /// Dials the members that are due: those this node keeps connected (every member but
+    /// outside a partial view, `GossipNode::keeps_connected`), those never connected to
+    /// (so that the core hears of them), and those it holds frames for.
+    fn dial_members(&mut self, sh: &Arc<Shared>, now: Instant) {
+        let mut due: Vec<(bool, Instant, PeerId, SocketAddr, String)> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                p.active.is_none()
+                    && p.left.is_none()
+                    && p.dial.due(now)
+                    && (p.incarnation.is_none() || !p.held.is_empty() || self.node.keeps_connected(**id))
+                    && !self.conns.values().any(|c| c.peer == **id && c.stream_tx.is_some())
+            })
+            .filter_map(|(id, p)| p.addr.map(|a| (p.incarnation.is_none(), p.dial.next_at, *id, a, p.name.clone())))
+            .collect();
+        // Within the dial budget; members this node was connected to before go first,
+        // so that a list of made-up members cannot delay their redials for long, and
+        // among the others the one due the longest: a member listed after many made-up
+        // ones is dialled after one pass over them at the most, never held back for
+        // good by those that fail and come due again (by id, those with the lower ids
+        // would always go first). While
+        // joining, each member of the aggregator pool is dialled once outside the
+        // budget, so that the join need not wait a second per `max_dials_per_sec` of
+        // them (a few static seeds outside the pool name all of it in their lists),
+        // unless a seed's dial under way (or due) at its address covers it: at most
+        // `aggregator_pool` such dials per start, whatever member lists say.
+        due.sort_by_key(|d| (d.0, d.1));
+        let pool = self.join_pool();
+        for (_, _, id, addr, name) in due {
+            let free = pool.binary_search(&id).is_ok()
+                && self.pool_dialled.len() < self.node.aggregator_pool()
+                && !self.pool_dialled.contains(&id)
+                && !self.seeds.iter().any(|s| s.addr == addr && s.peer.is_none() && !s.is_self && !s.failed_once);
+            if free {
+                self.pool_dialled.insert(id);
+            } else if self.dial_tokens > 0 {
+                self.dial_tokens -= 1;
+            } else {
+                continue;
+            }
+            self.dial(sh, Target::Peer(id), addr, Some(name));
+        }
+    }
+
+    /// Drops frames held longer than [`HELD_FOR`] for a member that has not connected.
+    fn drop_stale_held(&mut self, sh: &Shared, now: Instant) {
+        for p in self.peers.values_mut() {
+            if p.held_since.is_some_and(|t| now.duration_since(t) >= HELD_FOR) {
+                inc(&sh.counters.dropped_no_connection, p.held.len() as u64);
+                p.held.clear();
+                p.held_since = None;
+            }
+        }
+    }
+
+    /// A partial view (`docs/cluster.md`): closes the connections to members outside the
+    /// view that have carried nothing of the core's for `close_unused_after`. Not while
+    /// joining (the join waits for seeds' full syncs) or leaving.
+    fn close_unused(&mut self, sh: &Shared, now: Instant) {
+        let after = sh.settings.close_unused_after;
+        if after.is_zero() || self.joining {
+            return;
+        }
+        let unused: Vec<(PeerId, u64)> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.held.is_empty() && now.duration_since(p.used_at) >= after && !self.node.keeps_connected(**id))
+            .filter_map(|(id, p)| p.active.map(|c| (*id, c)))
+            .collect();
+        for (peer, conn_id) in unused {
+            if let Some(c) = self.conns.get_mut(&conn_id) {
+                c.retire(close::UNUSED);
+            }
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.active = None;
+                p.dial = Backoff::now();
+                tracing::debug!(peer = %p.name, "closing a connection unused for close_unused_after (outside the view)");
+            }
+            inc(&sh.counters.closed_unused, 1);
+        }
     }
 
     /// Forgets members that are not seeds and have had no working connection for
@@ -1278,6 +1353,9 @@ impl State {
             return;
         }
         let peer = c.peer;
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.used_at = Instant::now();
+        }
         if let Err(e) = self.node.handle_message(peer, bytes, now_ms()) {
             tracing::debug!(peer = %self.name_of(peer), error = %e, "gossip message dropped");
         }
@@ -1294,9 +1372,14 @@ impl State {
     }
 
     /// Routes everything the core has to send.
-    fn flush(&mut self, sh: &Shared) {
+    fn flush(&mut self, sh: &Arc<Shared>) {
+        let mut held = false;
         while let Some(t) = self.node.poll_transmit() {
-            self.route(sh, t);
+            held |= self.route(sh, t);
+        }
+        if held && !self.leaving {
+            // Dial at once the members outside the view just given something to send.
+            self.dial_members(sh, Instant::now());
         }
         while let Some(event) = self.node.poll_event() {
             match event {
@@ -1337,11 +1420,16 @@ impl State {
         self.peers.get(&peer).map_or(0, |p| p.queue_full_closed) + open
     }
 
-    fn route(&self, sh: &Shared, t: Transmit) {
+    /// Sends one of the core's messages; returns whether it was held for a member outside
+    /// the view that has no connection (to be dialled).
+    fn route(&mut self, sh: &Shared, t: Transmit) -> bool {
         let c = &sh.counters;
-        let Some(conn) = self.peers.get(&t.to).and_then(|p| p.active).and_then(|id| self.conns.get(&id)) else {
-            inc(&c.dropped_no_connection, 1);
-            return;
+        let active = self.peers.get_mut(&t.to).and_then(|p| {
+            p.used_at = Instant::now();
+            p.active
+        });
+        let Some(conn) = active.and_then(|id| self.conns.get(&id)) else {
+            return self.hold(sh, t);
         };
         if !t.reliable && !self.leaving {
             match conn.conn.max_datagram_size() {
@@ -1354,12 +1442,32 @@ impl State {
                         }
                         Err(_) => inc(&c.datagrams_dropped, 1),
                     }
-                    return;
+                    return false;
                 }
                 _ => inc(&c.oversized_to_stream, 1),
             }
         }
         conn.push(c, &Frame::Gossip(t.bytes));
+        false
+    }
+
+    /// A message for a member with no connection: dropped, unless the member is outside
+    /// the view (its connection closed once unused, or never kept), whose messages are
+    /// held while it is dialled and sent on its stream once it says hello.
+    fn hold(&mut self, sh: &Shared, t: Transmit) -> bool {
+        let keep = !self.leaving && !self.node.keeps_connected(t.to);
+        match self.peers.get_mut(&t.to) {
+            Some(p) if keep && p.addr.is_some() && p.left.is_none() && p.held.len() < MAX_HELD_FRAMES => {
+                p.held_since.get_or_insert_with(Instant::now);
+                p.held.push(Frame::Gossip(t.bytes));
+                inc(&sh.counters.frames_held, 1);
+                true
+            }
+            _ => {
+                inc(&sh.counters.dropped_no_connection, 1);
+                false
+            }
+        }
     }
 
     /// The peer's first frame: check it, then decide whether this connection is the
@@ -1416,7 +1524,9 @@ impl State {
         let old = p.active.replace(conn_id);
         // A later incarnation, or (its clock stepped back) a lower one than before.
         let restarted = p.incarnation.is_some_and(|i| h.incarnation != i);
+        let first = p.incarnation.is_none();
         p.incarnation = Some(h.incarnation);
+        p.used_at = Instant::now();
         let Some(c) = self.conns.get(&conn_id) else { return };
         let addr = if h.addr.ip().is_unspecified() { SocketAddr::new(c.conn.remote_address().ip(), h.addr.port()) } else { h.addr };
         p.addr = Some(addr);
@@ -1436,13 +1546,25 @@ impl State {
         }
         self.node.add_peer(peer);
         tracing::info!(peer = %name, incarnation = h.incarnation, %addr, restarted, "peer connected");
-        // Tell the newcomer who else is here, and everyone else about the newcomer.
-        self.send_members(sh, peer);
-        if let Some(me) = self.peers.get(&peer).and_then(PeerEntry::member) {
-            let frame = Frame::Members(vec![me]);
-            for (other, _) in self.connected().filter(|(id, _)| *id != peer) {
-                self.send_frame(sh, other, &frame);
+        // Tell the newcomer who else is here, and everyone else about the newcomer; not
+        // again each time a member outside the view is dialled on demand (membership
+        // anti-entropy, `member_exchange`, repairs what that leaves out).
+        if first || restarted || self.node.keeps_connected(peer) {
+            self.send_members(sh, peer);
+            if let Some(me) = self.peers.get(&peer).and_then(PeerEntry::member) {
+                let frame = Frame::Members(vec![me]);
+                for (other, _) in self.connected().filter(|(id, _)| *id != peer) {
+                    self.send_frame(sh, other, &frame);
+                }
             }
+        }
+        // What the core had for it meanwhile.
+        let held = self.peers.get_mut(&peer).map(|p| {
+            p.held_since = None;
+            std::mem::take(&mut p.held)
+        });
+        for frame in held.unwrap_or_default() {
+            self.send_frame(sh, peer, &frame);
         }
     }
 
@@ -1451,10 +1573,12 @@ impl State {
         self.peers.iter().filter(|(_, p)| p.active.is_some()).map(|(id, p)| (*id, p))
     }
 
-    /// Sends `to` every other member this node is connected to, in frames of at most
+    /// Sends `to` every other member this node is connected to, or was until the
+    /// connection closed unused (outside a partial view), in frames of at most
     /// [`MAX_MEMBERS_PER_FRAME`].
     fn send_members(&self, sh: &Shared, to: PeerId) {
-        let others: Vec<MemberEntry> = self.connected().filter(|(id, _)| *id != to).filter_map(|(_, p)| p.member()).collect();
+        let reachable = self.peers.iter().filter(|(id, p)| **id != to && p.unreachable_since.is_none());
+        let others: Vec<MemberEntry> = reachable.filter_map(|(_, p)| p.member()).collect();
         for frame in member_frames(others) {
             self.send_frame(sh, to, &frame);
         }
@@ -1545,6 +1669,9 @@ impl State {
             }
             self.check_joined(sh);
         }
+        // Closed unused (by either side), outside a partial view: not a failure.
+        let unused = c.close_code.load(Ordering::Relaxed) == close::UNUSED.into_inner() as u32 && c.stream_tx.is_none()
+            || matches!(&reason, ConnectionError::ApplicationClosed(a) if a.error_code == close::UNUSED);
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let was_active = p.active == Some(conn_id);
         if was_active {
@@ -1554,7 +1681,7 @@ impl State {
                 self.conns.iter().filter(|(_, o)| o.peer == peer && o.hello.is_some() && o.stream_tx.is_some()).map(|(id, _)| *id).max();
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.active = next;
-                if next.is_none() {
+                if next.is_none() && !unused {
                     p.unreachable_since = Some(Instant::now());
                 }
             }
@@ -1580,6 +1707,10 @@ impl State {
             return;
         }
         if p.active.is_some() {
+            return;
+        }
+        if unused {
+            tracing::debug!(peer = %name, "connection closed unused (outside the view)");
             return;
         }
         // Lost, or refused before it was ever used (a mismatch, a timeout): redial later,

@@ -377,3 +377,89 @@ fn a_member_list_of_any_length_is_sent_whole_in_frames_the_reader_accepts() {
         assert_eq!(got, list, "{n} members");
     }
 }
+
+/// A partial view beyond `swim_above_peers` (here 3, in a cluster of 8 with a pool of 2):
+/// a member outside the pool keeps its connections to the pool open and no others. It
+/// dials the other members when its core has something for them (SWIM's probes, its
+/// answers) and closes those connections once unused. Every member still counts every
+/// other live, totals still reach everyone, and a member cut off is taken down by every
+/// other, those that hold no connection to it included (by SWIM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_swim_above_peers_a_member_outside_the_pool_keeps_connections_to_the_pool_only() {
+    use super::super::faults::FaultHooks as _;
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let ca = certs::generate_ca().unwrap();
+        let unused = Duration::from_millis(300);
+        let cfg = |name: &str, seeds: &[&Cluster]| {
+            let mut cfg = ClusterConfig { close_unused_after: unused, max_dials_per_sec: 200, ..config(identity(&ca, name), seeds) };
+            let g = &mut cfg.gossip;
+            (g.full_mesh_max_peers, g.aggregate_above_peers, g.swim_above_peers, g.aggregator_pool) = (2, 2, 3, 2);
+            cfg
+        };
+        let mut nodes: Vec<Cluster> = Vec::new();
+        for i in 0..8 {
+            let seeds: Vec<&Cluster> = nodes.iter().take(1).collect();
+            let c = Cluster::start(limiter_with(Duration::from_secs(60), [3; 16]), cfg(&format!("view-{i}"), &seeds)).await.unwrap();
+            nodes.push(c);
+        }
+        eventually(Duration::from_secs(20), "every member counts every other live", || nodes.iter().all(|n| n.live_peers().len() == 7))
+            .await;
+        // Outside the pool: the members whose core keeps only some peers connected.
+        let kept = |n: &Cluster| -> Vec<u64> {
+            let st = n.shared.state.lock();
+            st.peers.keys().copied().filter(|&p| st.node.keeps_connected(p)).collect()
+        };
+        let outside: Vec<&Cluster> = nodes.iter().filter(|n| kept(n).len() < 7).collect();
+        assert_eq!(outside.len(), 6, "a pool of 2 in 8: {:?}", nodes.iter().map(|n| kept(n).len()).collect::<Vec<_>>());
+        for n in &outside {
+            assert_eq!(kept(n).len(), 2, "a member outside the pool keeps the pool");
+        }
+        // Connections that said hello, by peer, and whether they are the active one.
+        let active = |n: &Cluster| -> Vec<u64> {
+            let st = n.shared.state.lock();
+            st.peers.iter().filter(|(_, p)| p.active.is_some()).map(|(id, _)| *id).collect()
+        };
+        let mut fewest = vec![7; outside.len()];
+        let began = tokio::time::Instant::now();
+        while began.elapsed() < Duration::from_secs(4) {
+            for (i, n) in outside.iter().enumerate() {
+                let (a, k) = (active(n), kept(n));
+                fewest[i] = fewest[i].min(a.len());
+                assert!(k.iter().all(|p| a.contains(p)), "a member outside the pool lost a connection to the pool: {a:?} {k:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(fewest.iter().all(|&f| f < 7), "members outside the pool held every connection open: fewest {fewest:?}");
+        for n in &outside {
+            let s = n.stats();
+            assert!(s.connections_closed_unused > 0 && s.frames_held > 0, "{s:?}");
+        }
+        assert!(nodes.iter().all(|n| n.live_peers().len() == 7), "a member was taken down while all were live");
+        // Totals still reach every member: each member admits one request of a client.
+        let client = "partial-view-client";
+        for n in &nodes {
+            assert!(n.limiter().allow(client, n.limiter().now_ms()));
+        }
+        let key = nodes[0].limiter().key_hash(client);
+        eventually(Duration::from_secs(10), "every member's view of the client", || {
+            nodes.iter().all(|n| n.views().iter().any(|v| v.key == key && v.total == 8))
+        })
+        .await;
+        // Cut one member outside the pool off: every other takes it down.
+        let cut = outside[0].node_id();
+        for n in &nodes {
+            if n.node_id() != cut {
+                assert!(outside[0].block_peer(n.node_id()));
+            }
+        }
+        eventually(Duration::from_secs(15), "every member takes the member cut off down", || {
+            nodes.iter().filter(|n| n.node_id() != cut).all(|n| !n.live_peers().contains(&cut))
+        })
+        .await;
+        for n in nodes {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -109,6 +109,8 @@ pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_DIALS_PER_SEC: u32 = 20;
 /// Default of [`ClusterConfig::member_exchange`].
 pub const DEFAULT_MEMBER_EXCHANGE: Duration = Duration::from_secs(5);
+/// Default of [`ClusterConfig::close_unused_after`].
+pub const DEFAULT_CLOSE_UNUSED_AFTER: Duration = Duration::from_secs(5);
 /// The longest [`ClusterConfig::member_exchange`] (longer would be off in all but name).
 pub const MAX_MEMBER_EXCHANGE: Duration = Duration::from_secs(86_400);
 
@@ -264,7 +266,8 @@ pub struct ClusterConfig {
     /// Default [`DEFAULT_MAX_DIALS_PER_SEC`] (20).
     pub max_dials_per_sec: u32,
     /// Membership anti-entropy: every this long the node sends the members it is
-    /// connected to (in frames of at most 256) to one of them drawn at random, so a
+    /// connected to, or was until the connection closed unused (`close_unused_after`),
+    /// in frames of at most 256, to one member it is connected to, drawn at random, so a
     /// member missed when it connected (an announcement dropped on a full queue, two
     /// members that forgot each other across a partition longer than `forget_after`) is
     /// learned again once a member connected to it sends its list here: each period
@@ -272,6 +275,17 @@ pub struct ClusterConfig {
     /// are then exchanged only when a connection comes up); at most one day
     /// ([`MAX_MEMBER_EXCHANGE`]). Default [`DEFAULT_MEMBER_EXCHANGE`] (5 s).
     pub member_exchange: Duration,
+    /// A partial view of connections beyond `gossip.swim_above_peers` peers: a member
+    /// outside the aggregator pool keeps connections open to the pool's members only
+    /// (`docs/cluster.md`, "A partial view of connections beyond 128 peers"). A
+    /// connection to any other member is dialled when the core has something to send it
+    /// (a SWIM probe, an answer, an ask; its messages wait for the connection, at most 64
+    /// for at most 2 s), and closed once it has carried nothing of the core's for this
+    /// long. Every member is still dialled once
+    /// per incarnation, so that the core hears of it from itself. Zero keeps every
+    /// connection open (a full mesh of connections, as below the threshold). Default
+    /// [`DEFAULT_CLOSE_UNUSED_AFTER`] (5 s).
+    pub close_unused_after: Duration,
     /// How long [`Cluster::start`] waits for every seed (and with aggregated dissemination,
     /// every aggregator pool member) to answer with a full sync, to refuse this node, or
     /// to fail to connect once, before it returns; seeds that have not answered by then
@@ -309,6 +323,7 @@ impl ClusterConfig {
             forget_after: DEFAULT_FORGET_AFTER,
             max_dials_per_sec: DEFAULT_MAX_DIALS_PER_SEC,
             member_exchange: DEFAULT_MEMBER_EXCHANGE,
+            close_unused_after: DEFAULT_CLOSE_UNUSED_AFTER,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             rng_seed: None,
         }
@@ -551,6 +566,12 @@ pub struct ClusterStats {
     pub refused_identity: u64,
     /// Packets dropped by the fault hooks.
     pub packets_dropped_by_faults: u64,
+    /// Messages for a member outside the view, held while it was dialled (a partial view,
+    /// [`ClusterConfig::close_unused_after`]); those never sent count in
+    /// `dropped_no_connection` too.
+    pub frames_held: u64,
+    /// Connections to members outside the view closed unused.
+    pub connections_closed_unused: u64,
 }
 
 impl ClusterStats {

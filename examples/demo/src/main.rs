@@ -330,12 +330,14 @@ async fn run(args: Args) -> Result<(), String> {
             .zip(&stats)
             .map(|((name, c), s)| {
                 format!(
-                    "{{\"name\":\"{name}\",\"admitted\":{},\"denied\":{},\"bytes\":{},\"datagrams\":{},\"view_lag_ms\":{}}}",
+                    "{{\"name\":\"{name}\",\"admitted\":{},\"denied\":{},\"bytes\":{},\"datagrams\":{},\"view_lag_ms\":{},\"connections\":{},\"connections_closed_unused\":{}}}",
                     c.admitted.load(Ordering::Relaxed),
                     c.denied.load(Ordering::Relaxed),
                     s.bytes_sent(),
                     s.datagrams_sent,
-                    s.view_lag_ms
+                    s.view_lag_ms,
+                    s.connections,
+                    s.connections_closed_unused
                 )
             })
             .collect();
@@ -371,6 +373,13 @@ async fn run(args: Args) -> Result<(), String> {
         println!("  under the ideal      {} ({:.3}%)", t.under, pct(t.under, t.ideal));
         println!("  gossip bytes sent    {bytes} ({:.2} per admitted request)", bytes as f64 / t.admitted.max(1) as f64);
         println!("  worst view lag       {max_lag} ms (the largest in the per-second rows above)");
+        let open: Vec<usize> = stats.iter().map(|s| s.connections).collect();
+        println!(
+            "  connections open     {}–{} per node at the end; {} closed unused (outside a partial view)",
+            open.iter().min().unwrap_or(&0),
+            open.iter().max().unwrap_or(&0),
+            stats.iter().map(|s| s.connections_closed_unused).sum::<u64>()
+        );
         match convergence_ms {
             Some(c) => println!(
                 "  converged            {c} ms after the load stopped{}",
