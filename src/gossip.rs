@@ -1104,12 +1104,14 @@ impl GossipNode {
     }
 
     /// An upper estimate of how stale this node's view is at `now_ms`: over live peers,
-    /// the time since last heard plus half a round trip. 0 with no live peer.
+    /// the time since last heard plus half a round trip. 0 with no live peer. With a
+    /// partial view ([`GossipConfig::partial_view`]), over the live peers in the view
+    /// (the aggregator pool), through which every other member's counts come.
     pub fn view_lag_ms(&self, now_ms: i64) -> i64 {
         self.peers
-            .values()
-            .filter(|p| p.up)
-            .filter_map(|p| p.last_heard_ms.map(|t| now_ms - t + p.rtt_ms.unwrap_or(0) / 2))
+            .iter()
+            .filter(|(id, p)| p.up && self.in_view(**id))
+            .filter_map(|(_, p)| p.last_heard_ms.map(|t| now_ms - t + p.rtt_ms.unwrap_or(0) / 2))
             .max()
             .unwrap_or(0)
             .max(0)

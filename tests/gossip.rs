@@ -989,6 +989,10 @@ fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through
     assert!(most.unwrap() <= 8, "messages from one member outside the pool to another in 4 s: {most:?}");
     for &n in &ids {
         assert_eq!(c.nodes[&n].gossip.live_peers().count(), 23, "node {n}");
+        // The view's staleness is the pool's: a member outside the pool hears from the
+        // others only through SWIM, every few seconds, but their counts come through it.
+        let lag = c.nodes[&n].gossip.view_lag_ms(c.now);
+        assert!(lag <= 300, "node {n}: view lag {lag} ms");
     }
     // Longer than four SWIM cycles (the backstop outside the view, 19.2 s): nobody down.
     c.run_until(T0 + 30_000);

@@ -330,14 +330,18 @@ async fn run(args: Args) -> Result<(), String> {
             .zip(&stats)
             .map(|((name, c), s)| {
                 format!(
-                    "{{\"name\":\"{name}\",\"admitted\":{},\"denied\":{},\"bytes\":{},\"datagrams\":{},\"view_lag_ms\":{},\"connections\":{},\"connections_closed_unused\":{}}}",
+                    "{{\"name\":\"{name}\",\"admitted\":{},\"denied\":{},\"bytes\":{},\"datagrams\":{},\"view_lag_ms\":{},\"connections\":{},\"connections_closed_unused\":{},\"dials\":{},\"frames_held\":{},\"dropped_no_connection\":{},\"full_syncs_sent\":{}}}",
                     c.admitted.load(Ordering::Relaxed),
                     c.denied.load(Ordering::Relaxed),
                     s.bytes_sent(),
                     s.datagrams_sent,
                     s.view_lag_ms,
                     s.connections,
-                    s.connections_closed_unused
+                    s.connections_closed_unused,
+                    s.dials,
+                    s.frames_held,
+                    s.dropped_no_connection,
+                    s.gossip.full_syncs_sent
                 )
             })
             .collect();
