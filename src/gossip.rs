@@ -217,18 +217,21 @@ pub struct GossipConfig {
     /// (foca, [`crate::swim`]): probes of one member per probe period (ten rounds, at
     /// least 200 ms) with indirect probes, and suspicion that a member refutes, instead of
     /// a silence whose length grows with `N` (heartbeats to `fanout` peers per round go on:
-    /// they keep members that judge by silence informed, and silence still takes a
-    /// peer down: SWIM only makes detection faster). Default 128: SWIM notices a crash
-    /// in `O(log N)` probe periods, silence in `O(N)` rounds; in the simulator silence
+    /// they keep members that judge by silence informed, and silence still takes a peer
+    /// down: with `partial_view` off after `suspect_after_ms`, so SWIM only makes
+    /// detection faster; with it on, after four SWIM cycles). Default 128: SWIM notices a
+    /// crash in `O(log N)` probe periods, silence in `O(N)` rounds; in the simulator silence
     /// noticed it in 0.6 s at 30 members and 2.0 s at 100, where SWIM only added bytes,
     /// and SWIM in 3.2 s at 300, where silence took 6.0 (`docs/benchmarks.md`). Every
     /// member must run a version that speaks it (this one).
     pub swim_above_peers: usize,
     /// A partial view in SWIM mode (beyond `swim_above_peers`, with aggregated
-    /// dissemination): a member outside the aggregator pool sends its heartbeats in turn
-    /// and clock samples to the pool's members only, hears from the other members through
-    /// SWIM alone (their silence takes them down only after four of its SWIM probe
-    /// cycles), and the transport keeps connections open to the pool only
+    /// dissemination): a member outside the aggregator pool sends its heartbeats in turn,
+    /// clock samples and new limits to the pool's members only and hears from the other
+    /// members through SWIM alone; in SWIM mode every peer's silence then takes it down
+    /// only after four SWIM probe cycles over the members (a peer heartbeats by its own
+    /// view of the pool, which may differ from this node's), so SWIM is what notices a
+    /// failure; and the transport keeps connections open to the pool only
     /// (`docs/cluster.md`, "A partial view of connections beyond 128 peers"). Default
     /// true. A member of a version without it judges every member by silence and would
     /// take down the members that no longer heartbeat it: to upgrade a cluster of more
@@ -508,6 +511,10 @@ struct Peer {
     swim_announced_ms: Option<i64>,
     /// When SWIM's last verdict that it is down came.
     swim_down_since_ms: Option<i64>,
+    /// Its current incarnation has sent this node a SWIM packet: it is in SWIM mode, where
+    /// with a partial view it may heartbeat only its pool, so its silence is judged over
+    /// several SWIM cycles (`update_liveness`).
+    speaks_swim: bool,
     incarnation: Option<u64>,
     /// It restarted with a lower incarnation than processes this node had heard of (its
     /// clock stepped back): those processes' incarnations, which are gone although above
@@ -953,6 +960,10 @@ pub struct GossipNode {
     swim: Swim,
     /// SWIM mode has started (this node announced itself to its peers).
     swim_started: bool,
+    /// Whether the last liveness check was in SWIM mode, and when this node last left it:
+    /// the silence of peers judged over SWIM cycles until then counts from that moment.
+    was_swim_mode: bool,
+    left_swim_mode_ms: Option<i64>,
     /// The peers that are up, sorted: the ring's members and the live count without a
     /// walk over every peer's record (a peer coming up at 1,000 members cost one each).
     up: Vec<PeerId>,
@@ -1017,6 +1028,8 @@ impl GossipNode {
             own_clock_beyond: false,
             swim,
             swim_started: false,
+            was_swim_mode: false,
+            left_swim_mode_ms: None,
             swim_to_announce: BTreeSet::new(),
             up: Vec::new(),
         };
@@ -1196,6 +1209,12 @@ impl GossipNode {
         all
     }
 
+    /// Whether the core counts `peer` live.
+    #[cfg(feature = "quic")]
+    pub(crate) fn is_live(&self, peer: PeerId) -> bool {
+        self.up.binary_search(&peer).is_ok()
+    }
+
     /// The most members that aggregate ([`GossipConfig::aggregator_pool`]).
     #[cfg(feature = "quic")]
     pub(crate) fn aggregator_pool(&self) -> usize {
@@ -1235,7 +1254,7 @@ impl GossipNode {
         gone.truncate(MAX_INCARNATIONS_PER_PEER + 1);
         p.gone_above = gone;
         p.incarnation = Some(incarnation);
-        (p.swim, p.swim_down_since_ms, p.swim_announced_ms) = (None, None, None);
+        (p.swim, p.swim_down_since_ms, p.swim_announced_ms, p.speaks_swim) = (None, None, None, false);
         // A restart: it comes up again with its next message, which brings it a full sync
         // (the members' totals are others' counts to the new process).
         if std::mem::take(&mut p.up) {
@@ -1307,7 +1326,12 @@ impl GossipNode {
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
             Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
             Body::Swim(packet) => match self.swim_step(now_ms, |swim, out| swim.handle(from, &packet, now_ms, out)) {
-                Ok(()) => self.stats.swim_received += 1,
+                Ok(()) => {
+                    self.stats.swim_received += 1;
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.speaks_swim = true;
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(peer = from, error = %e, "SWIM packet refused");
                     self.stats.swim_refused += 1;
@@ -1654,6 +1678,7 @@ impl GossipNode {
         if new_incarnation {
             // SWIM's verdicts were on the incarnation the peer restarted from.
             p.swim = None;
+            p.speaks_swim = false;
         }
         // A member SWIM holds down that this node hears from is alive (see
         // `update_liveness`): this node announces itself to it, which tells it it was
@@ -1720,7 +1745,7 @@ impl GossipNode {
     /// Whether `peer` is in this node's view: everyone, but for a member outside the pool
     /// in SWIM mode, whose view is the pool (see [`partial_view`](Self::partial_view)).
     /// Outside the view a peer gets no heartbeats in turn, and is judged by SWIM, with
-    /// [`silence_outside_view_ms`](Self::silence_outside_view_ms) as the backstop.
+    /// [`swim_silence_ms`](Self::swim_silence_ms) as the backstop.
     fn in_view(&self, peer: PeerId) -> bool {
         !self.partial_view() || self.ring.members.binary_search(&peer).is_ok()
     }
@@ -1738,8 +1763,9 @@ impl GossipNode {
     /// of this node's SWIM probe cycles over the members (foca probes them in turn, in a
     /// shuffled order, so each is probed at least once per two cycles, and each probes
     /// this node as often), and never less than the suspicion period.
-    fn silence_outside_view_ms(&self) -> i64 {
-        let cycle = (self.peers.len() as u64 + 1) * self.swim.settings().probe_period_ms;
+    fn swim_silence_ms(&self) -> i64 {
+        let members = self.peers.len().max(self.swim.active_members()) as u64 + 1;
+        let cycle = members * self.swim.settings().probe_period_ms;
         (4 * cycle as i64).max(self.suspect_after_ms())
     }
 
@@ -1953,7 +1979,13 @@ impl GossipNode {
         // Also when a peer added (not a live change) made this node cross into the mode.
         self.update_ring();
         let live: Vec<PeerId> = self.live_peers().collect();
-        self.update_cluster_time(&live);
+        if self.partial_view() {
+            // Clock samples are taken in the view only: the others' would grow stale.
+            let view: Vec<PeerId> = live.iter().copied().filter(|&p| self.in_view(p)).collect();
+            self.update_cluster_time(&view);
+        } else {
+            self.update_cluster_time(&live);
+        }
         self.broadcast_limits();
         // Once the node's view has been still for two rounds (see `anti_entropy`): known
         // after this round's own counts are collected.
@@ -2007,14 +2039,24 @@ impl GossipNode {
         let suspect = self.suspect_after_ms();
         let swim_mode = self.swim_mode();
         let grace = 2 * self.swim.settings().probe_period_ms as i64;
-        // Outside a partial view, peers are heard from through SWIM only: the backstop
-        // waits for several of its probe cycles.
-        let outside = self.partial_view().then(|| (self.silence_outside_view_ms(), self.ring.members.clone()));
+        // With a partial view, a peer in SWIM mode heartbeats only its own pool unless it
+        // is in it: by its view, not this node's (which may differ, or change as members
+        // come and go). So in SWIM mode every peer's silence is judged over several SWIM
+        // probe cycles (SWIM is what notices a failure there), and out of it that of the
+        // peers that have spoken SWIM to this node. The others' silence, on leaving SWIM
+        // mode, counts from then: they heartbeat every member in turn again within a cycle.
+        if self.was_swim_mode && !swim_mode {
+            self.left_swim_mode_ms = Some(now_ms);
+        }
+        self.was_swim_mode = swim_mode;
+        let swim_silence = self.cfg.partial_view.then(|| self.swim_silence_ms());
+        let left_swim_mode = self.left_swim_mode_ms;
         let mut down = Vec::new();
         for (id, p) in self.peers.iter_mut() {
-            let heard_within = |ms: i64| p.last_heard_ms.is_some_and(|t| now_ms - t <= ms);
-            let suspect = match &outside {
-                Some((silence, pool)) if pool.binary_search(id).is_err() => *silence,
+            let heard_within =
+                |ms: i64| p.last_heard_ms.max(left_swim_mode.filter(|_| swim_silence.is_some())).is_some_and(|t| now_ms - t <= ms);
+            let suspect = match swim_silence {
+                Some(silence) if swim_mode || p.speaks_swim => silence,
                 _ => suspect,
             };
             // Silence takes a peer down, SWIM or not (heartbeats in turn go on, so a live
@@ -2051,7 +2093,9 @@ impl GossipNode {
     fn broadcast_limits(&mut self) {
         if self.replica.limits_version() > self.limits_sent {
             self.limits_sent = self.replica.limits_version();
-            let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+            // With a partial view, to the pool, whose members pass them on to every member
+            // (each sends new limits on when it installs them).
+            let peers: Vec<PeerId> = self.peers.keys().copied().filter(|&p| self.in_view(p)).collect();
             for p in peers {
                 self.send_limits(p);
             }
@@ -2345,7 +2389,7 @@ impl GossipNode {
         } else {
             self.next_in_cycle(live, self.cfg.fanout)
         };
-        let down: Vec<PeerId> = self.peers.iter().filter(|(id, p)| !p.up && self.in_view(**id)).map(|(id, _)| *id).collect();
+        let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
         targets.extend(self.pick(&down, 1));
         for to in targets {
             if !messaged.contains(&to) {

@@ -1002,13 +1002,34 @@ fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through
         assert!(downs.is_empty(), "node {n} took a live member down: {downs:?}");
         assert_eq!(c.nodes[&n].gossip.live_peers().count(), 23, "node {n}");
     }
+    // A pool member fails: the next in rank joins every member's pool, and no member is
+    // taken down for not having heartbeated it (each member judges by SWIM cycles, not
+    // by its view of who heartbeats whom, which changes here).
+    c.events.clear();
+    let failed = pool[0];
+    c.cut = vec![failed];
+    c.run_until(c.now + 8_000);
+    for &n in ids.iter().filter(|&&n| n != failed) {
+        let downs: Vec<u64> = c
+            .events
+            .get(&n)
+            .map_or(&[][..], |e| &e[..])
+            .iter()
+            .filter_map(|e| match e {
+                Event::PeerDown { peer, .. } => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(downs, vec![failed], "node {n}");
+    }
     let cut = outside[0];
-    c.cut = vec![cut];
+    c.cut = vec![failed, cut];
     let cut_at = c.now;
-    while c.now < cut_at + 3_000 && ids.iter().any(|&n| n != cut && c.nodes[&n].gossip.live_peers().any(|p| p == cut)) {
+    while c.now < cut_at + 3_000 && ids.iter().any(|&n| ![cut, failed].contains(&n) && c.nodes[&n].gossip.live_peers().any(|p| p == cut)) {
         c.run_until(c.now + 10);
     }
-    let late: Vec<u64> = ids.iter().copied().filter(|&n| n != cut && c.nodes[&n].gossip.live_peers().any(|p| p == cut)).collect();
+    let late: Vec<u64> =
+        ids.iter().copied().filter(|&n| ![cut, failed].contains(&n) && c.nodes[&n].gossip.live_peers().any(|p| p == cut)).collect();
     assert!(late.is_empty(), "still up 3 s after the cut at {late:?}");
 }
 

@@ -515,8 +515,9 @@ pub struct ClusterStats {
     pub peers: usize,
     /// Members the core counts live (gauge).
     pub live_peers: usize,
-    /// How stale this node's view may be, in ms: over live peers, the longest time since
-    /// last heard plus half a round trip ([`GossipNode::view_lag_ms`](crate::GossipNode::view_lag_ms); gauge).
+    /// How stale this node's view may be, in ms: over live peers (with a partial view,
+    /// those in the view), the longest time since last heard plus half a round trip
+    /// ([`GossipNode::view_lag_ms`](crate::GossipNode::view_lag_ms); gauge).
     pub view_lag_ms: i64,
     /// Connections up, all states (gauge).
     pub connections: usize,
