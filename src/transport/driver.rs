@@ -1102,8 +1102,14 @@ impl State {
             .filter_map(|(id, p)| p.active.map(|c| (*id, c)))
             .collect();
         for (peer, conn_id) in unused {
+            // Closed at once rather than retired: it has carried nothing for a while, so
+            // nothing is lost, and the peer learns of it before any connection this node
+            // dials to it next (a peer still holding this one as its active connection
+            // would keep it over a new one by the tie-break, and reply on it).
             if let Some(c) = self.conns.get_mut(&conn_id) {
-                c.retire(close::UNUSED);
+                c.close_code.store(close::UNUSED.into_inner() as u32, Ordering::Relaxed);
+                c.stream_tx = None;
+                c.conn.close(close::UNUSED, b"unused");
             }
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.active = None;
@@ -1118,6 +1124,14 @@ impl State {
     /// `forget_after`: a member list naming addresses nobody answers at costs dials for
     /// that long, not forever.
     fn forget_unreachable(&mut self, sh: &Shared, now: Instant) {
+        // Outside a partial view a member's connection closes unused, which says nothing
+        // of whether it is reachable: it counts as unreachable from when the core takes it
+        // down (SWIM's verdict, or silence), and one the core counts live is kept.
+        for (id, p) in self.peers.iter_mut() {
+            if p.active.is_none() && p.unreachable_since.is_none() && !self.node.is_live(*id) {
+                p.unreachable_since = Some(now);
+            }
+        }
         let forget: Vec<PeerId> = self
             .peers
             .iter()
@@ -1126,6 +1140,7 @@ impl State {
                     && p.active.is_none()
                     && !p.dial.in_flight
                     && p.unreachable_since.is_some_and(|t| now.duration_since(t) >= sh.settings.forget_after)
+                    && !self.node.is_live(**id)
                     && !self.conns.values().any(|c| c.peer == **id)
             })
             .map(|(id, _)| *id)
@@ -1510,9 +1525,15 @@ impl State {
         p.left = None;
         p.refused = None;
         // Which connection to keep.
+        // An old connection the peer has finished its stream on (it retired it: unused,
+        // replaced) carries nothing more from it, whatever the tie-break would say.
         let keep_new = match p.active.and_then(|a| self.conns.get(&a)) {
             None => true,
-            Some(old) => old.conn.close_reason().is_some() || prefer(self.conns.get(&conn_id), old, sh.me.id),
+            Some(old) => {
+                old.conn.close_reason().is_some()
+                    || old.peer_stream.ended.load(Ordering::Relaxed)
+                    || prefer(self.conns.get(&conn_id), old, sh.me.id)
+            }
         };
         if !keep_new {
             if let Some(c) = self.conns.get_mut(&conn_id) {
