@@ -225,14 +225,15 @@ pub struct GossipConfig {
     /// and SWIM in 3.2 s at 300, where silence took 6.0 (`docs/benchmarks.md`). Every
     /// member must run a version that speaks it (this one).
     pub swim_above_peers: usize,
-    /// A partial view in SWIM mode (beyond `swim_above_peers`, with aggregated
-    /// dissemination): a member outside the aggregator pool sends its heartbeats in turn,
-    /// clock samples and new limits to the pool's members only and hears from the other
-    /// members through SWIM alone; in SWIM mode every peer's silence then takes it down
-    /// only after four SWIM probe cycles over the members (a peer heartbeats by its own
-    /// view of the pool, which may differ from this node's), so SWIM is what notices a
-    /// failure; and the transport keeps connections open to the pool only
-    /// (`docs/cluster.md`, "A partial view of connections beyond 128 peers"). Default
+    /// A partial view beyond `swim_above_peers` plus an eighth of it (144 peers at the
+    /// default), with aggregated dissemination: a member outside the aggregator pool
+    /// sends its heartbeats in turn, clock samples and new limits to the pool's members
+    /// only and hears from the other members through SWIM alone; in SWIM mode every
+    /// peer's silence then takes it down only after four SWIM probe cycles over the
+    /// members (a peer heartbeats by its own view of the pool, which may differ from this
+    /// node's), so SWIM is what notices a failure; and the transport keeps connections
+    /// open to the pool only
+    /// (`docs/cluster.md`, "A partial view of connections"). Default
     /// true. A member of a version without it judges every member by silence and would
     /// take down the members that no longer heartbeat it: to upgrade a cluster of more
     /// than 129 members from such a version, start the new version with this false, and
@@ -511,10 +512,6 @@ struct Peer {
     swim_announced_ms: Option<i64>,
     /// When SWIM's last verdict that it is down came.
     swim_down_since_ms: Option<i64>,
-    /// Its current incarnation has sent this node a SWIM packet: it is in SWIM mode, where
-    /// with a partial view it may heartbeat only its pool, so its silence is judged over
-    /// several SWIM cycles (`update_liveness`).
-    speaks_swim: bool,
     incarnation: Option<u64>,
     /// It restarted with a lower incarnation than processes this node had heard of (its
     /// clock stepped back): those processes' incarnations, which are gone although above
@@ -1254,7 +1251,7 @@ impl GossipNode {
         gone.truncate(MAX_INCARNATIONS_PER_PEER + 1);
         p.gone_above = gone;
         p.incarnation = Some(incarnation);
-        (p.swim, p.swim_down_since_ms, p.swim_announced_ms, p.speaks_swim) = (None, None, None, false);
+        (p.swim, p.swim_down_since_ms, p.swim_announced_ms) = (None, None, None);
         // A restart: it comes up again with its next message, which brings it a full sync
         // (the members' totals are others' counts to the new process).
         if std::mem::take(&mut p.up) {
@@ -1326,12 +1323,7 @@ impl GossipNode {
             Body::Repair { window_ms, wanted } => self.answer_repair(from, u64::from(window_ms), &wanted, now_ms),
             Body::Ping { sent_at_ms, echo } => self.answer_ping(from, sent_at_ms, echo, now_ms),
             Body::Swim(packet) => match self.swim_step(now_ms, |swim, out| swim.handle(from, &packet, now_ms, out)) {
-                Ok(()) => {
-                    self.stats.swim_received += 1;
-                    if let Some(p) = self.peers.get_mut(&from) {
-                        p.speaks_swim = true;
-                    }
-                }
+                Ok(()) => self.stats.swim_received += 1,
                 Err(e) => {
                     tracing::debug!(peer = from, error = %e, "SWIM packet refused");
                     self.stats.swim_refused += 1;
@@ -1678,7 +1670,6 @@ impl GossipNode {
         if new_incarnation {
             // SWIM's verdicts were on the incarnation the peer restarted from.
             p.swim = None;
-            p.speaks_swim = false;
         }
         // A member SWIM holds down that this node hears from is alive (see
         // `update_liveness`): this node announces itself to it, which tells it it was
@@ -1735,11 +1726,17 @@ impl GossipNode {
         self.peers.len() > self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers)
     }
 
-    /// A partial view: in SWIM mode with aggregated dissemination, a member outside the
+    /// A partial view: with aggregated dissemination and beyond `swim_above_peers` plus an
+    /// eighth of it (144 peers at the default; a node that counts a few members fewer is
+    /// still in SWIM mode, and judges silence over SWIM cycles), a member outside the
     /// aggregator pool exchanges heartbeats (and clock samples) with the pool only, and
     /// hears from the other members outside it through SWIM alone (`in_view`).
     fn partial_view(&self) -> bool {
-        self.cfg.partial_view && self.swim_mode() && self.aggregated() && self.ring.members.binary_search(&self.cfg.replica.node).is_err()
+        let swim_above = self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers);
+        self.cfg.partial_view
+            && self.peers.len() > swim_above + swim_above / 8
+            && self.aggregated()
+            && self.ring.members.binary_search(&self.cfg.replica.node).is_err()
     }
 
     /// Whether `peer` is in this node's view: everyone, but for a member outside the pool
@@ -2039,12 +2036,13 @@ impl GossipNode {
         let suspect = self.suspect_after_ms();
         let swim_mode = self.swim_mode();
         let grace = 2 * self.swim.settings().probe_period_ms as i64;
-        // With a partial view, a peer in SWIM mode heartbeats only its own pool unless it
-        // is in it: by its view, not this node's (which may differ, or change as members
-        // come and go). So in SWIM mode every peer's silence is judged over several SWIM
-        // probe cycles (SWIM is what notices a failure there), and out of it that of the
-        // peers that have spoken SWIM to this node. The others' silence, on leaving SWIM
-        // mode, counts from then: they heartbeat every member in turn again within a cycle.
+        // With a partial view, a peer heartbeats only its own pool unless it is in it: by
+        // its view, not this node's (which may differ, or change as members come and go).
+        // So in SWIM mode every peer's silence is judged over several SWIM probe cycles,
+        // and SWIM is what notices a failure. Peers stop heartbeating every member only
+        // further out than SWIM mode (`partial_view`), so a node that counts a few members
+        // fewer than they do still judges them over SWIM cycles. On leaving SWIM mode the
+        // peers' silence counts from then: they heartbeat every member in turn again.
         if self.was_swim_mode && !swim_mode {
             self.left_swim_mode_ms = Some(now_ms);
         }
@@ -2056,7 +2054,7 @@ impl GossipNode {
             let heard_within =
                 |ms: i64| p.last_heard_ms.max(left_swim_mode.filter(|_| swim_silence.is_some())).is_some_and(|t| now_ms - t <= ms);
             let suspect = match swim_silence {
-                Some(silence) if swim_mode || p.speaks_swim => silence,
+                Some(silence) if swim_mode => silence,
                 _ => suspect,
             };
             // Silence takes a peer down, SWIM or not (heartbeats in turn go on, so a live

@@ -1033,6 +1033,45 @@ fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through
     assert!(late.is_empty(), "still up 3 s after the cut at {late:?}");
 }
 
+/// A cluster with a partial view that shrinks out of SWIM mode (24 members, SWIM beyond 16
+/// peers, a pool of 4; 7 leave): nobody is taken down for the silence of SWIM mode, and
+/// from then on a crash is noticed by silence again, within a second (not after the
+/// several SWIM cycles silence is judged over in SWIM mode).
+#[test]
+fn a_cluster_that_shrinks_out_of_swim_mode_notices_a_crash_by_silence_again() {
+    let ids: Vec<u64> = (1..=24).collect();
+    let mut c = Cluster::new(&[], 100, Admission::Bounded);
+    (c.swim_above, c.pool) = (Some(16), Some(4));
+    for &id in &ids {
+        c.start(id, 1, &ids);
+    }
+    c.run_until(T0 + 4_000);
+    c.events.clear();
+    // Seven leave (the driver removes a member that leaves from every other at once).
+    for gone in 18..=24u64 {
+        c.nodes.remove(&gone);
+        for n in c.nodes.values_mut() {
+            n.gossip.remove_peer(gone);
+        }
+    }
+    c.wire.retain(|_, (from, to, _)| *from < 18 && *to < 18);
+    c.run_until(c.now + 2_000);
+    let downs = |c: &Cluster, n: u64| -> Vec<u64> {
+        let events = c.events.get(&n).map_or(&[][..], |e| &e[..]);
+        events.iter().filter_map(|e| if let Event::PeerDown { peer, .. } = e { Some(*peer) } else { None }).collect()
+    };
+    for n in 1..=17 {
+        assert!(downs(&c, n).is_empty(), "node {n} took a live member down: {:?}", downs(&c, n));
+        assert_eq!(c.nodes[&n].gossip.live_peers().count(), 16, "node {n}");
+    }
+    c.cut = vec![5];
+    let cut_at = c.now;
+    c.run_until(cut_at + 1_000);
+    for n in (1..=17).filter(|&n| n != 5) {
+        assert_eq!(downs(&c, n), vec![5], "node {n}, a second after the crash");
+    }
+}
+
 /// With `swim_above_peers` at 16, SWIM decides liveness in a cluster of 24: a member cut
 /// off is marked down by every other within 3 s, no other member is (no loss here), and
 /// once the cut heals it is back up everywhere within a second, with no member marked

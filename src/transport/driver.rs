@@ -1525,13 +1525,18 @@ impl State {
         p.left = None;
         p.refused = None;
         // Which connection to keep.
-        // An old connection the peer has finished its stream on (it retired it: unused,
-        // replaced) carries nothing more from it, whatever the tie-break would say.
+        // An old connection the peer has finished its stream on (it retired it: replaced,
+        // a duplicate) carries nothing more from it, whatever the tie-break would say; nor
+        // does, outside the view, one unused for `close_unused_after`, which the peer may
+        // have closed unused (its close can be lost).
+        let after = sh.settings.close_unused_after;
+        let unused = !after.is_zero() && p.used_at.elapsed() >= after && !self.node.keeps_connected(peer);
         let keep_new = match p.active.and_then(|a| self.conns.get(&a)) {
             None => true,
             Some(old) => {
                 old.conn.close_reason().is_some()
                     || old.peer_stream.ended.load(Ordering::Relaxed)
+                    || unused
                     || prefer(self.conns.get(&conn_id), old, sh.me.id)
             }
         };

@@ -256,7 +256,9 @@ pub struct ClusterConfig {
     /// dialled this node) and has been unreachable this long is forgotten: no more dials to it until a member announces it again (on
     /// connecting, or in its periodic list, `member_exchange`, if some member is still
     /// connected to it: dials then resume, within `max_dials_per_sec`, backing off from
-    /// `reconnect_min`). Default [`DEFAULT_FORGET_AFTER`] (60 s).
+    /// `reconnect_min`). A member the core counts live is never forgotten, and one whose
+    /// connection closed unused (`close_unused_after`) is unreachable from when the core
+    /// takes it down. Default [`DEFAULT_FORGET_AFTER`] (60 s).
     pub forget_after: Duration,
     /// Dials started per second, every address together (a token bucket holding one
     /// second's worth; members connected before are dialed first). The first dial of each
@@ -275,16 +277,17 @@ pub struct ClusterConfig {
     /// are then exchanged only when a connection comes up); at most one day
     /// ([`MAX_MEMBER_EXCHANGE`]). Default [`DEFAULT_MEMBER_EXCHANGE`] (5 s).
     pub member_exchange: Duration,
-    /// A partial view of connections beyond `gossip.swim_above_peers` peers: a member
-    /// outside the aggregator pool keeps connections open to the pool's members only
-    /// (`docs/cluster.md`, "A partial view of connections beyond 128 peers"). A
-    /// connection to any other member is dialled when the core has something to send it
-    /// (a SWIM probe, an answer, an ask; its messages wait for the connection, at most 64
-    /// for at most 2 s), and closed once it has carried nothing of the core's for this
-    /// long. Every member is still dialled once
-    /// per incarnation, so that the core hears of it from itself. Zero keeps every
-    /// connection open (a full mesh of connections, as below the threshold). Default
-    /// [`DEFAULT_CLOSE_UNUSED_AFTER`] (5 s).
+    /// A partial view of connections beyond `gossip.swim_above_peers` peers plus an eighth
+    /// of it (with `gossip.partial_view`): a member outside the aggregator pool keeps
+    /// connections open to the pool's members only (`docs/cluster.md`, "A partial view of
+    /// connections"). A connection to any other member is dialled when the core has
+    /// something to send it (a SWIM probe, an answer, an ask; its messages wait for the
+    /// connection, at most 64 for at most 2 s), and closed once it has carried nothing of
+    /// the core's for this long. Every member the driver learns of is still dialled once
+    /// (again when it restarts), so that the core hears of it from itself. A member whose
+    /// connection closed unused counts as unreachable (`forget_after`) only once the core
+    /// takes it down. Zero keeps every connection open (a full mesh of connections, as
+    /// below the threshold). Default [`DEFAULT_CLOSE_UNUSED_AFTER`] (5 s).
     pub close_unused_after: Duration,
     /// How long [`Cluster::start`] waits for every seed (and with aggregated dissemination,
     /// every aggregator pool member) to answer with a full sync, to refuse this node, or
