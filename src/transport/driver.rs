@@ -943,8 +943,11 @@ impl State {
             Target::Peer(p) => match self.peers.get_mut(&p) {
                 Some(e) => {
                     // A member outside the view, dialled on demand after its connection
-                    // closed unused: unreachable from now (`forget_after`).
-                    e.unreachable_since.get_or_insert_with(Instant::now);
+                    // closed unused: unreachable from now (`forget_after`), unless it
+                    // dialled this node meanwhile.
+                    if e.active.is_none() {
+                        e.unreachable_since.get_or_insert_with(Instant::now);
+                    }
                     if let Some(r) = refusal {
                         e.refused = Some(Refusal { peer: Some(e.name.clone()), seed: e.seed, ..r });
                     }
