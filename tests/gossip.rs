@@ -98,6 +98,17 @@ impl Cluster {
         c
     }
 
+    /// Nodes `ids` with SWIM beyond 16 peers and a pool of 4, a limit of 100, bounded
+    /// admission: beyond 18 peers, a partial view for the members outside the pool.
+    fn swim_pooled(ids: &[u64]) -> Self {
+        let mut c = Cluster::new(&[], 100, Admission::Bounded);
+        (c.swim_above, c.pool) = (Some(16), Some(4));
+        for &id in ids {
+            c.start(id, 1, ids);
+        }
+        c
+    }
+
     /// Aggregated nodes `ids` with at most `pool` aggregators, a one-minute window and a
     /// large limit, 200 ms after they started.
     fn pooled(ids: &[u64], pool: usize) -> Self {
@@ -970,11 +981,7 @@ fn counts_an_aggregator_holds_without_a_cell_do_not_inflate_the_totals_it_publis
 #[test]
 fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through_swim_alone() {
     let ids: Vec<u64> = (1..=24).collect();
-    let mut c = Cluster::new(&[], 100, Admission::Bounded);
-    (c.swim_above, c.pool) = (Some(16), Some(4));
-    for &id in &ids {
-        c.start(id, 1, &ids);
-    }
+    let mut c = Cluster::swim_pooled(&ids);
     c.run_until(T0 + 2_000);
     c.sent.clear();
     c.run_until(T0 + 6_000);
@@ -1040,11 +1047,7 @@ fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through
 #[test]
 fn a_cluster_that_shrinks_out_of_swim_mode_notices_a_crash_by_silence_again() {
     let ids: Vec<u64> = (1..=24).collect();
-    let mut c = Cluster::new(&[], 100, Admission::Bounded);
-    (c.swim_above, c.pool) = (Some(16), Some(4));
-    for &id in &ids {
-        c.start(id, 1, &ids);
-    }
+    let mut c = Cluster::swim_pooled(&ids);
     c.run_until(T0 + 4_000);
     c.events.clear();
     // Seven leave (the driver removes a member that leaves from every other at once).
