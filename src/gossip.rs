@@ -232,12 +232,11 @@ pub struct GossipConfig {
     /// peer's silence then takes it down only after four SWIM probe cycles over the
     /// members (a peer heartbeats by its own view of the pool, which may differ from this
     /// node's), so SWIM is what notices a failure; and the transport keeps connections
-    /// open to the pool only
-    /// (`docs/cluster.md`, "A partial view of connections"). Default
-    /// true. A member of a version without it judges every member by silence and would
-    /// take down the members that no longer heartbeat it: to upgrade a cluster of more
-    /// than 129 members from such a version, start the new version with this false, and
-    /// set it true once every member runs the new version.
+    /// open to the pool only (`docs/cluster.md`, "A partial view of connections").
+    /// Default true. A member of a version without it judges every member by silence and
+    /// would take down the members that no longer heartbeat it: to upgrade a cluster of
+    /// more than 129 members from such a version, start the new version with this false,
+    /// and set it true once every member runs the new version.
     pub partial_view: bool,
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
     /// and in fan-out mode four times the rounds a peer takes to pick this node. With
@@ -1118,9 +1117,10 @@ impl GossipNode {
     /// partial view ([`GossipConfig::partial_view`]), over the live peers in the view
     /// (the aggregator pool), through which every other member's counts come.
     pub fn view_lag_ms(&self, now_ms: i64) -> i64 {
+        let view = self.view();
         self.peers
             .iter()
-            .filter(|(id, p)| p.up && self.in_view(**id))
+            .filter(|(id, p)| p.up && view.is_none_or(|v| v.binary_search(id).is_ok()))
             .filter_map(|(_, p)| p.last_heard_ms.map(|t| now_ms - t + p.rtt_ms.unwrap_or(0) / 2))
             .max()
             .unwrap_or(0)
@@ -1726,40 +1726,48 @@ impl GossipNode {
         self.peers.len() > self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers)
     }
 
-    /// A partial view: with aggregated dissemination and beyond `swim_above_peers` plus an
-    /// eighth of it (144 peers at the default; a node that counts a few members fewer is
-    /// still in SWIM mode, and judges silence over SWIM cycles), a member outside the
-    /// aggregator pool exchanges heartbeats (and clock samples) with the pool only, and
-    /// hears from the other members outside it through SWIM alone (`in_view`).
-    fn partial_view(&self) -> bool {
+    /// A partial view, as the members in it (sorted), or `None` for every member: with
+    /// aggregated dissemination and beyond `swim_above_peers` plus an eighth of it (144
+    /// peers at the default; a node that counts a few members fewer is still in SWIM
+    /// mode, and judges silence over SWIM cycles), a member outside the aggregator pool
+    /// exchanges heartbeats, clock samples and new limits with the pool only, and hears
+    /// from the other members through SWIM alone.
+    fn view(&self) -> Option<&[PeerId]> {
         let swim_above = self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers);
-        self.cfg.partial_view
+        let partial = self.cfg.partial_view
             && self.peers.len() > swim_above + swim_above / 8
             && self.aggregated()
-            && self.ring.members.binary_search(&self.cfg.replica.node).is_err()
+            && self.ring.members.binary_search(&self.cfg.replica.node).is_err();
+        partial.then_some(&self.ring.members[..])
     }
 
-    /// Whether `peer` is in this node's view: everyone, but for a member outside the pool
-    /// in SWIM mode, whose view is the pool (see [`partial_view`](Self::partial_view)).
-    /// Outside the view a peer gets no heartbeats in turn, and is judged by SWIM, with
-    /// [`swim_silence_ms`](Self::swim_silence_ms) as the backstop.
+    /// Whether `peer` is in this node's view ([`view`](Self::view)).
     fn in_view(&self, peer: PeerId) -> bool {
-        !self.partial_view() || self.ring.members.binary_search(&peer).is_ok()
+        self.view().is_none_or(|v| v.binary_search(&peer).is_ok())
+    }
+
+    /// Those of `peers` in this node's view (all of them but with a partial view).
+    fn in_view_of<'a>(&self, peers: &'a [PeerId]) -> std::borrow::Cow<'a, [PeerId]> {
+        match self.view() {
+            None => std::borrow::Cow::Borrowed(peers),
+            Some(v) => peers.iter().copied().filter(|p| v.binary_search(p).is_ok()).collect(),
+        }
     }
 
     /// Whether the transport should keep a connection to `peer` open while it carries
     /// nothing: a peer in this node's view (`docs/cluster.md`, "A partial view of
-    /// connections beyond 128 peers"). The others are dialled when there is something to
-    /// send and closed once unused.
+    /// connections"). The others are dialled when there is something to send and closed
+    /// once unused.
     #[cfg(feature = "quic")]
     pub(crate) fn keeps_connected(&self, peer: PeerId) -> bool {
         self.in_view(peer)
     }
 
-    /// The silence after which a peer outside the view is down whatever SWIM says: four
-    /// of this node's SWIM probe cycles over the members (foca probes them in turn, in a
-    /// shuffled order, so each is probed at least once per two cycles, and each probes
-    /// this node as often), and never less than the suspicion period.
+    /// With [`GossipConfig::partial_view`], the silence after which a peer is down in
+    /// SWIM mode whatever SWIM says: four of this node's SWIM probe cycles over the
+    /// members (foca probes them in turn, in a shuffled order, so each is probed at least
+    /// once per two cycles, and each probes this node as often), and never less than the
+    /// suspicion period.
     fn swim_silence_ms(&self) -> i64 {
         let members = self.peers.len().max(self.swim.active_members()) as u64 + 1;
         let cycle = members * self.swim.settings().probe_period_ms;
@@ -1976,13 +1984,9 @@ impl GossipNode {
         // Also when a peer added (not a live change) made this node cross into the mode.
         self.update_ring();
         let live: Vec<PeerId> = self.live_peers().collect();
-        if self.partial_view() {
-            // Clock samples are taken in the view only: the others' would grow stale.
-            let view: Vec<PeerId> = live.iter().copied().filter(|&p| self.in_view(p)).collect();
-            self.update_cluster_time(&view);
-        } else {
-            self.update_cluster_time(&live);
-        }
+        // Clock samples are taken in the view only: the others' would grow stale.
+        let sampled = self.in_view_of(&live);
+        self.update_cluster_time(&sampled);
         self.broadcast_limits();
         // Once the node's view has been still for two rounds (see `anti_entropy`): known
         // after this round's own counts are collected.
@@ -2048,11 +2052,11 @@ impl GossipNode {
         }
         self.was_swim_mode = swim_mode;
         let swim_silence = self.cfg.partial_view.then(|| self.swim_silence_ms());
-        let left_swim_mode = self.left_swim_mode_ms;
+        // Silence counts from when this node left SWIM mode at the earliest.
+        let since = self.left_swim_mode_ms.filter(|_| swim_silence.is_some());
         let mut down = Vec::new();
         for (id, p) in self.peers.iter_mut() {
-            let heard_within =
-                |ms: i64| p.last_heard_ms.max(left_swim_mode.filter(|_| swim_silence.is_some())).is_some_and(|t| now_ms - t <= ms);
+            let heard_within = |ms: i64| p.last_heard_ms.max(since).is_some_and(|t| now_ms - t <= ms);
             let suspect = match swim_silence {
                 Some(silence) if swim_mode => silence,
                 _ => suspect,
@@ -2093,7 +2097,8 @@ impl GossipNode {
             self.limits_sent = self.replica.limits_version();
             // With a partial view, to the pool, whose members pass them on to every member
             // (each sends new limits on when it installs them).
-            let peers: Vec<PeerId> = self.peers.keys().copied().filter(|&p| self.in_view(p)).collect();
+            let all: Vec<PeerId> = self.peers.keys().copied().collect();
+            let peers = self.in_view_of(&all).into_owned();
             for p in peers {
                 self.send_limits(p);
             }
@@ -2165,14 +2170,8 @@ impl GossipNode {
 
     /// A clock sample from every live peer (fan-out mode: `fanout` of them).
     fn send_pings(&mut self, live: &[PeerId], now_ms: i64) {
-        let sample = if self.partial_view() {
-            let view: Vec<PeerId> = live.iter().copied().filter(|&p| self.in_view(p)).collect();
-            self.pick(&view, self.cfg.fanout)
-        } else if self.fan_out() {
-            self.pick(live, self.cfg.fanout)
-        } else {
-            live.to_vec()
-        };
+        // A partial view is beyond fan-out mode's threshold.
+        let sample = if self.fan_out() { self.pick(&self.in_view_of(live), self.cfg.fanout) } else { live.to_vec() };
         for p in sample {
             self.send_ping(p, now_ms);
         }
@@ -2381,12 +2380,8 @@ impl GossipNode {
         // down is probed each round, so a healed one is heard from (and, in SWIM mode,
         // announced to) at once.
         // With a partial view, to the pool only (SWIM hears from the others).
-        let mut targets = if self.partial_view() {
-            let view: Vec<PeerId> = live.iter().copied().filter(|&p| self.in_view(p)).collect();
-            self.next_in_cycle(&view, self.cfg.fanout)
-        } else {
-            self.next_in_cycle(live, self.cfg.fanout)
-        };
+        let view = self.in_view_of(live);
+        let mut targets = self.next_in_cycle(&view, self.cfg.fanout);
         let down: Vec<PeerId> = self.peers.iter().filter(|(_, p)| !p.up).map(|(id, _)| *id).collect();
         targets.extend(self.pick(&down, 1));
         for to in targets {

@@ -1094,14 +1094,13 @@ impl State {
     /// view that have carried nothing of the core's for `close_unused_after`. Not while
     /// joining (the join waits for seeds' full syncs) or leaving.
     fn close_unused(&mut self, sh: &Shared, now: Instant) {
-        let after = sh.settings.close_unused_after;
-        if after.is_zero() || self.joining {
+        if self.joining {
             return;
         }
         let unused: Vec<(PeerId, u64)> = self
             .peers
             .iter()
-            .filter(|(id, p)| p.held.is_empty() && now.duration_since(p.used_at) >= after && !self.node.keeps_connected(**id))
+            .filter(|(id, p)| p.held.is_empty() && self.unused(sh, **id, p, now))
             .filter_map(|(id, p)| p.active.map(|c| (*id, c)))
             .collect();
         for (peer, conn_id) in unused {
@@ -1121,6 +1120,13 @@ impl State {
             }
             inc(&sh.counters.closed_unused, 1);
         }
+    }
+
+    /// Whether `peer`'s connection, outside the view, has carried nothing of the core's for
+    /// `close_unused_after` (never with it zero).
+    fn unused(&self, sh: &Shared, peer: PeerId, p: &PeerEntry, now: Instant) -> bool {
+        let after = sh.settings.close_unused_after;
+        !after.is_zero() && now.duration_since(p.used_at) >= after && !self.node.keeps_connected(peer)
     }
 
     /// Forgets members that are not seeds and have had no working connection for
@@ -1491,6 +1497,10 @@ impl State {
     /// The peer's first frame: check it, then decide whether this connection is the
     /// one to use for the peer.
     fn hello_in(&mut self, sh: &Arc<Shared>, conn_id: u64, h: Hello) {
+        // Whether the peer's connection so far is unused (see `keep_new`), before this one
+        // counts as use.
+        let now = Instant::now();
+        let unused = self.conns.get(&conn_id).is_some_and(|c| self.peers.get(&c.peer).is_some_and(|p| self.unused(sh, c.peer, p, now)));
         let Some(c) = self.conns.get_mut(&conn_id) else { return };
         let peer = c.peer;
         let name = self.peers.get(&peer).map_or_else(String::new, |p| p.name.clone());
@@ -1532,8 +1542,6 @@ impl State {
         // a duplicate) carries nothing more from it, whatever the tie-break would say; nor
         // does, outside the view, one unused for `close_unused_after`, which the peer may
         // have closed unused (its close can be lost).
-        let after = sh.settings.close_unused_after;
-        let unused = !after.is_zero() && p.used_at.elapsed() >= after && !self.node.keeps_connected(peer);
         let keep_new = match p.active.and_then(|a| self.conns.get(&a)) {
             None => true,
             Some(old) => {
@@ -1699,7 +1707,7 @@ impl State {
             self.check_joined(sh);
         }
         // Closed unused (by either side), outside a partial view: not a failure.
-        let unused = c.close_code.load(Ordering::Relaxed) == close::UNUSED.into_inner() as u32 && c.stream_tx.is_none()
+        let unused = c.close_code.load(Ordering::Relaxed) == close::UNUSED.into_inner() as u32
             || matches!(&reason, ConnectionError::ApplicationClosed(a) if a.error_code == close::UNUSED);
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let was_active = p.active == Some(conn_id);
