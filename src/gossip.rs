@@ -1741,11 +1741,6 @@ impl GossipNode {
         partial.then_some(&self.ring.members[..])
     }
 
-    /// Whether `peer` is in this node's view ([`view`](Self::view)).
-    fn in_view(&self, peer: PeerId) -> bool {
-        self.view().is_none_or(|v| v.binary_search(&peer).is_ok())
-    }
-
     /// Those of `peers` in this node's view (all of them but with a partial view).
     fn in_view_of<'a>(&self, peers: &'a [PeerId]) -> std::borrow::Cow<'a, [PeerId]> {
         match self.view() {
@@ -1760,7 +1755,7 @@ impl GossipNode {
     /// once unused.
     #[cfg(feature = "quic")]
     pub(crate) fn keeps_connected(&self, peer: PeerId) -> bool {
-        self.in_view(peer)
+        self.view().is_none_or(|v| v.binary_search(&peer).is_ok())
     }
 
     /// With [`GossipConfig::partial_view`], the silence after which a peer is down in
