@@ -410,6 +410,17 @@ pub(crate) fn swim_scan(packet: &[u8], me: u64) -> Result<(u64, bool), DecodeErr
     Ok((h.src.node, threatens))
 }
 
+/// `packet`, a SWIM packet this node's foca wrote, addressed to `dst` instead: its header
+/// written again, the rest as it was. (foca reads the updates of a packet only if it is
+/// the packet's addressee.)
+pub(crate) fn swim_readdress(packet: &[u8], dst: crate::swim::SwimId) -> Option<Vec<u8>> {
+    let (mut h, at): (foca::Header<crate::swim::SwimId>, usize) = bincode::serde::decode_from_slice(packet, CONFIG).ok()?;
+    h.dst = dst;
+    let mut out = bincode::serde::encode_to_vec(&h, CONFIG).ok()?;
+    out.extend_from_slice(&packet[at..]);
+    Some(out)
+}
+
 /// `Body::Counts`' variant index on the wire (bincode writes a variant as its index).
 const COUNTS_VARIANT: u32 = 0;
 /// `Body::Totals`' variant index.

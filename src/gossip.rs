@@ -238,6 +238,13 @@ pub struct GossipConfig {
     /// more than 129 members from such a version, start the new version with this false,
     /// and set it true once every member runs the new version.
     pub partial_view: bool,
+    /// The address other members reach this node at, which its SWIM identity carries:
+    /// a member that learns of this node by SWIM's infection (never having heard of it
+    /// from a driver's member list) gets [`Event::MemberLearned`] with it. The QUIC
+    /// driver sets it to the advertised address (`ClusterConfig::membership_by_swim`).
+    /// Default `None`: identities go without an address, in the form versions before
+    /// this one read (a version from before it cannot read an identity with one).
+    pub swim_address: Option<std::net::SocketAddr>,
     /// A peer silent this long is down. Default 0: automatic, five rounds in full mesh,
     /// and in fan-out mode four times the rounds a peer takes to pick this node. With
     /// SWIM, also how long a suspected member has to refute the suspicion (0: foca's
@@ -270,6 +277,7 @@ impl GossipConfig {
             aggregator_pool: 32,
             swim_above_peers: 128,
             partial_view: true,
+            swim_address: None,
             suspect_after_ms: 0,
             cluster_time: true,
             clock_max_rtt_ms: 1_000,
@@ -354,6 +362,19 @@ pub enum Event {
     FullSyncSent {
         /// The peer.
         peer: PeerId,
+    },
+    /// SWIM told of a member this node has no peer for, and the address that member gave
+    /// ([`GossipConfig::swim_address`]): a join spreading by infection. A driver adds it
+    /// to the members it knows of, with that address; the core counts it among its peers
+    /// once the driver adds it ([`GossipNode::add_peer`]), and up once it is heard from.
+    /// Reported once per identity SWIM takes for a new active member.
+    MemberLearned {
+        /// The member.
+        peer: PeerId,
+        /// Its incarnation, as SWIM knows it.
+        incarnation: u64,
+        /// Where it said it is reached.
+        addr: std::net::SocketAddr,
     },
     /// Input from `peer` that decoded but was refused, with the reason (at most one event
     /// per message; each refusal is also counted in [`GossipStats`]). Messages that do
@@ -512,6 +533,12 @@ struct Peer {
     /// When SWIM's last verdict that it is down came.
     swim_down_since_ms: Option<i64>,
     incarnation: Option<u64>,
+    /// Added after this node's SWIM started: it joined (or this node's driver met it)
+    /// while SWIM ran here.
+    joined_in_swim: bool,
+    /// Where the transport reaches it ([`GossipNode::set_peer_address`]): what this node's
+    /// SWIM tells members that have not heard of it.
+    addr: Option<std::net::SocketAddr>,
     /// It restarted with a lower incarnation than processes this node had heard of (its
     /// clock stepped back): those processes' incarnations, which are gone although above
     /// `incarnation` (at most `MAX_INCARNATIONS_PER_PEER` plus one).
@@ -986,7 +1013,7 @@ impl GossipNode {
         let clock =
             Estimator::new(cluster_time::Settings { max_rtt_ms: cfg.clock_max_rtt_ms as i64, max_step_ms: cfg.clock_max_step_ms as i64 });
         let swim = Swim::new(
-            SwimId { node: cfg.replica.node, incarnation: cfg.replica.incarnation, bump: 0 },
+            SwimId { addr: cfg.swim_address, ..SwimId::new(cfg.replica.node, cfg.replica.incarnation, 0) },
             swim::Settings::new(cfg.interval_ms, cfg.suspect_after_ms, 1, cfg.max_message_bytes - SWIM_ENVELOPE_BYTES),
             seed,
         );
@@ -1212,6 +1239,13 @@ impl GossipNode {
         self.up.binary_search(&peer).is_ok()
     }
 
+    /// Whether this node is a member of the aggregator pool (with aggregated
+    /// dissemination: the members that rank first, at most
+    /// [`GossipConfig::aggregator_pool`]), as it computes the pool now.
+    pub fn in_aggregator_pool(&self) -> bool {
+        self.aggregated() && self.ring.members.binary_search(&self.cfg.replica.node).is_ok()
+    }
+
     /// The most members that aggregate ([`GossipConfig::aggregator_pool`]).
     #[cfg(feature = "quic")]
     pub(crate) fn aggregator_pool(&self) -> usize {
@@ -1221,14 +1255,27 @@ impl GossipNode {
     /// Adds a peer (idempotent). It is down until heard from.
     pub fn add_peer(&mut self, peer: PeerId) {
         if peer != self.cfg.replica.node {
-            self.peers.entry(peer).or_default();
+            let started = self.swim_started;
+            self.peers.entry(peer).or_insert_with(|| Peer { joined_in_swim: started, ..Peer::default() });
             self.swim.know(peer);
-            if self.swim_started {
+            if started {
                 self.swim_to_announce.insert(peer);
             }
             // One more peer may move the node to aggregated dissemination: the lag the
             // admission policy plans for moves with it.
             self.publish_live();
+        }
+    }
+
+    /// Tells the core where the transport reaches `peer` (a peer it added): with
+    /// [`GossipConfig::swim_address`] set, this node's SWIM spreads it with the peer's
+    /// identity, so that members that have not heard of the peer learn of it, and where it
+    /// is, by infection ([`Event::MemberLearned`]). Without it, nothing.
+    pub fn set_peer_address(&mut self, peer: PeerId, addr: std::net::SocketAddr) {
+        if self.cfg.swim_address.is_some() {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.addr = Some(addr);
+            }
         }
     }
 
@@ -1257,6 +1304,35 @@ impl GossipNode {
         if std::mem::take(&mut p.up) {
             self.ring_stale |= set_up(&mut self.up, peer, false);
             self.publish_live();
+        }
+    }
+
+    /// This node leaves the cluster gracefully: in SWIM mode, SWIM tells a few members
+    /// that it is down (foca's `leave_cluster`), and the word spreads by infection to the
+    /// members that hold no connection to this node (beyond `swim_above_peers`; a driver's
+    /// leave reaches those that do). With a partial view the word goes to members of the
+    /// view, over the connections the transport keeps; it is sent reliably (a driver
+    /// closes its connections right after). This node's SWIM then stops: it answers no
+    /// more probes. Below SWIM mode it does nothing.
+    pub fn leave(&mut self, now_ms: i64) {
+        if !self.swim_mode() || !self.swim_started {
+            return;
+        }
+        // foca picks among every member it holds active; with a partial view, members of
+        // the view take their places, over the connections the transport keeps.
+        let view: Option<Vec<PeerId>> = self.view().map(<[PeerId]>::to_vec);
+        let mut seed = self.next_random();
+        let pick = |n: usize| {
+            seed = splitmix64(seed);
+            (seed % n as u64) as usize
+        };
+        let mut out = swim::Output::default();
+        self.swim.leave(now_ms, view.as_deref(), pick, &mut out);
+        for (to, packet) in out.sends {
+            if self.peers.contains_key(&to) {
+                self.stats.swim_sent += 1;
+                self.send(to, Body::Swim(packet), true);
+            }
         }
     }
 
@@ -1682,6 +1758,7 @@ impl GossipNode {
             (p.swim, p.swim_down_since_ms) = (None, None);
         }
         let came_up = !p.up;
+        let heard_before = p.last_heard_ms.is_some();
         p.last_heard_ms = Some(now_ms);
         p.up = true;
         if came_up {
@@ -1690,14 +1767,18 @@ impl GossipNode {
         p.incarnation = Some(p.incarnation.map_or(incarnation, |i| i.max(incarnation)));
         // A peer heard from first hand that SWIM has no verdict on: SWIM judges it from
         // now on (it probes it, and its verdict comes at once).
-        let introduce = (swim_mode && p.swim.is_none()).then_some(p.incarnation.unwrap_or(incarnation));
+        let introduce = (swim_mode && p.swim.is_none()).then_some((p.incarnation.unwrap_or(incarnation), p.addr));
+        // A member that joined while this node's SWIM ran, or is heard from again (a
+        // restart, a heal), is news to spread by infection; the members known when SWIM
+        // started every member hears from first hand too.
+        let spread = self.swim_started && (heard_before || p.joined_in_swim);
         if announce || introduce.is_some() {
             self.swim_step(now_ms, |swim, out| {
                 if announce {
                     swim.announce(from, incarnation, now_ms, out);
                 }
-                if let Some(i) = introduce {
-                    swim.introduce(from, i, now_ms, out);
+                if let Some((i, addr)) = introduce {
+                    swim.introduce(SwimId { addr, ..SwimId::new(from, i, 0) }, spread, now_ms, out);
                 }
             });
         }
@@ -1758,6 +1839,13 @@ impl GossipNode {
         self.view().is_none_or(|v| v.binary_search(&peer).is_ok())
     }
 
+    /// Whether joins spread by SWIM's infection here (SWIM mode, with addresses): the
+    /// transport need not announce a newcomer to the members it is connected to.
+    #[cfg(feature = "quic")]
+    pub(crate) fn spreads_members(&self) -> bool {
+        self.swim_mode() && self.cfg.swim_address.is_some()
+    }
+
     /// With [`GossipConfig::partial_view`], the silence after which a peer is down in
     /// SWIM mode whatever SWIM says: four of this node's SWIM probe cycles over the
     /// members (foca probes them in turn, in a shuffled order, so each is probed at least
@@ -1784,9 +1872,17 @@ impl GossipNode {
         // down only after an ask it did not answer).
         let room = self.outbox.len() < MAX_OUTBOX;
         let (mut unheard, mut declared) = (Vec::new(), Vec::new());
+        let mut learned = Vec::new();
         for (id, up) in out.verdicts {
             let peer = id.node;
-            let Some(p) = self.peers.get_mut(&peer) else { continue };
+            let Some(p) = self.peers.get_mut(&peer) else {
+                // A member SWIM's infection brought, that no driver named: the driver's
+                // to add (the gate bounds how many SWIM takes in that nobody named).
+                if let (true, Some(addr), false) = (up, id.addr, peer == self.cfg.replica.node) {
+                    learned.push(Event::MemberLearned { peer, incarnation: id.incarnation, addr });
+                }
+                continue;
+            };
             // A verdict on an incarnation the peer has restarted from says nothing of it.
             if p.gone(id.incarnation) {
                 continue;
@@ -1815,6 +1911,9 @@ impl GossipNode {
             if !up && p.up && room && p.announce_due(now_ms, probe_ms) {
                 declared.push((peer, p.incarnation.unwrap_or(0)));
             }
+        }
+        for event in learned {
+            self.push_event(event);
         }
         for peer in unheard {
             self.send_ping(peer, now_ms);
@@ -1870,11 +1969,15 @@ impl GossipNode {
         self.swim.set_settings(settings);
         // Every peer heard from first hand that SWIM has no verdict on (on entering SWIM
         // mode, all of them) is SWIM's to judge from now on.
-        let heard: Vec<(PeerId, u64)> =
-            self.peers.iter().filter(|(_, p)| p.up && p.swim.is_none()).filter_map(|(&id, p)| Some((id, p.incarnation?))).collect();
+        let heard: Vec<SwimId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.up && p.swim.is_none())
+            .filter_map(|(&id, p)| Some(SwimId { addr: p.addr, ..SwimId::new(id, p.incarnation?, 0) }))
+            .collect();
         self.swim_step(now_ms, |swim, out| {
-            for (peer, incarnation) in heard {
-                swim.introduce(peer, incarnation, now_ms, out);
+            for id in heard {
+                swim.introduce(id, false, now_ms, out);
             }
             for (to, incarnation) in announce {
                 swim.announce(to, incarnation, now_ms, out);

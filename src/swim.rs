@@ -16,8 +16,16 @@
 //! told the core about are bounded: past [`MAX_UNKNOWN_MEMBERS`] of them, a packet that
 //! names one more is refused whole, and members declared down are forgotten after
 //! [`REMOVE_DOWN_AFTER_MS`].
+//!
+//! Membership by infection: with [`GossipConfig::swim_address`](crate::GossipConfig::swim_address)
+//! set, identities carry the address each member is reached at, a member heard from
+//! first hand after SWIM started (a join, a restart, a heal) is gossiped, and one SWIM
+//! brings that the driver never named is reported to it
+//! ([`Event::MemberLearned`](crate::gossip::Event::MemberLearned)); a graceful leave is
+//! gossiped too ([`GossipNode::leave`](crate::GossipNode::leave)).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,15 +50,93 @@ pub const MIN_PROBE_PERIOD_MS: u64 = 200;
 pub const ROUNDS_PER_PROBE: u64 = 10;
 
 /// A member's SWIM identity: its node id (foca's address: one live identity per node),
-/// the core's incarnation, and a bump foca makes when the member learns it was declared
-/// down and rejoins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// the core's incarnation, a bump foca makes when the member learns it was declared down
+/// and rejoins, and the address other members reach it at, where the driver gave one
+/// ([`GossipConfig::swim_address`](crate::GossipConfig::swim_address)): what lets a
+/// join spread by SWIM's infection to members that have never heard of the newcomer.
+///
+/// Two identities are the same member whatever their addresses say (the address is what
+/// others were told, not who it is). On the wire an identity without an address is the
+/// three integers every earlier version writes; one with an address sets the top bit of
+/// the incarnation (never set by a start time in Unix ms) and adds the address and the
+/// bit it replaced, which a version from before it cannot read: hence the setting, off
+/// for rolling upgrades (`docs/cluster.md`, "Upgrades").
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct SwimId {
     pub node: u64,
     pub incarnation: u64,
     /// 64 bits: no flood of "you are down" can use the bumps up (foca gives up on an
     /// identity that cannot renew).
     pub bump: u64,
+    pub addr: Option<SocketAddr>,
+}
+
+impl SwimId {
+    /// An identity without an address (a member heard from first hand, whose address the
+    /// driver already has).
+    pub(crate) fn new(node: u64, incarnation: u64, bump: u64) -> Self {
+        Self { node, incarnation, bump, addr: None }
+    }
+}
+
+impl PartialEq for SwimId {
+    fn eq(&self, other: &Self) -> bool {
+        (self.node, self.incarnation, self.bump) == (other.node, other.incarnation, other.bump)
+    }
+}
+
+impl Eq for SwimId {}
+
+/// The incarnation's top bit on the wire: an address follows the bump.
+const WITH_ADDRESS: u64 = 1 << 63;
+
+impl Serialize for SwimId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        // An incarnation with the top bit set cannot be written the old way (it would
+        // read as one with an address): it takes the new form, with or without one.
+        if self.addr.is_none() && self.incarnation & WITH_ADDRESS == 0 {
+            let mut t = s.serialize_tuple(3)?;
+            t.serialize_element(&self.node)?;
+            t.serialize_element(&self.incarnation)?;
+            t.serialize_element(&self.bump)?;
+            return t.end();
+        }
+        let mut t = s.serialize_tuple(4)?;
+        t.serialize_element(&self.node)?;
+        t.serialize_element(&(self.incarnation | WITH_ADDRESS))?;
+        t.serialize_element(&self.bump)?;
+        t.serialize_element(&(self.incarnation & WITH_ADDRESS != 0, self.addr))?;
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for SwimId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = SwimId;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SWIM identity")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SwimId, A::Error> {
+                let missing = |i| serde::de::Error::invalid_length(i, &self);
+                let node: u64 = seq.next_element()?.ok_or_else(|| missing(0))?;
+                let incarnation: u64 = seq.next_element()?.ok_or_else(|| missing(1))?;
+                let bump: u64 = seq.next_element()?.ok_or_else(|| missing(2))?;
+                if incarnation & WITH_ADDRESS == 0 {
+                    return Ok(SwimId::new(node, incarnation, bump));
+                }
+                let (high, addr): (bool, Option<SocketAddr>) = seq.next_element()?.ok_or_else(|| missing(3))?;
+                let incarnation = if high { incarnation } else { incarnation & !WITH_ADDRESS };
+                Ok(SwimId { node, incarnation, bump, addr })
+            }
+        }
+        // Four elements at most: bincode reads only those the visitor asks for.
+        d.deserialize_tuple(4, Visit)
+    }
 }
 
 impl Identity for SwimId {
@@ -329,21 +415,24 @@ impl Swim {
     /// Introduces this node to `node` (whose incarnation is `incarnation` as far as the
     /// core knows): its answer is a sample of the members it knows.
     pub(crate) fn announce(&mut self, node: u64, incarnation: u64, now_ms: i64, out: &mut Output) {
-        let dst = SwimId { node, incarnation, bump: 0 };
+        let dst = SwimId::new(node, incarnation, 0);
         if let Err(e) = self.run(now_ms, out, |f, rt| f.announce(dst, rt)) {
             tracing::debug!(node, error = %e, "SWIM announce not sent");
         }
     }
 
-    /// Tells SWIM of `node` as `incarnation` alive, known first hand (the core heard
-    /// from it): SWIM probes it from now on and has a verdict on it at once. Not
-    /// broadcast: its peers learn of it first hand too, or by SWIM's own dissemination.
-    pub(crate) fn introduce(&mut self, node: u64, incarnation: u64, now_ms: i64, out: &mut Output) {
+    /// Tells SWIM of `id` (a bump of 0, and the address the transport reaches it at, if
+    /// addresses are spread) alive, known first hand (the core heard from it): SWIM probes it from now on and has a verdict on it at once. With
+    /// `spread`, foca gossips it too, so that the members that have not heard of it
+    /// learn of it by infection (a join, a restart, a heal); without, the others learn of
+    /// it first hand as this node did (all of them at once, on entering SWIM mode).
+    pub(crate) fn introduce(&mut self, id: SwimId, spread: bool, now_ms: i64, out: &mut Output) {
+        let (node, incarnation) = (id.node, id.incarnation);
         if self.introduced.insert(node, incarnation) == Some(incarnation) {
             return; // foca knows it (or knows it down: an announce brings it back)
         }
-        let member = foca::Member::new(SwimId { node, incarnation, bump: 0 }, 0, foca::State::Alive);
-        if let Err(e) = self.run(now_ms, out, |f, rt| f.apply_many(std::iter::once(member), false, rt)) {
+        let member = foca::Member::new(id, 0, foca::State::Alive);
+        if let Err(e) = self.run(now_ms, out, |f, rt| f.apply_many(std::iter::once(member), spread, rt)) {
             tracing::debug!(node, error = %e, "SWIM member not introduced");
         }
     }
@@ -367,6 +456,31 @@ impl Swim {
             g.unknown_room = MAX_UNKNOWN_MEMBERS.saturating_sub(unknown);
         }
         self.run(now_ms, out, |f, rt| f.handle_data(data, rt)).map_err(|e| SwimError::Refused(e.to_string()))
+    }
+
+    /// Leaves the cluster: foca gossips this node's identity as down to a few members it
+    /// picks (their packets in `out`), and stops answering. With `to` (members this node
+    /// holds connections to: its view), the packets go to members of `to` that SWIM holds
+    /// active instead, each readdressed to that member's identity (foca reads the updates
+    /// of a packet only if it is the addressee); `pick` draws among them.
+    pub(crate) fn leave(&mut self, now_ms: i64, to: Option<&[u64]>, mut pick: impl FnMut(usize) -> usize, out: &mut Output) {
+        let before = out.sends.len();
+        if let Err(e) = self.run(now_ms, out, |f, rt| f.leave_cluster(rt)) {
+            tracing::debug!(error = %e, "SWIM leave not sent");
+        }
+        let Some(to) = to else { return };
+        let mut spare: Vec<SwimId> = self.foca.iter_members().map(|m| *m.id()).filter(|id| to.binary_search(&id.node).is_ok()).collect();
+        let sends: Vec<(u64, Vec<u8>)> = out.sends.drain(before..).collect();
+        for (_, packet) in sends {
+            if spare.is_empty() {
+                break;
+            }
+            let dst = spare.swap_remove(pick(spare.len()));
+            match codec::swim_readdress(&packet, dst) {
+                Some(p) => out.sends.push((dst.node, p)),
+                None => tracing::debug!(node = dst.node, "SWIM leave not readdressed"),
+            }
+        }
     }
 
     /// Fires every timer due at `now_ms`.
@@ -413,5 +527,56 @@ impl Swim {
     /// Members SWIM holds active (not this node).
     pub(crate) fn active_members(&self) -> usize {
         self.foca.num_members()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(id: &SwimId) -> Vec<u8> {
+        bincode::serde::encode_to_vec(id, bincode::config::standard()).unwrap()
+    }
+
+    fn read(bytes: &[u8]) -> SwimId {
+        let (id, used): (SwimId, usize) = bincode::serde::decode_from_slice(bytes, bincode::config::standard()).unwrap();
+        assert_eq!(used, bytes.len(), "read whole");
+        id
+    }
+
+    #[test]
+    fn an_identity_without_an_address_is_written_as_earlier_versions_write_it() {
+        #[derive(Serialize)]
+        struct Earlier {
+            node: u64,
+            incarnation: u64,
+            bump: u64,
+        }
+        for (node, incarnation, bump) in [(1, 1, 0), (u64::MAX, 1_764_600_000_000, 3), (7, (1 << 63) - 1, u64::MAX)] {
+            let earlier = bincode::serde::encode_to_vec(Earlier { node, incarnation, bump }, bincode::config::standard()).unwrap();
+            assert_eq!(wire(&SwimId::new(node, incarnation, bump)), earlier);
+            let back = read(&earlier);
+            assert_eq!((back.node, back.incarnation, back.bump, back.addr), (node, incarnation, bump, None));
+        }
+    }
+
+    #[test]
+    fn an_identity_reads_back_whole_with_or_without_an_address_whatever_its_incarnation() {
+        let addrs = [None, Some("10.1.2.3:7000".parse().unwrap()), Some("[2001:db8::7]:443".parse::<SocketAddr>().unwrap())];
+        for addr in addrs {
+            for incarnation in [0, 1_764_600_000_000, (1 << 63) - 1, 1 << 63, u64::MAX] {
+                let id = SwimId { addr, ..SwimId::new(42, incarnation, 5) };
+                let back = read(&wire(&id));
+                assert_eq!((back.node, back.incarnation, back.bump, back.addr), (42, incarnation, 5, addr));
+            }
+        }
+    }
+
+    #[test]
+    fn two_identities_are_the_same_member_whatever_their_addresses() {
+        let bare = SwimId::new(3, 9, 1);
+        let placed = SwimId { addr: Some("127.0.0.1:9".parse().unwrap()), ..bare };
+        assert_eq!(bare, placed);
+        assert_ne!(bare, SwimId::new(3, 9, 2));
     }
 }

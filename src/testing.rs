@@ -175,12 +175,13 @@ pub fn swim_gossip(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) ->
 
 /// The SWIM packet of [`swim_gossip`] alone.
 pub fn swim_gossip_packet(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) -> Result<Vec<u8>, EncodeError> {
-    let updates: Vec<SwimUpdate> = members.iter().map(|&node| SwimUpdate { node, incarnation: 1, bump: 0, down: false }).collect();
+    let updates: Vec<SwimUpdate> =
+        members.iter().map(|&node| SwimUpdate { node, incarnation: 1, bump: 0, addr: None, down: false }).collect();
     swim_packet(from, src, (to, 0), SwimKind::Gossip, &updates)
 }
 
 /// One member update in a SWIM packet: the member's SWIM identity (node, incarnation,
-/// bump) and whether it says the member is down (else alive).
+/// bump, address) and whether it says the member is down (else alive).
 #[derive(Debug, Clone, Copy)]
 pub struct SwimUpdate {
     /// The member's node id.
@@ -189,6 +190,8 @@ pub struct SwimUpdate {
     pub incarnation: u64,
     /// Its SWIM identity's bump (renewals after being declared down).
     pub bump: u64,
+    /// The address its identity carries (`GossipConfig::swim_address`), if any.
+    pub addr: Option<std::net::SocketAddr>,
     /// Down, else alive.
     pub down: bool,
 }
@@ -219,9 +222,9 @@ pub fn swim_packet(
         SwimKind::TurnUndead => foca::Message::TurnUndead,
     };
     let header = foca::Header {
-        src: SwimId { node: src, incarnation: from.incarnation, bump: 0 },
+        src: SwimId::new(src, from.incarnation, 0),
         src_incarnation: 0,
-        dst: SwimId { node: to.0.node, incarnation: to.0.incarnation, bump: to.1 },
+        dst: SwimId::new(to.0.node, to.0.incarnation, to.1),
         message,
     };
     let gate = crate::swim::Gate { known: updates.iter().map(|u| u.node).collect(), unknown_room: 0 };
@@ -233,7 +236,7 @@ pub fn swim_packet(
     }
     for u in updates {
         let state = if u.down { foca::State::Down } else { foca::State::Alive };
-        let id = SwimId { node: u.node, incarnation: u.incarnation, bump: u.bump };
+        let id = SwimId { addr: u.addr, ..SwimId::new(u.node, u.incarnation, u.bump) };
         codec.encode_member(&foca::Member::new(id, 0, state), &mut packet).map_err(|_| EncodeError::Other)?;
     }
     Ok(packet.to_vec())

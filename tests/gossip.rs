@@ -47,6 +47,13 @@ struct Cluster {
     pool: Option<usize>,
     /// Messages put on the wire, by sender and receiver.
     sent: BTreeMap<(u64, u64), u64>,
+    /// SWIM identities carry addresses (`GossipConfig::swim_address`, [`addr_of`]).
+    addresses: bool,
+}
+
+/// The address node `id` is reached at, when the cluster spreads addresses.
+fn addr_of(id: u64) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([10, 0, 0, id as u8], 7000))
 }
 
 impl Cluster {
@@ -73,6 +80,7 @@ impl Cluster {
             swim_above: None,
             pool: None,
             sent: BTreeMap::new(),
+            addresses: false,
         };
         for &id in ids {
             c.start(id, 1, ids);
@@ -141,8 +149,15 @@ impl Cluster {
         if self.aggregated {
             (cfg.full_mesh_max_peers, cfg.aggregate_above_peers, cfg.fanout) = (2, 2, 2);
         }
+        cfg.swim_address = self.addresses.then(|| addr_of(id));
         let peers = ids.iter().copied().filter(|&p| p != id);
-        let gossip = GossipNode::new(limiter, cfg, peers, id, self.now).unwrap();
+        let mut gossip = GossipNode::new(limiter, cfg, peers.clone(), id, self.now).unwrap();
+        if self.addresses {
+            // As a driver does on each peer's hello.
+            for p in peers {
+                gossip.set_peer_address(p, addr_of(p));
+            }
+        }
         self.nodes.insert(id, Node { gossip, clock });
         self.flush();
     }
@@ -1072,6 +1087,116 @@ fn a_cluster_that_shrinks_out_of_swim_mode_notices_a_crash_by_silence_again() {
     c.run_until(cut_at + 1_000);
     for n in (1..=17).filter(|&n| n != 5) {
         assert_eq!(downs(&c, n), vec![5], "node {n}, a second after the crash");
+    }
+}
+
+/// What `node`'s core reported learning through SWIM: (member, incarnation, address).
+fn learned(c: &Cluster, node: u64) -> Vec<(u64, u64, std::net::SocketAddr)> {
+    let events = c.events.get(&node).map_or(&[][..], |e| &e[..]);
+    events
+        .iter()
+        .filter_map(|e| if let Event::MemberLearned { peer, incarnation, addr } = e { Some((*peer, *incarnation, *addr)) } else { None })
+        .collect()
+}
+
+/// Membership by infection. Nineteen members in SWIM mode (beyond 16 peers); a newcomer,
+/// 20, joins, and every member adds it (as its driver does on the newcomer's hello) but
+/// member 1, which is never told of it, and the two cannot talk. Member 1 learns of it,
+/// and of the address it is reached at, through SWIM's piggybacking alone; the newcomer
+/// learns of member 1 the same way. Without addresses (the form of earlier versions),
+/// neither does.
+#[test]
+fn beyond_swim_above_peers_a_member_learns_of_a_newcomer_and_its_address_through_swim_alone() {
+    let ids: Vec<u64> = (1..=19).collect();
+    for addresses in [true, false] {
+        let mut c = Cluster::new(&[], 100, Admission::Bounded);
+        (c.swim_above, c.addresses) = (Some(16), addresses);
+        for &id in &ids {
+            c.start(id, 1, &ids);
+        }
+        c.run_until(T0 + 2_000);
+        c.cut_links = vec![(1, 20), (20, 1)];
+        let known: Vec<u64> = (2..=20).collect();
+        c.start(20, 1, &known);
+        for n in 2..=19 {
+            let g = &mut c.nodes.get_mut(&n).unwrap().gossip;
+            g.add_peer(20);
+            if addresses {
+                g.set_peer_address(20, addr_of(20));
+            }
+        }
+        c.run_until(c.now + 3_000);
+        for n in 2..=19 {
+            assert_eq!(learned(&c, n), vec![], "node {n} knew every member");
+            assert!(c.nodes[&n].gossip.live_peers().any(|p| p == 20), "node {n}");
+        }
+        if addresses {
+            assert_eq!(learned(&c, 1), vec![(20, 1, addr_of(20))]);
+            assert_eq!(learned(&c, 20), vec![(1, 1, addr_of(1))]);
+        } else {
+            assert_eq!(learned(&c, 1), vec![]);
+            assert_eq!(learned(&c, 20), vec![]);
+        }
+    }
+}
+
+/// A graceful leave in SWIM mode (`GossipNode::leave`) is gossiped by SWIM: in 24
+/// members with a pool of 4 (a partial view beyond 18 peers), every member takes the
+/// leaver down sooner than a crash of the same member is noticed (after SWIM's suspicion
+/// period), and within a second; a member of the pool, and one outside it, whose leave
+/// goes to the members of its view (readdressed: foca reads the updates of a packet only
+/// if it is the addressee).
+#[test]
+fn beyond_swim_above_peers_a_leave_is_noticed_everywhere_sooner_than_a_crash() {
+    let ids: Vec<u64> = (1..=24).collect();
+    let c = {
+        let mut c = Cluster::swim_pooled(&ids);
+        c.run_until(T0 + 4_000);
+        c
+    };
+    let in_pool = |n: u64| c.nodes[&n].gossip.in_aggregator_pool();
+    let pooled = ids.iter().copied().find(|&n| in_pool(n)).unwrap();
+    let outside = ids.iter().copied().rev().find(|&n| !in_pool(n)).unwrap();
+    assert_eq!(ids.iter().filter(|&&n| in_pool(n)).count(), 4);
+    for leaver in [pooled, outside] {
+        let mut slowest = Vec::new();
+        for leave in [true, false] {
+            let mut c = Cluster::swim_pooled(&ids);
+            c.run_until(T0 + 4_000);
+            c.events.clear();
+            if leave {
+                let now = c.now;
+                let before = c.sent.clone();
+                c.nodes.get_mut(&leaver).unwrap().gossip.leave(now);
+                c.flush();
+                let to: Vec<u64> = c
+                    .sent
+                    .iter()
+                    .filter(|(&(from, to), &k)| from == leaver && before.get(&(from, to)) != Some(&k))
+                    .map(|(&(_, to), _)| to)
+                    .collect();
+                assert!(!to.is_empty() && to.len() <= 3, "member {leaver}: its leave went to {to:?}");
+                if leaver == outside {
+                    assert!(to.iter().all(|&p| in_pool(p)), "member {leaver}, outside the pool: its leave went to {to:?}, not its view");
+                }
+            }
+            c.cut = vec![leaver];
+            let at = c.now;
+            let mut noticed = BTreeMap::new();
+            while noticed.len() < 23 && c.now < at + 10_000 {
+                c.run_until(c.now + 10);
+                for n in ids.iter().copied().filter(|&n| n != leaver) {
+                    let down =
+                        c.events.get(&n).is_some_and(|e| e.iter().any(|e| matches!(e, Event::PeerDown { peer, .. } if *peer == leaver)));
+                    if down {
+                        noticed.entry(n).or_insert(c.now - at);
+                    }
+                }
+            }
+            assert_eq!(noticed.len(), 23, "member {leaver}, leave {leave}: {noticed:?}");
+            slowest.push(*noticed.values().max().unwrap());
+        }
+        assert!(slowest[0] < slowest[1] && slowest[0] <= 1_000, "member {leaver}: slowest to notice, leave then crash: {slowest:?} ms");
     }
 }
 

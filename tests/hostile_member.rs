@@ -435,9 +435,9 @@ fn aggregated_messages(from: u64, key: u64) -> Vec<Vec<u8>> {
     let totals = |replica, window| CountsBatch { replica, window_ms: 1000, window, entries: vec![(key, 5), (key ^ 1, 400), (key ^ 3, 9)] };
     let undead = testing::swim_packet(me, from, (replica(1, 1), 0), testing::SwimKind::TurnUndead, &[]).unwrap();
     let updates = [
-        testing::SwimUpdate { node: 1, incarnation: 1, bump: 0, down: true },
-        testing::SwimUpdate { node: 3, incarnation: 2, bump: 1, down: false },
-        testing::SwimUpdate { node: 77, incarnation: 1, bump: 0, down: false },
+        testing::SwimUpdate { node: 1, incarnation: 1, bump: 0, addr: None, down: true },
+        testing::SwimUpdate { node: 3, incarnation: 2, bump: 1, addr: None, down: false },
+        testing::SwimUpdate { node: 77, incarnation: 1, bump: 0, addr: None, down: false },
     ];
     let gossip = testing::swim_packet(me, from, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
     let mut v = valid_messages(key);
@@ -675,7 +675,7 @@ fn a_member_that_restarts_with_a_lower_incarnation_is_not_taken_down_by_the_old_
     let heartbeat = |p: u64, inc: u64| testing::counts(replica(p, inc), &[]).unwrap();
     // Member 3 restarts normally as incarnation 5; member 2 declares 5 down.
     n.handle_message(3, &heartbeat(3, 5), t).unwrap();
-    let down = testing::SwimUpdate { node: 3, incarnation: 5, bump: 0, down: true };
+    let down = testing::SwimUpdate { node: 3, incarnation: 5, bump: 0, addr: None, down: true };
     let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &[down]).unwrap();
     n.handle_message(2, &testing::swim_raw(replica(2, 1), &packet).unwrap(), t).unwrap();
     drain(&mut n);
@@ -706,7 +706,7 @@ fn an_ask_that_met_a_full_outbox_does_not_take_the_member_down() {
     for _ in 0..MAX_OUTBOX {
         n.handle_message(2, &ping, T0 + 1).unwrap();
     }
-    let down = testing::SwimUpdate { node: 3, incarnation: 1, bump: 0, down: true };
+    let down = testing::SwimUpdate { node: 3, incarnation: 1, bump: 0, addr: None, down: true };
     let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &[down]).unwrap();
     n.handle_message(2, &testing::swim_raw(replica(2, 1), &packet).unwrap(), T0 + 2).unwrap();
     // A second, with the outbox still full; every member but 3 goes on talking.
@@ -740,8 +740,9 @@ fn verdicts_going_down_and_up_in_turn_cost_one_ping_per_probe_period() {
     let mut n = swim_node();
     // Each packet names later identities than the one before.
     let msg = |k: u64| {
-        let updates: Vec<testing::SwimUpdate> =
-            (0..40u64).map(|i| testing::SwimUpdate { node: 3, incarnation: 2 + 100 * k + i, bump: 0, down: i % 2 == 0 }).collect();
+        let updates: Vec<testing::SwimUpdate> = (0..40u64)
+            .map(|i| testing::SwimUpdate { node: 3, incarnation: 2 + 100 * k + i, bump: 0, addr: None, down: i % 2 == 0 })
+            .collect();
         let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
         testing::swim_raw(replica(2, 1), &packet).unwrap()
     };
@@ -839,7 +840,7 @@ fn a_flood_of_you_are_down_neither_exhausts_swim_nor_keeps_silent_peers_up() {
 #[test]
 fn forged_down_verdicts_do_not_take_down_a_member_that_answers() {
     let mut n = swim_node();
-    let down = |bump| testing::SwimUpdate { node: 3, incarnation: 1, bump, down: true };
+    let down = |bump| testing::SwimUpdate { node: 3, incarnation: 1, bump, addr: None, down: true };
     let mut downs = Vec::new();
     let mut asked = 0;
     let mut t = T0 + 10;
@@ -892,7 +893,7 @@ fn forged_down_updates_do_not_pile_up_timers() {
         let updates: Vec<_> = (0..60u64)
             .map(|j| {
                 incarnation += 1;
-                testing::SwimUpdate { node: 3 + j % 19, incarnation, bump: 0, down: true }
+                testing::SwimUpdate { node: 3 + j % 19, incarnation, bump: 0, addr: None, down: true }
             })
             .collect();
         let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
@@ -939,7 +940,7 @@ fn a_restarted_peer_gets_swims_verdict_on_its_new_incarnation() {
 fn an_update_declaring_this_node_down_right_after_a_rejoin_is_refused() {
     let mut n = swim_node();
     let me_down = |bump| {
-        let u = testing::SwimUpdate { node: 1, incarnation: 1, bump, down: true };
+        let u = testing::SwimUpdate { node: 1, incarnation: 1, bump, addr: None, down: true };
         let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), bump), testing::SwimKind::Gossip, &[u]).unwrap();
         testing::swim_raw(replica(2, 1), &p).unwrap()
     };
@@ -954,4 +955,34 @@ fn an_update_declaring_this_node_down_right_after_a_rejoin_is_refused() {
     // After it, one is taken again.
     n.handle_message(2, &me_down(1), T0 + 1_200).unwrap();
     assert_eq!(n.stats().swim_refused, 2);
+}
+
+/// Membership by infection is bounded as SWIM is: a member that names 810 made-up
+/// members, each with an address, makes the core report at most `MAX_UNKNOWN_MEMBERS` of
+/// them to its driver as learned (which dials each once at most, within its dial budget,
+/// and forgets those that do not answer as one of its certificates: `docs/security.md`).
+#[test]
+fn made_up_members_with_addresses_reach_the_driver_only_within_the_bound_of_unknown_members() {
+    let mut n = swim_node_with(|cfg| cfg.swim_address = Some("10.0.0.1:7000".parse().unwrap()));
+    let mut learned = std::collections::BTreeSet::new();
+    for p in 0..27u64 {
+        let updates: Vec<testing::SwimUpdate> = (0..30u64)
+            .map(|i| {
+                let addr = std::net::SocketAddr::from(([10, 9, p as u8, i as u8], 7000));
+                testing::SwimUpdate { node: 1_000_000 + p * 30 + i, incarnation: 1, bump: 0, addr: Some(addr), down: false }
+            })
+            .collect();
+        let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
+        n.handle_message(2, &testing::swim_raw(replica(2, 1), &packet).unwrap(), T0 + 1 + p as i64).unwrap();
+        for e in std::iter::from_fn(|| n.poll_event()) {
+            if let Event::MemberLearned { peer, incarnation, addr } = e {
+                assert_eq!(
+                    (incarnation, addr),
+                    (1, std::net::SocketAddr::from(([10, 9, ((peer - 1_000_000) / 30) as u8, ((peer - 1_000_000) % 30) as u8], 7000)))
+                );
+                assert!(learned.insert(peer), "member {peer} reported twice");
+            }
+        }
+    }
+    assert!((MAX_UNKNOWN_MEMBERS - 30..=MAX_UNKNOWN_MEMBERS).contains(&learned.len()), "{} reported", learned.len());
 }

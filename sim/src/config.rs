@@ -198,6 +198,12 @@ pub struct Config {
     /// is up is crashed first). Default none. Repeatable.
     #[arg(long, help = "the node starts again, empty, as a new incarnation", value_name = "NODE@MS", value_parser = node_at, help_heading = "Faults (repeatable)")]
     pub restart: Vec<(usize, u64)>,
+    /// `(node, at_ms)`: the node leaves gracefully (`GossipNode::leave`: beyond the SWIM
+    /// threshold, SWIM tells the others it is down), then stops and loses its state.
+    /// Default none. Repeatable.
+    #[arg(long, help = "the node leaves gracefully (SWIM gossips its leave), then stops", value_name = "NODE@MS", value_parser = node_at, help_heading = "Faults (repeatable)")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leave: Vec<(usize, u64)>,
     /// `(node, at_ms, delta_ms)`: the node's clock jumps by `delta_ms` (negative: back) at
     /// `at_ms`, and stays off by that much more. Default none. Repeatable.
     #[arg(long, help = "the node's clock jumps by DELTA ms (negative: back) and stays there", value_name = "NODE@MS:DELTA", value_parser = clock_step, help_heading = "Faults (repeatable)")]
@@ -268,6 +274,7 @@ impl Default for Config {
             partition: Vec::new(),
             crash: Vec::new(),
             restart: Vec::new(),
+            leave: Vec::new(),
             clock_step: Vec::new(),
             mode: Mode::Bounded,
             strategy: StrategyArg::Sliding,
@@ -620,6 +627,7 @@ impl Config {
             ("--partition", self.partition.len()),
             ("--crash", self.crash.len()),
             ("--restart", self.restart.len()),
+            ("--leave", self.leave.len()),
             ("--clock-step", self.clock_step.len()),
         ] {
             if n > FAULTS_MAX {
@@ -637,7 +645,7 @@ impl Config {
                 ));
             }
         }
-        for (flag, list) in [("--crash", &self.crash), ("--restart", &self.restart)] {
+        for (flag, list) in [("--crash", &self.crash), ("--restart", &self.restart), ("--leave", &self.leave)] {
             for &(node, at) in list {
                 if node >= self.nodes {
                     return err(format!("{flag}: node {node} does not exist (nodes are numbered 0..={})", self.nodes - 1));
@@ -727,6 +735,9 @@ impl Config {
         for (n, at) in &self.restart {
             push("--restart", format!("{n}@{at}"));
         }
+        for (n, at) in &self.leave {
+            push("--leave", format!("{n}@{at}"));
+        }
         for (n, at, delta) in &self.clock_step {
             push("--clock-step", format!("{n}@{at}:{delta}"));
         }
@@ -786,6 +797,8 @@ mod tests {
             "3@50",
             "--restart",
             "3@150",
+            "--leave",
+            "4@120",
             "--clock-step",
             "2@100:-1500",
             "--mode",

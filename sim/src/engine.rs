@@ -85,6 +85,7 @@ enum Event {
     },
     Crash(usize),
     Restart(usize),
+    Leave(usize),
     ClockStep(usize, i64),
     SafetyCheck,
     EndOfTraffic,
@@ -414,6 +415,9 @@ impl<'a> Sim<'a> {
         for &(node, at) in &cfg.restart {
             self.schedule(self.at(at), Event::Restart(node));
         }
+        for &(node, at) in &cfg.leave {
+            self.schedule(self.at(at), Event::Leave(node));
+        }
         for &(node, at, delta) in &cfg.clock_step {
             self.schedule(self.at(at), Event::ClockStep(node, delta));
         }
@@ -453,6 +457,7 @@ impl<'a> Sim<'a> {
                 Event::Deliver { from, to, bytes } => self.deliver(from, to, &bytes),
                 Event::Timer { node, incarnation, deadline_ms } => self.timer(node, incarnation, deadline_ms),
                 Event::Crash(n) => self.crash(n),
+                Event::Leave(n) => self.leave(n),
                 Event::ClockStep(n, delta) => {
                     // The timer in flight fires at its old true time: early or late in
                     // the node's new time, which `timer` and `flush` handle.
@@ -520,6 +525,16 @@ impl<'a> Sim<'a> {
             self.up.insert(i, n);
         }
         self.flush(n);
+    }
+
+    /// A graceful leave: what the node's core sends as it leaves goes out, then it stops
+    /// as a crash does (its detection is measured the same way).
+    fn leave(&mut self, n: usize) {
+        let now_ms = self.node_ms(n);
+        let Some(live) = self.nodes[n].live.as_mut() else { return };
+        live.gossip.leave(now_ms);
+        self.flush(n);
+        self.crash(n);
     }
 
     fn crash(&mut self, n: usize) {
@@ -937,6 +952,7 @@ impl<'a> Sim<'a> {
             .map(|&(from_ms, to_ms)| Fault::Partition { from_ms, to_ms })
             .chain(cfg.crash.iter().map(|&(node, at_ms)| Fault::Crash { node, at_ms }))
             .chain(cfg.restart.iter().map(|&(node, at_ms)| Fault::Restart { node, at_ms }))
+            .chain(cfg.leave.iter().map(|&(node, at_ms)| Fault::Leave { node, at_ms }))
             .chain(cfg.clock_step.iter().map(|&(node, at_ms, delta_ms)| Fault::ClockStep { node, at_ms, delta_ms }))
             .collect();
         t

@@ -147,7 +147,7 @@ pub fn draw_timeline(report: &Report, timeline: &Timeline, path: &Path) -> Resul
     write(path, &svg)
 }
 
-/// Partitions as shaded spans; crashes, restarts and clock steps as labelled vertical lines.
+/// Partitions as shaded spans; crashes, leaves, restarts and clock steps as labelled vertical lines.
 fn shade_faults<DB: DrawingBackend>(
     chart: &mut ChartContext<'_, DB, Cartesian2d<plotters::coord::types::RangedCoordu64, plotters::coord::types::RangedCoordu64>>,
     faults: &[Fault],
@@ -163,6 +163,7 @@ fn shade_faults<DB: DrawingBackend>(
             }
             Fault::Crash { node, at_ms } => (CRASH, format!(" crash {node}"), at_ms),
             Fault::Restart { node, at_ms } => (RESTART, format!(" restart {node}"), at_ms),
+            Fault::Leave { node, at_ms } => (CRASH, format!(" leave {node}"), at_ms),
             Fault::ClockStep { node, at_ms, delta_ms } => (CLOCK, format!(" clock {node} {delta_ms:+} ms"), at_ms),
         };
         chart.draw_series([PathElement::new([(at_ms, 0), (at_ms, y_max)], color.stroke_width(1))]).map_err(drawing)?;

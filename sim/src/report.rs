@@ -163,6 +163,7 @@ impl Report {
             .map(|(a, b)| format!("partition {a}..{b}"))
             .chain(c.crash.iter().map(|(n, t)| format!("crash {n}@{t}")))
             .chain(c.restart.iter().map(|(n, t)| format!("restart {n}@{t}")))
+            .chain(c.leave.iter().map(|(n, t)| format!("leave {n}@{t}")))
             .chain(c.clock_step.iter().map(|(n, t, d)| format!("clock step {n}@{t}:{d}")))
             .collect();
         let _ = writeln!(s, "  faults: {}", if faults.is_empty() { "none".to_string() } else { faults.join(", ") });
@@ -332,6 +333,13 @@ pub enum Fault {
     },
     /// A node starts again, empty.
     Restart {
+        /// Node number, from 0.
+        node: usize,
+        /// When.
+        at_ms: u64,
+    },
+    /// A node leaves gracefully, then stops.
+    Leave {
         /// Node number, from 0.
         node: usize,
         /// When.
