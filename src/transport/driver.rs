@@ -130,6 +130,7 @@ struct Counters {
     refused_identity: AtomicU64,
     frames_held: AtomicU64,
     closed_unused: AtomicU64,
+    members_learned_by_swim: AtomicU64,
 }
 
 impl Counters {
@@ -447,6 +448,10 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
 
     let mut gossip = cfg.gossip.clone();
     gossip.replica = ReplicaId { node: id, incarnation };
+    let advertise = cfg.advertise.unwrap_or(local_addr);
+    // Members that learn of this node by SWIM dial this address as it is: an unspecified
+    // one is told by the hello alone (the peer fills in the address it was reached from).
+    gossip.swim_address = (cfg.membership_by_swim && !advertise.ip().is_unspecified()).then_some(advertise);
     let seed = cfg.rng_seed.unwrap_or_else(|| id ^ incarnation.rotate_left(32));
     let node = GossipNode::new(limiter.clone(), gossip, [], seed, now)?;
 
@@ -482,14 +487,7 @@ pub(super) async fn start(limiter: RateLimiter, cfg: ClusterConfig) -> Result<Ar
             joining: true,
             pool_dialled: BTreeSet::new(),
         }),
-        me: Me {
-            id,
-            name: name.clone(),
-            incarnation,
-            local_addr,
-            advertise: cfg.advertise.unwrap_or(local_addr),
-            key_probe: limiter.key_hash(KEY_PROBE),
-        },
+        me: Me { id, name: name.clone(), incarnation, local_addr, advertise, key_probe: limiter.key_hash(KEY_PROBE) },
         faults,
         endpoint,
         settings: Settings {
@@ -694,6 +692,7 @@ impl Shared {
             refused_identity: get(&c.refused_identity),
             frames_held: get(&c.frames_held),
             connections_closed_unused: get(&c.closed_unused),
+            members_learned_by_swim: get(&c.members_learned_by_swim),
             packets_dropped_by_faults: self.faults.dropped.load(Ordering::Relaxed),
         }
     }
@@ -812,8 +811,11 @@ async fn leave(shared: &Arc<Shared>) {
     tokio::time::sleep(Duration::from_millis(wait_ms)).await;
     let writers: Vec<JoinHandle<()>> = {
         let mut st = shared.state.lock();
-        let now = now_ms();
-        st.node.handle_timeout(now.max(deadline));
+        let now = now_ms().max(deadline);
+        st.node.handle_timeout(now);
+        // Beyond SWIM's threshold, SWIM carries the leave to the members holding no
+        // connection to this node (on the streams, ahead of the leave's close).
+        st.node.leave(now);
         st.flush(shared);
         st.conns
             .values_mut()
@@ -1324,6 +1326,8 @@ impl State {
             tracing::warn!(peer = %name, "member table full; ignoring a new member");
         }
         let entry = self.peers.entry(id).or_insert_with(|| PeerEntry::new(name.clone(), None, Backoff::now()));
+        // A member learned through SWIM is known by its id until its certificate names it.
+        entry.name.clone_from(&name);
         entry.seed |= is_seed;
         if let Some(Target::Seed(i)) = target {
             if let Some(s) = self.seeds.get_mut(i) {
@@ -1422,6 +1426,7 @@ impl State {
                         self.send_frame(sh, peer, &Frame::SyncDone);
                     }
                 }
+                CoreEvent::MemberLearned { peer, incarnation, addr } => self.learned(sh, peer, incarnation, addr),
                 CoreEvent::PeerUp { peer, incarnation, restarted } => {
                     tracing::info!(peer = %self.name_of(peer), incarnation, restarted, "member up");
                 }
@@ -1582,13 +1587,16 @@ impl State {
             }
         }
         self.node.add_peer(peer);
+        self.node.set_peer_address(peer, addr);
         tracing::info!(peer = %name, incarnation = h.incarnation, %addr, restarted, "peer connected");
-        // Tell the newcomer who else is here, and everyone else about the newcomer; not
+        // Tell the newcomer who else is here, and everyone else about the newcomer (beyond
+        // SWIM's threshold with `membership_by_swim`, SWIM's infection tells them); not
         // again each time a member outside the view is dialled on demand (membership
         // anti-entropy, `member_exchange`, repairs what that leaves out).
         if first || restarted || self.node.keeps_connected(peer) {
             self.send_members(sh, peer);
-            if let Some(me) = self.peers.get(&peer).and_then(PeerEntry::member) {
+            let announce = (!self.node.spreads_members()).then(|| self.peers.get(&peer).and_then(PeerEntry::member)).flatten();
+            if let Some(me) = announce {
                 let frame = Frame::Members(vec![me]);
                 for (other, _) in self.connected().filter(|(id, _)| *id != peer) {
                     self.send_frame(sh, other, &frame);
@@ -1665,6 +1673,42 @@ impl State {
                 }
                 None => {}
             }
+        }
+    }
+
+    /// A member the core learned of through SWIM's infection (`membership_by_swim`): known
+    /// from now on at `addr`, named by its certificate once connected, and dialled once
+    /// like a member from a member list, at a moment drawn within the time its own dials
+    /// of every member take (`members / max_dials_per_sec`): the members learn of a
+    /// newcomer within a few probe periods of each other, and all dialling it at once
+    /// would pile their handshakes onto it (beyond `max_incoming`); spread so, it gets
+    /// about as many as it makes. A member this node knows keeps the address it has,
+    /// unless it is not connected and this is a newer incarnation.
+    fn learned(&mut self, sh: &Shared, id: PeerId, incarnation: u64, addr: SocketAddr) {
+        if id == sh.me.id || addr.ip().is_unspecified() || addr.port() == 0 {
+            return;
+        }
+        let room = self.peers.len() < MAX_PEERS;
+        match self.peers.get_mut(&id) {
+            Some(p) => {
+                if p.left == Some(incarnation) {
+                    return;
+                }
+                if p.active.is_none() && (p.addr.is_none() || incarnation > p.incarnation.unwrap_or(0)) {
+                    p.addr = Some(addr);
+                    p.left = None;
+                }
+            }
+            None if room => {
+                let name = format!("{id:016x}");
+                tracing::info!(peer = %name, %addr, "learned of a member through SWIM");
+                let spread_ms = (self.peers.len() as u64 + 1) * 1000 / u64::from(sh.settings.max_dials_per_sec);
+                let mut dial = Backoff::now();
+                dial.next_at += Duration::from_millis(self.random() % (spread_ms + 1));
+                self.peers.insert(id, PeerEntry::new(name, Some(addr), dial));
+                inc(&sh.counters.members_learned_by_swim, 1);
+            }
+            None => {}
         }
     }
 

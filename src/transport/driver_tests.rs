@@ -471,3 +471,64 @@ async fn beyond_swim_above_peers_a_member_outside_the_pool_keeps_connections_to_
     .await
     .expect("test timed out");
 }
+
+/// Membership by infection (`membership_by_swim`): beyond `swim_above_peers` (3 here; 8
+/// members with a pool of 2, connections outside the pool closed once unused; no member
+/// lists exchanged, `member_exchange` zero), a newcomer joins through a seed outside the
+/// pool, and may dial one member a second. No member announces it to the others with a
+/// member list; they learn of it, and where it is, through SWIM, and dial it. Every member
+/// counts it live; once it leaves, every member takes it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_swim_above_peers_members_learn_of_a_newcomer_through_swim() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let ca = certs::generate_ca().unwrap();
+        let cfg = |name: &str, seeds: &[&Cluster], dials: u32| {
+            let mut cfg = ClusterConfig {
+                close_unused_after: Duration::from_millis(300),
+                max_dials_per_sec: dials,
+                member_exchange: Duration::ZERO,
+                ..config(identity(&ca, name), seeds)
+            };
+            let g = &mut cfg.gossip;
+            (g.full_mesh_max_peers, g.aggregate_above_peers, g.swim_above_peers, g.aggregator_pool) = (2, 2, 3, 2);
+            cfg
+        };
+        let mut nodes: Vec<Cluster> = Vec::new();
+        for i in 0..8 {
+            let seeds: Vec<&Cluster> = nodes.iter().take(1).collect();
+            nodes.push(
+                Cluster::start(limiter_with(Duration::from_secs(60), [3; 16]), cfg(&format!("infect-{i}"), &seeds, 200)).await.unwrap(),
+            );
+        }
+        eventually(Duration::from_secs(20), "every member counts every other live", || nodes.iter().all(|n| n.live_peers().len() == 7))
+            .await;
+        let outside = |n: &Cluster| {
+            let st = n.shared.state.lock();
+            st.peers.keys().filter(|&&p| st.node.keeps_connected(p)).count() < 7
+        };
+        eventually(Duration::from_secs(10), "members outside the pool close unused connections", || {
+            nodes.iter().filter(|n| outside(n)).all(|n| n.stats().connections_closed_unused > 0)
+        })
+        .await;
+        let learned = |nodes: &[Cluster]| -> Vec<u64> { nodes.iter().map(|n| n.stats().members_learned_by_swim).collect() };
+        let before = learned(&nodes);
+        let seed = nodes.iter().find(|n| outside(n)).unwrap();
+        let newcomer = Cluster::start(limiter_with(Duration::from_secs(60), [3; 16]), cfg("infect-new", &[seed], 1)).await.unwrap();
+        let id = newcomer.node_id();
+        eventually(Duration::from_secs(20), "every member counts the newcomer live", || nodes.iter().all(|n| n.live_peers().contains(&id)))
+            .await;
+        let after = learned(&nodes);
+        assert!(
+            after.iter().sum::<u64>() > before.iter().sum::<u64>(),
+            "no member learned of the newcomer through SWIM: {before:?} {after:?}"
+        );
+        newcomer.shutdown().await;
+        eventually(Duration::from_secs(15), "every member takes the newcomer down", || nodes.iter().all(|n| !n.live_peers().contains(&id)))
+            .await;
+        for n in nodes {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -289,6 +289,17 @@ pub struct ClusterConfig {
     /// takes it down. Zero keeps every connection open (a full mesh of connections, as
     /// below the threshold). Default [`DEFAULT_CLOSE_UNUSED_AFTER`] (5 s).
     pub close_unused_after: Duration,
+    /// Membership by infection beyond `gossip.swim_above_peers` peers: this node's SWIM
+    /// identity carries its advertised address (`gossip.swim_address`), so a member that
+    /// learns of it through SWIM's piggybacking, from any member, adds it to the members
+    /// it knows of and dials it, without waiting for a member list; and a graceful leave
+    /// is gossiped by SWIM to the members that hold no connection to it
+    /// (`docs/cluster.md`, "Membership by infection"). No address is carried when the
+    /// advertised address is unspecified (`0.0.0.0`, `::`): set `advertise`. Default true.
+    /// A version from before it cannot read SWIM identities with addresses: to upgrade a
+    /// cluster of more than 129 members from such a version, start the new version with
+    /// this false, and set it true once every member runs the new version.
+    pub membership_by_swim: bool,
     /// How long [`Cluster::start`] waits for every seed (and with aggregated dissemination,
     /// every aggregator pool member) to answer with a full sync, to refuse this node, or
     /// to fail to connect once, before it returns; seeds that have not answered by then
@@ -327,6 +338,7 @@ impl ClusterConfig {
             max_dials_per_sec: DEFAULT_MAX_DIALS_PER_SEC,
             member_exchange: DEFAULT_MEMBER_EXCHANGE,
             close_unused_after: DEFAULT_CLOSE_UNUSED_AFTER,
+            membership_by_swim: true,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             rng_seed: None,
         }
@@ -576,6 +588,9 @@ pub struct ClusterStats {
     pub frames_held: u64,
     /// Connections to members outside the view closed unused.
     pub connections_closed_unused: u64,
+    /// Members first learned of through SWIM's infection rather than a member list
+    /// ([`ClusterConfig::membership_by_swim`]).
+    pub members_learned_by_swim: u64,
 }
 
 impl ClusterStats {
