@@ -4,7 +4,7 @@ converge, or (under the scale issue's accuracy conditions: limit 100, rate 1.0 o
 1 % loss) went beyond 1 % over or 3 % under the ideal. One line per run.
 
     cargo build --release -p sim
-    python3 sim/scripts/fault_matrix.py target/release/sim RUNS SEED [--swim]
+    python3 sim/scripts/fault_matrix.py target/release/sim RUNS SEED [--swim] [--leave]
 
 Draws, per run: nodes (3 to 300), clients, 2 or 3 s of traffic, a simulator seed; then
 either the accuracy conditions (about a third of the runs) or a random mix of mode,
@@ -12,8 +12,10 @@ strategy, loss, duplication, reordering, clock skew, a partition, crashes and re
 a clock step, bursts, a smaller aggregator pool, SWIM from 16 or 40 peers, and another
 gossip interval. With --swim, nodes are drawn from 30, 40, 50, 150 and 300, and the
 fault runs (not the accuracy ones) below 100 nodes have SWIM from 16 peers and most a
-pool of 4, 8 or 16: most members are then outside the pool, in a partial view. Exits 1
-if any run was flagged. The figures in docs/benchmarks.md ("A partial view beyond 128
+pool of 4, 8 or 16: most members are then outside the pool, in a partial view. With
+--leave, half the fault runs also have one member leave gracefully (`--leave`), and half
+of those a second one later (without it, the draws are those of earlier versions, so a
+seed gives the same runs). Exits 1 if any run was flagged. The figures in docs/benchmarks.md ("A partial view beyond 128
 peers") came from `40 778 --swim`.
 """
 import json
@@ -23,6 +25,7 @@ import sys
 
 sim, runs, rng = sys.argv[1], int(sys.argv[2]), random.Random(int(sys.argv[3]))
 swim = "--swim" in sys.argv[4:]
+leaves = "--leave" in sys.argv[4:]
 flagged = 0
 for _ in range(runs):
     nodes = rng.choice([30, 40, 50, 150, 300] if swim else [3, 10, 17, 30, 33, 50, 100, 150, 300])
@@ -52,6 +55,9 @@ for _ in range(runs):
                 a += ["--crash", f"{n}@{c}"]
                 if rng.random() < 0.8:
                     a += ["--restart", f"{n}@{min(dur - 50, c + rng.randrange(50, 1500))}"]
+        if leaves and rng.random() < 0.5:
+            for _ in range(rng.choice([1, 2])):
+                a += ["--leave", f"{rng.randrange(nodes)}@{rng.randrange(100, dur - 300)}"]
         if rng.random() < 0.2:
             a += ["--clock-step", f"{rng.randrange(nodes)}@{rng.randrange(100, dur)}:{rng.choice([-1500, -700, 400, 3000])}"]
         if rng.random() < 0.25:

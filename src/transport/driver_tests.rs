@@ -378,6 +378,28 @@ fn a_member_list_of_any_length_is_sent_whole_in_frames_the_reader_accepts() {
     }
 }
 
+/// A member of a cluster with the thresholds lowered for 8 members: SWIM beyond 3 peers,
+/// a pool of 2, connections outside the pool closed once unused for 300 ms.
+fn pooled_config(ca: &(String, String), name: &str, seeds: &[&Cluster]) -> ClusterConfig {
+    let mut cfg =
+        ClusterConfig { close_unused_after: Duration::from_millis(300), max_dials_per_sec: 200, ..config(identity(ca, name), seeds) };
+    let g = &mut cfg.gossip;
+    (g.full_mesh_max_peers, g.aggregate_above_peers, g.swim_above_peers, g.aggregator_pool) = (2, 2, 3, 2);
+    cfg
+}
+
+/// Eight members named `prefix-0` to `prefix-7`, started in turn, each joining through
+/// the first, configured by `cfg(name, seeds)`, with a one-minute window.
+async fn start_eight(prefix: &str, cfg: impl Fn(&str, &[&Cluster]) -> ClusterConfig) -> Vec<Cluster> {
+    let mut nodes: Vec<Cluster> = Vec::new();
+    for i in 0..8 {
+        let seeds: Vec<&Cluster> = nodes.iter().take(1).collect();
+        let c = Cluster::start(limiter_with(Duration::from_secs(60), [3; 16]), cfg(&format!("{prefix}-{i}"), &seeds)).await.unwrap();
+        nodes.push(c);
+    }
+    nodes
+}
+
 /// A partial view beyond `swim_above_peers` (here 3, in a cluster of 8 with a pool of 2):
 /// a member outside the pool keeps its connections to the pool open and no others. It
 /// dials the other members when its core has something for them (SWIM's probes, its
@@ -389,19 +411,7 @@ async fn beyond_swim_above_peers_a_member_outside_the_pool_keeps_connections_to_
     use super::super::faults::FaultHooks as _;
     tokio::time::timeout(Duration::from_secs(90), async {
         let ca = certs::generate_ca().unwrap();
-        let unused = Duration::from_millis(300);
-        let cfg = |name: &str, seeds: &[&Cluster]| {
-            let mut cfg = ClusterConfig { close_unused_after: unused, max_dials_per_sec: 200, ..config(identity(&ca, name), seeds) };
-            let g = &mut cfg.gossip;
-            (g.full_mesh_max_peers, g.aggregate_above_peers, g.swim_above_peers, g.aggregator_pool) = (2, 2, 3, 2);
-            cfg
-        };
-        let mut nodes: Vec<Cluster> = Vec::new();
-        for i in 0..8 {
-            let seeds: Vec<&Cluster> = nodes.iter().take(1).collect();
-            let c = Cluster::start(limiter_with(Duration::from_secs(60), [3; 16]), cfg(&format!("view-{i}"), &seeds)).await.unwrap();
-            nodes.push(c);
-        }
+        let nodes = start_eight("view", |name, seeds| pooled_config(&ca, name, seeds)).await;
         eventually(Duration::from_secs(20), "every member counts every other live", || nodes.iter().all(|n| n.live_peers().len() == 7))
             .await;
         // Outside the pool: the members whose core keeps only some peers connected.
@@ -482,24 +492,12 @@ async fn beyond_swim_above_peers_a_member_outside_the_pool_keeps_connections_to_
 async fn beyond_swim_above_peers_members_learn_of_a_newcomer_through_swim() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let ca = certs::generate_ca().unwrap();
-        let cfg = |name: &str, seeds: &[&Cluster], dials: u32| {
-            let mut cfg = ClusterConfig {
-                close_unused_after: Duration::from_millis(300),
-                max_dials_per_sec: dials,
-                member_exchange: Duration::ZERO,
-                ..config(identity(&ca, name), seeds)
-            };
-            let g = &mut cfg.gossip;
-            (g.full_mesh_max_peers, g.aggregate_above_peers, g.swim_above_peers, g.aggregator_pool) = (2, 2, 3, 2);
-            cfg
+        let cfg = |name: &str, seeds: &[&Cluster], dials: u32| ClusterConfig {
+            max_dials_per_sec: dials,
+            member_exchange: Duration::ZERO,
+            ..pooled_config(&ca, name, seeds)
         };
-        let mut nodes: Vec<Cluster> = Vec::new();
-        for i in 0..8 {
-            let seeds: Vec<&Cluster> = nodes.iter().take(1).collect();
-            nodes.push(
-                Cluster::start(limiter_with(Duration::from_secs(60), [3; 16]), cfg(&format!("infect-{i}"), &seeds, 200)).await.unwrap(),
-            );
-        }
+        let nodes = start_eight("infect", |name, seeds| cfg(name, seeds, 200)).await;
         eventually(Duration::from_secs(20), "every member counts every other live", || nodes.iter().all(|n| n.live_peers().len() == 7))
             .await;
         let outside = |n: &Cluster| {
