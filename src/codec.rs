@@ -410,14 +410,17 @@ pub(crate) fn swim_scan(packet: &[u8], me: u64) -> Result<(u64, bool), DecodeErr
     Ok((h.src.node, threatens))
 }
 
-/// `packet`, a SWIM packet this node's foca wrote, addressed to `dst` instead: its header
-/// written again, the rest as it was. (foca reads the updates of a packet only if it is
-/// the packet's addressee.)
-pub(crate) fn swim_readdress(packet: &[u8], dst: crate::swim::SwimId) -> Option<Vec<u8>> {
-    let (mut h, at): (foca::Header<crate::swim::SwimId>, usize) = bincode::serde::decode_from_slice(packet, CONFIG).ok()?;
+/// The leave of the sender of `packet` (a SWIM packet this node's foca wrote) for `dst`:
+/// the packet's header addressed to `dst` (foca reads the updates of a packet only if it
+/// is the addressee), with one update, the sender down (what foca's `leave_cluster`
+/// gossips). Small whatever `packet` carried, so a longer address in the header cannot
+/// take it past foca's packet size.
+pub(crate) fn swim_leave_packet(packet: &[u8], dst: crate::swim::SwimId) -> Option<Vec<u8>> {
+    let (mut h, _): (foca::Header<crate::swim::SwimId>, usize) = bincode::serde::decode_from_slice(packet, CONFIG).ok()?;
     h.dst = dst;
     let mut out = bincode::serde::encode_to_vec(&h, CONFIG).ok()?;
-    out.extend_from_slice(&packet[at..]);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    bincode::serde::encode_into_std_write(foca::Member::new(h.src, 0, foca::State::Down), &mut out, CONFIG).ok()?;
     Some(out)
 }
 

@@ -363,11 +363,14 @@ pub enum Event {
         /// The peer.
         peer: PeerId,
     },
-    /// SWIM told of a member this node has no peer for, and the address that member gave
-    /// ([`GossipConfig::swim_address`]): a join spreading by infection. A driver adds it
-    /// to the members it knows of, with that address; the core counts it among its peers
-    /// once the driver adds it ([`GossipNode::add_peer`]), and up once it is heard from.
-    /// Reported once per identity SWIM takes for a new active member.
+    /// In SWIM mode, SWIM told of a member this node has no peer for, or of a later
+    /// incarnation of a peer than it has heard from (a restart, perhaps elsewhere), and of
+    /// the address that member is reached at ([`GossipConfig::swim_address`]): a join or
+    /// a restart spreading by infection. A driver adds it to the members it knows of, at
+    /// that address (or takes the address, for a peer it is not connected to); the core
+    /// counts it among its peers once the driver adds it ([`GossipNode::add_peer`]), and
+    /// up once it is heard from. Reported each time SWIM takes such an identity for an
+    /// active member (a renewed identity may be reported twice).
     MemberLearned {
         /// The member.
         peer: PeerId,
@@ -1768,10 +1771,14 @@ impl GossipNode {
         // A peer heard from first hand that SWIM has no verdict on: SWIM judges it from
         // now on (it probes it, and its verdict comes at once).
         let introduce = (swim_mode && p.swim.is_none()).then_some((p.incarnation.unwrap_or(incarnation), p.addr));
-        // A member that joined while this node's SWIM ran, or is heard from again (a
-        // restart, a heal), is news to spread by infection; the members known when SWIM
-        // started every member hears from first hand too.
-        let spread = self.swim_started && (heard_before || p.joined_in_swim);
+        // A member that joined while this node's SWIM ran, or restarted, is news to
+        // spread by infection: one that started after this node did (incarnations are
+        // start times), so that a newcomer does not gossip the members it meets, nor
+        // does any member those known when its SWIM started (every member hears from
+        // them first hand too). A healed member foca knows already (as down): its
+        // refutation spreads instead.
+        let later = p.incarnation.unwrap_or(incarnation) > self.cfg.replica.incarnation;
+        let spread = self.swim_started && later && (heard_before || p.joined_in_swim);
         if announce || introduce.is_some() {
             self.swim_step(now_ms, |swim, out| {
                 if announce {
@@ -1839,11 +1846,12 @@ impl GossipNode {
         self.view().is_none_or(|v| v.binary_search(&peer).is_ok())
     }
 
-    /// Whether joins spread by SWIM's infection here (SWIM mode, with addresses): the
-    /// transport need not announce a newcomer to the members it is connected to.
+    /// Whether joins spread by SWIM's infection here (SWIM mode, SWIM started, with
+    /// addresses): the transport need not announce a newcomer to the members it is
+    /// connected to. A peer added before SWIM started is not gossiped (see `heard`).
     #[cfg(feature = "quic")]
     pub(crate) fn spreads_members(&self) -> bool {
-        self.swim_mode() && self.cfg.swim_address.is_some()
+        self.swim_mode() && self.swim_started && self.cfg.swim_address.is_some()
     }
 
     /// With [`GossipConfig::partial_view`], the silence after which a peer is down in
@@ -1875,14 +1883,14 @@ impl GossipNode {
         let mut learned = Vec::new();
         for (id, up) in out.verdicts {
             let peer = id.node;
-            let Some(p) = self.peers.get_mut(&peer) else {
-                // A member SWIM's infection brought, that no driver named: the driver's
-                // to add (the gate bounds how many SWIM takes in that nobody named).
-                if let (true, Some(addr), false) = (up, id.addr, peer == self.cfg.replica.node) {
-                    learned.push(Event::MemberLearned { peer, incarnation: id.incarnation, addr });
-                }
-                continue;
-            };
+            // A member SWIM's infection brought, that no driver named (the gate bounds how
+            // many SWIM takes in that nobody named), or a later incarnation of a peer: the
+            // driver's to add, or to reach at its address.
+            let news = self.peers.get(&peer).is_none_or(|p| p.incarnation.is_some_and(|i| id.incarnation > i));
+            if let (true, true, Some(addr), false) = (swim_mode && up, news, id.addr, peer == self.cfg.replica.node) {
+                learned.push(Event::MemberLearned { peer, incarnation: id.incarnation, addr });
+            }
+            let Some(p) = self.peers.get_mut(&peer) else { continue };
             // A verdict on an incarnation the peer has restarted from says nothing of it.
             if p.gone(id.incarnation) {
                 continue;

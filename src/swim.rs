@@ -19,7 +19,8 @@
 //!
 //! Membership by infection: with [`GossipConfig::swim_address`](crate::GossipConfig::swim_address)
 //! set, identities carry the address each member is reached at, a member heard from
-//! first hand after SWIM started (a join, a restart, a heal) is gossiped, and one SWIM
+//! first hand after SWIM started that started after this node (a join, a restart) is
+//! gossiped, and one SWIM
 //! brings that the driver never named is reported to it
 //! ([`Event::MemberLearned`](crate::gossip::Event::MemberLearned)); a graceful leave is
 //! gossiped too ([`GossipNode::leave`](crate::GossipNode::leave)).
@@ -424,7 +425,7 @@ impl Swim {
     /// Tells SWIM of `id` (a bump of 0, and the address the transport reaches it at, if
     /// addresses are spread) alive, known first hand (the core heard from it): SWIM probes it from now on and has a verdict on it at once. With
     /// `spread`, foca gossips it too, so that the members that have not heard of it
-    /// learn of it by infection (a join, a restart, a heal); without, the others learn of
+    /// learn of it by infection (a join, a restart); without, the others learn of
     /// it first hand as this node did (all of them at once, on entering SWIM mode).
     pub(crate) fn introduce(&mut self, id: SwimId, spread: bool, now_ms: i64, out: &mut Output) {
         let (node, incarnation) = (id.node, id.incarnation);
@@ -460,9 +461,10 @@ impl Swim {
 
     /// Leaves the cluster: foca gossips this node's identity as down to a few members it
     /// picks (their packets in `out`), and stops answering. With `to` (members this node
-    /// holds connections to: its view), the packets go to members of `to` that SWIM holds
-    /// active instead, each readdressed to that member's identity (foca reads the updates
-    /// of a packet only if it is the addressee); `pick` draws among them.
+    /// holds connections to: its view), as many go to members of `to` that SWIM holds
+    /// active instead, each addressed to that member's identity (foca reads the updates
+    /// of a packet only if it is the addressee) and carrying the leave alone; `pick`
+    /// draws among them.
     pub(crate) fn leave(&mut self, now_ms: i64, to: Option<&[u64]>, mut pick: impl FnMut(usize) -> usize, out: &mut Output) {
         let before = out.sends.len();
         if let Err(e) = self.run(now_ms, out, |f, rt| f.leave_cluster(rt)) {
@@ -476,7 +478,7 @@ impl Swim {
                 break;
             }
             let dst = spare.swap_remove(pick(spare.len()));
-            match codec::swim_readdress(&packet, dst) {
+            match codec::swim_leave_packet(&packet, dst) {
                 Some(p) => out.sends.push((dst.node, p)),
                 None => tracing::debug!(node = dst.node, "SWIM leave not readdressed"),
             }

@@ -1259,6 +1259,27 @@ impl State {
             return;
         };
         let id = node_id(&name);
+        if let Some(Target::Peer(expected)) = target {
+            if expected != id {
+                tracing::warn!(expected = %self.name_of(expected), answered = %name, remote = %conn.remote_address(), "refused connection: another node answered");
+                sh.counters.refused(RefusalReason::Identity);
+                if let Some(p) = self.peers.get_mut(&expected) {
+                    let detail = format!("{name} answered at its address");
+                    let addr = conn.remote_address();
+                    p.refused = Some(Refusal { addr, peer: Some(p.name.clone()), seed: p.seed, reason: RefusalReason::Identity, detail });
+                }
+                refuse(&conn, "unexpected node");
+                // As a failed dial: back off, so a wrong address is not redialled every tick
+                // (this node's own address too: a member made up with it, or gone from it).
+                let failures = self.peers.get(&expected).map_or(0, |p| p.dial.failures) + 1;
+                let delay = self.backoff(sh, failures, Some(expected));
+                if let Some(p) = self.peers.get_mut(&expected) {
+                    p.dial.failures = failures;
+                    p.dial.next_at = Instant::now() + delay;
+                }
+                return;
+            }
+        }
         if id == sh.me.id {
             if let Some(Target::Seed(i)) = target {
                 if let Some(s) = self.seeds.get_mut(i) {
@@ -1272,26 +1293,6 @@ impl State {
                 sh.incoming.fetch_sub(1, Ordering::Relaxed);
             }
             return;
-        }
-        if let Some(Target::Peer(expected)) = target {
-            if expected != id {
-                tracing::warn!(expected = %self.name_of(expected), answered = %name, remote = %conn.remote_address(), "refused connection: another node answered");
-                sh.counters.refused(RefusalReason::Identity);
-                if let Some(p) = self.peers.get_mut(&expected) {
-                    let detail = format!("{name} answered at its address");
-                    let addr = conn.remote_address();
-                    p.refused = Some(Refusal { addr, peer: Some(p.name.clone()), seed: p.seed, reason: RefusalReason::Identity, detail });
-                }
-                refuse(&conn, "unexpected node");
-                // As a failed dial: back off, so a wrong address is not redialled every tick.
-                let failures = self.peers.get(&expected).map_or(0, |p| p.dial.failures) + 1;
-                let delay = self.backoff(sh, failures, Some(expected));
-                if let Some(p) = self.peers.get_mut(&expected) {
-                    p.dial.failures = failures;
-                    p.dial.next_at = Instant::now() + delay;
-                }
-                return;
-            }
         }
         let conn_id = self.next_conn;
         self.next_conn += 1;
@@ -1677,8 +1678,9 @@ impl State {
     }
 
     /// A member the core learned of through SWIM's infection (`membership_by_swim`): known
-    /// from now on at `addr`, named by its certificate once connected, and dialled once
-    /// like a member from a member list, at a moment drawn within the time its own dials
+    /// from now on at `addr`, named by its certificate once connected, and dialled like a
+    /// member from a member list (retried with backoff until `forget_after` counted from
+    /// its first dial), that first dial at a moment drawn within the time its own dials
     /// of every member take (`members / max_dials_per_sec`): the members learn of a
     /// newcomer within a few probe periods of each other, and all dialling it at once
     /// would pile their handshakes onto it (beyond `max_incoming`); spread so, it gets
@@ -1700,12 +1702,17 @@ impl State {
                 }
             }
             None if room => {
-                let name = format!("{id:016x}");
+                // A name that is a valid DNS name (the dial's server name), until its
+                // certificate names it.
+                let name = format!("swim-{id:016x}");
                 tracing::info!(peer = %name, %addr, "learned of a member through SWIM");
                 let spread_ms = (self.peers.len() as u64 + 1) * 1000 / u64::from(sh.settings.max_dials_per_sec);
                 let mut dial = Backoff::now();
                 dial.next_at += Duration::from_millis(self.random() % (spread_ms + 1));
-                self.peers.insert(id, PeerEntry::new(name, Some(addr), dial));
+                // Unreachable (`forget_after`) from its dial on, not from now: the spread
+                // outlasts `forget_after` beyond about 1,200 members at 20 dials a second.
+                let at = dial.next_at;
+                self.peers.insert(id, PeerEntry { unreachable_since: Some(at), ..PeerEntry::new(name, Some(addr), dial) });
                 inc(&sh.counters.members_learned_by_swim, 1);
             }
             None => {}

@@ -503,7 +503,8 @@ impl fmt::Display for Refusal {
 pub struct Member {
     /// Its node id ([`node_id`] of its name).
     pub id: PeerId,
-    /// Its name, from its certificate (or from a peer's member list, until connected).
+    /// Its name, from its certificate (or from a peer's member list, until connected; a
+    /// member learned through SWIM is `swim-` and its id in 16 hex digits until then).
     pub name: String,
     /// Where it is dialed.
     pub addr: Option<SocketAddr>,
