@@ -1761,7 +1761,7 @@ impl GossipNode {
             (p.swim, p.swim_down_since_ms) = (None, None);
         }
         let came_up = !p.up;
-        let heard_before = p.last_heard_ms.is_some();
+        let spread = news(p, incarnation, self.swim_started, self.cfg.replica.incarnation);
         p.last_heard_ms = Some(now_ms);
         p.up = true;
         if came_up {
@@ -1771,14 +1771,6 @@ impl GossipNode {
         // A peer heard from first hand that SWIM has no verdict on: SWIM judges it from
         // now on (it probes it, and its verdict comes at once).
         let introduce = (swim_mode && p.swim.is_none()).then_some((p.incarnation.unwrap_or(incarnation), p.addr));
-        // A member that joined while this node's SWIM ran, or restarted, is news to
-        // spread by infection: one that started after this node did (incarnations are
-        // start times), so that a newcomer does not gossip the members it meets, nor
-        // does any member those known when its SWIM started (every member hears from
-        // them first hand too). A healed member foca knows already (as down): its
-        // refutation spreads instead.
-        let later = p.incarnation.unwrap_or(incarnation) > self.cfg.replica.incarnation;
-        let spread = self.swim_started && later && (heard_before || p.joined_in_swim);
         if announce || introduce.is_some() {
             self.swim_step(now_ms, |swim, out| {
                 if announce {
@@ -1846,12 +1838,15 @@ impl GossipNode {
         self.view().is_none_or(|v| v.binary_search(&peer).is_ok())
     }
 
-    /// Whether joins spread by SWIM's infection here (SWIM mode, SWIM started, with
-    /// addresses): the transport need not announce a newcomer to the members it is
-    /// connected to. A peer added before SWIM started is not gossiped (see `heard`).
+    /// Whether this node's SWIM gossips `peer` when it hears from it as `incarnation`
+    /// (SWIM mode, with addresses, and news: [`news`]), so that the transport need not
+    /// announce it to the members it is connected to. Where it does not (a peer that
+    /// started before this node by the clocks' word, one added before SWIM started here),
+    /// the transport announces it.
     #[cfg(feature = "quic")]
-    pub(crate) fn spreads_members(&self) -> bool {
-        self.swim_mode() && self.swim_started && self.cfg.swim_address.is_some()
+    pub(crate) fn gossips(&self, peer: PeerId, incarnation: u64) -> bool {
+        let Some(p) = self.peers.get(&peer) else { return false };
+        self.swim_mode() && self.cfg.swim_address.is_some() && news(p, incarnation, self.swim_started, self.cfg.replica.incarnation)
     }
 
     /// With [`GossipConfig::partial_view`], the silence after which a peer is down in
@@ -1884,9 +1879,10 @@ impl GossipNode {
         for (id, up) in out.verdicts {
             let peer = id.node;
             // A member SWIM's infection brought, that no driver named (the gate bounds how
-            // many SWIM takes in that nobody named), or a later incarnation of a peer: the
-            // driver's to add, or to reach at its address.
-            let news = self.peers.get(&peer).is_none_or(|p| p.incarnation.is_some_and(|i| id.incarnation > i));
+            // many SWIM takes in that nobody named), or a later incarnation of a peer (not
+            // one it restarted from: see `set_peer_incarnation`): the driver's to add, or to
+            // reach at its address.
+            let news = self.peers.get(&peer).is_none_or(|p| !p.gone(id.incarnation) && p.incarnation.is_some_and(|i| id.incarnation > i));
             if let (true, true, Some(addr), false) = (swim_mode && up, news, id.addr, peer == self.cfg.replica.node) {
                 learned.push(Event::MemberLearned { peer, incarnation: id.incarnation, addr });
             }
@@ -3096,6 +3092,19 @@ impl GossipNode {
             self.push_event(Event::FullSyncSent { peer: to });
         }
     }
+}
+
+/// Whether a peer heard from as `incarnation` is news for this node's SWIM to spread by
+/// infection: a member that joined while SWIM ran here (`swim_started`) or restarted,
+/// and started after this node did (`own`: incarnations are start times), so that a
+/// newcomer does not gossip the members it meets, nor any member those known when its
+/// SWIM started (every member hears from them first hand too). A healed member foca
+/// knows already (as down): its refutation spreads instead. Clocks decide "after": a
+/// peer whose clock is behind by more than the time between the two starts is not
+/// gossiped here, and the transport announces it instead ([`GossipNode::gossips`]).
+fn news(p: &Peer, incarnation: u64, swim_started: bool, own: u64) -> bool {
+    let incarnation = p.incarnation.map_or(incarnation, |i| i.max(incarnation));
+    swim_started && incarnation > own && (p.last_heard_ms.is_some() || p.joined_in_swim)
 }
 
 fn bucket(key: u64) -> usize {

@@ -1402,6 +1402,14 @@ impl State {
 
     /// Routes everything the core has to send.
     fn flush(&mut self, sh: &Arc<Shared>) {
+        let events: Vec<CoreEvent> = std::iter::from_fn(|| self.node.poll_event()).collect();
+        // The addresses SWIM brought first: the messages routed below may be for those
+        // members (a probe of a member that restarted elsewhere).
+        for e in &events {
+            if let CoreEvent::MemberLearned { peer, incarnation, addr } = *e {
+                self.learned(sh, peer, incarnation, addr);
+            }
+        }
         let mut held = false;
         while let Some(t) = self.node.poll_transmit() {
             held |= self.route(sh, t);
@@ -1410,7 +1418,7 @@ impl State {
             // Dial at once the members outside the view just given something to send.
             self.dial_members(sh, Instant::now());
         }
-        while let Some(event) = self.node.poll_event() {
+        for event in events {
             match event {
                 // The last of a full sync is on the peer's stream: the marker follows it
                 // on the same stream, so it arrives after all of it. Unless a frame to the
@@ -1427,7 +1435,7 @@ impl State {
                         self.send_frame(sh, peer, &Frame::SyncDone);
                     }
                 }
-                CoreEvent::MemberLearned { peer, incarnation, addr } => self.learned(sh, peer, incarnation, addr),
+                CoreEvent::MemberLearned { .. } => {}
                 CoreEvent::PeerUp { peer, incarnation, restarted } => {
                     tracing::info!(peer = %self.name_of(peer), incarnation, restarted, "member up");
                 }
@@ -1590,13 +1598,14 @@ impl State {
         self.node.add_peer(peer);
         self.node.set_peer_address(peer, addr);
         tracing::info!(peer = %name, incarnation = h.incarnation, %addr, restarted, "peer connected");
-        // Tell the newcomer who else is here, and everyone else about the newcomer (beyond
-        // SWIM's threshold with `membership_by_swim`, SWIM's infection tells them); not
+        // Tell the newcomer who else is here, and everyone else about the newcomer (unless
+        // this node's SWIM gossips it: beyond SWIM's threshold, with `membership_by_swim`,
+        // a member that started after this one did); not
         // again each time a member outside the view is dialled on demand (membership
         // anti-entropy, `member_exchange`, repairs what that leaves out).
         if first || restarted || self.node.keeps_connected(peer) {
             self.send_members(sh, peer);
-            let announce = (!self.node.spreads_members()).then(|| self.peers.get(&peer).and_then(PeerEntry::member)).flatten();
+            let announce = (!self.node.gossips(peer, h.incarnation)).then(|| self.peers.get(&peer).and_then(PeerEntry::member)).flatten();
             if let Some(me) = announce {
                 let frame = Frame::Members(vec![me]);
                 for (other, _) in self.connected().filter(|(id, _)| *id != peer) {
@@ -1685,7 +1694,8 @@ impl State {
     /// newcomer within a few probe periods of each other, and all dialling it at once
     /// would pile their handshakes onto it (beyond `max_incoming`); spread so, it gets
     /// about as many as it makes. A member this node knows keeps the address it has,
-    /// unless it is not connected and this is a newer incarnation.
+    /// unless this is a later incarnation than the one it is connected to or last was
+    /// (it restarted, perhaps elsewhere): then its next dial, at once, goes there.
     fn learned(&mut self, sh: &Shared, id: PeerId, incarnation: u64, addr: SocketAddr) {
         if id == sh.me.id || addr.ip().is_unspecified() || addr.port() == 0 {
             return;
@@ -1696,9 +1706,10 @@ impl State {
                 if p.left == Some(incarnation) {
                     return;
                 }
-                if p.active.is_none() && (p.addr.is_none() || incarnation > p.incarnation.unwrap_or(0)) {
+                if p.addr.is_none() || p.incarnation.is_some_and(|i| incarnation > i) {
                     p.addr = Some(addr);
                     p.left = None;
+                    p.dial = Backoff { in_flight: p.dial.in_flight, ..Backoff::now() };
                 }
             }
             None if room => {
