@@ -330,7 +330,7 @@ async fn run(args: Args) -> Result<(), String> {
             .zip(&stats)
             .map(|((name, c), s)| {
                 format!(
-                    "{{\"name\":\"{name}\",\"admitted\":{},\"denied\":{},\"bytes\":{},\"datagrams\":{},\"view_lag_ms\":{},\"connections\":{},\"connections_closed_unused\":{},\"dials\":{},\"frames_held\":{},\"dropped_no_connection\":{},\"full_syncs_sent\":{}}}",
+                    "{{\"name\":\"{name}\",\"admitted\":{},\"denied\":{},\"bytes\":{},\"datagrams\":{},\"view_lag_ms\":{},\"connections\":{},\"connections_closed_unused\":{},\"dials\":{},\"frames_held\":{},\"dropped_no_connection\":{},\"full_syncs_sent\":{},\"members_learned_by_swim\":{}}}",
                     c.admitted.load(Ordering::Relaxed),
                     c.denied.load(Ordering::Relaxed),
                     s.bytes_sent(),
@@ -341,7 +341,8 @@ async fn run(args: Args) -> Result<(), String> {
                     s.dials,
                     s.frames_held,
                     s.dropped_no_connection,
-                    s.gossip.full_syncs_sent
+                    s.gossip.full_syncs_sent,
+                    s.members_learned_by_swim
                 )
             })
             .collect();
