@@ -290,12 +290,13 @@ pub struct ClusterConfig {
     /// below the threshold). Default [`DEFAULT_CLOSE_UNUSED_AFTER`] (5 s).
     pub close_unused_after: Duration,
     /// Membership by infection beyond `gossip.swim_above_peers` peers: this node's SWIM
-    /// identity carries its advertised address (`gossip.swim_address`), so a member that
-    /// learns of it through SWIM's piggybacking, from any member, adds it to the members
-    /// it knows of and dials it, without waiting for a member list; and a graceful leave
-    /// is gossiped by SWIM to the members that hold no connection to it
-    /// (`docs/cluster.md`, "Membership by infection"). No address is carried when the
-    /// advertised address is unspecified (`0.0.0.0`, `::`): set `advertise`. Default true.
+    /// identity carries its advertised address (`gossip.swim_address`), and its SWIM the
+    /// addresses it reached its peers at, so that a member that learns of a newcomer (or
+    /// a restart) through SWIM's piggybacking, from any member, adds it at that address
+    /// and dials it, without waiting for a member list (`docs/cluster.md`, "Membership by
+    /// infection"). With an unspecified advertised address (`0.0.0.0`, `::`: set
+    /// `advertise`), or false, SWIM carries no address and this node announces newcomers
+    /// with member lists. A graceful leave is gossiped by SWIM either way. Default true.
     /// A version from before it cannot read SWIM identities with addresses: to upgrade a
     /// cluster of more than 129 members from such a version, start the new version with
     /// this false, and set it true once every member runs the new version.
