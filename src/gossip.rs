@@ -1246,7 +1246,13 @@ impl GossipNode {
     /// dissemination: the members that rank first, at most
     /// [`GossipConfig::aggregator_pool`]), as it computes the pool now.
     pub fn in_aggregator_pool(&self) -> bool {
-        self.aggregated() && self.ring.members.binary_search(&self.cfg.replica.node).is_ok()
+        self.aggregated() && self.in_ring()
+    }
+
+    /// Whether this node is on the ring (a member of the aggregator pool, with
+    /// aggregated dissemination).
+    fn in_ring(&self) -> bool {
+        self.ring.members.binary_search(&self.cfg.replica.node).is_ok()
     }
 
     /// The most members that aggregate ([`GossipConfig::aggregator_pool`]).
@@ -1331,10 +1337,16 @@ impl GossipNode {
         };
         let mut out = swim::Output::default();
         self.swim.leave(now_ms, view.as_deref(), pick, &mut out);
-        for (to, packet) in out.sends {
+        self.send_swim(out.sends, true);
+    }
+
+    /// Sends SWIM's packets, each in a `Body::Swim` envelope, to the peers among their
+    /// addressees (SWIM may name members the driver has not told this node of yet).
+    fn send_swim(&mut self, sends: Vec<(PeerId, Vec<u8>)>, reliable: bool) {
+        for (to, packet) in sends {
             if self.peers.contains_key(&to) {
                 self.stats.swim_sent += 1;
-                self.send(to, Body::Swim(packet), true);
+                self.send(to, Body::Swim(packet), reliable);
             }
         }
     }
@@ -1814,10 +1826,7 @@ impl GossipNode {
     /// from the other members through SWIM alone.
     fn view(&self) -> Option<&[PeerId]> {
         let swim_above = self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers);
-        let partial = self.cfg.partial_view
-            && self.peers.len() > swim_above + swim_above / 8
-            && self.aggregated()
-            && self.ring.members.binary_search(&self.cfg.replica.node).is_err();
+        let partial = self.cfg.partial_view && self.peers.len() > swim_above + swim_above / 8 && self.aggregated() && !self.in_ring();
         partial.then_some(&self.ring.members[..])
     }
 
@@ -1862,13 +1871,7 @@ impl GossipNode {
 
     /// Sends SWIM's packets, and in SWIM mode applies its verdicts.
     fn apply_swim(&mut self, out: swim::Output, now_ms: i64) {
-        for (to, packet) in out.sends {
-            // SWIM may name members the driver has not told this node of yet.
-            if self.peers.contains_key(&to) {
-                self.stats.swim_sent += 1;
-                self.send(to, Body::Swim(packet), false);
-            }
-        }
+        self.send_swim(out.sends, false);
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
         // An ask that cannot be queued is not made (nor counted as made: a member is taken
@@ -1879,17 +1882,20 @@ impl GossipNode {
         for (id, up) in out.verdicts {
             let peer = id.node;
             // A member SWIM's infection brought, that no driver named (the gate bounds how
-            // many SWIM takes in that nobody named), or a later incarnation of a peer (not
-            // one it restarted from: see `set_peer_incarnation`): the driver's to add, or to
-            // reach at its address.
-            let news = self.peers.get(&peer).is_none_or(|p| !p.gone(id.incarnation) && p.incarnation.is_some_and(|i| id.incarnation > i));
-            if let (true, true, Some(addr), false) = (swim_mode && up, news, id.addr, peer == self.cfg.replica.node) {
-                learned.push(Event::MemberLearned { peer, incarnation: id.incarnation, addr });
-            }
-            let Some(p) = self.peers.get_mut(&peer) else { continue };
+            // many SWIM takes in that nobody named), or a later incarnation of a peer: the
+            // driver's to add, or to reach at its address.
+            let learn = id.addr.filter(|_| swim_mode && up && peer != self.cfg.replica.node);
+            let learn = learn.map(|addr| Event::MemberLearned { peer, incarnation: id.incarnation, addr });
+            let Some(p) = self.peers.get_mut(&peer) else {
+                learned.extend(learn);
+                continue;
+            };
             // A verdict on an incarnation the peer has restarted from says nothing of it.
             if p.gone(id.incarnation) {
                 continue;
+            }
+            if p.incarnation.is_some_and(|i| id.incarnation > i) {
+                learned.extend(learn);
             }
             p.swim = Some(up);
             p.swim_down_since_ms = (!up).then_some(now_ms);
@@ -2848,7 +2854,7 @@ impl GossipNode {
     /// it ranks into the pool or not.
     fn sync_jobs(&self) -> Vec<RepairJob> {
         let aggregated = self.aggregated();
-        let totals = aggregated && self.ring.members.binary_search(&self.cfg.replica.node).is_ok();
+        let totals = aggregated && self.in_ring();
         let mut jobs = Vec::new();
         for window_ms in self.replica.window_lengths() {
             if totals {

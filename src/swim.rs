@@ -17,12 +17,12 @@
 //! names one more is refused whole, and members declared down are forgotten after
 //! [`REMOVE_DOWN_AFTER_MS`].
 //!
-//! Membership by infection: with [`GossipConfig::swim_address`](crate::GossipConfig::swim_address)
-//! set, identities carry the address each member is reached at, a member heard from
-//! first hand after SWIM started that started after this node (a join, a restart) is
-//! gossiped, and one SWIM
-//! brings that the driver never named is reported to it
-//! ([`Event::MemberLearned`](crate::gossip::Event::MemberLearned)); a graceful leave is
+//! Membership by infection: with
+//! [`GossipConfig::swim_address`](crate::GossipConfig::swim_address) set, identities
+//! carry the address each member is reached at; a member heard from first hand after
+//! SWIM started, that started after this node (a join, a restart), is gossiped; and one
+//! SWIM brings that the driver never named is reported to it
+//! ([`Event::MemberLearned`](crate::gossip::Event::MemberLearned)). A graceful leave is
 //! gossiped too ([`GossipNode::leave`](crate::GossipNode::leave)).
 
 use std::collections::BTreeMap;
@@ -423,10 +423,11 @@ impl Swim {
     }
 
     /// Tells SWIM of `id` (a bump of 0, and the address the transport reaches it at, if
-    /// addresses are spread) alive, known first hand (the core heard from it): SWIM probes it from now on and has a verdict on it at once. With
-    /// `spread`, foca gossips it too, so that the members that have not heard of it
-    /// learn of it by infection (a join, a restart); without, the others learn of
-    /// it first hand as this node did (all of them at once, on entering SWIM mode).
+    /// addresses are spread) alive, known first hand (the core heard from it): SWIM
+    /// probes it from now on and has a verdict on it at once. With `spread`, foca gossips
+    /// it too, so that the members that have not heard of it learn of it by infection (a
+    /// join, a restart); without, the others learn of it first hand as this node did (all
+    /// of them at once, on entering SWIM mode).
     pub(crate) fn introduce(&mut self, id: SwimId, spread: bool, now_ms: i64, out: &mut Output) {
         let (node, incarnation) = (id.node, id.incarnation);
         if self.introduced.insert(node, incarnation) == Some(incarnation) {

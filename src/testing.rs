@@ -175,8 +175,7 @@ pub fn swim_gossip(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) ->
 
 /// The SWIM packet of [`swim_gossip`] alone.
 pub fn swim_gossip_packet(from: ReplicaId, src: u64, to: ReplicaId, members: &[u64]) -> Result<Vec<u8>, EncodeError> {
-    let updates: Vec<SwimUpdate> =
-        members.iter().map(|&node| SwimUpdate { node, incarnation: 1, bump: 0, addr: None, down: false }).collect();
+    let updates: Vec<SwimUpdate> = members.iter().map(|&node| SwimUpdate::new(node, 1, 0, false)).collect();
     swim_packet(from, src, (to, 0), SwimKind::Gossip, &updates)
 }
 
@@ -194,6 +193,14 @@ pub struct SwimUpdate {
     pub addr: Option<std::net::SocketAddr>,
     /// Down, else alive.
     pub down: bool,
+}
+
+impl SwimUpdate {
+    /// An update about the identity (`node`, `incarnation`, `bump`), without an address:
+    /// the member down, or else alive.
+    pub fn new(node: u64, incarnation: u64, bump: u64, down: bool) -> Self {
+        Self { node, incarnation, bump, addr: None, down }
+    }
 }
 
 /// What a SWIM packet of [`swim_packet`] is.

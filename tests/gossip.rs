@@ -1019,9 +1019,7 @@ fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through
     // Longer than four SWIM cycles (the backstop outside the view, 19.2 s): nobody down.
     c.run_until(T0 + 30_000);
     for &n in &ids {
-        let downs: Vec<&Event> =
-            c.events.get(&n).map_or(&[][..], |e| &e[..]).iter().filter(|e| matches!(e, Event::PeerDown { .. })).collect();
-        assert!(downs.is_empty(), "node {n} took a live member down: {downs:?}");
+        assert!(downs(&c, n).is_empty(), "node {n} took a live member down: {:?}", downs(&c, n));
         assert_eq!(c.nodes[&n].gossip.live_peers().count(), 23, "node {n}");
     }
     // A pool member fails: the next in rank joins every member's pool, and no member is
@@ -1032,17 +1030,7 @@ fn beyond_swim_above_peers_members_outside_the_pool_hear_from_each_other_through
     c.cut = vec![failed];
     c.run_until(c.now + 8_000);
     for &n in ids.iter().filter(|&&n| n != failed) {
-        let downs: Vec<u64> = c
-            .events
-            .get(&n)
-            .map_or(&[][..], |e| &e[..])
-            .iter()
-            .filter_map(|e| match e {
-                Event::PeerDown { peer, .. } => Some(*peer),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(downs, vec![failed], "node {n}");
+        assert_eq!(downs(&c, n), vec![failed], "node {n}");
     }
     let cut = outside[0];
     c.cut = vec![failed, cut];
@@ -1074,10 +1062,6 @@ fn a_cluster_that_shrinks_out_of_swim_mode_notices_a_crash_by_silence_again() {
     }
     c.wire.retain(|_, (from, to, _)| *from < 18 && *to < 18);
     c.run_until(c.now + 2_000);
-    let downs = |c: &Cluster, n: u64| -> Vec<u64> {
-        let events = c.events.get(&n).map_or(&[][..], |e| &e[..]);
-        events.iter().filter_map(|e| if let Event::PeerDown { peer, .. } = e { Some(*peer) } else { None }).collect()
-    };
     for n in 1..=17 {
         assert!(downs(&c, n).is_empty(), "node {n} took a live member down: {:?}", downs(&c, n));
         assert_eq!(c.nodes[&n].gossip.live_peers().count(), 16, "node {n}");
@@ -1090,10 +1074,19 @@ fn a_cluster_that_shrinks_out_of_swim_mode_notices_a_crash_by_silence_again() {
     }
 }
 
+/// The events `node`'s core reported (since they were last cleared).
+fn events_of(c: &Cluster, node: u64) -> &[Event] {
+    c.events.get(&node).map_or(&[][..], |e| &e[..])
+}
+
+/// The peers `node`'s core took down, in order.
+fn downs(c: &Cluster, node: u64) -> Vec<u64> {
+    events_of(c, node).iter().filter_map(|e| if let Event::PeerDown { peer, .. } = e { Some(*peer) } else { None }).collect()
+}
+
 /// What `node`'s core reported learning through SWIM: (member, incarnation, address).
 fn learned(c: &Cluster, node: u64) -> Vec<(u64, u64, std::net::SocketAddr)> {
-    let events = c.events.get(&node).map_or(&[][..], |e| &e[..]);
-    events
+    events_of(c, node)
         .iter()
         .filter_map(|e| if let Event::MemberLearned { peer, incarnation, addr } = e { Some((*peer, *incarnation, *addr)) } else { None })
         .collect()
@@ -1184,9 +1177,7 @@ fn beyond_swim_above_peers_a_leave_is_noticed_everywhere_sooner_than_a_crash() {
             while noticed.len() < 23 && c.now < at + 10_000 {
                 c.run_until(c.now + 10);
                 for n in ids.iter().copied().filter(|&n| n != leaver) {
-                    let down =
-                        c.events.get(&n).is_some_and(|e| e.iter().any(|e| matches!(e, Event::PeerDown { peer, .. } if *peer == leaver)));
-                    if down {
+                    if downs(&c, n).contains(&leaver) {
                         noticed.entry(n).or_insert(c.now - at);
                     }
                 }
@@ -1216,10 +1207,6 @@ fn beyond_swim_above_peers_swim_marks_a_silent_member_down_everywhere_and_up_aga
         assert_eq!(c.nodes[&n].gossip.live_peers().count(), 23, "node {n}");
         assert!(c.nodes[&n].gossip.stats().swim_sent > 0, "node {n}");
     }
-    let downs = |c: &Cluster, n: u64| -> Vec<u64> {
-        let events = c.events.get(&n).map_or(&[][..], |e| &e[..]);
-        events.iter().filter_map(|e| if let Event::PeerDown { peer, .. } = e { Some(*peer) } else { None }).collect()
-    };
     for &n in &ids {
         assert!(downs(&c, n).is_empty(), "node {n} suspected a live member: {:?}", downs(&c, n));
     }

@@ -434,11 +434,8 @@ fn aggregated_messages(from: u64, key: u64) -> Vec<Vec<u8>> {
     // Totals above those counts (a view takes the larger of the two).
     let totals = |replica, window| CountsBatch { replica, window_ms: 1000, window, entries: vec![(key, 5), (key ^ 1, 400), (key ^ 3, 9)] };
     let undead = testing::swim_packet(me, from, (replica(1, 1), 0), testing::SwimKind::TurnUndead, &[]).unwrap();
-    let updates = [
-        testing::SwimUpdate { node: 1, incarnation: 1, bump: 0, addr: None, down: true },
-        testing::SwimUpdate { node: 3, incarnation: 2, bump: 1, addr: None, down: false },
-        testing::SwimUpdate { node: 77, incarnation: 1, bump: 0, addr: None, down: false },
-    ];
+    let updates =
+        [testing::SwimUpdate::new(1, 1, 0, true), testing::SwimUpdate::new(3, 2, 1, false), testing::SwimUpdate::new(77, 1, 0, false)];
     let gossip = testing::swim_packet(me, from, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
     let mut v = valid_messages(key);
     // `valid_messages` is from member 2: its counts and sync request stand for any member.
@@ -675,7 +672,7 @@ fn a_member_that_restarts_with_a_lower_incarnation_is_not_taken_down_by_the_old_
     let heartbeat = |p: u64, inc: u64| testing::counts(replica(p, inc), &[]).unwrap();
     // Member 3 restarts normally as incarnation 5; member 2 declares 5 down.
     n.handle_message(3, &heartbeat(3, 5), t).unwrap();
-    let down = testing::SwimUpdate { node: 3, incarnation: 5, bump: 0, addr: None, down: true };
+    let down = testing::SwimUpdate::new(3, 5, 0, true);
     let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &[down]).unwrap();
     n.handle_message(2, &testing::swim_raw(replica(2, 1), &packet).unwrap(), t).unwrap();
     drain(&mut n);
@@ -706,7 +703,7 @@ fn an_ask_that_met_a_full_outbox_does_not_take_the_member_down() {
     for _ in 0..MAX_OUTBOX {
         n.handle_message(2, &ping, T0 + 1).unwrap();
     }
-    let down = testing::SwimUpdate { node: 3, incarnation: 1, bump: 0, addr: None, down: true };
+    let down = testing::SwimUpdate::new(3, 1, 0, true);
     let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &[down]).unwrap();
     n.handle_message(2, &testing::swim_raw(replica(2, 1), &packet).unwrap(), T0 + 2).unwrap();
     // A second, with the outbox still full; every member but 3 goes on talking.
@@ -740,9 +737,7 @@ fn verdicts_going_down_and_up_in_turn_cost_one_ping_per_probe_period() {
     let mut n = swim_node();
     // Each packet names later identities than the one before.
     let msg = |k: u64| {
-        let updates: Vec<testing::SwimUpdate> = (0..40u64)
-            .map(|i| testing::SwimUpdate { node: 3, incarnation: 2 + 100 * k + i, bump: 0, addr: None, down: i % 2 == 0 })
-            .collect();
+        let updates: Vec<testing::SwimUpdate> = (0..40u64).map(|i| testing::SwimUpdate::new(3, 2 + 100 * k + i, 0, i % 2 == 0)).collect();
         let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
         testing::swim_raw(replica(2, 1), &packet).unwrap()
     };
@@ -840,7 +835,7 @@ fn a_flood_of_you_are_down_neither_exhausts_swim_nor_keeps_silent_peers_up() {
 #[test]
 fn forged_down_verdicts_do_not_take_down_a_member_that_answers() {
     let mut n = swim_node();
-    let down = |bump| testing::SwimUpdate { node: 3, incarnation: 1, bump, addr: None, down: true };
+    let down = |bump| testing::SwimUpdate::new(3, 1, bump, true);
     let mut downs = Vec::new();
     let mut asked = 0;
     let mut t = T0 + 10;
@@ -893,7 +888,7 @@ fn forged_down_updates_do_not_pile_up_timers() {
         let updates: Vec<_> = (0..60u64)
             .map(|j| {
                 incarnation += 1;
-                testing::SwimUpdate { node: 3 + j % 19, incarnation, bump: 0, addr: None, down: true }
+                testing::SwimUpdate::new(3 + j % 19, incarnation, 0, true)
             })
             .collect();
         let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();
@@ -940,7 +935,7 @@ fn a_restarted_peer_gets_swims_verdict_on_its_new_incarnation() {
 fn an_update_declaring_this_node_down_right_after_a_rejoin_is_refused() {
     let mut n = swim_node();
     let me_down = |bump| {
-        let u = testing::SwimUpdate { node: 1, incarnation: 1, bump, addr: None, down: true };
+        let u = testing::SwimUpdate::new(1, 1, bump, true);
         let p = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), bump), testing::SwimKind::Gossip, &[u]).unwrap();
         testing::swim_raw(replica(2, 1), &p).unwrap()
     };
@@ -969,7 +964,7 @@ fn made_up_members_with_addresses_reach_the_driver_only_within_the_bound_of_unkn
         let updates: Vec<testing::SwimUpdate> = (0..30u64)
             .map(|i| {
                 let addr = std::net::SocketAddr::from(([10, 9, p as u8, i as u8], 7000));
-                testing::SwimUpdate { node: 1_000_000 + p * 30 + i, incarnation: 1, bump: 0, addr: Some(addr), down: false }
+                testing::SwimUpdate { addr: Some(addr), ..testing::SwimUpdate::new(1_000_000 + p * 30 + i, 1, 0, false) }
             })
             .collect();
         let packet = testing::swim_packet(replica(2, 1), 2, (replica(1, 1), 0), testing::SwimKind::Gossip, &updates).unwrap();

@@ -350,14 +350,20 @@ impl ConnEntry {
         }
     }
 
-    /// Stops routing to this connection; its writer finishes the stream (what is queued
-    /// still goes out), waits for the acknowledgement, then closes with `code`. Whatever
+    /// Stops routing to this connection and notes `code` as the one it closes with: its
+    /// writer finishes the stream (what is queued still goes out).
+    fn stop(&mut self, code: VarInt) {
+        self.close_code.store(code.into_inner() as u32, Ordering::Relaxed);
+        self.stream_tx = None;
+    }
+
+    /// [`stop`](Self::stop)s it; the writer, once the stream is finished, waits for the
+    /// acknowledgement, then closes with `code`. Whatever
     /// the writer is waiting on, the connection is closed [`RETIRED_FOR`] later: a peer
     /// that never lets the stream open or drain (no stream or flow-control credit) must
     /// not keep a retired connection, and with it an incoming slot, forever.
     fn retire(&mut self, code: VarInt) {
-        self.close_code.store(code.into_inner() as u32, Ordering::Relaxed);
-        self.stream_tx = None;
+        self.stop(code);
         let conn = self.conn.clone();
         tokio::spawn(async move {
             tokio::time::sleep(RETIRED_FOR).await;
@@ -1111,8 +1117,7 @@ impl State {
             // dials to it next (a peer still holding this one as its active connection
             // would keep it over a new one by the tie-break, and reply on it).
             if let Some(c) = self.conns.get_mut(&conn_id) {
-                c.close_code.store(close::UNUSED.into_inner() as u32, Ordering::Relaxed);
-                c.stream_tx = None;
+                c.stop(close::UNUSED);
                 c.conn.close(close::UNUSED, b"unused");
             }
             if let Some(p) = self.peers.get_mut(&peer) {
@@ -1600,12 +1605,12 @@ impl State {
         tracing::info!(peer = %name, incarnation = h.incarnation, %addr, restarted, "peer connected");
         // Tell the newcomer who else is here, and everyone else about the newcomer (unless
         // this node's SWIM gossips it: beyond SWIM's threshold, with `membership_by_swim`,
-        // a member that started after this one did); not
-        // again each time a member outside the view is dialled on demand (membership
-        // anti-entropy, `member_exchange`, repairs what that leaves out).
+        // a member that started after this one did); not again each time a member outside
+        // the view is dialled on demand (membership anti-entropy, `member_exchange`,
+        // repairs what that leaves out).
         if first || restarted || self.node.keeps_connected(peer) {
             self.send_members(sh, peer);
-            let announce = (!self.node.gossips(peer, h.incarnation)).then(|| self.peers.get(&peer).and_then(PeerEntry::member)).flatten();
+            let announce = if self.node.gossips(peer, h.incarnation) { None } else { self.peers.get(&peer).and_then(PeerEntry::member) };
             if let Some(me) = announce {
                 let frame = Frame::Members(vec![me]);
                 for (other, _) in self.connected().filter(|(id, _)| *id != peer) {
