@@ -1,7 +1,8 @@
 //! The discrete-event loop: nodes, traffic, network, faults, the oracle and the checkers.
 
+use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use crdt_rate_limiter::counter::ReplicaId;
 use crdt_rate_limiter::gossip::{Event as GossipEvent, StateEntry, Transmit, ViewEntry};
 use crdt_rate_limiter::limits::{DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_TIMESTAMP_AGE};
 use crdt_rate_limiter::{Admission, GossipConfig, GossipNode, ManualClock, Quota, RateLimiter, Strategy};
+use rayon::prelude::*;
 
 use crate::config::{limits, BurstTarget, Config, Mode, StrategyArg};
 use crate::queue::{Calendar, Scheduled};
@@ -30,6 +32,20 @@ const VIOLATIONS_KEPT: usize = 20;
 const TIMELINE_CLIENTS: usize = 3;
 /// Most view-lag samples a timeline takes (the interval grows with the run to fit).
 const TIMELINE_SAMPLES_MAX: u64 = 2_000;
+/// The run advances in steps of this length: in each, every node runs its own events of
+/// the step on its own, side by side with the others, and what they sent is delivered
+/// from the next step on. No message arrives in the step it was sent in (with a latency
+/// of 0 ms it arrives at the step's end); the run's events outside the nodes (traffic,
+/// faults, checks) happen at their times between steps.
+const STEP_US: i64 = 1_000;
+/// From this many nodes, the nodes of a step run on several threads. Fewer run on one
+/// (the same events in the same order: the output does not depend on it).
+const PARALLEL_FROM: usize = 8;
+/// Bits of an event's sequence number that hold the node that scheduled it
+/// ([`NODES_MAX`](crate::config::NODES_MAX) fits).
+const NODE_BITS: u32 = 10;
+/// The sequence numbers of requests: after any message or timer due at the same µs.
+const REQUEST_SEQ: u64 = 1 << 63;
 
 /// A fast, deterministic hasher for the simulator's tables (FxHash's mixing step). Keys
 /// are small integers or already-random 64-bit hashes.
@@ -61,6 +77,7 @@ impl Hasher for Fx {
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
 
+/// The run's events outside the nodes, run one after the other between steps.
 enum Event {
     /// The next request of the merged Poisson stream of all clients.
     Arrival,
@@ -73,16 +90,6 @@ enum Event {
     },
     /// A timeline sample of how far views lag (only with a timeline).
     Sample,
-    Deliver {
-        from: usize,
-        to: usize,
-        bytes: Vec<u8>,
-    },
-    Timer {
-        node: usize,
-        incarnation: u64,
-        deadline_ms: i64,
-    },
     Crash(usize),
     Restart(usize),
     Leave(usize),
@@ -90,6 +97,59 @@ enum Event {
     SafetyCheck,
     EndOfTraffic,
     ConvergenceCheck,
+}
+
+/// A node's own events, run by the node within a step.
+enum Local {
+    /// A request of `client` routed to the node (`burst`: one of a burst's).
+    Request {
+        client: u32,
+        burst: bool,
+    },
+    Deliver {
+        from: usize,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        incarnation: u64,
+        deadline_ms: i64,
+    },
+}
+
+/// One request a node decided, for the run's accounting after the step.
+struct Decision {
+    at_us: i64,
+    seq: u64,
+    client: u32,
+    burst: bool,
+    /// The window the node counted it in.
+    window: i64,
+    replica: ReplicaId,
+    admitted: bool,
+}
+
+/// What a node reads of the run while nodes run side by side: it changes only between
+/// steps.
+struct Shared<'a> {
+    cfg: &'a Config,
+    start_us: i64,
+    /// The windows the limiters keep and send (see [`Sim::tick`]).
+    tick: (i64, i64),
+    /// Read counts off the wire (clocks are skewed).
+    tap: bool,
+    clients: Vec<String>,
+    keys: Vec<u64>,
+}
+
+impl Shared<'_> {
+    fn at(&self, ms_from_start: u64) -> i64 {
+        self.start_us + ms_from_start as i64 * 1000
+    }
+
+    fn partitioned(&self, a: usize, b: usize, at_us: i64) -> bool {
+        let half = self.cfg.nodes.div_ceil(2);
+        (a < half) != (b < half) && self.cfg.partition.iter().any(|&(s, e)| self.at(s) <= at_us && at_us < self.at(e))
+    }
 }
 
 /// One running incarnation of a node.
@@ -114,6 +174,240 @@ struct Node {
     clock: ManualClock,
     incarnations: u64,
     live: Option<Live>,
+    /// Its own events: messages to it, its timer, requests routed to it.
+    queue: BinaryHeap<Reverse<Scheduled<Local>>>,
+    /// Events it scheduled so far: with its index, each one's sequence number.
+    scheduled: u64,
+    /// Its time, and the end of the step it runs in.
+    now_us: i64,
+    until_us: i64,
+    /// The network's draws for what it sends (a stream per node: nodes run side by side).
+    net: Rng,
+    /// Messages it sent in the step: (to, message).
+    outbox: Vec<(usize, Scheduled<Local>)>,
+    /// What it saw in the step, for the run after the step: violations (time, what),
+    /// requests decided, peers its core took down (time, peer).
+    violations: Vec<(i64, String)>,
+    decisions: Vec<Decision>,
+    downs: Vec<(i64, u64)>,
+    totals: Totals,
+    transmits: Vec<Transmit>,
+}
+
+impl Node {
+    /// Its clock at `at_us` (virtual time plus its skew), also set on its limiter.
+    fn ms_at(&self, at_us: i64) -> i64 {
+        let ms = at_us.div_euclid(1000) + self.skew_ms;
+        self.clock.set_ms(ms);
+        ms
+    }
+
+    /// Runs its events due before `until_us`, in order of time, then sequence.
+    fn run_until(&mut self, n: usize, sh: &Shared, until_us: i64) {
+        self.until_us = until_us;
+        while self.queue.peek().is_some_and(|Reverse(s)| s.at_us < until_us) {
+            let Some(Reverse(s)) = self.queue.pop() else { break };
+            self.now_us = s.at_us;
+            match s.event {
+                Local::Request { client, burst } => self.request(s.seq, sh, client, burst),
+                Local::Deliver { from, bytes } => self.deliver(n, sh, from, &bytes),
+                Local::Timer { incarnation, deadline_ms } => self.timer(n, sh, incarnation, deadline_ms),
+            }
+        }
+    }
+
+    fn violation(&mut self, what: String) {
+        self.violations.push((self.now_us, what));
+    }
+
+    /// The sequence number of its next event: unique over the run, whatever thread runs it.
+    fn next_seq(&mut self, n: usize) -> u64 {
+        self.scheduled += 1;
+        self.scheduled << NODE_BITS | n as u64
+    }
+
+    fn schedule(&mut self, n: usize, at_us: i64, event: Local) {
+        let seq = self.next_seq(n);
+        self.queue.push(Reverse(Scheduled { at_us: at_us.max(self.now_us), seq, event }));
+    }
+
+    /// A message to node `to`, due at `at_us` or at the step's end, whichever is later.
+    fn post(&mut self, n: usize, to: usize, at_us: i64, bytes: Vec<u8>) {
+        let seq = self.next_seq(n);
+        self.outbox.push((to, Scheduled { at_us: at_us.max(self.until_us), seq, event: Local::Deliver { from: n, bytes } }));
+    }
+
+    /// A request routed to it: its limiter decides.
+    fn request(&mut self, seq: u64, sh: &Shared, client: u32, burst: bool) {
+        let now_ms = self.ms_at(self.now_us);
+        let c = client as usize;
+        let key = sh.keys[c];
+        let (tap, w) = (sh.tap, sh.tick.0);
+        let Some(live) = self.live.as_mut() else { return };
+        // The node cuts windows on cluster time: its clock plus its offset.
+        let mut window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(w);
+        if tap {
+            // A request older than its key's newest window is charged to that window.
+            match live.newest.entry(key) {
+                Entry::Occupied(mut e) => {
+                    window = window.max(*e.get());
+                    e.insert(window);
+                }
+                Entry::Vacant(e) => {
+                    e.insert(window);
+                }
+            }
+        }
+        let admitted = live.gossip.limiter().allow(&sh.clients[c], now_ms);
+        let replica = live.replica;
+        self.decisions.push(Decision { at_us: self.now_us, seq, client, burst, window, replica, admitted });
+    }
+
+    fn timer(&mut self, n: usize, sh: &Shared, incarnation: u64, deadline_ms: i64) {
+        let now_ms = self.ms_at(self.now_us);
+        let Some(live) = self.live.as_mut() else { return };
+        if live.incarnation != incarnation || live.timer_ms != Some(deadline_ms) {
+            return; // a timer of an earlier incarnation, or superseded
+        }
+        live.timer_ms = None;
+        live.gossip.handle_timeout(now_ms);
+        if live.gossip.poll_timeout().is_some_and(|d| d <= now_ms) {
+            // A deadline that does not move would spin the loop at one instant.
+            live.stalled = true;
+            self.violation(format!("node {n}'s next deadline did not move past {now_ms} after handle_timeout"));
+        }
+        self.flush(n, sh);
+    }
+
+    /// Sends what it has to send and arms its timer.
+    fn flush(&mut self, n: usize, sh: &Shared) {
+        let mut out = std::mem::take(&mut self.transmits);
+        let mut timer = None;
+        if let Some(live) = self.live.as_mut() {
+            while let Some(t) = live.gossip.poll_transmit() {
+                out.push(t);
+            }
+            while let Some(e) = live.gossip.poll_event() {
+                if let GossipEvent::PeerDown { peer, .. } = e {
+                    self.downs.push((self.now_us, peer));
+                }
+            }
+            let deadline = live.gossip.poll_timeout();
+            if deadline.is_some() && deadline != live.timer_ms && !live.stalled {
+                live.timer_ms = deadline;
+                timer = deadline.map(|d| (live.incarnation, d));
+            }
+        }
+        for t in out.drain(..) {
+            self.send(n, sh, t);
+        }
+        self.transmits = out;
+        if let Some((incarnation, deadline_ms)) = timer {
+            self.schedule(n, (deadline_ms - self.skew_ms) * 1000, Local::Timer { incarnation, deadline_ms });
+        }
+    }
+
+    fn latency_us(&mut self, cfg: &Config) -> i64 {
+        let (lo, hi) = cfg.latency_ms;
+        self.net.between(lo as i64 * 1000, hi as i64 * 1000)
+    }
+
+    /// Extra delay of a reordered message: up to three maximum latencies.
+    fn reorder_us(&mut self, cfg: &Config) -> i64 {
+        if self.net.chance(cfg.reorder) {
+            self.net.between(0, 3 * cfg.latency_ms.1.max(1) as i64 * 1000)
+        } else {
+            0
+        }
+    }
+
+    /// Hands one message to the network. Datagrams may be lost, duplicated, delayed.
+    /// Reliable messages (a QUIC stream: full syncs and repairs) are not lost or
+    /// duplicated: each loss costs a retransmission timeout of three maximum latencies,
+    /// and after `MAX_RETRANSMISSIONS` losses in a row the message is given up. Either
+    /// kind is dropped if the sender and receiver are partitioned when it is sent or when
+    /// it arrives, or if the receiver is down when it arrives.
+    fn send(&mut self, n: usize, sh: &Shared, t: Transmit) {
+        let cfg = sh.cfg;
+        self.totals.messages += 1;
+        self.totals.bytes += t.bytes.len() as u64;
+        let Some(to) = t.to.checked_sub(1).map(|p| p as usize).filter(|&p| p < cfg.nodes) else {
+            self.violation(format!("node {n} sent a message to unknown peer {}", t.to));
+            return;
+        };
+        if sh.partitioned(n, to, self.now_us) {
+            self.totals.partitioned += 1;
+            return;
+        }
+        if t.reliable {
+            self.totals.reliable_messages += 1;
+            self.totals.reliable_bytes += t.bytes.len() as u64;
+            let rto_us = 3 * cfg.latency_ms.1.max(1) as i64 * 1000;
+            let mut delay = self.latency_us(cfg) + self.reorder_us(cfg);
+            let mut losses = 0;
+            while self.net.chance(cfg.loss) {
+                losses += 1;
+                if losses > MAX_RETRANSMISSIONS {
+                    self.totals.lost += 1;
+                    return;
+                }
+                delay += rto_us;
+            }
+            if losses > 0 {
+                self.totals.retransmitted += 1;
+            }
+            self.post(n, to, self.now_us + delay, t.bytes);
+            return;
+        }
+        if self.net.chance(cfg.loss) {
+            self.totals.lost += 1;
+            return;
+        }
+        if self.net.chance(cfg.duplicate) {
+            self.totals.duplicated += 1;
+            let delay = self.latency_us(cfg) + self.reorder_us(cfg);
+            self.post(n, to, self.now_us + delay, t.bytes.clone());
+        }
+        let delay = self.latency_us(cfg) + self.reorder_us(cfg);
+        self.post(n, to, self.now_us + delay, t.bytes);
+    }
+
+    fn deliver(&mut self, n: usize, sh: &Shared, from: usize, bytes: &[u8]) {
+        if self.live.is_none() {
+            self.totals.to_down_node += 1;
+            return;
+        }
+        if sh.partitioned(from, n, self.now_us) {
+            self.totals.partitioned += 1;
+            return;
+        }
+        let now_ms = self.ms_at(self.now_us);
+        let (tap, w, tick) = (sh.tap, sh.cfg.window_ms, sh.tick);
+        let Some(live) = self.live.as_mut() else { return };
+        let result = live.gossip.handle_message(from as u64 + 1, bytes, now_ms);
+        let mut problem = None;
+        match result {
+            Ok(()) => {
+                self.totals.delivered += 1;
+                if tap {
+                    let newest = &mut live.newest;
+                    let cluster_ms = now_ms + live.gossip.cluster_offset_ms();
+                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(cluster_ms, tick), |key, window| {
+                        let e = newest.entry(key).or_insert(window);
+                        *e = (*e).max(window);
+                    });
+                    if let Err(e) = tapped {
+                        problem = Some(format!("the wire tap cannot read a message node {n} accepted ({e}): update sim/src/wire.rs"));
+                    }
+                }
+            }
+            Err(e) => problem = Some(format!("node {n} refused a message from node {from}: {e}")),
+        }
+        if let Some(p) = problem {
+            self.violation(p);
+        }
+        self.flush(n, sh);
+    }
 }
 
 #[derive(Default)]
@@ -141,12 +435,59 @@ struct Totals {
     safety_checks: u64,
 }
 
+impl Totals {
+    /// Adds `o`'s figures to these (the longest detection: the larger).
+    fn add(&mut self, o: &Totals) {
+        let Totals {
+            messages,
+            bytes,
+            reliable_messages,
+            reliable_bytes,
+            delivered,
+            lost,
+            partitioned,
+            to_down_node,
+            duplicated,
+            retransmitted,
+            entries_sent,
+            entries_merged,
+            full_syncs,
+            digests,
+            buckets_repaired,
+            peers_down,
+            crash_detections,
+            detection_ms_max,
+            swim_sent,
+            safety_checks,
+        } = o;
+        self.messages += messages;
+        self.bytes += bytes;
+        self.reliable_messages += reliable_messages;
+        self.reliable_bytes += reliable_bytes;
+        self.delivered += delivered;
+        self.lost += lost;
+        self.partitioned += partitioned;
+        self.to_down_node += to_down_node;
+        self.duplicated += duplicated;
+        self.retransmitted += retransmitted;
+        self.entries_sent += entries_sent;
+        self.entries_merged += entries_merged;
+        self.full_syncs += full_syncs;
+        self.digests += digests;
+        self.buckets_repaired += buckets_repaired;
+        self.peers_down += peers_down;
+        self.crash_detections += crash_detections;
+        self.detection_ms_max = self.detection_ms_max.max(*detection_ms_max);
+        self.swim_sent += swim_sent;
+        self.safety_checks += safety_checks;
+    }
+}
+
 struct Sim<'a> {
     cfg: &'a Config,
+    /// What the nodes read of the run.
+    sh: Shared<'a>,
     window_ms: i64,
-    /// The windows the limiters keep and send, and how many before the current one a
-    /// decision reads: the window and 1, or the sliding log's buckets.
-    tick: (i64, i64),
     start_us: i64,
     end_us: i64,
     now_us: i64,
@@ -155,8 +496,13 @@ struct Sim<'a> {
     nodes: Vec<Node>,
     /// Indices of the nodes that are up, ascending.
     up: Vec<usize>,
+    /// Requests routed to nodes so far (their sequence numbers).
+    requests: u64,
+    /// The end of the step being run.
+    step_end_us: i64,
+    /// Requests the nodes decided in the step (kept for its capacity).
+    decisions: Vec<Decision>,
     traffic: Rng,
-    net: Rng,
     /// Burst moments, targets and offsets: their own stream.
     bursts: Rng,
     /// The client of each burst slot (unused with `burst_fresh`).
@@ -175,8 +521,6 @@ struct Sim<'a> {
     arrival_gap_us: f64,
     /// Offset of the next arrival from the start, in µs (kept fractional: no drift).
     next_arrival_us: f64,
-    clients: Vec<String>,
-    keys: Vec<u64>,
     client_of_key: FxMap<u64, u32>,
     favourite: Vec<usize>,
     oracle: RateLimiter,
@@ -205,8 +549,6 @@ struct Sim<'a> {
     ideal: u64,
     /// The newest window any request was counted in (or would have been).
     newest_window: i64,
-    /// Read counts off the wire (clocks are skewed).
-    tap: bool,
     next_checked: usize,
     traffic_over: bool,
     converged: bool,
@@ -215,7 +557,6 @@ struct Sim<'a> {
     totals: Totals,
     violations: Vec<String>,
     violation_count: u64,
-    transmits: Vec<Transmit>,
 }
 
 fn strategy_of(s: StrategyArg) -> Strategy {
@@ -271,7 +612,7 @@ impl<'a> Sim<'a> {
         let mut skews = Rng::new(sub_seed(cfg.seed, "clock-skew", 0));
         let span = cfg.clock_skew_ms as i64;
         let nodes: Vec<Node> = (0..cfg.nodes)
-            .map(|_| {
+            .map(|n| {
                 let skew_ms = if span > 0 { skews.between(-span, span) } else { 0 };
                 Node {
                     crashed_at_us: None,
@@ -280,6 +621,17 @@ impl<'a> Sim<'a> {
                     clock: ManualClock::new(start_ms + skew_ms),
                     incarnations: 0,
                     live: None,
+                    queue: BinaryHeap::new(),
+                    scheduled: 0,
+                    now_us: start_us,
+                    until_us: start_us + STEP_US,
+                    net: Rng::new(sub_seed(cfg.seed, "network", n as u64)),
+                    outbox: Vec::new(),
+                    violations: Vec::new(),
+                    decisions: Vec::new(),
+                    downs: Vec::new(),
+                    totals: Totals::default(),
+                    transmits: Vec::new(),
                 }
             })
             .collect();
@@ -316,8 +668,8 @@ impl<'a> Sim<'a> {
         };
         Sim {
             cfg,
+            sh: Shared { cfg, start_us, tick, tap, clients, keys },
             window_ms,
-            tick,
             start_us,
             end_us,
             now_us: start_us,
@@ -325,8 +677,10 @@ impl<'a> Sim<'a> {
             queue: Calendar::new(start_us),
             nodes,
             up: Vec::new(),
+            requests: 0,
+            step_end_us: start_us + STEP_US,
+            decisions: Vec::new(),
             traffic: Rng::new(sub_seed(cfg.seed, "traffic", 0)),
-            net: Rng::new(sub_seed(cfg.seed, "network", 0)),
             bursts: Rng::new(sub_seed(cfg.seed, "burst", 0)),
             burst_client,
             burst_count: 0,
@@ -338,8 +692,6 @@ impl<'a> Sim<'a> {
             timeline: None,
             arrival_gap_us,
             next_arrival_us: 0.0,
-            clients,
-            keys,
             client_of_key,
             favourite,
             oracle,
@@ -360,7 +712,6 @@ impl<'a> Sim<'a> {
             admitted: 0,
             ideal: 0,
             newest_window: start_ms.div_euclid(tick.0),
-            tap,
             next_checked: 0,
             traffic_over: false,
             converged: false,
@@ -369,7 +720,6 @@ impl<'a> Sim<'a> {
             totals: Totals::default(),
             violations: Vec::new(),
             violation_count: 0,
-            transmits: Vec::new(),
         }
     }
 
@@ -381,14 +731,11 @@ impl<'a> Sim<'a> {
 
     /// Node `n`'s clock now (virtual time plus its skew), also set on its limiter.
     fn node_ms(&self, n: usize) -> i64 {
-        let node = &self.nodes[n];
-        let ms = self.true_ms() + node.skew_ms;
-        node.clock.set_ms(ms);
-        ms
+        self.nodes[n].ms_at(self.now_us)
     }
 
     fn at(&self, ms_from_start: u64) -> i64 {
-        self.start_us + ms_from_start as i64 * 1000
+        self.sh.at(ms_from_start)
     }
 
     fn schedule(&mut self, at_us: i64, event: Event) {
@@ -397,9 +744,13 @@ impl<'a> Sim<'a> {
     }
 
     fn violation(&mut self, what: String) {
+        self.violation_at(self.now_us, what);
+    }
+
+    fn violation_at(&mut self, at_us: i64, what: String) {
         self.violation_count += 1;
         if self.violations.len() < VIOLATIONS_KEPT {
-            let t = (self.now_us - self.start_us) as f64 / 1000.0;
+            let t = (at_us - self.start_us) as f64 / 1000.0;
             self.violations.push(format!("at {t} ms: {what}"));
         }
     }
@@ -436,53 +787,113 @@ impl<'a> Sim<'a> {
         if let Some(us) = sample_us {
             self.schedule(self.start_us + us, Event::Sample);
         }
-        while let Some(s) = self.queue.pop() {
-            self.now_us = s.at_us;
-            match s.event {
-                Event::Arrival => {
-                    self.request();
-                    self.schedule_next_arrival();
+        loop {
+            // The run's own events of the step first: faults and checks (all at whole
+            // milliseconds, so at the step's start), then the traffic, routed to nodes.
+            while let Some(s) = self.queue.pop_before(self.step_end_us) {
+                self.now_us = s.at_us;
+                self.event(s.event, sample_us);
+                if self.done {
+                    return;
                 }
-                Event::BurstStart(slot) => {
-                    self.burst(slot);
-                    self.schedule_next_burst(slot);
-                }
-                Event::BurstRequest { client, node } => self.burst_request(client as usize, node as usize),
-                Event::Sample => {
-                    self.sample();
-                    if let Some(us) = sample_us {
-                        self.schedule(self.now_us + us, Event::Sample);
-                    }
-                }
-                Event::Deliver { from, to, bytes } => self.deliver(from, to, &bytes),
-                Event::Timer { node, incarnation, deadline_ms } => self.timer(node, incarnation, deadline_ms),
-                Event::Crash(n) => self.crash(n),
-                Event::Leave(n) => self.leave(n),
-                Event::ClockStep(n, delta) => {
-                    // The timer in flight fires at its old true time: early or late in
-                    // the node's new time, which `timer` and `flush` handle.
-                    // Clock steps make a run tapped, so the median clock is tracked.
-                    self.nodes[n].skew_ms += delta;
-                    self.median_skew_ms = median_skew(&self.nodes);
-                    self.node_ms(n);
-                }
-                Event::Restart(n) => {
-                    self.crash(n);
-                    self.boot(n);
-                }
-                Event::SafetyCheck => {
-                    self.safety_check();
-                    self.schedule(self.now_us + cfg.check_ms as i64 * 1000, Event::SafetyCheck);
-                }
-                Event::EndOfTraffic => {
-                    self.traffic_over = true;
-                    self.schedule(self.now_us + cfg.gossip_ms as i64 * 1000, Event::ConvergenceCheck);
-                }
-                Event::ConvergenceCheck => self.convergence_check(),
             }
-            if self.done {
-                break;
+            self.run_nodes();
+            self.after_step();
+            if self.queue.is_empty() && self.nodes.iter().all(|n| n.queue.is_empty()) {
+                return;
             }
+            self.now_us = self.step_end_us;
+            self.step_end_us += STEP_US;
+        }
+    }
+
+    fn event(&mut self, event: Event, sample_us: Option<i64>) {
+        let cfg = self.cfg;
+        match event {
+            Event::Arrival => {
+                self.request();
+                self.schedule_next_arrival();
+            }
+            Event::BurstStart(slot) => {
+                self.burst(slot);
+                self.schedule_next_burst(slot);
+            }
+            Event::BurstRequest { client, node } => self.burst_request(client as usize, node as usize),
+            Event::Sample => {
+                self.sample();
+                if let Some(us) = sample_us {
+                    self.schedule(self.now_us + us, Event::Sample);
+                }
+            }
+            Event::Crash(n) => self.crash(n),
+            Event::Leave(n) => self.leave(n),
+            Event::ClockStep(n, delta) => {
+                // The timer in flight fires at its old true time: early or late in
+                // the node's new time, which `timer` and `flush` handle.
+                // Clock steps make a run tapped, so the median clock is tracked.
+                self.nodes[n].skew_ms += delta;
+                self.median_skew_ms = median_skew(&self.nodes);
+                self.node_ms(n);
+            }
+            Event::Restart(n) => {
+                self.crash(n);
+                self.boot(n);
+            }
+            Event::SafetyCheck => {
+                self.safety_check();
+                self.schedule(self.now_us + cfg.check_ms as i64 * 1000, Event::SafetyCheck);
+            }
+            Event::EndOfTraffic => {
+                self.traffic_over = true;
+                self.schedule(self.now_us + cfg.gossip_ms as i64 * 1000, Event::ConvergenceCheck);
+            }
+            Event::ConvergenceCheck => self.convergence_check(),
+        }
+    }
+
+    /// Every node runs its events of the step, on several threads from
+    /// [`PARALLEL_FROM`] nodes: a node reads only [`Shared`] and writes only itself.
+    fn run_nodes(&mut self) {
+        let (sh, until_us) = (&self.sh, self.step_end_us);
+        let step = |(n, node): (usize, &mut Node)| node.run_until(n, sh, until_us);
+        if self.nodes.len() >= PARALLEL_FROM {
+            self.nodes.par_iter_mut().enumerate().for_each(step);
+        } else {
+            self.nodes.iter_mut().enumerate().for_each(step);
+        }
+    }
+
+    /// After a step, in node order: what the nodes sent goes to its receivers, and what
+    /// they saw into the run's figures (requests by time, then sequence).
+    fn after_step(&mut self) {
+        let mut found = Vec::new();
+        for n in 0..self.nodes.len() {
+            let mut outbox = std::mem::take(&mut self.nodes[n].outbox);
+            for (to, s) in outbox.drain(..) {
+                self.nodes[to].queue.push(Reverse(s));
+            }
+            let node = &mut self.nodes[n];
+            node.outbox = outbox;
+            found.extend(node.violations.drain(..).map(|(at_us, what)| (at_us, n, what)));
+            self.decisions.append(&mut node.decisions);
+        }
+        // A stable sort: each node's violations stay in its order.
+        found.sort_by_key(|&(at_us, n, _)| (at_us, n));
+        for (at_us, _, what) in found {
+            self.violation_at(at_us, what);
+        }
+        let mut decisions = std::mem::take(&mut self.decisions);
+        decisions.sort_unstable_by_key(|d| (d.at_us, d.seq));
+        for d in decisions.drain(..) {
+            self.account(d);
+        }
+        self.decisions = decisions;
+        for n in 0..self.nodes.len() {
+            let mut downs = std::mem::take(&mut self.nodes[n].downs);
+            for (at_us, peer) in downs.drain(..) {
+                self.noticed(n, peer, at_us);
+            }
+            self.nodes[n].downs = downs;
         }
     }
 
@@ -558,61 +969,26 @@ impl<'a> Sim<'a> {
         self.totals.swim_sent += s.swim_sent;
     }
 
-    /// Sends what node `n` has to send and arms its timer.
+    /// Sends what node `n` has to send after one of the run's events (a boot, a leave):
+    /// at the run's time, due from the step's end on.
     fn flush(&mut self, n: usize) {
-        let mut out = std::mem::take(&mut self.transmits);
-        let skew_ms = self.nodes[n].skew_ms;
-        let mut timer = None;
-        let mut downs = Vec::new();
-        if let Some(live) = self.nodes[n].live.as_mut() {
-            while let Some(t) = live.gossip.poll_transmit() {
-                out.push(t);
-            }
-            while let Some(e) = live.gossip.poll_event() {
-                if let GossipEvent::PeerDown { peer, .. } = e {
-                    downs.push(peer);
-                }
-            }
-            let deadline = live.gossip.poll_timeout();
-            if deadline.is_some() && deadline != live.timer_ms && !live.stalled {
-                live.timer_ms = deadline;
-                timer = deadline.map(|d| (live.incarnation, d));
-            }
-        }
-        for peer in downs {
-            self.totals.peers_down += 1;
-            // Node `i` is replica `{node: i + 1}`.
-            // Each live node's first mark of each crash.
-            let crashed = peer.checked_sub(1).and_then(|i| self.nodes.get_mut(i as usize));
-            let first = crashed.and_then(|p| Some((p.crashed_at_us?, &mut p.noticed_by))).and_then(|(at, by)| by.insert(n).then_some(at));
-            if let Some(at) = first {
-                self.totals.crash_detections += 1;
-                self.totals.detection_ms_max = self.totals.detection_ms_max.max((self.now_us - at) / 1000);
-            }
-        }
-        for t in out.drain(..) {
-            self.send(n, t);
-        }
-        self.transmits = out;
-        if let Some((incarnation, deadline_ms)) = timer {
-            self.schedule((deadline_ms - skew_ms) * 1000, Event::Timer { node: n, incarnation, deadline_ms });
-        }
+        let node = &mut self.nodes[n];
+        node.now_us = self.now_us;
+        node.until_us = self.step_end_us;
+        node.flush(n, &self.sh);
     }
 
-    fn timer(&mut self, n: usize, incarnation: u64, deadline_ms: i64) {
-        let now_ms = self.node_ms(n);
-        let Some(live) = self.nodes[n].live.as_mut() else { return };
-        if live.incarnation != incarnation || live.timer_ms != Some(deadline_ms) {
-            return; // a timer of an earlier incarnation, or superseded
+    /// Node `n`'s core took `peer` down at `at_us`: the first mark of a crash by each
+    /// live node is a detection, timed.
+    fn noticed(&mut self, n: usize, peer: u64, at_us: i64) {
+        self.totals.peers_down += 1;
+        // Node `i` is replica `{node: i + 1}`.
+        let crashed = peer.checked_sub(1).and_then(|i| self.nodes.get_mut(i as usize));
+        let first = crashed.and_then(|p| Some((p.crashed_at_us?, &mut p.noticed_by))).and_then(|(at, by)| by.insert(n).then_some(at));
+        if let Some(at) = first {
+            self.totals.crash_detections += 1;
+            self.totals.detection_ms_max = self.totals.detection_ms_max.max((at_us - at) / 1000);
         }
-        live.timer_ms = None;
-        live.gossip.handle_timeout(now_ms);
-        if live.gossip.poll_timeout().is_some_and(|d| d <= now_ms) {
-            // A deadline that does not move would spin the loop at one instant.
-            live.stalled = true;
-            self.violation(format!("node {n}'s next deadline did not move past {now_ms} after handle_timeout"));
-        }
-        self.flush(n);
     }
 
     // ----- traffic -----
@@ -645,7 +1021,7 @@ impl<'a> Sim<'a> {
     fn request(&mut self) {
         let c = self.traffic.below(self.cfg.clients as u64) as usize;
         let node = self.route(c);
-        self.offer(c, node);
+        self.offer(c, node, false);
     }
 
     /// When burst client `slot` starts its next burst: exponential gaps of mean
@@ -663,14 +1039,14 @@ impl<'a> Sim<'a> {
     fn burst(&mut self, slot: u32) {
         let cfg = self.cfg;
         let client = if cfg.burst_fresh {
-            if self.clients.len() >= limits::CLIENTS_MAX {
+            if self.sh.clients.len() >= limits::CLIENTS_MAX {
                 return; // the documented limit on clients: no more fresh ones
             }
-            let c = self.clients.len() as u32;
+            let c = self.sh.clients.len() as u32;
             let name = format!("burst-{}", self.burst_count);
             let key = self.oracle.key_hash(&name);
-            self.clients.push(name);
-            self.keys.push(key);
+            self.sh.clients.push(name);
+            self.sh.keys.push(key);
             self.client_of_key.insert(key, c);
             self.offered_by.push(0);
             c
@@ -702,183 +1078,71 @@ impl<'a> Sim<'a> {
             Some(node)
         };
         self.burst_offered += 1;
-        let (ideal, admitted) = (self.ideal, self.admitted);
-        self.offer(c, target);
+        let ideal = self.ideal;
+        self.offer(c, target, true);
         self.burst_ideal += self.ideal - ideal;
-        self.burst_admitted += self.admitted - admitted;
-        *self.burst_admitted_by.entry(c as u32).or_default() += self.admitted - admitted;
     }
 
-    /// One request of client `c` to `node` (None: no node is up), through the oracle
-    /// and, if a node takes it, its limiter and the checks.
-    fn offer(&mut self, c: usize, node: Option<usize>) {
+    /// One request of client `c` to `node` (None: no node is up): through the oracle
+    /// now, and to the node's limiter with the node's events of the step (then
+    /// [`account`](Self::account)).
+    fn offer(&mut self, c: usize, node: Option<usize>, burst: bool) {
         self.offered += 1;
         self.offered_by[c] += 1;
         let true_ms = self.true_ms();
         let true_window = true_ms.div_euclid(self.window_ms);
         let client = c as u32;
         self.oracle_clock.set_ms(true_ms);
-        if self.oracle.allow(&self.clients[c], true_ms) {
+        if self.oracle.allow(&self.sh.clients[c], true_ms) {
             self.ideal += 1;
             *self.ideal_tw.entry((client, true_window)).or_default() += 1;
         }
-        let median_ms = true_ms + self.median_skew_ms;
-        let median_window = median_ms.div_euclid(self.window_ms);
         if let Some((oracle, clock)) = &self.cluster_oracle {
+            let median_ms = true_ms + self.median_skew_ms;
             clock.set_ms(median_ms);
-            if oracle.allow(&self.clients[c], median_ms) {
+            if oracle.allow(&self.sh.clients[c], median_ms) {
                 self.cluster_ideal += 1;
-                *self.ideal_cw.entry((client, median_window)).or_default() += 1;
+                *self.ideal_cw.entry((client, median_ms.div_euclid(self.window_ms))).or_default() += 1;
             }
         }
         let Some(n) = node else { return };
-        let now_ms = self.node_ms(n);
-        let key = self.keys[c];
-        let (tap, w) = (self.tap, self.tick.0);
-        let Some(live) = self.nodes[n].live.as_mut() else { return };
-        // The node cuts windows on cluster time: its clock plus its offset.
-        let mut window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(w);
-        if tap {
-            // A request older than its key's newest window is charged to that window.
-            match live.newest.entry(key) {
-                Entry::Occupied(mut e) => {
-                    window = window.max(*e.get());
-                    e.insert(window);
-                }
-                Entry::Vacant(e) => {
-                    e.insert(window);
-                }
-            }
-        }
-        self.newest_window = self.newest_window.max(window);
-        if !live.gossip.limiter().allow(&self.clients[c], now_ms) {
+        let seq = REQUEST_SEQ | self.requests;
+        self.requests += 1;
+        self.nodes[n].queue.push(Reverse(Scheduled { at_us: self.now_us, seq, event: Local::Request { client, burst } }));
+    }
+
+    /// A request a node decided: the truth, the figures and the policy bound's check.
+    fn account(&mut self, d: Decision) {
+        self.newest_window = self.newest_window.max(d.window);
+        if !d.admitted {
             return;
         }
-        let replica = live.replica;
+        let (client, window, replica) = (d.client, d.window, d.replica);
+        let true_ms = d.at_us.div_euclid(1000);
         let r = self.replica_index[&replica];
         self.admitted += 1;
-        *self.admitted_tw.entry((client, true_window)).or_default() += 1;
+        if d.burst {
+            self.burst_admitted += 1;
+            *self.burst_admitted_by.entry(client).or_default() += 1;
+        }
+        *self.admitted_tw.entry((client, true_ms.div_euclid(self.window_ms))).or_default() += 1;
         if self.cluster_oracle.is_some() {
-            *self.admitted_cw.entry((client, median_window)).or_default() += 1;
+            let median_ms = true_ms + self.median_skew_ms;
+            *self.admitted_cw.entry((client, median_ms.div_euclid(self.window_ms))).or_default() += 1;
         }
         *self.truth_cw.entry((client, window)).or_default() += 1;
         let count = self.truth.entry((client, window, r)).or_default();
         *count += 1;
         let count = *count;
         if count > self.cfg.limit {
-            self.violation(format!(
-                "policy bound: replica {}:{} admitted {count} requests of client {c} in window {window}, limit {}",
-                replica.node, replica.incarnation, self.cfg.limit
-            ));
+            self.violation_at(
+                d.at_us,
+                format!(
+                    "policy bound: replica {}:{} admitted {count} requests of client {client} in window {window}, limit {}",
+                    replica.node, replica.incarnation, self.cfg.limit
+                ),
+            );
         }
-    }
-
-    // ----- network -----
-
-    fn partitioned(&self, a: usize, b: usize, at_us: i64) -> bool {
-        let half = self.cfg.nodes.div_ceil(2);
-        (a < half) != (b < half) && self.cfg.partition.iter().any(|&(s, e)| self.at(s) <= at_us && at_us < self.at(e))
-    }
-
-    fn latency_us(&mut self) -> i64 {
-        let (lo, hi) = self.cfg.latency_ms;
-        self.net.between(lo as i64 * 1000, hi as i64 * 1000)
-    }
-
-    /// Extra delay of a reordered message: up to three maximum latencies.
-    fn reorder_us(&mut self) -> i64 {
-        if self.net.chance(self.cfg.reorder) {
-            self.net.between(0, 3 * self.cfg.latency_ms.1.max(1) as i64 * 1000)
-        } else {
-            0
-        }
-    }
-
-    /// Hands one message to the network. Datagrams may be lost, duplicated, delayed.
-    /// Reliable messages (a QUIC stream: full syncs and repairs) are not lost or
-    /// duplicated: each loss costs a retransmission timeout of three maximum latencies,
-    /// and after `MAX_RETRANSMISSIONS` losses in a row the message is given up. Either
-    /// kind is dropped if the sender and receiver are partitioned when it is sent or when
-    /// it arrives, or if the receiver is down when it arrives.
-    fn send(&mut self, from: usize, t: Transmit) {
-        self.totals.messages += 1;
-        self.totals.bytes += t.bytes.len() as u64;
-        let Some(to) = t.to.checked_sub(1).map(|n| n as usize).filter(|&n| n < self.cfg.nodes) else {
-            self.violation(format!("node {from} sent a message to unknown peer {}", t.to));
-            return;
-        };
-        if self.partitioned(from, to, self.now_us) {
-            self.totals.partitioned += 1;
-            return;
-        }
-        if t.reliable {
-            self.totals.reliable_messages += 1;
-            self.totals.reliable_bytes += t.bytes.len() as u64;
-            let rto_us = 3 * self.cfg.latency_ms.1.max(1) as i64 * 1000;
-            let mut delay = self.latency_us() + self.reorder_us();
-            let mut losses = 0;
-            while self.net.chance(self.cfg.loss) {
-                losses += 1;
-                if losses > MAX_RETRANSMISSIONS {
-                    self.totals.lost += 1;
-                    return;
-                }
-                delay += rto_us;
-            }
-            if losses > 0 {
-                self.totals.retransmitted += 1;
-            }
-            self.schedule(self.now_us + delay, Event::Deliver { from, to, bytes: t.bytes });
-            return;
-        }
-        if self.net.chance(self.cfg.loss) {
-            self.totals.lost += 1;
-            return;
-        }
-        if self.net.chance(self.cfg.duplicate) {
-            self.totals.duplicated += 1;
-            let delay = self.latency_us() + self.reorder_us();
-            self.schedule(self.now_us + delay, Event::Deliver { from, to, bytes: t.bytes.clone() });
-        }
-        let delay = self.latency_us() + self.reorder_us();
-        self.schedule(self.now_us + delay, Event::Deliver { from, to, bytes: t.bytes });
-    }
-
-    fn deliver(&mut self, from: usize, to: usize, bytes: &[u8]) {
-        if self.nodes[to].live.is_none() {
-            self.totals.to_down_node += 1;
-            return;
-        }
-        if self.partitioned(from, to, self.now_us) {
-            self.totals.partitioned += 1;
-            return;
-        }
-        let now_ms = self.node_ms(to);
-        let (tap, w, tick) = (self.tap, self.cfg.window_ms, self.tick);
-        let Some(live) = self.nodes[to].live.as_mut() else { return };
-        let result = live.gossip.handle_message(from as u64 + 1, bytes, now_ms);
-        let mut problem = None;
-        match result {
-            Ok(()) => {
-                self.totals.delivered += 1;
-                if tap {
-                    let newest = &mut live.newest;
-                    let cluster_ms = now_ms + live.gossip.cluster_offset_ms();
-                    let tapped = wire::for_each_count(bytes, live.replica, w, acceptable_windows(cluster_ms, tick), |key, window| {
-                        let e = newest.entry(key).or_insert(window);
-                        *e = (*e).max(window);
-                    });
-                    if let Err(e) = tapped {
-                        problem = Some(format!("the wire tap cannot read a message node {to} accepted ({e}): update sim/src/wire.rs"));
-                    }
-                }
-            }
-            Err(e) => problem = Some(format!("node {to} refused a message from node {from}: {e}")),
-        }
-        if let Some(p) = problem {
-            self.violation(p);
-        }
-        self.flush(to);
     }
 
     // ----- timeline -----
@@ -901,7 +1165,7 @@ impl<'a> Sim<'a> {
             let n = self.up[i];
             let now_ms = self.node_ms(n);
             let Some(live) = self.nodes[n].live.as_ref() else { continue };
-            let window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(self.tick.0);
+            let window = (now_ms + live.gossip.cluster_offset_ms()).div_euclid(self.sh.tick.0);
             let mut view: FxMap<u32, u64> = FxMap::default();
             for e in live.gossip.state(now_ms) {
                 if e.window == window {
@@ -910,7 +1174,7 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
-            for c in 0..self.keys.len() as u32 {
+            for c in 0..self.sh.keys.len() as u32 {
                 let truth = self.truth_cw.get(&(c, window)).copied().unwrap_or(0);
                 worst = worst.max(truth.saturating_sub(view.get(&c).copied().unwrap_or(0)));
             }
@@ -926,7 +1190,7 @@ impl<'a> Sim<'a> {
         let cfg = self.cfg;
         let start_window = self.start_us.div_euclid(1000).div_euclid(self.window_ms);
         let windows = cfg.duration_ms.div_ceil(cfg.window_ms) as i64;
-        let mut busiest: Vec<usize> = (0..self.clients.len()).collect();
+        let mut busiest: Vec<usize> = (0..self.sh.clients.len()).collect();
         busiest.sort_by_key(|&c| (std::cmp::Reverse(self.offered_by[c]), c));
         busiest.truncate(TIMELINE_CLIENTS);
         t.window_ms = cfg.window_ms;
@@ -939,7 +1203,7 @@ impl<'a> Sim<'a> {
                 let per_window =
                     |m: &FxMap<(u32, i64), u64>| (0..windows).map(|w| m.get(&(c as u32, start_window + w)).copied().unwrap_or(0)).collect();
                 TimelineClient {
-                    name: self.clients[c].clone(),
+                    name: self.sh.clients[c].clone(),
                     offered: self.offered_by[c],
                     admitted: per_window(&self.admitted_tw),
                     ideal: per_window(&self.ideal_tw),
@@ -1082,7 +1346,7 @@ impl<'a> Sim<'a> {
             // Every client's total: its first aggregator sends it to every live member.
             let views: FxMap<(u64, i64), u64> = live.gossip.views(now_ms).into_iter().map(|v| ((v.key, v.window), v.total)).collect();
             for &((c, w), want) in &want {
-                let total = views.get(&(self.keys[c as usize], w)).copied().unwrap_or(0);
+                let total = views.get(&(self.sh.keys[c as usize], w)).copied().unwrap_or(0);
                 if total < want {
                     return Some(format!("node {n} decides client {c} in window {w} on {total} admissions, live replicas made {want}"));
                 }
@@ -1209,11 +1473,17 @@ impl<'a> Sim<'a> {
         let steady_clients = cfg.clients as u32;
         let burst_max = self.admitted_tw.iter().filter(|((c, _), _)| *c >= steady_clients).map(|(_, &a)| a).max().unwrap_or(0);
         // Fresh bursts are the clients after the steady ones, one per burst.
-        let burst_fewest = if cfg.burst_fresh && self.clients.len() > cfg.clients {
-            (cfg.clients as u32..self.clients.len() as u32).map(|c| self.burst_admitted_by.get(&c).copied().unwrap_or(0)).min().unwrap_or(0)
+        let burst_fewest = if cfg.burst_fresh && self.sh.clients.len() > cfg.clients {
+            (cfg.clients as u32..self.sh.clients.len() as u32)
+                .map(|c| self.burst_admitted_by.get(&c).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0)
         } else {
             0
         };
+        for node in &self.nodes {
+            self.totals.add(&node.totals);
+        }
         let t = &self.totals;
         let report = Report {
             config: cfg.clone(),

@@ -107,26 +107,37 @@ impl<E> Calendar<E> {
         b.rem_euclid(BUCKETS as i64) as usize
     }
 
-    /// The earliest event, by time then sequence.
-    pub(crate) fn pop(&mut self) -> Option<Scheduled<E>> {
+    /// The earliest event, by time then sequence, if it is due before `until_us`. The
+    /// calendar moves on no further than the bucket before `until_us`, so that events
+    /// can still be scheduled from there.
+    pub(crate) fn pop_before(&mut self, until_us: i64) -> Option<Scheduled<E>> {
         loop {
             let from_spill = match (self.current.last(), self.spill.peek()) {
                 (Some(c), Some(Reverse(s))) => s < c,
                 (None, Some(_)) => true,
                 (Some(_), None) => false,
                 (None, None) => {
-                    if !self.advance() {
+                    if !self.advance(bucket_of(until_us - 1)) {
                         return None;
                     }
                     continue;
                 }
             };
+            let first = if from_spill { self.spill.peek().map(|Reverse(s)| s) } else { self.current.last() };
+            if first.is_none_or(|s| s.at_us >= until_us) {
+                return None;
+            }
             return if from_spill { self.spill.pop().map(|Reverse(s)| s) } else { self.current.pop() };
         }
     }
 
-    /// Moves on to the next bucket that holds events, if any does.
-    fn advance(&mut self) -> bool {
+    /// Whether no event is scheduled.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.current.is_empty() && self.spill.is_empty() && self.ahead_len == 0 && self.later.is_empty()
+    }
+
+    /// Moves on to the next bucket that holds events, if any does up to bucket `last`.
+    fn advance(&mut self, last: i64) -> bool {
         let next = if self.ahead_len > 0 {
             self.now + 1
         } else if let Some(Reverse(s)) = self.later.peek() {
@@ -134,6 +145,9 @@ impl<E> Calendar<E> {
         } else {
             return false;
         };
+        if next > last {
+            return false;
+        }
         self.now = next;
         // The bucket is taken before the heap's events move in: the one `BUCKETS` ahead
         // shares its place. It keeps its capacity for its next turn.
@@ -187,7 +201,7 @@ mod tests {
                     heap.push(Reverse((at_us, seq)));
                 }
                 for _ in 0..rng.below(3) {
-                    let (got, want) = (cal.pop(), heap.pop());
+                    let (got, want) = (cal.pop_before(i64::MAX), heap.pop());
                     assert_eq!(got.map(|s| (s.at_us, s.event)), want.map(|Reverse(k)| k), "seed {seed}, step {step}");
                     if let Some(Reverse((at, _))) = want {
                         now_us = at;
@@ -195,10 +209,10 @@ mod tests {
                 }
             }
             while let Some(Reverse(want)) = heap.pop() {
-                let got = cal.pop().map(|s| (s.at_us, s.seq));
+                let got = cal.pop_before(i64::MAX).map(|s| (s.at_us, s.seq));
                 assert_eq!(got, Some(want), "seed {seed}, draining");
             }
-            assert!(cal.pop().is_none());
+            assert!(cal.pop_before(i64::MAX).is_none() && cal.is_empty());
         }
     }
 }

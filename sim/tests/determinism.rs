@@ -165,3 +165,51 @@ fn bad_options_exit_2_with_a_message_and_no_output() {
     }
     assert_eq!(cli(&["--help"]).code, 0);
 }
+
+/// Nodes run side by side on threads within each step; what each one does must not
+/// depend on how many threads there are, with every fault and SWIM on.
+#[test]
+fn the_output_does_not_depend_on_the_threads() {
+    let args = [
+        "--nodes",
+        "24",
+        "--swim-above",
+        "16",
+        "--clients",
+        "40",
+        "--duration-ms",
+        "1500",
+        "--loss",
+        "0.1",
+        "--duplicate",
+        "0.05",
+        "--reorder",
+        "0.1",
+        "--clock-skew-ms",
+        "30",
+        "--partition",
+        "300..700",
+        "--crash",
+        "2@400",
+        "--restart",
+        "2@1000",
+        "--leave",
+        "5@800",
+        "--burst-clients",
+        "2",
+        "--burst-every-ms",
+        "300",
+        "--json",
+    ];
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| cli(&args))
+    };
+    let one = on(1);
+    assert_eq!(one.code, 0, "{}", one.stderr);
+    let v: serde_json::Value = serde_json::from_str(&one.stdout).unwrap();
+    assert!(v["peers_down"].as_u64().unwrap() > 0 && v["burst_offered"].as_u64().unwrap() > 0, "{v}");
+    for threads in [2, 5] {
+        assert_eq!(on(threads).stdout, one.stdout, "{threads} threads");
+    }
+}
