@@ -707,6 +707,14 @@ struct Outgoing {
     count: u64,
 }
 
+/// Pushes `o` onto `list`, reserving room for `room` entries with the first.
+fn push(list: &mut Vec<Outgoing>, room: usize, o: Outgoing) {
+    if list.capacity() == 0 {
+        list.reserve(room);
+    }
+    list.push(o);
+}
+
 /// A member's rank for [`GossipConfig::aggregator_pool`]: the pool is the members with
 /// the lowest, ties (never seen in 64 bits) broken by id.
 fn pool_rank(member: PeerId) -> u64 {
@@ -2665,12 +2673,18 @@ impl GossipNode {
         let place = |id: &PeerId| peers.binary_search_by_key(id, |&(id, _)| id).ok();
         let live: Vec<(PeerId, usize)> = live.iter().filter_map(|p| Some((*p, place(p)?))).collect();
         let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); peers.len()];
-        let mut writers: Vec<PeerId> = Vec::new();
+        // A list's first entry reserves room for a total of every key and window here
+        // (what a live peer that writes none of them gets), not a doubling at a time.
+        let room = exported.chunk_by(|a, b| (a.key, a.window) == (b.key, b.window)).count();
+        // Per replica index, its node and place among the peers; and per place, the last
+        // key (numbered from 1) it was found a writer of: no search per writer or live peer.
+        let mut replica_place: Vec<Option<(PeerId, u64, usize)>> = Vec::new();
+        let mut writer_of: Vec<usize> = vec![0; peers.len()];
         let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
-        let mut newest: Vec<(u64, std::cmp::Reverse<u64>, std::ops::Range<usize>)> = Vec::new();
+        let mut newest: Vec<(u64, std::cmp::Reverse<u64>, usize, std::ops::Range<usize>)> = Vec::new();
         let mut sums: Vec<(i64, u64)> = Vec::new();
-        for counts in exported.chunk_by(|a, b| a.key == b.key) {
-            let key = counts[0].key;
+        for (nth, counts) in exported.chunk_by(|a, b| a.key == b.key).enumerate() {
+            let (key, nth) = (counts[0].key, nth + 1);
             sums.clear();
             by_replica.clear();
             for e in counts {
@@ -2684,46 +2698,52 @@ impl GossipNode {
             }
             sums.retain(|&(window, _)| send(key, window));
             by_replica.sort_unstable();
-            writers.clear();
             // Per node, its replicas here, newest incarnation first: a total goes to a
             // node, whichever incarnation runs there, so it must leave out the newest
             // one's counts (an older incarnation's are others' to it, as anyone's).
             newest.clear();
             let mut at = 0;
             for writer in by_replica.chunk_by(|a, b| a.0 == b.0) {
-                if let Some(r) = self.replica_id(writer[0].0) {
-                    newest.push((r.node, std::cmp::Reverse(r.incarnation), at..at + writer.len()));
+                let index = writer[0].0 as usize;
+                if index >= replica_place.len() {
+                    replica_place.resize(index + 1, None);
+                }
+                let slot = &mut replica_place[index];
+                if slot.is_none() {
+                    *slot = self.replica_id(writer[0].0).and_then(|r| Some((r.node, r.incarnation, place(&r.node)?)));
+                }
+                if let Some((node, incarnation, place)) = *slot {
+                    newest.push((node, std::cmp::Reverse(incarnation), place, at..at + writer.len()));
                 }
                 at += writer.len();
             }
-            newest.sort_unstable_by_key(|(node, inc, _)| (*node, *inc));
+            newest.sort_unstable_by_key(|(node, inc, ..)| (*node, *inc));
             for group in newest.chunk_by(|a, b| a.0 == b.0) {
-                let Some(at) = place(&group[0].0) else { continue };
+                let at = group[0].2;
                 let p = peers[at].1;
                 // Incarnations it has restarted from (or, its clock stepped back, ones
                 // above the one it runs as) are others' counts to it.
-                let Some(&(node, _, ref range)) = group.iter().find(|(_, std::cmp::Reverse(inc), _)| !p.gone(*inc)) else { continue };
+                let Some((_, _, _, range)) = group.iter().find(|(_, std::cmp::Reverse(inc), ..)| !p.gone(*inc)) else { continue };
                 let writer = &by_replica[range.clone()];
                 // Its current incarnation's counts, or a later one's not heard from
                 // here yet (it restarted): no total that holds them goes to it.
-                writers.push(node);
+                writer_of[at] = nth;
                 if !p.up {
                     continue;
                 }
                 for &(window, sum) in &sums {
                     let own = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
                     if sum > own {
-                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
+                        push(&mut lists[at], room, Outgoing { window_ms, replica: me, key, window, count: sum - own });
                     }
                 }
             }
             if to_all(key) {
-                writers.sort_unstable();
                 // A peer with counts here of its current incarnation (or a later one) is a
                 // writer above: never sent a total that holds its own counts.
-                for &(_, at) in live.iter().filter(|(p, _)| writers.binary_search(p).is_err()) {
+                for &(_, at) in live.iter().filter(|&&(_, at)| writer_of[at] != nth) {
                     for &(window, sum) in &sums {
-                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum });
+                        push(&mut lists[at], room, Outgoing { window_ms, replica: me, key, window, count: sum });
                     }
                 }
             }
