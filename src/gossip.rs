@@ -2673,9 +2673,10 @@ impl GossipNode {
         let place = |id: &PeerId| peers.binary_search_by_key(id, |&(id, _)| id).ok();
         let live: Vec<(PeerId, usize)> = live.iter().filter_map(|p| Some((*p, place(p)?))).collect();
         let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); peers.len()];
-        // A list's first entry reserves room for a total of every key and window here
-        // (what a live peer that writes none of them gets), not a doubling at a time.
-        let room = exported.chunk_by(|a, b| (a.key, a.window) == (b.key, b.window)).count();
+        // A list's first entry reserves room for a total of every key here in two windows
+        // (what a live peer that writes none of them gets in a round), not a doubling at a
+        // time; a longer list (a resend, the sliding log's buckets) grows from there.
+        let room = 2 * exported.chunk_by(|a, b| a.key == b.key).count();
         // Per replica index, its node and place among the peers; and per place, the last
         // key (numbered from 1) it was found a writer of: no search per writer or live peer.
         let mut replica_place: Vec<Option<(PeerId, u64, usize)>> = Vec::new();
