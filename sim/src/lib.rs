@@ -1,7 +1,8 @@
 //! A deterministic simulator for crdt-rate-limiter: a whole cluster of limiters, each
-//! wrapped in the real sans-IO [`GossipNode`](crdt_rate_limiter::GossipNode), on one
-//! thread and virtual time, with a seeded network, seeded faults, an exact global
-//! limiter beside them (the oracle) and checkers outside the system under test.
+//! wrapped in the real sans-IO [`GossipNode`](crdt_rate_limiter::GossipNode), on virtual
+//! time, with a seeded network, seeded faults, an exact global limiter beside them (the
+//! oracle) and checkers outside the system under test. From 8 nodes, the nodes run side
+//! by side on every core (rayon); the output does not depend on how many.
 //!
 //! ```
 //! let cfg = sim::Config { nodes: 3, clients: 5, duration_ms: 2_000, ..sim::Config::default() };
@@ -15,9 +16,18 @@
 //!   the window. Node `i`'s clock is virtual time plus a fixed skew drawn in
 //!   `±clock_skew_ms`; its limiter reads a `ManualClock` set to it before every call, and
 //!   `handle_timeout` runs at the deadline `poll_timeout` gives, in the node's time.
-//!   Events at the same instant run in the order they were scheduled.
-//! * **Randomness.** One seed; traffic, network, clock skews, favourite nodes and each
-//!   node incarnation's gossip seed come from their own derived streams ([`rng`]).
+//! * **Steps.** The run advances in steps of 1 ms. In a step, each node runs its own
+//!   events (messages to it, its timer, requests routed to it) in order of time, on its
+//!   own; what it sends is delivered from the next step on, so no message arrives in the
+//!   millisecond it was sent (with a latency of 0 ms, at that millisecond's end). The
+//!   events outside the nodes (traffic routed to them, faults, checks, all of these at
+//!   whole milliseconds but the traffic) run between steps, and what the nodes saw in a
+//!   step (their decisions, violations, peers they took down) is folded in by time, then
+//!   node: so the number of threads changes nothing. A node's events at the same instant
+//!   run in the order they were scheduled; requests after messages and timers.
+//! * **Randomness.** One seed; traffic, clock skews, favourite nodes, each node's
+//!   network (what befalls the messages it sends) and each node incarnation's gossip
+//!   seed come from their own derived streams ([`rng`]).
 //!   Every limiter uses the same fixed hash secret ([`HASH_SECRET`]) and 16 shards.
 //! * **Traffic.** Each client offers `rate × limit` requests per window as a Poisson
 //!   process (the simulator draws the merged process of all clients). A request goes to
