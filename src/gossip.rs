@@ -2647,7 +2647,8 @@ impl GossipNode {
             self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
             // Only the windows that changed (a writer of any window gets them).
             let changed_window = |key: u64, window: i64| group.binary_search(&(window_ms, key, window)).is_ok();
-            self.totals_for(window_ms, &buf, changed_window, (live, |_| true), &mut per);
+            // Every live peer gets about every key's totals: reserved at once.
+            self.totals_for(window_ms, &buf, changed_window, (live, |_| true), true, &mut per);
         }
         self.send_packed(per, true);
         self.published = changed;
@@ -2663,6 +2664,7 @@ impl GossipNode {
         exported: &[Exported],
         send: impl Fn(u64, i64) -> bool,
         (live, to_all): (&[PeerId], impl Fn(u64) -> bool),
+        reserve: bool,
         per: &mut BTreeMap<PeerId, Vec<Outgoing>>,
     ) {
         let me = self.cfg.replica;
@@ -2673,13 +2675,16 @@ impl GossipNode {
         let place = |id: &PeerId| peers.binary_search_by_key(id, |&(id, _)| id).ok();
         let live: Vec<(PeerId, usize)> = live.iter().filter_map(|p| Some((*p, place(p)?))).collect();
         let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); peers.len()];
-        // A list's first entry reserves room for a total of every key here in two windows
-        // (what a live peer that writes none of them gets in a round), not a doubling at a
-        // time; a longer list (a resend, the sliding log's buckets) grows from there.
-        let room = 2 * exported.chunk_by(|a, b| a.key == b.key).count();
-        // Per replica index, its node and place among the peers; and per place, the last
-        // key (numbered from 1) it was found a writer of: no search per writer or live peer.
-        let mut replica_place: Vec<Option<(PeerId, u64, usize)>> = Vec::new();
+        // With `reserve` (a round's totals, which every live peer gets of about every key),
+        // a list's first entry reserves room for every key here in two windows, not a
+        // doubling at a time; a longer list (the sliding log's buckets) grows from there.
+        // Other calls send most peers a few keys' totals: their lists grow as they go.
+        let room = if reserve { 2 * exported.chunk_by(|a, b| a.key == b.key).count() } else { 0 };
+        // Per replica index, its node and place among the peers (once looked up: `None`
+        // for one no peer runs); and per place, the last key (numbered from 1) it was
+        // found a writer of: no search per writer or live peer.
+        type Place = Option<(PeerId, u64, usize)>;
+        let mut replica_place: Vec<Option<Place>> = Vec::new();
         let mut writer_of: Vec<usize> = vec![0; peers.len()];
         let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
         let mut newest: Vec<(u64, std::cmp::Reverse<u64>, usize, std::ops::Range<usize>)> = Vec::new();
@@ -2709,10 +2714,8 @@ impl GossipNode {
                 if index >= replica_place.len() {
                     replica_place.resize(index + 1, None);
                 }
-                let slot = &mut replica_place[index];
-                if slot.is_none() {
-                    *slot = self.replica_id(writer[0].0).and_then(|r| Some((r.node, r.incarnation, place(&r.node)?)));
-                }
+                let slot = replica_place[index]
+                    .get_or_insert_with(|| self.replica_id(writer[0].0).and_then(|r| Some((r.node, r.incarnation, place(&r.node)?))));
                 if let Some((node, incarnation, place)) = *slot {
                     newest.push((node, std::cmp::Reverse(incarnation), place, at..at + writer.len()));
                 }
@@ -2802,7 +2805,7 @@ impl GossipNode {
             // change: between full resends only one gone quiet is resent.
             let busy = &self.published;
             let resend = |key: u64, window: i64| full || busy.binary_search(&(window_ms, key, window)).is_err();
-            self.totals_for(window_ms, &buf, resend, (live, first), &mut per);
+            self.totals_for(window_ms, &buf, resend, (live, first), false, &mut per);
         }
         self.route_to_aggregators(held, false);
         self.send_packed(per, true);
@@ -3063,7 +3066,7 @@ impl GossipNode {
                 // writer's counts looked at).
                 Wanted::Totals => {
                     let mut per = BTreeMap::new();
-                    self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), &mut per);
+                    self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), false, &mut per);
                     // `totals_for` also gives the keys' writers theirs: only `to`'s go.
                     let mine = per.remove(&to).unwrap_or_default();
                     let n = mine.len();

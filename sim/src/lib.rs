@@ -22,9 +22,12 @@
 //!   millisecond it was sent (with a latency of 0 ms, at that millisecond's end). The
 //!   events outside the nodes (traffic routed to them, faults, checks, all of these at
 //!   whole milliseconds but the traffic) run between steps, and what the nodes saw in a
-//!   step (their decisions, violations, peers they took down) is folded in by time, then
-//!   node: so the number of threads changes nothing. A node's events at the same instant
-//!   run in the order they were scheduled; requests after messages and timers.
+//!   step is folded in after it, in an order no thread decides: the nodes' violations by
+//!   time, then node; then the requests they decided by time, then arrival (with the
+//!   policy bound's violations); then the peers they took down, node by node. A node's
+//!   events at the same microsecond run in an order fixed by the run, not by threads:
+//!   by how many events their sender (the node itself, for its timer) had scheduled
+//!   before, then by sender; requests after messages and timers.
 //! * **Randomness.** One seed; traffic, clock skews, favourite nodes, each node's
 //!   network (what befalls the messages it sends) and each node incarnation's gossip
 //!   seed come from their own derived streams ([`rng`]).
