@@ -707,14 +707,6 @@ struct Outgoing {
     count: u64,
 }
 
-/// Pushes `o` onto `list`, reserving room for `room` entries with the first.
-fn push(list: &mut Vec<Outgoing>, room: usize, o: Outgoing) {
-    if list.capacity() == 0 {
-        list.reserve(room);
-    }
-    list.push(o);
-}
-
 /// A member's rank for [`GossipConfig::aggregator_pool`]: the pool is the members with
 /// the lowest, ties (never seen in 64 bits) broken by id.
 fn pool_rank(member: PeerId) -> u64 {
@@ -2676,10 +2668,15 @@ impl GossipNode {
         let live: Vec<(PeerId, usize)> = live.iter().filter_map(|p| Some((*p, place(p)?))).collect();
         let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); peers.len()];
         // With `reserve` (a round's totals, which every live peer gets of about every key),
-        // a list's first entry reserves room for every key here in two windows, not a
+        // each live peer's list has room for every key here in two windows at once, not a
         // doubling at a time; a longer list (the sliding log's buckets) grows from there.
         // Other calls send most peers a few keys' totals: their lists grow as they go.
-        let room = if reserve { 2 * exported.chunk_by(|a, b| a.key == b.key).count() } else { 0 };
+        if reserve {
+            let room = 2 * exported.chunk_by(|a, b| a.key == b.key).count();
+            for &(_, at) in &live {
+                lists[at].reserve(room);
+            }
+        }
         // Per replica index, its node and place among the peers (once looked up: `None`
         // for one no peer runs); and per place, the last key (numbered from 1) it was
         // found a writer of: no search per writer or live peer.
@@ -2738,7 +2735,7 @@ impl GossipNode {
                 for &(window, sum) in &sums {
                     let own = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
                     if sum > own {
-                        push(&mut lists[at], room, Outgoing { window_ms, replica: me, key, window, count: sum - own });
+                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
                     }
                 }
             }
@@ -2747,7 +2744,7 @@ impl GossipNode {
                 // writer above: never sent a total that holds its own counts.
                 for &(_, at) in live.iter().filter(|&&(_, at)| writer_of[at] != nth) {
                     for &(window, sum) in &sums {
-                        push(&mut lists[at], room, Outgoing { window_ms, replica: me, key, window, count: sum });
+                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum });
                     }
                 }
             }

@@ -484,11 +484,9 @@ impl Totals {
 }
 
 struct Sim<'a> {
-    cfg: &'a Config,
-    /// What the nodes read of the run.
+    /// What the nodes read of the run: the options, the start, the clients.
     sh: Shared<'a>,
     window_ms: i64,
-    start_us: i64,
     end_us: i64,
     now_us: i64,
     seq: u64,
@@ -667,10 +665,8 @@ impl<'a> Sim<'a> {
             _ => (window_ms, 1),
         };
         Sim {
-            cfg,
             sh: Shared { cfg, start_us, tick, tap, clients, keys },
             window_ms,
-            start_us,
             end_us,
             now_us: start_us,
             seq: 0,
@@ -734,10 +730,6 @@ impl<'a> Sim<'a> {
         self.nodes[n].ms_at(self.now_us)
     }
 
-    fn at(&self, ms_from_start: u64) -> i64 {
-        self.sh.at(ms_from_start)
-    }
-
     fn schedule(&mut self, at_us: i64, event: Event) {
         self.seq += 1;
         self.queue.push(Scheduled { at_us: at_us.max(self.now_us), seq: self.seq, event });
@@ -750,7 +742,7 @@ impl<'a> Sim<'a> {
     fn violation_at(&mut self, at_us: i64, what: String) {
         self.violation_count += 1;
         if self.violations.len() < VIOLATIONS_KEPT {
-            let t = (at_us - self.start_us) as f64 / 1000.0;
+            let t = (at_us - self.sh.start_us) as f64 / 1000.0;
             self.violations.push(format!("at {t} ms: {what}"));
         }
     }
@@ -758,26 +750,26 @@ impl<'a> Sim<'a> {
     // ----- the loop -----
 
     fn run(&mut self) {
-        let cfg = self.cfg;
+        let cfg = self.sh.cfg;
         // Faults first, so that one at the very end of traffic happens before it ends.
         for &(node, at) in &cfg.crash {
-            self.schedule(self.at(at), Event::Crash(node));
+            self.schedule(self.sh.at(at), Event::Crash(node));
         }
         for &(node, at) in &cfg.restart {
-            self.schedule(self.at(at), Event::Restart(node));
+            self.schedule(self.sh.at(at), Event::Restart(node));
         }
         for &(node, at) in &cfg.leave {
-            self.schedule(self.at(at), Event::Leave(node));
+            self.schedule(self.sh.at(at), Event::Leave(node));
         }
         for &(node, at, delta) in &cfg.clock_step {
-            self.schedule(self.at(at), Event::ClockStep(node, delta));
+            self.schedule(self.sh.at(at), Event::ClockStep(node, delta));
         }
         self.schedule(self.end_us, Event::EndOfTraffic);
         for n in 0..cfg.nodes {
             self.boot(n);
         }
         if cfg.check_ms > 0 {
-            self.schedule(self.start_us + cfg.check_ms as i64 * 1000, Event::SafetyCheck);
+            self.schedule(self.sh.start_us + cfg.check_ms as i64 * 1000, Event::SafetyCheck);
         }
         self.schedule_next_arrival();
         for slot in 0..cfg.burst_clients as u32 {
@@ -785,7 +777,7 @@ impl<'a> Sim<'a> {
         }
         let sample_us = self.timeline.as_ref().map(|_| self.sample_interval_ms() as i64 * 1000);
         if let Some(us) = sample_us {
-            self.schedule(self.start_us + us, Event::Sample);
+            self.schedule(self.sh.start_us + us, Event::Sample);
         }
         loop {
             // The run's own events of the step first: faults and checks (all at whole
@@ -808,7 +800,7 @@ impl<'a> Sim<'a> {
     }
 
     fn event(&mut self, event: Event, sample_us: Option<i64>) {
-        let cfg = self.cfg;
+        let cfg = self.sh.cfg;
         match event {
             Event::Arrival => {
                 self.request();
@@ -866,7 +858,7 @@ impl<'a> Sim<'a> {
     /// After a step, in node order: what the nodes sent goes to its receivers, and what
     /// they saw into the run's figures (requests by time, then sequence).
     fn after_step(&mut self) {
-        let mut found = Vec::new();
+        let (mut found, mut downs) = (Vec::new(), Vec::new());
         for n in 0..self.nodes.len() {
             let mut outbox = std::mem::take(&mut self.nodes[n].outbox);
             for (to, s) in outbox.drain(..) {
@@ -876,6 +868,7 @@ impl<'a> Sim<'a> {
             node.outbox = outbox;
             found.extend(node.violations.drain(..).map(|(at_us, what)| (at_us, n, what)));
             self.decisions.append(&mut node.decisions);
+            downs.extend(node.downs.drain(..).map(|(at_us, peer)| (n, peer, at_us)));
         }
         // A stable sort: each node's violations stay in its order.
         found.sort_by_key(|&(at_us, n, _)| (at_us, n));
@@ -888,19 +881,15 @@ impl<'a> Sim<'a> {
             self.account(d);
         }
         self.decisions = decisions;
-        for n in 0..self.nodes.len() {
-            let mut downs = std::mem::take(&mut self.nodes[n].downs);
-            for (at_us, peer) in downs.drain(..) {
-                self.noticed(n, peer, at_us);
-            }
-            self.nodes[n].downs = downs;
+        for (n, peer, at_us) in downs {
+            self.noticed(n, peer, at_us);
         }
     }
 
     // ----- nodes -----
 
     fn boot(&mut self, n: usize) {
-        let cfg = self.cfg;
+        let cfg = self.sh.cfg;
         let now_ms = self.node_ms(n);
         let node = &mut self.nodes[n];
         node.crashed_at_us = None;
@@ -998,7 +987,7 @@ impl<'a> Sim<'a> {
             return;
         }
         self.next_arrival_us += self.traffic.exponential(self.arrival_gap_us);
-        let at = self.start_us + self.next_arrival_us as i64;
+        let at = self.sh.start_us + self.next_arrival_us as i64;
         if at < self.end_us {
             self.schedule(at, Event::Arrival);
         }
@@ -1007,8 +996,8 @@ impl<'a> Sim<'a> {
     /// Picks the node a request of `client` goes to: its favourite with probability
     /// `skew_traffic`, else any node; a node that is down passes it to a live one.
     fn route(&mut self, client: usize) -> Option<usize> {
-        let n = self.cfg.nodes as u64;
-        let mut node = if self.traffic.chance(self.cfg.skew_traffic) { self.favourite[client] } else { self.traffic.below(n) as usize };
+        let n = self.sh.cfg.nodes as u64;
+        let mut node = if self.traffic.chance(self.sh.cfg.skew_traffic) { self.favourite[client] } else { self.traffic.below(n) as usize };
         if self.nodes[node].live.is_none() {
             if self.up.is_empty() {
                 return None;
@@ -1019,7 +1008,7 @@ impl<'a> Sim<'a> {
     }
 
     fn request(&mut self) {
-        let c = self.traffic.below(self.cfg.clients as u64) as usize;
+        let c = self.traffic.below(self.sh.cfg.clients as u64) as usize;
         let node = self.route(c);
         self.offer(c, node, false);
     }
@@ -1027,8 +1016,8 @@ impl<'a> Sim<'a> {
     /// When burst client `slot` starts its next burst: exponential gaps of mean
     /// `burst_every_ms`, so bursts come at random moments. None after the end of traffic.
     fn schedule_next_burst(&mut self, slot: u32) {
-        let gap_us = self.bursts.exponential(self.cfg.burst_every_ms as f64 * 1000.0);
-        let at = self.now_us.max(self.start_us) + gap_us as i64;
+        let gap_us = self.bursts.exponential(self.sh.cfg.burst_every_ms as f64 * 1000.0);
+        let at = self.now_us.max(self.sh.start_us) + gap_us as i64;
         if at < self.end_us {
             self.schedule(at, Event::BurstStart(slot));
         }
@@ -1037,7 +1026,7 @@ impl<'a> Sim<'a> {
     /// Schedules one burst: `burst_size` requests uniformly within `burst_spread_ms`,
     /// round-robin over the nodes from a drawn one, or all to one drawn node.
     fn burst(&mut self, slot: u32) {
-        let cfg = self.cfg;
+        let cfg = self.sh.cfg;
         let client = if cfg.burst_fresh {
             if self.sh.clients.len() >= limits::CLIENTS_MAX {
                 return; // the documented limit on clients: no more fresh ones
@@ -1134,12 +1123,12 @@ impl<'a> Sim<'a> {
         let count = self.truth.entry((client, window, r)).or_default();
         *count += 1;
         let count = *count;
-        if count > self.cfg.limit {
+        if count > self.sh.cfg.limit {
             self.violation_at(
                 d.at_us,
                 format!(
                     "policy bound: replica {}:{} admitted {count} requests of client {client} in window {window}, limit {}",
-                    replica.node, replica.incarnation, self.cfg.limit
+                    replica.node, replica.incarnation, self.sh.cfg.limit
                 ),
             );
         }
@@ -1150,7 +1139,7 @@ impl<'a> Sim<'a> {
     /// The interval of view-lag samples: a gossip interval, or longer to stay within
     /// `TIMELINE_SAMPLES_MAX` samples over the traffic.
     fn sample_interval_ms(&self) -> u64 {
-        self.cfg.gossip_ms.max(self.cfg.duration_ms.div_ceil(TIMELINE_SAMPLES_MAX))
+        self.sh.cfg.gossip_ms.max(self.sh.cfg.duration_ms.div_ceil(TIMELINE_SAMPLES_MAX))
     }
 
     /// The largest number of one client's admissions in the current window that some
@@ -1179,7 +1168,7 @@ impl<'a> Sim<'a> {
                 worst = worst.max(truth.saturating_sub(view.get(&c).copied().unwrap_or(0)));
             }
         }
-        let at_ms = ((self.now_us - self.start_us) / 1000) as u64;
+        let at_ms = ((self.now_us - self.sh.start_us) / 1000) as u64;
         if let Some(t) = self.timeline.as_mut() {
             t.lag.push((at_ms, worst));
         }
@@ -1187,8 +1176,8 @@ impl<'a> Sim<'a> {
 
     /// The per-window admissions of the busiest clients, and the faults.
     fn finish_timeline(&self, mut t: Timeline) -> Timeline {
-        let cfg = self.cfg;
-        let start_window = self.start_us.div_euclid(1000).div_euclid(self.window_ms);
+        let cfg = self.sh.cfg;
+        let start_window = self.sh.start_us.div_euclid(1000).div_euclid(self.window_ms);
         let windows = cfg.duration_ms.div_ceil(cfg.window_ms) as i64;
         let mut busiest: Vec<usize> = (0..self.sh.clients.len()).collect();
         busiest.sort_by_key(|&c| (std::cmp::Reverse(self.offered_by[c]), c));
@@ -1262,7 +1251,7 @@ impl<'a> Sim<'a> {
     /// The client `key` (of a store for `window_ms`) belongs to; a violation naming `what`
     /// if the window length or the key is no client's.
     fn client_of(&mut self, what: &str, window_ms: u64, key: u64) -> Option<u32> {
-        if window_ms != self.cfg.window_ms {
+        if window_ms != self.sh.cfg.window_ms {
             self.violation(format!("{what} for an unknown window length {window_ms} ms"));
             return None;
         }
@@ -1426,19 +1415,19 @@ impl<'a> Sim<'a> {
             self.convergence_ms = Some(waited_ms);
             self.done = true;
             verify(self);
-        } else if waited_ms >= self.cfg.tail_cap_ms {
+        } else if waited_ms >= self.sh.cfg.tail_cap_ms {
             self.done = true;
             let what = disagreement.unwrap_or_default();
             self.violation(format!("live replicas still disagree {waited_ms} ms after traffic and faults ended: {what}"));
         } else {
-            self.schedule(self.now_us + self.cfg.gossip_ms as i64 * 1000, Event::ConvergenceCheck);
+            self.schedule(self.now_us + self.sh.cfg.gossip_ms as i64 * 1000, Event::ConvergenceCheck);
         }
     }
 
     // ----- results -----
 
     fn report(mut self) -> (Report, Option<Timeline>) {
-        let cfg = self.cfg;
+        let cfg = self.sh.cfg;
         for n in 0..self.nodes.len() {
             if let Some(live) = self.nodes[n].live.take() {
                 self.add_stats(&live.gossip);
