@@ -29,8 +29,9 @@ pub(crate) use crate::store::{ExportCursor, Exported, OthersCount, ViewCount, LO
 
 /// Counts are merged in chunks of this many, each prefetched first (`Store::prefetch`):
 /// enough for the cache misses of a chunk to overlap, few enough that its slots are
-/// still cached when they are merged.
-const MERGE_CHUNK: usize = 16;
+/// still cached when they are merged. 64 against 16: 0.97 of the simulator's time at
+/// 300 nodes (`docs/benchmarks.md`, "Speed"); 128 measured the same as 64.
+const MERGE_CHUNK: usize = 64;
 
 /// A limiter attached to a gossip core. See the module documentation.
 #[derive(Debug)]
