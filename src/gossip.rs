@@ -697,6 +697,51 @@ pub struct ViewEntry {
     pub total: u64,
 }
 
+/// One store's others' totals for every receiver, worked out once
+/// ([`GossipNode::totals_for`]) and then packed for each receiver in turn: no list per
+/// receiver is built and sorted.
+struct Totals {
+    window_ms: u64,
+    /// Per (window, key), newest window first and then by key (the order packing puts
+    /// counts in): the total of every replica's counts held here, and whether the peers
+    /// in `live` that do not write the key get it.
+    all: Vec<(std::cmp::Reverse<i64>, u64, u64, bool)>,
+    /// Every peer, in id order.
+    peers: Vec<Receiver>,
+}
+
+/// A peer [`Totals`] may go to.
+struct Receiver {
+    id: PeerId,
+    /// Among `live`: it gets the totals meant for every peer.
+    live: bool,
+    /// The totals of the keys it writes, which leave out its own counts: index into
+    /// `all`, ascending, and the total sent it (0 for none).
+    own: Vec<(u32, u64)>,
+}
+
+impl Totals {
+    /// Whether the peer at `at` gets any of these totals.
+    fn reaches(&self, at: usize) -> bool {
+        let r = &self.peers[at];
+        r.live || !r.own.is_empty()
+    }
+
+    /// The totals for the peer at `at`, from `me`, in packing order.
+    fn to(&self, at: usize, me: ReplicaId) -> impl Iterator<Item = Outgoing> + '_ {
+        let Receiver { live, own, .. } = &self.peers[at];
+        let mut own = own.iter().peekable();
+        let window_ms = self.window_ms;
+        self.all.iter().enumerate().filter_map(move |(i, &(std::cmp::Reverse(window), key, sum, to_all))| {
+            let count = match own.next_if(|o| o.0 as usize == i) {
+                Some(&(_, total)) => Some(total).filter(|&t| t > 0),
+                None => (*live && to_all).then_some(sum),
+            };
+            count.map(|count| Outgoing { window_ms, replica: me, key, window, count })
+        })
+    }
+}
+
 /// A count on its way out.
 #[derive(Debug, Clone, Copy)]
 struct Outgoing {
@@ -2304,6 +2349,12 @@ impl GossipNode {
     /// in `packing`, whose buffers a caller packing for many peers reuses.
     fn pack_into(&self, entries: &mut [Outgoing], totals: bool, packing: &mut Packing, messages: &mut Vec<Vec<u8>>) {
         entries.sort_unstable_by_key(|o| (o.window_ms, o.replica, std::cmp::Reverse(o.window), o.key));
+        self.pack_sorted(entries.iter().copied(), totals, packing, messages);
+    }
+
+    /// [`pack_into`](Self::pack_into) of `entries` already in its order (by store, replica,
+    /// newest window first, key).
+    fn pack_sorted(&self, entries: impl Iterator<Item = Outgoing>, totals: bool, packing: &mut Packing, messages: &mut Vec<Vec<u8>>) {
         let budget = self.cfg.max_message_bytes;
         let header = codec::counts_header_len(&self.cfg.replica);
         let Packing { heads, flat } = packing;
@@ -2318,7 +2369,7 @@ impl GossipNode {
             heads.clear();
             flat.clear();
         };
-        for o in entries.iter() {
+        for o in entries {
             // In the last batch if it has this replica and store and the window is its
             // base or the one before; else in a new batch.
             let offset = heads
@@ -2644,7 +2695,7 @@ impl GossipNode {
         changed.append(&mut lagging);
         changed.sort_unstable();
         changed.dedup();
-        let mut per = BTreeMap::new();
+        let mut totals = Vec::new();
         let mut buf = Vec::new();
         for group in changed.chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
@@ -2654,10 +2705,9 @@ impl GossipNode {
             self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
             // Only the windows that changed (a writer of any window gets them).
             let changed_window = |key: u64, window: i64| group.binary_search(&(window_ms, key, window)).is_ok();
-            // Every live peer gets about every key's totals: reserved at once.
-            self.totals_for(window_ms, &buf, changed_window, (live, |_| true), true, &mut per);
+            totals.push(self.totals_for(window_ms, &buf, changed_window, (live, |_| true)));
         }
-        self.send_packed(per, true);
+        self.send_totals(totals);
         self.published = changed;
     }
 
@@ -2671,38 +2721,26 @@ impl GossipNode {
         exported: &[Exported],
         send: impl Fn(u64, i64) -> bool,
         (live, to_all): (&[PeerId], impl Fn(u64) -> bool),
-        reserve: bool,
-        per: &mut BTreeMap<PeerId, Vec<Outgoing>>,
-    ) {
-        let me = self.cfg.replica;
-        // The peers in id order (and where each of `live` is among them), and what is sent
-        // to each: indexed once here rather than looked up in the maps per key and peer
-        // (the lookups were a tenth of a busy round).
+    ) -> Totals {
+        // The peers in id order, and what is sent to each: indexed once here rather than
+        // looked up in the maps per key and peer (the lookups were a tenth of a busy round).
         let peers: Vec<(PeerId, &Peer)> = self.peers.iter().map(|(&id, p)| (id, p)).collect();
         let place = |id: &PeerId| peers.binary_search_by_key(id, |&(id, _)| id).ok();
-        let live: Vec<(PeerId, usize)> = live.iter().filter_map(|p| Some((*p, place(p)?))).collect();
-        let mut lists: Vec<Vec<Outgoing>> = vec![Vec::new(); peers.len()];
-        // With `reserve` (a round's totals, which every live peer gets of about every key),
-        // each live peer's list has room for every key here in two windows at once, not a
-        // doubling at a time; a longer list (the sliding log's buckets) grows from there.
-        // Other calls send most peers a few keys' totals: their lists grow as they go.
-        if reserve {
-            let room = 2 * exported.chunk_by(|a, b| a.key == b.key).count();
-            for &(_, at) in &live {
-                lists[at].reserve(room);
-            }
+        let mut in_live = vec![false; peers.len()];
+        for at in live.iter().filter_map(place) {
+            in_live[at] = true;
         }
+        let mut all = Vec::new();
+        let mut own: Vec<Vec<(u32, u64)>> = vec![Vec::new(); peers.len()];
         // Per replica index, its node and place among the peers (once looked up: `None`
-        // for one no peer runs); and per place, the last key (numbered from 1) it was
-        // found a writer of: no search per writer or live peer.
+        // for one no peer runs): no search per writer.
         type Place = Option<(PeerId, u64, usize)>;
         let mut replica_place: Vec<Option<Place>> = Vec::new();
-        let mut writer_of: Vec<usize> = vec![0; peers.len()];
         let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
         let mut newest: Vec<(u64, std::cmp::Reverse<u64>, usize, std::ops::Range<usize>)> = Vec::new();
         let mut sums: Vec<(i64, u64)> = Vec::new();
-        for (nth, counts) in exported.chunk_by(|a, b| a.key == b.key).enumerate() {
-            let (key, nth) = (counts[0].key, nth + 1);
+        for counts in exported.chunk_by(|a, b| a.key == b.key) {
+            let key = counts[0].key;
             sums.clear();
             by_replica.clear();
             for e in counts {
@@ -2715,6 +2753,9 @@ impl GossipNode {
                 }
             }
             sums.retain(|&(window, _)| send(key, window));
+            let first = all.len();
+            let everyone = to_all(key);
+            all.extend(sums.iter().map(|&(window, sum)| (std::cmp::Reverse(window), key, sum, everyone)));
             by_replica.sort_unstable();
             // Per node, its replicas here, newest incarnation first: a total goes to a
             // node, whichever incarnation runs there, so it must leave out the newest
@@ -2741,37 +2782,50 @@ impl GossipNode {
                 // above the one it runs as) are others' counts to it.
                 let Some((_, _, _, range)) = group.iter().find(|(_, std::cmp::Reverse(inc), ..)| !p.gone(*inc)) else { continue };
                 let writer = &by_replica[range.clone()];
-                // Its current incarnation's counts, or a later one's not heard from
-                // here yet (it restarted): no total that holds them goes to it.
-                writer_of[at] = nth;
-                if !p.up {
-                    continue;
-                }
-                for &(window, sum) in &sums {
-                    let own = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
-                    if sum > own {
-                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum - own });
-                    }
-                }
-            }
-            if to_all(key) {
-                // A peer with counts here of its current incarnation (or a later one) is a
-                // writer above: never sent a total that holds its own counts.
-                for &(_, at) in live.iter().filter(|&&(_, at)| writer_of[at] != nth) {
-                    for &(window, sum) in &sums {
-                        lists[at].push(Outgoing { window_ms, replica: me, key, window, count: sum });
-                    }
+                // Its current incarnation's counts, or a later one's not heard from here
+                // yet (it restarted): no total that holds them goes to it (0 where the
+                // others have none), not even one meant for every peer.
+                for (i, &(window, sum)) in sums.iter().enumerate() {
+                    let mine = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
+                    own[at].push(((first + i) as u32, if p.up { sum.saturating_sub(mine) } else { 0 }));
                 }
             }
         }
-        for ((id, _), mut list) in peers.into_iter().zip(lists).filter(|(_, l)| !l.is_empty()) {
-            // Moved in whole where the peer has nothing yet (the common case).
-            let to = per.entry(id).or_default();
-            if to.is_empty() {
-                *to = list;
-            } else {
-                to.append(&mut list);
+        // In packing order; each peer's own totals follow the entries they replace.
+        if !all.is_sorted_by_key(|&(window, key, ..)| (window, key)) {
+            let mut order: Vec<u32> = (0..all.len() as u32).collect();
+            order.sort_unstable_by_key(|&i| (all[i as usize].0, all[i as usize].1));
+            let mut rank = vec![0u32; all.len()];
+            for (r, &i) in order.iter().enumerate() {
+                rank[i as usize] = r as u32;
             }
+            all = order.iter().map(|&i| all[i as usize]).collect();
+            for list in &mut own {
+                list.iter_mut().for_each(|o| o.0 = rank[o.0 as usize]);
+                list.sort_unstable_by_key(|o| o.0);
+            }
+        }
+        let peers = peers.iter().zip(in_live).zip(own).map(|(((id, _), live), own)| Receiver { id: *id, live, own }).collect();
+        Totals { window_ms, all, peers }
+    }
+
+    /// Packs and sends every store's `totals` to the peers that are up and get any.
+    fn send_totals(&mut self, mut totals: Vec<Totals>) {
+        totals.sort_by_key(|t| t.window_ms);
+        let me = self.cfg.replica;
+        let (mut packing, mut messages) = (Packing::default(), Vec::new());
+        let receivers = totals.first().map_or(0, |t| t.peers.len());
+        for at in 0..receivers {
+            let to = totals[0].peers[at].id;
+            if !totals.iter().any(|t| t.reaches(at)) || !self.peers.get(&to).is_some_and(|p| p.up) {
+                continue;
+            }
+            let mut n = 0;
+            self.pack_sorted(totals.iter().flat_map(|t| t.to(at, me)).inspect(|_| n += 1), true, &mut packing, &mut messages);
+            for m in messages.drain(..) {
+                self.queue(to, m, false);
+            }
+            self.stats.totals_sent += n;
         }
     }
 
@@ -2785,7 +2839,7 @@ impl GossipNode {
     /// again).
     fn resend_everything(&mut self, live: &[PeerId], now_ms: i64, full: bool) {
         let me = self.cfg.replica;
-        let (mut held, mut per, mut buf) = (Vec::new(), BTreeMap::new(), Vec::new());
+        let (mut held, mut totals, mut buf) = (Vec::new(), Vec::new(), Vec::new());
         // This node's own counts: every one in a full resend (or when more were sent than
         // are tracked); otherwise those sent in the rounds since the last resend, each
         // once more. Those sent this round wait for the next resend.
@@ -2840,7 +2894,7 @@ impl GossipNode {
             // change: between full resends only one gone quiet is resent.
             let busy = &self.published;
             let resend = |key: u64, window: i64| full || busy.binary_search(&(window_ms, key, window)).is_err();
-            self.totals_for(window_ms, &buf, resend, (live, first), false, &mut per);
+            totals.push(self.totals_for(window_ms, &buf, resend, (live, first)));
         }
         for group in own_changed.as_deref().unwrap_or_default().chunk_by(|a, b| a.0 == b.0) {
             let window_ms = group[0].0;
@@ -2855,7 +2909,7 @@ impl GossipNode {
             );
         }
         self.route_to_aggregators(held, false);
-        self.send_packed(per, true);
+        self.send_totals(totals);
     }
 
     /// A clock sample asked of `to` (its answer also counts as hearing from it).
@@ -3112,13 +3166,12 @@ impl GossipNode {
                 // Totals are charged as sent (about one per key and window, out of every
                 // writer's counts looked at).
                 Wanted::Totals => {
-                    let mut per = BTreeMap::new();
-                    self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true), false, &mut per);
+                    let all = self.totals_for(job.window_ms, &buf, |_, _| true, (&[to], |_| true));
                     // `totals_for` also gives the keys' writers theirs: only `to`'s go.
-                    let mine = per.remove(&to).unwrap_or_default();
-                    let n = mine.len();
-                    totals.extend(mine);
-                    n
+                    let at = all.peers.binary_search_by_key(&to, |p| p.id);
+                    let before = totals.len();
+                    totals.extend(at.into_iter().flat_map(|at| all.to(at, self.cfg.replica)));
+                    totals.len() - before
                 }
                 wanted => {
                     out.extend(buf.iter().filter_map(|e| {
