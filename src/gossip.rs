@@ -159,11 +159,9 @@ pub const MAX_RESEND_ENTRIES: usize = 65_536;
 
 /// Aggregated dissemination: every this many anti-entropy periods the periodic resend
 /// passes over every count held. In the periods between, it leaves out the counts it
-/// holds of live peers' current incarnations (they resend their own), the totals it
+/// holds of live peers' current incarnations (they resend their own) and the totals it
 /// published in the round before (resent at the next period unless they are published
-/// again in the round before it), and its own counts not sent since the last resend (a
-/// count is resent once, at the period after it was sent: one lost twice waits for the
-/// next full resend). A store larger than one resend takes a full pass of
+/// again in the round before it). A store larger than one resend takes a full pass of
 /// one period per part; one of a multiple of this many parts is in a full pass at every
 /// period, and saves nothing.
 pub const FULL_RESEND_PERIODS: u64 = 5;
@@ -1020,11 +1018,6 @@ pub struct GossipNode {
     /// Aggregated dissemination: the (window length, key, window)s whose totals this node
     /// published in its last round, sorted.
     published: Vec<(u64, u64, i64)>,
-    /// Aggregated dissemination: the (round, window length, key, window)s of this node's
-    /// own counts sent to their aggregators since its last periodic resend, which sends
-    /// each once more (in case it was lost) rather than every own count; `None` once more
-    /// than [`MAX_RESEND_ENTRIES`] were sent, when that resend sends every own count.
-    own_sent: Option<Vec<(u64, u64, u64, i64)>>,
     /// The last round in which this node's view changed (its own counts or a merge).
     last_active_round: u64,
     stats: GossipStats,
@@ -1099,7 +1092,6 @@ impl GossipNode {
             standby: Vec::new(),
             resend_cursors: BTreeMap::new(),
             published: Vec::new(),
-            own_sent: Some(Vec::new()),
             last_active_round: 0,
             stats: GossipStats::default(),
             clock,
@@ -2540,13 +2532,6 @@ impl GossipNode {
         if !own.is_empty() {
             self.last_active_round = self.round;
         }
-        let round = self.round;
-        if self.own_sent.as_ref().is_some_and(|sent| sent.len() + own.len() > MAX_RESEND_ENTRIES) {
-            self.own_sent = None;
-        }
-        if let Some(sent) = &mut self.own_sent {
-            sent.extend(own.iter().map(|o| (round, o.window_ms, o.key, o.window)));
-        }
         self.relay.clear();
         let messaged = self.route_to_aggregators(own, true);
         // Heartbeats in turn, SWIM or not: every member judges by silence too (below
@@ -2834,31 +2819,11 @@ impl GossipNode {
     /// others' totals of every key this node aggregates to its writers (and, for the keys
     /// it is the first aggregator of, the total to every other live peer). A resend that
     /// is not `full` (see [`FULL_RESEND_PERIODS`]) leaves out the counts this node holds
-    /// of live peers' current incarnations, the totals it published in the round before,
-    /// and its own counts that it has not sent since its last resend (that one sent them
-    /// again).
+    /// of live peers' current incarnations and the totals it published in the round
+    /// before.
     fn resend_everything(&mut self, live: &[PeerId], now_ms: i64, full: bool) {
         let me = self.cfg.replica;
         let (mut held, mut totals, mut buf) = (Vec::new(), Vec::new(), Vec::new());
-        // This node's own counts: every one in a full resend (or when more were sent than
-        // are tracked); otherwise those sent in the rounds since the last resend, each
-        // once more. Those sent this round wait for the next resend.
-        let round = self.round;
-        let own_changed = match self.own_sent.take() {
-            Some(mut sent) if !full => {
-                sent.sort_unstable();
-                let now = sent.partition_point(|s| s.0 < round);
-                let mut changed: Vec<(u64, u64, i64)> = sent.drain(..now).map(|(_, w, key, window)| (w, key, window)).collect();
-                changed.sort_unstable();
-                changed.dedup();
-                self.own_sent = Some(sent);
-                Some(changed)
-            }
-            _ => {
-                self.own_sent = Some(Vec::new());
-                None
-            }
-        };
         let windows = self.replica.window_lengths();
         // A store dropped (its limits removed) leaves no pass under way behind.
         self.resend_cursors.retain(|(window_ms, _), _| windows.contains(window_ms));
@@ -2878,11 +2843,8 @@ impl GossipNode {
             // only their holders can.
             held.extend(buf.iter().filter_map(|e| {
                 let replica = self.replica_id(e.replica)?;
-                let resends_itself = if e.replica == LOCAL_REPLICA {
-                    own_changed.is_some()
-                } else {
-                    self.peers.get(&replica.node).is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation))
-                };
+                let resends_itself = e.replica != LOCAL_REPLICA
+                    && self.peers.get(&replica.node).is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation));
                 (full || !resends_itself).then_some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
             buf.retain(|e| self.ring.aggregates(e.key, k, me.node));
@@ -2895,18 +2857,6 @@ impl GossipNode {
             let busy = &self.published;
             let resend = |key: u64, window: i64| full || busy.binary_search(&(window_ms, key, window)).is_err();
             totals.push(self.totals_for(window_ms, &buf, resend, (live, first)));
-        }
-        for group in own_changed.as_deref().unwrap_or_default().chunk_by(|a, b| a.0 == b.0) {
-            let window_ms = group[0].0;
-            let mut keys: Vec<u64> = group.iter().map(|c| c.1).collect();
-            keys.dedup();
-            buf.clear();
-            self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
-            held.extend(
-                buf.iter()
-                    .filter(|e| e.replica == LOCAL_REPLICA && group.binary_search(&(window_ms, e.key, e.window)).is_ok())
-                    .map(|e| Outgoing { window_ms, replica: me, key: e.key, window: e.window, count: e.count }),
-            );
         }
         self.route_to_aggregators(held, false);
         self.send_totals(totals);

@@ -770,50 +770,6 @@ fn between_full_resends_aggregators_resend_no_writers_counts_nor_busy_totals_and
     assert!(standby <= 3 * 7 + 2 * 7, "the standby sent {standby} totals");
 }
 
-/// Between full resends a writer resends only its own counts sent since its last
-/// periodic resend, each once: a count made once goes out again at the next period only,
-/// and counts unchanged since the last resend do not go out again until the full one.
-#[test]
-fn between_full_resends_a_writer_resends_once_only_the_counts_it_sent_since_the_last_resend() {
-    let ids: Vec<u64> = (1..=8).collect();
-    let mut c = eight_in_one_window_that_counted(&ids, "busy");
-    let aggregators = c.aggregators(&ids);
-    let writers: Vec<u64> = ids.iter().copied().filter(|n| !aggregators.contains(n)).collect();
-    let (w, others) = (writers[0], &writers[1..]);
-    let sent = |c: &Cluster| c.nodes[&w].gossip.stats().entries_sent;
-    // Rounds 12 to 42, as above: w counts "once" in the first round only, the other
-    // writers count "busy" every round (so no view goes quiet, which would make a full
-    // resend). The anti-entropy periods start at rounds 20, 30 and 40.
-    let mut sends = Vec::new();
-    let mut last = 0;
-    for step in 0..31 {
-        if step == 0 {
-            assert!(c.allow(w, "once"));
-        }
-        for &n in others {
-            assert!(c.allow(n, "busy"));
-        }
-        let t = c.now + 20;
-        c.run_until(t);
-        if step > 0 && sent(&c) > last {
-            sends.push((step, sent(&c) - last));
-        }
-        last = sent(&c);
-    }
-    assert!(c.now < T0 + 50 * 20, "before the full resend");
-    let key = c.nodes[&w].gossip.limiter().key_hash("once");
-    let holders = ids.iter().filter(|&&n| n != w && c.state(n).iter().any(|e| e.key == key && e.replica.node == w)).count() as u64;
-    assert!(holders >= 1, "the count of \"once\" reached its aggregators");
-    // One resend after the count: of "once" to its aggregators (and of "busy" if it was
-    // sent after the resend before); none at the two periods after it, which would have
-    // resent both counts again.
-    assert_eq!(sends.len(), 1, "w sent counts after its first round at {sends:?}");
-    assert!(sends[0].1 >= holders, "{sends:?}: \"once\" resent to its {holders} aggregators");
-    for node in ids {
-        assert_eq!(c.view(node, "once"), 1, "node {node}'s view of \"once\"");
-    }
-}
-
 /// Eight nodes that counted "k" in one window; then five more counts of a writer that is
 /// not one of the key's two aggregators reach the first of them only. Returns the
 /// cluster, the key's hash, the writer, and the aggregators that hold 6 and 1 of its
