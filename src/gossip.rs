@@ -2565,28 +2565,23 @@ impl GossipNode {
                 }
             }
         }
-        self.send_packed(per, false)
+        self.send_packed(per)
     }
 
-    /// Packs and sends each peer's counts (or, with `totals`, others' totals), to the
-    /// peers that are up. Returns the peers sent to.
-    fn send_packed(&mut self, per: BTreeMap<PeerId, Vec<Outgoing>>, totals: bool) -> BTreeSet<PeerId> {
+    /// Packs and sends each peer's counts to the peers that are up (others' totals go by
+    /// [`send_totals`](Self::send_totals)). Returns the peers sent to.
+    fn send_packed(&mut self, per: BTreeMap<PeerId, Vec<Outgoing>>) -> BTreeSet<PeerId> {
         let mut sent = BTreeSet::new();
         let (mut packing, mut messages) = (Packing::default(), Vec::new());
         for (to, mut entries) in per {
             if !self.peers.get(&to).is_some_and(|p| p.up) {
                 continue;
             }
-            self.pack_into(&mut entries, totals, &mut packing, &mut messages);
+            self.pack_into(&mut entries, false, &mut packing, &mut messages);
             for m in messages.drain(..) {
                 self.queue(to, m, false);
             }
-            let n = entries.len() as u64;
-            if totals {
-                self.stats.totals_sent += n;
-            } else {
-                self.stats.entries_sent += n;
-            }
+            self.stats.entries_sent += entries.len() as u64;
             sent.insert(to);
         }
         sent
