@@ -713,9 +713,9 @@ struct Receiver {
     id: PeerId,
     /// Among `live`: it gets the totals meant for every peer.
     live: bool,
-    /// The totals of the keys it writes, which leave out its own counts: index into
-    /// `all`, ascending, and the total sent it (0 for none).
-    own: Vec<(u32, u64)>,
+    /// The totals of the keys it writes, which leave out its own counts: per (window,
+    /// key), in `all`'s order, the total sent it (0 for none).
+    own: Vec<(std::cmp::Reverse<i64>, u64, u64)>,
 }
 
 impl Totals {
@@ -730,12 +730,12 @@ impl Totals {
         let Receiver { live, own, .. } = &self.peers[at];
         let mut own = own.iter().peekable();
         let window_ms = self.window_ms;
-        self.all.iter().enumerate().filter_map(move |(i, &(std::cmp::Reverse(window), key, sum, to_all))| {
-            let count = match own.next_if(|o| o.0 as usize == i) {
-                Some(&(_, total)) => Some(total).filter(|&t| t > 0),
+        self.all.iter().filter_map(move |&(at, key, sum, to_all)| {
+            let count = match own.next_if(|o| (o.0, o.1) == (at, key)) {
+                Some(&(.., total)) => Some(total).filter(|&t| t > 0),
                 None => (*live && to_all).then_some(sum),
             };
-            count.map(|count| Outgoing { window_ms, replica: me, key, window, count })
+            count.map(|count| Outgoing { window_ms, replica: me, key, window: at.0, count })
         })
     }
 }
@@ -2711,7 +2711,7 @@ impl GossipNode {
             in_live[at] = true;
         }
         let mut all = Vec::new();
-        let mut own: Vec<Vec<(u32, u64)>> = vec![Vec::new(); peers.len()];
+        let mut own: Vec<Vec<(std::cmp::Reverse<i64>, u64, u64)>> = vec![Vec::new(); peers.len()];
         // Per replica index, its node and place among the peers (once looked up: `None`
         // for one no peer runs): no search per writer.
         type Place = Option<(PeerId, u64, usize)>;
@@ -2733,7 +2733,6 @@ impl GossipNode {
                 }
             }
             sums.retain(|&(window, _)| send(key, window));
-            let first = all.len();
             let everyone = to_all(key);
             all.extend(sums.iter().map(|&(window, sum)| (std::cmp::Reverse(window), key, sum, everyone)));
             by_replica.sort_unstable();
@@ -2765,24 +2764,18 @@ impl GossipNode {
                 // Its current incarnation's counts, or a later one's not heard from here
                 // yet (it restarted): no total that holds them goes to it (0 where the
                 // others have none), not even one meant for every peer.
-                for (i, &(window, sum)) in sums.iter().enumerate() {
+                for &(window, sum) in &sums {
                     let mine = writer.iter().find(|w| w.1 == window).map_or(0, |w| w.2);
-                    own[at].push(((first + i) as u32, if p.up { sum.saturating_sub(mine) } else { 0 }));
+                    own[at].push((std::cmp::Reverse(window), key, if p.up { sum.saturating_sub(mine) } else { 0 }));
                 }
             }
         }
-        // In packing order; each peer's own totals follow the entries they replace.
+        // In packing order (already so for keys exported in order, in one window), each
+        // peer's own totals too.
         if !all.is_sorted_by_key(|&(window, key, ..)| (window, key)) {
-            let mut order: Vec<u32> = (0..all.len() as u32).collect();
-            order.sort_unstable_by_key(|&i| (all[i as usize].0, all[i as usize].1));
-            let mut rank = vec![0u32; all.len()];
-            for (r, &i) in order.iter().enumerate() {
-                rank[i as usize] = r as u32;
-            }
-            all = order.iter().map(|&i| all[i as usize]).collect();
+            all.sort_unstable_by_key(|&(window, key, ..)| (window, key));
             for list in &mut own {
-                list.iter_mut().for_each(|o| o.0 = rank[o.0 as usize]);
-                list.sort_unstable_by_key(|o| o.0);
+                list.sort_unstable_by_key(|&(window, key, _)| (window, key));
             }
         }
         let peers = peers.iter().zip(in_live).zip(own).map(|(((id, _), live), own)| Receiver { id: *id, live, own }).collect();
@@ -2795,6 +2788,7 @@ impl GossipNode {
         let me = self.cfg.replica;
         let (mut packing, mut messages) = (Packing::default(), Vec::new());
         let receivers = totals.first().map_or(0, |t| t.peers.len());
+        debug_assert!(totals.iter().all(|t| t.peers.iter().map(|r| r.id).eq(totals[0].peers.iter().map(|r| r.id))));
         for at in 0..receivers {
             let to = totals[0].peers[at].id;
             if !totals.iter().any(|t| t.reaches(at)) || !self.peers.get(&to).is_some_and(|p| p.up) {
