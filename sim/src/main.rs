@@ -3,6 +3,10 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+// Why not the system allocator: sim/Cargo.toml, beside the dependency.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let out = sim::cli(std::env::args().skip(1));
     // A closed pipe (`sim | head`) is not the simulator's failure.
