@@ -711,6 +711,8 @@ struct Totals {
 /// A peer [`Totals`] may go to.
 struct Receiver {
     id: PeerId,
+    /// Up when the totals were worked out: only a peer that is up is sent them.
+    up: bool,
     /// Among `live`: it gets the totals meant for every peer.
     live: bool,
     /// The totals of the keys it writes, which leave out its own counts: per (window,
@@ -719,10 +721,10 @@ struct Receiver {
 }
 
 impl Totals {
-    /// Whether the peer at `at` gets any of these totals.
+    /// Whether the peer at `at` is up and gets any of these totals.
     fn reaches(&self, at: usize) -> bool {
         let r = &self.peers[at];
-        r.live || !r.own.is_empty()
+        r.up && (r.live || !r.own.is_empty())
     }
 
     /// The totals for the peer at `at`, from `me`, in packing order.
@@ -730,12 +732,12 @@ impl Totals {
         let Receiver { live, own, .. } = &self.peers[at];
         let mut own = own.iter().peekable();
         let window_ms = self.window_ms;
-        self.all.iter().filter_map(move |&(at, key, sum, to_all)| {
-            let count = match own.next_if(|o| (o.0, o.1) == (at, key)) {
+        self.all.iter().filter_map(move |&(window, key, sum, to_all)| {
+            let count = match own.next_if(|o| (o.0, o.1) == (window, key)) {
                 Some(&(.., total)) => Some(total).filter(|&t| t > 0),
                 None => (*live && to_all).then_some(sum),
             };
-            count.map(|count| Outgoing { window_ms, replica: me, key, window: at.0, count })
+            count.map(|count| Outgoing { window_ms, replica: me, key, window: window.0, count })
         })
     }
 }
@@ -2778,11 +2780,11 @@ impl GossipNode {
                 list.sort_unstable_by_key(|&(window, key, _)| (window, key));
             }
         }
-        let peers = peers.iter().zip(in_live).zip(own).map(|(((id, _), live), own)| Receiver { id: *id, live, own }).collect();
+        let peers = peers.iter().zip(in_live).zip(own).map(|(((id, p), live), own)| Receiver { id: *id, up: p.up, live, own }).collect();
         Totals { window_ms, all, peers }
     }
 
-    /// Packs and sends every store's `totals` to the peers that are up and get any.
+    /// Packs and sends every store's `totals` to the peers they reach.
     fn send_totals(&mut self, mut totals: Vec<Totals>) {
         totals.sort_by_key(|t| t.window_ms);
         let me = self.cfg.replica;
@@ -2791,7 +2793,7 @@ impl GossipNode {
         debug_assert!(totals.iter().all(|t| t.peers.iter().map(|r| r.id).eq(totals[0].peers.iter().map(|r| r.id))));
         for at in 0..receivers {
             let to = totals[0].peers[at].id;
-            if !totals.iter().any(|t| t.reaches(at)) || !self.peers.get(&to).is_some_and(|p| p.up) {
+            if !totals.iter().any(|t| t.reaches(at)) {
                 continue;
             }
             let mut n = 0;
