@@ -181,4 +181,21 @@ mod cluster {
         assert!(path.iter().any(|&e| e > 0 && e < 3_000), "{path:?}");
         assert!(net.errors().iter().all(|e| e.abs() <= 3), "{:?}", net.errors());
     }
+
+    /// Beyond 16 peers a node asks `fanout` random peers for a clock sample a period, and
+    /// members agree on cluster time only once each has sampled every clock (before, each
+    /// takes the median of its own draw). The peers it has no sample of are asked first,
+    /// so 40 members agree within a few periods; four random ones a period would take
+    /// about 40 periods to reach every clock.
+    #[test]
+    fn beyond_full_mesh_members_sample_every_clock_within_a_few_periods() {
+        // 40 clocks 45 ms apart over -900..=855 ms, in a scrambled order.
+        let skews: Vec<i64> = (0..40).map(|i: i64| (i * 17 % 40) * 45 - 900).collect();
+        let mut net = Net::new(&skews);
+        // Five anti-entropy periods.
+        net.run_until(T0 + 1_000);
+        // The median of 40 clocks is the mean of the middle two, -45 and 0 ms (rounded down).
+        let errors = net.errors();
+        assert!(errors.iter().all(|&e| (e + 23).abs() <= 3), "{errors:?}");
+    }
 }
