@@ -15,7 +15,9 @@
 //!   live peers with a usable sample (for an even count, the mean of the middle two).
 //!   With exact samples every node computes the median of *all* clocks minus its own, so
 //!   all nodes land on one time; one peer with a wildly wrong clock moves the median by
-//!   one rank at most, never by its error.
+//!   one rank at most, never by its error. The gossip core may leave this node's own
+//!   clock out ([`Estimator::update`]'s `own`): with a partial view every member takes
+//!   the median of the aggregator pool's clocks, its own only if it is in the pool.
 //! * **Smoothed and bounded.** The applied offset moves only when the target differs from
 //!   it by more than the estimate's error (half the largest round trip among the samples
 //!   used): jitter inside the error moves nothing, so an unskewed cluster keeps offset 0.
@@ -116,17 +118,23 @@ impl Estimator {
         self.last
     }
 
-    /// Recomputes the target over `live` peers and moves the applied offset toward it.
-    pub(crate) fn update(&mut self, live: impl IntoIterator<Item = u64>) -> Update {
-        let mut offsets = vec![0i64];
+    /// Recomputes the target over the clocks of `peers`, and this node's own with `own`,
+    /// and moves the applied offset toward it. Members that take the median of the same
+    /// clocks agree on it, whether or not their own is among them.
+    pub(crate) fn update(&mut self, peers: impl IntoIterator<Item = u64>, own: bool) -> Update {
+        let mut offsets = Vec::new();
+        if own {
+            offsets.push(0i64);
+        }
         let mut error_ms = 0;
-        for p in live {
+        for p in peers {
             if let Some((o, rtt)) = self.peer_offset(p) {
                 offsets.push(o);
                 error_ms = error_ms.max(rtt.div_euclid(2) + rtt.rem_euclid(2));
             }
         }
-        if offsets.len() == 1 {
+        let contributors = offsets.len() - usize::from(own);
+        if contributors == 0 {
             self.last = Update { offset_ms: self.applied_ms, target_ms: None, error_ms: 0 };
             return self.last;
         }
@@ -134,8 +142,8 @@ impl Estimator {
         let n = offsets.len();
         let target = if n % 2 == 1 { offsets[n / 2] } else { (offsets[n / 2 - 1] + offsets[n / 2]).div_euclid(2) };
         let diff = target - self.applied_ms;
-        let settling = n - 1 > self.most_contributors;
-        self.most_contributors = self.most_contributors.max(n - 1);
+        let settling = contributors > self.most_contributors;
+        self.most_contributors = self.most_contributors.max(contributors);
         if diff.abs() > error_ms {
             let step = if settling { diff } else { diff.clamp(-self.settings.max_step_ms, self.settings.max_step_ms) };
             self.applied_ms += step;
@@ -159,7 +167,20 @@ mod tests {
     }
 
     fn converge(e: &mut Estimator, peers: u64, rounds: usize) -> Vec<i64> {
-        (0..rounds).map(|_| e.update(1..=peers).offset_ms).collect()
+        (0..rounds).map(|_| e.update(1..=peers, true).offset_ms).collect()
+    }
+
+    #[test]
+    fn without_its_own_clock_a_node_lands_on_the_median_of_the_others() {
+        // Peers' clocks 100, 300 and 900 ms ahead of ours: 300 without ours, 200 with it.
+        let mut e = Estimator::new(S);
+        feed(&mut e, 0, &[100, 300, 900], 4);
+        assert_eq!(e.update(1..=3, false).offset_ms, 300);
+        let mut e = Estimator::new(S);
+        feed(&mut e, 0, &[100, 300, 900], 4);
+        assert_eq!(e.update(1..=3, true).offset_ms, 200);
+        // No peer's sample: no target, whatever `own` says.
+        assert_eq!(Estimator::new(S).update(1..=3, false), Update::default());
     }
 
     #[test]
@@ -223,17 +244,17 @@ mod tests {
         let mut e = Estimator::new(S);
         // One peer first: the median of {0, 900} is 450, applied whole.
         e.record(1, 900, 2);
-        assert_eq!(e.update([1, 2]).offset_ms, 450);
+        assert_eq!(e.update([1, 2], true).offset_ms, 450);
         // A second peer contributes: more information, applied whole.
         e.record(2, 900, 2);
-        assert_eq!(e.update([1, 2]).offset_ms, 900);
+        assert_eq!(e.update([1, 2], true).offset_ms, 900);
         // Both peers' clocks jump 2 s ahead: bounded steps from here.
         e.record(1, 2_900, 2);
         e.record(2, 2_900, 2);
-        assert_eq!(e.update([1, 2]).offset_ms, 1_150);
+        assert_eq!(e.update([1, 2], true).offset_ms, 1_150);
         // No usable sample: the offset stays.
         e.forget(1);
         e.forget(2);
-        assert_eq!(e.update([1, 2]), Update { offset_ms: 1_150, target_ms: None, error_ms: 0 });
+        assert_eq!(e.update([1, 2], true), Update { offset_ms: 1_150, target_ms: None, error_ms: 0 });
     }
 }

@@ -1877,9 +1877,27 @@ impl GossipNode {
     /// exchanges heartbeats, clock samples and new limits with the pool only, and hears
     /// from the other members through SWIM alone.
     fn view(&self) -> Option<&[PeerId]> {
+        (self.partial_views() && !self.in_ring()).then_some(&self.ring.members[..])
+    }
+
+    /// Whether members outside the aggregator pool have a partial view (the pool), as this
+    /// node counts the peers.
+    fn partial_views(&self) -> bool {
         let swim_above = self.cfg.swim_above_peers.max(self.cfg.full_mesh_max_peers);
-        let partial = self.cfg.partial_view && self.peers.len() > swim_above + swim_above / 8 && self.aggregated() && !self.in_ring();
-        partial.then_some(&self.ring.members[..])
+        self.cfg.partial_view && self.peers.len() > swim_above + swim_above / 8 && self.aggregated()
+    }
+
+    /// The clocks whose median is cluster time here, among `live`, and whether this
+    /// node's own is one: every live peer's and its own; but where members outside the
+    /// pool have a partial view, and sample the pool's clocks only, the pool's on every
+    /// member (its own only if it is in the pool), so that members in and outside the
+    /// pool take the median of the same clocks and agree on it.
+    fn clock_reference<'a>(&self, live: &'a [PeerId]) -> (std::borrow::Cow<'a, [PeerId]>, bool) {
+        if !self.partial_views() {
+            return (std::borrow::Cow::Borrowed(live), true);
+        }
+        let pool = &self.ring.members;
+        (live.iter().copied().filter(|p| pool.binary_search(p).is_ok()).collect(), self.in_ring())
     }
 
     /// Those of `peers` in this node's view (all of them but with a partial view).
@@ -2051,7 +2069,8 @@ impl GossipNode {
     /// (this node's included) that is further from cluster time than the tolerance.
     fn update_cluster_time(&mut self, live: &[PeerId]) {
         let before = self.clock.offset_ms();
-        let u = self.clock.update(live.iter().copied());
+        let (reference, own) = self.clock_reference(live);
+        let u = self.clock.update(reference.iter().copied(), own);
         if self.cfg.cluster_time {
             self.replica.set_offset(u.offset_ms);
             if u.offset_ms != before {
