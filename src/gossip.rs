@@ -233,11 +233,13 @@ pub struct GossipConfig {
     /// A partial view beyond `swim_above_peers` plus an eighth of it (144 peers at the
     /// default), with aggregated dissemination: a member outside the aggregator pool
     /// sends its heartbeats in turn, clock samples and new limits to the pool's members
-    /// only and hears from the other members through SWIM alone; in SWIM mode every
-    /// peer's silence then takes it down only after four SWIM probe cycles over the
-    /// members (a peer heartbeats by its own view of the pool, which may differ from this
-    /// node's), so SWIM is what notices a failure; and the transport keeps connections
-    /// open to the pool only (`docs/cluster.md`, "A partial view of connections").
+    /// only (every member then takes cluster time from the pool's clocks:
+    /// `docs/design.md`, "Cluster time") and hears from the other members through SWIM
+    /// alone; in SWIM mode every peer's silence then takes it down only after four SWIM
+    /// probe cycles over the members (a peer heartbeats by its own view of the pool,
+    /// which may differ from this node's), so SWIM is what notices a failure; and the
+    /// transport keeps connections open to the pool only (`docs/cluster.md`, "A partial
+    /// view of connections").
     /// Default true. A member of a version without it judges every member by silence and
     /// would take down the members that no longer heartbeat it: to upgrade a cluster of
     /// more than 129 members from such a version, start the new version with this false,
