@@ -22,7 +22,7 @@
 //!   it by more than the estimate's error (half the largest round trip among the samples
 //!   used): jitter inside the error moves nothing, so an unskewed cluster keeps offset 0.
 //!   When it moves, it moves to the target but by at most `max_step_ms` per round,
-//!   except while it settles: a round in which more peers contribute a sample than ever
+//!   except while it settles: a round in which more clocks make the median than ever
 //!   before (the node just started, or peers just came up) applies the target whole, so
 //!   a node starting far off joins cluster time at its first estimate. A median of more
 //!   clocks is better information, not drift; a step back it causes is handled like any
@@ -69,13 +69,15 @@ pub(crate) struct Estimator {
     samples: BTreeMap<u64, Vec<Sample>>,
     applied_ms: i64,
     last: Update,
-    /// The most peers that ever contributed to one update.
-    most_contributors: usize,
+    /// The most clocks (peers' and this node's own) that ever made one update's median:
+    /// a median of as many clocks is no news, whether or not this node's own is one of
+    /// them (a node leaving the aggregator pool keeps the same clocks).
+    most_clocks: usize,
 }
 
 impl Estimator {
     pub(crate) fn new(settings: Settings) -> Self {
-        Self { settings, samples: BTreeMap::new(), applied_ms: 0, last: Update::default(), most_contributors: 0 }
+        Self { settings, samples: BTreeMap::new(), applied_ms: 0, last: Update::default(), most_clocks: 0 }
     }
 
     /// Records a ping's sample from `peer`. A negative round trip (our clock stepped back
@@ -142,8 +144,8 @@ impl Estimator {
         let n = offsets.len();
         let target = if n % 2 == 1 { offsets[n / 2] } else { (offsets[n / 2 - 1] + offsets[n / 2]).div_euclid(2) };
         let diff = target - self.applied_ms;
-        let settling = contributors > self.most_contributors;
-        self.most_contributors = self.most_contributors.max(contributors);
+        let settling = n > self.most_clocks;
+        self.most_clocks = self.most_clocks.max(n);
         if diff.abs() > error_ms {
             let step = if settling { diff } else { diff.clamp(-self.settings.max_step_ms, self.settings.max_step_ms) };
             self.applied_ms += step;
@@ -181,6 +183,22 @@ mod tests {
         assert_eq!(e.update(1..=3, true).offset_ms, 200);
         // No peer's sample: no target, whatever `own` says.
         assert_eq!(Estimator::new(S).update(1..=3, false), Update::default());
+    }
+
+    #[test]
+    fn leaving_its_own_clock_out_of_as_many_clocks_is_no_news_and_moves_in_bounded_steps() {
+        // In the pool: its own and three peers' clocks, 2,000 ms ahead; applied whole.
+        let mut e = Estimator::new(S);
+        feed(&mut e, 0, &[2_000, 2_000, 2_000], 4);
+        assert_eq!(e.update(1..=3, true).offset_ms, 2_000);
+        // Out of it: four peers' clocks, two of them 4,000 ms ahead (peer 3's clock
+        // stepped). The median of four clocks, as before: 250 ms a round towards 3,000.
+        e.record(3, 4_000, 4);
+        e.record(4, 4_000, 4);
+        assert_eq!(e.update(1..=4, false).offset_ms, 2_250);
+        // A fifth clock is news: applied whole.
+        e.record(5, 4_000, 4);
+        assert_eq!(e.update(1..=5, false).offset_ms, 4_000);
     }
 
     #[test]

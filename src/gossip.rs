@@ -2360,11 +2360,14 @@ impl GossipNode {
             // on it once each has sampled every clock (until then each takes the median
             // of its own draw). `fanout` random peers a period reach them all in about
             // `N·ln N / fanout` periods (25 s at 100 members); the unsampled ones asked
-            // first, in fewer than `N / MAX_CLOCK_PROBES`. In pool order, so that members
-            // sample the same clocks first.
+            // first, in about `N / MAX_CLOCK_PROBES`. Those never asked (or that answered)
+            // before those whose ask is unanswered, so that peers that do not answer do not
+            // take every place; then in pool order, so that members sample the same clocks
+            // first.
+            let asked = |p: PeerId| self.peers.get(&p).is_some_and(|p| p.ping_sent_ms.is_some());
             let mut unsampled: Vec<PeerId> =
                 view.iter().copied().filter(|&p| self.clock.peer_offset(p).is_none() && !sample.contains(&p)).collect();
-            unsampled.sort_unstable_by_key(|&p| (pool_rank(p), p));
+            unsampled.sort_unstable_by_key(|&p| (asked(p), pool_rank(p), p));
             sample.extend(unsampled.into_iter().take(MAX_CLOCK_PROBES));
             sample
         } else {
