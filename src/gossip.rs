@@ -947,6 +947,14 @@ impl Ring {
     }
 }
 
+/// Those of `peers` in `set` (sorted), or all of them without one.
+fn among<'a>(peers: &'a [PeerId], set: Option<&[PeerId]>) -> std::borrow::Cow<'a, [PeerId]> {
+    match set {
+        None => std::borrow::Cow::Borrowed(peers),
+        Some(set) => peers.iter().copied().filter(|p| set.binary_search(p).is_ok()).collect(),
+    }
+}
+
 /// Puts `id` in the sorted list `up`, or takes it out. Returns whether the list changed.
 fn set_up(up: &mut Vec<PeerId>, id: PeerId, is_up: bool) -> bool {
     match (up.binary_search(&id), is_up) {
@@ -1895,19 +1903,13 @@ impl GossipNode {
     /// member (its own only if it is in the pool), so that members in and outside the
     /// pool take the median of the same clocks and agree on it.
     fn clock_reference<'a>(&self, live: &'a [PeerId]) -> (std::borrow::Cow<'a, [PeerId]>, bool) {
-        if !self.partial_views() {
-            return (std::borrow::Cow::Borrowed(live), true);
-        }
-        let pool = &self.ring.members;
-        (live.iter().copied().filter(|p| pool.binary_search(p).is_ok()).collect(), self.in_ring())
+        let partial = self.partial_views();
+        (among(live, partial.then_some(&self.ring.members[..])), !partial || self.in_ring())
     }
 
     /// Those of `peers` in this node's view (all of them but with a partial view).
     fn in_view_of<'a>(&self, peers: &'a [PeerId]) -> std::borrow::Cow<'a, [PeerId]> {
-        match self.view() {
-            None => std::borrow::Cow::Borrowed(peers),
-            Some(v) => peers.iter().copied().filter(|p| v.binary_search(p).is_ok()).collect(),
-        }
+        among(peers, self.view())
     }
 
     /// Whether the transport should keep a connection to `peer` open while it carries
