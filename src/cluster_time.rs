@@ -73,11 +73,52 @@ pub(crate) struct Estimator {
     /// a median of as many clocks is no news, whether or not this node's own is one of
     /// them (a node leaving the aggregator pool keeps the same clocks).
     most_clocks: usize,
+    /// Bumped by every change to the samples: an update over the same clocks in the same
+    /// generation finds the same median.
+    generation: u64,
+    /// The last update's clocks (its peers, and whether this node's own was one), their
+    /// generation and their median: a round whose samples and peers are those of the
+    /// round before (most rounds: samples come once per anti-entropy period) reuses it.
+    memo: Memo,
+    /// The peers of the update under way (a buffer kept from round to round).
+    peers: Vec<u64>,
+}
+
+/// See [`Estimator::memo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Memo {
+    generation: Option<u64>,
+    own: bool,
+    peers: Vec<u64>,
+    median: Median,
+}
+
+/// The median of some clocks: the target offset and its error bound (`None` without a
+/// usable peer sample), and how many clocks made it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Median {
+    target: Option<(i64, i64)>,
+    clocks: usize,
 }
 
 impl Estimator {
     pub(crate) fn new(settings: Settings) -> Self {
-        Self { settings, samples: BTreeMap::new(), applied_ms: 0, last: Update::default(), most_clocks: 0 }
+        Self {
+            settings,
+            samples: BTreeMap::new(),
+            applied_ms: 0,
+            last: Update::default(),
+            most_clocks: 0,
+            generation: 0,
+            memo: Memo::default(),
+            peers: Vec::new(),
+        }
+    }
+
+    /// Changes with every change to the samples (so a caller can tell that no peer's
+    /// offset moved since it last looked).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Records a ping's sample from `peer`. A negative round trip (our clock stepped back
@@ -86,6 +127,7 @@ impl Estimator {
         if rtt_ms < 0 {
             return;
         }
+        self.generation += 1;
         let ring = self.samples.entry(peer).or_default();
         let new = Sample { offset_ms, rtt_ms };
         // Two samples of the same two clocks overlap within their bounds; if they do not,
@@ -101,6 +143,7 @@ impl Estimator {
 
     /// Forgets `peer`'s samples (it restarted, or left).
     pub(crate) fn forget(&mut self, peer: u64) {
+        self.generation += 1;
         self.samples.remove(&peer);
     }
 
@@ -124,34 +167,57 @@ impl Estimator {
     /// and moves the applied offset toward it. Members that take the median of the same
     /// clocks agree on it, whether or not their own is among them.
     pub(crate) fn update(&mut self, peers: impl IntoIterator<Item = u64>, own: bool) -> Update {
-        let mut offsets = Vec::new();
-        if own {
-            offsets.push(0i64);
-        }
-        let mut error_ms = 0;
-        for p in peers {
-            if let Some((o, rtt)) = self.peer_offset(p) {
-                offsets.push(o);
-                error_ms = error_ms.max(rtt.div_euclid(2) + rtt.rem_euclid(2));
-            }
-        }
-        let contributors = offsets.len() - usize::from(own);
-        if contributors == 0 {
+        self.peers.clear();
+        self.peers.extend(peers);
+        let m = &self.memo;
+        let same = m.generation == Some(self.generation) && m.own == own && m.peers == self.peers;
+        let median = if same {
+            debug_assert_eq!(self.median(&self.peers, own), m.median, "a stale median");
+            m.median
+        } else {
+            let median = self.median(&self.peers, own);
+            std::mem::swap(&mut self.memo.peers, &mut self.peers);
+            self.memo.generation = Some(self.generation);
+            self.memo.own = own;
+            self.memo.median = median;
+            median
+        };
+        let Some((target, error_ms)) = median.target else {
             self.last = Update { offset_ms: self.applied_ms, target_ms: None, error_ms: 0 };
             return self.last;
-        }
-        offsets.sort_unstable();
-        let n = offsets.len();
-        let target = if n % 2 == 1 { offsets[n / 2] } else { (offsets[n / 2 - 1] + offsets[n / 2]).div_euclid(2) };
+        };
         let diff = target - self.applied_ms;
-        let settling = n > self.most_clocks;
-        self.most_clocks = self.most_clocks.max(n);
+        let settling = median.clocks > self.most_clocks;
+        self.most_clocks = self.most_clocks.max(median.clocks);
         if diff.abs() > error_ms {
             let step = if settling { diff } else { diff.clamp(-self.settings.max_step_ms, self.settings.max_step_ms) };
             self.applied_ms += step;
         }
         self.last = Update { offset_ms: self.applied_ms, target_ms: Some(target), error_ms };
         self.last
+    }
+
+    /// The median of the clocks of `peers` with a usable sample, and of this node's own
+    /// with `own`; no target without a peer's.
+    fn median(&self, peers: &[u64], own: bool) -> Median {
+        let mut offsets = Vec::with_capacity(peers.len() + 1);
+        if own {
+            offsets.push(0i64);
+        }
+        let mut error_ms = 0;
+        for &p in peers {
+            if let Some((o, rtt)) = self.peer_offset(p) {
+                offsets.push(o);
+                error_ms = error_ms.max(rtt.div_euclid(2) + rtt.rem_euclid(2));
+            }
+        }
+        if offsets.len() == usize::from(own) {
+            return Median { target: None, clocks: offsets.len() };
+        }
+        offsets.sort_unstable();
+        let n = offsets.len();
+        let target = if n % 2 == 1 { offsets[n / 2] } else { (offsets[n / 2 - 1] + offsets[n / 2]).div_euclid(2) };
+        Median { target: Some((target, error_ms)), clocks: n }
     }
 }
 

@@ -1042,6 +1042,11 @@ pub struct GossipNode {
     clock: Estimator,
     /// Peers whose clocks were beyond the tolerance at the last round.
     clocks_beyond: BTreeSet<PeerId>,
+    /// What `clocks_beyond` was last brought up to date with: the estimator's generation,
+    /// the applied offset, the tolerance and the live peers. The same again finds the
+    /// same peers beyond it, so the check is skipped.
+    clocks_checked: Option<(u64, i64, i64)>,
+    clocks_checked_live: Vec<PeerId>,
     /// This node's own clock was beyond the tolerance at the last round.
     own_clock_beyond: bool,
     /// SWIM membership: answers probes always; decides liveness in SWIM mode.
@@ -1113,6 +1118,8 @@ impl GossipNode {
             stats: GossipStats::default(),
             clock,
             clocks_beyond: BTreeSet::new(),
+            clocks_checked: None,
+            clocks_checked_live: Vec::new(),
             own_clock_beyond: false,
             swim,
             swim_started: false,
@@ -2098,6 +2105,13 @@ impl GossipNode {
             self.own_clock_beyond = own;
             self.replica.set_clock_beyond(own);
         }
+        let checked = Some((self.clock.generation(), u.offset_ms, tolerance));
+        if checked == self.clocks_checked && self.clocks_checked_live == live {
+            return;
+        }
+        self.clocks_checked = checked;
+        self.clocks_checked_live.clear();
+        self.clocks_checked_live.extend_from_slice(live);
         for &p in live {
             let off = self.clock.peer_offset(p).map(|(o, _)| o - u.offset_ms);
             let beyond = off.is_some_and(|o| o.abs() > tolerance);
