@@ -2620,8 +2620,14 @@ impl GossipNode {
     fn route_to_aggregators(&mut self, counts: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
         let me = self.cfg.replica.node;
         let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
+        // A key's counts come together (its windows, its writers): looked up once.
+        let mut last: Option<(u64, Aggregators)> = None;
         for o in counts {
-            for &a in self.ring.aggregators(o.key, self.cfg.aggregators).as_slice() {
+            let aggregators = match &last {
+                Some((key, a)) if *key == o.key => a,
+                _ => &last.insert((o.key, self.ring.aggregators(o.key, self.cfg.aggregators))).1,
+            };
+            for &a in aggregators.as_slice() {
                 if a != me {
                     per.entry(a).or_default().push(o);
                 } else if publish {
@@ -2783,6 +2789,9 @@ impl GossipNode {
         let mut by_replica: Vec<(u32, i64, u64)> = Vec::new();
         let mut newest: Vec<(u64, std::cmp::Reverse<u64>, usize, std::ops::Range<usize>)> = Vec::new();
         let mut sums: Vec<(i64, u64)> = Vec::new();
+        // Per peer, the last key a replica of its node was found for (to tell a node with
+        // two incarnations among a key's writers).
+        let (mut seen, mut seen_key) = (vec![0u64; peers.len()], 0u64);
         for counts in exported.chunk_by(|a, b| a.key == b.key) {
             let key = counts[0].key;
             sums.clear();
@@ -2799,11 +2808,17 @@ impl GossipNode {
             sums.retain(|&(window, _)| send(key, window));
             let everyone = to_all(key);
             all.extend(sums.iter().map(|&(window, sum)| (std::cmp::Reverse(window), key, sum, everyone)));
-            by_replica.sort_unstable();
+            // Each writer's counts together (a store exports them so but for the windows
+            // past the previous one, which follow the rest).
+            if !by_replica.is_sorted_by_key(|w| w.0) {
+                by_replica.sort_unstable();
+            }
             // Per node, its replicas here, newest incarnation first: a total goes to a
             // node, whichever incarnation runs there, so it must leave out the newest
             // one's counts (an older incarnation's are others' to it, as anyone's).
             newest.clear();
+            seen_key += 1;
+            let mut twice = false;
             let mut at = 0;
             for writer in by_replica.chunk_by(|a, b| a.0 == b.0) {
                 let index = writer[0].0 as usize;
@@ -2813,11 +2828,17 @@ impl GossipNode {
                 let slot = replica_place[index]
                     .get_or_insert_with(|| self.replica_id(writer[0].0).and_then(|r| Some((r.node, r.incarnation, place(&r.node)?))));
                 if let Some((node, incarnation, place)) = *slot {
+                    twice |= std::mem::replace(&mut seen[place], seen_key) == seen_key;
                     newest.push((node, std::cmp::Reverse(incarnation), place, at..at + writer.len()));
                 }
                 at += writer.len();
             }
-            newest.sort_unstable_by_key(|(node, inc, ..)| (*node, *inc));
+            // A node with more than one incarnation here: its replicas together, newest
+            // first. (Otherwise each node is a group of one, and the groups' order does
+            // not matter: each fills its own node's list.)
+            if twice {
+                newest.sort_unstable_by_key(|(node, inc, ..)| (*node, *inc));
+            }
             for group in newest.chunk_by(|a, b| a.0 == b.0) {
                 let at = group[0].2;
                 let p = peers[at].1;
@@ -2894,13 +2915,31 @@ impl GossipNode {
             // Between full resends, a live peer's current incarnation resends its own
             // counts itself; those of replicas that are gone (dead, or restarted from)
             // only their holders can.
+            // Per replica index, its id and whether it resends itself: looked up once.
+            let mut ids: Vec<Option<Option<(ReplicaId, bool)>>> = Vec::new();
             held.extend(buf.iter().filter_map(|e| {
-                let replica = self.replica_id(e.replica)?;
-                let resends_itself = e.replica != LOCAL_REPLICA
-                    && self.peers.get(&replica.node).is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation));
+                let (replica, resends_itself) = if e.replica == LOCAL_REPLICA {
+                    (me, false)
+                } else {
+                    let index = e.replica as usize;
+                    if index >= ids.len() {
+                        ids.resize(index + 1, None);
+                    }
+                    let id = ids[index].get_or_insert_with(|| {
+                        let replica = self.replica_id(e.replica)?;
+                        let p = self.peers.get(&replica.node);
+                        Some((replica, p.is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation))))
+                    });
+                    (*id)?
+                };
                 (full || !resends_itself).then_some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
-            buf.retain(|e| self.ring.aggregates(e.key, k, me.node));
+            // A key's counts come together: its aggregators looked up once.
+            let mut last: Option<(u64, bool)> = None;
+            buf.retain(|e| match last {
+                Some((key, aggregates)) if key == e.key => aggregates,
+                _ => last.insert((e.key, self.ring.aggregates(e.key, k, me.node))).1,
+            });
             // The first aggregator also tells the members that do not count the key: a
             // node's first request for a client is then decided on a view at most a
             // period old, not on none.
