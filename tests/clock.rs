@@ -52,7 +52,7 @@ fn a_step_back_within_the_tolerance_is_no_event() {
 }
 
 mod cluster {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
 
     use crdt_rate_limiter::counter::ReplicaId;
@@ -66,6 +66,8 @@ mod cluster {
         nodes: BTreeMap<u64, (GossipNode, ManualClock)>,
         skew: BTreeMap<u64, i64>,
         wire: BTreeMap<(i64, u64), (u64, u64, Vec<u8>)>,
+        /// (from, to): every message between them is lost.
+        lost: BTreeSet<(u64, u64)>,
         seq: u64,
         now: i64,
     }
@@ -78,7 +80,8 @@ mod cluster {
         /// [`Net::new`] with each node's settings changed by `set`.
         fn with(skews: &[i64], set: impl Fn(&mut GossipConfig)) -> Self {
             let ids: Vec<u64> = (1..=skews.len() as u64).collect();
-            let mut net = Net { nodes: BTreeMap::new(), skew: BTreeMap::new(), wire: BTreeMap::new(), seq: 0, now: T0 };
+            let mut net =
+                Net { nodes: BTreeMap::new(), skew: BTreeMap::new(), wire: BTreeMap::new(), lost: BTreeSet::new(), seq: 0, now: T0 };
             for (&id, &skew) in ids.iter().zip(skews) {
                 let clock = ManualClock::new(T0 + skew);
                 let limiter = RateLimiter::builder()
@@ -115,6 +118,9 @@ mod cluster {
                     clock.set_ms(t);
                     node.handle_timeout(t);
                     while let Some(tx) = node.poll_transmit() {
+                        if self.lost.contains(&(id, tx.to)) {
+                            continue;
+                        }
                         self.seq += 1;
                         self.wire.insert((self.now + LATENCY_MS, self.seq), (id, tx.to, tx.bytes));
                     }
@@ -226,5 +232,45 @@ mod cluster {
         let median = (pool[3] + pool[4]).div_euclid(2);
         let errors = net.errors();
         assert!(errors.iter().all(|&e| (e - median).abs() <= 3), "the pool's median clock is {median} ms: {errors:?}");
+    }
+
+    /// A member's rank for the aggregator pool, as the library computes it (checked
+    /// against the pool below): the lowest rank first.
+    fn pool_rank(member: u64) -> u64 {
+        let mut z = (member ^ 0x6167_6772_6567_6174).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A peer whose answer to a clock ask has not come is asked again only after every
+    /// peer never asked: peers that do not answer (here node 1's messages to them are
+    /// lost) take no place from those that would, so node 1 samples every peer that
+    /// answers within a few periods. (Asked in pool order alone, the 16 silent peers
+    /// first in it would take every place each period, and the others would wait for
+    /// the four random peers node 1 pings a period.)
+    #[test]
+    fn peers_that_leave_a_clock_ask_unanswered_are_asked_after_those_never_asked() {
+        let mut net = Net::new(&[0; 40]);
+        let mut order: Vec<u64> = (1..=40).collect();
+        order.sort_by_key(|&p| (pool_rank(p), p));
+        // The rank is the library's: its pool of 32 is the 32 members ranked first.
+        net.run_until(T0 + 100);
+        let pool: BTreeSet<u64> = net.nodes.iter().filter(|(_, (n, _))| n.in_aggregator_pool()).map(|(&id, _)| id).collect();
+        assert_eq!(pool, order[..32].iter().copied().collect::<BTreeSet<u64>>());
+        // Node 1's peers in the order it asks those it has no sample of; the first 30
+        // never hear from it.
+        order.retain(|&p| p != 1);
+        let (silent, answering) = order.split_at(30);
+        net.lost.extend(silent.iter().map(|&p| (1, p)));
+        // Five anti-entropy periods.
+        net.run_until(T0 + 1_100);
+        let (node, _) = &net.nodes[&1];
+        let stats = node.peer_stats();
+        let sampled: BTreeSet<u64> = stats.iter().filter(|p| p.offset_from_cluster_ms.is_some()).map(|p| p.peer).collect();
+        let missing: Vec<u64> = answering.iter().copied().filter(|p| !sampled.contains(p)).collect();
+        assert!(missing.is_empty(), "node 1 has no clock sample of {missing:?}");
+        // The silent peers stay up at node 1 (it hears them): they were asked all along.
+        assert!(silent.iter().all(|p| stats.iter().any(|s| s.peer == *p && s.up && s.offset_from_cluster_ms.is_none())));
     }
 }
