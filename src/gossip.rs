@@ -945,6 +945,17 @@ impl Ring {
     fn publishes(&self, key: u64, k: usize, member: PeerId) -> bool {
         self.aggregators(key, k).as_slice().first() == Some(&member)
     }
+
+    /// Whether `member` publishes `key`'s totals in resends and syncs: as its first
+    /// aggregator, or as a standby for a first aggregator in `silent` (sorted).
+    fn publishes_or_stands_in(&self, key: u64, k: usize, member: PeerId, silent: &[PeerId]) -> bool {
+        let a = self.aggregators(key, k);
+        match a.as_slice() {
+            [first, ..] if *first == member => true,
+            [first, standby @ ..] => standby.contains(&member) && silent.binary_search(first).is_ok(),
+            [] => false,
+        }
+    }
 }
 
 /// Those of `peers` in `set` (sorted), or all of them without one.
@@ -1650,6 +1661,20 @@ impl GossipNode {
         }
         let rounds = if self.fan_out() { (4 * self.peers.len()).div_ceil(self.cfg.fanout).max(5) } else { 5 };
         (rounds as u64 * self.cfg.interval_ms) as i64
+    }
+
+    /// The live peers not heard from within two heartbeat cycles (`⌈peers / fanout⌉`
+    /// rounds each: a member heartbeats every peer in its view at least once a cycle),
+    /// sorted. A standby aggregator stands in for such a first aggregator in resends and
+    /// syncs ([`Ring::publishes_or_stands_in`]) until the ring moves: members that do not
+    /// write a key hear its totals from the first aggregator only, and a first aggregator
+    /// that died is taken off the ring only once it is suspected, which in SWIM mode takes
+    /// SWIM's verdict or several of its cycles (seconds, at 40 members).
+    fn silent_peers(&self, now_ms: i64) -> Vec<PeerId> {
+        let cycle = (self.peers.len().div_ceil(self.cfg.fanout.max(1)) as u64).saturating_mul(self.cfg.interval_ms);
+        let silent_ms = i64::try_from(cycle.saturating_mul(2)).unwrap_or(i64::MAX);
+        let silent = |p: &Peer| p.last_heard_ms.is_none_or(|t| now_ms.saturating_sub(t) > silent_ms);
+        self.up.iter().copied().filter(|id| self.peers.get(id).is_some_and(silent)).collect()
     }
 
     /// Peers to ask for a full sync on start: all of them in full mesh, else `fanout`.
@@ -2897,6 +2922,7 @@ impl GossipNode {
     /// before.
     fn resend_everything(&mut self, live: &[PeerId], now_ms: i64, full: bool) {
         let me = self.cfg.replica;
+        let silent = self.silent_peers(now_ms);
         let (mut held, mut totals, mut buf) = (Vec::new(), Vec::new(), Vec::new());
         let windows = self.replica.window_lengths();
         // A store dropped (its limits removed) leaves no pass under way behind.
@@ -2940,10 +2966,10 @@ impl GossipNode {
                 Some((key, aggregates)) if key == e.key => aggregates,
                 _ => last.insert((e.key, self.ring.aggregates(e.key, k, me.node))).1,
             });
-            // The first aggregator also tells the members that do not count the key: a
-            // node's first request for a client is then decided on a view at most a
-            // period old, not on none.
-            let first = |key: u64| self.ring.publishes(key, k, me.node);
+            // The first aggregator (or a standby, for one gone silent) also tells the
+            // members that do not count the key: a node's first request for a client is
+            // then decided on a view at most a period old, not on none.
+            let first = |key: u64| self.ring.publishes_or_stands_in(key, k, me.node, &silent);
             // A total published in the round before goes out again with its key's next
             // change: between full resends only one gone quiet is resent.
             let busy = &self.published;
@@ -3179,6 +3205,7 @@ impl GossipNode {
         let mut buf: Vec<Exported> = Vec::new();
         let mut sync_done = false;
         let dropped_before = self.stats.outbox_dropped;
+        let silent = self.silent_peers(now_ms);
         loop {
             let Some(p) = self.peers.get_mut(&to) else { return };
             let budget = MAX_REPAIR_ENTRIES_PER_ROUND.saturating_sub(p.exported_this_round);
@@ -3199,7 +3226,7 @@ impl GossipNode {
                 any_bucket & (1 << bucket(key)) != 0
                     && match wanted {
                         Wanted::Aggregated => ring.aggregates(key, k, to),
-                        Wanted::Totals => ring.publishes(key, k, me) && !ring.aggregates(key, k, to),
+                        Wanted::Totals => ring.publishes_or_stands_in(key, k, me, &silent) && !ring.aggregates(key, k, to),
                         Wanted::Buckets(_) | Wanted::All => true,
                     }
             };

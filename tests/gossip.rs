@@ -910,6 +910,33 @@ fn a_standby_that_alone_counts_a_key_publishes_for_a_first_aggregator_gone_silen
     }
 }
 
+/// A member that restarts while a key's first aggregator is dead but not yet suspected
+/// (in SWIM mode SWIM's verdict can take seconds) hears the key's total from the standby:
+/// a standby stands in, in its resends and syncs, for a first aggregator not heard from
+/// within two heartbeat cycles. Before, a member that does not write a key (one that
+/// restarted writes nothing yet) heard its total from the first aggregator only, so a
+/// key that had stopped changing stayed at 0 in its view until the ring moved.
+#[test]
+fn a_member_restarting_while_a_first_aggregator_is_silent_hears_the_total_from_the_standby() {
+    let ids: Vec<u64> = (1..=8).collect();
+    for cut in 0..2 {
+        let (mut c, aggregators) = eight_that_counted_b(&ids);
+        assert_eq!(aggregators.len(), 2, "{aggregators:?}");
+        let silent = aggregators[cut];
+        c.cut = vec![silent];
+        let w = ids.iter().copied().find(|n| !aggregators.contains(n)).unwrap();
+        // Nine rounds of silence (two heartbeat cycles of two targets among seven peers
+        // are eight), then `w` restarts with nothing.
+        c.run_until(c.now + 180);
+        c.start(w, 2, &ids);
+        c.run_until(c.now + 60);
+        let suspected = c.events.values().flatten().any(|e| matches!(e, Event::PeerDown { peer, .. } if *peer == silent));
+        assert!(!suspected, "node {silent} is not suspected yet: the ring has not moved");
+        // Every count of "b", its own old incarnation's included (another's, to it now).
+        assert_eq!(c.view(w, "b"), 8, "node {silent} silent: node {w}'s view after it restarted");
+    }
+}
+
 /// A key's aggregators are cut off long enough to be replaced; a writer's counts reach
 /// the replacements; the writer dies; the old aggregators come back and are the key's
 /// aggregators again. They must get the dead writer's counts from the replacements
