@@ -976,7 +976,26 @@ fn set_up(up: &mut Vec<PeerId>, id: PeerId, is_up: bool) -> bool {
     true
 }
 
+/// `find()` for `key`, or what it found for the key before if the same key comes again
+/// (a store exports a key's counts together: its windows, its writers).
+fn per_key<T: Copy>(last: &mut Option<(u64, T)>, key: u64, find: impl FnOnce() -> T) -> T {
+    match *last {
+        Some((k, found)) if k == key => found,
+        _ => last.insert((key, find())).1,
+    }
+}
+
+/// What `cache` holds at `index` (a replica's index in the store), made by `make` the
+/// first time: a lookup per replica rather than per count.
+fn per_replica<T: Copy>(cache: &mut Vec<Option<T>>, index: usize, make: impl FnOnce() -> T) -> T {
+    if index >= cache.len() {
+        cache.resize(index + 1, None);
+    }
+    *cache[index].get_or_insert_with(make)
+}
+
 /// A key's aggregators, as [`Ring::aggregators`] finds them.
+#[derive(Clone, Copy)]
 struct Aggregators {
     ids: [PeerId; MAX_AGGREGATORS],
     len: usize,
@@ -2645,13 +2664,9 @@ impl GossipNode {
     fn route_to_aggregators(&mut self, counts: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
         let me = self.cfg.replica.node;
         let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
-        // A key's counts come together (its windows, its writers): looked up once.
-        let mut last: Option<(u64, Aggregators)> = None;
+        let mut last = None;
         for o in counts {
-            let aggregators = match &last {
-                Some((key, a)) if *key == o.key => a,
-                _ => &last.insert((o.key, self.ring.aggregators(o.key, self.cfg.aggregators))).1,
-            };
+            let aggregators = per_key(&mut last, o.key, || self.ring.aggregators(o.key, self.cfg.aggregators));
             for &a in aggregators.as_slice() {
                 if a != me {
                     per.entry(a).or_default().push(o);
@@ -2846,13 +2861,10 @@ impl GossipNode {
             let mut twice = false;
             let mut at = 0;
             for writer in by_replica.chunk_by(|a, b| a.0 == b.0) {
-                let index = writer[0].0 as usize;
-                if index >= replica_place.len() {
-                    replica_place.resize(index + 1, None);
-                }
-                let slot = replica_place[index]
-                    .get_or_insert_with(|| self.replica_id(writer[0].0).and_then(|r| Some((r.node, r.incarnation, place(&r.node)?))));
-                if let Some((node, incarnation, place)) = *slot {
+                let slot = per_replica(&mut replica_place, writer[0].0 as usize, || {
+                    self.replica_id(writer[0].0).and_then(|r| Some((r.node, r.incarnation, place(&r.node)?)))
+                });
+                if let Some((node, incarnation, place)) = slot {
                     twice |= std::mem::replace(&mut seen[place], seen_key) == seen_key;
                     newest.push((node, std::cmp::Reverse(incarnation), place, at..at + writer.len()));
                 }
@@ -2941,31 +2953,22 @@ impl GossipNode {
             // Between full resends, a live peer's current incarnation resends its own
             // counts itself; those of replicas that are gone (dead, or restarted from)
             // only their holders can.
-            // Per replica index, its id and whether it resends itself: looked up once.
-            let mut ids: Vec<Option<Option<(ReplicaId, bool)>>> = Vec::new();
+            // Per replica index, its id and whether it resends itself.
+            let mut ids = Vec::new();
             held.extend(buf.iter().filter_map(|e| {
                 let (replica, resends_itself) = if e.replica == LOCAL_REPLICA {
                     (me, false)
                 } else {
-                    let index = e.replica as usize;
-                    if index >= ids.len() {
-                        ids.resize(index + 1, None);
-                    }
-                    let id = ids[index].get_or_insert_with(|| {
+                    per_replica(&mut ids, e.replica as usize, || {
                         let replica = self.replica_id(e.replica)?;
                         let p = self.peers.get(&replica.node);
                         Some((replica, p.is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation))))
-                    });
-                    (*id)?
+                    })?
                 };
                 (full || !resends_itself).then_some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
-            // A key's counts come together: its aggregators looked up once.
-            let mut last: Option<(u64, bool)> = None;
-            buf.retain(|e| match last {
-                Some((key, aggregates)) if key == e.key => aggregates,
-                _ => last.insert((e.key, self.ring.aggregates(e.key, k, me.node))).1,
-            });
+            let mut last = None;
+            buf.retain(|e| per_key(&mut last, e.key, || self.ring.aggregates(e.key, k, me.node)));
             // The first aggregator (or a standby, for one gone silent) also tells the
             // members that do not count the key: a node's first request for a client is
             // then decided on a view at most a period old, not on none.
