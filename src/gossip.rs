@@ -943,7 +943,7 @@ impl Ring {
     /// Whether `member` is `key`'s first aggregator, the one that publishes its totals
     /// every round.
     fn publishes(&self, key: u64, k: usize, member: PeerId) -> bool {
-        self.aggregators(key, k).as_slice().first() == Some(&member)
+        self.publishes_or_stands_in(key, k, member, &[])
     }
 
     /// Whether `member` publishes `key`'s totals in resends and syncs: as its first
@@ -3208,7 +3208,8 @@ impl GossipNode {
         let mut buf: Vec<Exported> = Vec::new();
         let mut sync_done = false;
         let dropped_before = self.stats.outbox_dropped;
-        let silent = self.silent_peers(now_ms);
+        // Only a job of totals asks who is silent (once per call).
+        let mut silent = None;
         loop {
             let Some(p) = self.peers.get_mut(&to) else { return };
             let budget = MAX_REPAIR_ENTRIES_PER_ROUND.saturating_sub(p.exported_this_round);
@@ -3216,6 +3217,10 @@ impl GossipNode {
                 break;
             }
             let Some(mut job) = p.jobs.pop_front() else { break };
+            if matches!(job.wanted, Wanted::Totals) && silent.is_none() {
+                silent = Some(self.silent_peers(now_ms));
+            }
+            let silent = silent.as_deref().unwrap_or_default();
             let any_bucket = match &job.wanted {
                 Wanted::Buckets(w) => w.values().fold(0u8, |m, b| m | b),
                 Wanted::All | Wanted::Aggregated | Wanted::Totals => 0xFF,
@@ -3229,7 +3234,7 @@ impl GossipNode {
                 any_bucket & (1 << bucket(key)) != 0
                     && match wanted {
                         Wanted::Aggregated => ring.aggregates(key, k, to),
-                        Wanted::Totals => ring.publishes_or_stands_in(key, k, me, &silent) && !ring.aggregates(key, k, to),
+                        Wanted::Totals => ring.publishes_or_stands_in(key, k, me, silent) && !ring.aggregates(key, k, to),
                         Wanted::Buckets(_) | Wanted::All => true,
                     }
             };
