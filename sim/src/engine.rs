@@ -4,6 +4,7 @@ use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crdt_rate_limiter::counter::ReplicaId;
@@ -41,6 +42,10 @@ const STEP_US: i64 = 1_000;
 /// From this many nodes, the nodes of a step run on several threads. Fewer run on one
 /// (the same events in the same order: the output does not depend on it).
 const PARALLEL_FROM: usize = 8;
+/// The most steps of a gossip interval whose work [`Sim::run_nodes`] keeps per node.
+const FORECAST_PHASES_MAX: u64 = 1_000;
+/// The [`Node::work`] of one event, besides its messages' bytes.
+const EVENT_WORK: u32 = 16;
 /// Bits of an event's sequence number that hold the node that scheduled it
 /// ([`NODES_MAX`](crate::config::NODES_MAX) fits).
 const NODE_BITS: u32 = 10;
@@ -139,6 +144,14 @@ struct Shared<'a> {
     tap: bool,
     clients: Vec<String>,
     keys: Vec<u64>,
+    /// Per node, the messages sent it in a step, until its next step takes them. Nodes
+    /// post to them side by side; the order within one does not matter.
+    inboxes: Vec<Mutex<Vec<Scheduled<Local>>>>,
+}
+
+/// A lock of one of [`Shared::inboxes`] (a node that panicked mid-step ends the run anyway).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared<'_> {
@@ -185,6 +198,8 @@ struct Node {
     net: Rng,
     /// Messages it sent in the step: (to, message).
     outbox: Vec<(usize, Scheduled<Local>)>,
+    /// Its inbox's messages, taken at the start of a step (kept for its capacity).
+    inbox: Vec<Scheduled<Local>>,
     /// What it saw in the step, for the run after the step: violations (time, what),
     /// requests decided, peers its core took down (time, peer).
     violations: Vec<(i64, String)>,
@@ -192,6 +207,12 @@ struct Node {
     downs: Vec<(i64, u64)>,
     totals: Totals,
     transmits: Vec<Transmit>,
+    /// The work of its step so far: an event is 16, a message (in or out) one more per
+    /// 8 bytes, about what each costs. Deterministic, and read only to schedule.
+    work: u32,
+    /// Its steps' work per step of the gossip interval, the last time: the forecast
+    /// [`Sim::run_nodes`] schedules by.
+    forecast: Vec<u32>,
 }
 
 impl Node {
@@ -205,14 +226,25 @@ impl Node {
     /// Runs its events due before `until_us`, in order of time, then sequence.
     fn run_until(&mut self, n: usize, sh: &Shared, until_us: i64) {
         self.until_us = until_us;
+        // What was sent it in the step before (none of it due before this step's end).
+        std::mem::swap(&mut self.inbox, &mut *lock(&sh.inboxes[n]));
+        for s in self.inbox.drain(..) {
+            self.queue.push(Reverse(s));
+        }
         while self.queue.peek().is_some_and(|Reverse(s)| s.at_us < until_us) {
             let Some(Reverse(s)) = self.queue.pop() else { break };
             self.now_us = s.at_us;
+            self.work = self.work.saturating_add(EVENT_WORK);
             match s.event {
                 Local::Request { client, burst } => self.request(s.seq, sh, client, burst),
                 Local::Deliver { from, bytes } => self.deliver(n, sh, from, &bytes),
                 Local::Timer { incarnation, deadline_ms } => self.timer(n, sh, incarnation, deadline_ms),
             }
+        }
+        // Into the receivers' inboxes, in whatever order the threads come: each takes
+        // its own into its queue, whose order (time, then sequence) is the run's.
+        for (to, s) in self.outbox.drain(..) {
+            lock(&sh.inboxes[to]).push(s);
         }
     }
 
@@ -329,6 +361,7 @@ impl Node {
     /// it arrives, or if the receiver is down when it arrives.
     fn send(&mut self, n: usize, sh: &Shared, t: Transmit) {
         let cfg = sh.cfg;
+        self.work = self.work.saturating_add(t.bytes.len() as u32 / 8);
         self.totals.messages += 1;
         self.totals.bytes += t.bytes.len() as u64;
         let Some(to) = t.to.checked_sub(1).map(|p| p as usize).filter(|&p| p < cfg.nodes) else {
@@ -373,6 +406,7 @@ impl Node {
     }
 
     fn deliver(&mut self, n: usize, sh: &Shared, from: usize, bytes: &[u8]) {
+        self.work = self.work.saturating_add(bytes.len() as u32 / 8);
         if self.live.is_none() {
             self.totals.to_down_node += 1;
             return;
@@ -625,11 +659,14 @@ impl<'a> Sim<'a> {
                     until_us: start_us + STEP_US,
                     net: Rng::new(sub_seed(cfg.seed, "network", n as u64)),
                     outbox: Vec::new(),
+                    inbox: Vec::new(),
                     violations: Vec::new(),
                     decisions: Vec::new(),
                     downs: Vec::new(),
                     totals: Totals::default(),
                     transmits: Vec::new(),
+                    work: 0,
+                    forecast: Vec::new(),
                 }
             })
             .collect();
@@ -665,7 +702,7 @@ impl<'a> Sim<'a> {
             _ => (window_ms, 1),
         };
         Sim {
-            sh: Shared { cfg, start_us, tick, tap, clients, keys },
+            sh: Shared { cfg, start_us, tick, tap, clients, keys, inboxes: (0..cfg.nodes).map(|_| Mutex::default()).collect() },
             window_ms,
             end_us,
             now_us: start_us,
@@ -791,7 +828,8 @@ impl<'a> Sim<'a> {
             }
             self.run_nodes();
             self.after_step();
-            if self.queue.is_empty() && self.nodes.iter().all(|n| n.queue.is_empty()) {
+            let idle = |(node, inbox): (&Node, &Mutex<Vec<Scheduled<Local>>>)| node.queue.is_empty() && lock(inbox).is_empty();
+            if self.queue.is_empty() && self.nodes.iter().zip(&self.sh.inboxes).all(idle) {
                 return;
             }
             self.now_us = self.step_end_us;
@@ -844,28 +882,39 @@ impl<'a> Sim<'a> {
     }
 
     /// Every node runs its events of the step, on several threads from
-    /// [`PARALLEL_FROM`] nodes: a node reads only [`Shared`] and writes only itself.
+    /// [`PARALLEL_FROM`] nodes: a node reads only [`Shared`] and writes only itself (and
+    /// the inboxes of the nodes it sends to, whose order does not matter), so the order
+    /// and the threads change nothing but the time taken.
+    ///
+    /// A node's work follows the gossip interval (every round timer fires in one step,
+    /// the messages arrive in the few after it), so each node keeps, per step of the
+    /// interval, the work its step did the last time ([`Node::work`]), as the forecast
+    /// for the same step of the next one. The nodes go to the threads one at a time,
+    /// the heaviest first, so that no thread is left waiting on one long step at the end.
     fn run_nodes(&mut self) {
         let (sh, until_us) = (&self.sh, self.step_end_us);
-        let step = |(n, node): (usize, &mut Node)| node.run_until(n, sh, until_us);
-        if self.nodes.len() >= PARALLEL_FROM {
-            self.nodes.par_iter_mut().enumerate().for_each(step);
-        } else {
-            self.nodes.iter_mut().enumerate().for_each(step);
+        let phases = sh.cfg.gossip_ms.clamp(1, FORECAST_PHASES_MAX) as usize;
+        let phase = (until_us / STEP_US).rem_euclid(phases as i64) as usize;
+        let step = |n: usize, node: &mut Node| {
+            node.work = 0;
+            node.run_until(n, sh, until_us);
+            node.forecast.resize(phases, 0);
+            node.forecast[phase] = node.work;
+        };
+        if self.nodes.len() < PARALLEL_FROM {
+            self.nodes.iter_mut().enumerate().for_each(|(n, node)| step(n, node));
+            return;
         }
+        let mut order: Vec<(usize, &mut Node)> = self.nodes.iter_mut().enumerate().collect();
+        order.sort_by_key(|(_, node)| Reverse(node.forecast.get(phase).copied().unwrap_or(u32::MAX)));
+        order.par_iter_mut().with_max_len(1).for_each(|(n, node)| step(*n, node));
     }
 
-    /// After a step, in node order: what the nodes sent goes to its receivers, and what
-    /// they saw into the run's figures (requests by time, then sequence).
+    /// After a step, in node order: what the nodes saw goes into the run's figures
+    /// (requests by time, then sequence).
     fn after_step(&mut self) {
         let (mut found, mut downs) = (Vec::new(), Vec::new());
-        for n in 0..self.nodes.len() {
-            let mut outbox = std::mem::take(&mut self.nodes[n].outbox);
-            for (to, s) in outbox.drain(..) {
-                self.nodes[to].queue.push(Reverse(s));
-            }
-            let node = &mut self.nodes[n];
-            node.outbox = outbox;
+        for (n, node) in self.nodes.iter_mut().enumerate() {
             found.extend(node.violations.drain(..).map(|(at_us, what)| (at_us, n, what)));
             self.decisions.append(&mut node.decisions);
             downs.extend(node.downs.drain(..).map(|(at_us, peer)| (n, peer, at_us)));
