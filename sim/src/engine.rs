@@ -568,8 +568,10 @@ struct Sim<'a> {
     replicas: Vec<ReplicaId>,
     replica_index: BTreeMap<ReplicaId, u32>,
     replica_live: Vec<bool>,
-    /// Admissions per (client, window the node counted them in, replica).
-    truth: FxMap<(u32, i64, u32), u64>,
+    /// Admissions per (client, window the node counted them in), per replica index (0
+    /// past the end): one small table, rather than an entry per replica in a large one
+    /// that every admission missed the cache in.
+    truth: FxMap<(u32, i64), Vec<u64>>,
     /// The same per (client, window), all replicas together: what a view's total is
     /// checked against, and the timeline's lag measured from.
     truth_cw: FxMap<(u32, i64), u64>,
@@ -1169,9 +1171,12 @@ impl<'a> Sim<'a> {
             *self.admitted_cw.entry((client, median_ms.div_euclid(self.window_ms))).or_default() += 1;
         }
         *self.truth_cw.entry((client, window)).or_default() += 1;
-        let count = self.truth.entry((client, window, r)).or_default();
-        *count += 1;
-        let count = *count;
+        let counts = self.truth.entry((client, window)).or_default();
+        if counts.len() <= r as usize {
+            counts.resize(r as usize + 1, 0);
+        }
+        counts[r as usize] += 1;
+        let count = counts[r as usize];
         if count > self.sh.cfg.limit {
             self.violation_at(
                 d.at_us,
@@ -1274,7 +1279,7 @@ impl<'a> Sim<'a> {
                 self.violation(format!("{who} holds a count of replica {:?}, which never ran", e.replica));
                 continue;
             };
-            let truth = self.truth.get(&(c, e.window, r)).copied().unwrap_or(0);
+            let truth = self.truth.get(&(c, e.window)).and_then(|counts| counts.get(r as usize)).copied().unwrap_or(0);
             if e.count > truth {
                 self.violation(format!(
                     "{who} sees {} admissions of client {c} in window {} by {}, which made {truth}",
@@ -1351,9 +1356,11 @@ impl<'a> Sim<'a> {
     /// not compared. Returns what is still missing, if anything.
     fn aggregated_disagreement(&mut self, lo: i64) -> Option<String> {
         let mut live_cw: FxMap<(u32, i64), u64> = FxMap::default();
-        for (&(c, w, r), &n) in &self.truth {
-            if w >= lo && self.replica_live[r as usize] {
-                *live_cw.entry((c, w)).or_default() += n;
+        for (&(c, w), counts) in self.truth.iter().filter(|(&(_, w), _)| w >= lo) {
+            for (r, &n) in counts.iter().enumerate() {
+                if n > 0 && self.replica_live[r] {
+                    *live_cw.entry((c, w)).or_default() += n;
+                }
             }
         }
         // Counts of replicas that are gone, as far as some live node still holds them:
@@ -1374,9 +1381,9 @@ impl<'a> Sim<'a> {
         for (&(c, w, _), &n) in &held {
             *live_cw.entry((c, w)).or_default() += n;
         }
-        // Client by client (a stable sort: each client's windows in the map's order).
+        // Client by client, each client's windows in order.
         let mut want: Vec<((u32, i64), u64)> = live_cw.into_iter().collect();
-        want.sort_by_key(|&((c, _), _)| c);
+        want.sort_unstable_by_key(|&(cw, _)| cw);
         for i in 0..self.up.len() {
             let n = self.up[i];
             let now_ms = self.node_ms(n);
@@ -1407,9 +1414,9 @@ impl<'a> Sim<'a> {
             return self.conclude(disagreement, |sim| {
                 // Every live replica's own counts, exactly (the others' are in the totals).
                 let mut made = vec![0usize; sim.replica_live.len()];
-                for &(_, w, r) in sim.truth.keys() {
-                    if w >= lo {
-                        made[r as usize] += 1;
+                for (_, counts) in sim.truth.iter().filter(|(&(_, w), _)| w >= lo) {
+                    for (r, _) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
+                        made[r] += 1;
                     }
                 }
                 for i in 0..sim.up.len() {
@@ -1448,7 +1455,15 @@ impl<'a> Sim<'a> {
             // Live replicas' counts must all be there, exactly; dead ones' may lag.
             let live: BTreeSet<ReplicaId> = sim.replicas.iter().zip(&sim.replica_live).filter(|(_, &up)| up).map(|(r, _)| *r).collect();
             let seen = sim.check_view("the converged state", &state, |r| live.contains(&r));
-            let expected = sim.truth.keys().filter(|(_, w, r)| *w >= lo && sim.replica_live[*r as usize]).count();
+            let made = |(&(_, w), counts): (&(u32, i64), &Vec<u64>)| {
+                let live = counts.iter().enumerate().filter(|&(r, &n)| n > 0 && sim.replica_live[r]);
+                if w >= lo {
+                    live.count()
+                } else {
+                    0
+                }
+            };
+            let expected: usize = sim.truth.iter().map(made).sum();
             if seen != expected {
                 sim.violation(format!("the converged state holds {seen} counts of live replicas; they made {expected}"));
             }
