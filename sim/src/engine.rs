@@ -210,8 +210,8 @@ struct Node {
     /// The work of its step so far: an event is 16, a message (in or out) one more per
     /// 8 bytes, about what each costs. Deterministic, and read only to schedule.
     work: u32,
-    /// Its steps' work per step of the gossip interval, the last time: the forecast
-    /// [`Sim::run_nodes`] schedules by.
+    /// Its steps' work per step of the gossip interval (at most [`FORECAST_PHASES_MAX`]
+    /// steps), the last time: the forecast [`Sim::run_nodes`] schedules by.
     forecast: Vec<u32>,
 }
 
@@ -593,6 +593,11 @@ struct Sim<'a> {
     violation_count: u64,
 }
 
+/// The steps of a gossip interval a node's forecast keeps ([`Node::forecast`]).
+fn forecast_phases(cfg: &Config) -> usize {
+    cfg.gossip_ms.clamp(1, FORECAST_PHASES_MAX) as usize
+}
+
 fn strategy_of(s: StrategyArg) -> Strategy {
     match s {
         StrategyArg::Fixed => Strategy::FixedWindow,
@@ -668,7 +673,7 @@ impl<'a> Sim<'a> {
                     totals: Totals::default(),
                     transmits: Vec::new(),
                     work: 0,
-                    forecast: Vec::new(),
+                    forecast: vec![0; forecast_phases(cfg)],
                 }
             })
             .collect();
@@ -830,8 +835,8 @@ impl<'a> Sim<'a> {
             }
             self.run_nodes();
             self.after_step();
-            let idle = |(node, inbox): (&Node, &Mutex<Vec<Scheduled<Local>>>)| node.queue.is_empty() && lock(inbox).is_empty();
-            if self.queue.is_empty() && self.nodes.iter().zip(&self.sh.inboxes).all(idle) {
+            let mut nodes = self.nodes.iter().zip(&self.sh.inboxes);
+            if self.queue.is_empty() && nodes.all(|(node, inbox)| node.queue.is_empty() && lock(inbox).is_empty()) {
                 return;
             }
             self.now_us = self.step_end_us;
@@ -895,12 +900,10 @@ impl<'a> Sim<'a> {
     /// the heaviest first, so that no thread is left waiting on one long step at the end.
     fn run_nodes(&mut self) {
         let (sh, until_us) = (&self.sh, self.step_end_us);
-        let phases = sh.cfg.gossip_ms.clamp(1, FORECAST_PHASES_MAX) as usize;
-        let phase = (until_us / STEP_US).rem_euclid(phases as i64) as usize;
+        let phase = (until_us / STEP_US).rem_euclid(forecast_phases(sh.cfg) as i64) as usize;
         let step = |n: usize, node: &mut Node| {
             node.work = 0;
             node.run_until(n, sh, until_us);
-            node.forecast.resize(phases, 0);
             node.forecast[phase] = node.work;
         };
         if self.nodes.len() < PARALLEL_FROM {
@@ -908,7 +911,7 @@ impl<'a> Sim<'a> {
             return;
         }
         let mut order: Vec<(usize, &mut Node)> = self.nodes.iter_mut().enumerate().collect();
-        order.sort_by_key(|(_, node)| Reverse(node.forecast.get(phase).copied().unwrap_or(u32::MAX)));
+        order.sort_unstable_by_key(|(_, node)| Reverse(node.forecast[phase]));
         order.par_iter_mut().with_max_len(1).for_each(|(n, node)| step(*n, node));
     }
 
@@ -1356,11 +1359,9 @@ impl<'a> Sim<'a> {
     /// not compared. Returns what is still missing, if anything.
     fn aggregated_disagreement(&mut self, lo: i64) -> Option<String> {
         let mut live_cw: FxMap<(u32, i64), u64> = FxMap::default();
-        for (&(c, w), counts) in self.truth.iter().filter(|(&(_, w), _)| w >= lo) {
-            for (r, &n) in counts.iter().enumerate() {
-                if n > 0 && self.replica_live[r] {
-                    *live_cw.entry((c, w)).or_default() += n;
-                }
+        for (cw, r, n) in self.truth_since(lo) {
+            if self.replica_live[r] {
+                *live_cw.entry(cw).or_default() += n;
             }
         }
         // Counts of replicas that are gone, as far as some live node still holds them:
@@ -1400,6 +1401,13 @@ impl<'a> Sim<'a> {
         None
     }
 
+    /// Every replica's admissions of every client in the windows from `lo` on, as
+    /// ((client, window), replica index, admissions), where there are any.
+    fn truth_since(&self, lo: i64) -> impl Iterator<Item = ((u32, i64), usize, u64)> + '_ {
+        let windows = self.truth.iter().filter(move |(&(_, w), _)| w >= lo);
+        windows.flat_map(|(&cw, counts)| counts.iter().enumerate().filter(|&(_, &n)| n > 0).map(move |(r, &n)| (cw, r, n)))
+    }
+
     /// The oldest window compared for convergence: the one before the newest window any
     /// request was counted in. Older windows may already be gone from some stores.
     fn oldest_compared_window(&self) -> i64 {
@@ -1414,10 +1422,8 @@ impl<'a> Sim<'a> {
             return self.conclude(disagreement, |sim| {
                 // Every live replica's own counts, exactly (the others' are in the totals).
                 let mut made = vec![0usize; sim.replica_live.len()];
-                for (_, counts) in sim.truth.iter().filter(|(&(_, w), _)| w >= lo) {
-                    for (r, _) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
-                        made[r] += 1;
-                    }
+                for (_, r, _) in sim.truth_since(lo) {
+                    made[r] += 1;
                 }
                 for i in 0..sim.up.len() {
                     let n = sim.up[i];
@@ -1455,15 +1461,7 @@ impl<'a> Sim<'a> {
             // Live replicas' counts must all be there, exactly; dead ones' may lag.
             let live: BTreeSet<ReplicaId> = sim.replicas.iter().zip(&sim.replica_live).filter(|(_, &up)| up).map(|(r, _)| *r).collect();
             let seen = sim.check_view("the converged state", &state, |r| live.contains(&r));
-            let made = |(&(_, w), counts): (&(u32, i64), &Vec<u64>)| {
-                let live = counts.iter().enumerate().filter(|&(r, &n)| n > 0 && sim.replica_live[r]);
-                if w >= lo {
-                    live.count()
-                } else {
-                    0
-                }
-            };
-            let expected: usize = sim.truth.iter().map(made).sum();
+            let expected = sim.truth_since(lo).filter(|&(_, r, _)| sim.replica_live[r]).count();
             if seen != expected {
                 sim.violation(format!("the converged state holds {seen} counts of live replicas; they made {expected}"));
             }
