@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crdt_rate_limiter::counter::ReplicaId;
@@ -17,6 +17,7 @@ use crate::config::{limits, BurstTarget, Config, Mode, StrategyArg};
 use crate::queue::{Calendar, Scheduled};
 use crate::report::{ClusterTimeFigures, Fault, Report, Timeline, TimelineClient};
 use crate::rng::{sub_seed, Rng};
+use crate::steps::Steps;
 use crate::wire;
 
 /// Virtual time starts here (Unix ms), rounded down to a multiple of the window.
@@ -519,13 +520,17 @@ impl Totals {
 
 struct Sim<'a> {
     /// What the nodes read of the run: the options, the start, the clients.
-    sh: Shared<'a>,
+    sh: Arc<Shared<'a>>,
+    steps: Steps<StepContext<'a>, (usize, Box<Node>)>,
     window_ms: i64,
     end_us: i64,
     now_us: i64,
     seq: u64,
     queue: Calendar<Event>,
-    nodes: Vec<Node>,
+    /// Boxed: each step moves them to the threads that run them and back (a pointer
+    /// each, not the node).
+    #[allow(clippy::vec_box)]
+    nodes: Vec<Box<Node>>,
     /// Indices of the nodes that are up, ascending.
     up: Vec<usize>,
     /// Requests routed to nodes so far (their sequence numbers).
@@ -633,27 +638,54 @@ fn limiter(cfg: &Config, clock: &ManualClock, seed: u64) -> RateLimiter {
 
 /// Runs one simulation, and records its timeline if asked. The options must be valid
 /// ([`Config::validate`]).
-pub(crate) fn simulate(cfg: &Config, record: bool) -> (Report, Option<Timeline>) {
-    let mut sim = Sim::new(cfg);
-    if record {
-        sim.timeline = Some(Timeline::default());
-    }
-    sim.run();
-    sim.report()
+/// Its steps run on the calling thread and `helpers` more ([`Steps`]); with none, on
+/// rayon's threads from [`PARALLEL_FROM`] nodes (a sweep's runs, which share the cores).
+pub(crate) fn simulate(cfg: &Config, record: bool, helpers: usize) -> (Report, Option<Timeline>) {
+    std::thread::scope(|s| {
+        let helpers = if cfg.nodes < PARALLEL_FROM { 0 } else { helpers };
+        let mut sim = Sim::new(cfg, Steps::new(s, helpers, step));
+        if record {
+            sim.timeline = Some(Timeline::default());
+        }
+        sim.run();
+        sim.report()
+    })
+}
+
+/// The helpers a run on its own takes: one fewer than rayon's threads (`RAYON_NUM_THREADS`,
+/// or the pool it is called in), as the calling thread works too.
+pub(crate) fn helpers() -> usize {
+    rayon::current_num_threads().saturating_sub(1)
+}
+
+/// What every node's part of a step needs besides itself.
+#[derive(Clone)]
+struct StepContext<'a> {
+    sh: Arc<Shared<'a>>,
+    until_us: i64,
+    /// The step's place in the gossip interval (see [`Sim::run_nodes`]).
+    phase: usize,
+}
+
+/// One node's part of a step.
+fn step(cx: &StepContext<'_>, (n, node): &mut (usize, Box<Node>)) {
+    node.work = 0;
+    node.run_until(*n, &cx.sh, cx.until_us);
+    node.forecast[cx.phase] = node.work;
 }
 
 impl<'a> Sim<'a> {
-    fn new(cfg: &'a Config) -> Self {
+    fn new(cfg: &'a Config, steps: Steps<StepContext<'a>, (usize, Box<Node>)>) -> Self {
         let window_ms = cfg.window_ms as i64;
         let start_ms = START_UNIX_MS.div_euclid(window_ms) * window_ms;
         let start_us = start_ms * 1000;
         let end_us = start_us + cfg.duration_ms as i64 * 1000;
         let mut skews = Rng::new(sub_seed(cfg.seed, "clock-skew", 0));
         let span = cfg.clock_skew_ms as i64;
-        let nodes: Vec<Node> = (0..cfg.nodes)
+        let nodes: Vec<Box<Node>> = (0..cfg.nodes)
             .map(|n| {
                 let skew_ms = if span > 0 { skews.between(-span, span) } else { 0 };
-                Node {
+                Box::new(Node {
                     crashed_at_us: None,
                     noticed_by: BTreeSet::new(),
                     skew_ms,
@@ -674,7 +706,7 @@ impl<'a> Sim<'a> {
                     transmits: Vec::new(),
                     work: 0,
                     forecast: vec![0; forecast_phases(cfg)],
-                }
+                })
             })
             .collect();
         let tap = nodes.iter().any(|n| n.skew_ms != nodes[0].skew_ms) || !cfg.clock_step.is_empty();
@@ -709,7 +741,8 @@ impl<'a> Sim<'a> {
             _ => (window_ms, 1),
         };
         Sim {
-            sh: Shared { cfg, start_us, tick, tap, clients, keys, inboxes: (0..cfg.nodes).map(|_| Mutex::default()).collect() },
+            sh: Arc::new(Shared { cfg, start_us, tick, tap, clients, keys, inboxes: (0..cfg.nodes).map(|_| Mutex::default()).collect() }),
+            steps,
             window_ms,
             end_us,
             now_us: start_us,
@@ -889,9 +922,10 @@ impl<'a> Sim<'a> {
     }
 
     /// Every node runs its events of the step, on several threads from
-    /// [`PARALLEL_FROM`] nodes: a node reads only [`Shared`] and writes only itself (and
-    /// the inboxes of the nodes it sends to, whose order does not matter), so the order
-    /// and the threads change nothing but the time taken.
+    /// [`PARALLEL_FROM`] nodes (the calling thread and the [`Steps`] helpers, or rayon's
+    /// threads for a sweep's runs): a node reads only [`Shared`] and writes only itself
+    /// (and the inboxes of the nodes it sends to, whose order does not matter), so the
+    /// order and the threads change nothing but the time taken.
     ///
     /// A node's work follows the gossip interval (every round timer fires in one step,
     /// the messages arrive in the few after it), so each node keeps, per step of the
@@ -899,20 +933,24 @@ impl<'a> Sim<'a> {
     /// for the same step of the next one. The nodes go to the threads one at a time,
     /// the heaviest first, so that no thread is left waiting on one long step at the end.
     fn run_nodes(&mut self) {
-        let (sh, until_us) = (&self.sh, self.step_end_us);
-        let phase = (until_us / STEP_US).rem_euclid(forecast_phases(sh.cfg) as i64) as usize;
-        let step = |n: usize, node: &mut Node| {
-            node.work = 0;
-            node.run_until(n, sh, until_us);
-            node.forecast[phase] = node.work;
-        };
-        if self.nodes.len() < PARALLEL_FROM {
-            self.nodes.iter_mut().enumerate().for_each(|(n, node)| step(n, node));
-            return;
+        let until_us = self.step_end_us;
+        let phase = (until_us / STEP_US).rem_euclid(forecast_phases(self.sh.cfg) as i64) as usize;
+        let cx = StepContext { sh: Arc::clone(&self.sh), until_us, phase };
+        let mut order: Vec<(usize, Box<Node>)> = std::mem::take(&mut self.nodes).into_iter().enumerate().collect();
+        if order.len() < PARALLEL_FROM {
+            order.iter_mut().for_each(|item| step(&cx, item));
+        } else {
+            order.sort_unstable_by_key(|(_, node)| Reverse(node.forecast[phase]));
+            if self.steps.parallel() {
+                let mut back = Vec::with_capacity(order.len());
+                self.steps.run(cx, order.into_iter(), &mut back);
+                order = back;
+            } else {
+                order.par_iter_mut().with_max_len(1).for_each(|item| step(&cx, item));
+            }
+            order.sort_unstable_by_key(|&(n, _)| n);
         }
-        let mut order: Vec<(usize, &mut Node)> = self.nodes.iter_mut().enumerate().collect();
-        order.sort_unstable_by_key(|(_, node)| Reverse(node.forecast[phase]));
-        order.par_iter_mut().with_max_len(1).for_each(|(n, node)| step(*n, node));
+        self.nodes = order.into_iter().map(|(_, node)| node).collect();
     }
 
     /// After a step, in node order: what the nodes saw goes into the run's figures
@@ -1088,8 +1126,9 @@ impl<'a> Sim<'a> {
             let c = self.sh.clients.len() as u32;
             let name = format!("burst-{}", self.burst_count);
             let key = self.oracle.key_hash(&name);
-            self.sh.clients.push(name);
-            self.sh.keys.push(key);
+            let sh = Arc::get_mut(&mut self.sh).expect("no step under way");
+            sh.clients.push(name);
+            sh.keys.push(key);
             self.client_of_key.insert(key, c);
             self.offered_by.push(0);
             c
@@ -1625,7 +1664,7 @@ fn describe_difference(a: usize, sa: &[StateEntry], b: usize, sb: &[StateEntry])
 
 /// The median of the nodes' clock offsets from true time (for an even count, the mean of
 /// the middle two): where cluster time converges.
-fn median_skew(nodes: &[Node]) -> i64 {
+fn median_skew(nodes: &[Box<Node>]) -> i64 {
     let mut k: Vec<i64> = nodes.iter().map(|n| n.skew_ms).collect();
     k.sort_unstable();
     let n = k.len();

@@ -94,6 +94,7 @@ mod plot;
 mod queue;
 mod report;
 pub mod rng;
+mod steps;
 mod sweep;
 mod wire;
 
@@ -172,7 +173,14 @@ where
 /// # Panics
 /// If `cfg` is invalid; use [`try_run`] for options that were not checked.
 pub fn run(cfg: &Config) -> Report {
-    try_run(cfg).unwrap_or_else(|e| panic!("invalid simulator options: {e}"))
+    run_with(cfg, engine::helpers())
+}
+
+/// [`run`] with its steps on the calling thread and `helpers` more (none: on rayon's
+/// threads, shared with other runs side by side).
+pub(crate) fn run_with(cfg: &Config, helpers: usize) -> Report {
+    cfg.validate().unwrap_or_else(|e| panic!("invalid simulator options: {e}"));
+    engine::simulate(cfg, false, helpers).0
 }
 
 /// Checks the options, then runs one simulation.
@@ -181,7 +189,7 @@ pub fn run(cfg: &Config) -> Report {
 /// The first option out of range ([`Config::validate`]).
 pub fn try_run(cfg: &Config) -> Result<Report, ConfigError> {
     cfg.validate()?;
-    Ok(engine::simulate(cfg, false).0)
+    Ok(engine::simulate(cfg, false, engine::helpers()).0)
 }
 
 /// Like [`try_run`], and also records the run's [`Timeline`] (what `--svg` draws). The
@@ -191,7 +199,7 @@ pub fn try_run(cfg: &Config) -> Result<Report, ConfigError> {
 /// The first option out of range ([`Config::validate`]).
 pub fn try_run_traced(cfg: &Config) -> Result<(Report, Timeline), ConfigError> {
     cfg.validate()?;
-    let (report, timeline) = engine::simulate(cfg, true);
+    let (report, timeline) = engine::simulate(cfg, true, engine::helpers());
     Ok((report, timeline.unwrap_or_default()))
 }
 

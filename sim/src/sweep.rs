@@ -46,7 +46,8 @@ pub fn run_sweep(sweep: &Sweep) -> SweepTable {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(gossip_ms, nodes)) = cells.get(i) else { break };
-                let report = crate::run(&Config { nodes, gossip_ms, ..sweep.base.clone() });
+                // The cells share the cores, so none runs helpers of its own.
+                let report = crate::run_with(&Config { nodes, gossip_ms, ..sweep.base.clone() }, 0);
                 done.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[i] = Some(report);
             });
         }
