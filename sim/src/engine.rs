@@ -537,8 +537,12 @@ struct Sim<'a> {
     requests: u64,
     /// The end of the step being run.
     step_end_us: i64,
-    /// Requests the nodes decided in the step (kept for its capacity).
+    /// What the last step's nodes decided and found wrong, and the requests of this step
+    /// so far that the oracle has yet to judge: folded in by [`settle`](Self::settle),
+    /// while the nodes run the next step, or before anything that reads what they count.
     decisions: Vec<Decision>,
+    found: Vec<(i64, usize, String)>,
+    unjudged: Vec<(u32, i64)>,
     traffic: Rng,
     /// Burst moments, targets and offsets: their own stream.
     bursts: Rng,
@@ -753,6 +757,8 @@ impl<'a> Sim<'a> {
             requests: 0,
             step_end_us: start_us + STEP_US,
             decisions: Vec::new(),
+            found: Vec::new(),
+            unjudged: Vec::new(),
             traffic: Rng::new(sub_seed(cfg.seed, "traffic", 0)),
             bursts: Rng::new(sub_seed(cfg.seed, "burst", 0)),
             burst_client,
@@ -861,6 +867,10 @@ impl<'a> Sim<'a> {
             // milliseconds, so at the step's start), then the traffic, routed to nodes.
             while let Some(s) = self.queue.pop_before(self.step_end_us) {
                 self.now_us = s.at_us;
+                // Only a request can come before what is left to fold in.
+                if !matches!(s.event, Event::Arrival) {
+                    self.settle();
+                }
                 self.event(s.event, sample_us);
                 if self.done {
                     return;
@@ -870,6 +880,7 @@ impl<'a> Sim<'a> {
             self.after_step();
             let mut nodes = self.nodes.iter().zip(&self.sh.inboxes);
             if self.queue.is_empty() && nodes.all(|(node, inbox)| node.queue.is_empty() && lock(inbox).is_empty()) {
+                self.settle();
                 return;
             }
             self.now_us = self.step_end_us;
@@ -938,14 +949,20 @@ impl<'a> Sim<'a> {
         let cx = StepContext { sh: Arc::clone(&self.sh), until_us, phase };
         let mut order: Vec<(usize, Box<Node>)> = std::mem::take(&mut self.nodes).into_iter().enumerate().collect();
         if order.len() < PARALLEL_FROM {
+            self.settle();
             order.iter_mut().for_each(|item| step(&cx, item));
         } else {
             order.sort_unstable_by_key(|(_, node)| Reverse(node.forecast[phase]));
             if self.steps.parallel() {
-                let mut back = Vec::with_capacity(order.len());
-                self.steps.run(cx, order.into_iter(), &mut back);
+                // The helpers start on the nodes while this thread folds in what is left
+                // of the step before, then joins them.
+                self.steps.start(&cx, order.into_iter());
+                self.settle();
+                let mut back = Vec::with_capacity(self.sh.cfg.nodes);
+                self.steps.finish(cx, &mut back);
                 order = back;
             } else {
+                self.settle();
                 order.par_iter_mut().with_max_len(1).for_each(|item| step(&cx, item));
             }
             order.sort_unstable_by_key(|&(n, _)| n);
@@ -953,29 +970,45 @@ impl<'a> Sim<'a> {
         self.nodes = order.into_iter().map(|(_, node)| node).collect();
     }
 
-    /// After a step, in node order: what the nodes saw goes into the run's figures
-    /// (requests by time, then sequence).
+    /// After a step, in node order: what the nodes saw is taken from them, the peers they
+    /// took down are noted now (that reads the nodes), and their violations and decisions
+    /// wait for [`settle`](Self::settle).
     fn after_step(&mut self) {
-        let (mut found, mut downs) = (Vec::new(), Vec::new());
+        let mut downs = Vec::new();
         for (n, node) in self.nodes.iter_mut().enumerate() {
-            found.extend(node.violations.drain(..).map(|(at_us, what)| (at_us, n, what)));
+            self.found.extend(node.violations.drain(..).map(|(at_us, what)| (at_us, n, what)));
             self.decisions.append(&mut node.decisions);
             downs.extend(node.downs.drain(..).map(|(at_us, peer)| (n, peer, at_us)));
         }
+        for (n, peer, at_us) in downs {
+            self.noticed(n, peer, at_us);
+        }
+    }
+
+    /// Folds into the run's figures, without the nodes, what [`after_step`](Self::after_step)
+    /// took from them (violations by time, then node; requests by time, then sequence),
+    /// then has the oracle judge the requests of the step since: the same order as if
+    /// each were done as it came, as nothing in between reads what they count.
+    fn settle(&mut self) {
         // A stable sort: each node's violations stay in its order.
+        let mut found = std::mem::take(&mut self.found);
         found.sort_by_key(|&(at_us, n, _)| (at_us, n));
-        for (at_us, _, what) in found {
+        for (at_us, _, what) in found.drain(..) {
             self.violation_at(at_us, what);
         }
+        self.found = found;
         let mut decisions = std::mem::take(&mut self.decisions);
         decisions.sort_unstable_by_key(|d| (d.at_us, d.seq));
         for d in decisions.drain(..) {
             self.account(d);
         }
         self.decisions = decisions;
-        for (n, peer, at_us) in downs {
-            self.noticed(n, peer, at_us);
+        let mut unjudged = std::mem::take(&mut self.unjudged);
+        for &(client, true_ms) in &unjudged {
+            self.judge(client, true_ms);
         }
+        unjudged.clear();
+        self.unjudged = unjudged;
     }
 
     // ----- nodes -----
@@ -1102,7 +1135,9 @@ impl<'a> Sim<'a> {
     fn request(&mut self) {
         let c = self.traffic.below(self.sh.cfg.clients as u64) as usize;
         let node = self.route(c);
-        self.offer(c, node, false);
+        // Judged by the oracle in `settle`, in this order.
+        self.unjudged.push((c as u32, self.true_ms()));
+        self.hand(c, node, false);
     }
 
     /// When burst client `slot` starts its next burst: exponential gaps of mean
@@ -1169,11 +1204,16 @@ impl<'a> Sim<'a> {
     /// now, and to the node's limiter with the node's events of the step (then
     /// [`account`](Self::account)).
     fn offer(&mut self, c: usize, node: Option<usize>, burst: bool) {
+        self.judge(c as u32, self.true_ms());
+        self.hand(c, node, burst);
+    }
+
+    /// The oracle's part of a request of `client` at `true_ms`.
+    fn judge(&mut self, client: u32, true_ms: i64) {
+        let c = client as usize;
         self.offered += 1;
         self.offered_by[c] += 1;
-        let true_ms = self.true_ms();
         let true_window = true_ms.div_euclid(self.window_ms);
-        let client = c as u32;
         self.oracle_clock.set_ms(true_ms);
         if self.oracle.allow(&self.sh.clients[c], true_ms) {
             self.ideal += 1;
@@ -1187,10 +1227,14 @@ impl<'a> Sim<'a> {
                 *self.ideal_cw.entry((client, median_ms.div_euclid(self.window_ms))).or_default() += 1;
             }
         }
+    }
+
+    /// A request of client `c` to `node`'s queue (None: no node is up).
+    fn hand(&mut self, c: usize, node: Option<usize>, burst: bool) {
         let Some(n) = node else { return };
         let seq = REQUEST_SEQ | self.requests;
         self.requests += 1;
-        self.nodes[n].queue.push(Reverse(Scheduled { at_us: self.now_us, seq, event: Local::Request { client, burst } }));
+        self.nodes[n].queue.push(Reverse(Scheduled { at_us: self.now_us, seq, event: Local::Request { client: c as u32, burst } }));
     }
 
     /// A request a node decided: the truth, the figures and the policy bound's check.

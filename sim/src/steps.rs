@@ -8,8 +8,10 @@
 //! step, and 0.92 of the wall time once they were gone (`docs/benchmarks.md`, "Speed").
 //! rayon has no setting for how long its workers wait before they sleep, so this module
 //! does that one thing: each helper waits for the next step by spinning for a bounded
-//! number of iterations (about one gap between steps), then parks, and the calling
-//! thread works on the step too, then spins until the helpers are done.
+//! number of iterations (about one gap between steps), then parks. The calling thread
+//! hands a step out ([`Steps::start`]), may do serial work of its own while the helpers
+//! start on it, then works on the step too and spins until the helpers are done
+//! ([`Steps::finish`]).
 //!
 //! Only safe code: the items (the nodes) are moved to whichever thread takes them and
 //! back, and the step's context is cloned to each helper (an `Arc`), so nothing borrowed
@@ -86,11 +88,13 @@ impl<C: Clone + Send + Sync, T: Send> Steps<C, T> {
         !self.helpers.is_empty()
     }
 
-    /// Runs `work(&context, item)` on every item, the first ones first, and appends the
-    /// items to `out` (in no particular order). A panic in `work` is resumed here.
-    pub(crate) fn run(&self, context: C, items: impl DoubleEndedIterator<Item = T>, out: &mut Vec<T>) {
+    /// Hands out a step: `work(&context, item)` for every item, the first ones first. The
+    /// helpers start on it at once; the caller may do work of its own before it joins in
+    /// with [`finish`](Self::finish), which must follow before the next step.
+    pub(crate) fn start(&self, context: &C, items: impl DoubleEndedIterator<Item = T>) {
         {
             let mut job = lock(&self.board.job);
+            debug_assert!(job.todo.is_empty() && job.context.is_none(), "a step under way");
             job.context = Some(context.clone());
             job.todo.extend(items.rev());
         }
@@ -101,6 +105,11 @@ impl<C: Clone + Send + Sync, T: Send> Steps<C, T> {
         for t in &self.helpers {
             t.unpark();
         }
+    }
+
+    /// Works on what is left of the step, waits for the helpers, and appends every item
+    /// to `out` (in no particular order). A panic in `work` is resumed here.
+    pub(crate) fn finish(&self, context: C, out: &mut Vec<T>) {
         drain(&self.board, &context, self.work);
         drop(context);
         let mut spins = 0u32;
@@ -192,7 +201,8 @@ mod tests {
                 let mut items: Vec<(usize, u64)> = (0..100).map(|i| (i, i as u64)).collect();
                 for step in 1..=50u64 {
                     let mut out = Vec::new();
-                    steps.run(2, items.drain(..), &mut out);
+                    steps.start(&2, items.drain(..));
+                    steps.finish(2, &mut out);
                     out.sort_unstable();
                     assert_eq!(out.len(), 100, "step {step}, {helpers} helpers");
                     for (i, &(at, v)) in out.iter().enumerate() {
@@ -214,8 +224,10 @@ mod tests {
             let caught = catch_unwind(|| {
                 std::thread::scope(|s| {
                     let steps = Steps::new(s, helpers, fail_on_7);
-                    steps.run((), 0..5, &mut Vec::new());
-                    steps.run((), 0..20, &mut Vec::new());
+                    for n in [5, 20] {
+                        steps.start(&(), 0..n);
+                        steps.finish((), &mut Vec::new());
+                    }
                 })
             });
             let panic = caught.expect_err("item 7 panics");
