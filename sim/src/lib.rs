@@ -1,8 +1,9 @@
 //! A deterministic simulator for crdt-rate-limiter: a whole cluster of limiters, each
 //! wrapped in the real sans-IO [`GossipNode`](crdt_rate_limiter::GossipNode), on virtual
 //! time, with a seeded network, seeded faults, an exact global limiter beside them (the
-//! oracle) and checkers outside the system under test. From 8 nodes, the nodes run side
-//! by side on every core (rayon); the output does not depend on how many.
+//! oracle) and checkers outside the system under test. From 8 nodes, the nodes of each
+//! step run side by side on every core (`RAYON_NUM_THREADS` sets how many); the output
+//! does not depend on how many.
 //!
 //! ```
 //! let cfg = sim::Config { nodes: 3, clients: 5, duration_ms: 2_000, ..sim::Config::default() };
