@@ -4,8 +4,9 @@
 //! what a node sends in one step is delivered from the next on, and the run's own events
 //! (traffic, faults, checks) happen between steps, on the calling thread. Run with rayon,
 //! the workers fell asleep in that gap and were woken for the next step, and the caller
-//! slept while they worked and was woken when they were done: about 7 context switches a
-//! step, and 0.92 of the wall time once they were gone (`docs/benchmarks.md`, "Speed").
+//! slept while they worked and was woken when they were done: about 6 context switches a
+//! step (18,450 in a 3,000-step run, 315 without them), and 0.89 of the wall time once
+//! they were gone (`docs/benchmarks.md`, "Speed").
 //! rayon has no setting for how long its workers wait before they sleep, so this module
 //! does that one thing: each helper waits for the next step by spinning for a bounded
 //! number of iterations (about one gap between steps), then parks. The calling thread
@@ -25,8 +26,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{Scope, Thread};
 
 /// Iterations of `spin_loop` a thread spends waiting before it parks (a helper) or
-/// yields (the caller): a few hundred µs on current x86-64, about the serial work between
-/// two steps of a large run.
+/// yields (the caller): about 120 µs on the 2-core x86-64 machine the figures come from,
+/// about the serial work between two steps of a large run.
 const SPIN: u32 = 1 << 13;
 
 /// What the caller and the helpers share.
@@ -74,13 +75,14 @@ impl<C: Clone + Send + Sync, T: Send> Steps<C, T> {
             stop: AtomicBool::new(false),
             job: Mutex::new(Job { context: None, todo: Vec::new(), done: Vec::new(), panic: None }),
         });
-        let helpers = (0..helpers)
-            .map(|_| {
-                let board = Arc::clone(&board);
-                scope.spawn(move || help(&board, work)).thread().clone()
-            })
-            .collect();
-        Self { board, helpers, work }
+        // Made before the helpers, so that if starting one panics, dropping it stops those
+        // already started and the scope does not wait on them forever.
+        let mut steps = Self { board, helpers: Vec::with_capacity(helpers), work };
+        for _ in 0..helpers {
+            let board = Arc::clone(&steps.board);
+            steps.helpers.push(scope.spawn(move || help(&board, work)).thread().clone());
+        }
+        steps
     }
 
     /// Whether steps run on more than the calling thread.
@@ -214,6 +216,44 @@ mod tests {
         }
     }
 
+    /// Waits, up to a minute, until `ready` holds of the step's job.
+    fn wait_for<C, T>(steps: &Steps<C, T>, ready: impl Fn(&Job<C, T>) -> bool) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !ready(&lock(&steps.board.job)) {
+            assert!(std::time::Instant::now() < until, "the helpers did not take the step");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn sign(_: &(), item: &mut (usize, Option<std::thread::ThreadId>)) {
+        item.1 = Some(std::thread::current().id());
+    }
+
+    #[test]
+    fn helpers_woken_from_parking_do_a_step_while_the_caller_is_busy() {
+        std::thread::scope(|s| {
+            let steps = Steps::new(s, 2, sign);
+            let caller = std::thread::current().id();
+            for step in 0..5 {
+                // Longer than the helpers spin: they park, and the step must wake them.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                steps.start(&(), (0..50).map(|i| (i, None)));
+                // The caller does other work until the helpers have done the whole step.
+                wait_for(&steps, |job| job.done.len() == 50);
+                let mut out = Vec::new();
+                steps.finish((), &mut out);
+                out.sort_unstable_by_key(|&(i, _)| i);
+                assert_eq!(out.iter().map(|&(i, _)| i).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>(), "step {step}");
+                assert!(out.iter().all(|&(_, by)| by.is_some_and(|t| t != caller)), "step {step}: {out:?}");
+            }
+        });
+    }
+
+    fn assert_item_7(panic: Box<dyn Any + Send>, helpers: usize) {
+        let message = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
+        assert!(message.is_some_and(|m| m.contains("item 7")), "{helpers} helpers: {message:?}");
+    }
+
     fn fail_on_7(_: &(), item: &mut u32) {
         assert_ne!(*item, 7, "item 7");
     }
@@ -230,9 +270,23 @@ mod tests {
                     }
                 })
             });
-            let panic = caught.expect_err("item 7 panics");
-            let message = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
-            assert!(message.is_some_and(|m| m.contains("item 7")), "{helpers} helpers: {message:?}");
+            assert_item_7(caught.expect_err("item 7 panics"), helpers);
+        }
+    }
+
+    #[test]
+    fn a_panic_on_a_helper_while_the_caller_is_busy_reaches_the_caller_and_the_helpers_end() {
+        for helpers in [1, 2] {
+            let caught = catch_unwind(|| {
+                std::thread::scope(|s| {
+                    let steps = Steps::new(s, helpers, fail_on_7);
+                    steps.start(&(), 0..20);
+                    // Only a helper can have taken item 7: the caller has not joined in.
+                    wait_for(&steps, |job| job.panic.is_some());
+                    steps.finish((), &mut Vec::new());
+                })
+            });
+            assert_item_7(caught.expect_err("item 7 panics"), helpers);
         }
     }
 }
