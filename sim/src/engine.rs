@@ -988,7 +988,9 @@ impl<'a> Sim<'a> {
     /// Folds into the run's figures, without the nodes, what [`after_step`](Self::after_step)
     /// took from them (violations by time, then node; requests by time, then sequence),
     /// then has the oracle judge the requests of the step since: the same order as if
-    /// each were done as it came, as nothing in between reads what they count.
+    /// each were done as it came, as nothing in between reads what they count. It may run
+    /// while a step is under way, when `self.nodes` is empty (the nodes are out on the
+    /// step's threads), so it must not read them.
     fn settle(&mut self) {
         // A stable sort: each node's violations stay in its order.
         let mut found = std::mem::take(&mut self.found);

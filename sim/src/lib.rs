@@ -23,9 +23,10 @@
 //!   millisecond it was sent (with a latency of 0 ms, at that millisecond's end). The
 //!   events outside the nodes (traffic routed to them, faults, checks, all of these at
 //!   whole milliseconds but the traffic) run between steps, and what the nodes saw in a
-//!   step is folded in after it, in an order no thread decides: the nodes' violations by
-//!   time, then node; then the requests they decided by time, then arrival (with the
-//!   policy bound's violations); then the peers they took down, node by node. A node's
+//!   step is folded in after it, in an order no thread decides: the peers they took
+//!   down, node by node, as the step ends; then, before the next event that could read
+//!   them (any but a request), the nodes' violations by time, then node, and the
+//!   requests they decided by time, then arrival (with the policy bound's violations). A node's
 //!   events at the same microsecond run in an order fixed by the run, not by threads:
 //!   by how many events their sender (the node itself, for its timer) had scheduled
 //!   before, then by sender; requests after messages and timers.
