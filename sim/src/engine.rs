@@ -963,7 +963,13 @@ impl<'a> Sim<'a> {
                 order = back;
             } else {
                 self.settle();
-                order.par_iter_mut().with_max_len(1).for_each(|item| step(&cx, item));
+                if rayon::current_num_threads() > 1 {
+                    order.par_iter_mut().with_max_len(1).for_each(|item| step(&cx, item));
+                } else {
+                    // One thread (`RAYON_NUM_THREADS=1`): on this one, not handed to rayon's
+                    // worker and waited for, step by step.
+                    order.iter_mut().for_each(|item| step(&cx, item));
+                }
             }
             order.sort_unstable_by_key(|&(n, _)| n);
         }
