@@ -96,7 +96,8 @@ impl<C: Clone + Send + Sync, T: Send> Steps<C, T> {
     pub(crate) fn start(&self, context: &C, items: impl DoubleEndedIterator<Item = T>) {
         {
             let mut job = lock(&self.board.job);
-            debug_assert!(job.todo.is_empty() && job.context.is_none(), "a step under way");
+            // Checked in release too: a second step before `finish` would mix the two.
+            assert!(job.todo.is_empty() && job.context.is_none(), "a step under way");
             job.context = Some(context.clone());
             job.todo.extend(items.rev());
         }
@@ -246,6 +247,19 @@ mod tests {
                 assert_eq!(out.iter().map(|&(i, _)| i).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>(), "step {step}");
                 assert!(out.iter().all(|&(_, by)| by.is_some_and(|t| t != caller)), "step {step}: {out:?}");
             }
+        });
+    }
+
+    #[test]
+    fn a_second_step_before_the_first_is_finished_is_refused() {
+        std::thread::scope(|s| {
+            let steps = Steps::new(s, 1, double);
+            steps.start(&2, [(0, 1)].into_iter());
+            let again = catch_unwind(AssertUnwindSafe(|| steps.start(&3, [(1, 1)].into_iter())));
+            assert!(again.is_err(), "a second step was taken");
+            let mut out = Vec::new();
+            steps.finish(2, &mut out);
+            assert_eq!(out, [(0, 2)]);
         });
     }
 
