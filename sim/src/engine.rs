@@ -948,7 +948,10 @@ impl<'a> Sim<'a> {
         let phase = (until_us / STEP_US).rem_euclid(forecast_phases(self.sh.cfg) as i64) as usize;
         let cx = StepContext { sh: Arc::clone(&self.sh), until_us, phase };
         let mut order: Vec<(usize, Box<Node>)> = std::mem::take(&mut self.nodes).into_iter().enumerate().collect();
-        if order.len() < PARALLEL_FROM {
+        // On this thread alone: a small run, or a run given one thread (`RAYON_NUM_THREADS=1`),
+        // where handing each step to rayon's one worker and waiting for it only costs.
+        let shared = order.len() >= PARALLEL_FROM && (self.steps.parallel() || rayon::current_num_threads() > 1);
+        if !shared {
             self.settle();
             order.iter_mut().for_each(|item| step(&cx, item));
         } else {
@@ -963,13 +966,7 @@ impl<'a> Sim<'a> {
                 order = back;
             } else {
                 self.settle();
-                if rayon::current_num_threads() > 1 {
-                    order.par_iter_mut().with_max_len(1).for_each(|item| step(&cx, item));
-                } else {
-                    // One thread (`RAYON_NUM_THREADS=1`): on this one, not handed to rayon's
-                    // worker and waited for, step by step.
-                    order.iter_mut().for_each(|item| step(&cx, item));
-                }
+                order.par_iter_mut().with_max_len(1).for_each(|item| step(&cx, item));
             }
             order.sort_unstable_by_key(|&(n, _)| n);
         }

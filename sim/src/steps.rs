@@ -190,6 +190,7 @@ fn help<C: Clone, T>(board: &Board<C, T>, work: fn(&C, &mut T)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     fn double(by: &u64, item: &mut (usize, u64)) {
         item.1 *= by;
@@ -219,10 +220,10 @@ mod tests {
 
     /// Waits, up to a minute, until `ready` holds of the step's job.
     fn wait_for<C, T>(steps: &Steps<C, T>, ready: impl Fn(&Job<C, T>) -> bool) {
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let until = Instant::now() + Duration::from_secs(60);
         while !ready(&lock(&steps.board.job)) {
-            assert!(std::time::Instant::now() < until, "the helpers did not take the step");
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            assert!(Instant::now() < until, "the helpers did not take the step");
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -237,7 +238,7 @@ mod tests {
             let caller = std::thread::current().id();
             for step in 0..5 {
                 // Longer than the helpers spin: they park, and the step must wake them.
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(20));
                 steps.start(&(), (0..50).map(|i| (i, None)));
                 // The caller does other work until the helpers have done the whole step.
                 wait_for(&steps, |job| job.done.len() == 50);
