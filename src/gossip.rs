@@ -43,11 +43,13 @@
 //!   own, and as an aggregator or a former one, others', including replicas that are
 //!   gone) to their keys' aggregators, and every aggregator its totals: loss is repaired
 //!   by repetition, and a key's new aggregator learns what the old ones held. In the
-//!   periods between, a node leaves out the counts it holds of live peers' current
-//!   incarnations (they resend their own) and the totals it published in the round
-//!   before (a busy key's next total supersedes a lost one). A resend passes over at most
-//!   [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time (full resends
-//!   and the others each where they stopped). An aggregator that dies is replaced once
+//!   periods between, a node sends once more its own counts and the totals it published
+//!   that have gone quiet since the last period (a busy key's next count or total
+//!   supersedes a lost one), and the counts it holds of replicas that do not resend their
+//!   own (gone ones); a peer heard from again after a silence longer than a period gets,
+//!   the next round, what a full resend would send it (what went to it meanwhile may
+//!   have been lost). A resend passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and
+//!   resumes there next time (full resends and the others each where they stopped). An aggregator that dies is replaced once
 //!   it is suspected; counts are lost only if no live member holds them. Digests are
 //!   not used in this mode (nodes hold different sets of counts by design); a full sync
 //!   to a peer is every count this node holds of the keys the peer aggregates.
@@ -158,12 +160,12 @@ pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 pub const MAX_RESEND_ENTRIES: usize = 65_536;
 
 /// Aggregated dissemination: every this many anti-entropy periods the periodic resend
-/// passes over every count held. In the periods between, it leaves out the counts it
-/// holds of live peers' current incarnations (they resend their own) and the totals it
-/// published in the round before (resent at the next period unless they are published
-/// again in the round before it). A store larger than one resend takes a full pass of
-/// one period per part; one of a multiple of this many parts is in a full pass at every
-/// period, and saves nothing.
+/// passes over every count held, and sends every total. In the periods between, a node
+/// sends once more what went quiet since the last period of its own counts and of the
+/// totals it published, and the counts it holds of replicas that do not resend their own
+/// (gone ones); what a full resend would send a peer goes to one heard from again after a
+/// silence longer than a period (`docs/design.md`, "Repair by repetition"). A store larger than
+/// one resend takes a full pass of one period per part.
 pub const FULL_RESEND_PERIODS: u64 = 5;
 
 /// What a SWIM packet's envelope may add to it (version, sender, variant, length): its
@@ -475,6 +477,10 @@ pub struct GossipStats {
     pub dropped_at_capacity: u64,
     /// Full syncs sent.
     pub full_syncs_sent: u64,
+    /// Aggregated dissemination: resends of what a full resend would send, to the peers
+    /// heard from again after a silence longer than an anti-entropy period (at most one
+    /// per period).
+    pub resends_to_peers_heard_again: u64,
     /// Digests sent.
     pub digests_sent: u64,
     /// Buckets found different by a digest and repaired.
@@ -573,6 +579,18 @@ struct Peer {
     /// A message of the full sync under way was dropped (the outbox was full): it is sent
     /// again rather than announced complete.
     sync_lossy: bool,
+}
+
+/// What a periodic resend sends (aggregated dissemination).
+#[derive(Clone, Copy)]
+enum Resend<'a> {
+    /// Every count held to its key's aggregators, every total to its receivers.
+    Full,
+    /// Between full resends: only the counts held of replicas that do not resend their
+    /// own (gone, or not heard as their current incarnation).
+    Partial,
+    /// What a full resend sends these peers, to them alone.
+    To(&'a [PeerId]),
 }
 
 /// The message [`GossipNode::pack_into`] is filling: its batches' heads, each with its
@@ -987,6 +1005,35 @@ fn per_key<T: Copy>(last: &mut Option<(u64, T)>, key: u64, find: impl FnOnce() -
 
 /// What `cache` holds at `index` (a replica's index in the store), made by `make` the
 /// first time: a lookup per replica rather than per count.
+/// Notes `sent` (window length, key, window)s as sent in `round`, unless the list would
+/// pass [`MAX_RESEND_ENTRIES`]: then it is dropped and `overflow` set (a full resend
+/// covers them).
+fn note_sent(list: &mut Vec<(u64, u64, i64, u64)>, overflow: &mut bool, sent: impl ExactSizeIterator<Item = (u64, u64, i64)>, round: u64) {
+    if *overflow || list.len() + sent.len() > MAX_RESEND_ENTRIES {
+        *overflow = true;
+        list.clear();
+        return;
+    }
+    list.extend(sent.map(|(window_ms, key, window)| (window_ms, key, window, round)));
+}
+
+/// Takes out of `list` the (window length, key, window)s last sent before round
+/// `latest`, sorted; the others stay, once each.
+fn take_quiet(list: &mut Vec<(u64, u64, i64, u64)>, latest: u64) -> Vec<(u64, u64, i64)> {
+    // Each one's latest sending first, then only that.
+    list.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)).then(b.3.cmp(&a.3)));
+    list.dedup_by(|later, first| (later.0, later.1, later.2) == (first.0, first.1, first.2));
+    let mut quiet = Vec::new();
+    list.retain(|&(window_ms, key, window, round)| {
+        let gone_quiet = round < latest;
+        if gone_quiet {
+            quiet.push((window_ms, key, window));
+        }
+        !gone_quiet
+    });
+    quiet
+}
+
 fn per_replica<T: Copy>(cache: &mut Vec<Option<T>>, index: usize, make: impl FnOnce() -> T) -> T {
     if index >= cache.len() {
         cache.resize(index + 1, None);
@@ -1062,9 +1109,22 @@ pub struct GossipNode {
     /// Full resends and the others keep a cursor each, so that a store larger than one
     /// resend is passed over whole by full resends too.
     resend_cursors: BTreeMap<(u64, bool), ExportCursor>,
-    /// Aggregated dissemination: the (window length, key, window)s whose totals this node
-    /// published in its last round, sorted.
-    published: Vec<(u64, u64, i64)>,
+    /// Aggregated dissemination: the (window length, key, window)s of this node's own
+    /// counts it sent to their aggregators, and of the totals it published, each with
+    /// the round it was last sent in; at a period those gone quiet since are sent once
+    /// more ([`resend_quiet`](Self::resend_quiet)).
+    sent_counts: Vec<(u64, u64, i64, u64)>,
+    sent_totals: Vec<(u64, u64, i64, u64)>,
+    /// More than [`MAX_RESEND_ENTRIES`] of them within a period: the next resend is full.
+    sent_overflow: bool,
+    /// After a full resend as the view went quiet: the next period's resend is full too
+    /// if the view is still quiet then.
+    full_again_at: Option<u64>,
+    /// Aggregated dissemination: peers heard from again after a silence
+    /// longer than an anti-entropy period, resent to at the next round (`heard`).
+    heal: Vec<PeerId>,
+    /// The round of the last resend to `heal`.
+    healed_round: Option<u64>,
     /// The last round in which this node's view changed (its own counts or a merge).
     last_active_round: u64,
     stats: GossipStats,
@@ -1143,7 +1203,12 @@ impl GossipNode {
             to_publish: Vec::new(),
             standby: Vec::new(),
             resend_cursors: BTreeMap::new(),
-            published: Vec::new(),
+            sent_counts: Vec::new(),
+            sent_totals: Vec::new(),
+            sent_overflow: false,
+            full_again_at: None,
+            heal: Vec::new(),
+            healed_round: None,
             last_active_round: 0,
             stats: GossipStats::default(),
             clock,
@@ -1865,6 +1930,13 @@ impl GossipNode {
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
         let room = self.outbox.len() < MAX_OUTBOX;
+        // Aggregated dissemination: a peer this node sends counts or totals to (it is on
+        // the ring, or this node is), heard from again after a silence longer than an
+        // anti-entropy period, gets what a full resend would send it
+        // (`resend_everything`): what went to it meanwhile may have been lost.
+        let period = self.cfg.anti_entropy_rounds;
+        let sends_to = self.aggregated() && (self.in_ring() || self.ring.members.binary_search(&from).is_ok());
+        let silent_ms = i64::try_from(self.cfg.interval_ms.saturating_mul(period)).unwrap_or(i64::MAX);
         let Some(p) = self.peers.get_mut(&from) else { return };
         if p.gone_above.contains(&incarnation) {
             // A late message of a process above the one it restarted as: gone.
@@ -1886,6 +1958,12 @@ impl GossipNode {
             (p.swim, p.swim_down_since_ms) = (None, None);
         }
         let came_up = !p.up;
+        // Heard again after a silence, and up all along (one that comes up gets a full
+        // sync): what this node sent it meanwhile goes again.
+        let silent = p.last_heard_ms.is_some_and(|t| now_ms.saturating_sub(t) > silent_ms);
+        if sends_to && silent && !came_up {
+            self.heal.push(from);
+        }
         let spread = news(p, incarnation, self.swim_started, self.cfg.replica.incarnation);
         p.last_heard_ms = Some(now_ms);
         p.up = true;
@@ -2245,12 +2323,37 @@ impl GossipNode {
                     || self.ring_changed.is_some()
                     || self.resend_cursors.iter().any(|(&(_, full), cursor)| full && *cursor != ExportCursor::default())
             };
-            let full = quiet_edge(self) || ring_settled || (period_start && full_period());
-            if full || period_start {
-                if full {
-                    self.ring_changed = None;
+            // The view gone quiet: everything goes out, and once more at the next period if
+            // it is still quiet (what the first resend lost is not sent again otherwise
+            // until the next full resend).
+            let quiet_again = self.full_again_at.is_some_and(|r| self.round >= r) && self.round > self.last_active_round + 2;
+            let full = quiet_edge(self) || ring_settled || (period_start && (full_period() || self.sent_overflow || quiet_again));
+            // Peers heard again after a silence: at most one resend to them per period.
+            let heal_due = self.healed_round.is_none_or(|r| self.round >= r.saturating_add(self.cfg.anti_entropy_rounds));
+            if full {
+                self.ring_changed = None;
+                self.full_again_at = (quiet_edge(self) && !quiet_again).then_some(self.round + 1);
+                self.heal.clear();
+                (self.sent_overflow, self.sent_counts, self.sent_totals) = (false, Vec::new(), Vec::new());
+                self.resend_everything(&live, now_ms, Resend::Full);
+            } else {
+                if period_start {
+                    self.resend_quiet(&live, now_ms);
+                    if self.holds_counts_not_resent_by_their_replica() {
+                        self.resend_everything(&live, now_ms, Resend::Partial);
+                    }
                 }
-                self.resend_everything(&live, now_ms, full);
+                if heal_due && !self.heal.is_empty() {
+                    let mut heal = std::mem::take(&mut self.heal);
+                    heal.sort_unstable();
+                    heal.dedup();
+                    heal.retain(|p| live.binary_search(p).is_ok());
+                    if !heal.is_empty() {
+                        self.healed_round = Some(self.round);
+                        self.stats.resends_to_peers_heard_again += 1;
+                        self.resend_everything(&live, now_ms, Resend::To(&heal));
+                    }
+                }
             }
             self.publish_totals(&live, now_ms);
             if period_start {
@@ -2640,8 +2743,10 @@ impl GossipNode {
         if !own.is_empty() {
             self.last_active_round = self.round;
         }
+        let sent = own.iter().map(|o| (o.window_ms, o.key, o.window));
+        note_sent(&mut self.sent_counts, &mut self.sent_overflow, sent, self.round);
         self.relay.clear();
-        let messaged = self.route_to_aggregators(own, true);
+        let messaged = self.route_to_aggregators(own, true, None);
         // Heartbeats in turn, SWIM or not: every member judges by silence too (below
         // `swim_above_peers`, only by it; beyond, as SWIM's backstop). One peer that is
         // down is probed each round, so a healed one is heard from (and, in SWIM mode,
@@ -2661,7 +2766,7 @@ impl GossipNode {
     /// Sends each of `counts` (this node's, or in a resend any replica's it holds) to its
     /// key's aggregators other than this node; with `publish`, a key this node aggregates
     /// itself is marked for publishing this round. Returns the peers sent to.
-    fn route_to_aggregators(&mut self, counts: Vec<Outgoing>, publish: bool) -> BTreeSet<PeerId> {
+    fn route_to_aggregators(&mut self, counts: Vec<Outgoing>, publish: bool, only: Option<&[PeerId]>) -> BTreeSet<PeerId> {
         let me = self.cfg.replica.node;
         let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
         let mut last = None;
@@ -2669,7 +2774,9 @@ impl GossipNode {
             let aggregators = per_key(&mut last, o.key, || self.ring.aggregators(o.key, self.cfg.aggregators));
             for &a in aggregators.as_slice() {
                 if a != me {
-                    per.entry(a).or_default().push(o);
+                    if only.is_none_or(|to| to.contains(&a)) {
+                        per.entry(a).or_default().push(o);
+                    }
                 } else if publish {
                     self.to_publish.push((o.window_ms, o.key, o.window));
                 }
@@ -2767,9 +2874,8 @@ impl GossipNode {
     /// aggregator of whose counts changed here this round (merged from a writer, or
     /// counted by this node), and of the keys it stands by for whose first aggregator's
     /// totals still lag two rounds on ([`stand_by`](Self::stand_by)); the standby
-    /// aggregators also publish every count they hold with each periodic resend.
+    /// aggregators also publish every count they hold with each full resend.
     fn publish_totals(&mut self, live: &[PeerId], now_ms: i64) {
-        self.published.clear();
         if self.to_publish.is_empty() && self.standby.is_empty() {
             return;
         }
@@ -2785,6 +2891,7 @@ impl GossipNode {
         changed.append(&mut lagging);
         changed.sort_unstable();
         changed.dedup();
+        note_sent(&mut self.sent_totals, &mut self.sent_overflow, changed.iter().copied(), self.round);
         let mut totals = Vec::new();
         let mut buf = Vec::new();
         for group in changed.chunk_by(|a, b| a.0 == b.0) {
@@ -2797,8 +2904,7 @@ impl GossipNode {
             let changed_window = |key: u64, window: i64| group.binary_search(&(window_ms, key, window)).is_ok();
             totals.push(self.totals_for(window_ms, &buf, changed_window, (live, |_| true)));
         }
-        self.send_totals(totals);
-        self.published = changed;
+        self.send_totals(totals, None);
     }
 
     /// For every key in `exported` (each key's counts together, as the store exports
@@ -2905,7 +3011,7 @@ impl GossipNode {
     }
 
     /// Packs and sends every store's `totals` to the peers they reach.
-    fn send_totals(&mut self, mut totals: Vec<Totals>) {
+    fn send_totals(&mut self, mut totals: Vec<Totals>, only: Option<&[PeerId]>) {
         totals.sort_by_key(|t| t.window_ms);
         let me = self.cfg.replica;
         let (mut packing, mut messages) = (Packing::default(), Vec::new());
@@ -2913,7 +3019,7 @@ impl GossipNode {
         debug_assert!(totals.iter().all(|t| t.peers.iter().map(|r| r.id).eq(totals[0].peers.iter().map(|r| r.id))));
         for at in 0..receivers {
             let to = totals[0].peers[at].id;
-            if !totals.iter().any(|t| t.reaches(at)) {
+            if only.is_some_and(|peers| !peers.contains(&to)) || !totals.iter().any(|t| t.reaches(at)) {
                 continue;
             }
             let mut n = 0;
@@ -2925,15 +3031,19 @@ impl GossipNode {
         }
     }
 
-    /// Repair by repetition, every anti-entropy period, when this node's view goes quiet,
-    /// and when the ring changed: every own count to its key's aggregators, and the
-    /// others' totals of every key this node aggregates to its writers (and, for the keys
-    /// it is the first aggregator of, the total to every other live peer). A resend that
-    /// is not `full` (see [`FULL_RESEND_PERIODS`]) leaves out the counts this node holds
-    /// of live peers' current incarnations and the totals it published in the round
-    /// before.
-    fn resend_everything(&mut self, live: &[PeerId], now_ms: i64, full: bool) {
+    /// Repair by repetition ([`FULL_RESEND_PERIODS`]). [`Resend::Full`]: every count this
+    /// node holds to its key's aggregators, and the others' totals of every key this node
+    /// aggregates to its writers (and, for the keys it is the first aggregator of, the
+    /// total to every other live peer). [`Resend::Partial`]: only the counts it holds of
+    /// replicas that do not resend their own. [`Resend::To`]: what a full resend sends
+    /// those peers, to them alone.
+    fn resend_everything(&mut self, live: &[PeerId], now_ms: i64, resend: Resend<'_>) {
         let me = self.cfg.replica;
+        let full = !matches!(resend, Resend::Partial);
+        let only = match resend {
+            Resend::To(peers) => Some(peers),
+            Resend::Full | Resend::Partial => None,
+        };
         let silent = self.silent_peers(now_ms);
         let (mut held, mut totals, mut buf) = (Vec::new(), Vec::new(), Vec::new());
         let windows = self.replica.window_lengths();
@@ -2941,8 +3051,13 @@ impl GossipNode {
         self.resend_cursors.retain(|(window_ms, _), _| windows.contains(window_ms));
         for window_ms in windows {
             buf.clear();
-            // At most `MAX_RESEND_ENTRIES` counts per store, resuming there next time.
-            let cursor = self.resend_cursors.entry((window_ms, full)).or_default();
+            // At most `MAX_RESEND_ENTRIES` counts per store, resuming there next time
+            // (a resend to peers heard again starts at the store's beginning).
+            let mut fresh = ExportCursor::default();
+            let cursor = match only {
+                Some(_) => &mut fresh,
+                None => self.resend_cursors.entry((window_ms, full)).or_default(),
+            };
             if self.replica.export_from(window_ms, cursor, MAX_RESEND_ENTRIES, now_ms, |_| true, &mut buf) {
                 *cursor = ExportCursor::default();
             }
@@ -2957,7 +3072,8 @@ impl GossipNode {
             let mut ids = Vec::new();
             held.extend(buf.iter().filter_map(|e| {
                 let (replica, resends_itself) = if e.replica == LOCAL_REPLICA {
-                    (me, false)
+                    // Its own: at full resends, and to peers heard again after a silence.
+                    (me, true)
                 } else {
                     per_replica(&mut ids, e.replica as usize, || {
                         let replica = self.replica_id(e.replica)?;
@@ -2967,20 +3083,65 @@ impl GossipNode {
                 };
                 (full || !resends_itself).then_some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
+            if !full {
+                // Between full resends, totals go out as their keys change.
+                continue;
+            }
             let mut last = None;
             buf.retain(|e| per_key(&mut last, e.key, || self.ring.aggregates(e.key, k, me.node)));
             // The first aggregator (or a standby, for one gone silent) also tells the
             // members that do not count the key: a node's first request for a client is
-            // then decided on a view at most a period old, not on none.
+            // then decided on a view at most a full resend's interval old, not on none.
             let first = |key: u64| self.ring.publishes_or_stands_in(key, k, me.node, &silent);
-            // A total published in the round before goes out again with its key's next
-            // change: between full resends only one gone quiet is resent.
-            let busy = &self.published;
-            let resend = |key: u64, window: i64| full || busy.binary_search(&(window_ms, key, window)).is_err();
-            totals.push(self.totals_for(window_ms, &buf, resend, (live, first)));
+            totals.push(self.totals_for(window_ms, &buf, |_, _| true, (only.unwrap_or(live), first)));
         }
-        self.route_to_aggregators(held, false);
-        self.send_totals(totals);
+        self.route_to_aggregators(held, false, only);
+        self.send_totals(totals, only);
+    }
+
+    /// At a period between full resends: this node's own counts, and the totals it
+    /// published, of the (window length, key, window)s sent since the last period that
+    /// have gone quiet (not sent in the latest round they could have been), once more. A
+    /// busy key's next count or total supersedes a lost one; a quiet one's would wait for
+    /// the full resend. Those still busy wait for the next period.
+    fn resend_quiet(&mut self, live: &[PeerId], now_ms: i64) {
+        // Own counts of this round are sent before the resend, its totals after.
+        let counts = take_quiet(&mut self.sent_counts, self.round);
+        let totals = take_quiet(&mut self.sent_totals, self.round.saturating_sub(1));
+        let me = self.cfg.replica;
+        let (mut held, mut buf, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        for group in counts.chunk_by(|a, b| a.0 == b.0) {
+            let window_ms = group[0].0;
+            keys.clear();
+            keys.extend(group.iter().map(|c| c.1));
+            keys.dedup();
+            buf.clear();
+            self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
+            held.extend(
+                buf.iter()
+                    .filter(|e| e.replica == LOCAL_REPLICA && group.binary_search(&(window_ms, e.key, e.window)).is_ok())
+                    .map(|e| Outgoing { window_ms, replica: me, key: e.key, window: e.window, count: e.count }),
+            );
+        }
+        self.route_to_aggregators(held, false, None);
+        let mut sums = Vec::new();
+        for group in totals.chunk_by(|a, b| a.0 == b.0) {
+            let window_ms = group[0].0;
+            keys.clear();
+            keys.extend(group.iter().map(|c| c.1));
+            keys.dedup();
+            buf.clear();
+            self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
+            let quiet = |key: u64, window: i64| group.binary_search(&(window_ms, key, window)).is_ok();
+            sums.push(self.totals_for(window_ms, &buf, quiet, (live, |_| true)));
+        }
+        self.send_totals(sums, None);
+    }
+
+    /// Whether this node holds counts of a replica that does not resend them itself (not
+    /// a live peer's current incarnation): those only their holders resend, every period.
+    fn holds_counts_not_resent_by_their_replica(&self) -> bool {
+        self.replicas.iter().flatten().any(|r| !self.peers.get(&r.id.node).is_some_and(|p| p.up && p.incarnation == Some(r.id.incarnation)))
     }
 
     /// A clock sample asked of `to` (its answer also counts as hearing from it).
@@ -3722,7 +3883,8 @@ mod tests {
 
     /// Full and partial resends pass over a large store with a place each: a full pass
     /// resends every count it holds of a live member's current incarnation (which partial
-    /// resends leave out), however far a partial pass has got when it begins.
+    /// resends leave out), however far a partial pass has got when it begins. (Partial
+    /// resends run while the node holds counts that only it resends.)
     #[test]
     fn every_full_pass_over_a_large_store_resends_all_it_holds_wherever_partial_passes_are() {
         let peers: Vec<u64> = (2..=21).collect();
@@ -3731,6 +3893,13 @@ mod tests {
         let keys = MAX_RESEND_ENTRIES * 5 / 4;
         let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, keys as u64);
         let member = ReplicaId { node: 2, incarnation: 1 };
+        // And a count of a replica no peer runs, relayed by member 2: only its holders
+        // resend it, so partial resends pass over the store too.
+        let relayed = ReplicaId { node: 99, incarnation: 1 };
+        let entries = vec![WireEntry { key: splitmix64(u64::MAX).to_le_bytes(), window_offset: 0, count: 1 }];
+        let batch = Batch { replica: relayed, window_ms: 60_000, base_window: t / 60_000, entries };
+        n.handle_message(2, &codec::encode(&Envelope::new(member, Body::Counts(vec![batch]))).unwrap(), t).unwrap();
+        assert!(n.holds_counts_not_resent_by_their_replica());
         // Keys of member 2's counts this node sent in the round.
         let round = |n: &mut GossipNode, t: &mut i64| {
             let mut sent = BTreeSet::new();
@@ -3770,6 +3939,47 @@ mod tests {
         }
         // The case the test is for came up.
         assert!(partial_half_way_at_a_start, "no full pass began while a partial one was half-way");
+    }
+
+    /// Peers heard again after a silence, two a round: one resend to them per period,
+    /// however many there are (the others wait for the next period). Members cannot make
+    /// a node resend more often than every period.
+    #[test]
+    fn peers_heard_again_round_after_round_get_one_resend_per_period() {
+        let peers: Vec<u64> = (2..=21).collect();
+        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, 100);
+        let resends = |n: &GossipNode| n.stats().resends_to_peers_heard_again;
+        // It counts every round: its view never goes quiet (which resends everything).
+        let round = |n: &mut GossipNode, t: &mut i64, heard: &[u64]| {
+            assert!(n.limiter().allow("busy", *t));
+            for &p in heard {
+                n.handle_message(p, &heartbeat(p), *t).unwrap();
+            }
+            *t += 20;
+            n.handle_timeout(*t);
+            while n.poll_transmit().is_some() {}
+        };
+        let (talking, silent) = peers.split_at(10);
+        // 11 rounds without a word from half of them (a period is 10, suspicion longer).
+        for _ in 0..11 {
+            round(&mut n, &mut t, talking);
+        }
+        assert_eq!(n.live_peers().count(), peers.len(), "none suspected");
+        assert_eq!(resends(&n), 0);
+        // Then they speak again, two more each round, for five rounds.
+        let mut heard = talking.to_vec();
+        for (i, two) in silent.chunks(2).enumerate() {
+            heard.extend(two);
+            round(&mut n, &mut t, &heard);
+            assert_eq!(resends(&n), 1, "after {} of them spoke again", 2 * (i + 1));
+        }
+        // The eight that waited get theirs once the period has passed.
+        let mut more = 0;
+        for _ in 0..10 {
+            round(&mut n, &mut t, &heard);
+            more = resends(&n) - 1;
+        }
+        assert_eq!(more, 1, "one more resend, to the eight together");
     }
 
     /// `LiveChanged` says the live set or this node's place in it changed, and only then.
