@@ -47,7 +47,7 @@
 //!   that have gone quiet since the last period (a busy key's next count or total
 //!   supersedes a lost one), and the counts it holds of replicas that do not resend their
 //!   own (gone ones); a peer heard from again after a silence longer than a period gets,
-//!   the next round, what a full resend would send it (what went to it meanwhile may
+//!   at the next round (at most one such resend a period), what a full resend would send it (what went to it meanwhile may
 //!   have been lost). A resend passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and
 //!   resumes there next time (full resends and the others each where they stopped). An aggregator that dies is replaced once
 //!   it is suspected; counts are lost only if no live member holds them. Digests are
@@ -147,8 +147,8 @@ pub const MAX_AGGREGATORS: usize = 8;
 /// round for this node to publish totals of, among the keys it aggregates: as the first
 /// aggregator (their totals go to every live member) or as a standby (published two
 /// rounds on if the first aggregator's totals lag). Past it the counts are merged; the
-/// totals of first-aggregator keys go out with the next periodic resend, and standby keys
-/// are not watched for that round.
+/// totals of first-aggregator keys go out at the next anti-entropy period (with what went
+/// quiet), and standby keys are not watched for that round.
 pub const MAX_PUBLISHED_PER_PEER_ROUND: usize = 1_024;
 
 /// Aggregated dissemination: the most counts one periodic resend exports from a store;
@@ -167,6 +167,12 @@ pub const MAX_RESEND_ENTRIES: usize = 65_536;
 /// silence longer than a period (`docs/design.md`, "Repair by repetition"). A store larger than
 /// one resend takes a full pass of one period per part.
 pub const FULL_RESEND_PERIODS: u64 = 5;
+
+/// Aggregated dissemination: the shortest silence (in rounds) after which a peer heard
+/// again gets a resend of what a full resend would send it, and the fewest rounds between
+/// two such resends, whatever the anti-entropy period (with a period of one round, the
+/// jitter of a round would count as a silence).
+const MIN_HEAL_ROUNDS: u64 = 3;
 
 /// What a SWIM packet's envelope may add to it (version, sender, variant, length): its
 /// packets are kept this much below `max_message_bytes`.
@@ -1003,12 +1009,14 @@ fn per_key<T: Copy>(last: &mut Option<(u64, T)>, key: u64, find: impl FnOnce() -
     }
 }
 
-/// What `cache` holds at `index` (a replica's index in the store), made by `make` the
-/// first time: a lookup per replica rather than per count.
-/// Notes `sent` (window length, key, window)s as sent in `round`, unless the list would
-/// pass [`MAX_RESEND_ENTRIES`]: then it is dropped and `overflow` set (a full resend
-/// covers them).
+/// Notes `sent` (window length, key, window)s as sent in `round`. A (key, window) sent
+/// round after round is kept once, its latest sending, when the list fills; if more than
+/// [`MAX_RESEND_ENTRIES`] different ones are sent in a period, the list is dropped and
+/// `overflow` set (a full resend covers them).
 fn note_sent(list: &mut Vec<(u64, u64, i64, u64)>, overflow: &mut bool, sent: impl ExactSizeIterator<Item = (u64, u64, i64)>, round: u64) {
+    if !*overflow && list.len() + sent.len() > MAX_RESEND_ENTRIES {
+        latest_sendings(list);
+    }
     if *overflow || list.len() + sent.len() > MAX_RESEND_ENTRIES {
         *overflow = true;
         list.clear();
@@ -1017,12 +1025,16 @@ fn note_sent(list: &mut Vec<(u64, u64, i64, u64)>, overflow: &mut bool, sent: im
     list.extend(sent.map(|(window_ms, key, window)| (window_ms, key, window, round)));
 }
 
+/// Sorts `list` and keeps each (window length, key, window)'s latest sending alone.
+fn latest_sendings(list: &mut Vec<(u64, u64, i64, u64)>) {
+    list.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)).then(b.3.cmp(&a.3)));
+    list.dedup_by(|later, first| (later.0, later.1, later.2) == (first.0, first.1, first.2));
+}
+
 /// Takes out of `list` the (window length, key, window)s last sent before round
 /// `latest`, sorted; the others stay, once each.
 fn take_quiet(list: &mut Vec<(u64, u64, i64, u64)>, latest: u64) -> Vec<(u64, u64, i64)> {
-    // Each one's latest sending first, then only that.
-    list.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)).then(b.3.cmp(&a.3)));
-    list.dedup_by(|later, first| (later.0, later.1, later.2) == (first.0, first.1, first.2));
+    latest_sendings(list);
     let mut quiet = Vec::new();
     list.retain(|&(window_ms, key, window, round)| {
         let gone_quiet = round < latest;
@@ -1034,6 +1046,8 @@ fn take_quiet(list: &mut Vec<(u64, u64, i64, u64)>, latest: u64) -> Vec<(u64, u6
     quiet
 }
 
+/// What `cache` holds at `index` (a replica's index in the store), made by `make` the
+/// first time: a lookup per replica rather than per count.
 fn per_replica<T: Copy>(cache: &mut Vec<Option<T>>, index: usize, make: impl FnOnce() -> T) -> T {
     if index >= cache.len() {
         cache.resize(index + 1, None);
@@ -1934,9 +1948,8 @@ impl GossipNode {
         // the ring, or this node is), heard from again after a silence longer than an
         // anti-entropy period, gets what a full resend would send it
         // (`resend_everything`): what went to it meanwhile may have been lost.
-        let period = self.cfg.anti_entropy_rounds;
         let sends_to = self.aggregated() && (self.in_ring() || self.ring.members.binary_search(&from).is_ok());
-        let silent_ms = i64::try_from(self.cfg.interval_ms.saturating_mul(period)).unwrap_or(i64::MAX);
+        let silent_ms = i64::try_from(self.cfg.interval_ms.saturating_mul(self.heal_rounds())).unwrap_or(i64::MAX);
         let Some(p) = self.peers.get_mut(&from) else { return };
         if p.gone_above.contains(&incarnation) {
             // A late message of a process above the one it restarted as: gone.
@@ -2329,12 +2342,16 @@ impl GossipNode {
             let quiet_again = self.full_again_at.is_some_and(|r| self.round >= r) && self.round > self.last_active_round + 2;
             let full = quiet_edge(self) || ring_settled || (period_start && (full_period() || self.sent_overflow || quiet_again));
             // Peers heard again after a silence: at most one resend to them per period.
-            let heal_due = self.healed_round.is_none_or(|r| self.round >= r.saturating_add(self.cfg.anti_entropy_rounds));
+            let heal_due = self.healed_round.is_none_or(|r| self.round >= r.saturating_add(self.heal_rounds()));
             if full {
                 self.ring_changed = None;
-                self.full_again_at = (quiet_edge(self) && !quiet_again).then_some(self.round + 1);
+                self.full_again_at = (quiet_edge(self) && !quiet_again).then_some(self.round + self.cfg.anti_entropy_rounds);
                 self.heal.clear();
-                (self.sent_overflow, self.sent_counts, self.sent_totals) = (false, Vec::new(), Vec::new());
+                // This round's own counts are noted already: sent twice in one round, they
+                // may be lost together, so the next period may still send them once more.
+                let round = self.round;
+                self.sent_counts.retain(|s| s.3 == round);
+                (self.sent_overflow, self.sent_totals) = (false, Vec::new());
                 self.resend_everything(&live, now_ms, Resend::Full);
             } else {
                 if period_start {
@@ -2682,6 +2699,9 @@ impl GossipNode {
             };
             let (stats, relay, to_publish) = (&mut self.stats, &mut self.relay, &mut self.to_publish);
             let (ring, k, me) = (&self.ring, self.cfg.aggregators, self.cfg.replica.node);
+            // First-aggregator keys past the budget: published with the next period's
+            // resend of what went quiet.
+            let mut held_back = Vec::new();
             self.replica.merge(window_ms, Some(index), now_ms, entries, |(key, window, count), outcome| match outcome {
                 Ok(true) => {
                     stats.entries_merged += 1;
@@ -2690,6 +2710,8 @@ impl GossipNode {
                     } else if publish_left > 0 && ring.aggregates(key, k, me) {
                         publish_left -= 1;
                         to_publish.push((window_ms, key, window));
+                    } else if aggregated && publish_left == 0 && ring.publishes(key, k, me) {
+                        held_back.push((window_ms, key, window));
                     }
                 }
                 Ok(false) => {}
@@ -2698,6 +2720,9 @@ impl GossipNode {
             if let Some(p) = self.peers.get_mut(&from).filter(|_| aggregated) {
                 p.published_this_round = MAX_PUBLISHED_PER_PEER_ROUND - publish_left;
             }
+            // As if published in the round before this node's next: quiet at its next period.
+            let round = self.round.saturating_sub(1);
+            note_sent(&mut self.sent_totals, &mut self.sent_overflow, held_back.into_iter(), round);
         }
         if let Some(replica) = refused {
             self.push_event(Event::Refused { peer: from, reason: Refusal::Replica(replica) });
@@ -2766,6 +2791,7 @@ impl GossipNode {
     /// Sends each of `counts` (this node's, or in a resend any replica's it holds) to its
     /// key's aggregators other than this node; with `publish`, a key this node aggregates
     /// itself is marked for publishing this round. Returns the peers sent to.
+    /// With `only` (sorted), only to those peers.
     fn route_to_aggregators(&mut self, counts: Vec<Outgoing>, publish: bool, only: Option<&[PeerId]>) -> BTreeSet<PeerId> {
         let me = self.cfg.replica.node;
         let mut per: BTreeMap<PeerId, Vec<Outgoing>> = BTreeMap::new();
@@ -2774,7 +2800,7 @@ impl GossipNode {
             let aggregators = per_key(&mut last, o.key, || self.ring.aggregators(o.key, self.cfg.aggregators));
             for &a in aggregators.as_slice() {
                 if a != me {
-                    if only.is_none_or(|to| to.contains(&a)) {
+                    if only.is_none_or(|to| to.binary_search(&a).is_ok()) {
                         per.entry(a).or_default().push(o);
                     }
                 } else if publish {
@@ -3010,7 +3036,8 @@ impl GossipNode {
         Totals { window_ms, all, peers }
     }
 
-    /// Packs and sends every store's `totals` to the peers they reach.
+    /// Packs and sends every store's `totals` to the peers they reach (with `only`, sorted,
+    /// those of them alone).
     fn send_totals(&mut self, mut totals: Vec<Totals>, only: Option<&[PeerId]>) {
         totals.sort_by_key(|t| t.window_ms);
         let me = self.cfg.replica;
@@ -3019,7 +3046,7 @@ impl GossipNode {
         debug_assert!(totals.iter().all(|t| t.peers.iter().map(|r| r.id).eq(totals[0].peers.iter().map(|r| r.id))));
         for at in 0..receivers {
             let to = totals[0].peers[at].id;
-            if only.is_some_and(|peers| !peers.contains(&to)) || !totals.iter().any(|t| t.reaches(at)) {
+            if only.is_some_and(|peers| peers.binary_search(&to).is_err()) || !totals.iter().any(|t| t.reaches(at)) {
                 continue;
             }
             let mut n = 0;
@@ -3109,33 +3136,40 @@ impl GossipNode {
         let counts = take_quiet(&mut self.sent_counts, self.round);
         let totals = take_quiet(&mut self.sent_totals, self.round.saturating_sub(1));
         let me = self.cfg.replica;
-        let (mut held, mut buf, mut keys) = (Vec::new(), Vec::new(), Vec::new());
-        for group in counts.chunk_by(|a, b| a.0 == b.0) {
-            let window_ms = group[0].0;
-            keys.clear();
-            keys.extend(group.iter().map(|c| c.1));
+        let (mut held, mut buf) = (Vec::new(), Vec::new());
+        // Each store's counts of a group's keys, every replica's, in every window.
+        let export = |node: &Self, group: &[(u64, u64, i64)], buf: &mut Vec<Exported>| {
+            let mut keys: Vec<u64> = group.iter().map(|c| c.1).collect();
             keys.dedup();
             buf.clear();
-            self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
-            held.extend(
-                buf.iter()
-                    .filter(|e| e.replica == LOCAL_REPLICA && group.binary_search(&(window_ms, e.key, e.window)).is_ok())
-                    .map(|e| Outgoing { window_ms, replica: me, key: e.key, window: e.window, count: e.count }),
-            );
+            node.replica.export_keys(group[0].0, &keys, now_ms, buf);
+        };
+        let quiet = |group: &[(u64, u64, i64)], key: u64, window: i64| group.binary_search(&(group[0].0, key, window)).is_ok();
+        for group in counts.chunk_by(|a, b| a.0 == b.0) {
+            let window_ms = group[0].0;
+            export(self, group, &mut buf);
+            held.extend(buf.iter().filter(|e| e.replica == LOCAL_REPLICA && quiet(group, e.key, e.window)).map(|e| Outgoing {
+                window_ms,
+                replica: me,
+                key: e.key,
+                window: e.window,
+                count: e.count,
+            }));
         }
         self.route_to_aggregators(held, false, None);
         let mut sums = Vec::new();
         for group in totals.chunk_by(|a, b| a.0 == b.0) {
-            let window_ms = group[0].0;
-            keys.clear();
-            keys.extend(group.iter().map(|c| c.1));
-            keys.dedup();
-            buf.clear();
-            self.replica.export_keys(window_ms, &keys, now_ms, &mut buf);
-            let quiet = |key: u64, window: i64| group.binary_search(&(window_ms, key, window)).is_ok();
-            sums.push(self.totals_for(window_ms, &buf, quiet, (live, |_| true)));
+            export(self, group, &mut buf);
+            sums.push(self.totals_for(group[0].0, &buf, |key, window| quiet(group, key, window), (live, |_| true)));
         }
         self.send_totals(sums, None);
+    }
+
+    /// Aggregated dissemination: the silence, in rounds, after which a peer heard again
+    /// gets a resend, and the fewest rounds between two such resends: an anti-entropy
+    /// period, and at least [`MIN_HEAL_ROUNDS`].
+    fn heal_rounds(&self) -> u64 {
+        self.cfg.anti_entropy_rounds.max(MIN_HEAL_ROUNDS)
     }
 
     /// Whether this node holds counts of a replica that does not resend them itself (not
@@ -3980,6 +4014,44 @@ mod tests {
             more = resends(&n) - 1;
         }
         assert_eq!(more, 1, "one more resend, to the eight together");
+    }
+
+    /// A member's counts that mark more of this node's first-aggregator keys in a round
+    /// than `MAX_PUBLISHED_PER_PEER_ROUND`: the rest are published at the next period,
+    /// with what went quiet, not at the next full resend.
+    #[test]
+    fn totals_past_the_publish_budget_go_out_at_the_next_period() {
+        let peers: Vec<u64> = (2..=21).collect();
+        let (mut n, mut t) = aggregating_with_counts_of_member_2(&peers, 50_000);
+        let k = n.cfg.aggregators;
+        let mine: BTreeSet<[u8; 8]> =
+            (0..50_000u64).map(|i| splitmix64(i + 1)).filter(|&key| n.ring.publishes(key, k, 1)).map(u64::to_le_bytes).collect();
+        assert!(mine.len() > MAX_PUBLISHED_PER_PEER_ROUND, "{} keys", mine.len());
+        let period = n.cfg.anti_entropy_rounds;
+        let mut sent = BTreeSet::new();
+        let mut rounds = 0;
+        // Until the round before the next period's: the budget's worth at most.
+        while n.round % period != period - 1 {
+            assert!(n.limiter().allow("busy", t), "its view never goes quiet");
+            for m in round_heard_from(&mut n, &peers, &mut t) {
+                if let Ok(Envelope { body: Body::Totals(batches), .. }) = codec::decode(&m.bytes) {
+                    sent.extend(batches.iter().flat_map(|b| b.entries.iter().map(|e| e.key)).filter(|key| mine.contains(key)));
+                }
+            }
+            rounds += 1;
+        }
+        assert!(rounds < period);
+        // (The budget covers the keys it stands by for too.)
+        assert!(sent.len() <= MAX_PUBLISHED_PER_PEER_ROUND && !sent.is_empty(), "{} published in the round of the counts", sent.len());
+        // The period's round: the rest, long before the next full resend.
+        assert!(n.limiter().allow("busy", t));
+        for m in round_heard_from(&mut n, &peers, &mut t) {
+            if let Ok(Envelope { body: Body::Totals(batches), .. }) = codec::decode(&m.bytes) {
+                sent.extend(batches.iter().flat_map(|b| b.entries.iter().map(|e| e.key)).filter(|key| mine.contains(key)));
+            }
+        }
+        assert_ne!(n.round % (period * FULL_RESEND_PERIODS), 0, "not a full resend");
+        assert_eq!(sent.len(), mine.len(), "every first-aggregator key's total");
     }
 
     /// `LiveChanged` says the live set or this node's place in it changed, and only then.
