@@ -1010,14 +1010,17 @@ fn per_key<T: Copy>(last: &mut Option<(u64, T)>, key: u64, find: impl FnOnce() -
 }
 
 /// Notes `sent` (window length, key, window)s as sent in `round`. A (key, window) sent
-/// round after round is kept once, its latest sending, when the list fills; if more than
-/// [`MAX_RESEND_ENTRIES`] different ones are sent in a period, the list is dropped and
-/// `overflow` set (a full resend covers them).
+/// round after round is kept once, its latest sending, when the list fills; if that
+/// leaves it more than half full (over [`MAX_RESEND_ENTRIES`] / 2 different ones in a
+/// period: the list is sorted at most once per half of it filled), the list is dropped
+/// and `overflow` set (a full resend covers them).
 fn note_sent(list: &mut Vec<(u64, u64, i64, u64)>, overflow: &mut bool, sent: impl ExactSizeIterator<Item = (u64, u64, i64)>, round: u64) {
-    if !*overflow && list.len() + sent.len() > MAX_RESEND_ENTRIES {
+    let mut limit = MAX_RESEND_ENTRIES;
+    if !*overflow && list.len() + sent.len() > limit {
         latest_sendings(list);
+        limit /= 2;
     }
-    if *overflow || list.len() + sent.len() > MAX_RESEND_ENTRIES {
+    if *overflow || list.len() + sent.len() > limit {
         *overflow = true;
         list.clear();
         return;
@@ -2660,6 +2663,9 @@ impl GossipNode {
         let aggregated = self.aggregated();
         let fan_out = self.fan_out() && !aggregated;
         let mut refused = None;
+        // First-aggregator keys past the publish budget: published with the next period's
+        // resend of what went quiet.
+        let mut held_back = Vec::new();
         for b in batches {
             if b.replica == self.cfg.replica {
                 continue; // our own counts are authoritative here
@@ -2699,9 +2705,6 @@ impl GossipNode {
             };
             let (stats, relay, to_publish) = (&mut self.stats, &mut self.relay, &mut self.to_publish);
             let (ring, k, me) = (&self.ring, self.cfg.aggregators, self.cfg.replica.node);
-            // First-aggregator keys past the budget: published with the next period's
-            // resend of what went quiet.
-            let mut held_back = Vec::new();
             self.replica.merge(window_ms, Some(index), now_ms, entries, |(key, window, count), outcome| match outcome {
                 Ok(true) => {
                     stats.entries_merged += 1;
@@ -2720,10 +2723,11 @@ impl GossipNode {
             if let Some(p) = self.peers.get_mut(&from).filter(|_| aggregated) {
                 p.published_this_round = MAX_PUBLISHED_PER_PEER_ROUND - publish_left;
             }
-            // As if published in the round before this node's next: quiet at its next period.
-            let round = self.round.saturating_sub(1);
-            note_sent(&mut self.sent_totals, &mut self.sent_overflow, held_back.into_iter(), round);
         }
+        // As if published in the round before this node's next: quiet at its next period
+        // (or the one after, if its key was published in that round too).
+        let round = self.round.saturating_sub(1);
+        note_sent(&mut self.sent_totals, &mut self.sent_overflow, held_back.into_iter(), round);
         if let Some(replica) = refused {
             self.push_event(Event::Refused { peer: from, reason: Refusal::Replica(replica) });
         }
@@ -4052,6 +4056,29 @@ mod tests {
         }
         assert_ne!(n.round % (period * FULL_RESEND_PERIODS), 0, "not a full resend");
         assert_eq!(sent.len(), mine.len(), "every first-aggregator key's total");
+    }
+
+    /// The notes of what was sent: a (key, window) sent round after round does not fill
+    /// the list (kept once when it fills); notes past `MAX_RESEND_ENTRIES` that are
+    /// still more than half of it once repeats are dropped do, and then the next resend
+    /// is full.
+    #[test]
+    fn notes_of_what_was_sent_keep_repeats_once_and_overflow_only_on_many_different_ones() {
+        let (mut list, mut overflow) = (Vec::new(), false);
+        let keys = |from: u64, n: u64| (from..from + n).map(|k| (1000, k, 7)).collect::<Vec<(u64, u64, i64)>>().into_iter();
+        for round in 0..(3 * MAX_RESEND_ENTRIES as u64 / 1000) {
+            note_sent(&mut list, &mut overflow, keys(0, 1000), round);
+        }
+        assert!(!overflow && list.len() <= MAX_RESEND_ENTRIES, "{} notes", list.len());
+        // The latest sending of each, once: all sent in the last round.
+        let last = 3 * MAX_RESEND_ENTRIES as u64 / 1000 - 1;
+        assert!(take_quiet(&mut list, last).is_empty());
+        assert_eq!(list.len(), 1000);
+        assert!(list.iter().all(|s| s.3 == last));
+        note_sent(&mut list, &mut overflow, keys(1000, MAX_RESEND_ENTRIES as u64 - 500), last + 1);
+        assert!(overflow && list.is_empty(), "past the bound, all different");
+        note_sent(&mut list, &mut overflow, keys(0, 1), last + 2);
+        assert!(list.is_empty(), "nothing more is noted until a full resend");
     }
 
     /// `LiveChanged` says the live set or this node's place in it changed, and only then.
