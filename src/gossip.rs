@@ -47,9 +47,10 @@
 //!   that have gone quiet since the last period (a busy key's next count or total
 //!   supersedes a lost one), and the counts it holds of replicas that do not resend their
 //!   own (gone ones); a peer heard from again after a silence longer than a period gets,
-//!   at the next round (at most one such resend a period), what a full resend would send it (what went to it meanwhile may
-//!   have been lost). A resend passes over at most [`MAX_RESEND_ENTRIES`] counts of a store and
-//!   resumes there next time (full resends and the others each where they stopped). An aggregator that dies is replaced once
+//!   at the next round (at most one such resend a period), what a full resend would send
+//!   it (what went to it meanwhile may have been lost). A resend passes over at most
+//!   [`MAX_RESEND_ENTRIES`] counts of a store and resumes there next time (full resends
+//!   and the others each where they stopped). An aggregator that dies is replaced once
 //!   it is suspected; counts are lost only if no live member holds them. Digests are
 //!   not used in this mode (nodes hold different sets of counts by design); a full sync
 //!   to a peer is every count this node holds of the keys the peer aggregates.
@@ -164,8 +165,8 @@ pub const MAX_RESEND_ENTRIES: usize = 65_536;
 /// sends once more what went quiet since the last period of its own counts and of the
 /// totals it published, and the counts it holds of replicas that do not resend their own
 /// (gone ones); what a full resend would send a peer goes to one heard from again after a
-/// silence longer than a period (`docs/design.md`, "Repair by repetition"). A store larger than
-/// one resend takes a full pass of one period per part.
+/// silence longer than a period (`docs/design.md`, "Repair by repetition"). A store
+/// larger than one resend takes a full pass of one period per part.
 pub const FULL_RESEND_PERIODS: u64 = 5;
 
 /// Aggregated dissemination: the shortest silence (in rounds) after which a peer heard
@@ -1947,11 +1948,6 @@ impl GossipNode {
         let swim_mode = self.swim_mode();
         let probe_ms = self.swim.settings().probe_period_ms as i64;
         let room = self.outbox.len() < MAX_OUTBOX;
-        // Aggregated dissemination: a peer this node sends counts or totals to (it is on
-        // the ring, or this node is), heard from again after a silence longer than an
-        // anti-entropy period, gets what a full resend would send it
-        // (`resend_everything`): what went to it meanwhile may have been lost.
-        let sends_to = self.aggregated() && (self.in_ring() || self.ring.members.binary_search(&from).is_ok());
         let silent_ms = i64::try_from(self.cfg.interval_ms.saturating_mul(self.heal_rounds())).unwrap_or(i64::MAX);
         let Some(p) = self.peers.get_mut(&from) else { return };
         if p.gone_above.contains(&incarnation) {
@@ -1975,11 +1971,8 @@ impl GossipNode {
         }
         let came_up = !p.up;
         // Heard again after a silence, and up all along (one that comes up gets a full
-        // sync): what this node sent it meanwhile goes again.
-        let silent = p.last_heard_ms.is_some_and(|t| now_ms.saturating_sub(t) > silent_ms);
-        if sends_to && silent && !came_up {
-            self.heal.push(from);
-        }
+        // sync): see below.
+        let heard_again = !came_up && p.last_heard_ms.is_some_and(|t| now_ms.saturating_sub(t) > silent_ms);
         let spread = news(p, incarnation, self.swim_started, self.cfg.replica.incarnation);
         p.last_heard_ms = Some(now_ms);
         p.up = true;
@@ -1999,6 +1992,13 @@ impl GossipNode {
                     swim.introduce(SwimId { addr, ..SwimId::new(from, i, 0) }, spread, now_ms, out);
                 }
             });
+        }
+        // Aggregated dissemination: a peer this node sends counts or totals to (it is on
+        // the ring, or this node is), heard from again after a silence longer than an
+        // anti-entropy period, gets what a full resend would send it
+        // (`resend_everything`): what went to it meanwhile may have been lost.
+        if heard_again && self.aggregated() && (self.in_ring() || self.ring.members.binary_search(&from).is_ok()) {
+            self.heal.push(from);
         }
         if came_up || new_incarnation {
             self.peer_up(from, incarnation, came_up, new_incarnation, now_ms);
@@ -3075,7 +3075,8 @@ impl GossipNode {
             Resend::To(peers) => Some(peers),
             Resend::Full | Resend::Partial => None,
         };
-        let silent = self.silent_peers(now_ms);
+        // Only the totals (not in a partial resend) ask who is silent.
+        let silent = if full { self.silent_peers(now_ms) } else { Vec::new() };
         let (mut held, mut totals, mut buf) = (Vec::new(), Vec::new(), Vec::new());
         let windows = self.replica.window_lengths();
         // A store dropped (its limits removed) leaves no pass under way behind.
@@ -3096,23 +3097,21 @@ impl GossipNode {
             // Every replica's counts this node holds, its own and (as an aggregator, or one
             // that was) others', including replicas that are gone: a key's new aggregator
             // gets them from whoever held them, so no total leaves them out for good.
-            // Between full resends, a live peer's current incarnation resends its own
-            // counts itself; those of replicas that are gone (dead, or restarted from)
-            // only their holders can.
-            // Per replica index, its id and whether it resends itself.
+            // A partial resend sends only the counts of replicas that are gone (dead, or
+            // restarted from): only their holders can. A live peer's current incarnation
+            // resends its own counts, and this node's go with what went quiet.
+            // Per replica index, its id and whether a partial resend leaves it out.
             let mut ids = Vec::new();
             held.extend(buf.iter().filter_map(|e| {
-                let (replica, resends_itself) = if e.replica == LOCAL_REPLICA {
-                    // Its own: at full resends, and to peers heard again after a silence.
+                let (replica, resent_by_itself) = if e.replica == LOCAL_REPLICA {
                     (me, true)
                 } else {
                     per_replica(&mut ids, e.replica as usize, || {
                         let replica = self.replica_id(e.replica)?;
-                        let p = self.peers.get(&replica.node);
-                        Some((replica, p.is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation))))
+                        Some((replica, self.resends_its_own(replica)))
                     })?
                 };
-                (full || !resends_itself).then_some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
+                (full || !resent_by_itself).then_some(Outgoing { window_ms, replica, key: e.key, window: e.window, count: e.count })
             }));
             if !full {
                 // Between full resends, totals go out as their keys change.
@@ -3176,10 +3175,15 @@ impl GossipNode {
         self.cfg.anti_entropy_rounds.max(MIN_HEAL_ROUNDS)
     }
 
-    /// Whether this node holds counts of a replica that does not resend them itself (not
-    /// a live peer's current incarnation): those only their holders resend, every period.
+    /// Whether `replica` resends its own counts: a live peer's current incarnation.
+    fn resends_its_own(&self, replica: ReplicaId) -> bool {
+        self.peers.get(&replica.node).is_some_and(|p| p.up && p.incarnation == Some(replica.incarnation))
+    }
+
+    /// Whether this node holds counts of a replica that does not resend them itself:
+    /// those only their holders resend, every period.
     fn holds_counts_not_resent_by_their_replica(&self) -> bool {
-        self.replicas.iter().flatten().any(|r| !self.peers.get(&r.id.node).is_some_and(|p| p.up && p.incarnation == Some(r.id.incarnation)))
+        self.replicas.iter().flatten().any(|r| !self.resends_its_own(r.id))
     }
 
     /// A clock sample asked of `to` (its answer also counts as hearing from it).
